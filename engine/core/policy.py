@@ -1,0 +1,26 @@
+"""A domain's rules, resolved to the units the core works in (milliseconds).
+
+``config.domains`` reads the TOML files and settings and produces these; the
+core only ever sees a finished ``DomainPolicy``.
+"""
+
+import msgspec
+
+
+class DomainPolicy(msgspec.Struct, frozen=True, kw_only=True):
+    name: str
+    hold_ttl_ms: int
+    claim_ttl_ms: int
+    queue_enabled: bool
+    queue_size_max: int
+    queue_inactivity_ms: int
+    advance_booking_ms: int
+    # Users may cancel until this long before the slot starts (0: until start).
+    cancel_allowed_until_ms: int
+    refund_percentage: int
+    domain_type: str = "resource"
+    entity_name: str = "Resource"
+    slot_duration_minutes: int | None = None
+
+
+PolicyBook = dict[str, DomainPolicy]

@@ -1,0 +1,258 @@
+"""Commands into a shard, results out of it, and the events it emits.
+
+These structs are also the wire format across the actor boundary: a batch of
+commands travels as msgspec-encoded bytes (``BatchCodec``), so encoding is
+cheap and decoding validates. Every command carries a ``request_id`` chosen by
+the caller; the shard remembers the outcome of each state-changing request id
+for a while, so a batch retried after an actor failure never applies twice.
+
+User commands may carry the client's ``idempotency_key``: the shard keeps the
+first outcome per (user, command, key) with a fingerprint of the command, and
+answers a replay with that outcome, or ``IdempotencyKeyReused`` if the
+fingerprint differs.
+"""
+
+from typing import Any
+
+import msgspec
+
+from engine.core.records import Booking, QueueEntry, QueueView, SlotView
+from engine.core.states import BookingStatus, SlotStatus
+
+# -- commands ------------------------------------------------------------------
+
+
+class Command(msgspec.Struct, tag=True, tag_field="op", frozen=True, kw_only=True):
+    request_id: str
+
+
+class CreateSlot(Command, frozen=True, kw_only=True):
+    slot_id: str
+    resource_id: str
+    domain: str
+    start_ms: int
+    end_ms: int
+    capacity: int
+    metadata: dict[str, Any] = {}
+    blocked: bool = False
+    actor: str = "admin"
+
+
+class UpdateSlot(Command, frozen=True, kw_only=True):
+    slot_id: str
+    start_ms: int | None = None
+    end_ms: int | None = None
+    capacity: int | None = None
+    metadata: dict[str, Any] | None = None
+    blocked: bool | None = None
+    actor: str = "admin"
+
+
+class DeleteSlot(Command, frozen=True, kw_only=True):
+    slot_id: str
+    force: bool = False
+    actor: str = "admin"
+
+
+class GetSlot(Command, frozen=True, kw_only=True):
+    slot_id: str
+
+
+class ListSlots(Command, frozen=True, kw_only=True):
+    """Slots of this shard ordered by (start_ms, id), after the cursor."""
+
+    resource_id: str | None = None
+    from_ms: int | None = None
+    to_ms: int | None = None
+    status: SlotStatus | None = None
+    available_only: bool = False
+    limit: int = 50
+    after: tuple[int, str] | None = None
+
+
+class Reserve(Command, frozen=True, kw_only=True):
+    slot_id: str
+    user_id: str
+    idempotency_key: str | None = None
+
+
+class Confirm(Command, frozen=True, kw_only=True):
+    booking_id: str
+    user_id: str
+    idempotency_key: str | None = None
+
+
+class Cancel(Command, frozen=True, kw_only=True):
+    booking_id: str
+    user_id: str
+    as_admin: bool = False
+    reason: str | None = None
+    idempotency_key: str | None = None
+
+
+class GetBooking(Command, frozen=True, kw_only=True):
+    booking_id: str
+    user_id: str
+    as_admin: bool = False
+
+
+class ListBookings(Command, frozen=True, kw_only=True):
+    """A user's bookings on this shard, newest first, after the cursor."""
+
+    user_id: str
+    status: BookingStatus | None = None
+    limit: int = 50
+    after: tuple[int, str] | None = None
+
+
+class JoinQueue(Command, frozen=True, kw_only=True):
+    slot_id: str
+    user_id: str
+    idempotency_key: str | None = None
+
+
+class LeaveQueue(Command, frozen=True, kw_only=True):
+    slot_id: str
+    user_id: str
+
+
+class QueuePosition(Command, frozen=True, kw_only=True):
+    slot_id: str
+    user_id: str
+
+
+AnyCommand = (
+    CreateSlot
+    | UpdateSlot
+    | DeleteSlot
+    | GetSlot
+    | ListSlots
+    | Reserve
+    | Confirm
+    | Cancel
+    | GetBooking
+    | ListBookings
+    | JoinQueue
+    | LeaveQueue
+    | QueuePosition
+)
+
+# Commands that only read: their outcomes are not remembered by request id.
+READ_ONLY_COMMANDS: tuple[type[Command], ...] = (GetSlot, ListSlots, GetBooking, ListBookings)
+
+# -- results -------------------------------------------------------------------
+
+
+class Result(msgspec.Struct, tag=True, tag_field="kind", frozen=True, kw_only=True):
+    # The HTTP status the API answers with (201 created, 200 existing, ...).
+    status: int
+
+
+class SlotResult(Result, frozen=True, kw_only=True):
+    slot: SlotView
+
+
+class SlotPage(Result, frozen=True, kw_only=True):
+    items: list[SlotView]
+
+
+class BookingResult(Result, frozen=True, kw_only=True):
+    booking: Booking
+
+
+class BookingPage(Result, frozen=True, kw_only=True):
+    items: list[Booking]
+
+
+class QueueResult(Result, frozen=True, kw_only=True):
+    entry: QueueView
+
+
+class Done(Result, frozen=True, kw_only=True):
+    """Success without a body (204)."""
+
+
+class Failure(Result, frozen=True, kw_only=True):
+    code: str
+    message: str
+    details: dict[str, Any] = {}
+
+
+AnyResult = SlotResult | SlotPage | BookingResult | BookingPage | QueueResult | Done | Failure
+
+# -- events --------------------------------------------------------------------
+
+
+class Event(msgspec.Struct, tag=True, tag_field="type", frozen=True, kw_only=True):
+    at_ms: int
+    # The request that caused it, or "" for a timer.
+    request_id: str
+    # Who caused it: a user id, "admin:<id>", or "system" for timers.
+    actor: str
+
+
+class BookingChanged(Event, frozen=True, kw_only=True):
+    """A booking transition; also its audit record."""
+
+    booking: Booking
+    from_status: BookingStatus
+    to_status: BookingStatus
+    trigger: str
+
+
+class QueueChanged(Event, frozen=True, kw_only=True):
+    """A queue entry joined, left, was offered a hold, converted or expired."""
+
+    entry: QueueEntry
+    change: str
+    # For change == "notified": the hold's deadline.
+    offer_expires_at_ms: int | None = None
+
+
+class QueueMoved(Event, frozen=True, kw_only=True):
+    """Positions behind ``removed_seq`` moved up by one."""
+
+    slot_id: str
+    removed_seq: int
+    total_in_queue: int
+
+
+class SlotChanged(Event, frozen=True, kw_only=True):
+    """A slot was created, updated, deleted, or its counts changed."""
+
+    slot: SlotView
+    change: str
+
+
+AnyEvent = BookingChanged | QueueChanged | QueueMoved | SlotChanged
+
+# -- batches across the actor boundary ----------------------------------------
+
+
+class Batch(msgspec.Struct, frozen=True):
+    commands: list[AnyCommand]
+
+
+class BatchReply(msgspec.Struct, frozen=True):
+    results: list[AnyResult]
+
+
+class BatchCodec:
+    """Encoders and decoders for batches; build one per process (not a module global)."""
+
+    def __init__(self) -> None:
+        self._encoder = msgspec.msgpack.Encoder()
+        self._batch_decoder = msgspec.msgpack.Decoder(Batch)
+        self._reply_decoder = msgspec.msgpack.Decoder(BatchReply)
+
+    def encode_batch(self, commands: list[AnyCommand]) -> bytes:
+        return self._encoder.encode(Batch(commands))
+
+    def decode_batch(self, data: bytes) -> list[AnyCommand]:
+        return self._batch_decoder.decode(data).commands
+
+    def encode_reply(self, results: list[AnyResult]) -> bytes:
+        return self._encoder.encode(BatchReply(results))
+
+    def decode_reply(self, data: bytes) -> list[AnyResult]:
+        return self._reply_decoder.decode(data).results

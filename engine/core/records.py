@@ -1,0 +1,91 @@
+"""The records the engine keeps and hands out: bookings, queue entries, views.
+
+``Booking`` and ``QueueEntry`` are the core's own mutable state; results and
+events carry copies (``snapshot``), never the live objects, so a later command
+cannot change what an earlier reply said. ``SlotView`` and ``QueueView`` are
+read-only projections computed on demand. All times are epoch milliseconds;
+the gateway renders them as RFC 3339.
+"""
+
+from typing import Any
+
+import msgspec
+
+from engine.core.states import BookingStatus, QueueStatus, SlotStatus
+
+
+class Booking(msgspec.Struct, kw_only=True):
+    id: str
+    user_id: str
+    slot_id: str
+    status: BookingStatus
+    reserved_at_ms: int
+    expires_at_ms: int
+    confirmed_at_ms: int | None = None
+    completed_at_ms: int | None = None
+    cancelled_at_ms: int | None = None
+    cancel_reason: str | None = None
+    cancelled_by: str | None = None
+    refund_percentage: int | None = None
+    # True when the hold was offered from the slot's waiting queue.
+    via_queue: bool = False
+    version: int = 1
+
+
+class QueueEntry(msgspec.Struct, kw_only=True):
+    slot_id: str
+    user_id: str
+    status: QueueStatus
+    # Join order within the slot; strictly increasing, never reused.
+    seq: int
+    joined_at_ms: int
+    last_seen_ms: int
+    notified_at_ms: int | None = None
+    booking_id: str | None = None
+    ended_at_ms: int | None = None
+    version: int = 1
+
+
+class SlotView(msgspec.Struct, frozen=True, kw_only=True):
+    id: str
+    resource_id: str
+    domain: str
+    start_ms: int
+    end_ms: int
+    capacity: int
+    current_bookings: int
+    held_count: int
+    available: int
+    status: SlotStatus
+    queue_length: int
+    blocked: bool
+    metadata: dict[str, Any]
+    version: int
+
+
+class QueueView(msgspec.Struct, frozen=True, kw_only=True):
+    slot_id: str
+    user_id: str
+    status: QueueStatus
+    position: int | None
+    total_in_queue: int
+    estimated_wait_seconds: int | None
+    estimated_wait_time: str | None
+    joined_at_ms: int
+    notified_at_ms: int | None
+    booking_id: str | None
+    offer_expires_at_ms: int | None
+    slot: SlotView
+
+
+def describe_wait(seconds: int | None) -> str | None:
+    """A human estimate: "~6 minutes" (rounded up, never "~0")."""
+    if seconds is None:
+        return None
+    if seconds < 60:
+        return "less than a minute"
+    if seconds < 3_600:
+        minutes = -(-seconds // 60)
+        return f"~{minutes} minute" + ("s" if minutes != 1 else "")
+    hours = -(-seconds // 3_600)
+    return f"~{hours} hours"
