@@ -1,0 +1,122 @@
+"""A slot's line of WAITING users: FIFO order, O(log n) positions.
+
+Users are kept by their join sequence number in a sorted list, so a user's
+1-based position is the count of sequence numbers before theirs (a bisect,
+O(log n)): a 100,000-user line answers a position without a scan. Joining
+appends, offering pops the head, leaving or timing out removes from the
+middle, each O(log n).
+
+The line also keeps the times at which its head recently moved (an offer, a
+departure from the front) so it can estimate the wait from the rate the line
+actually advances, not from a guess.
+
+Invariants: ``_seq_of`` and ``_user_of`` are inverse maps of the same users;
+the sorted list holds exactly their sequence numbers; sequence numbers only
+grow.
+"""
+
+from collections import deque
+from collections.abc import Iterator
+
+from sortedcontainers import SortedList
+
+from engine.core.errors import require
+from engine.core.limits import WAIT_ESTIMATE_SAMPLES_MAX
+
+
+class WaitingLine:
+    def __init__(self) -> None:
+        self._order: SortedList[int] = SortedList()
+        self._seq_of: dict[str, int] = {}
+        self._user_of: dict[int, str] = {}
+        self._next_seq = 1
+        # Times (ms) at which a user left the front of the line.
+        self._advances_ms: deque[int] = deque(maxlen=WAIT_ESTIMATE_SAMPLES_MAX)
+
+    def __len__(self) -> int:
+        return len(self._seq_of)
+
+    def __contains__(self, user_id: object) -> bool:
+        return user_id in self._seq_of
+
+    def __iter__(self) -> Iterator[str]:
+        """Users from the head to the tail."""
+        return (self._user_of[seq] for seq in self._order)
+
+    @property
+    def next_seq(self) -> int:
+        return self._next_seq
+
+    def push(self, user_id: str) -> int:
+        require(user_id not in self._seq_of, f"{user_id} is already in line")
+        seq = self._next_seq
+        self._next_seq += 1
+        self._insert(user_id, seq)
+        return seq
+
+    def restore(self, user_id: str, seq: int) -> None:
+        """Put a user back at a known sequence number (recovery from storage)."""
+        require(user_id not in self._seq_of and seq not in self._user_of, "duplicate restore")
+        self._insert(user_id, seq)
+        self._next_seq = max(self._next_seq, seq + 1)
+
+    def head(self) -> str | None:
+        return self._user_of[self._order[0]] if self._order else None
+
+    def pop_head(self, now_ms: int) -> str:
+        require(bool(self._order), "pop from an empty line")
+        seq = self._order.pop(0)
+        user_id = self._user_of.pop(seq)
+        del self._seq_of[user_id]
+        self._advances_ms.append(now_ms)
+        return user_id
+
+    def remove(self, user_id: str, now_ms: int) -> int:
+        """Take a user out of the line; returns their sequence number."""
+        seq = self._seq_of.pop(user_id)
+        was_head = self._order[0] == seq
+        self._order.remove(seq)
+        del self._user_of[seq]
+        if was_head:
+            self._advances_ms.append(now_ms)
+        return seq
+
+    def seq_of(self, user_id: str) -> int | None:
+        return self._seq_of.get(user_id)
+
+    def position(self, user_id: str) -> int | None:
+        """1-based place in line, or None if the user is not waiting."""
+        seq = self._seq_of.get(user_id)
+        if seq is None:
+            return None
+        return self._order.bisect_left(seq) + 1
+
+    def estimated_wait_ms(self, position: int, now_ms: int, prior_interval_ms: int) -> int:
+        """Position times the observed interval between head advances.
+
+        With fewer than two observations the prior (one hold TTL shared by the
+        slot's capacity) stands in. The gap since the last advance counts as
+        an interval too once it is longer than the average, so a line that
+        stalled does not keep promising its old pace.
+        """
+        samples = self._advances_ms
+        if len(samples) >= 2:
+            interval = (samples[-1] - samples[0]) / (len(samples) - 1)
+            interval = max(interval, float(now_ms - samples[-1]))
+        elif len(samples) == 1:
+            interval = max(float(prior_interval_ms), float(now_ms - samples[0]))
+        else:
+            interval = float(prior_interval_ms)
+        return int(position * interval)
+
+    def check(self) -> None:
+        require(len(self._order) == len(self._seq_of) == len(self._user_of), "line sizes differ")
+        for user_id, seq in self._seq_of.items():
+            require(self._user_of.get(seq) == user_id, f"line maps disagree for {user_id}")
+            require(seq < self._next_seq, "sequence number from the future")
+        require(list(self._order) == sorted(self._user_of), "line order broken")
+
+    def _insert(self, user_id: str, seq: int) -> None:
+        self._order.add(seq)
+        self._seq_of[user_id] = seq
+        self._user_of[seq] = user_id

@@ -1,0 +1,67 @@
+"""The waiting line: FIFO, unique users, positions agree with a plain list."""
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from engine.core.waiting_line import WaitingLine
+
+
+def test_fifo_positions_and_removal_from_the_middle() -> None:
+    line = WaitingLine()
+    for user in ("ann", "bob", "cat", "dan"):
+        line.push(user)
+    assert [line.position(u) for u in ("ann", "bob", "cat", "dan")] == [1, 2, 3, 4]
+    line.remove("bob", now_ms=0)
+    assert line.position("cat") == 2
+    assert line.pop_head(now_ms=0) == "ann"
+    assert list(line) == ["cat", "dan"]
+    assert line.position("ann") is None
+    assert line.position("dan") == 2
+
+
+def test_a_hundred_thousand_users_answer_positions_fast() -> None:
+    line = WaitingLine()
+    for i in range(100_000):
+        line.push(f"u{i}")
+    for _ in range(500):
+        line.pop_head(now_ms=0)
+    # bisect over the sorted list: no scan of the 99,500 entries behind
+    assert line.position("u99999") == 99_500
+    assert line.position("u500") == 1
+
+
+def test_wait_estimate_follows_the_observed_pace() -> None:
+    line = WaitingLine()
+    for i in range(10):
+        line.push(f"u{i}")
+    assert line.estimated_wait_ms(3, now_ms=0, prior_interval_ms=40_000) == 120_000
+    for t in (0, 10_000, 20_000, 30_000):
+        line.pop_head(now_ms=t)
+    assert line.estimated_wait_ms(2, now_ms=30_000, prior_interval_ms=40_000) == 20_000
+    # a stall longer than the pace stretches the estimate
+    assert line.estimated_wait_ms(2, now_ms=90_000, prior_interval_ms=40_000) == 120_000
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(["push", "pop", "remove"]), st.integers(0, 15)), max_size=80
+    )
+)
+def test_agrees_with_a_list(ops: list[tuple[str, int]]) -> None:
+    line = WaitingLine()
+    model: list[str] = []
+    for op, n in ops:
+        user = f"u{n}"
+        if op == "push" and user not in model:
+            line.push(user)
+            model.append(user)
+        elif op == "pop" and model:
+            assert line.pop_head(now_ms=0) == model.pop(0)
+        elif op == "remove" and user in model:
+            line.remove(user, now_ms=0)
+            model.remove(user)
+        line.check()
+        assert list(line) == model
+        for i, u in enumerate(model, start=1):
+            assert line.position(u) == i
