@@ -1,0 +1,192 @@
+"""Process settings, read once from the environment (12-factor).
+
+This module owns the names, defaults and bounds of every environment
+variable the server reads (API.md, "Running and configuration"). Bounds come
+from ``engine.core.limits``; a bad value raises ``ConfigError`` with one line
+naming the variable, so a misconfigured server refuses to start instead of
+failing deep inside a request. It never touches the network and never reads
+the domain files (``config.domains`` does).
+
+An empty or blank variable counts as unset: ``DATABASE_URL=`` in an env file
+means "no database configured", not "a database whose URL is empty".
+"""
+
+import os
+import re
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Final, Literal, TypeVar, get_args
+from urllib.parse import urlsplit
+
+import msgspec
+
+from engine.core import limits
+
+Durability = Literal["commit", "relaxed"]
+DURABILITY_MODES: Final[tuple[str, ...]] = get_args(Durability)
+
+# The domain files shipped inside this package; found through the package's
+# own location so the default holds whatever directory the server starts in.
+DOMAINS_DIR_DEFAULT: Final = Path(__file__).resolve().parent / "domains"
+DATA_DIR_DEFAULT: Final = Path(".slotengine")
+
+DATABASE_URL_SCHEMES: Final = ("postgresql", "postgres")
+REDIS_URL_SCHEMES: Final = ("redis", "rediss", "unix")
+
+_T = TypeVar("_T")
+
+
+class ConfigError(ValueError):
+    """The configuration is unusable. The message is one line naming the culprit."""
+
+    def __init__(self, message: str) -> None:
+        # One line whatever the cause: a wrapped parser message may carry newlines.
+        super().__init__(" ".join(message.split()))
+
+
+class Settings(msgspec.Struct, frozen=True, kw_only=True):
+    """Everything the process reads from its environment, parsed and checked.
+
+    ``None`` for a URL means "not configured": the server then starts the
+    embedded service (or a local Ray) instead.
+    """
+
+    database_url: str | None = None
+    redis_url: str | None = None
+    ray_address: str | None = None
+    # None: the server keeps a random secret per data dir (see API.md).
+    jwt_secret: str | None = None
+    hold_ttl_seconds: int = limits.HOLD_TTL_DEFAULT_S
+    claim_ttl_seconds: int = limits.CLAIM_TTL_DEFAULT_S
+    queue_max: int = limits.QUEUE_SIZE_DEFAULT
+    shards: int = limits.SHARDS_DEFAULT
+    durability: Durability = "commit"
+    queue_inactivity_seconds: int = limits.QUEUE_INACTIVITY_DEFAULT_S
+    domains_dir: Path = DOMAINS_DIR_DEFAULT
+    data_dir: Path = DATA_DIR_DEFAULT
+
+    def __repr__(self) -> str:
+        # Settings end up in start-up logs: never print a secret or a password.
+        parts = []
+        for name in self.__struct_fields__:
+            value = getattr(self, name)
+            if name == "jwt_secret" and value is not None:
+                value = "***"
+            elif name in ("database_url", "redis_url") and value is not None:
+                value = _redact_url(value)
+            parts.append(f"{name}={value!r}")
+        return f"Settings({', '.join(parts)})"
+
+
+def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
+    """Read and check every setting from ``environ`` (default: ``os.environ``).
+
+    Raises ``ConfigError`` on the first bad value.
+    """
+    if environ is None:
+        environ = os.environ
+    env = _Environment(environ)
+    return Settings(
+        database_url=env.read("DATABASE_URL", _url(DATABASE_URL_SCHEMES), shown=_redact_url),
+        redis_url=env.read("REDIS_URL", _url(REDIS_URL_SCHEMES), shown=_redact_url),
+        ray_address=env.read("RAY_ADDRESS", str),
+        jwt_secret=env.read("SLOTENGINE_JWT_SECRET", str),
+        hold_ttl_seconds=env.read_or(
+            "SLOTENGINE_HOLD_TTL_SECONDS",
+            _integer(limits.HOLD_TTL_MIN_S, limits.HOLD_TTL_MAX_S),
+            limits.HOLD_TTL_DEFAULT_S,
+        ),
+        claim_ttl_seconds=env.read_or(
+            "SLOTENGINE_CLAIM_TTL_SECONDS",
+            _integer(limits.HOLD_TTL_MIN_S, limits.HOLD_TTL_MAX_S),
+            limits.CLAIM_TTL_DEFAULT_S,
+        ),
+        queue_max=env.read_or(
+            "SLOTENGINE_QUEUE_MAX",
+            _integer(1, limits.QUEUE_SIZE_MAX),
+            limits.QUEUE_SIZE_DEFAULT,
+        ),
+        shards=env.read_or(
+            "SLOTENGINE_SHARDS",
+            _integer(1, limits.SHARDS_MAX),
+            limits.SHARDS_DEFAULT,
+        ),
+        durability=env.read_or("SLOTENGINE_DURABILITY", _durability, "commit"),
+        queue_inactivity_seconds=env.read_or(
+            "SLOTENGINE_QUEUE_INACTIVITY_SECONDS",
+            _integer(1, limits.QUEUE_INACTIVITY_MAX_S),
+            limits.QUEUE_INACTIVITY_DEFAULT_S,
+        ),
+        domains_dir=env.read_or("SLOTENGINE_DOMAINS_DIR", Path, DOMAINS_DIR_DEFAULT),
+        data_dir=env.read_or("SLOTENGINE_DATA_DIR", Path, DATA_DIR_DEFAULT),
+    )
+
+
+class _Environment:
+    """Reads variables and turns a parser's ``ValueError`` into a ``ConfigError``."""
+
+    def __init__(self, environ: Mapping[str, str]) -> None:
+        self._environ = environ
+
+    def read(
+        self,
+        name: str,
+        parse: Callable[[str], _T],
+        shown: Callable[[str], str] = str,
+    ) -> _T | None:
+        raw = self._environ.get(name, "").strip()
+        if not raw:
+            return None
+        try:
+            return parse(raw)
+        except ValueError as error:
+            raise ConfigError(f"{name}: {error}, got {shown(raw)!r}") from None
+
+    def read_or(self, name: str, parse: Callable[[str], _T], default: _T) -> _T:
+        value = self.read(name, parse)
+        return default if value is None else value
+
+
+def _integer(low: int, high: int) -> Callable[[str], int]:
+    def parse(raw: str) -> int:
+        expected = f"expected an integer between {low} and {high}"
+        try:
+            value = int(raw, 10)
+        except ValueError:
+            raise ValueError(expected) from None
+        if not low <= value <= high:
+            raise ValueError(expected)
+        return value
+
+    return parse
+
+
+def _durability(raw: str) -> Durability:
+    value = raw.lower()
+    if value == "commit":
+        return "commit"
+    if value == "relaxed":
+        return "relaxed"
+    raise ValueError(f"expected one of {', '.join(map(repr, DURABILITY_MODES))}")
+
+
+def _url(schemes: tuple[str, ...]) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        expected = f"expected a URL starting with {' or '.join(s + '://' for s in schemes)}"
+        try:
+            scheme = urlsplit(raw).scheme
+        except ValueError:
+            raise ValueError(expected) from None
+        if scheme.lower() not in schemes or "://" not in raw:
+            raise ValueError(expected)
+        return raw
+
+    return parse
+
+
+_URL_PASSWORD = re.compile(r"(//[^/@:]*:)[^/@]*@")
+
+
+def _redact_url(raw: str) -> str:
+    """The URL with its password masked, fit for an error message."""
+    return _URL_PASSWORD.sub(r"\1***@", raw)
