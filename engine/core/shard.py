@@ -1,0 +1,1171 @@
+"""One shard of the engine: many slots, their holds, bookings, queues and timers.
+
+Theory of operation
+-------------------
+``ShardCore`` is the single writer of its slots. ``execute(command, now_ms)``
+first fires every timer due at ``now_ms`` (so a hold whose deadline passed is
+EXPIRED before anyone can confirm it), then decides the command. Each handler
+does all of its checks before its first mutation: a refused command raises an
+``EngineError``, which ``execute`` turns into a ``Failure`` result with the
+state untouched. Successful changes append events to an outbox that the shell
+drains (``drain_events``) and hands to storage and the fan-out bus.
+
+Capacity frees when a hold expires, a booking is cancelled, capacity is
+raised or a slot is unblocked; ``_offer_free_capacity`` then pops the head of
+the slot's waiting line and gives that user a hold with the domain's claim
+TTL, as long as the slot takes holds and has room. New arrivals never
+overtake waiting users: a reserve only gets a fresh hold when nobody waits.
+
+Every state-changing request id's outcome is remembered for a while, so a
+batch retried after an actor failure returns its first results instead of
+applying twice. Client idempotency keys are remembered per (user, command,
+key) with a fingerprint of the command for 24 h.
+
+Invariants, per slot (``check_invariants`` verifies them all; the cheap ones
+are also asserted where counts change):
+  * 0 <= held, 0 <= confirmed, confirmed + held <= capacity;
+  * ``active_by_user`` holds exactly the slot's RESERVED and CONFIRMED
+    bookings, one per user, and the counts agree with it;
+  * the waiting line holds exactly the WAITING entries; each NOTIFIED entry
+    points at a RESERVED hold offered from the queue;
+  * if the slot takes holds, it has no free capacity or nobody waits;
+  * every RESERVED booking has a hold timer at its ``expires_at_ms``.
+"""
+
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+import msgspec
+from sortedcontainers import SortedList
+
+from engine.core import errors
+from engine.core.errors import EngineError, require
+from engine.core.limits import (
+    ENDED_SLOT_RETENTION_MS,
+    FINAL_BOOKING_RETENTION_MS,
+    IDEMPOTENCY_RECORDS_MAX,
+    IDEMPOTENCY_RETENTION_MS,
+    LIST_LIMIT_MAX,
+    REQUEST_OUTCOMES_MAX,
+    REQUEST_OUTCOMES_RETENTION_MS,
+    SLOT_CAPACITY_MAX,
+    SLOT_DURATION_MAX_MS,
+)
+from engine.core.policy import DomainPolicy
+from engine.core.protocol import (
+    READ_ONLY_COMMANDS,
+    AnyCommand,
+    AnyEvent,
+    AnyResult,
+    BookingChanged,
+    BookingPage,
+    BookingResult,
+    Cancel,
+    Confirm,
+    CreateSlot,
+    DeleteSlot,
+    Done,
+    Failure,
+    GetBooking,
+    GetSlot,
+    JoinQueue,
+    LeaveQueue,
+    ListBookings,
+    ListSlots,
+    QueueChanged,
+    QueueMoved,
+    QueuePosition,
+    QueueResult,
+    Reserve,
+    SlotChanged,
+    SlotPage,
+    SlotResult,
+    UpdateSlot,
+)
+from engine.core.records import Booking, QueueEntry, QueueView, SlotView, describe_wait
+from engine.core.routing import shard_of
+from engine.core.states import (
+    BOOKING_FINAL,
+    SLOT_TAKES_HOLDS,
+    BookingEvent,
+    BookingStatus,
+    QueueEvent,
+    QueueStatus,
+    SlotStatus,
+    next_booking_status,
+    next_queue_status,
+    slot_status,
+)
+from engine.core.timer_wheel import TimerWheel
+from engine.core.waiting_line import WaitingLine
+
+SYSTEM = "system"
+
+TimerKey = tuple[str, ...]
+_R = TypeVar("_R", Booking, QueueEntry)
+
+
+class ShardStatistics(msgspec.Struct, frozen=True, kw_only=True):
+    shard_id: int
+    slots: int
+    bookings_in_memory: int
+    holds: int
+    confirmed: int
+    waiting: int
+    timers: int
+    idempotency_records: int
+    request_outcomes: int
+    commands_total: int
+    failures_total: int
+    replays_total: int
+    events_total: int
+    expirations_total: int
+    offers_total: int
+    next_deadline_ms: int | None
+
+
+class _Slot:
+    """A slot's mutable state. Only ``ShardCore`` touches it."""
+
+    __slots__ = (
+        "active_by_user",
+        "blocked",
+        "capacity",
+        "confirmed",
+        "domain",
+        "end_ms",
+        "ended",
+        "entries",
+        "held",
+        "id",
+        "line",
+        "metadata",
+        "policy",
+        "resource_id",
+        "start_ms",
+        "version",
+    )
+
+    def __init__(self, command: CreateSlot, policy: DomainPolicy) -> None:
+        self.id = command.slot_id
+        self.resource_id = command.resource_id
+        self.domain = command.domain
+        self.policy = policy
+        self.start_ms = command.start_ms
+        self.end_ms = command.end_ms
+        self.capacity = command.capacity
+        self.blocked = command.blocked
+        self.metadata: dict[str, Any] = dict(command.metadata)
+        self.version = 1
+        self.confirmed = 0
+        self.held = 0
+        # user id -> that user's RESERVED or CONFIRMED booking of this slot
+        self.active_by_user: dict[str, Booking] = {}
+        self.line = WaitingLine()
+        # user id -> that user's latest queue entry, whatever its status
+        self.entries: dict[str, QueueEntry] = {}
+        self.ended = False
+
+    @property
+    def available(self) -> int:
+        return max(0, self.capacity - self.confirmed - self.held)
+
+    def status(self, now_ms: int) -> SlotStatus:
+        return slot_status(
+            blocked=self.blocked,
+            ended=self.ended or now_ms >= self.end_ms,
+            capacity=self.capacity,
+            confirmed=self.confirmed,
+            held=self.held,
+        )
+
+    def check_counts(self) -> None:
+        require(
+            self.held >= 0 and self.confirmed >= 0 and self.confirmed + self.held <= self.capacity,
+            f"slot {self.id}: confirmed {self.confirmed} + held {self.held}"
+            f" exceeds capacity {self.capacity}",
+        )
+
+
+def _fingerprint(command: AnyCommand) -> bytes:
+    neutral = msgspec.structs.replace(command, request_id="", idempotency_key=None)
+    return msgspec.msgpack.encode(neutral)
+
+
+class ShardCore:
+    def __init__(
+        self,
+        *,
+        shard_id: int,
+        shard_count: int,
+        policies: dict[str, DomainPolicy],
+        now_ms: int,
+        new_unique: Callable[[], str] | None = None,
+    ) -> None:
+        require(0 <= shard_id < shard_count, "shard id out of range")
+        require("default" in policies, "the default domain must exist")
+        self.shard_id = shard_id
+        self.shard_count = shard_count
+        self._policies = dict(policies)
+        self._new_unique = new_unique or (lambda: uuid.uuid4().hex)
+        self._now_ms = now_ms
+        self._slots: dict[str, _Slot] = {}
+        self._slots_by_resource: dict[str, set[str]] = {}
+        self._slot_order: SortedList[tuple[int, str]] = SortedList()
+        self._bookings: dict[str, Booking] = {}
+        self._bookings_by_user: dict[str, set[str]] = {}
+        self._timers: TimerWheel[TimerKey] = TimerWheel(now_ms)
+        # request id -> (when, first result); insertion order is time order
+        self._outcomes: dict[str, tuple[int, AnyResult]] = {}
+        # (user, command, key) -> (fingerprint, first result)
+        self._idempotency: dict[tuple[str, str, str], tuple[bytes, AnyResult]] = {}
+        self._events: list[AnyEvent] = []
+        self._dirty_slots: dict[str, None] = {}
+        self._commands_total = 0
+        self._failures_total = 0
+        self._replays_total = 0
+        self._events_total = 0
+        self._expirations_total = 0
+        self._offers_total = 0
+        self._handlers: dict[type[Any], Callable[[Any, int], AnyResult]] = {
+            CreateSlot: self._create_slot,
+            UpdateSlot: self._update_slot,
+            DeleteSlot: self._delete_slot,
+            GetSlot: self._get_slot,
+            ListSlots: self._list_slots,
+            Reserve: self._reserve,
+            Confirm: self._confirm,
+            Cancel: self._cancel,
+            GetBooking: self._get_booking,
+            ListBookings: self._list_bookings,
+            JoinQueue: self._join_queue,
+            LeaveQueue: self._leave_queue,
+            QueuePosition: self._queue_position,
+        }
+        self._timer_handlers: dict[str, Callable[[TimerKey, int], None]] = {
+            "hold": self._on_hold_deadline,
+            "end": self._on_slot_end,
+            "idle": self._on_queue_idle,
+            "idem": self._on_idempotency_expiry,
+            "forget-booking": self._on_forget_booking,
+            "forget-slot": self._on_forget_slot,
+        }
+
+    # == the shell's interface ==================================================
+
+    def execute(self, command: AnyCommand, now_ms: int) -> AnyResult:
+        """Decide one command at ``now_ms``; never raises for a refused command."""
+        self.advance(now_ms)
+        self._commands_total += 1
+        request_id = command.request_id
+        remembered = not isinstance(command, READ_ONLY_COMMANDS)
+        if remembered:
+            prior = self._outcomes.get(request_id)
+            if prior is not None:
+                self._replays_total += 1
+                return prior[1]
+        key = getattr(command, "idempotency_key", None)
+        scope: tuple[str, str, str] | None = None
+        fingerprint = b""
+        try:
+            if key is not None:
+                scope = (getattr(command, "user_id", ""), type(command).__name__, key)
+                fingerprint = _fingerprint(command)
+                stored = self._idempotency.get(scope)
+                if stored is not None:
+                    if stored[0] != fingerprint:
+                        raise errors.IdempotencyKeyReused(
+                            "this Idempotency-Key was used for a different request"
+                        )
+                    self._replays_total += 1
+                    return stored[1]
+            result = self._handlers[type(command)](command, now_ms)
+        except EngineError as refused:
+            self._failures_total += 1
+            result = Failure(
+                status=refused.status,
+                code=refused.code,
+                message=refused.message,
+                details=refused.details,
+            )
+            if isinstance(refused, errors.IdempotencyKeyReused):
+                scope = None
+        if remembered:
+            self._remember_outcome(request_id, result, now_ms)
+        if scope is not None and result.status < 500:
+            self._remember_idempotency(scope, fingerprint, result, now_ms)
+        return result
+
+    def advance(self, now_ms: int) -> None:
+        """Fire every timer due at ``now_ms`` (expiries, offers, slot ends)."""
+        # A clock that steps back must not un-expire anything.
+        now_ms = max(now_ms, self._now_ms)
+        self._now_ms = now_ms
+        for key in self._timers.advance(now_ms):
+            self._timer_handlers[key[0]](key, now_ms)
+
+    def next_deadline_ms(self) -> int | None:
+        return self._timers.next_wakeup_ms()
+
+    def drain_events(self) -> list[AnyEvent]:
+        if self._dirty_slots:
+            now_ms = self._now_ms
+            for slot_id in self._dirty_slots:
+                slot = self._slots.get(slot_id)
+                if slot is not None:
+                    self._emit(
+                        SlotChanged(
+                            at_ms=now_ms,
+                            request_id="",
+                            actor=SYSTEM,
+                            slot=self._slot_view(slot, now_ms),
+                            change="counts",
+                        )
+                    )
+            self._dirty_slots = {}
+        events, self._events = self._events, []
+        return events
+
+    def statistics(self) -> ShardStatistics:
+        slots = self._slots.values()
+        return ShardStatistics(
+            shard_id=self.shard_id,
+            slots=len(self._slots),
+            bookings_in_memory=len(self._bookings),
+            holds=sum(s.held for s in slots),
+            confirmed=sum(s.confirmed for s in slots),
+            waiting=sum(len(s.line) for s in slots),
+            timers=len(self._timers),
+            idempotency_records=len(self._idempotency),
+            request_outcomes=len(self._outcomes),
+            commands_total=self._commands_total,
+            failures_total=self._failures_total,
+            replays_total=self._replays_total,
+            events_total=self._events_total,
+            expirations_total=self._expirations_total,
+            offers_total=self._offers_total,
+            next_deadline_ms=self._timers.next_wakeup_ms(),
+        )
+
+    # == slots ==================================================================
+
+    def _create_slot(self, command: CreateSlot, now_ms: int) -> AnyResult:
+        if shard_of(command.slot_id, self.shard_count) != self.shard_id:
+            raise errors.ValidationFailed(
+                "slot id does not belong to this shard", {"slotId": "misrouted"}
+            )
+        if command.slot_id in self._slots:
+            raise errors.Conflict("a slot with this id exists")
+        policy = self._policies.get(command.domain)
+        if policy is None:
+            raise errors.ValidationFailed(
+                f"unknown domain {command.domain!r}", {"domain": "unknown domain"}
+            )
+        if not command.resource_id:
+            raise errors.ValidationFailed("resourceId is empty", {"resourceId": "empty"})
+        self._check_slot_shape(command.start_ms, command.end_ms, command.capacity, now_ms)
+        self._check_overlap(command.resource_id, command.start_ms, command.end_ms, None)
+
+        slot = _Slot(command, policy)
+        self._slots[slot.id] = slot
+        self._slots_by_resource.setdefault(slot.resource_id, set()).add(slot.id)
+        self._slot_order.add((slot.start_ms, slot.id))
+        self._timers.schedule(("end", slot.id), slot.end_ms)
+        view = self._slot_view(slot, now_ms)
+        self._emit(
+            SlotChanged(
+                at_ms=now_ms,
+                request_id=command.request_id,
+                actor=command.actor,
+                slot=view,
+                change="created",
+            )
+        )
+        return SlotResult(status=201, slot=view)
+
+    def _update_slot(self, command: UpdateSlot, now_ms: int) -> AnyResult:
+        slot = self._slot_or_404(command.slot_id)
+        if slot.ended:
+            raise errors.SlotNotReservable("the slot has ended and can no longer change")
+        start_ms = slot.start_ms if command.start_ms is None else command.start_ms
+        end_ms = slot.end_ms if command.end_ms is None else command.end_ms
+        capacity = slot.capacity if command.capacity is None else command.capacity
+        self._check_slot_shape(start_ms, end_ms, capacity, now_ms)
+        if capacity < slot.confirmed + slot.held:
+            raise errors.CapacityBelowBookings(
+                f"capacity {capacity} is below the {slot.confirmed} confirmed bookings"
+                f" and {slot.held} holds",
+                {"currentBookings": slot.confirmed, "heldCount": slot.held},
+            )
+        if (start_ms, end_ms) != (slot.start_ms, slot.end_ms):
+            self._check_overlap(slot.resource_id, start_ms, end_ms, slot.id)
+
+        if start_ms != slot.start_ms:
+            self._slot_order.remove((slot.start_ms, slot.id))
+            self._slot_order.add((start_ms, slot.id))
+            slot.start_ms = start_ms
+        if end_ms != slot.end_ms:
+            slot.end_ms = end_ms
+            self._timers.schedule(("end", slot.id), end_ms)
+        slot.capacity = capacity
+        if command.metadata is not None:
+            slot.metadata = dict(command.metadata)
+        if command.blocked is not None:
+            slot.blocked = command.blocked
+        slot.version += 1
+        self._emit(
+            SlotChanged(
+                at_ms=now_ms,
+                request_id=command.request_id,
+                actor=command.actor,
+                slot=self._slot_view(slot, now_ms),
+                change="updated",
+            )
+        )
+        # Raised capacity or an unblock frees room for the waiting line.
+        self._offer_free_capacity(slot, now_ms, command.request_id, command.actor)
+        return SlotResult(status=200, slot=self._slot_view(slot, now_ms))
+
+    def _delete_slot(self, command: DeleteSlot, now_ms: int) -> AnyResult:
+        slot = self._slot_or_404(command.slot_id)
+        if slot.active_by_user and not command.force:
+            raise errors.SlotHasBookings(
+                "the slot has active bookings; delete with force=true to cancel them",
+                {"currentBookings": slot.confirmed, "heldCount": slot.held},
+            )
+        request_id, actor = command.request_id, command.actor
+        for booking in list(slot.active_by_user.values()):
+            if booking.status is BookingStatus.RESERVED:
+                self._expire_hold(slot, booking, now_ms, "slot_deleted", request_id, actor)
+            else:
+                self._cancel_booking(
+                    slot, booking, now_ms, "slot deleted", actor, 100, request_id, actor
+                )
+        self._expire_waiting(slot, now_ms, "slot_deleted", request_id, actor)
+        self._timers.cancel(("end", slot.id))
+        view = self._slot_view(slot, now_ms)
+        self._drop_slot(slot)
+        self._emit(
+            SlotChanged(
+                at_ms=now_ms, request_id=request_id, actor=actor, slot=view, change="deleted"
+            )
+        )
+        return Done(status=204)
+
+    def _get_slot(self, command: GetSlot, now_ms: int) -> AnyResult:
+        return SlotResult(
+            status=200, slot=self._slot_view(self._slot_or_404(command.slot_id), now_ms)
+        )
+
+    def _list_slots(self, command: ListSlots, now_ms: int) -> AnyResult:
+        limit = max(1, min(command.limit, LIST_LIMIT_MAX))
+        if command.after is not None:
+            start_index = self._slot_order.bisect_right(command.after)
+        elif command.from_ms is not None:
+            start_index = self._slot_order.bisect_left((command.from_ms, ""))
+        else:
+            start_index = 0
+        items: list[SlotView] = []
+        for start_ms, slot_id in self._slot_order.islice(start_index):
+            if command.to_ms is not None and start_ms >= command.to_ms:
+                break
+            if command.from_ms is not None and start_ms < command.from_ms:
+                continue
+            slot = self._slots[slot_id]
+            if command.resource_id is not None and slot.resource_id != command.resource_id:
+                continue
+            status = slot.status(now_ms)
+            if command.status is not None and status is not command.status:
+                continue
+            if command.available_only and not (status in SLOT_TAKES_HOLDS and slot.available):
+                continue
+            items.append(self._slot_view(slot, now_ms))
+            if len(items) >= limit:
+                break
+        return SlotPage(status=200, items=items)
+
+    # == bookings ===============================================================
+
+    def _reserve(self, command: Reserve, now_ms: int) -> AnyResult:
+        slot = self._slot_or_404(command.slot_id)
+        self._check_reservable(slot, now_ms)
+        user_id = command.user_id
+        existing = slot.active_by_user.get(user_id)
+        if existing is not None:
+            if existing.status is BookingStatus.CONFIRMED:
+                raise errors.AlreadyBooked("you already have a confirmed booking for this slot")
+            return BookingResult(status=200, booking=_copy(existing))
+        policy = slot.policy
+        if slot.available > 0 and not slot.line:
+            booking = self._take_hold(
+                slot, user_id, now_ms, policy.hold_ttl_ms, False, command.request_id, user_id
+            )
+            return BookingResult(status=201, booking=_copy(booking))
+        if not policy.queue_enabled:
+            raise errors.SlotFull("the slot is full and its domain has no waiting queue")
+        entry = slot.entries.get(user_id)
+        if entry is not None and entry.status is QueueStatus.WAITING:
+            self._touch(slot, entry, now_ms)
+            return QueueResult(status=200, entry=self._queue_view(slot, entry, now_ms))
+        self._check_room_in_line(slot)
+        entry = self._join(slot, user_id, now_ms, command.request_id)
+        return QueueResult(status=202, entry=self._queue_view(slot, entry, now_ms))
+
+    def _confirm(self, command: Confirm, now_ms: int) -> AnyResult:
+        booking = self._booking_or_404(command.booking_id, command.user_id, as_admin=False)
+        if booking.status is BookingStatus.CONFIRMED:
+            return BookingResult(status=200, booking=_copy(booking))
+        if booking.status is BookingStatus.EXPIRED:
+            raise errors.ReservationExpired(
+                "the hold lapsed before it was confirmed", {"expiresAt": booking.expires_at_ms}
+            )
+        to_status = next_booking_status(booking.status, BookingEvent.CONFIRM)
+        slot = self._slots[booking.slot_id]
+        require(booking.expires_at_ms > now_ms, f"hold {booking.id} outlived its deadline")
+
+        self._timers.cancel(("hold", booking.id))
+        slot.held -= 1
+        slot.confirmed += 1
+        slot.check_counts()
+        booking.confirmed_at_ms = now_ms
+        self._transition(booking, to_status, "confirm", now_ms, command.request_id, command.user_id)
+        if booking.via_queue:
+            entry = slot.entries.get(booking.user_id)
+            if entry is not None and entry.booking_id == booking.id:
+                self._queue_transition(
+                    entry,
+                    QueueEvent.CONVERT,
+                    "converted",
+                    now_ms,
+                    command.request_id,
+                    booking.user_id,
+                )
+        self._dirty_slots[slot.id] = None
+        return BookingResult(status=200, booking=_copy(booking))
+
+    def _cancel(self, command: Cancel, now_ms: int) -> AnyResult:
+        booking = self._booking_or_404(command.booking_id, command.user_id, command.as_admin)
+        if command.as_admin and not (command.reason and command.reason.strip()):
+            raise errors.ValidationFailed(
+                "an admin cancellation needs a reason", {"reason": "required for admins"}
+            )
+        next_booking_status(booking.status, BookingEvent.CANCEL)
+        slot = self._slots[booking.slot_id]
+        policy = slot.policy
+        if command.as_admin:
+            # The business cancels: the customer is refunded in full.
+            refund = 100
+            actor = f"admin:{command.user_id}"
+        else:
+            closes_at_ms = slot.start_ms - policy.cancel_allowed_until_ms
+            if now_ms >= slot.start_ms or now_ms > closes_at_ms:
+                raise errors.CancellationWindowClosed(
+                    "this booking can no longer be cancelled",
+                    {"allowedUntilMs": closes_at_ms},
+                )
+            refund = policy.refund_percentage
+            actor = command.user_id
+        self._cancel_booking(
+            slot, booking, now_ms, command.reason, actor, refund, command.request_id, actor
+        )
+        self._offer_free_capacity(slot, now_ms, command.request_id, actor)
+        return BookingResult(status=200, booking=_copy(booking))
+
+    def _get_booking(self, command: GetBooking, now_ms: int) -> AnyResult:
+        booking = self._booking_or_404(command.booking_id, command.user_id, command.as_admin)
+        return BookingResult(status=200, booking=_copy(booking))
+
+    def _list_bookings(self, command: ListBookings, now_ms: int) -> AnyResult:
+        limit = max(1, min(command.limit, LIST_LIMIT_MAX))
+        ids = self._bookings_by_user.get(command.user_id, ())
+        bookings = sorted(
+            (self._bookings[i] for i in ids),
+            key=lambda b: (b.reserved_at_ms, b.id),
+            reverse=True,
+        )
+        items: list[Booking] = []
+        for booking in bookings:
+            if command.after is not None and (booking.reserved_at_ms, booking.id) >= command.after:
+                continue
+            if command.status is not None and booking.status is not command.status:
+                continue
+            items.append(_copy(booking))
+            if len(items) >= limit:
+                break
+        return BookingPage(status=200, items=items)
+
+    # == the waiting queue ======================================================
+
+    def _join_queue(self, command: JoinQueue, now_ms: int) -> AnyResult:
+        slot = self._slot_or_404(command.slot_id)
+        self._check_reservable(slot, now_ms)
+        user_id = command.user_id
+        existing = slot.active_by_user.get(user_id)
+        if existing is not None and existing.status is BookingStatus.CONFIRMED:
+            raise errors.AlreadyBooked("you already have a confirmed booking for this slot")
+        entry = slot.entries.get(user_id)
+        if entry is not None and entry.status in (QueueStatus.WAITING, QueueStatus.NOTIFIED):
+            if entry.status is QueueStatus.WAITING:
+                self._touch(slot, entry, now_ms)
+            return QueueResult(status=200, entry=self._queue_view(slot, entry, now_ms))
+        if existing is not None:
+            raise errors.AlreadyHeld("you already hold this slot: confirm your hold instead")
+        if not slot.policy.queue_enabled:
+            raise errors.QueueDisabled("this slot's domain has no waiting queue")
+        if slot.available > 0 and not slot.line:
+            raise errors.SlotAvailable("the slot has free capacity: reserve it instead")
+        self._check_room_in_line(slot)
+        entry = self._join(slot, user_id, now_ms, command.request_id)
+        return QueueResult(status=201, entry=self._queue_view(slot, entry, now_ms))
+
+    def _leave_queue(self, command: LeaveQueue, now_ms: int) -> AnyResult:
+        slot = self._slot_or_404(command.slot_id)
+        user_id = command.user_id
+        entry = slot.entries.get(user_id)
+        if entry is None or entry.status not in (QueueStatus.WAITING, QueueStatus.NOTIFIED):
+            raise errors.NotFound("you are not in this slot's queue")
+        request_id = command.request_id
+        if entry.status is QueueStatus.WAITING:
+            self._remove_from_line(slot, entry, now_ms, request_id, user_id)
+        else:
+            # Leaving while NOTIFIED gives the offered hold up.
+            booking = self._bookings[entry.booking_id or ""]
+            self._expire_hold(slot, booking, now_ms, "offer_declined", request_id, user_id)
+        del slot.entries[user_id]
+        self._emit(
+            QueueChanged(
+                at_ms=now_ms,
+                request_id=request_id,
+                actor=user_id,
+                entry=_copy(entry),
+                change="left",
+            )
+        )
+        self._offer_free_capacity(slot, now_ms, request_id, user_id)
+        return Done(status=204)
+
+    def _queue_position(self, command: QueuePosition, now_ms: int) -> AnyResult:
+        slot = self._slot_or_404(command.slot_id)
+        entry = slot.entries.get(command.user_id)
+        if entry is None:
+            raise errors.NotFound("you have not joined this slot's queue")
+        if entry.status is QueueStatus.WAITING:
+            self._touch(slot, entry, now_ms)
+        return QueueResult(status=200, entry=self._queue_view(slot, entry, now_ms))
+
+    # == timers =================================================================
+
+    def _on_hold_deadline(self, key: TimerKey, now_ms: int) -> None:
+        booking = self._bookings.get(key[1])
+        if booking is None or booking.status is not BookingStatus.RESERVED:
+            return
+        if booking.expires_at_ms > now_ms:
+            self._timers.schedule(key, booking.expires_at_ms)
+            return
+        slot = self._slots[booking.slot_id]
+        trigger = "claim_ttl" if booking.via_queue else "hold_ttl"
+        self._expire_hold(slot, booking, now_ms, trigger, "", SYSTEM)
+        self._offer_free_capacity(slot, now_ms, "", SYSTEM)
+
+    def _on_slot_end(self, key: TimerKey, now_ms: int) -> None:
+        slot = self._slots.get(key[1])
+        if slot is None or slot.ended:
+            return
+        if slot.end_ms > now_ms:
+            self._timers.schedule(key, slot.end_ms)
+            return
+        for booking in list(slot.active_by_user.values()):
+            if booking.status is BookingStatus.RESERVED:
+                self._expire_hold(slot, booking, now_ms, "slot_ended", "", SYSTEM)
+            else:
+                del slot.active_by_user[booking.user_id]
+                slot.confirmed -= 1
+                booking.completed_at_ms = now_ms
+                to_status = next_booking_status(booking.status, BookingEvent.COMPLETE)
+                self._transition(booking, to_status, "slot_ended", now_ms, "", SYSTEM)
+                self._timers.schedule(
+                    ("forget-booking", booking.id), now_ms + FINAL_BOOKING_RETENTION_MS
+                )
+        self._expire_waiting(slot, now_ms, "slot_ended", "", SYSTEM)
+        slot.ended = True
+        slot.version += 1
+        slot.check_counts()
+        self._dirty_slots[slot.id] = None
+        self._timers.schedule(("forget-slot", slot.id), now_ms + ENDED_SLOT_RETENTION_MS)
+
+    def _on_queue_idle(self, key: TimerKey, now_ms: int) -> None:
+        slot = self._slots.get(key[1])
+        if slot is None:
+            return
+        entry = slot.entries.get(key[2])
+        if entry is None or entry.status is not QueueStatus.WAITING:
+            return
+        idle_until_ms = entry.last_seen_ms + slot.policy.queue_inactivity_ms
+        if idle_until_ms > now_ms:
+            self._timers.schedule(key, idle_until_ms)
+            return
+        self._remove_from_line(slot, entry, now_ms, "", SYSTEM)
+        entry.ended_at_ms = now_ms
+        self._queue_transition(entry, QueueEvent.EXPIRE, "expired", now_ms, "", SYSTEM)
+
+    def _on_idempotency_expiry(self, key: TimerKey, now_ms: int) -> None:
+        self._idempotency.pop((key[1], key[2], key[3]), None)
+
+    def _on_forget_booking(self, key: TimerKey, now_ms: int) -> None:
+        booking = self._bookings.get(key[1])
+        if booking is None or booking.status not in BOOKING_FINAL:
+            return
+        del self._bookings[booking.id]
+        user_ids = self._bookings_by_user.get(booking.user_id)
+        if user_ids is not None:
+            user_ids.discard(booking.id)
+            if not user_ids:
+                del self._bookings_by_user[booking.user_id]
+
+    def _on_forget_slot(self, key: TimerKey, now_ms: int) -> None:
+        slot = self._slots.get(key[1])
+        if slot is not None and slot.ended:
+            self._drop_slot(slot)
+
+    # == shared steps ===========================================================
+
+    def _take_hold(
+        self,
+        slot: _Slot,
+        user_id: str,
+        now_ms: int,
+        ttl_ms: int,
+        via_queue: bool,
+        request_id: str,
+        actor: str,
+    ) -> Booking:
+        require(slot.available > 0, f"slot {slot.id}: hold without free capacity")
+        require(user_id not in slot.active_by_user, f"slot {slot.id}: second hold for {user_id}")
+        booking = Booking(
+            id=f"{slot.id[:8]}-b{self._new_unique()}",
+            user_id=user_id,
+            slot_id=slot.id,
+            status=BookingStatus.PENDING,
+            reserved_at_ms=now_ms,
+            expires_at_ms=now_ms + ttl_ms,
+            via_queue=via_queue,
+        )
+        self._bookings[booking.id] = booking
+        self._bookings_by_user.setdefault(user_id, set()).add(booking.id)
+        slot.active_by_user[user_id] = booking
+        slot.held += 1
+        slot.check_counts()
+        self._timers.schedule(("hold", booking.id), booking.expires_at_ms)
+        to_status = next_booking_status(BookingStatus.PENDING, BookingEvent.TAKE_HOLD)
+        trigger = "queue_offer" if via_queue else "reserve"
+        self._transition(booking, to_status, trigger, now_ms, request_id, actor, bump=False)
+        self._dirty_slots[slot.id] = None
+        return booking
+
+    def _expire_hold(
+        self, slot: _Slot, booking: Booking, now_ms: int, trigger: str, request_id: str, actor: str
+    ) -> None:
+        to_status = next_booking_status(booking.status, BookingEvent.EXPIRE)
+        self._timers.cancel(("hold", booking.id))
+        del slot.active_by_user[booking.user_id]
+        slot.held -= 1
+        slot.check_counts()
+        self._expirations_total += 1
+        self._transition(booking, to_status, trigger, now_ms, request_id, actor)
+        self._timers.schedule(("forget-booking", booking.id), now_ms + FINAL_BOOKING_RETENTION_MS)
+        if booking.via_queue:
+            entry = slot.entries.get(booking.user_id)
+            if entry is not None and entry.booking_id == booking.id:
+                entry.ended_at_ms = now_ms
+                self._queue_transition(
+                    entry, QueueEvent.EXPIRE, "expired", now_ms, request_id, actor
+                )
+        self._dirty_slots[slot.id] = None
+
+    def _cancel_booking(
+        self,
+        slot: _Slot,
+        booking: Booking,
+        now_ms: int,
+        reason: str | None,
+        cancelled_by: str,
+        refund_percentage: int,
+        request_id: str,
+        actor: str,
+    ) -> None:
+        to_status = next_booking_status(booking.status, BookingEvent.CANCEL)
+        del slot.active_by_user[booking.user_id]
+        slot.confirmed -= 1
+        slot.check_counts()
+        booking.cancelled_at_ms = now_ms
+        booking.cancel_reason = reason
+        booking.cancelled_by = cancelled_by
+        booking.refund_percentage = refund_percentage
+        self._transition(booking, to_status, "cancel", now_ms, request_id, actor)
+        self._timers.schedule(("forget-booking", booking.id), now_ms + FINAL_BOOKING_RETENTION_MS)
+        self._dirty_slots[slot.id] = None
+
+    def _offer_free_capacity(self, slot: _Slot, now_ms: int, request_id: str, actor: str) -> None:
+        """Give freed capacity to the head of the line, one hold per free place."""
+        while slot.line and slot.available > 0 and slot.status(now_ms) in SLOT_TAKES_HOLDS:
+            user_id = slot.line.pop_head(now_ms)
+            entry = slot.entries[user_id]
+            self._timers.cancel(("idle", slot.id, user_id))
+            booking = self._take_hold(
+                slot, user_id, now_ms, slot.policy.claim_ttl_ms, True, request_id, actor
+            )
+            entry.notified_at_ms = now_ms
+            entry.booking_id = booking.id
+            self._offers_total += 1
+            self._queue_transition(
+                entry,
+                QueueEvent.OFFER,
+                "notified",
+                now_ms,
+                request_id,
+                actor,
+                offer_expires_at_ms=booking.expires_at_ms,
+            )
+            self._emit(
+                QueueMoved(
+                    at_ms=now_ms,
+                    request_id=request_id,
+                    actor=actor,
+                    slot_id=slot.id,
+                    removed_seq=entry.seq,
+                    total_in_queue=len(slot.line),
+                )
+            )
+
+    def _join(self, slot: _Slot, user_id: str, now_ms: int, request_id: str) -> QueueEntry:
+        seq = slot.line.push(user_id)
+        entry = QueueEntry(
+            slot_id=slot.id,
+            user_id=user_id,
+            status=QueueStatus.WAITING,
+            seq=seq,
+            joined_at_ms=now_ms,
+            last_seen_ms=now_ms,
+        )
+        slot.entries[user_id] = entry
+        self._timers.schedule(("idle", slot.id, user_id), now_ms + slot.policy.queue_inactivity_ms)
+        self._emit(
+            QueueChanged(
+                at_ms=now_ms,
+                request_id=request_id,
+                actor=user_id,
+                entry=_copy(entry),
+                change="joined",
+            )
+        )
+        self._dirty_slots[slot.id] = None
+        return entry
+
+    def _remove_from_line(
+        self, slot: _Slot, entry: QueueEntry, now_ms: int, request_id: str, actor: str
+    ) -> None:
+        slot.line.remove(entry.user_id, now_ms)
+        self._timers.cancel(("idle", slot.id, entry.user_id))
+        self._emit(
+            QueueMoved(
+                at_ms=now_ms,
+                request_id=request_id,
+                actor=actor,
+                slot_id=slot.id,
+                removed_seq=entry.seq,
+                total_in_queue=len(slot.line),
+            )
+        )
+        self._dirty_slots[slot.id] = None
+
+    def _expire_waiting(
+        self, slot: _Slot, now_ms: int, trigger: str, request_id: str, actor: str
+    ) -> None:
+        for user_id in list(slot.line):
+            entry = slot.entries[user_id]
+            self._remove_from_line(slot, entry, now_ms, request_id, actor)
+            entry.ended_at_ms = now_ms
+            self._queue_transition(entry, QueueEvent.EXPIRE, "expired", now_ms, request_id, actor)
+
+    def _touch(self, slot: _Slot, entry: QueueEntry, now_ms: int) -> None:
+        """A waiting user showed up: the inactivity timeout starts over."""
+        entry.last_seen_ms = now_ms
+        # The idle timer re-arms itself from last_seen_ms when it fires.
+
+    def _transition(
+        self,
+        booking: Booking,
+        to_status: BookingStatus,
+        trigger: str,
+        now_ms: int,
+        request_id: str,
+        actor: str,
+        *,
+        bump: bool = True,
+    ) -> None:
+        from_status = booking.status
+        booking.status = to_status
+        if bump:
+            booking.version += 1
+        self._emit(
+            BookingChanged(
+                at_ms=now_ms,
+                request_id=request_id,
+                actor=actor,
+                booking=_copy(booking),
+                from_status=from_status,
+                to_status=to_status,
+                trigger=trigger,
+            )
+        )
+
+    def _queue_transition(
+        self,
+        entry: QueueEntry,
+        event: QueueEvent,
+        change: str,
+        now_ms: int,
+        request_id: str,
+        actor: str,
+        *,
+        offer_expires_at_ms: int | None = None,
+    ) -> None:
+        entry.status = next_queue_status(entry.status, event)
+        entry.version += 1
+        self._emit(
+            QueueChanged(
+                at_ms=now_ms,
+                request_id=request_id,
+                actor=actor,
+                entry=_copy(entry),
+                change=change,
+                offer_expires_at_ms=offer_expires_at_ms,
+            )
+        )
+
+    def _drop_slot(self, slot: _Slot) -> None:
+        for user_id in slot.entries:
+            self._timers.cancel(("idle", slot.id, user_id))
+        del self._slots[slot.id]
+        self._slot_order.remove((slot.start_ms, slot.id))
+        resource_slots = self._slots_by_resource[slot.resource_id]
+        resource_slots.discard(slot.id)
+        if not resource_slots:
+            del self._slots_by_resource[slot.resource_id]
+        self._dirty_slots.pop(slot.id, None)
+
+    def _emit(self, event: AnyEvent) -> None:
+        self._events.append(event)
+        self._events_total += 1
+
+    # == checks =================================================================
+
+    def _slot_or_404(self, slot_id: str) -> _Slot:
+        slot = self._slots.get(slot_id)
+        if slot is None:
+            raise errors.NotFound("no such slot")
+        return slot
+
+    def _booking_or_404(self, booking_id: str, user_id: str, as_admin: bool) -> Booking:
+        booking = self._bookings.get(booking_id)
+        # Another user's booking answers exactly like a missing one.
+        if booking is None or (not as_admin and booking.user_id != user_id):
+            raise errors.NotFound("no such booking")
+        return booking
+
+    def _check_reservable(self, slot: _Slot, now_ms: int) -> None:
+        status = slot.status(now_ms)
+        if status is SlotStatus.BLOCKED or status is SlotStatus.EXPIRED:
+            raise errors.SlotNotReservable(
+                f"the slot is {status.value.lower()}", {"status": status.value}
+            )
+        if slot.start_ms > now_ms + slot.policy.advance_booking_ms:
+            raise errors.OutsideBookingWindow(
+                "the slot starts too far ahead to book yet",
+                {"bookableFromMs": slot.start_ms - slot.policy.advance_booking_ms},
+            )
+
+    def _check_room_in_line(self, slot: _Slot) -> None:
+        if len(slot.line) >= slot.policy.queue_size_max:
+            raise errors.QueueFull(
+                "the slot and its waiting queue are full",
+                {"queueLength": len(slot.line), "maxSize": slot.policy.queue_size_max},
+            )
+
+    def _check_slot_shape(self, start_ms: int, end_ms: int, capacity: int, now_ms: int) -> None:
+        problems: dict[str, str] = {}
+        if not 1 <= capacity <= SLOT_CAPACITY_MAX:
+            problems["capacity"] = f"must be between 1 and {SLOT_CAPACITY_MAX}"
+        if end_ms <= start_ms:
+            problems["endTime"] = "must be after startTime"
+        elif end_ms - start_ms > SLOT_DURATION_MAX_MS:
+            problems["endTime"] = "the slot is longer than the longest allowed"
+        elif end_ms <= now_ms:
+            problems["endTime"] = "is in the past"
+        if problems:
+            raise errors.ValidationFailed("invalid slot", problems)
+
+    def _check_overlap(
+        self, resource_id: str, start_ms: int, end_ms: int, ignore_id: str | None
+    ) -> None:
+        for other_id in self._slots_by_resource.get(resource_id, ()):
+            other = self._slots[other_id]
+            if other_id != ignore_id and other.start_ms < end_ms and start_ms < other.end_ms:
+                raise errors.SlotOverlap(
+                    "the resource already has a slot in this time window",
+                    {"conflictingSlotId": other_id},
+                )
+
+    # == views ==================================================================
+
+    def _slot_view(self, slot: _Slot, now_ms: int) -> SlotView:
+        return SlotView(
+            id=slot.id,
+            resource_id=slot.resource_id,
+            domain=slot.domain,
+            start_ms=slot.start_ms,
+            end_ms=slot.end_ms,
+            capacity=slot.capacity,
+            current_bookings=slot.confirmed,
+            held_count=slot.held,
+            available=slot.available,
+            status=slot.status(now_ms),
+            queue_length=len(slot.line),
+            blocked=slot.blocked,
+            metadata=slot.metadata,
+            version=slot.version,
+        )
+
+    def _queue_view(self, slot: _Slot, entry: QueueEntry, now_ms: int) -> QueueView:
+        position = (
+            slot.line.position(entry.user_id) if entry.status is QueueStatus.WAITING else None
+        )
+        wait_s: int | None = None
+        if position is not None:
+            prior_ms = slot.policy.hold_ttl_ms // max(1, slot.capacity)
+            wait_s = -(-slot.line.estimated_wait_ms(position, now_ms, prior_ms) // 1000)
+        offer_expires_at_ms = None
+        if entry.status is QueueStatus.NOTIFIED and entry.booking_id is not None:
+            offer_expires_at_ms = self._bookings[entry.booking_id].expires_at_ms
+        return QueueView(
+            slot_id=slot.id,
+            user_id=entry.user_id,
+            status=entry.status,
+            position=position,
+            total_in_queue=len(slot.line),
+            estimated_wait_seconds=wait_s,
+            estimated_wait_time=describe_wait(wait_s),
+            joined_at_ms=entry.joined_at_ms,
+            notified_at_ms=entry.notified_at_ms,
+            booking_id=entry.booking_id,
+            offer_expires_at_ms=offer_expires_at_ms,
+            slot=self._slot_view(slot, now_ms),
+        )
+
+    # == remembered outcomes ====================================================
+
+    def _remember_outcome(self, request_id: str, result: AnyResult, now_ms: int) -> None:
+        outcomes = self._outcomes
+        outcomes[request_id] = (now_ms, result)
+        oldest_allowed_ms = now_ms - REQUEST_OUTCOMES_RETENTION_MS
+        while len(outcomes) > REQUEST_OUTCOMES_MAX or (
+            outcomes and next(iter(outcomes.values()))[0] < oldest_allowed_ms
+        ):
+            del outcomes[next(iter(outcomes))]
+
+    def _remember_idempotency(
+        self, scope: tuple[str, str, str], fingerprint: bytes, result: AnyResult, now_ms: int
+    ) -> None:
+        self._idempotency[scope] = (fingerprint, result)
+        self._timers.schedule(("idem", *scope), now_ms + IDEMPOTENCY_RETENTION_MS)
+        if len(self._idempotency) > IDEMPOTENCY_RECORDS_MAX:
+            oldest = next(iter(self._idempotency))
+            del self._idempotency[oldest]
+            self._timers.cancel(("idem", *oldest))
+
+    # == invariants =============================================================
+
+    def check_invariants(self, now_ms: int) -> None:
+        """Verify every invariant of the module docstring (O(state))."""
+        self._timers.check()
+        holds_seen = 0
+        for slot in self._slots.values():
+            slot.check_counts()
+            slot.line.check()
+            confirmed = held = 0
+            for user_id, booking in slot.active_by_user.items():
+                require(booking.user_id == user_id, f"{booking.id} indexed under another user")
+                require(booking.slot_id == slot.id, f"{booking.id} indexed under another slot")
+                require(self._bookings.get(booking.id) is booking, f"{booking.id} not stored")
+                if booking.status is BookingStatus.RESERVED:
+                    held += 1
+                    require(
+                        self._timers.deadline_of(("hold", booking.id)) == booking.expires_at_ms,
+                        f"hold {booking.id} has no timer at its deadline",
+                    )
+                    require(booking.expires_at_ms > now_ms, f"hold {booking.id} is overdue")
+                else:
+                    require(
+                        booking.status is BookingStatus.CONFIRMED,
+                        f"{booking.id} is {booking.status} but counted as active",
+                    )
+                    confirmed += 1
+            holds_seen += held
+            require(
+                (confirmed, held) == (slot.confirmed, slot.held),
+                f"slot {slot.id}: counts {slot.confirmed}/{slot.held}"
+                f" but bookings say {confirmed}/{held}",
+            )
+            waiting = {u for u, e in slot.entries.items() if e.status is QueueStatus.WAITING}
+            require(waiting == set(slot.line), f"slot {slot.id}: line and entries disagree")
+            require(
+                len(slot.line) <= slot.policy.queue_size_max, f"slot {slot.id}: line over its size"
+            )
+            for user_id, entry in slot.entries.items():
+                if entry.status is QueueStatus.NOTIFIED:
+                    offered = slot.active_by_user.get(user_id)
+                    require(
+                        offered is not None
+                        and offered.id == entry.booking_id
+                        and offered.status is BookingStatus.RESERVED
+                        and offered.via_queue,
+                        f"slot {slot.id}: NOTIFIED {user_id} has no offered hold",
+                    )
+                if entry.status is QueueStatus.WAITING:
+                    require(
+                        user_id not in slot.active_by_user,
+                        f"slot {slot.id}: {user_id} waits while holding",
+                    )
+            if slot.status(now_ms) in SLOT_TAKES_HOLDS:
+                require(
+                    slot.available == 0 or not slot.line,
+                    f"slot {slot.id}: free capacity while users wait",
+                )
+            if slot.ended:
+                require(not slot.active_by_user and not slot.line, f"ended slot {slot.id} active")
+        for booking in self._bookings.values():
+            if booking.status in BOOKING_FINAL or booking.status is BookingStatus.CONFIRMED:
+                continue
+            require(
+                booking.status is BookingStatus.RESERVED, f"{booking.id} stuck in {booking.status}"
+            )
+            owner = self._slots.get(booking.slot_id)
+            require(
+                owner is not None and owner.active_by_user.get(booking.user_id) is booking,
+                f"hold {booking.id} not indexed by its slot",
+            )
+        require(
+            holds_seen
+            == sum(1 for b in self._bookings.values() if b.status is BookingStatus.RESERVED),
+            "holds outside any slot",
+        )
+
+    def slots(self) -> Iterator[SlotView]:
+        now_ms = self._now_ms
+        return (self._slot_view(slot, now_ms) for slot in self._slots.values())
+
+
+def _copy(record: _R) -> _R:
+    """A detached copy: replies and events must not change with later commands."""
+    return msgspec.structs.replace(record)
