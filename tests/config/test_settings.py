@@ -1,0 +1,218 @@
+"""Settings from the environment: names, defaults, bounds and one-line errors."""
+
+from pathlib import Path
+
+import pytest
+
+import config
+from config.settings import DOMAINS_DIR_DEFAULT, ConfigError, Settings, load_settings
+from engine.core import limits
+
+PACKAGE_DOMAINS_DIR = Path(config.__file__).resolve().parent / "domains"
+
+
+def test_defaults_follow_the_api_contract() -> None:
+    settings = load_settings({})
+    assert settings == Settings()
+    assert settings.database_url is None
+    assert settings.redis_url is None
+    assert settings.ray_address is None
+    assert settings.jwt_secret is None
+    assert settings.hold_ttl_seconds == 120
+    assert settings.claim_ttl_seconds == 120
+    assert settings.queue_max == 100
+    assert settings.shards == limits.SHARDS_DEFAULT
+    assert settings.durability == "commit"
+    assert settings.queue_inactivity_seconds == 14_400
+    assert settings.domains_dir == PACKAGE_DOMAINS_DIR == DOMAINS_DIR_DEFAULT
+    assert settings.domains_dir.is_absolute()
+    assert settings.data_dir == Path(".slotengine")
+
+
+def test_every_variable_overrides_its_default() -> None:
+    settings = load_settings(
+        {
+            "DATABASE_URL": "postgresql://postgres@127.0.0.1:5432/test",
+            "REDIS_URL": "redis://127.0.0.1:6379/0",
+            "RAY_ADDRESS": "ray://head:10001",
+            "SLOTENGINE_JWT_SECRET": "s3cret-value",
+            "SLOTENGINE_HOLD_TTL_SECONDS": "30",
+            "SLOTENGINE_CLAIM_TTL_SECONDS": "45",
+            "SLOTENGINE_QUEUE_MAX": "7",
+            "SLOTENGINE_SHARDS": "16",
+            "SLOTENGINE_DURABILITY": "relaxed",
+            "SLOTENGINE_QUEUE_INACTIVITY_SECONDS": "60",
+            "SLOTENGINE_DOMAINS_DIR": "/etc/slotengine/domains",
+            "SLOTENGINE_DATA_DIR": "/var/lib/slotengine",
+            "UNRELATED": "ignored",
+        }
+    )
+    assert settings == Settings(
+        database_url="postgresql://postgres@127.0.0.1:5432/test",
+        redis_url="redis://127.0.0.1:6379/0",
+        ray_address="ray://head:10001",
+        jwt_secret="s3cret-value",
+        hold_ttl_seconds=30,
+        claim_ttl_seconds=45,
+        queue_max=7,
+        shards=16,
+        durability="relaxed",
+        queue_inactivity_seconds=60,
+        domains_dir=Path("/etc/slotengine/domains"),
+        data_dir=Path("/var/lib/slotengine"),
+    )
+
+
+def test_reads_the_process_environment_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SLOTENGINE_SHARDS", "3")
+    monkeypatch.delenv("SLOTENGINE_HOLD_TTL_SECONDS", raising=False)
+    settings = load_settings()
+    assert settings.shards == 3
+    assert settings.hold_ttl_seconds == 120
+
+
+def test_blank_values_count_as_unset() -> None:
+    settings = load_settings(
+        {"DATABASE_URL": "", "REDIS_URL": "  ", "SLOTENGINE_SHARDS": "", "SLOTENGINE_DATA_DIR": ""}
+    )
+    assert settings == Settings()
+
+
+def test_values_are_trimmed_and_durability_ignores_case() -> None:
+    settings = load_settings({"SLOTENGINE_QUEUE_MAX": " 42 ", "SLOTENGINE_DURABILITY": "Relaxed"})
+    assert settings.queue_max == 42
+    assert settings.durability == "relaxed"
+
+
+@pytest.mark.parametrize(
+    ("name", "low", "high"),
+    [
+        ("SLOTENGINE_HOLD_TTL_SECONDS", limits.HOLD_TTL_MIN_S, limits.HOLD_TTL_MAX_S),
+        ("SLOTENGINE_CLAIM_TTL_SECONDS", limits.HOLD_TTL_MIN_S, limits.HOLD_TTL_MAX_S),
+        ("SLOTENGINE_QUEUE_MAX", 1, limits.QUEUE_SIZE_MAX),
+        ("SLOTENGINE_SHARDS", 1, limits.SHARDS_MAX),
+        ("SLOTENGINE_QUEUE_INACTIVITY_SECONDS", 1, limits.QUEUE_INACTIVITY_MAX_S),
+    ],
+)
+def test_integer_bounds_come_from_the_engine_limits(name: str, low: int, high: int) -> None:
+    field = {
+        "SLOTENGINE_HOLD_TTL_SECONDS": "hold_ttl_seconds",
+        "SLOTENGINE_CLAIM_TTL_SECONDS": "claim_ttl_seconds",
+        "SLOTENGINE_QUEUE_MAX": "queue_max",
+        "SLOTENGINE_SHARDS": "shards",
+        "SLOTENGINE_QUEUE_INACTIVITY_SECONDS": "queue_inactivity_seconds",
+    }[name]
+    assert getattr(load_settings({name: str(low)}), field) == low
+    assert getattr(load_settings({name: str(high)}), field) == high
+    expected = f"expected an integer between {low} and {high}"
+    for bad in (str(low - 1), str(high + 1), "abc", "1.5", "12s", "0x10"):
+        with pytest.raises(ConfigError) as caught:
+            load_settings({name: bad})
+        assert str(caught.value) == f"{name}: {expected}, got {bad!r}"
+
+
+@pytest.mark.parametrize(
+    ("environ", "message"),
+    [
+        (
+            {"SLOTENGINE_SHARDS": "abc"},
+            "SLOTENGINE_SHARDS: expected an integer between 1 and 1024, got 'abc'",
+        ),
+        (
+            {"SLOTENGINE_HOLD_TTL_SECONDS": "0"},
+            "SLOTENGINE_HOLD_TTL_SECONDS: expected an integer between 1 and 86400, got '0'",
+        ),
+        (
+            {"SLOTENGINE_CLAIM_TTL_SECONDS": "-5"},
+            "SLOTENGINE_CLAIM_TTL_SECONDS: expected an integer between 1 and 86400, got '-5'",
+        ),
+        (
+            {"SLOTENGINE_QUEUE_MAX": "100001"},
+            "SLOTENGINE_QUEUE_MAX: expected an integer between 1 and 100000, got '100001'",
+        ),
+        (
+            {"SLOTENGINE_QUEUE_INACTIVITY_SECONDS": "forever"},
+            "SLOTENGINE_QUEUE_INACTIVITY_SECONDS: expected an integer between 1 and 2592000,"
+            " got 'forever'",
+        ),
+        (
+            {"SLOTENGINE_DURABILITY": "async"},
+            "SLOTENGINE_DURABILITY: expected one of 'commit', 'relaxed', got 'async'",
+        ),
+        (
+            {"DATABASE_URL": "mysql://root@localhost/test"},
+            "DATABASE_URL: expected a URL starting with postgresql:// or postgres://,"
+            " got 'mysql://root@localhost/test'",
+        ),
+        (
+            {"DATABASE_URL": "localhost:5432"},
+            "DATABASE_URL: expected a URL starting with postgresql:// or postgres://,"
+            " got 'localhost:5432'",
+        ),
+        (
+            {"REDIS_URL": "127.0.0.1:6379"},
+            "REDIS_URL: expected a URL starting with redis:// or rediss:// or unix://,"
+            " got '127.0.0.1:6379'",
+        ),
+    ],
+)
+def test_a_bad_value_fails_with_one_line_naming_the_setting(
+    environ: dict[str, str], message: str
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings(environ)
+    assert str(caught.value) == message
+    assert "\n" not in str(caught.value)
+
+
+def test_the_first_bad_setting_is_reported_even_among_good_ones() -> None:
+    with pytest.raises(ConfigError, match=r"^SLOTENGINE_SHARDS: "):
+        load_settings({"SLOTENGINE_QUEUE_MAX": "10", "SLOTENGINE_SHARDS": "0"})
+
+
+def test_a_value_with_a_newline_still_gives_one_line() -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings({"SLOTENGINE_SHARDS": "4\n5"})
+    assert "\n" not in str(caught.value)
+    assert str(caught.value).startswith("SLOTENGINE_SHARDS: ")
+
+
+def test_config_error_is_a_value_error_with_one_line() -> None:
+    error = ConfigError("first line\n  second line")
+    assert isinstance(error, ValueError)
+    assert str(error) == "first line second line"
+
+
+def test_all_accepted_url_schemes() -> None:
+    for url in ("postgresql://a@h/db", "postgres://a@h/db", "postgresql://a:@/db?host=/tmp"):
+        assert load_settings({"DATABASE_URL": url}).database_url == url
+    for url in ("redis://h:6379/0", "rediss://h:6380/1", "unix:///tmp/redis.sock?db=0"):
+        assert load_settings({"REDIS_URL": url}).redis_url == url
+
+
+def test_passwords_never_reach_messages_or_logs() -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings({"DATABASE_URL": "mysql://root:hunter2@db/test"})
+    assert "hunter2" not in str(caught.value)
+    assert "mysql://root:***@db/test" in str(caught.value)
+
+    settings = load_settings(
+        {
+            "DATABASE_URL": "postgresql://app:hunter2@db:5432/test",
+            "REDIS_URL": "redis://:hunter3@cache:6379/0",
+            "SLOTENGINE_JWT_SECRET": "hunter4",
+        }
+    )
+    shown = repr(settings)
+    for secret in ("hunter2", "hunter3", "hunter4"):
+        assert secret not in shown
+    assert "postgresql://app:***@db:5432/test" in shown
+    assert settings.database_url == "postgresql://app:hunter2@db:5432/test"
+    assert settings.jwt_secret == "hunter4"
+    assert "jwt_secret=None" in repr(Settings())
+
+
+def test_settings_are_frozen() -> None:
+    settings = load_settings({})
+    with pytest.raises(AttributeError):
+        settings.shards = 9  # type: ignore[misc]
