@@ -476,7 +476,7 @@ class ShardCore:
             if command.resource_id is not None and slot.resource_id != command.resource_id:
                 continue
             status = slot.status(now_ms)
-            if command.status is not None and status is not command.status:
+            if command.status is not None and status != command.status:
                 continue
             if command.available_only and not (status in SLOT_TAKES_HOLDS and slot.available):
                 continue
@@ -588,7 +588,7 @@ class ShardCore:
         for booking in bookings:
             if command.after is not None and (booking.reserved_at_ms, booking.id) >= command.after:
                 continue
-            if command.status is not None and booking.status is not command.status:
+            if command.status is not None and booking.status != command.status:
                 continue
             items.append(_copy(booking))
             if len(items) >= limit:
