@@ -1,0 +1,300 @@
+"""The caller side of the shard boundary: coalesces concurrent commands into batches.
+
+``EngineClient.execute(command)`` routes a command to its shard and waits for
+its result. Commands for one shard that arrive in the same turn of the event
+loop leave together as one encoded batch (at most ``BATCH_COMMANDS_MAX``), with
+up to ``BATCHES_IN_FLIGHT_MAX`` batches in flight per shard; a batch is flushed
+on the next loop iteration, never on a timer, so a lone command pays no delay.
+
+It owns the per-shard queues of waiting commands and the retry policy. A batch
+that failed because its actor died is resent as the same bytes (the same
+request ids), so the shard's request-id memory applies it once. Backpressure
+from the shard is waited out with backoff; every wait is bounded by a timeout.
+
+It must never: build or change a command's request id on a retry; wait without
+a limit; queue without a limit (``Overloaded`` instead); import Ray (transports
+map their failures onto ``engine.shell.errors``).
+"""
+
+import asyncio
+import itertools
+import random
+import uuid
+from typing import Final
+
+import msgspec
+
+from engine.core import limits, routing
+from engine.core.errors import NotFound
+from engine.core.protocol import (
+    AnyCommand,
+    AnyResult,
+    BatchCodec,
+    Cancel,
+    Confirm,
+    CreateSlot,
+    DeleteSlot,
+    Failure,
+    GetBooking,
+    GetSlot,
+    JoinQueue,
+    LeaveQueue,
+    ListSlots,
+    QueuePosition,
+    Reserve,
+    UpdateSlot,
+)
+from engine.shell.errors import (
+    Overloaded,
+    ShardBusy,
+    ShardCallTimeout,
+    ShardFailed,
+    ShardUnavailable,
+)
+from engine.shell.transport import ShardTransport
+
+# Commands waiting on the caller's side for one shard: four rounds of full
+# batches in flight. A shard that far behind will not catch up by queueing
+# more; the caller sheds load (503) instead.
+PENDING_COMMANDS_PER_SHARD_MAX: Final = 4 * limits.BATCHES_IN_FLIGHT_MAX * limits.BATCH_COMMANDS_MAX
+# Backpressure (PendingCallsLimitExceeded) clears within a call or two, so its
+# backoff starts short; it doubles up to the cap and stops at the call timeout.
+BUSY_BACKOFF_FIRST_MS: Final = 2
+BUSY_BACKOFF_MAX_MS: Final = 100
+
+# The field that names the owning entity, per command type. List commands span
+# slots and need an explicit shard (ListSlots by resource routes itself).
+_ROUTING_FIELD: Final[dict[type, str]] = {
+    CreateSlot: "slot_id",
+    UpdateSlot: "slot_id",
+    DeleteSlot: "slot_id",
+    GetSlot: "slot_id",
+    Reserve: "slot_id",
+    JoinQueue: "slot_id",
+    LeaveQueue: "slot_id",
+    QueuePosition: "slot_id",
+    Confirm: "booking_id",
+    Cancel: "booking_id",
+    GetBooking: "booking_id",
+}
+
+
+class RequestIds:
+    """Request ids unique across processes: a random prefix per instance and a counter."""
+
+    def __init__(self) -> None:
+        self._prefix = uuid.uuid4().hex
+        self._counter = itertools.count()
+
+    def next(self) -> str:
+        return f"{self._prefix}-{next(self._counter):x}"
+
+
+def shard_for(command: AnyCommand, shard_count: int) -> int | None:
+    """The shard that owns ``command``, or None when its id was never issued by the engine."""
+    field = _ROUTING_FIELD.get(type(command))
+    if field is not None:
+        entity_id: str = getattr(command, field)
+        return routing.shard_of(entity_id, shard_count)
+    if isinstance(command, ListSlots) and command.resource_id is not None:
+        return routing.shard_of_resource(command.resource_id, shard_count)
+    raise ValueError(f"{type(command).__name__} spans shards: pass shard= explicitly")
+
+
+class ClientStatistics(msgspec.Struct, frozen=True, kw_only=True):
+    coalesce: bool
+    batches_sent: int
+    commands_sent: int
+    batch_size_max: int
+    # Resends after the shard's owner died or restarted.
+    retries: int
+    # Resends after the shard pushed back (too many pending calls).
+    busy_retries: int
+    failed_batches: int
+    overloaded: int
+    pending_commands: tuple[int, ...]
+    batches_in_flight: tuple[int, ...]
+
+
+class _Lane:
+    """The commands waiting for one shard and the batches in flight to it."""
+
+    __slots__ = ("commands", "flush_scheduled", "futures", "in_flight", "shard")
+
+    def __init__(self, shard: int) -> None:
+        self.shard = shard
+        # Invariant: commands[i] is answered through futures[i]; both lists grow together.
+        self.commands: list[AnyCommand] = []
+        self.futures: list[asyncio.Future[AnyResult]] = []
+        self.in_flight = 0
+        self.flush_scheduled = False
+
+
+class EngineClient:
+    """Sends commands to shards through a transport, batched per shard unless ``coalesce=False``.
+
+    Without coalescing every command is its own call (the baseline the bench
+    compares against), still bounded to ``SHARD_PENDING_CALLS_MAX`` calls in
+    flight per shard so that the shard's backpressure is not tripped.
+    """
+
+    def __init__(
+        self,
+        transport: ShardTransport,
+        *,
+        coalesce: bool = True,
+        pending_commands_max: int = PENDING_COMMANDS_PER_SHARD_MAX,
+        call_timeout_ms: int = limits.ACTOR_CALL_TIMEOUT_MS,
+        retries_max: int = limits.BATCH_RETRIES_MAX,
+        retry_backoff_ms: int = limits.BATCH_RETRY_BACKOFF_MS,
+    ) -> None:
+        self._transport = transport
+        self._shard_count = transport.shard_count
+        self._coalesce = coalesce
+        self._batch_max = limits.BATCH_COMMANDS_MAX if coalesce else 1
+        self._in_flight_max = (
+            limits.BATCHES_IN_FLIGHT_MAX if coalesce else limits.SHARD_PENDING_CALLS_MAX
+        )
+        self._pending_max = pending_commands_max
+        self._call_timeout_ms = call_timeout_ms
+        self._retries_max = retries_max
+        self._retry_backoff_ms = retry_backoff_ms
+        self._codec = BatchCodec()
+        self._lanes = [_Lane(shard) for shard in range(self._shard_count)]
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._batches_sent = 0
+        self._commands_sent = 0
+        self._batch_size_max = 0
+        self._retries = 0
+        self._busy_retries = 0
+        self._failed_batches = 0
+        self._overloaded = 0
+
+    @property
+    def shard_count(self) -> int:
+        return self._shard_count
+
+    async def execute(self, command: AnyCommand, *, shard: int | None = None) -> AnyResult:
+        """The command's result. Raises a ``ShellError`` if the batch could not be delivered.
+
+        The wait is bounded: each attempt of the batch carrying this command has
+        a timeout and the attempts are limited, and the batch always resolves
+        every future it carries.
+        """
+        if shard is None:
+            shard = shard_for(command, self._shard_count)
+            if shard is None:
+                return Failure(status=NotFound.status, code=NotFound.code, message="unknown id")
+        lane = self._lanes[shard]
+        if len(lane.commands) >= self._pending_max:
+            self._overloaded += 1
+            raise Overloaded(f"{len(lane.commands)} commands already wait for shard {shard}")
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[AnyResult] = loop.create_future()
+        lane.commands.append(command)
+        lane.futures.append(future)
+        if not lane.flush_scheduled:
+            lane.flush_scheduled = True
+            # The next iteration, not a timer: everything submitted in this turn of the
+            # loop joins the batch, and a lone command waits for nothing.
+            loop.call_soon(self._flush, lane)
+        return await future
+
+    def statistics(self) -> ClientStatistics:
+        return ClientStatistics(
+            coalesce=self._coalesce,
+            batches_sent=self._batches_sent,
+            commands_sent=self._commands_sent,
+            batch_size_max=self._batch_size_max,
+            retries=self._retries,
+            busy_retries=self._busy_retries,
+            failed_batches=self._failed_batches,
+            overloaded=self._overloaded,
+            pending_commands=tuple(len(lane.commands) for lane in self._lanes),
+            batches_in_flight=tuple(lane.in_flight for lane in self._lanes),
+        )
+
+    async def wait_idle(self, timeout_s: float) -> None:
+        """Wait until every batch in flight has been answered (or failed)."""
+        async with asyncio.timeout(timeout_s):
+            while self._tasks:
+                await asyncio.wait(set(self._tasks))
+
+    def _flush(self, lane: _Lane) -> None:
+        lane.flush_scheduled = False
+        loop = asyncio.get_running_loop()
+        while lane.commands and lane.in_flight < self._in_flight_max:
+            size = min(len(lane.commands), self._batch_max)
+            commands = lane.commands[:size]
+            futures = lane.futures[:size]
+            del lane.commands[:size]
+            del lane.futures[:size]
+            lane.in_flight += 1
+            task = loop.create_task(self._send(lane, commands, futures))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _send(
+        self,
+        lane: _Lane,
+        commands: list[AnyCommand],
+        futures: list[asyncio.Future[AnyResult]],
+    ) -> None:
+        try:
+            size = len(commands)
+            self._batches_sent += 1
+            self._commands_sent += size
+            self._batch_size_max = max(self._batch_size_max, size)
+            # Encoded once: a resend carries exactly these bytes, so the same request ids.
+            data = self._codec.encode_batch(commands)
+            reply = await self._call_with_retries(lane.shard, data)
+            results = self._codec.decode_reply(reply)
+            if len(results) != size:
+                raise ShardFailed(f"shard {lane.shard} answered {len(results)} of {size}")
+        except asyncio.CancelledError:
+            for future in futures:
+                future.cancel()
+            raise
+        except Exception as exc:
+            self._failed_batches += 1
+            for future in futures:
+                if not future.done():
+                    future.set_exception(exc)
+        else:
+            for future, result in zip(futures, results, strict=True):
+                if not future.done():
+                    future.set_result(result)
+        finally:
+            lane.in_flight -= 1
+            if lane.commands and not lane.flush_scheduled:
+                self._flush(lane)
+
+    async def _call_with_retries(self, shard: int, data: bytes) -> bytes:
+        loop = asyncio.get_running_loop()
+        busy_deadline = loop.time() + self._call_timeout_ms / 1000
+        busy_backoff_ms = BUSY_BACKOFF_FIRST_MS
+        failures = 0
+        while True:
+            try:
+                return await self._transport.call_batch(shard, data, self._call_timeout_ms)
+            except ShardUnavailable:
+                failures += 1
+                if failures > self._retries_max:
+                    raise
+                self._retries += 1
+                backoff_ms = self._retry_backoff_ms * 2 ** (failures - 1)
+                await asyncio.sleep(_jittered_s(backoff_ms))
+            except ShardBusy as exc:
+                remaining_s = busy_deadline - loop.time()
+                if remaining_s <= 0:
+                    raise ShardCallTimeout(
+                        f"shard {shard} stayed busy for {self._call_timeout_ms} ms"
+                    ) from exc
+                self._busy_retries += 1
+                await asyncio.sleep(min(_jittered_s(busy_backoff_ms), remaining_s))
+                busy_backoff_ms = min(2 * busy_backoff_ms, BUSY_BACKOFF_MAX_MS)
+
+
+def _jittered_s(backoff_ms: float) -> float:
+    """Half to all of the backoff, so that callers failing together do not retry together."""
+    return backoff_ms * random.uniform(0.5, 1.0) / 1000

@@ -1,0 +1,274 @@
+"""Shards as Ray actors: the actor class, spawning and finding them, and their transport.
+
+``ShardActor`` wraps one ``ShardRuntime``: one Ray actor (one OS process) owns
+one shard and all of its slots. Actors are named ``<prefix>-<n>``, detached
+(a restarted gateway finds them again), restart without limit after a crash,
+reserve no CPU (a shard is mostly idle between batches), and bound their
+pending calls so callers get backpressure instead of an unbounded queue.
+
+``RayShardTransport`` is the caller's adapter: it maps Ray's exceptions onto
+``engine.shell.errors`` here and nowhere else.
+
+This module must never mutate shard state outside the actor's default
+concurrency group (its one event loop), and must not build msgspec codecs at
+module level (Ray pickles the class with its module globals).
+"""
+
+import asyncio
+import functools
+import logging
+import os
+import warnings
+from typing import Any, Final, cast
+
+import msgspec
+import ray
+import ray.exceptions
+
+from engine.core import limits
+from engine.core.errors import InvariantViolation
+from engine.core.policy import DomainPolicy
+from engine.shell.clock import SystemClock
+from engine.shell.errors import (
+    ShardBusy,
+    ShardCallTimeout,
+    ShardFailed,
+    ShardUnavailable,
+    ShellError,
+)
+from engine.shell.runtime import MemoryEventSink, RuntimeStatistics, ShardRuntime
+
+logger = logging.getLogger(__name__)
+
+SHARD_ACTOR_PREFIX: Final = "slotengine-shard"
+# Exit status of a shard that stopped on a broken invariant: not 0, so Ray restarts it.
+FATAL_EXIT_STATUS: Final = 70
+
+
+class ShardIdentity(msgspec.Struct, frozen=True, kw_only=True):
+    shard_id: int
+    shard_count: int
+    pid: int
+    # True when Ray rebuilt this actor after its process died.
+    restarted: bool
+
+
+def _exit_after_failure(exc: BaseException) -> None:
+    # The core's state may be half-changed: only a fresh process (rebuilt by Ray, then
+    # from storage) is trustworthy. Exit on the next iteration so the failing call's
+    # error can still be answered.
+    logger.critical("shard actor exits after %r", exc)
+    asyncio.get_running_loop().call_soon(os._exit, FATAL_EXIT_STATUS)
+
+
+class ShardActor:
+    """One shard in a Ray actor. Every method runs on the actor's single event loop."""
+
+    def __init__(self, shard_id: int, shard_count: int, policies: dict[str, DomainPolicy]) -> None:
+        self._shard_id = shard_id
+        self._shard_count = shard_count
+        with warnings.catch_warnings():
+            # Ray's own property reads a deprecated attribute internally; the flag is not.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            self._restarted = bool(ray.get_runtime_context().was_current_actor_reconstructed)
+        # Built here, in the actor's process: the runtime owns the msgspec codecs.
+        self._runtime = ShardRuntime.create(
+            shard_id=shard_id,
+            shard_count=shard_count,
+            policies=policies,
+            clock=SystemClock(),
+            sink=MemoryEventSink(),
+            on_fatal=_exit_after_failure,
+        )
+
+    async def ready(self) -> ShardIdentity:
+        """Start the timer driver (idempotent) and say who this actor is."""
+        self._runtime.start()
+        return ShardIdentity(
+            shard_id=self._shard_id,
+            shard_count=self._shard_count,
+            pid=os.getpid(),
+            restarted=self._restarted,
+        )
+
+    async def execute_batch(self, data: bytes) -> bytes:
+        return await self._runtime.execute_batch(data)
+
+    async def statistics(self) -> RuntimeStatistics:
+        return self._runtime.statistics()
+
+    async def check_invariants(self) -> None:
+        try:
+            self._runtime.check_invariants()
+        except InvariantViolation as exc:
+            # Reported, not fatal here: the caller decides (reconcile, health checks).
+            raise ShardFailed(f"shard {self._shard_id}: {exc}") from exc
+
+
+@functools.cache
+def _remote_class() -> Any:
+    return ray.remote(ShardActor)
+
+
+def actor_name(shard: int, name_prefix: str = SHARD_ACTOR_PREFIX) -> str:
+    return f"{name_prefix}-{shard}"
+
+
+def spawn_shard_actor(
+    shard: int,
+    *,
+    shard_count: int,
+    policies: dict[str, DomainPolicy],
+    namespace: str | None = None,
+    name_prefix: str = SHARD_ACTOR_PREFIX,
+) -> Any:
+    """The handle of shard ``shard``'s actor, created unless it already exists."""
+    return (
+        _remote_class()
+        .options(
+            name=actor_name(shard, name_prefix),
+            namespace=namespace,
+            lifetime="detached",
+            get_if_exists=True,
+            num_cpus=0,
+            max_restarts=-1,
+            max_pending_calls=limits.SHARD_PENDING_CALLS_MAX,
+        )
+        .remote(shard, shard_count, policies)
+    )
+
+
+def spawn_shard_actors(
+    *,
+    shard_count: int,
+    policies: dict[str, DomainPolicy],
+    namespace: str | None = None,
+    name_prefix: str = SHARD_ACTOR_PREFIX,
+) -> list[Any]:
+    return [
+        spawn_shard_actor(
+            shard,
+            shard_count=shard_count,
+            policies=policies,
+            namespace=namespace,
+            name_prefix=name_prefix,
+        )
+        for shard in range(shard_count)
+    ]
+
+
+async def wait_shards_ready(handles: list[Any], *, timeout_ms: int) -> list[ShardIdentity]:
+    """Wait for every actor to serve; fail if one was created for another shard layout."""
+    async with asyncio.timeout(timeout_ms / 1000):
+        identities = cast(
+            list[ShardIdentity], await asyncio.gather(*(h.ready.remote() for h in handles))
+        )
+    for shard, identity in enumerate(identities):
+        if identity.shard_id != shard or identity.shard_count != len(handles):
+            raise ShardFailed(
+                f"actor for shard {shard} serves shard {identity.shard_id} of "
+                f"{identity.shard_count}, expected {shard} of {len(handles)}"
+            )
+    return identities
+
+
+def kill_shard_actors(
+    *,
+    shard_count: int,
+    namespace: str | None = None,
+    name_prefix: str = SHARD_ACTOR_PREFIX,
+) -> int:
+    """Kill the named shard actors for good (tests, teardown); returns how many were found."""
+    killed = 0
+    for shard in range(shard_count):
+        try:
+            handle = ray.get_actor(actor_name(shard, name_prefix), namespace=namespace)
+        except ValueError:
+            continue
+        ray.kill(handle, no_restart=True)
+        killed += 1
+    return killed
+
+
+class RayShardTransport:
+    """Calls shard actors through their handles; Ray's failures become ``ShellError``s."""
+
+    def __init__(
+        self,
+        handles: list[Any],
+        *,
+        policies: dict[str, DomainPolicy],
+        namespace: str | None = None,
+        name_prefix: str = SHARD_ACTOR_PREFIX,
+    ) -> None:
+        self._handles = list(handles)
+        self._policies = policies
+        self._namespace = namespace
+        self._name_prefix = name_prefix
+
+    @classmethod
+    async def connect(
+        cls,
+        *,
+        shard_count: int,
+        policies: dict[str, DomainPolicy],
+        namespace: str | None = None,
+        name_prefix: str = SHARD_ACTOR_PREFIX,
+        timeout_ms: int = limits.ACTOR_CALL_TIMEOUT_MS,
+    ) -> "RayShardTransport":
+        """Spawn (or find) every shard actor and wait until all serve."""
+        handles = spawn_shard_actors(
+            shard_count=shard_count, policies=policies, namespace=namespace, name_prefix=name_prefix
+        )
+        await wait_shards_ready(handles, timeout_ms=timeout_ms)
+        return cls(handles, policies=policies, namespace=namespace, name_prefix=name_prefix)
+
+    @property
+    def shard_count(self) -> int:
+        return len(self._handles)
+
+    def handle(self, shard: int) -> Any:
+        return self._handles[shard]
+
+    async def call_batch(self, shard: int, data: bytes, timeout_ms: int) -> bytes:
+        return cast(bytes, await self._call(shard, "execute_batch", data, timeout_ms=timeout_ms))
+
+    async def statistics(self, shard: int, timeout_ms: int) -> RuntimeStatistics:
+        return cast(RuntimeStatistics, await self._call(shard, "statistics", timeout_ms=timeout_ms))
+
+    async def check_invariants(self, shard: int, timeout_ms: int) -> None:
+        await self._call(shard, "check_invariants", timeout_ms=timeout_ms)
+
+    async def identity(self, shard: int, timeout_ms: int) -> ShardIdentity:
+        return cast(ShardIdentity, await self._call(shard, "ready", timeout_ms=timeout_ms))
+
+    async def _call(self, shard: int, method: str, *args: Any, timeout_ms: int) -> Any:
+        try:
+            ref = getattr(self._handles[shard], method).remote(*args)
+            async with asyncio.timeout(timeout_ms / 1000):
+                return await ref
+        except ray.exceptions.PendingCallsLimitExceeded as exc:
+            raise ShardBusy(f"shard {shard}: too many pending calls") from exc
+        except TimeoutError as exc:
+            raise ShardCallTimeout(f"shard {shard}: no answer in {timeout_ms} ms") from exc
+        except ray.exceptions.ActorDiedError as exc:
+            # Died for good (killed without restart): a fresh actor takes the name.
+            self._respawn(shard)
+            raise ShardUnavailable(f"shard {shard}: actor died") from exc
+        except ray.exceptions.RayActorError as exc:
+            # Includes ActorUnavailableError: restarting, the call may or may not have run.
+            raise ShardUnavailable(f"shard {shard}: actor unavailable") from exc
+        except ray.exceptions.RayTaskError as exc:
+            cause = exc.cause
+            if isinstance(cause, ShellError):
+                raise type(cause)(str(cause)) from exc
+            raise ShardFailed(f"shard {shard}: {method} raised {cause!r}") from exc
+
+    def _respawn(self, shard: int) -> None:
+        self._handles[shard] = spawn_shard_actor(
+            shard,
+            shard_count=len(self._handles),
+            policies=self._policies,
+            namespace=self._namespace,
+            name_prefix=self._name_prefix,
+        )

@@ -1,0 +1,296 @@
+"""ShardRuntime: the async shell around one ShardCore, which hosts many slots.
+
+It owns one shard's core, the single timer that wakes the core at its next
+deadline, the handoff of the core's events to a sink, and the shard's counters.
+A batch arrives as msgspec bytes, every command in it runs in order with one
+reading of the clock, and the results leave as bytes.
+
+It must never:
+- await between decoding a batch and applying its last command: the event
+  loop is the only lock, and an await there lets another batch interleave;
+- touch the core from any thread but the one running its event loop;
+- poll for timers: it sleeps until ``core.next_deadline_ms()``;
+- decide a business rule: refusals come from the core as ``Failure`` results;
+- keep serving after the core raised: the state may be half-changed, so the
+  runtime stops and reports the failure (the actor then restarts and rebuilds).
+"""
+
+import asyncio
+import collections
+import logging
+from collections.abc import Callable
+from typing import Final, Protocol
+
+import msgspec
+
+from engine.core import limits
+from engine.core.clock import Clock
+from engine.core.policy import DomainPolicy
+from engine.core.protocol import AnyEvent, AnyResult, BatchCodec
+from engine.core.shard import ShardCore, ShardStatistics
+from engine.shell.errors import BatchRejected, ShardFailed
+
+logger = logging.getLogger(__name__)
+
+# The in-memory sink serves tests and runs without storage: it keeps the most
+# recent events only, so a long run cannot grow it without bound.
+MEMORY_SINK_EVENTS_MAX: Final = 100_000
+# Pending ``wait_for`` calls on the in-memory sink; each is checked per publish.
+MEMORY_SINK_WAITERS_MAX: Final = 1_024
+# Batch sizes are counted in power-of-two buckets: 1, 2-3, 4-7, ..., up to the
+# largest batch a caller may send.
+BATCH_SIZE_BUCKETS: Final = limits.BATCH_COMMANDS_MAX.bit_length()
+
+
+class EventSink(Protocol):
+    """Where a shard's events go: storage, the fan-out bus, or memory in tests."""
+
+    def publish(self, events: list[AnyEvent]) -> None:
+        """Take events in order. Synchronous: it runs between state changes and must not wait."""
+        ...
+
+    async def wait_durable(self) -> None:
+        """Return once every event published so far is durable (group commit waits here)."""
+        ...
+
+
+class MemoryEventSink:
+    """Keeps the last ``events_max`` events in memory; durable as soon as published."""
+
+    def __init__(self, events_max: int = MEMORY_SINK_EVENTS_MAX) -> None:
+        self._events: collections.deque[AnyEvent] = collections.deque(maxlen=events_max)
+        self._published = 0
+        self._waiters: list[tuple[Callable[[AnyEvent], bool], asyncio.Future[AnyEvent]]] = []
+
+    @property
+    def published(self) -> int:
+        return self._published
+
+    @property
+    def dropped(self) -> int:
+        """Events pushed out by newer ones."""
+        return self._published - len(self._events)
+
+    def events(self) -> list[AnyEvent]:
+        return list(self._events)
+
+    def publish(self, events: list[AnyEvent]) -> None:
+        self._events.extend(events)
+        self._published += len(events)
+        if self._waiters:
+            self._wake_waiters(events)
+
+    async def wait_durable(self) -> None:
+        return None
+
+    async def wait_for(self, predicate: Callable[[AnyEvent], bool], timeout_s: float) -> AnyEvent:
+        """The first kept or later event matching ``predicate``; TimeoutError after the limit."""
+        for event in self._events:
+            if predicate(event):
+                return event
+        if len(self._waiters) >= MEMORY_SINK_WAITERS_MAX:
+            raise RuntimeError("too many waiters on the in-memory event sink")
+        future: asyncio.Future[AnyEvent] = asyncio.get_running_loop().create_future()
+        waiter = (predicate, future)
+        self._waiters.append(waiter)
+        try:
+            async with asyncio.timeout(timeout_s):
+                return await future
+        finally:
+            if waiter in self._waiters:
+                self._waiters.remove(waiter)
+
+    def _wake_waiters(self, events: list[AnyEvent]) -> None:
+        still_waiting = []
+        for predicate, future in self._waiters:
+            if future.done():
+                continue
+            match = next((event for event in events if predicate(event)), None)
+            if match is None:
+                still_waiting.append((predicate, future))
+            else:
+                future.set_result(match)
+        self._waiters = still_waiting
+
+
+class RuntimeStatistics(msgspec.Struct, frozen=True, kw_only=True):
+    shard_id: int
+    batches: int
+    commands: int
+    batch_size_max: int
+    # batch_size_histogram[i] counts batches of 2**i to 2**(i+1) - 1 commands.
+    batch_size_histogram: tuple[int, ...]
+    events: int
+    timer_firings: int
+    # The deadline the timer is armed for (None: no timer armed).
+    timer_deadline_ms: int | None
+    failed: bool
+    core: ShardStatistics
+
+
+class ShardRuntime:
+    # Invariants:
+    # - ``_timer`` is armed for ``_timer_deadline_ms`` and that deadline is no later than
+    #   ``core.next_deadline_ms()`` when the loop is idle; both are None when the core has
+    #   no timer or the runtime has not started.
+    # - Once ``_fatal`` is set, the core is never called again.
+    def __init__(
+        self,
+        core: ShardCore,
+        *,
+        shard_id: int,
+        clock: Clock,
+        sink: EventSink | None = None,
+        on_fatal: Callable[[BaseException], None] | None = None,
+    ) -> None:
+        self._core = core
+        self._shard_id = shard_id
+        self._clock = clock
+        self._sink: EventSink = sink if sink is not None else MemoryEventSink()
+        self._on_fatal = on_fatal
+        self._codec = BatchCodec()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_deadline_ms: int | None = None
+        self._fatal: BaseException | None = None
+        self._batches = 0
+        self._commands = 0
+        self._batch_size_max = 0
+        self._batch_size_histogram = [0] * BATCH_SIZE_BUCKETS
+        self._events = 0
+        self._timer_firings = 0
+
+    @classmethod
+    def create(
+        cls,
+        *,
+        shard_id: int,
+        shard_count: int,
+        policies: dict[str, DomainPolicy],
+        clock: Clock,
+        sink: EventSink | None = None,
+        on_fatal: Callable[[BaseException], None] | None = None,
+    ) -> "ShardRuntime":
+        core = ShardCore(
+            shard_id=shard_id, shard_count=shard_count, policies=policies, now_ms=clock.now_ms()
+        )
+        return cls(core, shard_id=shard_id, clock=clock, sink=sink, on_fatal=on_fatal)
+
+    @property
+    def shard_id(self) -> int:
+        return self._shard_id
+
+    @property
+    def sink(self) -> EventSink:
+        return self._sink
+
+    def start(self) -> None:
+        """Bind to the running event loop and arm the timer. Idempotent."""
+        if self._loop is not None:
+            return
+        self._loop = asyncio.get_running_loop()
+        self._rearm()
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = None
+        self._timer_deadline_ms = None
+
+    async def execute_batch(self, data: bytes) -> bytes:
+        """Apply a batch and answer once its events are durable."""
+        reply = self.apply_batch(data)
+        await self._sink.wait_durable()
+        return reply
+
+    def apply_batch(self, data: bytes) -> bytes:
+        """The single-writer section: decode, apply every command, hand off events, encode."""
+        if self._fatal is not None:
+            raise ShardFailed(f"shard {self._shard_id} stopped after a failure: {self._fatal!r}")
+        self.start()
+        try:
+            commands = self._codec.decode_batch(data)
+        except msgspec.DecodeError as exc:
+            raise BatchRejected(f"malformed batch: {exc}") from exc
+        size = len(commands)
+        if size > limits.BATCH_COMMANDS_MAX:
+            raise BatchRejected(f"{size} commands in a batch, at most {limits.BATCH_COMMANDS_MAX}")
+        now_ms = self._clock.now_ms()
+        execute = self._core.execute
+        results: list[AnyResult]
+        try:
+            results = [execute(command, now_ms) for command in commands]
+        except Exception as exc:
+            self._stop(exc)
+            raise ShardFailed(f"shard {self._shard_id} failed: {exc!r}") from exc
+        self._hand_off_events()
+        self._rearm()
+        self._batches += 1
+        self._commands += size
+        if size:
+            self._batch_size_histogram[size.bit_length() - 1] += 1
+            self._batch_size_max = max(self._batch_size_max, size)
+        return self._codec.encode_reply(results)
+
+    def statistics(self) -> RuntimeStatistics:
+        return RuntimeStatistics(
+            shard_id=self._shard_id,
+            batches=self._batches,
+            commands=self._commands,
+            batch_size_max=self._batch_size_max,
+            batch_size_histogram=tuple(self._batch_size_histogram),
+            events=self._events,
+            timer_firings=self._timer_firings,
+            timer_deadline_ms=self._timer_deadline_ms,
+            failed=self._fatal is not None,
+            core=self._core.statistics(),
+        )
+
+    def check_invariants(self) -> None:
+        self._core.check_invariants(self._clock.now_ms())
+
+    def _hand_off_events(self) -> None:
+        events = self._core.drain_events()
+        if events:
+            self._events += len(events)
+            self._sink.publish(events)
+
+    def _rearm(self) -> None:
+        loop = self._loop
+        if loop is None or self._fatal is not None:
+            return
+        deadline_ms = self._core.next_deadline_ms()
+        if deadline_ms is None:
+            self.close()
+            return
+        if self._timer is not None:
+            armed_ms = self._timer_deadline_ms
+            # An earlier wake-up is harmless (advance finds nothing and re-arms), so only a
+            # sooner deadline moves the timer.
+            if armed_ms is not None and armed_ms <= deadline_ms:
+                return
+            self._timer.cancel()
+        delay_s = max(0, deadline_ms - self._clock.now_ms()) / 1000
+        self._timer = loop.call_at(loop.time() + delay_s, self._on_timer)
+        self._timer_deadline_ms = deadline_ms
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_deadline_ms = None
+        if self._fatal is not None:
+            return
+        try:
+            self._core.advance(self._clock.now_ms())
+        except Exception as exc:
+            self._stop(exc)
+            return
+        self._timer_firings += 1
+        self._hand_off_events()
+        self._rearm()
+
+    def _stop(self, exc: BaseException) -> None:
+        logger.critical("shard %d stops: the core raised %r", self._shard_id, exc, exc_info=exc)
+        self._fatal = exc
+        self.close()
+        if self._on_fatal is not None:
+            self._on_fatal(exc)

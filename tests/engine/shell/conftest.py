@@ -1,0 +1,189 @@
+"""Fixtures for the shell: policies, a real local Ray started once, and hosts of both kinds.
+
+The behaviour tests take the ``host`` fixture, which runs them once over the
+in-process host and once over real Ray shard actors; both carry the same
+encoded batches into the same ``ShardCore``.
+"""
+
+import asyncio
+import shutil
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any
+
+import pytest
+
+from engine.core import protocol as p
+from engine.core.policy import DomainPolicy
+from engine.core.routing import make_slot_id
+from engine.shell.coalescer import EngineClient, RequestIds
+from engine.shell.inproc import InProcessHost
+from engine.shell.transport import ShardTransport
+
+MINUTE_MS = 60_000
+HOUR_MS = 3_600_000
+DAY_MS = 24 * HOUR_MS
+SHARDS = 2
+# Short enough to watch a hold lapse through the real clock, long enough that
+# a slow machine still confirms within it when a test wants to.
+SHORT_HOLD_MS = 300
+WAIT_LIMIT_S = 20.0
+
+
+def policy(name: str = "default", **overrides: Any) -> DomainPolicy:
+    values: dict[str, Any] = {
+        "name": name,
+        "hold_ttl_ms": 2 * MINUTE_MS,
+        "claim_ttl_ms": 2 * MINUTE_MS,
+        "queue_enabled": True,
+        "queue_size_max": 100,
+        "queue_inactivity_ms": 4 * HOUR_MS,
+        "advance_booking_ms": 365 * DAY_MS,
+        "cancel_allowed_until_ms": 0,
+        "refund_percentage": 100,
+    }
+    values.update(overrides)
+    return DomainPolicy(**values)
+
+
+POLICIES: dict[str, DomainPolicy] = {
+    "default": policy(),
+    "short": policy("short", hold_ttl_ms=SHORT_HOLD_MS, claim_ttl_ms=SHORT_HOLD_MS),
+    "noqueue": policy("noqueue", queue_enabled=False),
+}
+
+
+class Engine:
+    """A client over one host, with shorthand for the commands the tests send."""
+
+    def __init__(self, transport: ShardTransport, client: EngineClient) -> None:
+        self.transport = transport
+        self.client = client
+        self.ids = RequestIds()
+
+    async def run(self, command_type: Callable[..., p.AnyCommand], **fields: Any) -> Any:
+        fields.setdefault("request_id", self.ids.next())
+        return await self.client.execute(command_type(**fields))
+
+    async def slot(self, *, capacity: int = 1, domain: str = "default") -> str:
+        resource = f"room-{uuid.uuid4().hex}"
+        slot_id = make_slot_id(resource, uuid.uuid4().hex)
+        start_ms = int(time.time() * 1000) + DAY_MS
+        result = await self.run(
+            p.CreateSlot,
+            slot_id=slot_id,
+            resource_id=resource,
+            domain=domain,
+            start_ms=start_ms,
+            end_ms=start_ms + HOUR_MS,
+            capacity=capacity,
+        )
+        assert result.status == 201, result
+        return slot_id
+
+    async def view(self, slot_id: str) -> Any:
+        result = await self.run(p.GetSlot, slot_id=slot_id)
+        assert isinstance(result, p.SlotResult), result
+        return result.slot
+
+    async def reserve(self, slot_id: str, user: str) -> Any:
+        return await self.run(p.Reserve, slot_id=slot_id, user_id=user)
+
+    async def confirm(self, booking_id: str, user: str) -> Any:
+        return await self.run(p.Confirm, booking_id=booking_id, user_id=user)
+
+    async def cancel(self, booking_id: str, user: str) -> Any:
+        return await self.run(p.Cancel, booking_id=booking_id, user_id=user)
+
+    async def booking(self, booking_id: str, user: str) -> Any:
+        result = await self.run(p.GetBooking, booking_id=booking_id, user_id=user)
+        assert isinstance(result, p.BookingResult), result
+        return result.booking
+
+    async def position(self, slot_id: str, user: str) -> Any:
+        return await self.run(p.QueuePosition, slot_id=slot_id, user_id=user)
+
+
+async def wait_until(
+    probe: Callable[[], Awaitable[Any]],
+    done: Callable[[Any], bool],
+    timeout_s: float = WAIT_LIMIT_S,
+) -> Any:
+    """Ask ``probe`` until ``done`` holds for its answer; TimeoutError past the limit.
+
+    Over Ray the only way to observe a timer is to ask the shard, so this polls;
+    it never asserts on how long anything took.
+    """
+    async with asyncio.timeout(timeout_s):
+        while True:
+            value = await probe()
+            if done(value):
+                return value
+            await asyncio.sleep(0.02)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> Iterator[str]:
+    """A real local Ray for the whole session; yields its namespace."""
+    import ray
+
+    temp_dir = tempfile.mkdtemp(prefix="ray-")
+    namespace = f"slotengine-test-{uuid.uuid4().hex[:12]}"
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        _temp_dir=temp_dir,
+        namespace=namespace,
+        log_to_driver=False,
+    )
+    try:
+        yield namespace
+    finally:
+        ray.shutdown()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def ray_shards(ray_cluster: str) -> Iterator[list[Any]]:
+    """Shard actors shared by the behaviour tests (each test uses its own slots)."""
+    import ray
+
+    from engine.shell.ray_actor import kill_shard_actors, spawn_shard_actors
+
+    prefix = f"shared-{uuid.uuid4().hex[:8]}"
+    handles = spawn_shard_actors(shard_count=SHARDS, policies=POLICIES, name_prefix=prefix)
+    ray.get([handle.ready.remote() for handle in handles], timeout=60)
+    try:
+        yield handles
+    finally:
+        kill_shard_actors(shard_count=SHARDS, name_prefix=prefix)
+
+
+@pytest.fixture(params=["inproc", pytest.param("ray", marks=pytest.mark.ray)])
+def host_kind(request: pytest.FixtureRequest) -> str:
+    kind: str = request.param
+    return kind
+
+
+@pytest.fixture
+async def transport(host_kind: str, request: pytest.FixtureRequest) -> AsyncIterator[Any]:
+    if host_kind == "inproc":
+        host = InProcessHost(shard_count=SHARDS, policies=POLICIES)
+        yield host
+        host.close()
+    else:
+        from engine.shell.ray_actor import RayShardTransport
+
+        handles = request.getfixturevalue("ray_shards")
+        yield RayShardTransport(handles, policies=POLICIES)
+
+
+@pytest.fixture
+async def engine(transport: Any) -> AsyncIterator[Engine]:
+    client = EngineClient(transport)
+    yield Engine(transport, client)
+    await client.wait_idle(WAIT_LIMIT_S)
+    for shard in range(transport.shard_count):
+        await transport.check_invariants(shard, timeout_ms=10_000)
