@@ -22,11 +22,11 @@ from engine.core.states import BookingStatus, SlotStatus
 # -- commands ------------------------------------------------------------------
 
 
-class Command(msgspec.Struct, tag=True, tag_field="op", frozen=True, kw_only=True):
+class Command(msgspec.Struct, gc=False, tag=True, tag_field="op", frozen=True, kw_only=True):
     request_id: str
 
 
-class CreateSlot(Command, frozen=True, kw_only=True):
+class CreateSlot(Command, gc=False, frozen=True, kw_only=True):
     slot_id: str
     resource_id: str
     domain: str
@@ -38,7 +38,7 @@ class CreateSlot(Command, frozen=True, kw_only=True):
     actor: str = "admin"
 
 
-class UpdateSlot(Command, frozen=True, kw_only=True):
+class UpdateSlot(Command, gc=False, frozen=True, kw_only=True):
     slot_id: str
     start_ms: int | None = None
     end_ms: int | None = None
@@ -48,17 +48,17 @@ class UpdateSlot(Command, frozen=True, kw_only=True):
     actor: str = "admin"
 
 
-class DeleteSlot(Command, frozen=True, kw_only=True):
+class DeleteSlot(Command, gc=False, frozen=True, kw_only=True):
     slot_id: str
     force: bool = False
     actor: str = "admin"
 
 
-class GetSlot(Command, frozen=True, kw_only=True):
+class GetSlot(Command, gc=False, frozen=True, kw_only=True):
     slot_id: str
 
 
-class ListSlots(Command, frozen=True, kw_only=True):
+class ListSlots(Command, gc=False, frozen=True, kw_only=True):
     """Slots of this shard ordered by (start_ms, id), after the cursor."""
 
     resource_id: str | None = None
@@ -70,19 +70,19 @@ class ListSlots(Command, frozen=True, kw_only=True):
     after: tuple[int, str] | None = None
 
 
-class Reserve(Command, frozen=True, kw_only=True):
+class Reserve(Command, gc=False, frozen=True, kw_only=True):
     slot_id: str
     user_id: str
     idempotency_key: str | None = None
 
 
-class Confirm(Command, frozen=True, kw_only=True):
+class Confirm(Command, gc=False, frozen=True, kw_only=True):
     booking_id: str
     user_id: str
     idempotency_key: str | None = None
 
 
-class Cancel(Command, frozen=True, kw_only=True):
+class Cancel(Command, gc=False, frozen=True, kw_only=True):
     booking_id: str
     user_id: str
     as_admin: bool = False
@@ -90,13 +90,13 @@ class Cancel(Command, frozen=True, kw_only=True):
     idempotency_key: str | None = None
 
 
-class GetBooking(Command, frozen=True, kw_only=True):
+class GetBooking(Command, gc=False, frozen=True, kw_only=True):
     booking_id: str
     user_id: str
     as_admin: bool = False
 
 
-class ListBookings(Command, frozen=True, kw_only=True):
+class ListBookings(Command, gc=False, frozen=True, kw_only=True):
     """A user's bookings on this shard, newest first, after the cursor."""
 
     user_id: str
@@ -105,18 +105,18 @@ class ListBookings(Command, frozen=True, kw_only=True):
     after: tuple[int, str] | None = None
 
 
-class JoinQueue(Command, frozen=True, kw_only=True):
+class JoinQueue(Command, gc=False, frozen=True, kw_only=True):
     slot_id: str
     user_id: str
     idempotency_key: str | None = None
 
 
-class LeaveQueue(Command, frozen=True, kw_only=True):
+class LeaveQueue(Command, gc=False, frozen=True, kw_only=True):
     slot_id: str
     user_id: str
 
 
-class QueuePosition(Command, frozen=True, kw_only=True):
+class QueuePosition(Command, gc=False, frozen=True, kw_only=True):
     slot_id: str
     user_id: str
 
@@ -143,36 +143,36 @@ READ_ONLY_COMMANDS: tuple[type[Command], ...] = (GetSlot, ListSlots, GetBooking,
 # -- results -------------------------------------------------------------------
 
 
-class Result(msgspec.Struct, tag=True, tag_field="kind", frozen=True, kw_only=True):
+class Result(msgspec.Struct, gc=False, tag=True, tag_field="kind", frozen=True, kw_only=True):
     # The HTTP status the API answers with (201 created, 200 existing, ...).
     status: int
 
 
-class SlotResult(Result, frozen=True, kw_only=True):
+class SlotResult(Result, gc=False, frozen=True, kw_only=True):
     slot: SlotView
 
 
-class SlotPage(Result, frozen=True, kw_only=True):
+class SlotPage(Result, gc=False, frozen=True, kw_only=True):
     items: list[SlotView]
 
 
-class BookingResult(Result, frozen=True, kw_only=True):
+class BookingResult(Result, gc=False, frozen=True, kw_only=True):
     booking: Booking
 
 
-class BookingPage(Result, frozen=True, kw_only=True):
+class BookingPage(Result, gc=False, frozen=True, kw_only=True):
     items: list[Booking]
 
 
-class QueueResult(Result, frozen=True, kw_only=True):
+class QueueResult(Result, gc=False, frozen=True, kw_only=True):
     entry: QueueView
 
 
-class Done(Result, frozen=True, kw_only=True):
+class Done(Result, gc=False, frozen=True, kw_only=True):
     """Success without a body (204)."""
 
 
-class Failure(Result, frozen=True, kw_only=True):
+class Failure(Result, gc=False, frozen=True, kw_only=True):
     code: str
     message: str
     details: dict[str, Any] = {}
@@ -183,7 +183,7 @@ AnyResult = SlotResult | SlotPage | BookingResult | BookingPage | QueueResult | 
 # -- events --------------------------------------------------------------------
 
 
-class Event(msgspec.Struct, tag=True, tag_field="type", frozen=True, kw_only=True):
+class Event(msgspec.Struct, gc=False, tag=True, tag_field="type", frozen=True, kw_only=True):
     at_ms: int
     # The request that caused it, or "" for a timer.
     request_id: str
@@ -191,7 +191,7 @@ class Event(msgspec.Struct, tag=True, tag_field="type", frozen=True, kw_only=Tru
     actor: str
 
 
-class BookingChanged(Event, frozen=True, kw_only=True):
+class BookingChanged(Event, gc=False, frozen=True, kw_only=True):
     """A booking transition; also its audit record."""
 
     booking: Booking
@@ -200,7 +200,7 @@ class BookingChanged(Event, frozen=True, kw_only=True):
     trigger: str
 
 
-class QueueChanged(Event, frozen=True, kw_only=True):
+class QueueChanged(Event, gc=False, frozen=True, kw_only=True):
     """A queue entry joined, left, was offered a hold, converted or expired."""
 
     entry: QueueEntry
@@ -209,7 +209,7 @@ class QueueChanged(Event, frozen=True, kw_only=True):
     offer_expires_at_ms: int | None = None
 
 
-class QueueMoved(Event, frozen=True, kw_only=True):
+class QueueMoved(Event, gc=False, frozen=True, kw_only=True):
     """Positions behind ``removed_seq`` moved up by one."""
 
     slot_id: str
@@ -217,7 +217,7 @@ class QueueMoved(Event, frozen=True, kw_only=True):
     total_in_queue: int
 
 
-class SlotChanged(Event, frozen=True, kw_only=True):
+class SlotChanged(Event, gc=False, frozen=True, kw_only=True):
     """A slot was created, updated, deleted, or its counts changed."""
 
     slot: SlotView
@@ -229,11 +229,11 @@ AnyEvent = BookingChanged | QueueChanged | QueueMoved | SlotChanged
 # -- batches across the actor boundary ----------------------------------------
 
 
-class Batch(msgspec.Struct, frozen=True):
+class Batch(msgspec.Struct, gc=False, frozen=True):
     commands: list[AnyCommand]
 
 
-class BatchReply(msgspec.Struct, frozen=True):
+class BatchReply(msgspec.Struct, gc=False, frozen=True):
     results: list[AnyResult]
 
 

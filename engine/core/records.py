@@ -5,6 +5,10 @@ events carry copies (``snapshot``), never the live objects, so a later command
 cannot change what an earlier reply said. ``SlotView`` and ``QueueView`` are
 read-only projections computed on demand. All times are epoch milliseconds;
 the gateway renders them as RFC 3339.
+
+Records are ``gc=False``: they hold only scalars and plain JSON-like data, so
+they can never be part of a reference cycle, and keeping hundreds of thousands
+of them out of the cycle collector's scans is most of the core's speed.
 """
 
 from typing import Any
@@ -14,7 +18,7 @@ import msgspec
 from engine.core.states import BookingStatus, QueueStatus, SlotStatus
 
 
-class Booking(msgspec.Struct, kw_only=True):
+class Booking(msgspec.Struct, gc=False, kw_only=True):
     id: str
     user_id: str
     slot_id: str
@@ -32,7 +36,7 @@ class Booking(msgspec.Struct, kw_only=True):
     version: int = 1
 
 
-class QueueEntry(msgspec.Struct, kw_only=True):
+class QueueEntry(msgspec.Struct, gc=False, kw_only=True):
     slot_id: str
     user_id: str
     status: QueueStatus
@@ -46,7 +50,7 @@ class QueueEntry(msgspec.Struct, kw_only=True):
     version: int = 1
 
 
-class SlotView(msgspec.Struct, frozen=True, kw_only=True):
+class SlotView(msgspec.Struct, gc=False, frozen=True, kw_only=True):
     id: str
     resource_id: str
     domain: str
@@ -63,7 +67,7 @@ class SlotView(msgspec.Struct, frozen=True, kw_only=True):
     version: int
 
 
-class QueueView(msgspec.Struct, frozen=True, kw_only=True):
+class QueueView(msgspec.Struct, gc=False, frozen=True, kw_only=True):
     slot_id: str
     user_id: str
     status: QueueStatus

@@ -1068,6 +1068,10 @@ class ShardCore:
     def _remember_outcome(self, request_id: str, result: AnyResult, now_ms: int) -> None:
         outcomes = self._outcomes
         outcomes[request_id] = (now_ms, result)
+        # Pruning by age every 256 inserts keeps the check off the hot path;
+        # the count limit is exact.
+        if len(outcomes) & 0xFF and len(outcomes) <= REQUEST_OUTCOMES_MAX:
+            return
         oldest_allowed_ms = now_ms - REQUEST_OUTCOMES_RETENTION_MS
         while len(outcomes) > REQUEST_OUTCOMES_MAX or (
             outcomes and next(iter(outcomes.values()))[0] < oldest_allowed_ms

@@ -136,9 +136,11 @@ class TimerWheel(Generic[K]):
 
     def advance(self, now_ms: int) -> list[K]:
         """Move time to ``now_ms``; return the keys now due, in deadline order."""
+        target = now_ms // self._tick_ms
+        if target <= self._current and not self._due:
+            return []  # the common case: several commands within one tick
         fired: list[tuple[int, int, K]] = []
         self._take_due(fired)
-        target = now_ms // self._tick_ms
         while self._current < target:
             if not self._where:
                 self._current = target
