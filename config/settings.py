@@ -175,8 +175,8 @@ def _url(schemes: tuple[str, ...]) -> Callable[[str], str]:
         expected = f"expected a URL starting with {' or '.join(s + '://' for s in schemes)}"
         try:
             scheme = urlsplit(raw).scheme
-        except ValueError:
-            raise ValueError(expected) from None
+        except ValueError as error:
+            raise ValueError(f"expected a valid URL ({error})") from None
         if scheme.lower() not in schemes or "://" not in raw:
             raise ValueError(expected)
         return raw

@@ -78,6 +78,11 @@ def test_blank_values_count_as_unset() -> None:
     assert settings == Settings()
 
 
+@pytest.mark.parametrize("mode", ["commit", "relaxed"])
+def test_both_durability_modes(mode: str) -> None:
+    assert load_settings({"SLOTENGINE_DURABILITY": mode}).durability == mode
+
+
 def test_values_are_trimmed_and_durability_ignores_case() -> None:
     settings = load_settings({"SLOTENGINE_QUEUE_MAX": " 42 ", "SLOTENGINE_DURABILITY": "Relaxed"})
     assert settings.queue_max == 42
@@ -153,6 +158,10 @@ def test_integer_bounds_come_from_the_engine_limits(name: str, low: int, high: i
             {"REDIS_URL": "127.0.0.1:6379"},
             "REDIS_URL: expected a URL starting with redis:// or rediss:// or unix://,"
             " got '127.0.0.1:6379'",
+        ),
+        (
+            {"REDIS_URL": "redis://[::1:6379/0"},
+            "REDIS_URL: expected a valid URL (Invalid IPv6 URL), got 'redis://[::1:6379/0'",
         ),
     ],
 )
