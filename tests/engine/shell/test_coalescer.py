@@ -1,0 +1,197 @@
+"""The coalescer's batching, bounds and retries, over the in-process host with injected faults."""
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from engine.core import limits
+from engine.core import protocol as p
+from engine.shell.coalescer import EngineClient, shard_for
+from engine.shell.errors import Overloaded, ShardBusy, ShardCallTimeout, ShardUnavailable
+from engine.shell.inproc import InProcessHost
+from engine.shell.runtime import RuntimeStatistics
+from tests.engine.shell.conftest import POLICIES, SHARDS, WAIT_LIMIT_S, Engine
+
+
+class FaultyTransport:
+    """Wraps a real host; each planned fault is used by one call, in order."""
+
+    def __init__(self, host: InProcessHost) -> None:
+        self.host = host
+        # "lost": apply, then lose the reply; "dead": fail before applying; "busy": refuse.
+        self.faults: list[str] = []
+        self.sent: list[bytes] = []
+        self.gate: asyncio.Event | None = None
+        self.calls_waiting = 0
+
+    @property
+    def shard_count(self) -> int:
+        return self.host.shard_count
+
+    async def call_batch(self, shard: int, data: bytes, timeout_ms: int) -> bytes:
+        self.sent.append(data)
+        if self.gate is not None:
+            self.calls_waiting += 1
+            await self.gate.wait()
+            self.calls_waiting -= 1
+        fault = self.faults.pop(0) if self.faults else None
+        if fault == "busy":
+            raise ShardBusy("too many pending calls")
+        if fault == "dead":
+            raise ShardUnavailable("actor died")
+        reply = await self.host.call_batch(shard, data, timeout_ms)
+        if fault == "lost":
+            raise ShardUnavailable("actor died after applying")
+        return reply
+
+    async def statistics(self, shard: int, timeout_ms: int) -> RuntimeStatistics:
+        return await self.host.statistics(shard, timeout_ms)
+
+    async def check_invariants(self, shard: int, timeout_ms: int) -> None:
+        await self.host.check_invariants(shard, timeout_ms)
+
+
+@pytest.fixture
+async def faulty() -> Any:
+    host = InProcessHost(shard_count=SHARDS, policies=POLICIES)
+    yield FaultyTransport(host)
+    for shard in range(SHARDS):
+        await host.check_invariants(shard, 10_000)
+    host.close()
+
+
+def engine_over(transport: Any, **options: Any) -> Engine:
+    options.setdefault("retry_backoff_ms", 1)
+    return Engine(transport, EngineClient(transport, **options))
+
+
+async def test_a_reply_lost_after_applying_is_resent_and_applied_once(
+    faulty: FaultyTransport,
+) -> None:
+    engine = engine_over(faulty)
+    slot_id = await engine.slot(capacity=3)
+    faulty.sent.clear()
+    faulty.faults = ["lost"]
+
+    held = await engine.reserve(slot_id, "alice")
+
+    assert held.status == 201
+    assert len(faulty.sent) == 2
+    assert faulty.sent[0] == faulty.sent[1]
+    assert engine.client.statistics().retries == 1
+    slot = await engine.view(slot_id)
+    assert slot.held_count == 1
+    shard = shard_for(p.GetSlot(request_id="x", slot_id=slot_id), SHARDS)
+    assert shard is not None
+    assert (await faulty.statistics(shard, 10_000)).core.replays_total == 1
+
+
+async def test_backpressure_is_waited_out(faulty: FaultyTransport) -> None:
+    engine = engine_over(faulty)
+    slot_id = await engine.slot(capacity=3)
+    faulty.faults = ["busy", "busy"]
+
+    held = await engine.reserve(slot_id, "alice")
+
+    assert held.status == 201
+    stats = engine.client.statistics()
+    assert (stats.busy_retries, stats.retries) == (2, 0)
+
+
+async def test_retries_are_limited(faulty: FaultyTransport) -> None:
+    engine = engine_over(faulty, retries_max=2)
+    slot_id = await engine.slot(capacity=3)
+    faulty.sent.clear()
+    faulty.faults = ["dead"] * 10
+
+    with pytest.raises(ShardUnavailable):
+        await engine.reserve(slot_id, "alice")
+
+    assert len(faulty.sent) == 3
+    stats = engine.client.statistics()
+    assert (stats.retries, stats.failed_batches) == (2, 1)
+
+
+async def test_backpressure_that_never_clears_ends_in_a_timeout(faulty: FaultyTransport) -> None:
+    engine = engine_over(faulty, call_timeout_ms=20)
+    slot_id = await engine.slot(capacity=3)
+    faulty.faults = ["busy"] * 10_000
+
+    with pytest.raises(ShardCallTimeout):
+        await engine.reserve(slot_id, "alice")
+
+
+async def test_a_shard_with_too_many_waiting_commands_sheds_load(faulty: FaultyTransport) -> None:
+    engine = engine_over(faulty, pending_commands_max=2)
+    slot_id = await engine.slot(capacity=3)
+
+    results = await asyncio.gather(
+        *(engine.reserve(slot_id, f"user-{n}") for n in range(3)), return_exceptions=True
+    )
+
+    assert [r.status for r in results[:2]] == [201, 201]  # type: ignore[union-attr]
+    assert isinstance(results[2], Overloaded)
+    assert engine.client.statistics().overloaded == 1
+
+
+async def test_big_bursts_split_into_batches_of_the_limit(faulty: FaultyTransport) -> None:
+    engine = engine_over(faulty)
+    slot_id = await engine.slot()
+    faulty.sent.clear()
+    burst = 2 * limits.BATCH_COMMANDS_MAX + 88
+
+    views = await asyncio.gather(*(engine.view(slot_id) for _ in range(burst)))
+
+    assert len(views) == burst
+    stats = engine.client.statistics()
+    assert stats.batch_size_max == limits.BATCH_COMMANDS_MAX
+    assert len(faulty.sent) == 3
+
+
+async def test_calls_in_flight_per_shard_are_bounded(faulty: FaultyTransport) -> None:
+    engine = engine_over(faulty, coalesce=False)
+    slot_id = await engine.slot(capacity=100)
+    faulty.gate = asyncio.Event()
+    callers = limits.SHARD_PENDING_CALLS_MAX + 6
+
+    pending = asyncio.gather(*(engine.reserve(slot_id, f"user-{n}") for n in range(callers)))
+    async with asyncio.timeout(WAIT_LIMIT_S):
+        while faulty.calls_waiting < limits.SHARD_PENDING_CALLS_MAX:
+            await asyncio.sleep(0)
+    shard = shard_for(p.GetSlot(request_id="x", slot_id=slot_id), SHARDS)
+    assert shard is not None
+    stats = engine.client.statistics()
+    assert stats.batches_in_flight[shard] == limits.SHARD_PENDING_CALLS_MAX
+    assert stats.pending_commands[shard] == 6
+
+    faulty.gate.set()
+    results = await pending
+
+    assert all(r.status == 201 for r in results)
+
+
+async def test_an_id_the_engine_never_issued_is_not_found_without_a_call(
+    faulty: FaultyTransport,
+) -> None:
+    engine = engine_over(faulty)
+
+    result = await engine.run(p.GetBooking, booking_id="not-an-id", user_id="alice")
+
+    assert isinstance(result, p.Failure)
+    assert result.code == "NotFound"
+    assert faulty.sent == []
+
+
+async def test_commands_spanning_shards_need_an_explicit_shard(faulty: FaultyTransport) -> None:
+    engine = engine_over(faulty)
+    slot_id = await engine.slot(capacity=2)
+    held = await engine.reserve(slot_id, "alice")
+    listing = p.ListBookings(request_id=engine.ids.next(), user_id="alice")
+
+    with pytest.raises(ValueError, match="spans shards"):
+        await engine.client.execute(listing)
+    pages = [await engine.client.execute(listing, shard=n) for n in range(SHARDS)]
+
+    found = [b.id for page in pages if isinstance(page, p.BookingPage) for b in page.items]
+    assert found == [held.booking.id]

@@ -1,0 +1,142 @@
+"""Shard actors on a real local Ray: naming, restarts after a kill, and the coalescer's resends.
+
+A restarted actor starts with an empty shard here: rebuilding its state from
+storage belongs to the persistence layer. These tests check that it serves
+again and that the caller's batch gets through without the caller noticing.
+"""
+
+import asyncio
+import os
+import signal
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from engine.core import protocol as p
+from engine.shell.coalescer import EngineClient
+from engine.shell.errors import ShardFailed
+from engine.shell.ray_actor import (
+    RayShardTransport,
+    kill_shard_actors,
+    spawn_shard_actors,
+    wait_shards_ready,
+)
+from tests.engine.shell.conftest import POLICIES, WAIT_LIMIT_S, Engine, wait_until
+
+pytestmark = pytest.mark.ray
+
+TIMEOUT_MS = 30_000
+
+
+@pytest.fixture
+async def own_shards(ray_cluster: str) -> AsyncIterator[tuple[str, RayShardTransport]]:
+    """One shard actor of its own, so killing it disturbs no other test."""
+    prefix = f"fault-{uuid.uuid4().hex[:8]}"
+    transport = await RayShardTransport.connect(
+        shard_count=1, policies=POLICIES, name_prefix=prefix, timeout_ms=TIMEOUT_MS
+    )
+    try:
+        yield prefix, transport
+    finally:
+        kill_shard_actors(shard_count=1, name_prefix=prefix)
+
+
+async def test_spawning_again_finds_the_same_named_actor(
+    own_shards: tuple[str, RayShardTransport],
+) -> None:
+    prefix, transport = own_shards
+    first = await transport.identity(0, TIMEOUT_MS)
+
+    again = spawn_shard_actors(shard_count=1, policies=POLICIES, name_prefix=prefix)
+    (found,) = await wait_shards_ready(again, timeout_ms=TIMEOUT_MS)
+
+    assert found == first
+    assert not found.restarted
+
+
+async def test_an_actor_from_another_shard_layout_is_refused(
+    own_shards: tuple[str, RayShardTransport],
+) -> None:
+    prefix, _ = own_shards
+    # Shard 0 exists for a layout of one shard; a layout of two must not adopt it.
+    handles = spawn_shard_actors(shard_count=2, policies=POLICIES, name_prefix=prefix)
+    try:
+        with pytest.raises(ShardFailed, match="expected 0 of 2"):
+            await wait_shards_ready(handles, timeout_ms=TIMEOUT_MS)
+    finally:
+        kill_shard_actors(shard_count=2, name_prefix=prefix)
+
+
+async def test_a_batch_in_flight_when_the_actor_is_killed_is_resent_after_the_restart(
+    own_shards: tuple[str, RayShardTransport],
+) -> None:
+    _, transport = own_shards
+    engine = Engine(transport, EngineClient(transport))
+    before = await transport.identity(0, TIMEOUT_MS)
+
+    # Stopped, the actor cannot answer, so the batch is surely in flight when it dies.
+    os.kill(before.pid, signal.SIGSTOP)
+    try:
+        pending = asyncio.ensure_future(engine.slot(capacity=2))
+        await wait_until(
+            lambda: _async(engine.client.statistics()),
+            lambda stats: stats.batches_in_flight == (1,),
+        )
+        # Ray pushes the call to the actor's socket right after submitting it; this
+        # margin lets that push happen so the kill hits a call the actor has received.
+        await asyncio.sleep(0.3)
+    finally:
+        os.kill(before.pid, signal.SIGKILL)
+
+    slot_id = await asyncio.wait_for(pending, WAIT_LIMIT_S)
+
+    after = await transport.identity(0, TIMEOUT_MS)
+    assert after.restarted
+    assert after.pid != before.pid
+    stats = engine.client.statistics()
+    assert stats.retries >= 1
+    assert stats.failed_batches == 0
+    held = await engine.reserve(slot_id, "alice")
+    assert held.status == 201
+
+
+async def test_ray_kill_with_restart_comes_back_serving(
+    own_shards: tuple[str, RayShardTransport],
+) -> None:
+    import ray
+
+    _, transport = own_shards
+    engine = Engine(transport, EngineClient(transport))
+    before = await transport.identity(0, TIMEOUT_MS)
+
+    ray.kill(transport.handle(0), no_restart=False)
+    slot_id = await engine.slot(capacity=1)
+
+    assert (await engine.reserve(slot_id, "alice")).status == 201
+    after = await transport.identity(0, TIMEOUT_MS)
+    assert after.pid != before.pid
+    assert engine.client.statistics().failed_batches == 0
+
+
+async def test_an_actor_killed_for_good_is_replaced_under_its_name(
+    own_shards: tuple[str, RayShardTransport],
+) -> None:
+    import ray
+
+    _, transport = own_shards
+    engine = Engine(transport, EngineClient(transport))
+    dead = transport.handle(0)
+
+    ray.kill(dead, no_restart=True)
+    slot_id = await engine.slot(capacity=1)
+
+    assert transport.handle(0) is not dead
+    assert (await engine.reserve(slot_id, "alice")).status == 201
+    result = await engine.run(p.GetSlot, slot_id=slot_id)
+    assert result.slot.held_count == 1
+
+
+async def _async(value: Any) -> Any:
+    return value

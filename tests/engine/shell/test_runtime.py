@@ -1,0 +1,204 @@
+"""ShardRuntime on its own: the timer driver, batch limits, failure handling, the sink, counters."""
+
+import asyncio
+import time
+import uuid
+from typing import Any
+
+import pytest
+
+from engine.core import limits
+from engine.core import protocol as p
+from engine.core.errors import InvariantViolation
+from engine.core.routing import make_slot_id
+from engine.core.states import BookingStatus
+from engine.shell.clock import SystemClock
+from engine.shell.errors import BatchRejected, ShardFailed
+from engine.shell.runtime import MemoryEventSink, ShardRuntime
+from tests.engine.shell.conftest import DAY_MS, HOUR_MS, POLICIES, WAIT_LIMIT_S
+
+
+class Shard:
+    """One runtime on the real clock, fed through its bytes interface."""
+
+    def __init__(self, **runtime_options: Any) -> None:
+        self.sink = MemoryEventSink()
+        self.runtime = ShardRuntime.create(
+            shard_id=0,
+            shard_count=1,
+            policies=POLICIES,
+            clock=SystemClock(),
+            sink=self.sink,
+            **runtime_options,
+        )
+        self.codec = p.BatchCodec()
+        self._ids = 0
+
+    def request_id(self) -> str:
+        self._ids += 1
+        return f"req-{self._ids}"
+
+    async def send(self, *commands: p.AnyCommand) -> list[p.AnyResult]:
+        reply = await self.runtime.execute_batch(self.codec.encode_batch(list(commands)))
+        return self.codec.decode_reply(reply)
+
+    def create_slot(self, *, capacity: int = 1, domain: str = "default") -> p.CreateSlot:
+        resource = f"room-{uuid.uuid4().hex}"
+        start_ms = int(time.time() * 1000) + DAY_MS
+        return p.CreateSlot(
+            request_id=self.request_id(),
+            slot_id=make_slot_id(resource, uuid.uuid4().hex),
+            resource_id=resource,
+            domain=domain,
+            start_ms=start_ms,
+            end_ms=start_ms + HOUR_MS,
+            capacity=capacity,
+        )
+
+    def reserve(self, slot_id: str, user: str) -> p.Reserve:
+        return p.Reserve(request_id=self.request_id(), slot_id=slot_id, user_id=user)
+
+
+@pytest.fixture
+async def shard() -> Any:
+    shard = Shard()
+    yield shard
+    shard.runtime.close()
+
+
+async def test_a_hold_expires_by_the_timer_alone(shard: Shard) -> None:
+    create = shard.create_slot(domain="short")
+    created, held = await shard.send(create, shard.reserve(create.slot_id, "alice"))
+    assert created.status == 201
+    assert isinstance(held, p.BookingResult)
+
+    expired = await shard.sink.wait_for(
+        lambda e: isinstance(e, p.BookingChanged) and e.to_status is BookingStatus.EXPIRED,
+        timeout_s=WAIT_LIMIT_S,
+    )
+
+    assert isinstance(expired, p.BookingChanged)
+    assert expired.booking.id == held.booking.id
+    assert expired.at_ms >= held.booking.expires_at_ms
+    assert shard.runtime.statistics().timer_firings >= 1
+    shard.runtime.check_invariants()
+
+
+async def test_the_timer_is_armed_for_the_cores_next_deadline(shard: Shard) -> None:
+    shard.runtime.start()
+    assert shard.runtime.statistics().timer_deadline_ms is None
+
+    create = shard.create_slot()
+    await shard.send(create, shard.reserve(create.slot_id, "alice"))
+
+    stats = shard.runtime.statistics()
+    assert stats.timer_deadline_ms is not None
+    assert stats.timer_deadline_ms == stats.core.next_deadline_ms
+
+
+async def test_events_reach_the_sink_in_order(shard: Shard) -> None:
+    create = shard.create_slot(capacity=2)
+    await shard.send(
+        create, shard.reserve(create.slot_id, "alice"), shard.reserve(create.slot_id, "bob")
+    )
+
+    changes = [e for e in shard.sink.events() if isinstance(e, p.BookingChanged)]
+    assert [c.booking.user_id for c in changes] == ["alice", "bob"]
+    assert shard.runtime.statistics().events == shard.sink.published
+
+
+async def test_a_batch_over_the_limit_is_refused_whole(shard: Shard) -> None:
+    create = shard.create_slot(capacity=limits.BATCH_COMMANDS_MAX + 1)
+    too_many = [create] + [
+        shard.reserve(create.slot_id, f"user-{n}") for n in range(limits.BATCH_COMMANDS_MAX)
+    ]
+
+    with pytest.raises(BatchRejected):
+        await shard.send(*too_many)
+
+    (missing,) = await shard.send(p.GetSlot(request_id="get", slot_id=create.slot_id))
+    assert isinstance(missing, p.Failure)
+    assert missing.code == "NotFound"
+
+
+async def test_undecodable_bytes_are_refused(shard: Shard) -> None:
+    with pytest.raises(BatchRejected):
+        await shard.runtime.execute_batch(b"\x93not a batch")
+    assert shard.runtime.statistics().batches == 0
+
+
+async def test_batch_sizes_are_counted_in_power_of_two_buckets(shard: Shard) -> None:
+    create = shard.create_slot(capacity=10)
+    await shard.send(create)
+    await shard.send(*(shard.reserve(create.slot_id, f"u{n}") for n in range(3)))
+    await shard.send(*(p.GetSlot(request_id="get", slot_id=create.slot_id) for _ in range(256)))
+
+    stats = shard.runtime.statistics()
+    assert (stats.batches, stats.commands, stats.batch_size_max) == (3, 260, 256)
+    assert stats.batch_size_histogram[0] == 1
+    assert stats.batch_size_histogram[1] == 1
+    assert stats.batch_size_histogram[8] == 1
+    assert sum(stats.batch_size_histogram) == 3
+
+
+async def test_a_core_that_raises_stops_the_shard(monkeypatch: pytest.MonkeyPatch) -> None:
+    fatal: list[BaseException] = []
+    shard = Shard(on_fatal=fatal.append)
+    create = shard.create_slot(domain="short")
+    await shard.send(create, shard.reserve(create.slot_id, "alice"))
+    assert shard.runtime.statistics().timer_deadline_ms is not None
+
+    def broken(command: p.AnyCommand, now_ms: int) -> p.AnyResult:
+        raise InvariantViolation("held count went negative")
+
+    monkeypatch.setattr(shard.runtime._core, "execute", broken)
+    with pytest.raises(ShardFailed):
+        await shard.send(shard.reserve(create.slot_id, "bob"))
+
+    assert len(fatal) == 1
+    assert isinstance(fatal[0], InvariantViolation)
+    stats = shard.runtime.statistics()
+    assert stats.failed
+    assert stats.timer_deadline_ms is None
+    monkeypatch.undo()
+    with pytest.raises(ShardFailed, match="stopped"):
+        await shard.send(p.GetSlot(request_id="get", slot_id=create.slot_id))
+
+
+async def test_the_memory_sink_keeps_only_the_newest_events() -> None:
+    sink = MemoryEventSink(events_max=3)
+    events = [
+        p.QueueMoved(
+            at_ms=n, request_id="", actor="system", slot_id="s", removed_seq=n, total_in_queue=0
+        )
+        for n in range(5)
+    ]
+
+    sink.publish(events[:2])
+    sink.publish(events[2:])
+
+    assert sink.events() == events[2:]
+    assert (sink.published, sink.dropped) == (5, 2)
+
+
+async def test_the_memory_sink_wakes_a_waiter_on_a_later_event() -> None:
+    sink = MemoryEventSink()
+    waiting = asyncio.ensure_future(
+        sink.wait_for(lambda e: isinstance(e, p.QueueMoved) and e.removed_seq == 7, WAIT_LIMIT_S)
+    )
+    await asyncio.sleep(0)
+    event = p.QueueMoved(
+        at_ms=1, request_id="", actor="system", slot_id="s", removed_seq=7, total_in_queue=0
+    )
+
+    sink.publish([event])
+
+    assert await waiting == event
+
+
+def test_the_system_clock_never_goes_backwards(monkeypatch: pytest.MonkeyPatch) -> None:
+    readings = iter([5_000_000_000, 4_000_000_000, 6_000_000_000])
+    monkeypatch.setattr(time, "time_ns", lambda: next(readings))
+    clock = SystemClock()
+
+    assert [clock.now_ms(), clock.now_ms(), clock.now_ms()] == [5_000, 5_000, 6_000]
