@@ -44,9 +44,7 @@ def test_wait_estimate_follows_the_observed_pace() -> None:
 
 @settings(max_examples=300, deadline=None)
 @given(
-    st.lists(
-        st.tuples(st.sampled_from(["push", "pop", "remove"]), st.integers(0, 15)), max_size=80
-    )
+    st.lists(st.tuples(st.sampled_from(["push", "pop", "remove"]), st.integers(0, 15)), max_size=80)
 )
 def test_agrees_with_a_list(ops: list[tuple[str, int]]) -> None:
     line = WaitingLine()
