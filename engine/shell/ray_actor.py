@@ -16,9 +16,11 @@ module level (Ray pickles the class with its module globals).
 
 import asyncio
 import functools
+import gc
 import logging
 import os
 import warnings
+import zlib
 from typing import Any, Final, cast
 
 import msgspec
@@ -41,6 +43,22 @@ from engine.shell.runtime import MemoryEventSink, RuntimeStatistics, ShardRuntim
 logger = logging.getLogger(__name__)
 
 SHARD_ACTOR_PREFIX: Final = "slotengine-shard"
+# Ray returns a result inline only up to 100 KiB (max_direct_call_object_size);
+# past that it goes through the object store and a call costs about 2.5 times
+# as much (measured). A full batch of queue answers is ~125 KiB of msgpack and
+# compresses about tenfold, so replies above this size travel compressed.
+REPLY_COMPRESS_ABOVE_BYTES: Final = 64 * 1024
+# zlib's fastest level: ~0.6 us per command of a full batch, a fraction of the
+# object store's cost.
+REPLY_COMPRESS_LEVEL: Final = 1
+# A shard allocates a few objects per command and keeps hundreds of thousands
+# alive (bookings, timers, remembered outcomes). With CPython's default
+# threshold of 700 the collector took about a sixth of a busy shard's time
+# (measured); collecting young objects every 10,000 allocations costs a few
+# percent and still reclaims cycles promptly.
+GC_GEN0_THRESHOLD: Final = 10_000
+_REPLY_RAW: Final = b"\x00"
+_REPLY_ZLIB: Final = b"\x01"
 # Exit status of a shard that stopped on a broken invariant: not 0, so Ray restarts it.
 FATAL_EXIT_STATUS: Final = 70
 
@@ -67,6 +85,7 @@ class ShardActor:
     def __init__(self, shard_id: int, shard_count: int, policies: dict[str, DomainPolicy]) -> None:
         self._shard_id = shard_id
         self._shard_count = shard_count
+        tune_gc()
         with warnings.catch_warnings():
             # Ray's own property reads a deprecated attribute internally; the flag is not.
             warnings.simplefilter("ignore", DeprecationWarning)
@@ -92,7 +111,8 @@ class ShardActor:
         )
 
     async def execute_batch(self, data: bytes) -> bytes:
-        return await self._runtime.execute_batch(data)
+        """The encoded reply behind a one-byte frame header (see ``unframe_reply``)."""
+        return frame_reply(await self._runtime.execute_batch(data))
 
     async def statistics(self) -> RuntimeStatistics:
         return self._runtime.statistics()
@@ -103,6 +123,28 @@ class ShardActor:
         except InvariantViolation as exc:
             # Reported, not fatal here: the caller decides (reconcile, health checks).
             raise ShardFailed(f"shard {self._shard_id}: {exc}") from exc
+
+
+def tune_gc() -> None:
+    """Fewer, larger young collections, and no rescans of what was loaded at start."""
+    gc.freeze()
+    _, gen1, gen2 = gc.get_threshold()
+    gc.set_threshold(GC_GEN0_THRESHOLD, gen1, gen2)
+
+
+def frame_reply(reply: bytes) -> bytes:
+    if len(reply) > REPLY_COMPRESS_ABOVE_BYTES:
+        return _REPLY_ZLIB + zlib.compress(reply, REPLY_COMPRESS_LEVEL)
+    return _REPLY_RAW + reply
+
+
+def unframe_reply(framed: bytes) -> bytes:
+    header = framed[:1]
+    if header == _REPLY_RAW:
+        return framed[1:]
+    if header == _REPLY_ZLIB:
+        return zlib.decompress(framed[1:])
+    raise ShardFailed(f"a shard reply with an unknown frame header {header!r}")
 
 
 @functools.cache
@@ -231,7 +273,8 @@ class RayShardTransport:
         return self._handles[shard]
 
     async def call_batch(self, shard: int, data: bytes, timeout_ms: int) -> bytes:
-        return cast(bytes, await self._call(shard, "execute_batch", data, timeout_ms=timeout_ms))
+        framed = cast(bytes, await self._call(shard, "execute_batch", data, timeout_ms=timeout_ms))
+        return unframe_reply(framed)
 
     async def statistics(self, shard: int, timeout_ms: int) -> RuntimeStatistics:
         return cast(RuntimeStatistics, await self._call(shard, "statistics", timeout_ms=timeout_ms))
