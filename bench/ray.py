@@ -79,7 +79,8 @@ class Window:
         self.ops = 0
         self.errors = 0
         self.latencies_ns: list[int] = []
-        self.outcomes: collections.Counter[str] = collections.Counter()
+        # Keyed by (command type, status or failure code), named only in the summary.
+        self.outcomes: collections.Counter[tuple[type, int | str]] = collections.Counter()
         self.full = asyncio.Event()
         self.started_s = 0.0
         self.ended_s = 0.0
@@ -94,7 +95,7 @@ class Window:
             self.ended_s = time.perf_counter()
         self.stopping = True
 
-    def record(self, latency_ns: int, outcome: str) -> None:
+    def record(self, latency_ns: int, outcome: tuple[type, int | str]) -> None:
         if not self.recording:
             return
         self.ops += 1
@@ -114,7 +115,10 @@ class Window:
             "p50_ms": _quantile_ms(latencies, 0.50),
             "p99_ms": _quantile_ms(latencies, 0.99),
             "errors": self.errors,
-            "outcomes": dict(self.outcomes.most_common()),
+            "outcomes": {
+                f"{command_type.__name__}:{answer}": count
+                for (command_type, answer), count in self.outcomes.most_common()
+            },
         }
 
 
@@ -122,12 +126,6 @@ def _quantile_ms(sorted_ns: list[int], q: float) -> float | None:
     if not sorted_ns:
         return None
     return round(sorted_ns[int(q * (len(sorted_ns) - 1))] / 1e6, 3)
-
-
-def _outcome(command: p.AnyCommand, result: p.AnyResult) -> str:
-    if isinstance(result, p.Failure):
-        return f"{command.__class__.__name__}:{result.code}"
-    return f"{command.__class__.__name__}:{result.status}"
 
 
 class Caller:
@@ -188,7 +186,8 @@ class Caller:
     async def _timed(self, command: p.AnyCommand) -> p.AnyResult:
         started_ns = time.perf_counter_ns()
         result = await self._client.execute(command)
-        self._window.record(time.perf_counter_ns() - started_ns, _outcome(command, result))
+        answer = result.code if isinstance(result, p.Failure) else result.status
+        self._window.record(time.perf_counter_ns() - started_ns, (type(command), answer))
         return result
 
 
@@ -319,6 +318,13 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
         "outcomes": batched["outcomes"],
         "shard_commands": [s.commands for s in shard_stats],
         "shard_events": [s.events for s in shard_stats],
+        # Inside the shard: decode, apply, events, encode; the rest of a shard's time is Ray's.
+        "shard_apply_us_per_op": round(
+            sum(s.apply_ns for s in shard_stats)
+            / max(sum(s.commands for s in shard_stats), 1)
+            / 1e3,
+            1,
+        ),
     }
     if unbatched:
         result.update(

@@ -20,6 +20,7 @@ import collections
 import itertools
 import logging
 import secrets
+import time
 from collections.abc import Callable
 from typing import Final, Protocol
 
@@ -135,6 +136,9 @@ class RuntimeStatistics(msgspec.Struct, frozen=True, kw_only=True):
     batch_size_histogram: tuple[int, ...]
     events: int
     timer_firings: int
+    # CPU time spent applying batches (decode, commands, events, encode): the shard's own work,
+    # as against the transport's.
+    apply_ns: int
     # The deadline the timer is armed for (None: no timer armed).
     timer_deadline_ms: int | None
     failed: bool
@@ -172,6 +176,7 @@ class ShardRuntime:
         self._batch_size_histogram = [0] * BATCH_SIZE_BUCKETS
         self._events = 0
         self._timer_firings = 0
+        self._apply_ns = 0
 
     @classmethod
     def create(
@@ -225,6 +230,7 @@ class ShardRuntime:
         if self._fatal is not None:
             raise ShardFailed(f"shard {self._shard_id} stopped after a failure: {self._fatal!r}")
         self.start()
+        started_ns = time.thread_time_ns()
         try:
             commands = self._codec.decode_batch(data)
         except msgspec.DecodeError as exc:
@@ -247,7 +253,9 @@ class ShardRuntime:
         if size:
             self._batch_size_histogram[size.bit_length() - 1] += 1
             self._batch_size_max = max(self._batch_size_max, size)
-        return self._codec.encode_reply(results)
+        reply = self._codec.encode_reply(results)
+        self._apply_ns += time.thread_time_ns() - started_ns
+        return reply
 
     def statistics(self) -> RuntimeStatistics:
         return RuntimeStatistics(
@@ -258,6 +266,7 @@ class ShardRuntime:
             batch_size_histogram=tuple(self._batch_size_histogram),
             events=self._events,
             timer_firings=self._timer_firings,
+            apply_ns=self._apply_ns,
             timer_deadline_ms=self._timer_deadline_ms,
             failed=self._fatal is not None,
             core=self._core.statistics(),

@@ -195,3 +195,25 @@ async def test_commands_spanning_shards_need_an_explicit_shard(faulty: FaultyTra
 
     found = [b.id for page in pages if isinstance(page, p.BookingPage) for b in page.items]
     assert found == [held.booking.id]
+
+
+async def test_a_partial_batch_waits_for_the_reply_in_flight(faulty: FaultyTransport) -> None:
+    engine = engine_over(faulty)
+    slot_id = await engine.slot(capacity=20)
+    faulty.sent.clear()
+    faulty.gate = asyncio.Event()
+    codec = p.BatchCodec()
+
+    first = asyncio.ensure_future(engine.reserve(slot_id, "first"))
+    async with asyncio.timeout(WAIT_LIMIT_S):
+        while faulty.calls_waiting < 1:
+            await asyncio.sleep(0)
+    later = [asyncio.ensure_future(engine.reserve(slot_id, f"user-{n}")) for n in range(10)]
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert len(faulty.sent) == 1
+    faulty.gate.set()
+    results = await asyncio.gather(first, *later)
+
+    assert [r.status for r in results] == [201] * 11
+    assert [len(codec.decode_batch(data)) for data in faulty.sent] == [1, 10]

@@ -3,6 +3,7 @@
 import asyncio
 from typing import Any
 
+from engine.core import limits
 from engine.core import protocol as p
 from engine.core.states import BookingStatus, QueueStatus
 from engine.shell.coalescer import EngineClient, shard_for
@@ -81,6 +82,19 @@ async def test_concurrent_reserves_on_one_slot_never_exceed_capacity(engine: Eng
     assert engine.client.statistics().batch_size_max == users
 
 
+async def test_a_full_batch_with_a_large_reply_gets_through(engine: Engine) -> None:
+    users = limits.BATCH_COMMANDS_MAX
+    slot_id = await engine.slot(capacity=users)
+
+    # Over Ray this reply is large enough to travel compressed.
+    results = await asyncio.gather(*(engine.reserve(slot_id, f"user-{n}") for n in range(users)))
+
+    assert [r.status for r in results] == [201] * users
+    assert len({r.booking.id for r in results}) == users
+    assert (await engine.view(slot_id)).held_count == users
+    assert engine.client.statistics().batch_size_max == users
+
+
 async def test_many_slots_across_shards_with_concurrent_users(engine: Engine) -> None:
     slots = await asyncio.gather(*(engine.slot(capacity=3) for _ in range(12)))
 
@@ -136,6 +150,7 @@ async def test_statistics_describe_batches_events_and_the_core(engine: Engine) -
     assert stats.batch_size_max >= 4
     assert sum(stats.batch_size_histogram) == stats.batches
     assert stats.events > 0
+    assert stats.apply_ns > 0
     assert stats.core.holds >= 2
     assert stats.core.waiting >= 2
     assert stats.timer_deadline_ms is not None

@@ -1,0 +1,39 @@
+"""Replies across the Ray boundary: small ones travel as they are, large ones compressed."""
+
+import pytest
+
+from engine.shell.errors import ShardFailed
+from engine.shell.ray_actor import REPLY_COMPRESS_ABOVE_BYTES, frame_reply, unframe_reply
+from engine.shell.runtime import unique_ids
+
+
+def test_a_small_reply_travels_uncompressed() -> None:
+    reply = b"\x91\x81small reply"
+
+    framed = frame_reply(reply)
+
+    assert framed[1:] == reply
+    assert unframe_reply(framed) == reply
+
+
+def test_a_large_reply_travels_compressed_and_comes_back_whole() -> None:
+    reply = b"".join(b"booking %d RESERVED " % n for n in range(10_000))
+    assert len(reply) > REPLY_COMPRESS_ABOVE_BYTES
+
+    framed = frame_reply(reply)
+
+    assert len(framed) < REPLY_COMPRESS_ABOVE_BYTES
+    assert unframe_reply(framed) == reply
+
+
+def test_an_unknown_frame_is_refused() -> None:
+    with pytest.raises(ShardFailed, match="frame header"):
+        unframe_reply(b"\x07whatever")
+
+
+def test_ids_from_one_generator_never_repeat_and_two_generators_differ() -> None:
+    first, second = unique_ids(), unique_ids()
+
+    ids = [first() for _ in range(10_000)] + [second() for _ in range(10_000)]
+
+    assert len(set(ids)) == len(ids)
