@@ -1,0 +1,73 @@
+"""The bench dispatcher, and one short end-to-end run of the Ray scenario."""
+
+import argparse
+import json
+import subprocess
+import sys
+import types
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import bench.__main__ as dispatcher
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_the_ray_scenario_is_found() -> None:
+    scenarios = dispatcher.discover_scenarios()
+
+    assert "ray" in scenarios
+
+
+def test_the_result_is_the_last_line_as_one_json_object(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    scenario = types.ModuleType("bench.echo", "Echo the arguments back.")
+
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--ops", type=int, default=1)
+
+    def run(args: argparse.Namespace) -> dict[str, Any]:
+        print("progress noise")
+        return {"scenario": "echo", "ops": args.ops}
+
+    scenario.add_arguments = add_arguments  # type: ignore[attr-defined]
+    scenario.run = run  # type: ignore[attr-defined]
+    monkeypatch.setattr(dispatcher, "discover_scenarios", lambda: {"echo": scenario})
+
+    status = dispatcher.main(["echo", "--ops", "7"])
+
+    assert status == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert json.loads(last) == {"ops": 7, "scenario": "echo"}
+
+
+@pytest.mark.ray
+def test_a_short_ray_run_reports_its_figures() -> None:
+    command = [
+        sys.executable,
+        "-m",
+        "bench",
+        "ray",
+        "--shards=2",
+        "--concurrency=50",
+        "--slots=20",
+        "--seconds=1",
+        "--warmup-seconds=0.2",
+        "--unbatched-seconds=0.5",
+    ]
+    done = subprocess.run(
+        command, cwd=ROOT, capture_output=True, text=True, timeout=120, check=False
+    )
+
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["scenario"] == "ray"
+    assert result["ops"] > 0
+    assert result["errors"] == 0
+    assert result["unbatched_ops"] > 0
+    for key in ("ops_per_s", "p50_ms", "p99_ms", "unbatched_ops_per_s"):
+        assert result[key] > 0
+    assert sum(result["outcomes"].values()) == result["ops"]
