@@ -131,6 +131,8 @@ class _Slot:
     __slots__ = (
         "active_by_user",
         "blocked",
+        "cached_view",
+        "cached_view_ended",
         "capacity",
         "confirmed",
         "domain",
@@ -166,10 +168,15 @@ class _Slot:
         # user id -> that user's latest queue entry, whatever its status
         self.entries: dict[str, QueueEntry] = {}
         self.ended = False
+        # The last view built, valid until the slot changes (``ShardCore._changed``
+        # clears it) or the clock crosses its end (``cached_view_ended`` differs).
+        self.cached_view: SlotView | None = None
+        self.cached_view_ended = False
 
     @property
     def available(self) -> int:
-        return max(0, self.capacity - self.confirmed - self.held)
+        # Never negative: check_counts keeps confirmed + held <= capacity.
+        return self.capacity - self.confirmed - self.held
 
     def status(self, now_ms: int) -> SlotStatus:
         return slot_status(
@@ -257,6 +264,9 @@ class ShardCore:
     def execute(self, command: AnyCommand, now_ms: int) -> AnyResult:
         """Decide one command at ``now_ms``; never raises for a refused command."""
         self.advance(now_ms)
+        # Decide at the shard's time: a caller's clock that lags must not give
+        # birth to a hold whose deadline has already passed.
+        now_ms = self._now_ms
         self._commands_total += 1
         request_id = command.request_id
         remembered = not isinstance(command, READ_ONLY_COMMANDS)
@@ -414,6 +424,7 @@ class ShardCore:
         if command.blocked is not None:
             slot.blocked = command.blocked
         slot.version += 1
+        self._changed(slot)
         self._emit(
             SlotChanged(
                 at_ms=now_ms,
@@ -497,7 +508,7 @@ class ShardCore:
                 raise errors.AlreadyBooked("you already have a confirmed booking for this slot")
             return BookingResult(status=200, booking=_copy(existing))
         policy = slot.policy
-        if slot.available > 0 and not slot.line:
+        if slot.available > 0 and not slot.line.size:
             booking = self._take_hold(
                 slot, user_id, now_ms, policy.hold_ttl_ms, False, command.request_id, user_id
             )
@@ -541,7 +552,7 @@ class ShardCore:
                     command.request_id,
                     booking.user_id,
                 )
-        self._dirty_slots[slot.id] = None
+        self._changed(slot)
         return BookingResult(status=200, booking=_copy(booking))
 
     def _cancel(self, command: Cancel, now_ms: int) -> AnyResult:
@@ -613,7 +624,7 @@ class ShardCore:
             raise errors.AlreadyHeld("you already hold this slot: confirm your hold instead")
         if not slot.policy.queue_enabled:
             raise errors.QueueDisabled("this slot's domain has no waiting queue")
-        if slot.available > 0 and not slot.line:
+        if slot.available > 0 and not slot.line.size:
             raise errors.SlotAvailable("the slot has free capacity: reserve it instead")
         self._check_room_in_line(slot)
         entry = self._join(slot, user_id, now_ms, command.request_id)
@@ -691,7 +702,7 @@ class ShardCore:
         slot.ended = True
         slot.version += 1
         slot.check_counts()
-        self._dirty_slots[slot.id] = None
+        self._changed(slot)
         self._timers.schedule(("forget-slot", slot.id), now_ms + ENDED_SLOT_RETENTION_MS)
 
     def _on_queue_idle(self, key: TimerKey, now_ms: int) -> None:
@@ -760,7 +771,7 @@ class ShardCore:
         to_status = next_booking_status(BookingStatus.PENDING, BookingEvent.TAKE_HOLD)
         trigger = "queue_offer" if via_queue else "reserve"
         self._transition(booking, to_status, trigger, now_ms, request_id, actor, bump=False)
-        self._dirty_slots[slot.id] = None
+        self._changed(slot)
         return booking
 
     def _expire_hold(
@@ -781,7 +792,7 @@ class ShardCore:
                 self._queue_transition(
                     entry, QueueEvent.EXPIRE, "expired", now_ms, request_id, actor
                 )
-        self._dirty_slots[slot.id] = None
+        self._changed(slot)
 
     def _cancel_booking(
         self,
@@ -804,7 +815,7 @@ class ShardCore:
         booking.refund_percentage = refund_percentage
         self._transition(booking, to_status, "cancel", now_ms, request_id, actor)
         self._timers.schedule(("forget-booking", booking.id), now_ms + FINAL_BOOKING_RETENTION_MS)
-        self._dirty_slots[slot.id] = None
+        self._changed(slot)
 
     def _offer_free_capacity(self, slot: _Slot, now_ms: int, request_id: str, actor: str) -> None:
         """Give freed capacity to the head of the line, one hold per free place."""
@@ -834,7 +845,7 @@ class ShardCore:
                     actor=actor,
                     slot_id=slot.id,
                     removed_seq=entry.seq,
-                    total_in_queue=len(slot.line),
+                    total_in_queue=slot.line.size,
                 )
             )
 
@@ -859,7 +870,7 @@ class ShardCore:
                 change="joined",
             )
         )
-        self._dirty_slots[slot.id] = None
+        self._changed(slot)
         return entry
 
     def _remove_from_line(
@@ -874,10 +885,10 @@ class ShardCore:
                 actor=actor,
                 slot_id=slot.id,
                 removed_seq=entry.seq,
-                total_in_queue=len(slot.line),
+                total_in_queue=slot.line.size,
             )
         )
-        self._dirty_slots[slot.id] = None
+        self._changed(slot)
 
     def _expire_waiting(
         self, slot: _Slot, now_ms: int, trigger: str, request_id: str, actor: str
@@ -955,6 +966,11 @@ class ShardCore:
             del self._slots_by_resource[slot.resource_id]
         self._dirty_slots.pop(slot.id, None)
 
+    def _changed(self, slot: _Slot) -> None:
+        """Every change to a slot's counts, line or settings passes here."""
+        slot.cached_view = None
+        self._dirty_slots[slot.id] = None
+
     def _emit(self, event: AnyEvent) -> None:
         self._events.append(event)
         self._events_total += 1
@@ -987,10 +1003,10 @@ class ShardCore:
             )
 
     def _check_room_in_line(self, slot: _Slot) -> None:
-        if len(slot.line) >= slot.policy.queue_size_max:
+        if slot.line.size >= slot.policy.queue_size_max:
             raise errors.QueueFull(
                 "the slot and its waiting queue are full",
-                {"queueLength": len(slot.line), "maxSize": slot.policy.queue_size_max},
+                {"queueLength": slot.line.size, "maxSize": slot.policy.queue_size_max},
             )
 
     def _check_slot_shape(self, start_ms: int, end_ms: int, capacity: int, now_ms: int) -> None:
@@ -1020,7 +1036,11 @@ class ShardCore:
     # == views ==================================================================
 
     def _slot_view(self, slot: _Slot, now_ms: int) -> SlotView:
-        return SlotView(
+        ended = now_ms >= slot.end_ms
+        view = slot.cached_view
+        if view is not None and slot.cached_view_ended is ended:
+            return view
+        view = SlotView(
             id=slot.id,
             resource_id=slot.resource_id,
             domain=slot.domain,
@@ -1031,11 +1051,14 @@ class ShardCore:
             held_count=slot.held,
             available=slot.available,
             status=slot.status(now_ms),
-            queue_length=len(slot.line),
+            queue_length=slot.line.size,
             blocked=slot.blocked,
             metadata=slot.metadata,
             version=slot.version,
         )
+        slot.cached_view = view
+        slot.cached_view_ended = ended
+        return view
 
     def _queue_view(self, slot: _Slot, entry: QueueEntry, now_ms: int) -> QueueView:
         position = (
@@ -1053,7 +1076,7 @@ class ShardCore:
             user_id=entry.user_id,
             status=entry.status,
             position=position,
-            total_in_queue=len(slot.line),
+            total_in_queue=slot.line.size,
             estimated_wait_seconds=wait_s,
             estimated_wait_time=describe_wait(wait_s),
             joined_at_ms=entry.joined_at_ms,
@@ -1124,7 +1147,8 @@ class ShardCore:
             waiting = {u for u, e in slot.entries.items() if e.status is QueueStatus.WAITING}
             require(waiting == set(slot.line), f"slot {slot.id}: line and entries disagree")
             require(
-                len(slot.line) <= slot.policy.queue_size_max, f"slot {slot.id}: line over its size"
+                len(list(slot.line)) <= slot.policy.queue_size_max,
+                f"slot {slot.id}: line over its size",
             )
             for user_id, entry in slot.entries.items():
                 if entry.status is QueueStatus.NOTIFIED:
@@ -1143,11 +1167,13 @@ class ShardCore:
                     )
             if slot.status(now_ms) in SLOT_TAKES_HOLDS:
                 require(
-                    slot.available == 0 or not slot.line,
+                    slot.available == 0 or not slot.line.size,
                     f"slot {slot.id}: free capacity while users wait",
                 )
             if slot.ended:
-                require(not slot.active_by_user and not slot.line, f"ended slot {slot.id} active")
+                require(
+                    not slot.active_by_user and not slot.line.size, f"ended slot {slot.id} active"
+                )
         for booking in self._bookings.values():
             if booking.status in BOOKING_FINAL or booking.status is BookingStatus.CONFIRMED:
                 continue

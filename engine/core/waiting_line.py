@@ -32,9 +32,12 @@ class WaitingLine:
         self._next_seq = 1
         # Times (ms) at which a user left the front of the line.
         self._advances_ms: deque[int] = deque(maxlen=WAIT_ESTIMATE_SAMPLES_MAX)
+        # The number of waiting users, as a plain attribute: the shard reads it
+        # on every reserve, and a method call there is measurable.
+        self.size = 0
 
     def __len__(self) -> int:
-        return len(self._seq_of)
+        return self.size
 
     def __contains__(self, user_id: object) -> bool:
         return user_id in self._seq_of
@@ -68,6 +71,7 @@ class WaitingLine:
         seq = self._order.pop(0)
         user_id = self._user_of.pop(seq)
         del self._seq_of[user_id]
+        self.size -= 1
         self._advances_ms.append(now_ms)
         return user_id
 
@@ -77,6 +81,7 @@ class WaitingLine:
         was_head = self._order[0] == seq
         self._order.remove(seq)
         del self._user_of[seq]
+        self.size -= 1
         if was_head:
             self._advances_ms.append(now_ms)
         return seq
@@ -110,13 +115,17 @@ class WaitingLine:
         return int(position * interval)
 
     def check(self) -> None:
-        require(len(self._order) == len(self._seq_of) == len(self._user_of), "line sizes differ")
+        require(
+            self.size == len(self._order) == len(self._seq_of) == len(self._user_of),
+            "line sizes differ",
+        )
         for user_id, seq in self._seq_of.items():
             require(self._user_of.get(seq) == user_id, f"line maps disagree for {user_id}")
             require(seq < self._next_seq, "sequence number from the future")
         require(list(self._order) == sorted(self._user_of), "line order broken")
 
     def _insert(self, user_id: str, seq: int) -> None:
+        self.size += 1
         self._order.add(seq)
         self._seq_of[user_id] = seq
         self._user_of[seq] = user_id
