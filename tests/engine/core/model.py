@@ -31,6 +31,7 @@ from engine.core.limits import (
     ENDED_SLOT_RETENTION_MS,
     FINAL_BOOKING_RETENTION_MS,
     IDEMPOTENCY_RETENTION_MS,
+    LIST_LIMIT_MAX,
     REQUEST_OUTCOMES_RETENTION_MS,
     SLOT_CAPACITY_MAX,
     SLOT_DURATION_MAX_MS,
@@ -183,6 +184,7 @@ class MBooking:
     status: str
     expires_at_ms: int
     via_queue: bool
+    reserved_at_ms: int
     final_at_ms: int | None = None
 
 
@@ -205,6 +207,7 @@ class ShardModel:
         self.bookings: dict[str, MBooking] = {}
         # RESERVED booking ids (the model's hold timers)
         self.holds: set[str] = set()
+        self.by_user: dict[str, set[str]] = collections.defaultdict(set)
         self.forgotten_bookings: set[str] = set()
         self._finals: collections.deque[tuple[int, str]] = collections.deque()
         self._ended: collections.deque[tuple[int, str]] = collections.deque()
@@ -228,7 +231,7 @@ class ShardModel:
                 self.touched.add(slot.id)
         while self._finals and self._finals[0][0] + FINAL_BOOKING_RETENTION_MS <= now_ms:
             _, booking_id = self._finals.popleft()
-            del self.bookings[booking_id]
+            self.by_user[self.bookings.pop(booking_id).user_id].discard(booking_id)
             self.forgotten_bookings.add(booking_id)
         while self._ended and self._ended[0][0] + ENDED_SLOT_RETENTION_MS <= now_ms:
             _, slot_id = self._ended.popleft()
@@ -320,10 +323,12 @@ class ShardModel:
                 status=RESERVED,
                 expires_at_ms=record.expires_at_ms,
                 via_queue=record.via_queue,
+                reserved_at_ms=record.reserved_at_ms,
             )
             slot.active[user] = record.id
             slot.held += 1
             self.holds.add(record.id)
+            self.by_user[user].add(record.id)
             return
         booking = self.bookings.get(record.id)
         expect(booking is not None, f"event for unknown booking {record.id}")
@@ -709,6 +714,44 @@ class ShardModel:
             return Expected(200)
         raise ModelMismatch(f"no prediction for {command!r}")
 
+    def list_slots(self, command: ListSlots) -> list[str]:
+        """Slot ids by (start, id) after the cursor, filtered, at most ``limit``."""
+        limit = max(1, min(command.limit, LIST_LIMIT_MAX))
+        ids: list[str] = []
+        for slot in sorted(self.slots.values(), key=lambda s: (s.start_ms, s.id)):
+            key = (slot.start_ms, slot.id)
+            if command.after is not None and key <= command.after:
+                continue
+            if command.from_ms is not None and slot.start_ms < command.from_ms:
+                continue
+            if command.to_ms is not None and slot.start_ms >= command.to_ms:
+                continue
+            if command.resource_id is not None and slot.resource_id != command.resource_id:
+                continue
+            status = slot.status(self.now_ms)
+            if command.status is not None and status != command.status.value:
+                continue
+            if command.available_only and not (slot.takes_holds(self.now_ms) and slot.available):
+                continue
+            ids.append(slot.id)
+        return ids[:limit]
+
+    def list_bookings(self, command: ListBookings) -> list[str]:
+        """A user's booking ids, newest first, before the cursor, filtered, at most ``limit``."""
+        limit = max(1, min(command.limit, LIST_LIMIT_MAX))
+        mine = sorted(
+            (self.bookings[b] for b in self.by_user.get(command.user_id, ())),
+            key=lambda b: (b.reserved_at_ms, b.id),
+            reverse=True,
+        )
+        ids = [
+            b.id
+            for b in mine
+            if (command.after is None or (b.reserved_at_ms, b.id) < command.after)
+            and (command.status is None or b.status == command.status.value)
+        ]
+        return ids[:limit]
+
     def _good_shape(self, start_ms: int, end_ms: int, capacity: int) -> bool:
         return (
             1 <= capacity <= SLOT_CAPACITY_MAX
@@ -919,8 +962,12 @@ class ShardHarness:
         if isinstance(result, SlotResult):
             model.check_view(result.slot)
         elif isinstance(result, SlotPage):
+            assert isinstance(command, ListSlots)
             for view in result.items:
                 model.check_view(view)
+            listed = [view.id for view in result.items]
+            wanted = model.list_slots(command)
+            expect(listed == wanted, f"listed {listed}, the model lists {wanted}: {context}")
         elif isinstance(result, BookingResult):
             record = result.booking
             booking = model.bookings.get(record.id)
@@ -947,12 +994,16 @@ class ShardHarness:
                 refund = 100 if command.as_admin else slot_policy.refund_percentage
                 expect(record.refund_percentage == refund, f"wrong refund in {context}")
         elif isinstance(result, BookingPage):
+            assert isinstance(command, ListBookings)
             for record in result.items:
                 booking = model.bookings.get(record.id)
                 expect(
                     booking is not None and booking.status == record.status.value,
                     f"listed booking {record.id} differs from the model",
                 )
+            listed = [record.id for record in result.items]
+            wanted = model.list_bookings(command)
+            expect(listed == wanted, f"listed {listed}, the model lists {wanted}: {context}")
         elif isinstance(result, QueueResult):
             view = result.entry
             slot = model.slots[view.slot_id]

@@ -398,7 +398,23 @@ class Simulation:
         self.send(ListBookings(request_id=self.request_id(), user_id=self.user(), limit=20))
 
     def list_slots(self) -> None:
-        self.send(ListSlots(request_id=self.request_id(), limit=20, available_only=True))
+        rng = self.rng
+        after = None
+        if self.live and rng.random() < 0.5:
+            slot = self.h.model.slots.get(rng.choice(self.live))
+            after = (slot.start_ms, slot.id) if slot is not None else None
+        from_ms = self.h.now_ms + rng.randint(-HOUR_MS, 4 * HOUR_MS)
+        self.send(
+            ListSlots(
+                request_id=self.request_id(),
+                resource_id=rng.choice(self.resources) if rng.random() < 0.3 else None,
+                from_ms=from_ms if rng.random() < 0.3 else None,
+                to_ms=from_ms + rng.randint(0, 4 * HOUR_MS) if rng.random() < 0.3 else None,
+                available_only=rng.random() < 0.5,
+                limit=rng.choice((5, 20, 50)),
+                after=after,
+            )
+        )
 
     def update_slot(self) -> None:
         slot_id = self.slot()
