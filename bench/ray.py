@@ -155,40 +155,45 @@ class Caller:
                 self._window.errors += 1
 
     async def _cycle(self) -> None:
+        # Flat on purpose: a helper coroutine per operation would cost the callers
+        # a measurable share of the driver's time.
+        execute = self._client.execute
+        record = self._record
         user_id = self._user_id
         ids = self._ids
         slot_id = self._slots[self._rng.randrange(len(self._slots))]
-        held = await self._timed(p.Reserve(request_id=ids.next(), slot_id=slot_id, user_id=user_id))
-        if isinstance(held, p.BookingResult):
-            await self._confirm_and_cancel(held.booking.id)
-        elif isinstance(held, p.QueueResult):
-            position = await self._timed(
-                p.QueuePosition(request_id=ids.next(), slot_id=slot_id, user_id=user_id)
-            )
-            offered = position.entry.booking_id if isinstance(position, p.QueueResult) else None
-            if offered is not None:
-                await self._confirm_and_cancel(offered)
-            else:
-                await self._timed(
-                    p.LeaveQueue(request_id=ids.next(), slot_id=slot_id, user_id=user_id)
-                )
-
-    async def _confirm_and_cancel(self, booking_id: str) -> None:
-        ids = self._ids
-        confirmed = await self._timed(
-            p.Confirm(request_id=ids.next(), booking_id=booking_id, user_id=self._user_id)
-        )
-        if isinstance(confirmed, p.BookingResult):
-            await self._timed(
-                p.Cancel(request_id=ids.next(), booking_id=booking_id, user_id=self._user_id)
-            )
-
-    async def _timed(self, command: p.AnyCommand) -> p.AnyResult:
+        command: p.AnyCommand = p.Reserve(request_id=ids.next(), slot_id=slot_id, user_id=user_id)
         started_ns = time.perf_counter_ns()
-        result = await self._client.execute(command)
+        held = await execute(command)
+        record(command, held, started_ns)
+        booking_id: str | None = None
+        if isinstance(held, p.BookingResult):
+            booking_id = held.booking.id
+        elif isinstance(held, p.QueueResult):
+            command = p.QueuePosition(request_id=ids.next(), slot_id=slot_id, user_id=user_id)
+            started_ns = time.perf_counter_ns()
+            position = await execute(command)
+            record(command, position, started_ns)
+            if isinstance(position, p.QueueResult):
+                booking_id = position.entry.booking_id
+            if booking_id is None:
+                command = p.LeaveQueue(request_id=ids.next(), slot_id=slot_id, user_id=user_id)
+                started_ns = time.perf_counter_ns()
+                record(command, await execute(command), started_ns)
+        if booking_id is None:
+            return
+        command = p.Confirm(request_id=ids.next(), booking_id=booking_id, user_id=user_id)
+        started_ns = time.perf_counter_ns()
+        confirmed = await execute(command)
+        record(command, confirmed, started_ns)
+        if isinstance(confirmed, p.BookingResult):
+            command = p.Cancel(request_id=ids.next(), booking_id=booking_id, user_id=user_id)
+            started_ns = time.perf_counter_ns()
+            record(command, await execute(command), started_ns)
+
+    def _record(self, command: p.AnyCommand, result: p.AnyResult, started_ns: int) -> None:
         answer = result.code if isinstance(result, p.Failure) else result.status
         self._window.record(time.perf_counter_ns() - started_ns, (type(command), answer))
-        return result
 
 
 async def _create_slots(client: EngineClient, count: int, capacity: int) -> list[str]:

@@ -3,8 +3,11 @@
 ``EngineClient.execute(command)`` routes a command to its shard and waits for
 its result. Commands for one shard that arrive in the same turn of the event
 loop leave together as one encoded batch (at most ``BATCH_COMMANDS_MAX``), with
-up to ``BATCHES_IN_FLIGHT_MAX`` batches in flight per shard; a batch is flushed
-on the next loop iteration, never on a timer, so a lone command pays no delay.
+up to ``BATCHES_IN_FLIGHT_MAX`` batches in flight per shard. A batch is flushed
+on the next loop iteration, never on a timer, so a lone command pays no delay;
+under load, a batch that is not full waits for the reply already in flight to
+its shard and grows meanwhile (``PARTIAL_BATCHES_IN_FLIGHT_MAX``), because a
+Ray call costs far more than a command.
 
 It owns the per-shard queues of waiting commands and the retry policy. A batch
 that failed because its actor died is resent as the same bytes (the same
