@@ -15,10 +15,12 @@ from typing import Any
 import pytest
 
 from engine.core import protocol as p
+from engine.core.routing import make_slot_id
 from engine.shell.coalescer import EngineClient
-from engine.shell.errors import ShardFailed
+from engine.shell.errors import ShardFailed, ShardUnavailable
 from engine.shell.ray_actor import (
     RayShardTransport,
+    ShardIdentity,
     kill_shard_actors,
     spawn_shard_actors,
     wait_shards_ready,
@@ -112,11 +114,17 @@ async def test_ray_kill_with_restart_comes_back_serving(
     before = await transport.identity(0, TIMEOUT_MS)
 
     ray.kill(transport.handle(0), no_restart=False)
-    slot_id = await engine.slot(capacity=1)
+    # The kill is asynchronous: this may reach the old process or the new one, and the
+    # caller must not notice which.
+    assert (await engine.run(p.GetSlot, slot_id=_any_slot_id())).status == 404
 
+    after = await wait_until(
+        lambda: _identity_or_none(transport),
+        lambda identity: identity is not None and identity.pid != before.pid,
+    )
+    assert after.restarted
+    slot_id = await engine.slot(capacity=1)
     assert (await engine.reserve(slot_id, "alice")).status == 201
-    after = await transport.identity(0, TIMEOUT_MS)
-    assert after.pid != before.pid
     assert engine.client.statistics().failed_batches == 0
 
 
@@ -140,3 +148,14 @@ async def test_an_actor_killed_for_good_is_replaced_under_its_name(
 
 async def _async(value: Any) -> Any:
     return value
+
+
+def _any_slot_id() -> str:
+    return make_slot_id("nowhere", uuid.uuid4().hex)
+
+
+async def _identity_or_none(transport: RayShardTransport) -> ShardIdentity | None:
+    try:
+        return await transport.identity(0, TIMEOUT_MS)
+    except ShardUnavailable:
+        return None
