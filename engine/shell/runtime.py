@@ -28,6 +28,7 @@ import msgspec
 
 from engine.core import limits
 from engine.core.clock import Clock
+from engine.core.errors import require
 from engine.core.policy import DomainPolicy
 from engine.core.protocol import AnyEvent, AnyResult, BatchCodec
 from engine.core.shard import ShardCore, ShardStatistics
@@ -273,7 +274,16 @@ class ShardRuntime:
         )
 
     def check_invariants(self) -> None:
+        """The core's invariants, and that no deadline of the core is left without a wake-up."""
         self._core.check_invariants(self._clock.now_ms())
+        deadline_ms = self._core.next_deadline_ms()
+        if self._loop is None or self._fatal is not None or deadline_ms is None:
+            return
+        armed_ms = self._timer_deadline_ms
+        require(
+            self._timer is not None and armed_ms is not None and armed_ms <= deadline_ms,
+            f"shard {self._shard_id}: deadline {deadline_ms} but the timer is armed for {armed_ms}",
+        )
 
     def _hand_off_events(self) -> None:
         events = self._core.drain_events()

@@ -202,3 +202,14 @@ def test_the_system_clock_never_goes_backwards(monkeypatch: pytest.MonkeyPatch) 
     clock = SystemClock()
 
     assert [clock.now_ms(), clock.now_ms(), clock.now_ms()] == [5_000, 5_000, 6_000]
+
+
+async def test_a_deadline_without_an_armed_timer_breaks_an_invariant(shard: Shard) -> None:
+    create = shard.create_slot()
+    await shard.send(create, shard.reserve(create.slot_id, "alice"))
+    shard.runtime.check_invariants()
+
+    shard.runtime.close()
+
+    with pytest.raises(InvariantViolation, match="armed"):
+        shard.runtime.check_invariants()
