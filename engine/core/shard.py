@@ -32,7 +32,8 @@ are also asserted where counts change):
   * every RESERVED booking has a hold timer at its ``expires_at_ms``.
 """
 
-import uuid
+import itertools
+import secrets
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
@@ -131,8 +132,6 @@ class _Slot:
     __slots__ = (
         "active_by_user",
         "blocked",
-        "cached_view",
-        "cached_view_ended",
         "capacity",
         "confirmed",
         "domain",
@@ -142,7 +141,7 @@ class _Slot:
         "held",
         "id",
         "line",
-        "metadata",
+        "metadata_packed",
         "policy",
         "resource_id",
         "start_ms",
@@ -158,7 +157,7 @@ class _Slot:
         self.end_ms = command.end_ms
         self.capacity = command.capacity
         self.blocked = command.blocked
-        self.metadata: dict[str, Any] = dict(command.metadata)
+        self.metadata_packed = _pack(command.metadata)
         self.version = 1
         self.confirmed = 0
         self.held = 0
@@ -168,10 +167,6 @@ class _Slot:
         # user id -> that user's latest queue entry, whatever its status
         self.entries: dict[str, QueueEntry] = {}
         self.ended = False
-        # The last view built, valid until the slot changes (``ShardCore._changed``
-        # clears it) or the clock crosses its end (``cached_view_ended`` differs).
-        self.cached_view: SlotView | None = None
-        self.cached_view_ended = False
 
     @property
     def available(self) -> int:
@@ -195,6 +190,11 @@ class _Slot:
         )
 
 
+_pack = msgspec.msgpack.Encoder().encode
+_unpack = msgspec.msgpack.Decoder(dict[str, Any]).decode
+_EMPTY_PACKED = _pack({})
+
+
 def _fingerprint(command: AnyCommand) -> bytes:
     neutral = msgspec.structs.replace(command, request_id="", idempotency_key=None)
     return msgspec.msgpack.encode(neutral)
@@ -215,7 +215,16 @@ class ShardCore:
         self.shard_id = shard_id
         self.shard_count = shard_count
         self._policies = dict(policies)
-        self._new_unique = new_unique or (lambda: uuid.uuid4().hex)
+        if new_unique is None:
+            # A random prefix per incarnation and a counter: unique across
+            # restarts and shards, and far cheaper than a uuid4 per booking.
+            prefix = secrets.token_hex(8)
+            counter = itertools.count(1)
+
+            def new_unique() -> str:
+                return f"{prefix}{next(counter):x}"
+
+        self._new_unique: Callable[[], str] = new_unique
         self._now_ms = now_ms
         self._slots: dict[str, _Slot] = {}
         self._slots_by_resource: dict[str, set[str]] = {}
@@ -420,7 +429,7 @@ class ShardCore:
             self._timers.schedule(("end", slot.id), end_ms)
         slot.capacity = capacity
         if command.metadata is not None:
-            slot.metadata = dict(command.metadata)
+            slot.metadata_packed = _pack(command.metadata)
         if command.blocked is not None:
             slot.blocked = command.blocked
         slot.version += 1
@@ -968,7 +977,6 @@ class ShardCore:
 
     def _changed(self, slot: _Slot) -> None:
         """Every change to a slot's counts, line or settings passes here."""
-        slot.cached_view = None
         self._dirty_slots[slot.id] = None
 
     def _emit(self, event: AnyEvent) -> None:
@@ -1036,11 +1044,7 @@ class ShardCore:
     # == views ==================================================================
 
     def _slot_view(self, slot: _Slot, now_ms: int) -> SlotView:
-        ended = now_ms >= slot.end_ms
-        view = slot.cached_view
-        if view is not None and slot.cached_view_ended is ended:
-            return view
-        view = SlotView(
+        return SlotView(
             id=slot.id,
             resource_id=slot.resource_id,
             domain=slot.domain,
@@ -1049,16 +1053,15 @@ class ShardCore:
             capacity=slot.capacity,
             current_bookings=slot.confirmed,
             held_count=slot.held,
-            available=slot.available,
+            available=slot.capacity - slot.confirmed - slot.held,
             status=slot.status(now_ms),
             queue_length=slot.line.size,
             blocked=slot.blocked,
-            metadata=slot.metadata,
+            # Every view gets its own copy: a caller editing a reply cannot
+            # reach the shard's state or another reply.
+            metadata=_unpack(slot.metadata_packed) if slot.metadata_packed != _EMPTY_PACKED else {},
             version=slot.version,
         )
-        slot.cached_view = view
-        slot.cached_view_ended = ended
-        return view
 
     def _queue_view(self, slot: _Slot, entry: QueueEntry, now_ms: int) -> QueueView:
         position = (

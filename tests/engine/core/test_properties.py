@@ -531,12 +531,6 @@ def test_a_command_stamped_before_the_shards_clock_gets_a_hold_from_the_shards_c
     core.check_invariants(START_MS + 10_000)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="SlotView.metadata is the slot's live dict (ShardCore._slot_view), so a caller"
-    " that edits a reply's metadata edits the shard and every queued event; records.py"
-    " promises replies and events are detached copies",
-)
 def test_editing_a_replys_slot_metadata_does_not_edit_the_shard() -> None:
     core = ShardHarness(POLICIES, START_MS).core
     slot_id = make_slot_id("r0", "1")
