@@ -287,26 +287,29 @@ def _prepared_core(args: argparse.Namespace, setup: list[p.AnyCommand]) -> Shard
     return core
 
 
-def _replay(core: ShardCore, batches: Batches) -> tuple[list[float], int, list[p.AnyResult]]:
+def _replay(core: ShardCore, batches: Batches) -> tuple[list[float], float, int, list[p.AnyResult]]:
     """The measured loop: execute every batch, drain its events.
 
-    Returns the seconds each quarter of the batches took, the events drained
-    and the results.
+    Returns the wall seconds each quarter of the batches took, the CPU seconds
+    of the whole loop (what other processes on the machine cannot inflate),
+    the events drained and the results.
     """
     execute = core.execute
     drain = core.drain_events
     results: list[p.AnyResult] = []
     keep = results.append
     events = 0
-    quarter = max(1, len(batches) // 4)
+    ends = _quarter_ends(batches)
+    cpu_started = time.process_time()
     marks = [time.perf_counter()]
     for index, (now_ms, batch) in enumerate(batches, 1):
         for command in batch:
             keep(execute(command, now_ms))
         events += len(drain())
-        if index % quarter == 0 or index == len(batches):
+        if index in ends:
             marks.append(time.perf_counter())
-    return [later - earlier for earlier, later in itertools.pairwise(marks)], events, results
+    cpu_s = time.process_time() - cpu_started
+    return [b - a for a, b in itertools.pairwise(marks)], cpu_s, events, results
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -317,17 +320,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     generate_s = time.perf_counter() - generating
 
     seconds: list[float] = []
+    cpu_seconds: list[float] = []
     quarters: list[float] = []
     events = 0
     stats: Any = None
     for _ in range(max(1, args.repeat)):
         core = _prepared_core(args, scout.setup)
         gc.collect()
-        parts, events, results = _replay(core, batches)
+        parts, cpu_s, events, results = _replay(core, batches)
         elapsed = sum(parts)
         if not seconds or elapsed < min(seconds):
             quarters = parts
         seconds.append(elapsed)
+        cpu_seconds.append(cpu_s)
         got = [_outcome(c, r) for c, r in zip(_commands(batches), results, strict=True)]
         if got != scout.answers:
             raise RuntimeError("a measured run answered differently from the scout run")
@@ -343,6 +348,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "seconds": round(best_s, 4),
         "ops_per_s": round(ops / best_s),
         "ops_per_s_median": round(ops / statistics.median(seconds)),
+        # Per second of this process's CPU time: steadier on a shared machine.
+        "ops_per_cpu_s": round(ops / min(cpu_seconds)),
         "runs_s": [round(s, 4) for s in seconds],
         # Throughput per quarter of the best run: the state (and the memory of
         # request outcomes) grows as the run goes on.
@@ -372,14 +379,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return summary
 
 
+def _quarter_ends(batches: Batches) -> set[int]:
+    """The 1-based batch numbers that close each quarter of the run."""
+    return {max(1, len(batches) * k // 4) for k in range(1, 5)}
+
+
 def _quarter_ops(batches: Batches) -> list[int]:
     """Commands in each stretch that ``_replay`` times separately."""
-    quarter = max(1, len(batches) // 4)
+    ends = _quarter_ends(batches)
     counts: list[int] = []
     pending = 0
     for index, (_, batch) in enumerate(batches, 1):
         pending += len(batch)
-        if index % quarter == 0 or index == len(batches):
+        if index in ends:
             counts.append(pending)
             pending = 0
     return counts
