@@ -51,6 +51,9 @@ REPLY_COMPRESS_ABOVE_BYTES: Final = 64 * 1024
 # zlib's fastest level: ~0.6 us per command of a full batch, a fraction of the
 # object store's cost.
 REPLY_COMPRESS_LEVEL: Final = 1
+# Until storage takes the events, an actor keeps only the latest few for
+# inspection: an event holds copies of a booking and a slot (~1 KiB each).
+ACTOR_RECENT_EVENTS_MAX: Final = 10_000
 # A shard allocates a few objects per command and keeps hundreds of thousands
 # alive (bookings, timers, remembered outcomes). With CPython's default
 # threshold of 700 the collector took about a sixth of a busy shard's time
@@ -96,7 +99,7 @@ class ShardActor:
             shard_count=shard_count,
             policies=policies,
             clock=SystemClock(),
-            sink=MemoryEventSink(),
+            sink=MemoryEventSink(events_max=ACTOR_RECENT_EVENTS_MAX),
             on_fatal=_exit_after_failure,
         )
 
