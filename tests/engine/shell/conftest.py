@@ -126,7 +126,7 @@ async def wait_until(
 
 @pytest.fixture(scope="session")
 def ray_cluster() -> Iterator[str]:
-    """A real local Ray for the whole session; yields its namespace."""
+    """A real local Ray for the whole test run; yields its namespace."""
     import ray
 
     temp_dir = tempfile.mkdtemp(prefix="ray-")
