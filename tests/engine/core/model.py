@@ -143,7 +143,11 @@ class MSlot:
     # user -> the status of that user's latest queue entry (gone after leaving)
     entries: dict[str, str] = field(default_factory=dict)
     entry_booking: dict[str, str | None] = field(default_factory=dict)
+    # user -> the latest time the user may have been seen (a repeat past the
+    # retention window may or may not have run again, and a run touches) ...
     last_seen_ms: dict[str, int] = field(default_factory=dict)
+    # ... and the latest time the user was surely seen.
+    surely_seen_ms: dict[str, int] = field(default_factory=dict)
     # user -> id of that user's RESERVED or CONFIRMED booking of this slot
     active: dict[str, str] = field(default_factory=dict)
     last_offered_seq: int = 0
@@ -186,6 +190,7 @@ class MBooking:
     via_queue: bool
     reserved_at_ms: int
     final_at_ms: int | None = None
+    version: int = 1
 
 
 class ShardModel:
@@ -280,7 +285,7 @@ class ShardModel:
             if slot is not None and slot.ended_at_ms is None:
                 # Neither ended nor deleted: the inactivity timeout, never early.
                 expect(
-                    slot.last_seen_ms[user] + slot.policy.queue_inactivity_ms <= at_ms,
+                    slot.surely_seen_ms[user] + slot.policy.queue_inactivity_ms <= at_ms,
                     f"{user} timed out of {slot_id}'s queue early",
                 )
 
@@ -316,6 +321,10 @@ class ShardModel:
                 record.expires_at_ms == self.now_ms + ttl_ms,
                 f"hold {record.id} expires at {record.expires_at_ms}, not now + {ttl_ms}",
             )
+            expect(
+                record.reserved_at_ms == self.now_ms and record.version == 1,
+                f"new hold {record.id}: reserved at {record.reserved_at_ms}, v{record.version}",
+            )
             self.bookings[record.id] = MBooking(
                 id=record.id,
                 user_id=user,
@@ -341,6 +350,22 @@ class ShardModel:
         slot = self.slots.get(booking.slot_id)
         expect(slot is not None, f"{record.id} changed on a slot that is gone")
         assert slot is not None
+        expect(
+            record.version == booking.version + 1,
+            f"{record.id} went from version {booking.version} to {record.version}",
+        )
+        booking.version = record.version
+        stamp = {
+            CONFIRMED: record.confirmed_at_ms,
+            CANCELLED: record.cancelled_at_ms,
+            COMPLETED: record.completed_at_ms,
+        }.get(moved[1], self.now_ms)
+        expect(stamp == self.now_ms, f"{record.id} {moved[1]} stamped {stamp}, not now")
+        if moved[1] == CANCELLED:
+            expect(
+                record.refund_percentage is not None and record.cancelled_by is not None,
+                f"{record.id} cancelled without refund or canceller",
+            )
         if moved == (RESERVED, CONFIRMED):
             expect(self.now_ms < booking.expires_at_ms, f"{record.id} confirmed after its deadline")
             slot.held -= 1
@@ -387,7 +412,7 @@ class ShardModel:
             slot.line.append((entry.seq, user))
             slot.entries[user] = WAITING
             slot.entry_booking[user] = None
-            slot.last_seen_ms[user] = self.now_ms
+            slot.last_seen_ms[user] = slot.surely_seen_ms[user] = self.now_ms
         elif change == "notified":
             expect(
                 bool(slot.line) and slot.line[0] == (entry.seq, user),
@@ -444,6 +469,7 @@ class ShardModel:
             del slot.entries[user]
             slot.entry_booking.pop(user, None)
             slot.last_seen_ms.pop(user, None)
+            slot.surely_seen_ms.pop(user, None)
         else:
             raise ModelMismatch(f"unknown queue change {change!r}")
 
@@ -852,6 +878,11 @@ class ShardHarness:
         self.model.observe_time(now_ms)
         events = self.core.drain_events()
         self._count_events(events)
+        for event in events:
+            expect(
+                (event.request_id, event.actor) == ("", "system"),
+                f"a timer's event names a request or a caller: {event!r}",
+            )
         self.model.apply(events)
         self.tally["advance"] += 1
         return events
@@ -930,6 +961,12 @@ class ShardHarness:
             self.tally[f"{type(command).__name__} {got}"] += 1
             if isinstance(result, Failure):
                 expect(not events, f"a refused command emitted events: {context}: {events}")
+        for event in events:
+            counts = isinstance(event, SlotChanged) and event.change == "counts"
+            expect(
+                event.request_id == ("" if counts else command.request_id),
+                f"event {event!r} names request {event.request_id!r}: {context}",
+            )
         if before is not None:
             after = self.snapshot()
             expect(before == after, f"a refused or replayed command changed the state: {context}")
@@ -937,6 +974,12 @@ class ShardHarness:
         model.apply(events)
         if not replayed:
             self._check_result(command, result, context)
+        elif sure_replay is None and isinstance(result, QueueResult):
+            # Answered like the first time, but it may have run again: then it
+            # counted as activity (a touch changes nothing else).
+            slot = model.slots.get(result.entry.slot_id)
+            if slot is not None and slot.entries.get(result.entry.user_id) == WAITING:
+                slot.last_seen_ms[result.entry.user_id] = now_ms
         model.check_structure(model.touched)
 
         if not replayed:
@@ -1016,6 +1059,13 @@ class ShardHarness:
                 f"position {view.position}, model {slot.position(view.user_id)}: {context}",
             )
             expect(view.total_in_queue == len(slot.line), f"total differs: {context}")
+            waiting = view.status.value == WAITING
+            expect(
+                (view.estimated_wait_seconds is not None) == waiting
+                and (view.estimated_wait_time is not None) == waiting
+                and (view.estimated_wait_seconds or 0) >= 0,
+                f"wait estimate {view.estimated_wait_seconds} for a {view.status}: {context}",
+            )
             model.check_view(view.slot)
             if status == NOTIFIED:
                 expect(
@@ -1026,7 +1076,7 @@ class ShardHarness:
                 )
             if status == WAITING:
                 # Reserve, join and position count as activity for the inactivity timeout.
-                slot.last_seen_ms[view.user_id] = now_ms
+                slot.last_seen_ms[view.user_id] = slot.surely_seen_ms[view.user_id] = now_ms
             if isinstance(command, (Reserve, JoinQueue)) and result.status in (201, 202):
                 expect(view.position == len(slot.line), f"a new entry is not last: {context}")
         elif isinstance(result, Done):
