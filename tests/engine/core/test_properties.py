@@ -11,8 +11,10 @@ own ``check_invariants`` runs and every slot view, booking and counter is
 compared with the model. A refused or replayed command must leave every
 observable part of the state as it was.
 
-The last tests show that these checks can fail: each corrupts a copy of the
-model, the event stream or the shard and expects the check to say so.
+Two regression tests pin core bugs found while writing these (a command
+stamped by a lagging clock, a reply's metadata shared with the shard). The
+last tests show that the checks can fail: each corrupts a copy of the model,
+the event stream or the shard and expects the check to say so.
 """
 
 import copy
