@@ -34,6 +34,7 @@ are also asserted where counts change):
 
 import itertools
 import secrets
+from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
@@ -104,6 +105,7 @@ from engine.core.waiting_line import WaitingLine
 SYSTEM = "system"
 
 TimerKey = tuple[str, ...]
+IdempotencyScope = tuple[str, str, str]
 _R = TypeVar("_R", Booking, QueueEntry)
 
 
@@ -232,10 +234,14 @@ class ShardCore:
         self._bookings: dict[str, Booking] = {}
         self._bookings_by_user: dict[str, set[str]] = {}
         self._timers: TimerWheel[TimerKey] = TimerWheel(now_ms)
-        # request id -> (when, first result); insertion order is time order
-        self._outcomes: dict[str, tuple[int, AnyResult]] = {}
-        # (user, command, key) -> (fingerprint, first result)
-        self._idempotency: dict[tuple[str, str, str], tuple[bytes, AnyResult]] = {}
+        # request id -> first result, and (when, request id) oldest first for pruning
+        self._outcomes: dict[str, AnyResult] = {}
+        self._outcome_order: deque[tuple[int, str]] = deque()
+        # (user, command, key) -> (when, fingerprint, first result), and the same
+        # oldest first: every record has the same retention, so the oldest
+        # expires first and pruning never scans.
+        self._idempotency: dict[IdempotencyScope, tuple[int, bytes, AnyResult]] = {}
+        self._idempotency_order: deque[tuple[int, IdempotencyScope]] = deque()
         self._events: list[AnyEvent] = []
         self._dirty_slots: dict[str, None] = {}
         self._commands_total = 0
@@ -263,7 +269,6 @@ class ShardCore:
             "hold": self._on_hold_deadline,
             "end": self._on_slot_end,
             "idle": self._on_queue_idle,
-            "idem": self._on_idempotency_expiry,
             "forget-booking": self._on_forget_booking,
             "forget-slot": self._on_forget_slot,
         }
@@ -283,22 +288,24 @@ class ShardCore:
             prior = self._outcomes.get(request_id)
             if prior is not None:
                 self._replays_total += 1
-                return prior[1]
+                return prior
         key = getattr(command, "idempotency_key", None)
-        scope: tuple[str, str, str] | None = None
+        scope: IdempotencyScope | None = None
         fingerprint = b""
         try:
             if key is not None:
                 scope = (getattr(command, "user_id", ""), type(command).__name__, key)
                 fingerprint = _fingerprint(command)
                 stored = self._idempotency.get(scope)
+                if stored is not None and stored[0] + IDEMPOTENCY_RETENTION_MS <= now_ms:
+                    stored = None  # older than the retention: the key is free again
                 if stored is not None:
-                    if stored[0] != fingerprint:
+                    if stored[1] != fingerprint:
                         raise errors.IdempotencyKeyReused(
                             "this Idempotency-Key was used for a different request"
                         )
                     self._replays_total += 1
-                    return stored[1]
+                    return stored[2]
             result = self._handlers[type(command)](command, now_ms)
         except EngineError as refused:
             self._failures_total += 1
@@ -729,9 +736,6 @@ class ShardCore:
         entry.ended_at_ms = now_ms
         self._queue_transition(entry, QueueEvent.EXPIRE, "expired", now_ms, "", SYSTEM)
 
-    def _on_idempotency_expiry(self, key: TimerKey, now_ms: int) -> None:
-        self._idempotency.pop((key[1], key[2], key[3]), None)
-
     def _on_forget_booking(self, key: TimerKey, now_ms: int) -> None:
         booking = self._bookings.get(key[1])
         if booking is None or booking.status not in BOOKING_FINAL:
@@ -1092,27 +1096,27 @@ class ShardCore:
     # == remembered outcomes ====================================================
 
     def _remember_outcome(self, request_id: str, result: AnyResult, now_ms: int) -> None:
-        outcomes = self._outcomes
-        outcomes[request_id] = (now_ms, result)
-        # Pruning by age every 256 inserts keeps the check off the hot path;
-        # the count limit is exact.
-        if len(outcomes) & 0xFF and len(outcomes) <= REQUEST_OUTCOMES_MAX:
-            return
+        self._outcomes[request_id] = result
+        order = self._outcome_order
+        order.append((now_ms, request_id))
         oldest_allowed_ms = now_ms - REQUEST_OUTCOMES_RETENTION_MS
-        while len(outcomes) > REQUEST_OUTCOMES_MAX or (
-            outcomes and next(iter(outcomes.values()))[0] < oldest_allowed_ms
-        ):
-            del outcomes[next(iter(outcomes))]
+        while len(order) > REQUEST_OUTCOMES_MAX or order[0][0] < oldest_allowed_ms:
+            self._outcomes.pop(order.popleft()[1], None)
 
     def _remember_idempotency(
-        self, scope: tuple[str, str, str], fingerprint: bytes, result: AnyResult, now_ms: int
+        self, scope: IdempotencyScope, fingerprint: bytes, result: AnyResult, now_ms: int
     ) -> None:
-        self._idempotency[scope] = (fingerprint, result)
-        self._timers.schedule(("idem", *scope), now_ms + IDEMPOTENCY_RETENTION_MS)
-        if len(self._idempotency) > IDEMPOTENCY_RECORDS_MAX:
-            oldest = next(iter(self._idempotency))
-            del self._idempotency[oldest]
-            self._timers.cancel(("idem", *oldest))
+        records = self._idempotency
+        records[scope] = (now_ms, fingerprint, result)
+        order = self._idempotency_order
+        order.append((now_ms, scope))
+        expired_before_ms = now_ms - IDEMPOTENCY_RETENTION_MS
+        while len(order) > IDEMPOTENCY_RECORDS_MAX or order[0][0] <= expired_before_ms:
+            at_ms, old = order.popleft()
+            record = records.get(old)
+            # A key re-used after its retention has a newer record: keep that one.
+            if record is not None and record[0] == at_ms:
+                del records[old]
 
     # == invariants =============================================================
 
