@@ -197,6 +197,9 @@ _unpack = msgspec.msgpack.Decoder(dict[str, Any]).decode
 _EMPTY_PACKED = _pack({})
 
 
+_READ_ONLY: frozenset[type[Any]] = frozenset(READ_ONLY_COMMANDS)
+
+
 def _fingerprint(command: AnyCommand) -> bytes:
     neutral = msgspec.structs.replace(command, request_id="", idempotency_key=None)
     return msgspec.msgpack.encode(neutral)
@@ -277,51 +280,64 @@ class ShardCore:
 
     def execute(self, command: AnyCommand, now_ms: int) -> AnyResult:
         """Decide one command at ``now_ms``; never raises for a refused command."""
-        self.advance(now_ms)
-        # Decide at the shard's time: a caller's clock that lags must not give
-        # birth to a hold whose deadline has already passed.
-        now_ms = self._now_ms
+        if now_ms != self._now_ms:
+            self.advance(now_ms)
+            # Decide at the shard's time: a caller's clock that lags must not
+            # give birth to a hold whose deadline has already passed.
+            now_ms = self._now_ms
         self._commands_total += 1
+        kind = type(command)
+        if kind in _READ_ONLY:
+            try:
+                return self._handlers[kind](command, now_ms)
+            except EngineError as refused:
+                return self._refusal(refused)
         request_id = command.request_id
-        remembered = not isinstance(command, READ_ONLY_COMMANDS)
-        if remembered:
-            prior = self._outcomes.get(request_id)
-            if prior is not None:
-                self._replays_total += 1
-                return prior
+        prior = self._outcomes.get(request_id)
+        if prior is not None:
+            self._replays_total += 1
+            return prior
         key = getattr(command, "idempotency_key", None)
-        scope: IdempotencyScope | None = None
-        fingerprint = b""
+        if key is not None:
+            result = self._execute_with_key(command, key, now_ms)
+        else:
+            try:
+                result = self._handlers[kind](command, now_ms)
+            except EngineError as refused:
+                result = self._refusal(refused)
+        self._remember_outcome(request_id, result, now_ms)
+        return result
+
+    def _execute_with_key(self, command: AnyCommand, key: str, now_ms: int) -> AnyResult:
+        """The client's Idempotency-Key: the first outcome per (user, command, key) stands."""
+        scope = (getattr(command, "user_id", ""), type(command).__name__, key)
+        fingerprint = _fingerprint(command)
+        stored = self._idempotency.get(scope)
+        if stored is not None and stored[0] + IDEMPOTENCY_RETENTION_MS > now_ms:
+            if stored[1] != fingerprint:
+                return self._refusal(
+                    errors.IdempotencyKeyReused(
+                        "this Idempotency-Key was used for a different request"
+                    )
+                )
+            self._replays_total += 1
+            return stored[2]
         try:
-            if key is not None:
-                scope = (getattr(command, "user_id", ""), type(command).__name__, key)
-                fingerprint = _fingerprint(command)
-                stored = self._idempotency.get(scope)
-                if stored is not None and stored[0] + IDEMPOTENCY_RETENTION_MS <= now_ms:
-                    stored = None  # older than the retention: the key is free again
-                if stored is not None:
-                    if stored[1] != fingerprint:
-                        raise errors.IdempotencyKeyReused(
-                            "this Idempotency-Key was used for a different request"
-                        )
-                    self._replays_total += 1
-                    return stored[2]
             result = self._handlers[type(command)](command, now_ms)
         except EngineError as refused:
-            self._failures_total += 1
-            result = Failure(
-                status=refused.status,
-                code=refused.code,
-                message=refused.message,
-                details=refused.details,
-            )
-            if isinstance(refused, errors.IdempotencyKeyReused):
-                scope = None
-        if remembered:
-            self._remember_outcome(request_id, result, now_ms)
-        if scope is not None and result.status < 500:
+            result = self._refusal(refused)
+        if result.status < 500:
             self._remember_idempotency(scope, fingerprint, result, now_ms)
         return result
+
+    def _refusal(self, refused: EngineError) -> Failure:
+        self._failures_total += 1
+        return Failure(
+            status=refused.status,
+            code=refused.code,
+            message=refused.message,
+            details=refused.details,
+        )
 
     def advance(self, now_ms: int) -> None:
         """Fire every timer due at ``now_ms`` (expiries, offers, slot ends)."""
@@ -1003,8 +1019,8 @@ class ShardCore:
         return booking
 
     def _check_reservable(self, slot: _Slot, now_ms: int) -> None:
-        status = slot.status(now_ms)
-        if status is SlotStatus.BLOCKED or status is SlotStatus.EXPIRED:
+        if slot.blocked or slot.ended or now_ms >= slot.end_ms:
+            status = slot.status(now_ms)
             raise errors.SlotNotReservable(
                 f"the slot is {status.value.lower()}", {"status": status.value}
             )

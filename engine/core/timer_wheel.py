@@ -38,6 +38,8 @@ K = TypeVar("K", bound=Hashable)
 
 _BITS = TIMER_WHEEL_BUCKETS.bit_length() - 1
 _MASK = TIMER_WHEEL_BUCKETS - 1
+_DUE = -1
+_OVERFLOW = -2
 assert 1 << _BITS == TIMER_WHEEL_BUCKETS, "buckets per level must be a power of two"
 
 
@@ -68,8 +70,9 @@ class TimerWheel(Generic[K]):
         self._due: dict[K, tuple[int, int]] = {}
         # Keys beyond the top level's span (never expected with 7 levels).
         self._overflow: dict[K, tuple[int, int]] = {}
-        # key -> (the dict that holds it, its level or -1), for O(1) cancel.
-        self._where: dict[K, tuple[dict[K, tuple[int, int]], int]] = {}
+        # key -> where it lives, as one int so the collector never tracks it:
+        # level * BUCKETS + bucket index, or _DUE / _OVERFLOW.
+        self._where: dict[K, int] = {}
         self._sequence = 0
         self._fired_total = 0
         self._cascaded_total = 0
@@ -84,7 +87,7 @@ class TimerWheel(Generic[K]):
 
     def deadline_of(self, key: K) -> int | None:
         place = self._where.get(key)
-        return None if place is None else place[0][key][0]
+        return None if place is None else self._home(place)[key][0]
 
     def keys(self) -> Iterator[K]:
         return iter(self._where)
@@ -128,10 +131,9 @@ class TimerWheel(Generic[K]):
         place = self._where.pop(key, None)
         if place is None:
             return False
-        home, level = place
-        del home[key]
-        if level >= 0:
-            self._count[level] -= 1
+        del self._home(place)[key]
+        if place >= 0:
+            self._count[place >> _BITS] -= 1
         return True
 
     def advance(self, now_ms: int) -> list[K]:
@@ -223,19 +225,26 @@ class TimerWheel(Generic[K]):
     def _insert(self, key: K, entry: tuple[int, int]) -> None:
         # Round the deadline up to a tick so a timer never fires early.
         tick = -(-entry[0] // self._tick_ms)
-        home = self._due
-        placed = -1
-        if tick > self._current:
-            home = self._overflow
-            for level in range(self._levels):
-                shift = _BITS * (level + 1)
-                if tick >> shift == self._current >> shift:
-                    home = self._buckets[level][(tick >> (_BITS * level)) & _MASK]
-                    self._count[level] += 1
-                    placed = level
-                    break
-        home[key] = entry
-        self._where[key] = (home, placed)
+        if tick <= self._current:
+            self._due[key] = entry
+            self._where[key] = _DUE
+            return
+        current = self._current
+        for level in range(self._levels):
+            shift = _BITS * (level + 1)
+            if tick >> shift == current >> shift:
+                index = (tick >> (_BITS * level)) & _MASK
+                self._buckets[level][index][key] = entry
+                self._count[level] += 1
+                self._where[key] = (level << _BITS) | index
+                return
+        self._overflow[key] = entry
+        self._where[key] = _OVERFLOW
+
+    def _home(self, place: int) -> dict[K, tuple[int, int]]:
+        if place >= 0:
+            return self._buckets[place >> _BITS][place & _MASK]
+        return self._due if place == _DUE else self._overflow
 
     # -- introspection -----------------------------------------------------------
 
@@ -258,8 +267,9 @@ class TimerWheel(Generic[K]):
             for index, bucket in enumerate(self._buckets[level]):
                 for key, (deadline, _) in bucket.items():
                     tick = -(-deadline // self._tick_ms)
-                    home, placed = self._where[key]
-                    require(home is bucket and placed == level, f"timer {key!r} misplaced")
+                    require(
+                        self._where[key] == (level << _BITS) | index, f"timer {key!r} misplaced"
+                    )
                     require((tick >> shift) & _MASK == index, f"timer {key!r} in wrong bucket")
                     require(
                         tick >> (shift + _BITS) == self._current >> (shift + _BITS),
@@ -270,9 +280,9 @@ class TimerWheel(Generic[K]):
             require(count == self._count[level], f"level {level} count is off")
             seen += count
         for key in self._due:
-            require(self._where[key][0] is self._due, f"due timer {key!r} misplaced")
+            require(self._where[key] == _DUE, f"due timer {key!r} misplaced")
         for key in self._overflow:
-            require(self._where[key][0] is self._overflow, f"overflow timer {key!r} misplaced")
+            require(self._where[key] == _OVERFLOW, f"overflow timer {key!r} misplaced")
         seen += len(self._due) + len(self._overflow)
         require(seen == len(self._where), "timer index out of step with the buckets")
 

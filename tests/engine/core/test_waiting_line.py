@@ -63,3 +63,30 @@ def test_agrees_with_a_list(ops: list[tuple[str, int]]) -> None:
         assert list(line) == model
         for i, u in enumerate(model, start=1):
             assert line.position(u) == i
+
+
+def test_offering_many_drops_the_dead_prefix_and_keeps_order() -> None:
+    line = WaitingLine()
+    for i in range(300):
+        line.push(f"u{i}")
+    for i in range(200):
+        assert line.pop_head(now_ms=i) == f"u{i}"
+        line.check()
+    line.remove("u250", now_ms=0)
+    line.push("late")
+    line.check()
+    assert len(line) == 100
+    assert line.head() == "u200"
+    assert line.position("u251") == 51
+    assert line.position("late") == 100
+    assert list(line)[:2] == ["u200", "u201"]
+
+
+def test_a_restore_out_of_order_lands_in_its_place() -> None:
+    line = WaitingLine()
+    line.restore("c", 30)
+    line.restore("a", 10)
+    line.restore("b", 20)
+    line.check()
+    assert list(line) == ["a", "b", "c"]
+    assert line.push("d") == 31
