@@ -63,8 +63,14 @@ class SlotView(msgspec.Struct, gc=False, frozen=True, kw_only=True):
     status: SlotStatus
     queue_length: int
     blocked: bool
-    metadata: dict[str, Any]
+    # The slot's metadata, msgpack-encoded: the view is immutable all through,
+    # so the shard can share one view among many replies and events.
+    metadata: msgspec.Raw
     version: int
+
+    def metadata_dict(self) -> dict[str, Any]:
+        """A fresh copy of the metadata as a dict."""
+        return _decode_metadata(self.metadata)
 
 
 class QueueView(msgspec.Struct, gc=False, frozen=True, kw_only=True):
@@ -80,6 +86,14 @@ class QueueView(msgspec.Struct, gc=False, frozen=True, kw_only=True):
     booking_id: str | None
     offer_expires_at_ms: int | None
     slot: SlotView
+
+
+_encode_metadata = msgspec.msgpack.Encoder().encode
+_decode_metadata = msgspec.msgpack.Decoder(dict[str, Any]).decode
+
+
+def pack_metadata(metadata: dict[str, Any]) -> msgspec.Raw:
+    return msgspec.Raw(_encode_metadata(metadata))
 
 
 def describe_wait(seconds: int | None) -> str | None:

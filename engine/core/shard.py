@@ -85,7 +85,14 @@ from engine.core.protocol import (
     SlotResult,
     UpdateSlot,
 )
-from engine.core.records import Booking, QueueEntry, QueueView, SlotView, describe_wait
+from engine.core.records import (
+    Booking,
+    QueueEntry,
+    QueueView,
+    SlotView,
+    describe_wait,
+    pack_metadata,
+)
 from engine.core.routing import shard_of
 from engine.core.states import (
     BOOKING_FINAL,
@@ -143,11 +150,13 @@ class _Slot:
         "held",
         "id",
         "line",
-        "metadata_packed",
+        "metadata",
         "policy",
         "resource_id",
         "start_ms",
         "version",
+        "view",
+        "view_ended",
     )
 
     def __init__(self, command: CreateSlot, policy: DomainPolicy) -> None:
@@ -159,7 +168,7 @@ class _Slot:
         self.end_ms = command.end_ms
         self.capacity = command.capacity
         self.blocked = command.blocked
-        self.metadata_packed = _pack(command.metadata)
+        self.metadata = pack_metadata(command.metadata)
         self.version = 1
         self.confirmed = 0
         self.held = 0
@@ -169,6 +178,10 @@ class _Slot:
         # user id -> that user's latest queue entry, whatever its status
         self.entries: dict[str, QueueEntry] = {}
         self.ended = False
+        # The last view built, shared until the slot changes (ShardCore._changed
+        # drops it) or the clock crosses its end (view_ended no longer matches).
+        self.view: SlotView | None = None
+        self.view_ended = False
 
     @property
     def available(self) -> int:
@@ -190,11 +203,6 @@ class _Slot:
             f"slot {self.id}: confirmed {self.confirmed} + held {self.held}"
             f" exceeds capacity {self.capacity}",
         )
-
-
-_pack = msgspec.msgpack.Encoder().encode
-_unpack = msgspec.msgpack.Decoder(dict[str, Any]).decode
-_EMPTY_PACKED = _pack({})
 
 
 _READ_ONLY: frozenset[type[Any]] = frozenset(READ_ONLY_COMMANDS)
@@ -452,7 +460,7 @@ class ShardCore:
             self._timers.schedule(("end", slot.id), end_ms)
         slot.capacity = capacity
         if command.metadata is not None:
-            slot.metadata_packed = _pack(command.metadata)
+            slot.metadata = pack_metadata(command.metadata)
         if command.blocked is not None:
             slot.blocked = command.blocked
         slot.version += 1
@@ -997,6 +1005,7 @@ class ShardCore:
 
     def _changed(self, slot: _Slot) -> None:
         """Every change to a slot's counts, line or settings passes here."""
+        slot.view = None
         self._dirty_slots[slot.id] = None
 
     def _emit(self, event: AnyEvent) -> None:
@@ -1064,7 +1073,11 @@ class ShardCore:
     # == views ==================================================================
 
     def _slot_view(self, slot: _Slot, now_ms: int) -> SlotView:
-        return SlotView(
+        ended = now_ms >= slot.end_ms
+        view = slot.view
+        if view is not None and slot.view_ended is ended:
+            return view
+        view = SlotView(
             id=slot.id,
             resource_id=slot.resource_id,
             domain=slot.domain,
@@ -1077,11 +1090,12 @@ class ShardCore:
             status=slot.status(now_ms),
             queue_length=slot.line.size,
             blocked=slot.blocked,
-            # Every view gets its own copy: a caller editing a reply cannot
-            # reach the shard's state or another reply.
-            metadata=_unpack(slot.metadata_packed) if slot.metadata_packed != _EMPTY_PACKED else {},
+            metadata=slot.metadata,
             version=slot.version,
         )
+        slot.view = view
+        slot.view_ended = ended
+        return view
 
     def _queue_view(self, slot: _Slot, entry: QueueEntry, now_ms: int) -> QueueView:
         position = (

@@ -550,10 +550,11 @@ def test_editing_a_replys_slot_metadata_does_not_edit_the_shard() -> None:
         START_MS,
     )
     assert isinstance(created, SlotResult)
-    created.slot.metadata["room"] = "edited by the caller"
+    copy = created.slot.metadata_dict()
+    copy["room"] = "edited by the caller"
     again = core.execute(GetSlot(request_id="g", slot_id=slot_id), START_MS)
     assert isinstance(again, SlotResult)
-    assert again.slot.metadata == {"room": "A"}
+    assert again.slot.metadata_dict() == {"room": "A"}
 
 
 # -- the checks can fail -------------------------------------------------------
