@@ -25,8 +25,9 @@ import uuid
 from typing import Any
 
 from engine.core import protocol as p
+from engine.core.limits import PARTIAL_BATCHES_IN_FLIGHT_MAX
 from engine.core.routing import make_slot_id
-from engine.shell.coalescer import PARTIAL_BATCHES_IN_FLIGHT_MAX, EngineClient, RequestIds
+from engine.shell.coalescer import EngineClient, RequestIds
 from engine.shell.errors import ShellError
 
 DAY_MS = 86_400_000

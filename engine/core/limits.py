@@ -79,3 +79,42 @@ ACTOR_CALL_TIMEOUT_MS: Final = 30_000
 # -- listing -----------------------------------------------------------------
 LIST_LIMIT_DEFAULT: Final = 50
 LIST_LIMIT_MAX: Final = 200
+
+# -- the caller-side coalescer ------------------------------------------------
+# Commands waiting on the caller's side for one shard: four rounds of full
+# batches in flight. A shard that far behind will not catch up by queueing
+# more; the caller sheds load (503) instead.
+PENDING_COMMANDS_PER_SHARD_MAX: Final = 4 * BATCHES_IN_FLIGHT_MAX * BATCH_COMMANDS_MAX
+# A batch that is not full leaves only while fewer than this many batches are
+# in flight to its shard; otherwise it waits for a reply and grows. Full batches
+# still pipeline up to BATCHES_IN_FLIGHT_MAX. Measured with bench/ray.py on 2
+# cores (1,000 callers, 4 shards): 1 gave batches of ~180 commands and the
+# lowest p99; 4 gave batches of ~45 and about a quarter fewer operations/s.
+PARTIAL_BATCHES_IN_FLIGHT_MAX: Final = 1
+# Backpressure (PendingCallsLimitExceeded) clears within a call or two, so its
+# backoff starts short; it doubles up to the cap and stops at the call timeout.
+BUSY_BACKOFF_FIRST_MS: Final = 2
+BUSY_BACKOFF_MAX_MS: Final = 100
+
+# -- shard actors -------------------------------------------------------------
+# Ray returns a result inline only up to 100 KiB (max_direct_call_object_size);
+# past that it goes through the object store and a call costs about 2.5 times
+# as much (measured). A full batch of queue answers is ~125 KiB of msgpack and
+# compresses about tenfold, so replies above this size travel compressed.
+REPLY_COMPRESS_ABOVE_BYTES: Final = 64 * 1024
+# Until storage takes the events, an actor keeps only the latest few for
+# inspection: an event holds copies of a booking and a slot (~1 KiB each).
+ACTOR_RECENT_EVENTS_MAX: Final = 10_000
+# A shard allocates a few objects per command and keeps hundreds of thousands
+# alive (bookings, timers, remembered outcomes). With CPython's default
+# threshold of 700 the collector took more than a tenth of a busy shard's time
+# (measured); collecting young objects every 10,000 allocations costs about 3%
+# and still reclaims cycles promptly.
+GC_GEN0_THRESHOLD: Final = 10_000
+
+# -- the shard runtime --------------------------------------------------------
+# The in-memory sink serves tests and runs without storage: it keeps the most
+# recent events only, so a long run cannot grow it without bound.
+MEMORY_SINK_EVENTS_MAX: Final = 100_000
+# Pending ``wait_for`` calls on the in-memory sink; each is checked per publish.
+MEMORY_SINK_WAITERS_MAX: Final = 1_024

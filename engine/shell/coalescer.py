@@ -56,21 +56,6 @@ from engine.shell.errors import (
 )
 from engine.shell.transport import ShardTransport
 
-# Commands waiting on the caller's side for one shard: four rounds of full
-# batches in flight. A shard that far behind will not catch up by queueing
-# more; the caller sheds load (503) instead.
-PENDING_COMMANDS_PER_SHARD_MAX: Final = 4 * limits.BATCHES_IN_FLIGHT_MAX * limits.BATCH_COMMANDS_MAX
-# A batch that is not full leaves only while fewer than this many batches are
-# in flight to its shard; otherwise it waits for a reply and grows. Full batches
-# still pipeline up to BATCHES_IN_FLIGHT_MAX. Measured with bench/ray.py on 2
-# cores (1,000 callers, 4 shards): 1 gave batches of ~180 commands and the
-# lowest p99; 4 gave batches of ~45 and about a quarter fewer operations/s.
-PARTIAL_BATCHES_IN_FLIGHT_MAX: Final = 1
-# Backpressure (PendingCallsLimitExceeded) clears within a call or two, so its
-# backoff starts short; it doubles up to the cap and stops at the call timeout.
-BUSY_BACKOFF_FIRST_MS: Final = 2
-BUSY_BACKOFF_MAX_MS: Final = 100
-
 # The field that names the owning entity, per command type. List commands span
 # slots and need an explicit shard (ListSlots by resource routes itself).
 _ROUTING_FIELD: Final[dict[type, str]] = {
@@ -152,8 +137,8 @@ class EngineClient:
         transport: ShardTransport,
         *,
         coalesce: bool = True,
-        partial_batches_in_flight_max: int = PARTIAL_BATCHES_IN_FLIGHT_MAX,
-        pending_commands_max: int = PENDING_COMMANDS_PER_SHARD_MAX,
+        partial_batches_in_flight_max: int = limits.PARTIAL_BATCHES_IN_FLIGHT_MAX,
+        pending_commands_max: int = limits.PENDING_COMMANDS_PER_SHARD_MAX,
         call_timeout_ms: int = limits.ACTOR_CALL_TIMEOUT_MS,
         retries_max: int = limits.BATCH_RETRIES_MAX,
         retry_backoff_ms: int = limits.BATCH_RETRY_BACKOFF_MS,
@@ -293,7 +278,7 @@ class EngineClient:
     async def _call_with_retries(self, shard: int, data: bytes) -> bytes:
         loop = asyncio.get_running_loop()
         busy_deadline = loop.time() + self._call_timeout_ms / 1000
-        busy_backoff_ms = BUSY_BACKOFF_FIRST_MS
+        busy_backoff_ms = limits.BUSY_BACKOFF_FIRST_MS
         failures = 0
         while True:
             try:
@@ -313,7 +298,7 @@ class EngineClient:
                     ) from exc
                 self._busy_retries += 1
                 await asyncio.sleep(min(_jittered_s(busy_backoff_ms), remaining_s))
-                busy_backoff_ms = min(2 * busy_backoff_ms, BUSY_BACKOFF_MAX_MS)
+                busy_backoff_ms = min(2 * busy_backoff_ms, limits.BUSY_BACKOFF_MAX_MS)
 
 
 def _jittered_s(backoff_ms: float) -> float:

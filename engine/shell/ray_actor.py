@@ -43,23 +43,9 @@ from engine.shell.runtime import MemoryEventSink, RuntimeStatistics, ShardRuntim
 logger = logging.getLogger(__name__)
 
 SHARD_ACTOR_PREFIX: Final = "slotengine-shard"
-# Ray returns a result inline only up to 100 KiB (max_direct_call_object_size);
-# past that it goes through the object store and a call costs about 2.5 times
-# as much (measured). A full batch of queue answers is ~125 KiB of msgpack and
-# compresses about tenfold, so replies above this size travel compressed.
-REPLY_COMPRESS_ABOVE_BYTES: Final = 64 * 1024
 # zlib's fastest level: ~0.6 us per command of a full batch, a fraction of the
 # object store's cost.
 REPLY_COMPRESS_LEVEL: Final = 1
-# Until storage takes the events, an actor keeps only the latest few for
-# inspection: an event holds copies of a booking and a slot (~1 KiB each).
-ACTOR_RECENT_EVENTS_MAX: Final = 10_000
-# A shard allocates a few objects per command and keeps hundreds of thousands
-# alive (bookings, timers, remembered outcomes). With CPython's default
-# threshold of 700 the collector took more than a tenth of a busy shard's time
-# (measured); collecting young objects every 10,000 allocations costs about 3%
-# and still reclaims cycles promptly.
-GC_GEN0_THRESHOLD: Final = 10_000
 _REPLY_RAW: Final = b"\x00"
 _REPLY_ZLIB: Final = b"\x01"
 # Exit status of a shard that stopped on a broken invariant: not 0, so Ray restarts it.
@@ -99,7 +85,7 @@ class ShardActor:
             shard_count=shard_count,
             policies=policies,
             clock=SystemClock(),
-            sink=MemoryEventSink(events_max=ACTOR_RECENT_EVENTS_MAX),
+            sink=MemoryEventSink(events_max=limits.ACTOR_RECENT_EVENTS_MAX),
             on_fatal=_exit_after_failure,
         )
 
@@ -132,11 +118,11 @@ def tune_gc() -> None:
     """Fewer, larger young collections, and no rescans of what was loaded at start."""
     gc.freeze()
     _, gen1, gen2 = gc.get_threshold()
-    gc.set_threshold(GC_GEN0_THRESHOLD, gen1, gen2)
+    gc.set_threshold(limits.GC_GEN0_THRESHOLD, gen1, gen2)
 
 
 def frame_reply(reply: bytes) -> bytes:
-    if len(reply) > REPLY_COMPRESS_ABOVE_BYTES:
+    if len(reply) > limits.REPLY_COMPRESS_ABOVE_BYTES:
         return _REPLY_ZLIB + zlib.compress(reply, REPLY_COMPRESS_LEVEL)
     return _REPLY_RAW + reply
 

@@ -36,11 +36,6 @@ from engine.shell.errors import BatchRejected, ShardFailed
 
 logger = logging.getLogger(__name__)
 
-# The in-memory sink serves tests and runs without storage: it keeps the most
-# recent events only, so a long run cannot grow it without bound.
-MEMORY_SINK_EVENTS_MAX: Final = 100_000
-# Pending ``wait_for`` calls on the in-memory sink; each is checked per publish.
-MEMORY_SINK_WAITERS_MAX: Final = 1_024
 # Batch sizes are counted in power-of-two buckets: 1, 2-3, 4-7, ..., up to the
 # largest batch a caller may send.
 BATCH_SIZE_BUCKETS: Final = limits.BATCH_COMMANDS_MAX.bit_length()
@@ -72,7 +67,7 @@ class EventSink(Protocol):
 class MemoryEventSink:
     """Keeps the last ``events_max`` events in memory; durable as soon as published."""
 
-    def __init__(self, events_max: int = MEMORY_SINK_EVENTS_MAX) -> None:
+    def __init__(self, events_max: int = limits.MEMORY_SINK_EVENTS_MAX) -> None:
         self._events: collections.deque[AnyEvent] = collections.deque(maxlen=events_max)
         self._published = 0
         self._waiters: list[tuple[Callable[[AnyEvent], bool], asyncio.Future[AnyEvent]]] = []
@@ -103,7 +98,7 @@ class MemoryEventSink:
         for event in self._events:
             if predicate(event):
                 return event
-        if len(self._waiters) >= MEMORY_SINK_WAITERS_MAX:
+        if len(self._waiters) >= limits.MEMORY_SINK_WAITERS_MAX:
             raise RuntimeError("too many waiters on the in-memory event sink")
         future: asyncio.Future[AnyEvent] = asyncio.get_running_loop().create_future()
         waiter = (predicate, future)

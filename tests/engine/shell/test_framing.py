@@ -2,8 +2,9 @@
 
 import pytest
 
+from engine.core.limits import REPLY_COMPRESS_ABOVE_BYTES
 from engine.shell.errors import ShardFailed
-from engine.shell.ray_actor import REPLY_COMPRESS_ABOVE_BYTES, frame_reply, unframe_reply
+from engine.shell.ray_actor import frame_reply, unframe_reply
 from engine.shell.runtime import unique_ids
 
 
