@@ -34,7 +34,7 @@ are also asserted where counts change):
 
 import itertools
 import secrets
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
@@ -149,6 +149,7 @@ class _Slot:
         "entries",
         "held",
         "id",
+        "idle",
         "line",
         "metadata",
         "policy",
@@ -177,6 +178,9 @@ class _Slot:
         self.line = WaitingLine()
         # user id -> that user's latest queue entry, whatever its status
         self.entries: dict[str, QueueEntry] = {}
+        # The waiting users, least recently seen first: one timer per slot, at
+        # the front user's inactivity deadline, serves them all.
+        self.idle: OrderedDict[str, None] = OrderedDict()
         self.ended = False
         # The last view built, shared until the slot changes (ShardCore._changed
         # drops it) or the clock crosses its end (view_ended no longer matches).
@@ -746,19 +750,21 @@ class ShardCore:
         self._timers.schedule(("forget-slot", slot.id), now_ms + ENDED_SLOT_RETENTION_MS)
 
     def _on_queue_idle(self, key: TimerKey, now_ms: int) -> None:
+        """Expire the users at the front of the slot's idle order whose time is up."""
         slot = self._slots.get(key[1])
         if slot is None:
             return
-        entry = slot.entries.get(key[2])
-        if entry is None or entry.status is not QueueStatus.WAITING:
-            return
-        idle_until_ms = entry.last_seen_ms + slot.policy.queue_inactivity_ms
-        if idle_until_ms > now_ms:
-            self._timers.schedule(key, idle_until_ms)
-            return
-        self._remove_from_line(slot, entry, now_ms, "", SYSTEM)
-        entry.ended_at_ms = now_ms
-        self._queue_transition(entry, QueueEvent.EXPIRE, "expired", now_ms, "", SYSTEM)
+        inactivity_ms = slot.policy.queue_inactivity_ms
+        while slot.idle:
+            entry = slot.entries[next(iter(slot.idle))]
+            idle_until_ms = entry.last_seen_ms + inactivity_ms
+            if idle_until_ms > now_ms:
+                # The front showed up since the timer was armed: wait for it.
+                self._timers.schedule(key, idle_until_ms)
+                return
+            self._remove_from_line(slot, entry, now_ms, "", SYSTEM)
+            entry.ended_at_ms = now_ms
+            self._queue_transition(entry, QueueEvent.EXPIRE, "expired", now_ms, "", SYSTEM)
 
     def _on_forget_booking(self, key: TimerKey, now_ms: int) -> None:
         booking = self._bookings.get(key[1])
@@ -859,7 +865,7 @@ class ShardCore:
         while slot.line and slot.available > 0 and slot.status(now_ms) in SLOT_TAKES_HOLDS:
             user_id = slot.line.pop_head(now_ms)
             entry = slot.entries[user_id]
-            self._timers.cancel(("idle", slot.id, user_id))
+            del slot.idle[user_id]
             booking = self._take_hold(
                 slot, user_id, now_ms, slot.policy.claim_ttl_ms, True, request_id, actor
             )
@@ -897,7 +903,10 @@ class ShardCore:
             last_seen_ms=now_ms,
         )
         slot.entries[user_id] = entry
-        self._timers.schedule(("idle", slot.id, user_id), now_ms + slot.policy.queue_inactivity_ms)
+        slot.idle[user_id] = None
+        if len(slot.idle) == 1:
+            # The first waiting user: the slot's idle timer starts with them.
+            self._timers.schedule(("idle", slot.id), now_ms + slot.policy.queue_inactivity_ms)
         self._emit(
             QueueChanged(
                 at_ms=now_ms,
@@ -914,7 +923,7 @@ class ShardCore:
         self, slot: _Slot, entry: QueueEntry, now_ms: int, request_id: str, actor: str
     ) -> None:
         slot.line.remove(entry.user_id, now_ms)
-        self._timers.cancel(("idle", slot.id, entry.user_id))
+        del slot.idle[entry.user_id]
         self._emit(
             QueueMoved(
                 at_ms=now_ms,
@@ -939,7 +948,8 @@ class ShardCore:
     def _touch(self, slot: _Slot, entry: QueueEntry, now_ms: int) -> None:
         """A waiting user showed up: the inactivity timeout starts over."""
         entry.last_seen_ms = now_ms
-        # The idle timer re-arms itself from last_seen_ms when it fires.
+        slot.idle.move_to_end(entry.user_id)
+        # The slot's idle timer re-arms itself from the new front when it fires.
 
     def _transition(
         self,
@@ -993,8 +1003,7 @@ class ShardCore:
         )
 
     def _drop_slot(self, slot: _Slot) -> None:
-        for user_id in slot.entries:
-            self._timers.cancel(("idle", slot.id, user_id))
+        self._timers.cancel(("idle", slot.id))
         del self._slots[slot.id]
         self._slot_order.remove((slot.start_ms, slot.id))
         resource_slots = self._slots_by_resource[slot.resource_id]
@@ -1183,6 +1192,16 @@ class ShardCore:
             )
             waiting = {u for u, e in slot.entries.items() if e.status is QueueStatus.WAITING}
             require(waiting == set(slot.line), f"slot {slot.id}: line and entries disagree")
+            require(waiting == set(slot.idle), f"slot {slot.id}: idle order and line disagree")
+            seen = [slot.entries[u].last_seen_ms for u in slot.idle]
+            require(seen == sorted(seen), f"slot {slot.id}: idle order is not by last seen")
+            if seen:
+                idle_timer_ms = self._timers.deadline_of(("idle", slot.id))
+                require(
+                    idle_timer_ms is not None
+                    and idle_timer_ms <= seen[0] + slot.policy.queue_inactivity_ms,
+                    f"slot {slot.id}: no idle timer by the front user's deadline",
+                )
             require(
                 len(list(slot.line)) <= slot.policy.queue_size_max,
                 f"slot {slot.id}: line over its size",
