@@ -543,13 +543,9 @@ class ShardCore:
     # == bookings ===============================================================
 
     def _reserve(self, command: Reserve, now_ms: int) -> AnyResult:
-        slot = self._slot_or_404(command.slot_id)
-        self._check_reservable(slot, now_ms)
         user_id = command.user_id
-        existing = slot.active_by_user.get(user_id)
+        slot, existing = self._open_slot_for(command.slot_id, user_id, now_ms)
         if existing is not None:
-            if existing.status is BookingStatus.CONFIRMED:
-                raise errors.AlreadyBooked("you already have a confirmed booking for this slot")
             return BookingResult(status=200, booking=_copy(existing))
         policy = slot.policy
         if slot.available > 0 and not slot.line.size:
@@ -653,12 +649,8 @@ class ShardCore:
     # == the waiting queue ======================================================
 
     def _join_queue(self, command: JoinQueue, now_ms: int) -> AnyResult:
-        slot = self._slot_or_404(command.slot_id)
-        self._check_reservable(slot, now_ms)
         user_id = command.user_id
-        existing = slot.active_by_user.get(user_id)
-        if existing is not None and existing.status is BookingStatus.CONFIRMED:
-            raise errors.AlreadyBooked("you already have a confirmed booking for this slot")
+        slot, existing = self._open_slot_for(command.slot_id, user_id, now_ms)
         entry = slot.entries.get(user_id)
         if entry is not None and entry.status in (QueueStatus.WAITING, QueueStatus.NOTIFIED):
             if entry.status is QueueStatus.WAITING:
@@ -1035,6 +1027,17 @@ class ShardCore:
         if booking is None or (not as_admin and booking.user_id != user_id):
             raise errors.NotFound("no such booking")
         return booking
+
+    def _open_slot_for(
+        self, slot_id: str, user_id: str, now_ms: int
+    ) -> tuple[_Slot, Booking | None]:
+        """The checks reserve and join share, in API order; returns the user's active hold."""
+        slot = self._slot_or_404(slot_id)
+        self._check_reservable(slot, now_ms)
+        existing = slot.active_by_user.get(user_id)
+        if existing is not None and existing.status is BookingStatus.CONFIRMED:
+            raise errors.AlreadyBooked("you already have a confirmed booking for this slot")
+        return slot, existing
 
     def _check_reservable(self, slot: _Slot, now_ms: int) -> None:
         if slot.blocked or slot.ended or now_ms >= slot.end_ms:
