@@ -109,7 +109,11 @@ class InvariantViolation(AssertionError):
 
 
 def require(condition: bool, message: str) -> None:
-    """An assertion that survives ``python -O``."""
+    """An assertion that survives ``python -O``.
+
+    The message is built before the call: on a hot path, test the condition
+    and raise ``InvariantViolation`` directly so it is formatted only on failure.
+    """
     if not condition:
         raise InvariantViolation(message)
 

@@ -42,7 +42,7 @@ import msgspec
 from sortedcontainers import SortedList
 
 from engine.core import errors
-from engine.core.errors import EngineError, require
+from engine.core.errors import EngineError, InvariantViolation, require
 from engine.core.limits import (
     ENDED_SLOT_RETENTION_MS,
     FINAL_BOOKING_RETENTION_MS,
@@ -202,11 +202,14 @@ class _Slot:
         )
 
     def check_counts(self) -> None:
-        require(
-            self.held >= 0 and self.confirmed >= 0 and self.confirmed + self.held <= self.capacity,
-            f"slot {self.id}: confirmed {self.confirmed} + held {self.held}"
-            f" exceeds capacity {self.capacity}",
-        )
+        # Formatted only on failure: this runs on every change of a count.
+        if not (
+            self.held >= 0 and self.confirmed >= 0 and self.confirmed + self.held <= self.capacity
+        ):
+            raise InvariantViolation(
+                f"slot {self.id}: confirmed {self.confirmed} + held {self.held}"
+                f" exceeds capacity {self.capacity}"
+            )
 
 
 _READ_ONLY: frozenset[type[Any]] = frozenset(READ_ONLY_COMMANDS)
@@ -573,7 +576,8 @@ class ShardCore:
             )
         to_status = next_booking_status(booking.status, BookingEvent.CONFIRM)
         slot = self._slots[booking.slot_id]
-        require(booking.expires_at_ms > now_ms, f"hold {booking.id} outlived its deadline")
+        if booking.expires_at_ms <= now_ms:
+            raise InvariantViolation(f"hold {booking.id} outlived its deadline")
 
         self._timers.cancel(("hold", booking.id))
         slot.held -= 1
@@ -786,8 +790,10 @@ class ShardCore:
         request_id: str,
         actor: str,
     ) -> Booking:
-        require(slot.available > 0, f"slot {slot.id}: hold without free capacity")
-        require(user_id not in slot.active_by_user, f"slot {slot.id}: second hold for {user_id}")
+        if slot.available <= 0:
+            raise InvariantViolation(f"slot {slot.id}: hold without free capacity")
+        if user_id in slot.active_by_user:
+            raise InvariantViolation(f"slot {slot.id}: second hold for {user_id}")
         booking = Booking(
             id=f"{slot.id[:8]}-b{self._new_unique()}",
             user_id=user_id,

@@ -229,15 +229,15 @@ class TimerWheel(Generic[K]):
             self._due[key] = entry
             self._where[key] = _DUE
             return
-        current = self._current
-        for level in range(self._levels):
-            shift = _BITS * (level + 1)
-            if tick >> shift == current >> shift:
-                index = (tick >> (_BITS * level)) & _MASK
-                self._buckets[level][index][key] = entry
-                self._count[level] += 1
-                self._where[key] = (level << _BITS) | index
-                return
+        # The level is where the highest bit that differs from the current
+        # tick falls: above it both agree, so the timer's span contains now.
+        level = ((tick ^ self._current).bit_length() - 1) // _BITS
+        if level < self._levels:
+            index = (tick >> (_BITS * level)) & _MASK
+            self._buckets[level][index][key] = entry
+            self._count[level] += 1
+            self._where[key] = (level << _BITS) | index
+            return
         self._overflow[key] = entry
         self._where[key] = _OVERFLOW
 

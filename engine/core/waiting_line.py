@@ -22,7 +22,7 @@ from bisect import bisect_left
 from collections import deque
 from collections.abc import Iterator
 
-from engine.core.errors import require
+from engine.core.errors import InvariantViolation, require
 from engine.core.limits import WAIT_ESTIMATE_SAMPLES_MAX
 
 # Drop the dead prefix of the list once it is this long and at least half of it.
@@ -58,7 +58,8 @@ class WaitingLine:
         return self._next_seq
 
     def push(self, user_id: str) -> int:
-        require(user_id not in self._seq_of, f"{user_id} is already in line")
+        if user_id in self._seq_of:
+            raise InvariantViolation(f"{user_id} is already in line")
         seq = self._next_seq
         self._next_seq += 1
         self._insert(user_id, seq)
@@ -74,7 +75,8 @@ class WaitingLine:
         return self._user_of[self._order[self._head]] if self.size else None
 
     def pop_head(self, now_ms: int) -> str:
-        require(self.size > 0, "pop from an empty line")
+        if not self.size:
+            raise InvariantViolation("pop from an empty line")
         seq = self._order[self._head]
         self._head += 1
         if self._head >= _COMPACT_AFTER and self._head * 2 >= len(self._order):
