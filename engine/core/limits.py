@@ -46,7 +46,10 @@ CANCEL_REASON_CHARS_MAX: Final = 500
 # Client Idempotency-Keys are kept at least 24 h (API.md).
 IDEMPOTENCY_RETENTION_MS: Final = 24 * 3_600_000
 IDEMPOTENCY_KEY_CHARS_MAX: Final = 200
-IDEMPOTENCY_RECORDS_MAX: Final = 1_000_000
+# A key record costs ~600 B in a shard's memory (measured), so this bounds it
+# near 120 MB; under a flood of keyed requests the oldest keys go before 24 h
+# unless storage keeps them.
+IDEMPOTENCY_RECORDS_MAX: Final = 200_000
 # Outcomes by request id, so that a batch retried across an actor failure
 # never applies twice. Ten minutes covers every retry the coalescer makes.
 REQUEST_OUTCOMES_RETENTION_MS: Final = 10 * 60_000
@@ -111,6 +114,9 @@ ACTOR_RECENT_EVENTS_MAX: Final = 10_000
 # (measured); collecting young objects every 10,000 allocations costs about 3%
 # and still reclaims cycles promptly.
 GC_GEN0_THRESHOLD: Final = 10_000
+# A shard that broke an invariant answers ShardFailed for this long before its
+# process exits, so the failing call's answer reaches the caller first.
+FATAL_EXIT_DELAY_MS: Final = 1_000
 
 # -- the shard runtime --------------------------------------------------------
 # The in-memory sink serves tests and runs without storage: it keeps the most

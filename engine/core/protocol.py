@@ -137,8 +137,16 @@ AnyCommand = (
     | QueuePosition
 )
 
-# Commands that only read: their outcomes are not remembered by request id.
-READ_ONLY_COMMANDS: tuple[type[Command], ...] = (GetSlot, ListSlots, GetBooking, ListBookings)
+# Commands whose repetition is harmless, so their outcomes are not remembered
+# by request id: reads, and the position poll (it only refreshes the caller's
+# activity, and polls would otherwise crowd out the outcomes of real changes).
+READ_ONLY_COMMANDS: tuple[type[Command], ...] = (
+    GetSlot,
+    ListSlots,
+    GetBooking,
+    ListBookings,
+    QueuePosition,
+)
 
 # -- results -------------------------------------------------------------------
 

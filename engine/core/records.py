@@ -106,4 +106,4 @@ def describe_wait(seconds: int | None) -> str | None:
         minutes = -(-seconds // 60)
         return f"~{minutes} minute" + ("s" if minutes != 1 else "")
     hours = -(-seconds // 3_600)
-    return f"~{hours} hours"
+    return f"~{hours} hour" + ("s" if hours != 1 else "")

@@ -62,10 +62,14 @@ class ShardIdentity(msgspec.Struct, frozen=True, kw_only=True):
 
 def _exit_after_failure(exc: BaseException) -> None:
     # The core's state may be half-changed: only a fresh process (rebuilt by Ray, then
-    # from storage) is trustworthy. Exit on the next iteration so the failing call's
-    # error can still be answered.
+    # from storage) is trustworthy. Ray sends replies from another thread, so exiting
+    # at once could kill the process before the failing call's ShardFailed leaves; the
+    # caller would then see the actor die and resend the same batch into the next
+    # incarnation. Until the exit, the runtime refuses every call with ShardFailed.
     logger.critical("shard actor exits after %r", exc)
-    asyncio.get_running_loop().call_soon(os._exit, FATAL_EXIT_STATUS)
+    asyncio.get_running_loop().call_later(
+        limits.FATAL_EXIT_DELAY_MS / 1000, os._exit, FATAL_EXIT_STATUS
+    )
 
 
 class ShardActor:

@@ -38,6 +38,7 @@ from engine.core.limits import (
 )
 from engine.core.policy import DomainPolicy
 from engine.core.protocol import (
+    READ_ONLY_COMMANDS,
     AnyCommand,
     AnyEvent,
     AnyResult,
@@ -101,7 +102,7 @@ WAITING: Final = "WAITING"
 NOTIFIED: Final = "NOTIFIED"
 CONVERTED: Final = "CONVERTED"
 
-READ_ONLY: Final = (GetSlot, ListSlots, GetBooking, ListBookings)
+READ_ONLY: Final = READ_ONLY_COMMANDS
 # The harness remembers this many recent request outcomes (replays pick recent ones).
 OUTCOMES_KEPT: Final = 20_000
 

@@ -173,3 +173,17 @@ def test_slot_end_expires_the_line(h: Harness) -> None:
     assert h.position(slot_id, "ann").entry.status == "EXPIRED"
     assert h.view(slot_id).queue_length == 0
     assert START_MS  # the harness clock started at START_MS
+
+
+def test_the_wait_phrase_reads_naturally() -> None:
+    from engine.core.records import describe_wait
+
+    assert [describe_wait(s) for s in (None, 59, 60, 61, 3_599, 3_600, 3_601)] == [
+        None,
+        "less than a minute",
+        "~1 minute",
+        "~2 minutes",
+        "~60 minutes",
+        "~1 hour",
+        "~2 hours",
+    ]

@@ -196,12 +196,46 @@ async def test_the_memory_sink_wakes_a_waiter_on_a_later_event() -> None:
     assert await waiting == event
 
 
-def test_the_system_clock_never_goes_backwards(monkeypatch: pytest.MonkeyPatch) -> None:
-    readings = iter([5_000_000_000, 4_000_000_000, 6_000_000_000])
-    monkeypatch.setattr(time, "time_ns", lambda: next(readings))
-    clock = SystemClock()
+class FakeTime:
+    """Wall and monotonic nanoseconds, moved by hand."""
 
-    assert [clock.now_ms(), clock.now_ms(), clock.now_ms()] == [5_000, 5_000, 6_000]
+    def __init__(self, wall_ms: int) -> None:
+        self.wall_ns = wall_ms * 1_000_000
+        self.monotonic = 0
+
+    def pass_ms(self, ms: int) -> None:
+        self.wall_ns += ms * 1_000_000
+        self.monotonic += ms * 1_000_000
+
+    def clock(self) -> SystemClock:
+        return SystemClock(wall_ns=lambda: self.wall_ns, monotonic_ns=lambda: self.monotonic)
+
+
+def test_the_system_clock_keeps_its_pace_when_wall_time_steps_back() -> None:
+    fake = FakeTime(wall_ms=5_000_000)
+    clock = fake.clock()
+    assert clock.now_ms() == 5_000_000
+    fake.pass_ms(100)
+    fake.wall_ns -= 60_000 * 1_000_000  # NTP steps the wall clock back a minute
+    fake.pass_ms(200)
+    # Deadlines keep their pace: 300 ms passed, whatever the wall clock says.
+    assert clock.now_ms() == 5_000_300
+
+
+def test_the_system_clock_follows_wall_time_forward_and_never_goes_back() -> None:
+    fake = FakeTime(wall_ms=5_000_000)
+    clock = fake.clock()
+    fake.wall_ns += 500 * 1_000_000  # small drift ahead: absorbed
+    assert clock.now_ms() == 5_000_000
+    fake.wall_ns += 10_000 * 1_000_000  # a real step forward: followed
+    assert clock.now_ms() == 5_010_500
+    readings = []
+    for _ in range(5):
+        fake.pass_ms(1)
+        fake.wall_ns -= 3_000_000
+        readings.append(clock.now_ms())
+    assert readings == sorted(readings)
+    assert readings[-1] == 5_010_505
 
 
 async def test_a_deadline_without_an_armed_timer_breaks_an_invariant(shard: Shard) -> None:
