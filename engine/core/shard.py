@@ -241,9 +241,10 @@ class ShardCore:
             prefix = secrets.token_hex(8)
             counter = itertools.count(1)
 
-            def new_unique() -> str:
+            def counted_unique() -> str:
                 return f"{prefix}{next(counter):x}"
 
+            new_unique = counted_unique
         self._new_unique: Callable[[], str] = new_unique
         self._now_ms = now_ms
         self._slots: dict[str, _Slot] = {}

@@ -210,6 +210,6 @@ def test_a_users_bookings_newest_first_with_a_cursor(h: Harness) -> None:
     rest = h.run(p.ListBookings, user_id="ann", after=(page[-1].reserved_at_ms, page[-1].id)).items
     assert [b.id for b in rest] == [ids[0]]
     h.confirm(ids[0], "ann")
-    confirmed = h.run(p.ListBookings, user_id="ann", status="CONFIRMED").items
+    confirmed = h.run(p.ListBookings, user_id="ann", status=BookingStatus.CONFIRMED).items
     assert [b.id for b in confirmed] == [ids[0]]
     assert h.run(p.ListBookings, user_id="bob").items == []
