@@ -7,8 +7,11 @@ first fires every timer due at ``now_ms`` (so a hold whose deadline passed is
 EXPIRED before anyone can confirm it), then decides the command. Each handler
 does all of its checks before its first mutation: a refused command raises an
 ``EngineError``, which ``execute`` turns into a ``Failure`` result with the
-state untouched. Successful changes append events to an outbox that the shell
-drains (``drain_events``) and hands to storage and the fan-out bus.
+state untouched. The refusals a storm produces by the thousand (a full queue,
+leaving a queue one is not in) are returned as ``Failure`` values instead:
+raising costs more than granting a hold, most of all in the compiled build.
+Successful changes append events to an outbox that the shell drains
+(``drain_events``) and hands to storage and the fan-out bus.
 
 Capacity frees when a hold expires, a booking is cancelled, capacity is
 raised or a slot is unblocked; ``_offer_free_capacity`` then pops the head of
@@ -563,7 +566,8 @@ class ShardCore:
         if entry is not None and entry.status is QueueStatus.WAITING:
             self._touch(slot, entry, now_ms)
             return QueueResult(status=200, entry=self._queue_view(slot, entry, now_ms))
-        self._check_room_in_line(slot)
+        if slot.line.size >= slot.policy.queue_size_max:
+            return self._queue_full(slot)
         entry = self._join(slot, user_id, now_ms, command.request_id)
         return QueueResult(status=202, entry=self._queue_view(slot, entry, now_ms))
 
@@ -666,8 +670,11 @@ class ShardCore:
         if not slot.policy.queue_enabled:
             raise errors.QueueDisabled("this slot's domain has no waiting queue")
         if slot.available > 0 and not slot.line.size:
-            raise errors.SlotAvailable("the slot has free capacity: reserve it instead")
-        self._check_room_in_line(slot)
+            return self._refusal(
+                errors.SlotAvailable("the slot has free capacity: reserve it instead")
+            )
+        if slot.line.size >= slot.policy.queue_size_max:
+            return self._queue_full(slot)
         entry = self._join(slot, user_id, now_ms, command.request_id)
         return QueueResult(status=201, entry=self._queue_view(slot, entry, now_ms))
 
@@ -676,7 +683,7 @@ class ShardCore:
         user_id = command.user_id
         entry = slot.entries.get(user_id)
         if entry is None or entry.status not in (QueueStatus.WAITING, QueueStatus.NOTIFIED):
-            raise errors.NotFound("you are not in this slot's queue")
+            return self._refusal(errors.NotFound("you are not in this slot's queue"))
         request_id = command.request_id
         if entry.status is QueueStatus.WAITING:
             self._remove_from_line(slot, entry, now_ms, request_id, user_id)
@@ -1058,12 +1065,13 @@ class ShardCore:
                 {"bookableFromMs": slot.start_ms - slot.policy.advance_booking_ms},
             )
 
-    def _check_room_in_line(self, slot: _Slot) -> None:
-        if slot.line.size >= slot.policy.queue_size_max:
-            raise errors.QueueFull(
+    def _queue_full(self, slot: _Slot) -> Failure:
+        return self._refusal(
+            errors.QueueFull(
                 "the slot and its waiting queue are full",
                 {"queueLength": slot.line.size, "maxSize": slot.policy.queue_size_max},
             )
+        )
 
     def _check_slot_shape(self, start_ms: int, end_ms: int, capacity: int, now_ms: int) -> None:
         problems: dict[str, str] = {}
