@@ -31,16 +31,6 @@ def make_booking_id(slot_id: str, unique: str) -> str:
     return f"{slot_id[:8]}-b{unique}"
 
 
-def is_slot_id(value: str) -> bool:
-    match = _ID_PATTERN.match(value)
-    return match is not None and value[9] == "s"
-
-
-def is_booking_id(value: str) -> bool:
-    match = _ID_PATTERN.match(value)
-    return match is not None and value[9] == "b"
-
-
 def shard_of(entity_id: str, shard_count: int) -> int | None:
     """The shard owning a slot or booking id, or None for an id the engine never issued."""
     match = _ID_PATTERN.match(entity_id)

@@ -26,7 +26,7 @@ b``, and agrees with the current tick above bit 6(L+1); ``_count[L]`` is the
 number of keys in level L.
 """
 
-from collections.abc import Hashable, Iterator
+from collections.abc import Hashable
 from typing import Generic, TypeVar
 
 import msgspec
@@ -88,9 +88,6 @@ class TimerWheel(Generic[K]):
     def deadline_of(self, key: K) -> int | None:
         place = self._where.get(key)
         return None if place is None else self._home(place)[key][0]
-
-    def keys(self) -> Iterator[K]:
-        return iter(self._where)
 
     def next_wakeup_ms(self) -> int | None:
         """A time at or before the earliest pending deadline (None when empty).
