@@ -118,6 +118,26 @@ GC_GEN0_THRESHOLD: Final = 10_000
 # process exits, so the failing call's answer reaches the caller first.
 FATAL_EXIT_DELAY_MS: Final = 1_000
 
+# -- storage: write-behind, leases -------------------------------------------
+# Events handed to a shard's writer and not yet committed. Past this the shard
+# refuses new changes (503) until the database catches up: a slow database
+# slows the engine down instead of growing its memory.
+WRITER_PENDING_EVENTS_MAX: Final = 50_000
+# One flush (a transaction) may take this long before it counts as failed.
+WRITER_FLUSH_TIMEOUT_MS: Final = 10_000
+# A shard owner's lease in Redis, its renewal period, and the margin for clock
+# drift: an owner that could not renew stops taking changes this long before
+# its lease would lapse.
+LEASE_TTL_MS: Final = 10_000
+LEASE_RENEW_EVERY_MS: Final = 2_000
+LEASE_DRIFT_MARGIN_MS: Final = 2_000
+# How long a starting owner waits for a lease another owner still holds.
+LEASE_ACQUIRE_TIMEOUT_MS: Final = 60_000
+# Pause between attempts to rebuild a shard whose storage failed.
+REBUILD_RETRY_MS: Final = 500
+# Clients told to come back after a 503 wait this many seconds.
+RETRY_AFTER_S: Final = 1
+
 # -- the shard runtime --------------------------------------------------------
 # The in-memory sink serves tests and runs without storage: it keeps the most
 # recent events only, so a long run cannot grow it without bound.

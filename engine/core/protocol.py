@@ -184,6 +184,8 @@ class Failure(Result, gc=False, frozen=True, kw_only=True):
     code: str
     message: str
     details: dict[str, Any] = {}
+    # For 503 (a dependency is down) and 429: when to try again.
+    retry_after_s: int | None = None
 
 
 AnyResult = SlotResult | SlotPage | BookingResult | BookingPage | QueueResult | Done | Failure
@@ -233,6 +235,28 @@ class SlotChanged(Event, gc=False, frozen=True, kw_only=True):
 
 
 AnyEvent = BookingChanged | QueueChanged | QueueMoved | SlotChanged
+
+# -- what the shard remembers, as storage keeps it ------------------------------
+
+
+class OutcomeRecord(msgspec.Struct, gc=False, frozen=True, array_like=True):
+    """The first outcome of a state-changing request id (retries across a failure)."""
+
+    request_id: str
+    at_ms: int
+    result: AnyResult
+
+
+class KeyRecord(msgspec.Struct, gc=False, frozen=True, array_like=True):
+    """The first outcome of a client Idempotency-Key, with the request's fingerprint."""
+
+    user_id: str
+    command: str
+    key: str
+    at_ms: int
+    fingerprint: bytes
+    result: AnyResult
+
 
 # -- batches across the actor boundary ----------------------------------------
 

@@ -73,6 +73,20 @@ class SlotView(msgspec.Struct, gc=False, frozen=True, kw_only=True):
         return _decode_metadata(self.metadata)
 
 
+class StoredSlot(msgspec.Struct, gc=False, frozen=True, kw_only=True):
+    """A slot's own settings as storage keeps them (counts follow from its bookings)."""
+
+    id: str
+    resource_id: str
+    domain: str
+    start_ms: int
+    end_ms: int
+    capacity: int
+    blocked: bool
+    metadata: msgspec.Raw
+    version: int
+
+
 class QueueView(msgspec.Struct, gc=False, frozen=True, kw_only=True):
     slot_id: str
     user_id: str

@@ -38,7 +38,7 @@ are also asserted where counts change):
 import itertools
 import secrets
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
 import msgspec
@@ -75,9 +75,11 @@ from engine.core.protocol import (
     GetBooking,
     GetSlot,
     JoinQueue,
+    KeyRecord,
     LeaveQueue,
     ListBookings,
     ListSlots,
+    OutcomeRecord,
     QueueChanged,
     QueueMoved,
     QueuePosition,
@@ -93,6 +95,7 @@ from engine.core.records import (
     QueueEntry,
     QueueView,
     SlotView,
+    StoredSlot,
     describe_wait,
     pack_metadata,
 )
@@ -163,17 +166,17 @@ class _Slot:
         "view_ended",
     )
 
-    def __init__(self, command: CreateSlot, policy: DomainPolicy) -> None:
-        self.id = command.slot_id
-        self.resource_id = command.resource_id
-        self.domain = command.domain
+    def __init__(self, stored: StoredSlot, policy: DomainPolicy) -> None:
+        self.id = stored.id
+        self.resource_id = stored.resource_id
+        self.domain = stored.domain
         self.policy = policy
-        self.start_ms = command.start_ms
-        self.end_ms = command.end_ms
-        self.capacity = command.capacity
-        self.blocked = command.blocked
-        self.metadata = pack_metadata(command.metadata)
-        self.version = 1
+        self.start_ms = stored.start_ms
+        self.end_ms = stored.end_ms
+        self.capacity = stored.capacity
+        self.blocked = stored.blocked
+        self.metadata = stored.metadata
+        self.version = stored.version
         self.confirmed = 0
         self.held = 0
         # user id -> that user's RESERVED or CONFIRMED booking of this slot
@@ -265,6 +268,9 @@ class ShardCore:
         self._idempotency: dict[IdempotencyScope, tuple[int, bytes, AnyResult]] = {}
         self._idempotency_order: deque[tuple[int, IdempotencyScope]] = deque()
         self._events: list[AnyEvent] = []
+        # What was remembered since the last drain_remembered, for storage.
+        self._outcome_log: list[OutcomeRecord] = []
+        self._key_log: list[KeyRecord] = []
         self._dirty_slots: dict[str, None] = {}
         self._commands_total = 0
         self._failures_total = 0
@@ -388,6 +394,107 @@ class ShardCore:
         events, self._events = self._events, []
         return events
 
+    def drain_remembered(self) -> tuple[list[OutcomeRecord], list[KeyRecord]]:
+        """Request outcomes and idempotency records remembered since the last call."""
+        outcomes, self._outcome_log = self._outcome_log, []
+        keys, self._key_log = self._key_log, []
+        return outcomes, keys
+
+    def restore(
+        self,
+        *,
+        slots: Iterable[StoredSlot],
+        bookings: Iterable[Booking],
+        entries: Iterable[QueueEntry],
+        outcomes: Iterable[OutcomeRecord] = (),
+        keys: Iterable[KeyRecord] = (),
+    ) -> None:
+        """Rebuild the state storage kept, into a core that has executed nothing yet.
+
+        Every deadline is re-armed from the stored records; the ones already
+        past fire on the next ``advance`` or ``execute``, as if the shard had
+        never stopped. Waiting users count as seen at the restore (position
+        polls are not stored), so an outage never times anyone out of a queue.
+        A slot whose domain is no longer configured keeps its domain name and
+        follows the default policy. Raises ``InvariantViolation`` on records
+        that contradict each other (two active bookings of one user, a NOTIFIED
+        entry without its hold, more bookings than capacity).
+        """
+        require(
+            not self._slots and not self._bookings and not self._outcomes,
+            "restore into a core that already has state",
+        )
+        now_ms = self._now_ms
+        for stored in slots:
+            require(
+                shard_of(stored.id, self.shard_count) == self.shard_id, f"{stored.id} misrouted"
+            )
+            policy = self._policies.get(stored.domain, self._policies["default"])
+            self._add_slot(stored, policy)
+        for stored_booking in bookings:
+            booking = _copy(stored_booking)
+            slot = self._slots.get(booking.slot_id)
+            require(slot is not None, f"booking {booking.id} of an unknown slot")
+            assert slot is not None
+            self._bookings[booking.id] = booking
+            self._bookings_by_user.setdefault(booking.user_id, set()).add(booking.id)
+            status = booking.status
+            if status is BookingStatus.RESERVED or status is BookingStatus.CONFIRMED:
+                require(
+                    booking.user_id not in slot.active_by_user,
+                    f"slot {slot.id}: two active bookings of {booking.user_id}",
+                )
+                slot.active_by_user[booking.user_id] = booking
+                if status is BookingStatus.RESERVED:
+                    slot.held += 1
+                    self._timers.schedule(("hold", booking.id), booking.expires_at_ms)
+                else:
+                    slot.confirmed += 1
+                slot.check_counts()
+            else:
+                require(status in BOOKING_FINAL, f"booking {booking.id} stored as {status}")
+                final_ms = max(
+                    booking.completed_at_ms or 0,
+                    booking.cancelled_at_ms or 0,
+                    booking.expires_at_ms if status is BookingStatus.EXPIRED else 0,
+                )
+                self._timers.schedule(
+                    ("forget-booking", booking.id), final_ms + FINAL_BOOKING_RETENTION_MS
+                )
+        for stored_entry in sorted(entries, key=lambda e: e.seq):
+            entry = _copy(stored_entry)
+            entry_slot = self._slots.get(entry.slot_id)
+            require(entry_slot is not None, f"queue entry of an unknown slot {entry.slot_id}")
+            assert entry_slot is not None
+            slot = entry_slot
+            slot.line.skip_past(entry.seq)
+            slot.entries[entry.user_id] = entry
+            if entry.status is QueueStatus.WAITING:
+                entry.last_seen_ms = max(entry.last_seen_ms, now_ms)
+                slot.line.restore(entry.user_id, entry.seq)
+                slot.idle[entry.user_id] = None
+            elif entry.status is QueueStatus.NOTIFIED:
+                offered = slot.active_by_user.get(entry.user_id)
+                require(
+                    offered is not None and offered.id == entry.booking_id,
+                    f"slot {slot.id}: NOTIFIED {entry.user_id} without its offered hold",
+                )
+        for slot in self._slots.values():
+            if slot.idle:
+                first = slot.entries[next(iter(slot.idle))]
+                self._timers.schedule(
+                    ("idle", slot.id), first.last_seen_ms + slot.policy.queue_inactivity_ms
+                )
+        for outcome in sorted(outcomes, key=lambda o: o.at_ms):
+            self._remember_outcome(outcome.request_id, outcome.result, outcome.at_ms)
+        for key in sorted(keys, key=lambda k: k.at_ms):
+            self._remember_idempotency(
+                (key.user_id, key.command, key.key), key.fingerprint, key.result, key.at_ms
+            )
+        # Storage has all of this already.
+        self._outcome_log = []
+        self._key_log = []
+
     def statistics(self) -> ShardStatistics:
         slots = self._slots.values()
         return ShardStatistics(
@@ -428,11 +535,20 @@ class ShardCore:
         self._check_slot_shape(command.start_ms, command.end_ms, command.capacity, now_ms)
         self._check_overlap(command.resource_id, command.start_ms, command.end_ms, None)
 
-        slot = _Slot(command, policy)
-        self._slots[slot.id] = slot
-        self._slots_by_resource.setdefault(slot.resource_id, set()).add(slot.id)
-        self._slot_order.add((slot.start_ms, slot.id))
-        self._timers.schedule(("end", slot.id), slot.end_ms)
+        slot = self._add_slot(
+            StoredSlot(
+                id=command.slot_id,
+                resource_id=command.resource_id,
+                domain=command.domain,
+                start_ms=command.start_ms,
+                end_ms=command.end_ms,
+                capacity=command.capacity,
+                blocked=command.blocked,
+                metadata=pack_metadata(command.metadata),
+                version=1,
+            ),
+            policy,
+        )
         view = self._slot_view(slot, now_ms)
         self._emit(
             SlotChanged(
@@ -444,6 +560,14 @@ class ShardCore:
             )
         )
         return SlotResult(status=201, slot=view)
+
+    def _add_slot(self, stored: StoredSlot, policy: DomainPolicy) -> _Slot:
+        slot = _Slot(stored, policy)
+        self._slots[slot.id] = slot
+        self._slots_by_resource.setdefault(slot.resource_id, set()).add(slot.id)
+        self._slot_order.add((slot.start_ms, slot.id))
+        self._timers.schedule(("end", slot.id), slot.end_ms)
+        return slot
 
     def _update_slot(self, command: UpdateSlot, now_ms: int) -> AnyResult:
         slot = self._slot_or_404(command.slot_id)
@@ -1154,6 +1278,7 @@ class ShardCore:
 
     def _remember_outcome(self, request_id: str, result: AnyResult, now_ms: int) -> None:
         self._outcomes[request_id] = result
+        self._outcome_log.append(OutcomeRecord(request_id, now_ms, result))
         order = self._outcome_order
         order.append((now_ms, request_id))
         oldest_allowed_ms = now_ms - REQUEST_OUTCOMES_RETENTION_MS
@@ -1165,6 +1290,7 @@ class ShardCore:
     ) -> None:
         records = self._idempotency
         records[scope] = (now_ms, fingerprint, result)
+        self._key_log.append(KeyRecord(scope[0], scope[1], scope[2], now_ms, fingerprint, result))
         order = self._idempotency_order
         order.append((now_ms, scope))
         expired_before_ms = now_ms - IDEMPOTENCY_RETENTION_MS

@@ -71,6 +71,10 @@ class WaitingLine:
         self._insert(user_id, seq)
         self._next_seq = max(self._next_seq, seq + 1)
 
+    def skip_past(self, seq: int) -> None:
+        """Never hand out ``seq`` or anything before it (recovery: it was used once)."""
+        self._next_seq = max(self._next_seq, seq + 1)
+
     def head(self) -> str | None:
         return self._user_of[self._order[self._head]] if self.size else None
 

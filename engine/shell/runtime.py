@@ -28,9 +28,17 @@ import msgspec
 
 from engine.core import limits
 from engine.core.clock import Clock
-from engine.core.errors import require
+from engine.core.errors import ServiceUnavailable, require
 from engine.core.policy import DomainPolicy
-from engine.core.protocol import AnyEvent, AnyResult, BatchCodec
+from engine.core.protocol import (
+    READ_ONLY_COMMANDS,
+    AnyEvent,
+    AnyResult,
+    BatchCodec,
+    Failure,
+    KeyRecord,
+    OutcomeRecord,
+)
 from engine.core.shard import ShardCore, ShardStatistics
 from engine.shell.errors import BatchRejected, ShardFailed
 
@@ -57,6 +65,10 @@ class EventSink(Protocol):
 
     def publish(self, events: list[AnyEvent]) -> None:
         """Take events in order. Synchronous: it runs between state changes and must not wait."""
+        ...
+
+    def remember(self, outcomes: list[OutcomeRecord], keys: list[KeyRecord]) -> None:
+        """Take the request outcomes and idempotency records the shard just remembered."""
         ...
 
     async def wait_durable(self) -> None:
@@ -89,6 +101,9 @@ class MemoryEventSink:
         self._published += len(events)
         if self._waiters:
             self._wake_waiters(events)
+
+    def remember(self, outcomes: list[OutcomeRecord], keys: list[KeyRecord]) -> None:
+        return None
 
     async def wait_durable(self) -> None:
         return None
@@ -123,6 +138,19 @@ class MemoryEventSink:
         self._waiters = still_waiting
 
 
+_READ_ONLY: Final = frozenset(READ_ONLY_COMMANDS)
+
+
+def service_unavailable(reason: str) -> Failure:
+    """The answer to a change refused because a dependency is down: nothing was applied."""
+    return Failure(
+        status=ServiceUnavailable.status,
+        code=ServiceUnavailable.code,
+        message=reason,
+        retry_after_s=limits.RETRY_AFTER_S,
+    )
+
+
 class RuntimeStatistics(msgspec.Struct, frozen=True, kw_only=True):
     shard_id: int
     batches: int
@@ -155,8 +183,12 @@ class ShardRuntime:
         clock: Clock,
         sink: EventSink | None = None,
         on_fatal: Callable[[BaseException], None] | None = None,
+        write_gate: Callable[[], str | None] | None = None,
     ) -> None:
         self._core = core
+        # Asked once per batch: None lets changes through, a reason refuses them
+        # (503, nothing applied) while reads are still answered.
+        self._write_gate = write_gate
         self._shard_id = shard_id
         self._clock = clock
         self._sink: EventSink = sink if sink is not None else MemoryEventSink()
@@ -202,12 +234,17 @@ class ShardRuntime:
     def sink(self) -> EventSink:
         return self._sink
 
+    @property
+    def failed(self) -> bool:
+        return self._fatal is not None
+
     def start(self) -> None:
-        """Bind to the running event loop and arm the timer. Idempotent."""
+        """Bind to the running event loop, fire what is already due, arm the timer. Idempotent."""
         if self._loop is not None:
             return
         self._loop = asyncio.get_running_loop()
-        self._rearm()
+        # A core restored from storage may hold deadlines that passed while no one owned it.
+        self._on_timer()
 
     def close(self) -> None:
         if self._timer is not None:
@@ -237,8 +274,16 @@ class ShardRuntime:
         now_ms = self._clock.now_ms()
         execute = self._core.execute
         results: list[AnyResult]
+        refused = self._write_gate() if self._write_gate is not None else None
         try:
-            results = [execute(command, now_ms) for command in commands]
+            if refused is None:
+                results = [execute(command, now_ms) for command in commands]
+            else:
+                unavailable = service_unavailable(refused)
+                results = [
+                    execute(command, now_ms) if type(command) in _READ_ONLY else unavailable
+                    for command in commands
+                ]
         except Exception as exc:
             self._stop(exc)
             raise ShardFailed(f"shard {self._shard_id} failed: {exc!r}") from exc
@@ -285,6 +330,9 @@ class ShardRuntime:
         if events:
             self._events += len(events)
             self._sink.publish(events)
+        outcomes, keys = self._core.drain_remembered()
+        if outcomes or keys:
+            self._sink.remember(outcomes, keys)
 
     def _rearm(self) -> None:
         loop = self._loop

@@ -1,0 +1,128 @@
+"""A shard owner's lease in Redis, and the fencing token that comes with it.
+
+``acquire`` sets ``shard:{n}:owner`` to this owner's id with ``SET NX PX`` and,
+in the same script, takes the next value of ``shard:{n}:token``: a counter that
+only grows, raised past a floor when the caller knows of a newer token (Redis
+lost its data, the database kept the fence). ``renew`` extends the lease only
+while this owner still holds it. Both are Lua scripts, so each is one atomic
+step in Redis.
+
+``holds(now_ms)`` answers from the local clock: the lease counts as held until
+its last confirmed renewal plus the TTL minus a drift margin, measured from
+when the renewal was *sent*. An owner that cannot reach Redis therefore stops
+taking changes before another owner can possibly get the lease.
+"""
+
+import time
+from enum import Enum
+from typing import Final
+
+import redis.asyncio as aioredis
+
+from engine.core import limits
+
+_ACQUIRE: Final = """
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+    local token = redis.call('INCR', KEYS[2])
+    local floor = tonumber(ARGV[3])
+    if token <= floor then
+        token = floor + 1
+        redis.call('SET', KEYS[2], token)
+    end
+    return token
+end
+return false
+"""
+
+_RENEW: Final = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+    return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""
+
+_RELEASE: Final = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+    return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
+
+class Renewal(Enum):
+    RENEWED = "renewed"
+    # The key is gone (it lapsed, or Redis lost it): nobody holds the lease.
+    LAPSED = "lapsed"
+    # Another owner holds it.
+    TAKEN = "taken"
+
+
+def _monotonic_ms() -> int:
+    return time.monotonic_ns() // 1_000_000
+
+
+class ShardLease:
+    def __init__(
+        self,
+        client: "aioredis.Redis",
+        *,
+        shard: int,
+        owner: str,
+        namespace: str = "slotengine",
+        ttl_ms: int = limits.LEASE_TTL_MS,
+        margin_ms: int = limits.LEASE_DRIFT_MARGIN_MS,
+    ) -> None:
+        if not 0 < margin_ms < ttl_ms:
+            raise ValueError("the drift margin must be shorter than the lease")
+        self._client = client
+        self.shard = shard
+        self.owner = owner
+        self.ttl_ms = ttl_ms
+        self.margin_ms = margin_ms
+        self._owner_key = f"{namespace}:shard:{shard}:owner"
+        self._token_key = f"{namespace}:shard:{shard}:token"
+        self._acquire = client.register_script(_ACQUIRE)
+        self._renew = client.register_script(_RENEW)
+        self._release = client.register_script(_RELEASE)
+        self.token: int | None = None
+        # Monotonic ms until which this owner may take changes.
+        self._valid_until_ms = 0
+
+    def holds(self, now_ms: int | None = None) -> bool:
+        if self.token is None:
+            return False
+        return (now_ms if now_ms is not None else _monotonic_ms()) < self._valid_until_ms
+
+    @property
+    def valid_for_ms(self) -> int:
+        return max(0, self._valid_until_ms - _monotonic_ms())
+
+    async def acquire(self, floor: int = 0) -> int | None:
+        """Take the lease if nobody holds it; returns the new fencing token, or None."""
+        sent_ms = _monotonic_ms()
+        token = await self._acquire(
+            keys=[self._owner_key, self._token_key], args=[self.owner, self.ttl_ms, floor]
+        )
+        if token is None:
+            return None
+        self.token = int(token)
+        self._valid_until_ms = sent_ms + self.ttl_ms - self.margin_ms
+        return self.token
+
+    async def renew(self) -> Renewal:
+        sent_ms = _monotonic_ms()
+        if await self._renew(keys=[self._owner_key], args=[self.owner, self.ttl_ms]):
+            self._valid_until_ms = sent_ms + self.ttl_ms - self.margin_ms
+            return Renewal.RENEWED
+        self._valid_until_ms = 0
+        holder = await self._client.get(self._owner_key)
+        return Renewal.LAPSED if holder is None else Renewal.TAKEN
+
+    async def release(self) -> None:
+        self._valid_until_ms = 0
+        await self._release(keys=[self._owner_key], args=[self.owner])
+
+    def forget(self) -> None:
+        """Stop counting on the lease (after losing it), without asking Redis."""
+        self._valid_until_ms = 0
+        self.token = None

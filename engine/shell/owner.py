@@ -1,0 +1,415 @@
+"""ShardOwner: one shard with its lease, its durable state, and its recovery.
+
+The owner takes the shard's lease in Redis (a fencing token with it), takes
+the shard over in PostgreSQL (the token goes to the fence row in the same
+transaction as the reload), restores a ``ShardCore`` from what it loaded, and
+serves batches through a ``ShardRuntime`` whose events go to a
+``ShardWriter`` (write-behind, group commit). A renewal task keeps the lease.
+
+States: STARTING -> SERVING <-> REBUILDING, and STOPPED for good.
+- A flush that fails (PostgreSQL down, a safety net of the database refused
+  it): the waiting replies get 503, the in-memory state is dropped (it is
+  ahead of the database) and the owner reloads the shard from PostgreSQL,
+  retrying until it can. Meanwhile every command is answered 503.
+- The lease cannot be renewed (Redis down): changes are refused with 503
+  before the lease could lapse; reads and timers go on. When Redis answers
+  again, a still-held lease just continues; a lapsed one is taken again with a
+  new token and the shard is reloaded (another owner may have written).
+- A flush refused by the fence, or the lease held by another owner: this
+  owner stops at once (``on_stopped``) and answers nothing any more.
+
+It must never apply a batch while STARTING or REBUILDING, never keep a core
+whose changes failed to commit, and never write with a token the fence row
+has moved past.
+"""
+
+import asyncio
+import contextlib
+import logging
+import secrets
+from collections.abc import Awaitable, Callable
+from enum import Enum
+from typing import Final
+
+import asyncpg
+import msgspec
+import redis.asyncio as aioredis
+import redis.exceptions
+
+from engine.core import limits
+from engine.core.clock import Clock
+from engine.core.errors import InvariantViolation
+from engine.core.policy import DomainPolicy
+from engine.core.protocol import BatchCodec
+from engine.core.shard import ShardCore
+from engine.shell.errors import ShardFailed, ShardUnavailable
+from engine.shell.lease import Renewal, ShardLease
+from engine.shell.runtime import RuntimeStatistics, ShardRuntime, service_unavailable, unique_ids
+from persistence.store import ShardSnapshot, StaleToken, fence_token, take_over
+from persistence.writer import ShardWriter, StorageUnavailable, WriterStatistics
+
+logger = logging.getLogger(__name__)
+
+_REDIS_ERRORS: Final = (redis.exceptions.RedisError, OSError, asyncio.TimeoutError)
+_DATABASE_ERRORS: Final = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
+
+
+class OwnerState(Enum):
+    STARTING = "starting"
+    SERVING = "serving"
+    REBUILDING = "rebuilding"
+    STOPPED = "stopped"
+
+
+class StorageSettings(msgspec.Struct, frozen=True, kw_only=True):
+    database_url: str
+    redis_url: str
+    relaxed: bool = False
+    namespace: str = "slotengine"
+    lease_ttl_ms: int = limits.LEASE_TTL_MS
+    lease_renew_every_ms: int = limits.LEASE_RENEW_EVERY_MS
+    lease_margin_ms: int = limits.LEASE_DRIFT_MARGIN_MS
+    lease_acquire_timeout_ms: int = limits.LEASE_ACQUIRE_TIMEOUT_MS
+    rebuild_retry_ms: int = limits.REBUILD_RETRY_MS
+
+
+class OwnerStatistics(msgspec.Struct, frozen=True, kw_only=True):
+    shard_id: int
+    owner: str
+    state: str
+    token: int | None
+    lease_valid_for_ms: int
+    rebuilds: int
+    stop_reason: str | None
+    writer: WriterStatistics | None
+    runtime: RuntimeStatistics | None
+
+
+class ShardOwner:
+    def __init__(
+        self,
+        *,
+        shard_id: int,
+        shard_count: int,
+        policies: dict[str, DomainPolicy],
+        clock: Clock,
+        storage: StorageSettings,
+        owner: str | None = None,
+        on_stopped: Callable[[str], None] | None = None,
+        before_commit: Callable[[], Awaitable[None]] | None = None,
+        fence_check: bool = True,
+    ) -> None:
+        self.shard_id = shard_id
+        self._shard_count = shard_count
+        self._policies = policies
+        self._clock = clock
+        self._storage = storage
+        self.owner = owner or f"{secrets.token_hex(6)}"
+        self._on_stopped = on_stopped
+        self._before_commit = before_commit
+        self._fence_check = fence_check
+        self._codec = BatchCodec()
+        self.state = OwnerState.STARTING
+        self._redis: aioredis.Redis | None = None
+        self._lease: ShardLease | None = None
+        self._connection: asyncpg.Connection | None = None
+        self._runtime: ShardRuntime | None = None
+        self._writer: ShardWriter | None = None
+        self._renewer: asyncio.Task[None] | None = None
+        self._rebuilder: asyncio.Task[None] | None = None
+        self._rebuilds = 0
+        self._stop_reason: str | None = None
+
+    # -- lifecycle --------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Take the lease (waiting for a previous owner's to lapse) and load the shard."""
+        self._redis = aioredis.Redis.from_url(
+            self._storage.redis_url,
+            socket_timeout=limits.LEASE_RENEW_EVERY_MS / 1000,
+            socket_connect_timeout=limits.LEASE_RENEW_EVERY_MS / 1000,
+        )
+        self._lease = ShardLease(
+            self._redis,
+            shard=self.shard_id,
+            owner=self.owner,
+            namespace=self._storage.namespace,
+            ttl_ms=self._storage.lease_ttl_ms,
+            margin_ms=self._storage.lease_margin_ms,
+        )
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._storage.lease_acquire_timeout_ms / 1000
+        while True:
+            try:
+                await self._load_with_new_lease()
+                break
+            except _LeaseBusy:
+                if loop.time() > deadline:
+                    raise ShardUnavailable(
+                        f"shard {self.shard_id}: another owner holds the lease"
+                    ) from None
+                await asyncio.sleep(self._storage.lease_renew_every_ms / 1000 / 4)
+        self._renewer = loop.create_task(self._keep_lease(), name=f"lease-{self.shard_id}")
+
+    async def close(self) -> None:
+        """Flush what is pending, release the lease, and stop."""
+        if self._renewer is not None:
+            self._renewer.cancel()
+        if self._rebuilder is not None:
+            self._rebuilder.cancel()
+        if self._runtime is not None:
+            self._runtime.close()
+        if self._writer is not None:
+            await self._writer.close()
+        if self._lease is not None and self.state is not OwnerState.STOPPED:
+            with contextlib.suppress(*_REDIS_ERRORS):
+                await self._lease.release()
+        self.state = OwnerState.STOPPED
+        if self._connection is not None:
+            with contextlib.suppress(*_DATABASE_ERRORS):
+                await self._connection.close()
+        if self._redis is not None:
+            with contextlib.suppress(*_REDIS_ERRORS):
+                await self._redis.aclose()
+
+    # -- serving --------------------------------------------------------------
+
+    async def execute_batch(self, data: bytes) -> bytes:
+        runtime = self._runtime
+        if self.state is OwnerState.SERVING and runtime is not None:
+            try:
+                return await runtime.execute_batch(data)
+            except StorageUnavailable as exc:
+                return self._refuse_all(data, f"storage failed: {exc}")
+        if self.state is OwnerState.REBUILDING:
+            return self._refuse_all(data, "the shard is reloading from storage")
+        if self.state is OwnerState.STARTING:
+            raise ShardUnavailable(f"shard {self.shard_id} is starting")
+        raise ShardFailed(f"shard {self.shard_id} stopped: {self._stop_reason}")
+
+    def statistics(self) -> OwnerStatistics:
+        return OwnerStatistics(
+            shard_id=self.shard_id,
+            owner=self.owner,
+            state=self.state.value,
+            token=self._lease.token if self._lease is not None else None,
+            lease_valid_for_ms=self._lease.valid_for_ms if self._lease is not None else 0,
+            rebuilds=self._rebuilds,
+            stop_reason=self._stop_reason,
+            writer=self._writer.statistics() if self._writer is not None else None,
+            runtime=self._runtime.statistics() if self._runtime is not None else None,
+        )
+
+    def check_invariants(self) -> None:
+        if self._runtime is not None and self.state is OwnerState.SERVING:
+            self._runtime.check_invariants()
+
+    @property
+    def runtime(self) -> ShardRuntime | None:
+        return self._runtime
+
+    def _refuse_all(self, data: bytes, reason: str) -> bytes:
+        commands = self._codec.decode_batch(data)
+        unavailable = service_unavailable(reason)
+        return self._codec.encode_reply([unavailable] * len(commands))
+
+    def _write_gate(self) -> str | None:
+        lease = self._lease
+        if lease is None or not lease.holds():
+            return "the shard's lease could not be renewed (Redis unreachable)"
+        writer = self._writer
+        if writer is None or not writer.accepting:
+            return "the shard's storage is behind or failing"
+        return None
+
+    # -- taking over and rebuilding ---------------------------------------------
+
+    async def _load_with_new_lease(self) -> None:
+        """Acquire the lease, then take the shard over from PostgreSQL. Raises _LeaseBusy."""
+        assert self._lease is not None
+        connection = await self._connect()
+        floor = await fence_token(connection, self.shard_id)
+        token = await self._lease.acquire(floor)
+        if token is None:
+            raise _LeaseBusy
+        await self._load(token)
+
+    async def _load(self, token: int) -> None:
+        connection = await self._connect()
+        try:
+            snapshot = await take_over(
+                connection, self.shard_id, token, self.owner, self._clock.now_ms()
+            )
+        except StaleToken as exc:
+            # Redis forgot its counter: the next acquire starts above the fence.
+            assert self._lease is not None
+            with contextlib.suppress(*_REDIS_ERRORS):
+                await self._lease.release()
+            self._lease.forget()
+            raise _LeaseBusy from exc
+        self._serve(snapshot, connection)
+
+    def _serve(self, snapshot: ShardSnapshot, connection: asyncpg.Connection) -> None:
+        core = ShardCore(
+            shard_id=self.shard_id,
+            shard_count=self._shard_count,
+            policies=self._policies,
+            now_ms=self._clock.now_ms(),
+            new_unique=unique_ids(),
+        )
+        core.restore(
+            slots=snapshot.slots,
+            bookings=snapshot.bookings,
+            entries=snapshot.entries,
+            outcomes=snapshot.outcomes,
+            keys=snapshot.keys,
+        )
+        writer = ShardWriter(
+            connection,
+            shard=self.shard_id,
+            token=snapshot.token,
+            owner=self.owner,
+            relaxed=self._storage.relaxed,
+            on_failed=self._on_storage_failed,
+            on_fenced=self._on_fenced,
+            before_commit=self._before_commit,
+            fence_check=self._fence_check,
+        )
+        runtime = ShardRuntime(
+            core,
+            shard_id=self.shard_id,
+            clock=self._clock,
+            sink=writer,
+            on_fatal=self._on_core_failed,
+            write_gate=self._write_gate,
+        )
+        self._writer = writer
+        self._runtime = runtime
+        writer.start()
+        runtime.start()
+        self.state = OwnerState.SERVING
+        logger.info(
+            "shard %d served by %s with token %d: %d slots, %d bookings, %d queue entries",
+            self.shard_id,
+            self.owner,
+            snapshot.token,
+            len(snapshot.slots),
+            len(snapshot.bookings),
+            len(snapshot.entries),
+        )
+
+    async def _connect(self) -> asyncpg.Connection:
+        connection = self._connection
+        if connection is None or connection.is_closed():
+            connection = await asyncpg.connect(
+                self._storage.database_url, timeout=limits.WRITER_FLUSH_TIMEOUT_MS / 1000
+            )
+            self._connection = connection
+        return connection
+
+    def _drop_state(self) -> None:
+        if self._runtime is not None:
+            self._runtime.close()
+        self._runtime = None
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            asyncio.get_running_loop().create_task(writer.close(flush=False))
+
+    def _on_storage_failed(self, exc: BaseException) -> None:
+        # The connection may be mid-transaction or broken: start the reload on a new one.
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            with contextlib.suppress(Exception):
+                connection.terminate()
+        self._begin_rebuild(f"a flush failed: {exc!r}")
+
+    def _on_core_failed(self, exc: BaseException) -> None:
+        self._begin_rebuild(f"the core raised {exc!r}")
+
+    def _begin_rebuild(self, why: str) -> None:
+        if self.state is OwnerState.STOPPED or self.state is OwnerState.REBUILDING:
+            return
+        logger.error("shard %d: %s; reloading from PostgreSQL", self.shard_id, why)
+        self.state = OwnerState.REBUILDING
+        self._drop_state()
+        self._rebuilds += 1
+        self._rebuilder = asyncio.get_running_loop().create_task(
+            self._rebuild(), name=f"rebuild-{self.shard_id}"
+        )
+
+    async def _rebuild(self) -> None:
+        while self.state is OwnerState.REBUILDING:
+            try:
+                lease = self._lease
+                assert lease is not None
+                if lease.token is not None and lease.holds():
+                    await self._load(lease.token)
+                else:
+                    await self._load_with_new_lease()
+                return
+            except _LeaseBusy:
+                if not await self._lease_free_or_mine():
+                    self._stop("another owner holds the shard's lease")
+                    return
+            except (*_DATABASE_ERRORS, *_REDIS_ERRORS) as exc:
+                logger.warning("shard %d: reload failed: %r", self.shard_id, exc)
+                if self._connection is not None:
+                    with contextlib.suppress(Exception):
+                        self._connection.terminate()
+                    self._connection = None
+            except InvariantViolation as exc:
+                # The database itself holds contradicting records: nothing to serve.
+                self._stop(f"stored state breaks an invariant: {exc}")
+                return
+            await asyncio.sleep(self._storage.rebuild_retry_ms / 1000)
+
+    async def _lease_free_or_mine(self) -> bool:
+        assert self._redis is not None
+        try:
+            holder = await self._redis.get(f"{self._storage.namespace}:shard:{self.shard_id}:owner")
+        except _REDIS_ERRORS:
+            return True  # unknown yet: keep trying
+        return holder is None or holder in (self.owner, self.owner.encode())
+
+    def _on_fenced(self, exc: BaseException) -> None:
+        self._stop(f"fenced off: {exc}")
+
+    def _stop(self, reason: str) -> None:
+        if self.state is OwnerState.STOPPED:
+            return
+        logger.critical("shard %d owner %s stops: %s", self.shard_id, self.owner, reason)
+        self.state = OwnerState.STOPPED
+        self._stop_reason = reason
+        self._drop_state()
+        if self._lease is not None:
+            self._lease.forget()
+        if self._renewer is not None:
+            self._renewer.cancel()
+        if self._on_stopped is not None:
+            self._on_stopped(reason)
+
+    # -- the lease ----------------------------------------------------------------
+
+    async def _keep_lease(self) -> None:
+        lease = self._lease
+        assert lease is not None
+        while self.state is not OwnerState.STOPPED:
+            await asyncio.sleep(self._storage.lease_renew_every_ms / 1000)
+            if lease.token is None:
+                continue  # a rebuild is taking a new lease
+            try:
+                renewal = await lease.renew()
+            except _REDIS_ERRORS as exc:
+                logger.warning("shard %d: lease renewal failed: %r", self.shard_id, exc)
+                continue
+            if renewal is Renewal.TAKEN:
+                self._stop("another owner took the shard's lease")
+            elif renewal is Renewal.LAPSED:
+                # Nobody holds it, but someone may have held it meanwhile: reload
+                # (a rebuild in progress takes a new lease by itself).
+                lease.forget()
+                self._begin_rebuild("the lease lapsed")
+
+
+class _LeaseBusy(Exception):
+    """Another owner holds the lease (or the token was stale): try again later."""

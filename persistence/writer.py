@@ -1,0 +1,245 @@
+"""The write-behind writer of one shard: group commit to PostgreSQL.
+
+The shard runtime hands its events over synchronously (``publish``,
+``remember``) between state changes; a flusher task folds everything handed
+over since the last flush into rows (``FlushRows``) and commits them in one
+transaction, after advancing the shard's fence row with the owner's token.
+While a flush commits, new events gather for the next one: the busier the
+shard, the bigger each commit (group commit), with no timer in the way.
+
+``wait_durable`` returns once everything published before the call is
+committed. In ``relaxed`` durability it returns at once: replies leave before
+their commit, and a crash loses what the buffer held (at most
+``WRITER_PENDING_EVENTS_MAX`` events, in practice one flush interval).
+
+A failed flush is never retried by the writer: the shard's memory is ahead
+of the database, so every waiting reply fails with ``StorageUnavailable`` and
+``on_failed`` tells the owner to rebuild the shard from PostgreSQL. A flush
+refused by the fence calls ``on_fenced``: another owner took over.
+"""
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import Final
+
+import asyncpg
+import msgspec
+
+from engine.core import limits
+from engine.core.protocol import AnyEvent, KeyRecord, OutcomeRecord
+from persistence.rows import FlushRows
+from persistence.store import Codecs, FenceRejected, purge_request_outcomes, write_flush
+
+logger = logging.getLogger(__name__)
+
+# Purge this shard's expired request outcomes every so many flushes.
+_PURGE_EVERY_FLUSHES: Final = 1_000
+
+
+class StorageUnavailable(Exception):
+    """PostgreSQL did not take a flush: the changes waiting on it are not durable."""
+
+
+class WriterStatistics(msgspec.Struct, frozen=True, kw_only=True):
+    flushes: int
+    events_written: int
+    flush_events_max: int
+    pending_events: int
+    failed: bool
+    fenced: bool
+    commit_ns_total: int
+
+
+class ShardWriter:
+    def __init__(
+        self,
+        connection: asyncpg.Connection,
+        *,
+        shard: int,
+        token: int,
+        owner: str,
+        relaxed: bool = False,
+        on_failed: Callable[[BaseException], None] | None = None,
+        on_fenced: Callable[[BaseException], None] | None = None,
+        before_commit: Callable[[], Awaitable[None]] | None = None,
+        fence_check: bool = True,
+        clock_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000,
+    ) -> None:
+        self._connection = connection
+        self._shard = shard
+        self._token = token
+        self._owner = owner
+        self._relaxed = relaxed
+        self._on_failed = on_failed
+        self._on_fenced = on_fenced
+        # A pause before each commit, for tests that need a late flush (a paused zombie).
+        self._before_commit = before_commit
+        self._fence_check = fence_check
+        self._clock_ms = clock_ms
+        self._codecs = Codecs()
+        self._pending = FlushRows(shard)
+        # Events are numbered as they are published; everything up to _durable is committed.
+        self._published = 0
+        self._durable = 0
+        self._waiters: deque[tuple[int, asyncio.Future[None]]] = deque()
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._error: BaseException | None = None
+        self._fenced = False
+        self._closed = False
+        self._flushes = 0
+        self._events_written = 0
+        self._flush_events_max = 0
+        self._commit_ns_total = 0
+
+    # -- the runtime's side (synchronous, on the shard's event loop) ------------
+
+    def publish(self, events: list[AnyEvent]) -> None:
+        if self._error is not None or self._closed:
+            return  # the owner is rebuilding; these changes die with the old state
+        self._pending.add(events)
+        self._published += 1
+        self._wake.set()
+
+    def remember(self, outcomes: list[OutcomeRecord], keys: list[KeyRecord]) -> None:
+        if self._error is not None or self._closed:
+            return
+        self._pending.remember(outcomes, keys)
+        self._published += 1
+        self._wake.set()
+
+    async def wait_durable(self) -> None:
+        if self._error is not None:
+            raise StorageUnavailable(str(self._error)) from self._error
+        if self._relaxed:
+            return
+        target = self._published
+        if target <= self._durable:
+            return
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append((target, future))
+        await future
+
+    @property
+    def accepting(self) -> bool:
+        """False once the buffer is too far behind, or after a failure: refuse new changes."""
+        return (
+            self._error is None
+            and not self._closed
+            and self._pending.events < limits.WRITER_PENDING_EVENTS_MAX
+        )
+
+    @property
+    def failed(self) -> bool:
+        return self._error is not None
+
+    # -- lifecycle ----------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(
+                self._run(), name=f"writer-{self._shard}"
+            )
+
+    async def close(self, *, flush: bool = True, timeout_s: float = 10.0) -> None:
+        """Stop the flusher: after a last flush of what is pending, unless ``flush`` is False."""
+        if flush and self._error is None and self._task is not None:
+            target = self._published
+            if target > self._durable:
+                future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+                self._waiters.append((target, future))
+                try:
+                    async with asyncio.timeout(timeout_s):
+                        await future
+                except (TimeoutError, StorageUnavailable):
+                    pass
+        self._closed = True
+        self._wake.set()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+        self._fail_waiters(StorageUnavailable("the shard's writer stopped"))
+
+    def statistics(self) -> WriterStatistics:
+        return WriterStatistics(
+            flushes=self._flushes,
+            events_written=self._events_written,
+            flush_events_max=self._flush_events_max,
+            pending_events=self._pending.events,
+            failed=self._error is not None,
+            fenced=self._fenced,
+            commit_ns_total=self._commit_ns_total,
+        )
+
+    # -- the flusher ----------------------------------------------------------------
+
+    async def _run(self) -> None:
+        while not self._closed:
+            if self._pending.empty():
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            rows, self._pending = self._pending, FlushRows(self._shard)
+            upto = self._published
+            try:
+                await self._flush(rows)
+            except FenceRejected as exc:
+                self._fenced = True
+                self._stop(exc, self._on_fenced)
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                logger.error("shard %d: flush failed: %r", self._shard, exc)
+                self._stop(exc, self._on_failed)
+                return
+            self._durable = upto
+            self._flushes += 1
+            self._events_written += rows.events
+            self._flush_events_max = max(self._flush_events_max, rows.events)
+            waiters = self._waiters
+            while waiters and waiters[0][0] <= upto:
+                future = waiters.popleft()[1]
+                if not future.done():
+                    future.set_result(None)
+            if self._flushes % _PURGE_EVERY_FLUSHES == 0:
+                try:
+                    await purge_request_outcomes(self._connection, self._shard, self._clock_ms())
+                except Exception as exc:
+                    logger.warning(
+                        "shard %d: purge of request outcomes failed: %r", self._shard, exc
+                    )
+
+    async def _flush(self, rows: FlushRows) -> None:
+        started_ns = time.perf_counter_ns()
+        async with asyncio.timeout(limits.WRITER_FLUSH_TIMEOUT_MS / 1000):
+            async with self._connection.transaction():
+                await write_flush(
+                    self._connection,
+                    rows,
+                    self._token,
+                    self._owner,
+                    self._codecs,
+                    fence_check=self._fence_check,
+                )
+                if self._before_commit is not None:
+                    await self._before_commit()
+        self._commit_ns_total += time.perf_counter_ns() - started_ns
+
+    def _stop(self, exc: BaseException, callback: Callable[[BaseException], None] | None) -> None:
+        self._error = exc
+        self._pending = FlushRows(self._shard)
+        self._fail_waiters(StorageUnavailable(str(exc)))
+        if callback is not None:
+            callback(exc)
+
+    def _fail_waiters(self, error: StorageUnavailable) -> None:
+        while self._waiters:
+            future = self._waiters.popleft()[1]
+            if not future.done():
+                future.set_exception(error)
