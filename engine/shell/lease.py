@@ -22,7 +22,12 @@ import redis.asyncio as aioredis
 from engine.core import limits
 
 _ACQUIRE: Final = """
-if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+local holder = redis.call('GET', KEYS[1])
+local takeover = ARGV[4] ~= '' and holder and string.sub(holder, 1, #ARGV[4]) == ARGV[4]
+if takeover then
+    redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+end
+if takeover or redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
     local token = redis.call('INCR', KEYS[2])
     local floor = tonumber(ARGV[3])
     if token <= floor then
@@ -97,11 +102,18 @@ class ShardLease:
     def valid_for_ms(self) -> int:
         return max(0, self._valid_until_ms - _monotonic_ms())
 
-    async def acquire(self, floor: int = 0) -> int | None:
-        """Take the lease if nobody holds it; returns the new fencing token, or None."""
+    async def acquire(self, floor: int = 0, succeeds: str = "") -> int | None:
+        """Take the lease if nobody holds it; returns the new fencing token, or None.
+
+        ``succeeds``: a prefix of owner ids this owner replaces even while their
+        lease runs, because it knows they are gone (a restarted actor and its
+        previous incarnation). The new token fences their late writes off all
+        the same, should they be alive after all.
+        """
         sent_ms = _monotonic_ms()
         token = await self._acquire(
-            keys=[self._owner_key, self._token_key], args=[self.owner, self.ttl_ms, floor]
+            keys=[self._owner_key, self._token_key],
+            args=[self.owner, self.ttl_ms, floor, succeeds],
         )
         if token is None:
             return None

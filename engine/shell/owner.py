@@ -95,6 +95,7 @@ class ShardOwner:
         clock: Clock,
         storage: StorageSettings,
         owner: str | None = None,
+        succeeds: str = "",
         on_stopped: Callable[[str], None] | None = None,
         before_commit: Callable[[], Awaitable[None]] | None = None,
         fence_check: bool = True,
@@ -105,6 +106,8 @@ class ShardOwner:
         self._clock = clock
         self._storage = storage
         self.owner = owner or f"{secrets.token_hex(6)}"
+        # Owner ids whose lease this owner takes at once (see ShardLease.acquire).
+        self._succeeds = succeeds
         self._on_stopped = on_stopped
         self._before_commit = before_commit
         self._fence_check = fence_check
@@ -229,7 +232,7 @@ class ShardOwner:
         assert self._lease is not None
         connection = await self._connect()
         floor = await fence_token(connection, self.shard_id)
-        token = await self._lease.acquire(floor)
+        token = await self._lease.acquire(floor, self._succeeds)
         if token is None:
             raise _LeaseBusy
         await self._load(token)

@@ -19,6 +19,7 @@ import functools
 import gc
 import logging
 import os
+import secrets
 import warnings
 import zlib
 from typing import Any, Final, cast
@@ -38,6 +39,7 @@ from engine.shell.errors import (
     ShardUnavailable,
     ShellError,
 )
+from engine.shell.owner import OwnerStatistics, ShardOwner, StorageSettings
 from engine.shell.runtime import MemoryEventSink, RuntimeStatistics, ShardRuntime
 
 logger = logging.getLogger(__name__)
@@ -72,30 +74,83 @@ def _exit_after_failure(exc: BaseException) -> None:
     )
 
 
-class ShardActor:
-    """One shard in a Ray actor. Every method runs on the actor's single event loop."""
+def _exit_after_stop(reason: str) -> None:
+    # Fenced off, or another owner holds the lease: this process must not serve the shard
+    # again. Ray starts a fresh incarnation, which waits for the lease like any new owner.
+    logger.critical("shard actor exits: %s", reason)
+    asyncio.get_running_loop().call_later(
+        limits.FATAL_EXIT_DELAY_MS / 1000, os._exit, FATAL_EXIT_STATUS
+    )
 
-    def __init__(self, shard_id: int, shard_count: int, policies: dict[str, DomainPolicy]) -> None:
+
+class ShardActor:
+    """One shard in a Ray actor. Every method runs on the actor's single event loop.
+
+    Without ``storage`` the shard lives in memory only (tests, benches). With
+    it, a ``ShardOwner`` takes the shard's lease and loads it from PostgreSQL
+    on the first call, and every change is committed before its reply.
+    """
+
+    def __init__(
+        self,
+        shard_id: int,
+        shard_count: int,
+        policies: dict[str, DomainPolicy],
+        storage: StorageSettings | None = None,
+    ) -> None:
         self._shard_id = shard_id
         self._shard_count = shard_count
         tune_gc()
+        context = ray.get_runtime_context()
         with warnings.catch_warnings():
             # Ray's own property reads a deprecated attribute internally; the flag is not.
             warnings.simplefilter("ignore", DeprecationWarning)
-            self._restarted = bool(ray.get_runtime_context().was_current_actor_reconstructed)
-        # Built here, in the actor's process: the runtime owns the msgspec codecs.
-        self._runtime = ShardRuntime.create(
-            shard_id=shard_id,
-            shard_count=shard_count,
-            policies=policies,
-            clock=SystemClock(),
-            sink=MemoryEventSink(events_max=limits.ACTOR_RECENT_EVENTS_MAX),
-            on_fatal=_exit_after_failure,
-        )
+            self._restarted = bool(context.was_current_actor_reconstructed)
+        self._owner: ShardOwner | None = None
+        self._starting: asyncio.Task[None] | None = None
+        self._runtime: ShardRuntime | None = None
+        if storage is None:
+            # Built here, in the actor's process: the runtime owns the msgspec codecs.
+            self._runtime = ShardRuntime.create(
+                shard_id=shard_id,
+                shard_count=shard_count,
+                policies=policies,
+                clock=SystemClock(),
+                sink=MemoryEventSink(events_max=limits.ACTOR_RECENT_EVENTS_MAX),
+                on_fatal=_exit_after_failure,
+            )
+        else:
+            # The actor id survives restarts: a restarted incarnation replaces its
+            # predecessor's lease at once instead of waiting for it to lapse.
+            actor_id = context.get_actor_id() or secrets.token_hex(8)
+            self._owner = ShardOwner(
+                shard_id=shard_id,
+                shard_count=shard_count,
+                policies=policies,
+                clock=SystemClock(),
+                storage=storage,
+                owner=f"{actor_id}/{secrets.token_hex(4)}",
+                succeeds=f"{actor_id}/",
+                on_stopped=_exit_after_stop,
+            )
+
+    async def _started(self) -> None:
+        owner = self._owner
+        if owner is None:
+            assert self._runtime is not None
+            self._runtime.start()
+            return
+        if self._starting is None:
+            self._starting = asyncio.get_running_loop().create_task(owner.start())
+        try:
+            await asyncio.shield(self._starting)
+        except Exception as exc:
+            self._starting = None
+            raise ShardUnavailable(f"shard {self._shard_id} could not start: {exc!r}") from exc
 
     async def ready(self) -> ShardIdentity:
-        """Start the timer driver (idempotent) and say who this actor is."""
-        self._runtime.start()
+        """Start serving (idempotent) and say who this actor is."""
+        await self._started()
         return ShardIdentity(
             shard_id=self._shard_id,
             shard_count=self._shard_count,
@@ -105,14 +160,28 @@ class ShardActor:
 
     async def execute_batch(self, data: bytes) -> bytes:
         """The encoded reply behind a one-byte frame header (see ``unframe_reply``)."""
+        if self._owner is not None:
+            if self._starting is None or not self._starting.done():
+                await self._started()
+            return frame_reply(await self._owner.execute_batch(data))
+        assert self._runtime is not None
         return frame_reply(await self._runtime.execute_batch(data))
 
     async def statistics(self) -> RuntimeStatistics:
-        return self._runtime.statistics()
+        runtime = self._runtime if self._owner is None else self._owner.runtime
+        if runtime is None:
+            raise ShardUnavailable(f"shard {self._shard_id} is not serving yet")
+        return runtime.statistics()
+
+    async def owner_statistics(self) -> OwnerStatistics | None:
+        return self._owner.statistics() if self._owner is not None else None
 
     async def check_invariants(self) -> None:
         try:
-            self._runtime.check_invariants()
+            if self._owner is not None:
+                self._owner.check_invariants()
+            elif self._runtime is not None:
+                self._runtime.check_invariants()
         except InvariantViolation as exc:
             # Reported, not fatal here: the caller decides (reconcile, health checks).
             raise ShardFailed(f"shard {self._shard_id}: {exc}") from exc
@@ -156,6 +225,7 @@ def spawn_shard_actor(
     policies: dict[str, DomainPolicy],
     namespace: str | None = None,
     name_prefix: str = SHARD_ACTOR_PREFIX,
+    storage: StorageSettings | None = None,
 ) -> Any:
     """The handle of shard ``shard``'s actor, created unless it already exists."""
     return (
@@ -172,7 +242,7 @@ def spawn_shard_actor(
             # second would cost both ends and the GCS about 5% (measured).
             enable_task_events=False,
         )
-        .remote(shard, shard_count, policies)
+        .remote(shard, shard_count, policies, storage)
     )
 
 
@@ -182,6 +252,7 @@ def spawn_shard_actors(
     policies: dict[str, DomainPolicy],
     namespace: str | None = None,
     name_prefix: str = SHARD_ACTOR_PREFIX,
+    storage: StorageSettings | None = None,
 ) -> list[Any]:
     return [
         spawn_shard_actor(
@@ -190,6 +261,7 @@ def spawn_shard_actors(
             policies=policies,
             namespace=namespace,
             name_prefix=name_prefix,
+            storage=storage,
         )
         for shard in range(shard_count)
     ]
@@ -238,11 +310,13 @@ class RayShardTransport:
         policies: dict[str, DomainPolicy],
         namespace: str | None = None,
         name_prefix: str = SHARD_ACTOR_PREFIX,
+        storage: StorageSettings | None = None,
     ) -> None:
         self._handles = list(handles)
         self._policies = policies
         self._namespace = namespace
         self._name_prefix = name_prefix
+        self._storage = storage
 
     @classmethod
     async def connect(
@@ -253,13 +327,24 @@ class RayShardTransport:
         namespace: str | None = None,
         name_prefix: str = SHARD_ACTOR_PREFIX,
         timeout_ms: int = limits.ACTOR_CALL_TIMEOUT_MS,
+        storage: StorageSettings | None = None,
     ) -> "RayShardTransport":
         """Spawn (or find) every shard actor and wait until all serve."""
         handles = spawn_shard_actors(
-            shard_count=shard_count, policies=policies, namespace=namespace, name_prefix=name_prefix
+            shard_count=shard_count,
+            policies=policies,
+            namespace=namespace,
+            name_prefix=name_prefix,
+            storage=storage,
         )
         await wait_shards_ready(handles, timeout_ms=timeout_ms)
-        return cls(handles, policies=policies, namespace=namespace, name_prefix=name_prefix)
+        return cls(
+            handles,
+            policies=policies,
+            namespace=namespace,
+            name_prefix=name_prefix,
+            storage=storage,
+        )
 
     @property
     def shard_count(self) -> int:
@@ -277,6 +362,12 @@ class RayShardTransport:
 
     async def check_invariants(self, shard: int, timeout_ms: int) -> None:
         await self._call(shard, "check_invariants", timeout_ms=timeout_ms)
+
+    async def owner_statistics(self, shard: int, timeout_ms: int) -> OwnerStatistics | None:
+        return cast(
+            OwnerStatistics | None,
+            await self._call(shard, "owner_statistics", timeout_ms=timeout_ms),
+        )
 
     async def identity(self, shard: int, timeout_ms: int) -> ShardIdentity:
         return cast(ShardIdentity, await self._call(shard, "ready", timeout_ms=timeout_ms))
@@ -311,6 +402,7 @@ class RayShardTransport:
                 policies=self._policies,
                 namespace=self._namespace,
                 name_prefix=self._name_prefix,
+                storage=self._storage,
             )
         except Exception:
             # The caller still gets ShardUnavailable and retries; the next death respawns.

@@ -6,8 +6,6 @@ encoded batches into the same ``ShardCore``.
 """
 
 import asyncio
-import shutil
-import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -122,27 +120,6 @@ async def wait_until(
             if done(value):
                 return value
             await asyncio.sleep(0.02)
-
-
-@pytest.fixture(scope="session")
-def ray_cluster() -> Iterator[str]:
-    """A real local Ray for the whole test run; yields its namespace."""
-    import ray
-
-    temp_dir = tempfile.mkdtemp(prefix="ray-")
-    namespace = f"slotengine-test-{uuid.uuid4().hex[:12]}"
-    ray.init(
-        num_cpus=2,
-        include_dashboard=False,
-        _temp_dir=temp_dir,
-        namespace=namespace,
-        log_to_driver=False,
-    )
-    try:
-        yield namespace
-    finally:
-        ray.shutdown()
-        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
