@@ -65,7 +65,7 @@ class ShardWriter:
         relaxed: bool = False,
         on_failed: Callable[[BaseException], None] | None = None,
         on_fenced: Callable[[BaseException], None] | None = None,
-        before_commit: Callable[[], Awaitable[None]] | None = None,
+        before_flush: Callable[[], Awaitable[None]] | None = None,
         fence_check: bool = True,
         clock_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000,
     ) -> None:
@@ -76,8 +76,8 @@ class ShardWriter:
         self._relaxed = relaxed
         self._on_failed = on_failed
         self._on_fenced = on_fenced
-        # A pause before each commit, for tests that need a late flush (a paused zombie).
-        self._before_commit = before_commit
+        # A pause before each flush, for tests that need a late flush (a paused zombie).
+        self._before_flush = before_flush
         self._fence_check = fence_check
         self._clock_ms = clock_ms
         self._codecs = Codecs()
@@ -216,6 +216,8 @@ class ShardWriter:
                     )
 
     async def _flush(self, rows: FlushRows) -> None:
+        if self._before_flush is not None:
+            await self._before_flush()
         started_ns = time.perf_counter_ns()
         async with asyncio.timeout(limits.WRITER_FLUSH_TIMEOUT_MS / 1000):
             async with self._connection.transaction():
@@ -227,8 +229,6 @@ class ShardWriter:
                     self._codecs,
                     fence_check=self._fence_check,
                 )
-                if self._before_commit is not None:
-                    await self._before_commit()
         self._commit_ns_total += time.perf_counter_ns() - started_ns
 
     def _stop(self, exc: BaseException, callback: Callable[[BaseException], None] | None) -> None:

@@ -97,7 +97,7 @@ class ShardOwner:
         owner: str | None = None,
         succeeds: str = "",
         on_stopped: Callable[[str], None] | None = None,
-        before_commit: Callable[[], Awaitable[None]] | None = None,
+        before_flush: Callable[[], Awaitable[None]] | None = None,
         fence_check: bool = True,
     ) -> None:
         self.shard_id = shard_id
@@ -109,7 +109,7 @@ class ShardOwner:
         # Owner ids whose lease this owner takes at once (see ShardLease.acquire).
         self._succeeds = succeeds
         self._on_stopped = on_stopped
-        self._before_commit = before_commit
+        self._before_flush = before_flush
         self._fence_check = fence_check
         self._codec = BatchCodec()
         self.state = OwnerState.STARTING
@@ -275,7 +275,7 @@ class ShardOwner:
             relaxed=self._storage.relaxed,
             on_failed=self._on_storage_failed,
             on_fenced=self._on_fenced,
-            before_commit=self._before_commit,
+            before_flush=self._before_flush,
             fence_check=self._fence_check,
         )
         runtime = ShardRuntime(
@@ -392,6 +392,11 @@ class ShardOwner:
             self._on_stopped(reason)
 
     # -- the lease ----------------------------------------------------------------
+
+    def pause_lease_renewal(self) -> None:
+        """Stop renewing the lease, as a paused process would (fault tests only)."""
+        if self._renewer is not None:
+            self._renewer.cancel()
 
     async def _keep_lease(self) -> None:
         lease = self._lease

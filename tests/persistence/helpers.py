@@ -75,18 +75,20 @@ def make_owner(
     shard: int = 0,
     shard_count: int = 1,
     owner: str | None = None,
-    before_commit: Callable[[], Awaitable[None]] | None = None,
+    before_flush: Callable[[], Awaitable[None]] | None = None,
     fence_check: bool = True,
+    hold_ttl_ms: int | None = None,
     **settings: Any,
 ) -> ShardOwner:
+    overrides = {} if hold_ttl_ms is None else {"hold_ttl_ms": hold_ttl_ms}
     return ShardOwner(
         shard_id=shard,
         shard_count=shard_count,
-        policies=policies(),
+        policies=policies(**overrides),
         clock=SystemClock(),
         storage=storage(database_url, namespace, **settings),
         owner=owner,
-        before_commit=before_commit,
+        before_flush=before_flush,
         fence_check=fence_check,
     )
 

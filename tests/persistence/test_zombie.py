@@ -1,0 +1,125 @@
+"""A paused old owner and a new owner of one shard: the fence stops the zombie.
+
+Owner A serves the shard, applies a confirmation in memory, and freezes before
+its flush reaches PostgreSQL (its lease renewals stop too, as in a process
+pause). Its lease lapses; owner B takes the shard over (new token, reload).
+Then A wakes and sends its late flush. With the fence, the database refuses
+it: A answers 503 and stops serving, and what clients were told agrees with
+the database. The negative control runs the same scenario with the fence
+check disabled in A: A acknowledges the confirmation, and the booking then
+expires under B, which never heard of it: an acknowledged confirmation is
+lost. So the test can fail, and the fence is what makes it pass.
+"""
+
+import asyncio
+
+import asyncpg
+import pytest
+
+from engine.core import protocol as p
+from engine.core.states import BookingStatus
+from engine.shell.clock import SystemClock
+from engine.shell.owner import OwnerState
+from tests.persistence.helpers import Driver, create_slot, make_owner, request_id, slot_on
+
+LEASE_TTL_MS = 1_500
+LEASE_MARGIN_MS = 300
+LEASE_RENEW_MS = 300
+HOLD_MS = 3_000
+
+
+class Gate:
+    """Holds flushes back while closed: the owner's process is 'paused'."""
+
+    def __init__(self) -> None:
+        self.open = asyncio.Event()
+        self.open.set()
+        self.waiting = asyncio.Event()
+
+    async def __call__(self) -> None:
+        if not self.open.is_set():
+            self.waiting.set()
+            await self.open.wait()
+
+
+@pytest.mark.parametrize("fence_check", [True, False], ids=["fenced", "fence-disabled"])
+async def test_a_paused_owner_whose_lease_lapsed_cannot_write_after_a_takeover(
+    fence_check: bool, database_url: str, redis_namespace: str, db: asyncpg.Connection
+) -> None:
+    lease = {
+        "lease_ttl_ms": LEASE_TTL_MS,
+        "lease_margin_ms": LEASE_MARGIN_MS,
+        "lease_renew_every_ms": LEASE_RENEW_MS,
+    }
+    gate = Gate()
+    zombie = make_owner(
+        database_url,
+        redis_namespace,
+        owner="owner-a",
+        before_flush=gate,
+        fence_check=fence_check,
+        hold_ttl_ms=HOLD_MS,
+        **lease,
+    )
+    await zombie.start()
+    a = Driver(zombie)
+    slot_id = slot_on(0, 1)
+    await a.one(create_slot(slot_id, SystemClock().now_ms(), capacity=1))
+    held = await a.one(p.Reserve(request_id=request_id(), slot_id=slot_id, user_id="ann"))
+    assert isinstance(held, p.BookingResult) and held.status == 201
+
+    # A applies the confirmation in memory, then freezes before its flush.
+    gate.open.clear()
+    late_reply = asyncio.create_task(
+        a.one(p.Confirm(request_id=request_id(), booking_id=held.booking.id, user_id="ann"))
+    )
+    await asyncio.wait_for(gate.waiting.wait(), 10)
+    zombie.pause_lease_renewal()
+    await asyncio.sleep((LEASE_TTL_MS + 200) / 1000)
+
+    # B takes over: a new lease, a newer token, the state as PostgreSQL has it.
+    successor = make_owner(
+        database_url, redis_namespace, owner="owner-b", hold_ttl_ms=HOLD_MS, **lease
+    )
+    await successor.start()
+    assert successor.statistics().token == 2
+    b = Driver(successor)
+    seen_by_b = await b.one(
+        p.GetBooking(request_id=request_id(), booking_id=held.booking.id, user_id="ann")
+    )
+    assert isinstance(seen_by_b, p.BookingResult)
+    assert seen_by_b.booking.status is BookingStatus.RESERVED
+
+    # A wakes up and its late flush goes out.
+    gate.open.set()
+    reply = await asyncio.wait_for(late_reply, 10)
+
+    # B's hold timer runs its course: the hold it knows of lapses.
+    async with asyncio.timeout(20):
+        while await db.fetchval(
+            "SELECT status FROM bookings WHERE id = $1", held.booking.id
+        ) not in ("EXPIRED",):
+            await asyncio.sleep(0.05)
+
+    acknowledged_confirmation = (
+        isinstance(reply, p.BookingResult) and reply.booking.status is BookingStatus.CONFIRMED
+    )
+    stored = await db.fetchval("SELECT status FROM bookings WHERE id = $1", held.booking.id)
+    lost_acknowledgements = int(acknowledged_confirmation and stored != "CONFIRMED")
+
+    if fence_check:
+        assert isinstance(reply, p.Failure) and reply.status == 503, reply
+        assert zombie.state is OwnerState.STOPPED
+        assert "fenced" in (zombie.statistics().stop_reason or "")
+        assert lost_acknowledgements == 0
+        # A stopped serving for good: it answers nothing any more.
+        with pytest.raises(Exception, match="stopped"):
+            await a.one(p.GetSlot(request_id=request_id(), slot_id=slot_id))
+    else:
+        # The negative control: without the fence the zombie's write lands and
+        # the client holds a confirmation the database no longer has.
+        assert acknowledged_confirmation
+        assert lost_acknowledgements == 1
+    assert successor.state is OwnerState.SERVING
+    await successor.close()
+    await zombie.close()
