@@ -62,6 +62,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--capacity", type=int, default=1, help="capacity of each slot (default 1)")
     parser.add_argument("--seed", type=int, default=1, help="seed of the callers' choices")
     parser.add_argument(
+        "--durable",
+        action="store_true",
+        help="shards write behind to PostgreSQL with group commit and hold Redis leases "
+        "(DATABASE_URL / REDIS_URL, else the embedded ones); the baseline then commits "
+        "every command on its own",
+    )
+    parser.add_argument(
+        "--per-command-seconds",
+        type=float,
+        default=3.0,
+        help="with --durable: measured window of the commit-per-command baseline "
+        "(default 3; 0 skips it)",
+    )
+    parser.add_argument(
         "--partial-batches-in-flight",
         type=int,
         default=PARTIAL_BATCHES_IN_FLIGHT_MAX,
@@ -266,11 +280,14 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
     from config.settings import load_settings
     from engine.shell.ray_actor import RayShardTransport
 
-    policies = load_policies(load_settings())
+    settings = load_settings()
+    policies = load_policies(settings)
     prefix = f"bench-{uuid.uuid4().hex[:8]}"
+    storage = await _bench_storage(settings, prefix) if args.durable else None
     transport = await RayShardTransport.connect(
-        shard_count=args.shards, policies=policies, name_prefix=prefix
+        shard_count=args.shards, policies=policies, name_prefix=prefix, storage=storage
     )
+    per_command: dict[str, Any] = {}
     try:
         setup = EngineClient(transport)
         slots = await _create_slots(setup, args.slots, args.capacity)
@@ -297,15 +314,21 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
                 user_prefix="unbatched",
             )
         shard_stats = [await transport.statistics(n, 30_000) for n in range(args.shards)]
+        owner_stats = [await transport.owner_statistics(n, 30_000) for n in range(args.shards)]
         for shard in range(args.shards):
             await transport.check_invariants(shard, 30_000)
+        if storage is not None and args.per_command_seconds > 0:
+            per_command = await _per_command_baseline(args, policies, storage, prefix, slots)
     finally:
         from engine.shell.ray_actor import kill_shard_actors
 
         kill_shard_actors(shard_count=args.shards, name_prefix=prefix)
+        kill_shard_actors(shard_count=args.shards, name_prefix=f"{prefix}-percmd")
 
     result: dict[str, Any] = {
         "scenario": "ray",
+        "durable": storage is not None,
+        "durability": "relaxed" if storage is not None and storage.relaxed else "commit",
         "shards": args.shards,
         "concurrency": args.concurrency,
         "slots": args.slots,
@@ -332,6 +355,28 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
             1,
         ),
     }
+    writers = [o.writer for o in owner_stats if o is not None and o.writer is not None]
+    if writers:
+        flushes = sum(w.flushes for w in writers)
+        result["flushes"] = flushes
+        result["events_per_flush"] = round(
+            sum(w.events_written for w in writers) / max(flushes, 1), 1
+        )
+        result["commit_ms_mean"] = round(
+            sum(w.commit_ns_total for w in writers) / max(flushes, 1) / 1e6, 2
+        )
+    if per_command:
+        result.update(
+            {
+                "per_command_ops": per_command["ops"],
+                "per_command_ops_per_s": per_command["ops_per_s"],
+                "per_command_p50_ms": per_command["p50_ms"],
+                "per_command_p99_ms": per_command["p99_ms"],
+                "group_commit_speedup": round(
+                    batched["ops_per_s"] / max(per_command["ops_per_s"], 1), 1
+                ),
+            }
+        )
     if unbatched:
         result.update(
             {
@@ -345,6 +390,71 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
             }
         )
     return result
+
+
+BENCH_DATABASE = "slotengine_bench"
+
+
+async def _bench_storage(settings: Any, prefix: str) -> Any:
+    """A fresh database of the bench's own on the configured (or embedded) server."""
+    import asyncpg
+
+    from engine.shell.owner import StorageSettings
+    from persistence.embedded import resolve_services
+    from persistence.migrate import migrate_url
+
+    # In a thread: starting an embedded service runs an event loop of its own.
+    database_url, redis_url = await asyncio.to_thread(
+        resolve_services, settings.database_url, settings.redis_url, settings.data_dir
+    )
+    admin = await asyncpg.connect(_with_database(database_url, "postgres"))
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{BENCH_DATABASE}" WITH (FORCE)')
+        await admin.execute(f'CREATE DATABASE "{BENCH_DATABASE}"')
+    finally:
+        await admin.close()
+    bench_url = _with_database(database_url, BENCH_DATABASE)
+    await migrate_url(bench_url)
+    return StorageSettings(
+        database_url=bench_url,
+        redis_url=redis_url,
+        relaxed=settings.durability == "relaxed",
+        namespace=f"slotengine-{prefix}",
+    )
+
+
+def _with_database(url: str, database: str) -> str:
+    from urllib.parse import urlsplit, urlunsplit
+
+    return urlunsplit(urlsplit(url)._replace(path=f"/{database}"))
+
+
+async def _per_command_baseline(
+    args: argparse.Namespace, policies: Any, storage: Any, prefix: str, slots: list[str]
+) -> dict[str, Any]:
+    """The same load, one command per call and one transaction per command."""
+    import msgspec
+
+    from engine.shell.ray_actor import RayShardTransport
+
+    transport = await RayShardTransport.connect(
+        shard_count=args.shards,
+        policies=policies,
+        name_prefix=f"{prefix}-percmd",
+        storage=msgspec.structs.replace(
+            storage, group_commit=False, namespace=f"{storage.namespace}-percmd"
+        ),
+    )
+    return await drive(
+        EngineClient(transport, coalesce=False),
+        slots,
+        concurrency=args.concurrency,
+        warmup_s=min(args.warmup_seconds, 0.5),
+        seconds=args.per_command_seconds,
+        max_ops=args.max_ops,
+        seed=args.seed + 2,
+        user_prefix="per-command",
+    )
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:

@@ -67,6 +67,7 @@ class ShardWriter:
         on_fenced: Callable[[BaseException], None] | None = None,
         before_flush: Callable[[], Awaitable[None]] | None = None,
         fence_check: bool = True,
+        group_commit: bool = True,
         clock_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000,
     ) -> None:
         self._connection = connection
@@ -82,6 +83,9 @@ class ShardWriter:
         self._clock_ms = clock_ms
         self._codecs = Codecs()
         self._pending = FlushRows(shard)
+        # Without group commit (the benches' baseline) every hand-off is a flush of its own.
+        self._group_commit = group_commit
+        self._handoffs: deque[tuple[FlushRows, int]] = deque()
         # Events are numbered as they are published; everything up to _durable is committed.
         self._published = 0
         self._durable = 0
@@ -101,6 +105,9 @@ class ShardWriter:
     def publish(self, events: list[AnyEvent]) -> None:
         if self._error is not None or self._closed:
             return  # the owner is rebuilding; these changes die with the old state
+        if not self._group_commit and not self._pending.empty():
+            self._handoffs.append((self._pending, self._published))
+            self._pending = FlushRows(self._shard)
         self._pending.add(events)
         self._published += 1
         self._wake.set()
@@ -131,6 +138,7 @@ class ShardWriter:
             self._error is None
             and not self._closed
             and self._pending.events < limits.WRITER_PENDING_EVENTS_MAX
+            and len(self._handoffs) < limits.WRITER_PENDING_EVENTS_MAX
         )
 
     @property
@@ -170,7 +178,7 @@ class ShardWriter:
             flushes=self._flushes,
             events_written=self._events_written,
             flush_events_max=self._flush_events_max,
-            pending_events=self._pending.events,
+            pending_events=self._pending.events + sum(r.events for r, _ in self._handoffs),
             failed=self._error is not None,
             fenced=self._fenced,
             commit_ns_total=self._commit_ns_total,
@@ -180,12 +188,15 @@ class ShardWriter:
 
     async def _run(self) -> None:
         while not self._closed:
-            if self._pending.empty():
+            if self._handoffs:
+                rows, upto = self._handoffs.popleft()
+            elif self._pending.empty():
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            rows, self._pending = self._pending, FlushRows(self._shard)
-            upto = self._published
+            else:
+                rows, self._pending = self._pending, FlushRows(self._shard)
+                upto = self._published
             try:
                 await self._flush(rows)
             except FenceRejected as exc:
@@ -234,6 +245,7 @@ class ShardWriter:
     def _stop(self, exc: BaseException, callback: Callable[[BaseException], None] | None) -> None:
         self._error = exc
         self._pending = FlushRows(self._shard)
+        self._handoffs.clear()
         self._fail_waiters(StorageUnavailable(str(exc)))
         if callback is not None:
             callback(exc)

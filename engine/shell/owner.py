@@ -65,6 +65,8 @@ class StorageSettings(msgspec.Struct, frozen=True, kw_only=True):
     database_url: str
     redis_url: str
     relaxed: bool = False
+    # Off only for the benches' commit-per-command baseline.
+    group_commit: bool = True
     namespace: str = "slotengine"
     lease_ttl_ms: int = limits.LEASE_TTL_MS
     lease_renew_every_ms: int = limits.LEASE_RENEW_EVERY_MS
@@ -277,6 +279,7 @@ class ShardOwner:
             on_fenced=self._on_fenced,
             before_flush=self._before_flush,
             fence_check=self._fence_check,
+            group_commit=self._storage.group_commit,
         )
         runtime = ShardRuntime(
             core,
