@@ -21,28 +21,13 @@ from engine.core.protocol import (
     SlotChanged,
 )
 from engine.core.records import Booking, QueueEntry, SlotView
-from engine.core.states import BOOKING_FINAL
+from engine.core.states import BookingStatus
 
 # The changes of a slot's own settings (counts follow its bookings).
 SLOT_SETTING_CHANGES = frozenset({"created", "updated", "deleted"})
 
-AuditRow = tuple[
-    int, int, str, str, str, str, str, str | None, str | None, str | None, str, str | None
-]
-AUDIT_COLUMNS = (
-    "at_ms",
-    "shard",
-    "request_id",
-    "actor",
-    "entity",
-    "entity_id",
-    "slot_id",
-    "user_id",
-    "from_status",
-    "to_status",
-    "trigger",
-    "details",
-)
+# The columns of the audit_write type (the shard is the flush's).
+AuditRow = tuple[int, str, str, str, str, str, str | None, str | None, str | None, str, str | None]
 
 _json = msgspec.json.Encoder()
 
@@ -60,6 +45,8 @@ class FlushRows:
     shard: int
     slots: dict[str, SlotRow] = field(default_factory=dict)
     bookings: dict[str, tuple[Booking, int]] = field(default_factory=dict)
+    # Bookings born in this flush (inserted); the others exist already (updated).
+    created: set[str] = field(default_factory=set)
     # (slot, user) -> the entry's last state and when, or None: the user left.
     entries: dict[tuple[str, str], tuple[QueueEntry, int] | None] = field(default_factory=dict)
     audit: list[AuditRow] = field(default_factory=list)
@@ -68,17 +55,17 @@ class FlushRows:
     events: int = 0
 
     def add(self, events: list[AnyEvent]) -> None:
-        shard = self.shard
         audit = self.audit.append
         self.events += len(events)
         for event in events:
             if type(event) is BookingChanged:
                 booking = event.booking
                 self.bookings[booking.id] = (booking, event.at_ms)
+                if event.from_status is BookingStatus.PENDING:
+                    self.created.add(booking.id)
                 audit(
                     (
                         event.at_ms,
-                        shard,
                         event.request_id,
                         event.actor,
                         "booking",
@@ -98,7 +85,6 @@ class FlushRows:
                 audit(
                     (
                         event.at_ms,
-                        shard,
                         event.request_id,
                         event.actor,
                         "queue",
@@ -120,7 +106,6 @@ class FlushRows:
                 audit(
                     (
                         event.at_ms,
-                        shard,
                         event.request_id,
                         event.actor,
                         "slot",
@@ -147,12 +132,14 @@ class FlushRows:
     def empty(self) -> bool:
         return not (self.events or self.outcomes or self.keys)
 
-    def bookings_final_first(self) -> list[tuple[Booking, int]]:
-        """Final bookings first: a hold that expired must leave the partial unique
-        index before the same user's new hold of the same slot is inserted."""
-        rows = list(self.bookings.values())
-        rows.sort(key=lambda row: row[0].status not in BOOKING_FINAL)
-        return rows
+    def split_bookings(self) -> tuple[list[tuple[Booking, int]], list[tuple[Booking, int]]]:
+        """(bookings that existed before this flush, bookings born in it)."""
+        changed: list[tuple[Booking, int]] = []
+        new: list[tuple[Booking, int]] = []
+        created = self.created
+        for booking_id, row in self.bookings.items():
+            (new if booking_id in created else changed).append(row)
+        return changed, new
 
 
 def _details(**values: Any) -> str:

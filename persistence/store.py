@@ -13,8 +13,8 @@ import msgspec
 
 from engine.core import limits
 from engine.core.protocol import KeyRecord, OutcomeRecord
-from engine.core.records import Booking, QueueEntry, StoredSlot
-from persistence.rows import AUDIT_COLUMNS, FlushRows
+from engine.core.records import Booking, QueueEntry, SlotView, StoredSlot
+from persistence.rows import FlushRows, SlotRow
 
 # Final bookings and ended slots come back into memory for as long as the
 # engine would have kept them there.
@@ -191,6 +191,9 @@ async def _load(
     return ShardSnapshot(shard, token, slots, bookings, entries, outcomes, keys)
 
 
+FENCED_SQLSTATE: Final = "SLF01"
+
+
 async def write_flush(
     connection: asyncpg.Connection,
     rows: FlushRows,
@@ -200,178 +203,100 @@ async def write_flush(
     *,
     fence_check: bool = True,
 ) -> None:
-    """Write one flush in the caller's transaction, after checking the fence.
+    """Write one flush: one call of ``write_shard_flush``, one round trip, one transaction.
 
+    Raises ``FenceRejected`` when the fence has moved past ``token``.
     ``fence_check=False`` exists only so a test can show what the fence
     prevents; nothing else may pass it.
     """
-    if fence_check:
-        advanced = await connection.fetchval(
-            """
-            UPDATE shard_fences SET token = $2, owner = $3, updated_at = now()
-             WHERE shard = $1 AND (token < $2 OR (token = $2 AND owner = $3))
-            RETURNING token
-            """,
+    changed, new = rows.split_bookings()
+    left = [key for key, value in rows.entries.items() if value is None]
+    kept = [value for value in rows.entries.values() if value is not None]
+    try:
+        await connection.execute(
+            "SELECT write_shard_flush($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13,"
+            " $14, $15)",
             rows.shard,
             token,
             owner,
-        )
-        if advanced is None:
-            raise FenceRejected(f"shard {rows.shard}: token {token} of {owner} is fenced off")
-    if rows.slots:
-        await _write_slots(connection, rows, codecs)
-    if rows.bookings:
-        await _write_bookings(connection, rows)
-    if rows.entries:
-        await _write_entries(connection, rows)
-    if rows.audit:
-        await connection.copy_records_to_table(
-            "audit_log", records=rows.audit, columns=AUDIT_COLUMNS
-        )
-    if rows.outcomes:
-        await connection.execute(
-            "INSERT INTO request_outcomes (shard, at_ms, requests, outcomes)"
-            " VALUES ($1, $2, $3, $4)",
-            rows.shard,
-            rows.outcomes[-1].at_ms,
-            len(rows.outcomes),
-            codecs.encoder.encode(rows.outcomes),
-        )
-    if rows.keys:
-        latest = {(k.user_id, k.command, k.key): k for k in rows.keys}
-        await connection.execute(
-            """
-            INSERT INTO idempotency_records
-                   (shard, user_id, command, key, at_ms, fingerprint, result)
-            SELECT $1, * FROM unnest($2::text[], $3::text[], $4::text[], $5::int8[],
-                                     $6::bytea[], $7::bytea[])
-            ON CONFLICT (shard, user_id, command, key) DO UPDATE
-               SET at_ms = EXCLUDED.at_ms, fingerprint = EXCLUDED.fingerprint,
-                   result = EXCLUDED.result
-            """,
-            rows.shard,
-            [k.user_id for k in latest.values()],
-            [k.command for k in latest.values()],
-            [k.key for k in latest.values()],
-            [k.at_ms for k in latest.values()],
-            [k.fingerprint for k in latest.values()],
-            [codecs.encoder.encode(k) for k in latest.values()],
-        )
-
-
-async def _write_slots(connection: asyncpg.Connection, rows: FlushRows, codecs: Codecs) -> None:
-    slots = list(rows.slots.values())
-    await connection.execute(
-        """
-        INSERT INTO slots (id, shard, resource_id, domain, start_ms, end_ms, capacity, blocked,
-                           metadata, version, created_at_ms, updated_at_ms, deleted_at_ms)
-        SELECT u.id, $1, u.resource_id, u.domain, u.start_ms, u.end_ms, u.capacity, u.blocked,
-               u.metadata::jsonb, u.version, u.created_at_ms, u.updated_at_ms, u.deleted_at_ms
-          FROM unnest($2::text[], $3::text[], $4::text[], $5::int8[], $6::int8[], $7::int4[],
-                      $8::bool[], $9::text[], $10::int4[], $11::int8[], $12::int8[], $13::int8[])
-               AS u (id, resource_id, domain, start_ms, end_ms, capacity, blocked, metadata,
-                     version, created_at_ms, updated_at_ms, deleted_at_ms)
-        ON CONFLICT (id) DO UPDATE
-           SET start_ms = EXCLUDED.start_ms, end_ms = EXCLUDED.end_ms,
-               capacity = EXCLUDED.capacity, blocked = EXCLUDED.blocked,
-               metadata = EXCLUDED.metadata, version = EXCLUDED.version,
-               updated_at_ms = EXCLUDED.updated_at_ms, deleted_at_ms = EXCLUDED.deleted_at_ms
-        """,
-        rows.shard,
-        [s.view.id for s in slots],
-        [s.view.resource_id for s in slots],
-        [s.view.domain for s in slots],
-        [s.view.start_ms for s in slots],
-        [s.view.end_ms for s in slots],
-        [s.view.capacity for s in slots],
-        [s.view.blocked for s in slots],
-        [codecs.json.encode(codecs.metadata.decode(s.view.metadata)).decode() for s in slots],
-        [s.view.version for s in slots],
-        [s.created_at_ms for s in slots],
-        [s.updated_at_ms for s in slots],
-        [s.deleted_at_ms for s in slots],
-    )
-
-
-async def _write_bookings(connection: asyncpg.Connection, rows: FlushRows) -> None:
-    bookings = rows.bookings_final_first()
-    await connection.execute(
-        """
-        INSERT INTO bookings (id, slot_id, user_id, status, reserved_at_ms, expires_at_ms,
-                              confirmed_at_ms, completed_at_ms, cancelled_at_ms, cancel_reason,
-                              cancelled_by, refund_percentage, via_queue, version, updated_at_ms)
-        SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int8[],
-                             $6::int8[], $7::int8[], $8::int8[], $9::int8[], $10::text[],
-                             $11::text[], $12::int2[], $13::bool[], $14::int4[], $15::int8[])
-        ON CONFLICT (id) DO UPDATE
-           SET status = EXCLUDED.status, expires_at_ms = EXCLUDED.expires_at_ms,
-               confirmed_at_ms = EXCLUDED.confirmed_at_ms,
-               completed_at_ms = EXCLUDED.completed_at_ms,
-               cancelled_at_ms = EXCLUDED.cancelled_at_ms,
-               cancel_reason = EXCLUDED.cancel_reason, cancelled_by = EXCLUDED.cancelled_by,
-               refund_percentage = EXCLUDED.refund_percentage, version = EXCLUDED.version,
-               updated_at_ms = EXCLUDED.updated_at_ms
-         WHERE bookings.version <= EXCLUDED.version
-        """,
-        [b.id for b, _ in bookings],
-        [b.slot_id for b, _ in bookings],
-        [b.user_id for b, _ in bookings],
-        [b.status.value for b, _ in bookings],
-        [b.reserved_at_ms for b, _ in bookings],
-        [b.expires_at_ms for b, _ in bookings],
-        [b.confirmed_at_ms for b, _ in bookings],
-        [b.completed_at_ms for b, _ in bookings],
-        [b.cancelled_at_ms for b, _ in bookings],
-        [b.cancel_reason for b, _ in bookings],
-        [b.cancelled_by for b, _ in bookings],
-        [b.refund_percentage for b, _ in bookings],
-        [b.via_queue for b, _ in bookings],
-        [b.version for b, _ in bookings],
-        [at_ms for _, at_ms in bookings],
-    )
-
-
-async def _write_entries(connection: asyncpg.Connection, rows: FlushRows) -> None:
-    left = [key for key, value in rows.entries.items() if value is None]
-    kept = [value for value in rows.entries.values() if value is not None]
-    if left:
-        await connection.execute(
-            """
-            DELETE FROM queue_entries q
-             USING unnest($1::text[], $2::text[]) AS gone (slot_id, user_id)
-             WHERE q.slot_id = gone.slot_id AND q.user_id = gone.user_id
-            """,
+            fence_check,
+            [_slot_write(row.view, row, codecs) for row in rows.slots.values()],
+            [_booking_write(b, at_ms) for b, at_ms in changed],
+            [_booking_write(b, at_ms) for b, at_ms in new],
+            [_entry_write(e, at_ms) for e, at_ms in kept],
             [slot_id for slot_id, _ in left],
             [user_id for _, user_id in left],
+            rows.audit,
+            rows.outcomes[-1].at_ms if rows.outcomes else 0,
+            len(rows.outcomes),
+            codecs.encoder.encode(rows.outcomes) if rows.outcomes else b"",
+            _key_writes(rows.keys, codecs),
         )
-    if kept:
-        await connection.execute(
-            """
-            INSERT INTO queue_entries (slot_id, user_id, seq, status, joined_at_ms, last_seen_ms,
-                                       notified_at_ms, booking_id, ended_at_ms, version,
-                                       updated_at_ms)
-            SELECT * FROM unnest($1::text[], $2::text[], $3::int8[], $4::text[], $5::int8[],
-                                 $6::int8[], $7::int8[], $8::text[], $9::int8[], $10::int4[],
-                                 $11::int8[])
-            ON CONFLICT (slot_id, user_id) DO UPDATE
-               SET seq = EXCLUDED.seq, status = EXCLUDED.status,
-                   joined_at_ms = EXCLUDED.joined_at_ms, last_seen_ms = EXCLUDED.last_seen_ms,
-                   notified_at_ms = EXCLUDED.notified_at_ms, booking_id = EXCLUDED.booking_id,
-                   ended_at_ms = EXCLUDED.ended_at_ms, version = EXCLUDED.version,
-                   updated_at_ms = EXCLUDED.updated_at_ms
-            """,
-            [e.slot_id for e, _ in kept],
-            [e.user_id for e, _ in kept],
-            [e.seq for e, _ in kept],
-            [e.status.value for e, _ in kept],
-            [e.joined_at_ms for e, _ in kept],
-            [e.last_seen_ms for e, _ in kept],
-            [e.notified_at_ms for e, _ in kept],
-            [e.booking_id for e, _ in kept],
-            [e.ended_at_ms for e, _ in kept],
-            [e.version for e, _ in kept],
-            [at_ms for _, at_ms in kept],
-        )
+    except asyncpg.PostgresError as exc:
+        if getattr(exc, "sqlstate", None) == FENCED_SQLSTATE:
+            raise FenceRejected(str(exc)) from exc
+        raise
+
+
+def _slot_write(view: SlotView, row: SlotRow, codecs: Codecs) -> tuple[Any, ...]:
+    return (
+        view.id,
+        view.resource_id,
+        view.domain,
+        view.start_ms,
+        view.end_ms,
+        view.capacity,
+        view.blocked,
+        codecs.json.encode(codecs.metadata.decode(view.metadata)).decode(),
+        view.version,
+        row.created_at_ms,
+        row.updated_at_ms,
+        row.deleted_at_ms,
+    )
+
+
+def _booking_write(b: Booking, at_ms: int) -> tuple[Any, ...]:
+    return (
+        b.id,
+        b.slot_id,
+        b.user_id,
+        b.status.value,
+        b.reserved_at_ms,
+        b.expires_at_ms,
+        b.confirmed_at_ms,
+        b.completed_at_ms,
+        b.cancelled_at_ms,
+        b.cancel_reason,
+        b.cancelled_by,
+        b.refund_percentage,
+        b.via_queue,
+        b.version,
+        at_ms,
+    )
+
+
+def _entry_write(e: QueueEntry, at_ms: int) -> tuple[Any, ...]:
+    return (
+        e.slot_id,
+        e.user_id,
+        e.seq,
+        e.status.value,
+        e.joined_at_ms,
+        e.last_seen_ms,
+        e.notified_at_ms,
+        e.booking_id,
+        e.ended_at_ms,
+        e.version,
+        at_ms,
+    )
+
+
+def _key_writes(keys: list[KeyRecord], codecs: Codecs) -> list[tuple[Any, ...]]:
+    latest = {(k.user_id, k.command, k.key): k for k in keys}
+    return [
+        (k.user_id, k.command, k.key, k.at_ms, k.fingerprint, codecs.encoder.encode(k))
+        for k in latest.values()
+    ]
 
 
 async def purge_request_outcomes(connection: asyncpg.Connection, shard: int, now_ms: int) -> None:

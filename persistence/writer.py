@@ -230,16 +230,16 @@ class ShardWriter:
         if self._before_flush is not None:
             await self._before_flush()
         started_ns = time.perf_counter_ns()
+        # One statement outside a transaction block: its own transaction, one round trip.
         async with asyncio.timeout(limits.WRITER_FLUSH_TIMEOUT_MS / 1000):
-            async with self._connection.transaction():
-                await write_flush(
-                    self._connection,
-                    rows,
-                    self._token,
-                    self._owner,
-                    self._codecs,
-                    fence_check=self._fence_check,
-                )
+            await write_flush(
+                self._connection,
+                rows,
+                self._token,
+                self._owner,
+                self._codecs,
+                fence_check=self._fence_check,
+            )
         self._commit_ns_total += time.perf_counter_ns() - started_ns
 
     def _stop(self, exc: BaseException, callback: Callable[[BaseException], None] | None) -> None:

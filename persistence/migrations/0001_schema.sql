@@ -9,7 +9,7 @@
 --   * one active (RESERVED or CONFIRMED) booking per user and slot (partial
 --     unique index);
 --   * a slot's confirmed + held bookings never exceed its capacity (counts kept
---     by statement triggers on bookings, checked at commit);
+--     by statement triggers on bookings, checked by a CHECK on slots);
 --   * capacity > 0, end > start, statuses from the state machine only;
 --   * the audit log is append-only (only the retention purge may delete).
 
@@ -35,12 +35,13 @@ CREATE TABLE slots (
     CONSTRAINT slots_capacity_positive CHECK (capacity > 0),
     CONSTRAINT slots_end_after_start CHECK (end_ms > start_ms),
     CONSTRAINT slots_counts_not_negative CHECK (confirmed_count >= 0 AND held_count >= 0),
+    CONSTRAINT slots_within_capacity CHECK (confirmed_count + held_count <= capacity),
     -- Deferred: one flush may move a slot away and put another in its place.
     CONSTRAINT slots_no_overlap EXCLUDE USING gist (
         resource_id WITH =,
         int8range(start_ms, end_ms) WITH &&
     ) WHERE (deleted_at_ms IS NULL) DEFERRABLE INITIALLY DEFERRED
-);
+) WITH (fillfactor = 70);  -- room for the count updates to stay HOT
 CREATE INDEX slots_by_shard ON slots (shard, end_ms) WHERE deleted_at_ms IS NULL;
 CREATE INDEX slots_by_start ON slots (start_ms, id) WHERE deleted_at_ms IS NULL;
 CREATE INDEX slots_by_resource ON slots (resource_id, start_ms) WHERE deleted_at_ms IS NULL;
@@ -172,9 +173,13 @@ CREATE TABLE request_outcomes (
     outcomes bytea NOT NULL
 );
 CREATE INDEX request_outcomes_by_shard ON request_outcomes (shard, at_ms);
+-- Written once, read only by a recovering shard, gone in minutes: not worth
+-- compressing on every flush.
+ALTER TABLE request_outcomes ALTER COLUMN outcomes SET STORAGE EXTERNAL;
 
 -- Slot counts follow the bookings: statement triggers add up each statement's
--- changes per slot (one UPDATE per statement, not per row) ...
+-- changes per slot (one UPDATE per statement, not per row), and the CHECK
+-- slots_within_capacity refuses a statement that would overfill a slot.
 CREATE FUNCTION bookings_count_changes() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     IF TG_OP = 'INSERT' THEN
@@ -225,22 +230,139 @@ CREATE TRIGGER bookings_count_deletes AFTER DELETE ON bookings
     REFERENCING OLD TABLE AS old_rows
     FOR EACH STATEMENT EXECUTE FUNCTION bookings_count_changes();
 
--- ... and the capacity check runs at commit, when a flush has settled (within
--- one flush a capacity may drop before the hold that made room expires).
-CREATE FUNCTION slots_check_capacity() RETURNS trigger LANGUAGE plpgsql AS $$
-DECLARE
-    current slots%ROWTYPE;
+-- One flush of a shard's write-behind buffer, in one statement (so one round
+-- trip and, called outside a transaction block, one transaction):
+--   1. the fence: the shard's fence row moves to p_token only if it is newer,
+--      or the same token of the same owner; otherwise SQLSTATE SLF01 and
+--      nothing is written (the caller's owner must stop);
+--   2. slots, with capacity only raised for now (step 5 lowers it), so that no
+--      intermediate state of the flush overfills a slot;
+--   3. bookings that existed before the flush (their changes only free or
+--      convert places, so counts only go down), then 4. the new ones;
+--   5. lowered capacities; 6. queue entries; 7. audit rows; 8. request
+--      outcomes; 9. idempotency records.
+CREATE TYPE slot_write AS (
+    id text, resource_id text, domain text, start_ms bigint, end_ms bigint, capacity integer,
+    blocked boolean, metadata jsonb, version integer, created_at_ms bigint,
+    updated_at_ms bigint, deleted_at_ms bigint
+);
+CREATE TYPE booking_write AS (
+    id text, slot_id text, user_id text, status text, reserved_at_ms bigint,
+    expires_at_ms bigint, confirmed_at_ms bigint, completed_at_ms bigint,
+    cancelled_at_ms bigint, cancel_reason text, cancelled_by text, refund_percentage smallint,
+    via_queue boolean, version integer, updated_at_ms bigint
+);
+CREATE TYPE entry_write AS (
+    slot_id text, user_id text, seq bigint, status text, joined_at_ms bigint,
+    last_seen_ms bigint, notified_at_ms bigint, booking_id text, ended_at_ms bigint,
+    version integer, updated_at_ms bigint
+);
+CREATE TYPE audit_write AS (
+    at_ms bigint, request_id text, actor text, entity text, entity_id text, slot_id text,
+    user_id text, from_status text, to_status text, trigger text, details jsonb
+);
+CREATE TYPE key_write AS (
+    user_id text, command text, key text, at_ms bigint, fingerprint bytea, result bytea
+);
+
+CREATE FUNCTION write_shard_flush(
+    p_shard integer, p_token bigint, p_owner text, p_check_fence boolean,
+    p_slots slot_write[], p_changed_bookings booking_write[], p_new_bookings booking_write[],
+    p_entries entry_write[], p_left_slot_ids text[], p_left_user_ids text[],
+    p_audit audit_write[], p_outcomes_at_ms bigint, p_outcomes_count integer,
+    p_outcomes bytea, p_keys key_write[]
+) RETURNS void LANGUAGE plpgsql AS $$
 BEGIN
-    SELECT * INTO current FROM slots WHERE id = NEW.id;
-    IF FOUND AND current.confirmed_count + current.held_count > current.capacity THEN
-        RAISE EXCEPTION 'slot %: % confirmed + % held bookings exceed its capacity %',
-            current.id, current.confirmed_count, current.held_count, current.capacity
-            USING ERRCODE = 'check_violation', CONSTRAINT = 'slots_within_capacity';
+    IF p_check_fence THEN
+        UPDATE shard_fences SET token = p_token, owner = p_owner, updated_at = now()
+         WHERE shard = p_shard
+           AND (token < p_token OR (token = p_token AND owner = p_owner));
+        IF NOT FOUND THEN
+            RAISE EXCEPTION 'shard %: token % of % is fenced off', p_shard, p_token, p_owner
+                USING ERRCODE = 'SLF01';
+        END IF;
     END IF;
-    RETURN NULL;
+
+    IF cardinality(p_slots) > 0 THEN
+        INSERT INTO slots AS s (id, shard, resource_id, domain, start_ms, end_ms, capacity,
+                                blocked, metadata, version, created_at_ms, updated_at_ms,
+                                deleted_at_ms)
+        SELECT u.id, p_shard, u.resource_id, u.domain, u.start_ms, u.end_ms, u.capacity,
+               u.blocked, u.metadata, u.version, u.created_at_ms, u.updated_at_ms,
+               u.deleted_at_ms
+          FROM unnest(p_slots) u
+        ON CONFLICT (id) DO UPDATE
+           SET start_ms = EXCLUDED.start_ms, end_ms = EXCLUDED.end_ms,
+               capacity = greatest(s.capacity, EXCLUDED.capacity), blocked = EXCLUDED.blocked,
+               metadata = EXCLUDED.metadata, version = EXCLUDED.version,
+               updated_at_ms = EXCLUDED.updated_at_ms, deleted_at_ms = EXCLUDED.deleted_at_ms;
+    END IF;
+
+    IF cardinality(p_changed_bookings) > 0 THEN
+        UPDATE bookings b
+           SET status = u.status, expires_at_ms = u.expires_at_ms,
+               confirmed_at_ms = u.confirmed_at_ms, completed_at_ms = u.completed_at_ms,
+               cancelled_at_ms = u.cancelled_at_ms, cancel_reason = u.cancel_reason,
+               cancelled_by = u.cancelled_by, refund_percentage = u.refund_percentage,
+               version = u.version, updated_at_ms = u.updated_at_ms
+          FROM unnest(p_changed_bookings) u
+         WHERE b.id = u.id AND b.version <= u.version;
+    END IF;
+
+    IF cardinality(p_new_bookings) > 0 THEN
+        INSERT INTO bookings (id, slot_id, user_id, status, reserved_at_ms, expires_at_ms,
+                              confirmed_at_ms, completed_at_ms, cancelled_at_ms, cancel_reason,
+                              cancelled_by, refund_percentage, via_queue, version,
+                              updated_at_ms)
+        SELECT * FROM unnest(p_new_bookings);
+    END IF;
+
+    IF cardinality(p_slots) > 0 THEN
+        UPDATE slots s SET capacity = u.capacity
+          FROM unnest(p_slots) u
+         WHERE s.id = u.id AND s.capacity > u.capacity;
+    END IF;
+
+    IF cardinality(p_left_slot_ids) > 0 THEN
+        DELETE FROM queue_entries q
+         USING unnest(p_left_slot_ids, p_left_user_ids) AS gone (slot_id, user_id)
+         WHERE q.slot_id = gone.slot_id AND q.user_id = gone.user_id;
+    END IF;
+
+    IF cardinality(p_entries) > 0 THEN
+        INSERT INTO queue_entries AS q (slot_id, user_id, seq, status, joined_at_ms,
+                                        last_seen_ms, notified_at_ms, booking_id, ended_at_ms,
+                                        version, updated_at_ms)
+        SELECT * FROM unnest(p_entries)
+        ON CONFLICT (slot_id, user_id) DO UPDATE
+           SET seq = EXCLUDED.seq, status = EXCLUDED.status,
+               joined_at_ms = EXCLUDED.joined_at_ms, last_seen_ms = EXCLUDED.last_seen_ms,
+               notified_at_ms = EXCLUDED.notified_at_ms, booking_id = EXCLUDED.booking_id,
+               ended_at_ms = EXCLUDED.ended_at_ms, version = EXCLUDED.version,
+               updated_at_ms = EXCLUDED.updated_at_ms;
+    END IF;
+
+    IF cardinality(p_audit) > 0 THEN
+        INSERT INTO audit_log (at_ms, shard, request_id, actor, entity, entity_id, slot_id,
+                               user_id, from_status, to_status, trigger, details)
+        SELECT u.at_ms, p_shard, u.request_id, u.actor, u.entity, u.entity_id, u.slot_id,
+               u.user_id, u.from_status, u.to_status, u.trigger, u.details
+          FROM unnest(p_audit) u;
+    END IF;
+
+    IF p_outcomes_count > 0 THEN
+        INSERT INTO request_outcomes (shard, at_ms, requests, outcomes)
+        VALUES (p_shard, p_outcomes_at_ms, p_outcomes_count, p_outcomes);
+    END IF;
+
+    IF cardinality(p_keys) > 0 THEN
+        INSERT INTO idempotency_records (shard, user_id, command, key, at_ms, fingerprint,
+                                         result)
+        SELECT p_shard, u.user_id, u.command, u.key, u.at_ms, u.fingerprint, u.result
+          FROM unnest(p_keys) u
+        ON CONFLICT (shard, user_id, command, key) DO UPDATE
+           SET at_ms = EXCLUDED.at_ms, fingerprint = EXCLUDED.fingerprint,
+               result = EXCLUDED.result;
+    END IF;
 END
 $$;
-CREATE CONSTRAINT TRIGGER slots_within_capacity
-    AFTER INSERT OR UPDATE OF capacity, confirmed_count, held_count ON slots
-    DEFERRABLE INITIALLY DEFERRED
-    FOR EACH ROW EXECUTE FUNCTION slots_check_capacity();
