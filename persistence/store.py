@@ -5,6 +5,7 @@ transaction discipline described on each. Nothing here decides a business
 rule: the rows are what the engine's events say.
 """
 
+import zlib
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -162,7 +163,7 @@ async def _load(
     )
     outcomes: list[OutcomeRecord] = []
     for row in outcome_rows:
-        outcomes.extend(codecs.outcomes.decode(row["outcomes"]))
+        outcomes.extend(codecs.outcomes.decode(zlib.decompress(row["outcomes"])))
         if len(outcomes) >= limits.REQUEST_OUTCOMES_MAX:
             break
     key_rows = await connection.fetch(
@@ -192,6 +193,7 @@ async def _load(
 
 
 FENCED_SQLSTATE: Final = "SLF01"
+OUTCOMES_COMPRESS_LEVEL: Final = 1
 
 
 async def write_flush(
@@ -229,7 +231,11 @@ async def write_flush(
             rows.audit,
             rows.outcomes[-1].at_ms if rows.outcomes else 0,
             len(rows.outcomes),
-            codecs.encoder.encode(rows.outcomes) if rows.outcomes else b"",
+            # zlib's fastest level: replies repeat their slot views, so a flush's outcomes
+            # shrink several times over, and so does the write-ahead log.
+            zlib.compress(codecs.encoder.encode(rows.outcomes), OUTCOMES_COMPRESS_LEVEL)
+            if rows.outcomes
+            else b"",
             _key_writes(rows.keys, codecs),
         )
     except asyncpg.PostgresError as exc:

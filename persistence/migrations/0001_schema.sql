@@ -164,7 +164,8 @@ CREATE TABLE idempotency_records (
 CREATE INDEX idempotency_records_by_time ON idempotency_records (shard, at_ms);
 
 -- The first outcome of each state-changing request id, one row per flush
--- (msgpack-encoded OutcomeRecords), kept minutes: long enough for any retry.
+-- (zlib-compressed msgpack of OutcomeRecords), kept minutes: long enough for
+-- any retry.
 CREATE TABLE request_outcomes (
     id       bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     shard    integer NOT NULL,
@@ -173,8 +174,7 @@ CREATE TABLE request_outcomes (
     outcomes bytea NOT NULL
 );
 CREATE INDEX request_outcomes_by_shard ON request_outcomes (shard, at_ms);
--- Written once, read only by a recovering shard, gone in minutes: not worth
--- compressing on every flush.
+-- Compressed by the writer already.
 ALTER TABLE request_outcomes ALTER COLUMN outcomes SET STORAGE EXTERNAL;
 
 -- Slot counts follow the bookings: statement triggers add up each statement's
