@@ -75,6 +75,7 @@ def make_owner(
     shard: int = 0,
     shard_count: int = 1,
     owner: str | None = None,
+    succeeds: str = "",
     before_flush: Callable[[], Awaitable[None]] | None = None,
     fence_check: bool = True,
     hold_ttl_ms: int | None = None,
@@ -88,6 +89,7 @@ def make_owner(
         clock=SystemClock(),
         storage=storage(database_url, namespace, **settings),
         owner=owner,
+        succeeds=succeeds,
         before_flush=before_flush,
         fence_check=fence_check,
     )
