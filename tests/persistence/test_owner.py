@@ -115,3 +115,37 @@ async def test_a_hold_acknowledged_before_a_restart_expires_on_time_after_it(
             await asyncio.sleep(0.05)
     assert row["version"] == 2
     await successor.close()
+
+
+async def test_idempotency_keys_survive_a_restart(
+    database_url: str, redis_namespace: str, db: asyncpg.Connection
+) -> None:
+    owner = make_owner(database_url, redis_namespace)
+    await owner.start()
+    drive = Driver(owner)
+    slot_id = slot_on(0, 1)
+    other_slot = slot_on(0, 1, resource="other")
+    now_ms = SystemClock().now_ms()
+    await drive.one(create_slot(slot_id, now_ms, capacity=1))
+    await drive.one(create_slot(other_slot, now_ms, capacity=1))
+    first = await drive.one(
+        p.Reserve(request_id=request_id(), slot_id=slot_id, user_id="ann", idempotency_key="k1")
+    )
+    assert isinstance(first, p.BookingResult) and first.status == 201
+    assert await db.fetchval("SELECT count(*) FROM idempotency_records") == 1
+    await owner.close()
+
+    successor = make_owner(database_url, redis_namespace)
+    await successor.start()
+    drive = Driver(successor)
+    # A new request id with the same key and body: the first outcome, not a second hold.
+    replay = await drive.one(
+        p.Reserve(request_id=request_id(), slot_id=slot_id, user_id="ann", idempotency_key="k1")
+    )
+    assert replay == first
+    reused = await drive.one(
+        p.Reserve(request_id=request_id(), slot_id=other_slot, user_id="ann", idempotency_key="k1")
+    )
+    assert isinstance(reused, p.Failure) and reused.code == "IdempotencyKeyReused"
+    assert await db.fetchval("SELECT count(*) FROM bookings") == 1
+    await successor.close()
