@@ -224,3 +224,65 @@ async def test_resolve_services_starts_what_is_not_configured(data_dir: Path) ->
         assert client.ping() is True
     finally:
         client.close()
+
+
+async def test_a_shard_owner_runs_on_the_embedded_services_as_on_configured_ones(
+    data_dir: Path,
+) -> None:
+    """No URL configured: the same owner code, on the embedded PostgreSQL and Redis."""
+    from engine.core import protocol as p
+    from engine.shell.clock import SystemClock
+    from engine.shell.owner import OwnerState, ShardOwner, StorageSettings
+    from persistence.migrate import migrate_url
+    from tests.persistence.helpers import Driver, create_slot, policies, request_id, slot_on
+
+    database_url, redis_url = await asyncio.to_thread(resolve_services, None, None, data_dir)
+    assert await migrate_url(database_url) != []
+    storage = StorageSettings(database_url=database_url, redis_url=redis_url)
+
+    def owner() -> ShardOwner:
+        return ShardOwner(
+            shard_id=0, shard_count=1, policies=policies(), clock=SystemClock(), storage=storage
+        )
+
+    first = owner()
+    await first.start()
+    slot_id = slot_on(0, 1)
+    drive = Driver(first)
+    await drive.one(create_slot(slot_id, SystemClock().now_ms(), capacity=1))
+    held = await drive.one(p.Reserve(request_id=request_id(), slot_id=slot_id, user_id="ann"))
+    assert isinstance(held, p.BookingResult) and held.status == 201
+    await first.close()
+
+    second = owner()
+    await second.start()
+    assert second.state is OwnerState.SERVING
+    again = await Driver(second).one(
+        p.GetBooking(request_id=request_id(), booking_id=held.booking.id, user_id="ann")
+    )
+    assert again == p.BookingResult(status=200, booking=held.booking)
+    assert await migrate_url(database_url) == []
+    await second.close()
+
+
+async def test_the_embedded_database_refuses_overlapping_slots_too(data_dir: Path) -> None:
+    """The embedded PostgreSQL has no btree_gist: the migration's fallback keeps the rule."""
+    from persistence.migrate import migrate_url
+
+    database_url, _ = await asyncio.to_thread(resolve_services, None, "redis://unused", data_dir)
+    await migrate_url(database_url)
+    connection = await asyncpg.connect(database_url)
+    try:
+        insert = (
+            "INSERT INTO slots (id, shard, resource_id, domain, start_ms, end_ms, capacity,"
+            " created_at_ms, updated_at_ms) VALUES ($1, 0, $2, 'default', $3, $4, 1, 0, 0)"
+        )
+        await connection.execute(insert, "a", "dr-who", 1_000, 2_000)
+        await connection.execute(insert, "b", "dr-who", 2_000, 3_000)  # adjacent: fine
+        await connection.execute(insert, "c", "dr-no", 1_500, 2_500)  # another resource
+        with pytest.raises(asyncpg.ExclusionViolationError):
+            await connection.execute(insert, "d", "dr-who", 1_999, 2_001)
+        await connection.execute("UPDATE slots SET deleted_at_ms = 1 WHERE id = 'a'")
+        await connection.execute(insert, "e", "dr-who", 1_000, 2_000)  # a deleted slot's window
+    finally:
+        await connection.close()
