@@ -1,13 +1,36 @@
 """The ``slotengine`` command: one entry point for every operator task.
 
-Each subcommand lives in its own module and is imported only when chosen, so
-``slotengine demo`` does not pay for Ray and ``slotengine bench`` does not pay
-for the demo.
+Each subcommand's work lives in its own module and is imported only when
+chosen, so ``slotengine demo`` does not pay for Ray and ``slotengine bench``
+does not pay for the demo. The storage commands (``migrate``, ``reconcile``)
+are thin wrappers kept here: settings, service URLs, printing, exit status.
+
+Exit status: 0 success; 1 the task ran and failed (a migration refused, or
+``reconcile`` left violations); 2 the task could not run (bad settings, no
+database, the database unreachable or not migrated).
 """
 
 import argparse
+import asyncio
 import sys
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
+from typing import TYPE_CHECKING, Any, Final, TypeVar
+
+if TYPE_CHECKING:
+    from config.settings import Settings
+    from persistence.reconcile import ReconcileReport
+
+EXIT_OK: Final = 0
+EXIT_FAILED: Final = 1
+EXIT_UNUSABLE: Final = 2
+
+# The prefix of the shard owners' lease keys in Redis (``{prefix}:shard:{n}:owner``),
+# as the shard owners write them by default.
+LEASE_NAMESPACE_DEFAULT: Final = "slotengine"
+# How long the storage commands wait for a connection.
+CONNECT_TIMEOUT_S: Final = 10.0
+
+_T = TypeVar("_T")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,7 +53,52 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench_parser.add_argument("bench_args", nargs=argparse.REMAINDER)
     bench_parser.set_defaults(run=_bench)
+
+    migrate_parser = commands.add_parser(
+        "migrate",
+        help="bring the database schema up to date (DATABASE_URL, else the embedded PostgreSQL)",
+        description="Apply the SQL migrations not applied yet and print their names. "
+        "Exit 0 done, 1 a migration was refused or failed, 2 bad settings or no database.",
+    )
+    migrate_parser.set_defaults(run=_migrate)
+
+    reconcile_parser = commands.add_parser(
+        "reconcile",
+        help="check the stored state against the engine's invariants",
+        description="Report what in the database contradicts the engine's invariants "
+        "(bookings of deleted slots, slots over capacity, drifted counters, holds past their "
+        "deadline, queue offers without their hold). Exit 0 none left, 1 violations left, "
+        "2 the check could not run.",
+    )
+    reconcile_parser.add_argument(
+        "--repair",
+        action="store_true",
+        help="recompute drifted counters; expire stale holds of shards that have no owner "
+        "(shards whose owner cannot be known, Redis down, are left alone)",
+    )
+    reconcile_parser.add_argument(
+        "--json", action="store_true", help="print the report as JSON instead of a table"
+    )
+    reconcile_parser.add_argument(
+        "--hold-grace-seconds",
+        type=_non_negative,
+        default=None,
+        help="how long past its deadline a hold may stay RESERVED before it counts [60]",
+    )
+    reconcile_parser.add_argument(
+        "--lease-namespace",
+        default=LEASE_NAMESPACE_DEFAULT,
+        help=f"prefix of the shard lease keys in Redis [{LEASE_NAMESPACE_DEFAULT}]",
+    )
+    reconcile_parser.set_defaults(run=_reconcile)
     return parser
+
+
+def _non_negative(raw: str) -> int:
+    value = int(raw)
+    if value < 0:
+        raise argparse.ArgumentTypeError("expected an integer >= 0")
+    return value
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -38,6 +106,213 @@ def _bench(args: argparse.Namespace) -> int:
 
     result: int = bench_main(args.bench_args)
     return result
+
+
+class _Unusable(Exception):
+    """The command cannot run; the message is one line for the operator."""
+
+
+def _fail(command: str, message: object, status: int) -> int:
+    print(f"slotengine {command}: {' '.join(str(message).split())}", file=sys.stderr)
+    return status
+
+
+def _run_async(coroutine: Coroutine[Any, Any, _T]) -> _T:
+    import uvloop
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(coroutine)
+
+
+def _settings() -> "Settings":
+    from config.settings import ConfigError, load_settings
+
+    try:
+        return load_settings()
+    except ConfigError as error:
+        raise _Unusable(str(error)) from None
+
+
+def _service_urls(settings: "Settings", *, need_redis: bool) -> tuple[str, str | None]:
+    """(database URL, Redis URL): the configured ones, else the embedded services
+    (started if they are not running, as the server does). The Redis URL is None
+    when it is not needed or cannot be had."""
+    database_url, redis_url = settings.database_url, settings.redis_url
+    if database_url is not None and (redis_url is not None or not need_redis):
+        return database_url, redis_url
+    try:
+        from persistence.embedded import EmbeddedServiceError, resolve_services
+    except ImportError:
+        if database_url is None:
+            raise _Unusable("DATABASE_URL is not set") from None
+        return database_url, None
+    try:
+        return resolve_services(database_url, redis_url, settings.data_dir)
+    except EmbeddedServiceError as error:
+        if database_url is None:
+            raise _Unusable(f"DATABASE_URL is not set, and {error}") from None
+        print(f"slotengine: REDIS_URL is not set, and {error}", file=sys.stderr)
+        return database_url, None
+
+
+def _connect_errors() -> tuple[type[BaseException], ...]:
+    import asyncpg
+
+    errors: tuple[type[BaseException], ...] = (
+        OSError,
+        TimeoutError,
+        asyncpg.PostgresError,
+        asyncpg.InterfaceError,
+    )
+    return errors
+
+
+# -- migrate ------------------------------------------------------------------------
+
+
+def _migrate(args: argparse.Namespace) -> int:
+    from persistence.migrate import MigrationError, migrate_url
+
+    try:
+        database_url, _ = _service_urls(_settings(), need_redis=False)
+    except _Unusable as error:
+        return _fail("migrate", error, EXIT_UNUSABLE)
+    try:
+        applied = _run_async(migrate_url(database_url))
+    except MigrationError as error:
+        return _fail("migrate", error, EXIT_FAILED)
+    except _connect_errors() as error:
+        return _fail("migrate", f"{type(error).__name__}: {error}", EXIT_FAILED)
+    for name in applied:
+        print(f"applied {name}")
+    if not applied:
+        print("nothing to apply: the schema is up to date")
+    return EXIT_OK
+
+
+# -- reconcile ------------------------------------------------------------------------
+
+
+def _reconcile(args: argparse.Namespace) -> int:
+    import msgspec
+
+    try:
+        database_url, redis_url = _service_urls(_settings(), need_redis=True)
+    except _Unusable as error:
+        return _fail("reconcile", error, EXIT_UNUSABLE)
+    try:
+        report = _run_async(_check(database_url, redis_url, args))
+    except _connect_errors() as error:
+        return _fail(
+            "reconcile",
+            f"cannot check the database: {type(error).__name__}: {error}",
+            EXIT_UNUSABLE,
+        )
+    if args.json:
+        document = {"violations_left": report.violations_left, **msgspec.to_builtins(report)}
+        print(msgspec.json.encode(document).decode())
+    else:
+        _print_table(report)
+    return EXIT_FAILED if report.violations_left else EXIT_OK
+
+
+async def _check(
+    database_url: str, redis_url: str | None, args: argparse.Namespace
+) -> "ReconcileReport":
+    import asyncpg
+
+    from persistence.reconcile import HOLD_GRACE_DEFAULT_MS, reconcile, wall_clock_ms
+
+    grace_ms = (
+        HOLD_GRACE_DEFAULT_MS if args.hold_grace_seconds is None else args.hold_grace_seconds * 1000
+    )
+    owners = _LeaseOwners(redis_url, args.lease_namespace)
+    try:
+        connection = await asyncpg.connect(database_url, timeout=CONNECT_TIMEOUT_S)
+        try:
+            report: ReconcileReport = await reconcile(
+                connection,
+                now_ms=wall_clock_ms(),
+                repair=args.repair,
+                hold_grace_ms=grace_ms,
+                owned_shards=owners,
+            )
+        finally:
+            await connection.close()
+    finally:
+        await owners.close()
+    return report
+
+
+class _LeaseOwners:
+    """Whether a shard has an owner: its lease key exists in Redis. Without Redis
+    (not configured, unreachable) every shard counts as owned: nothing is repaired
+    behind an owner that may be running."""
+
+    def __init__(self, redis_url: str | None, namespace: str) -> None:
+        import redis.asyncio as aioredis
+
+        self._namespace = namespace
+        self._client: aioredis.Redis | None = None
+        self._warned = False
+        if redis_url is not None:
+            self._client = aioredis.Redis.from_url(
+                redis_url,
+                socket_connect_timeout=CONNECT_TIMEOUT_S,
+                socket_timeout=CONNECT_TIMEOUT_S,
+            )
+
+    async def __call__(self, shard: int) -> bool:
+        from redis.exceptions import RedisError
+
+        if self._client is None:
+            return True
+        try:
+            return bool(await self._client.exists(f"{self._namespace}:shard:{shard}:owner"))
+        except (RedisError, OSError) as error:
+            if not self._warned:
+                self._warned = True
+                print(
+                    f"slotengine reconcile: Redis unreachable ({error}):"
+                    " every shard counts as owned",
+                    file=sys.stderr,
+                )
+            return True
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+
+
+def _print_table(report: "ReconcileReport") -> None:
+    columns = ("KIND", "SHARD", "SLOT", "BOOKING", "USER", "REPAIRED", "DETAIL")
+    rows = [
+        (
+            f.kind if f.violation else f"{f.kind} (notice)",
+            "-" if f.shard is None else str(f.shard),
+            f.slot_id or "-",
+            f.booking_id or "-",
+            f.user_id or "-",
+            "yes" if f.repaired else "no",
+            f.detail,
+        )
+        for f in report.findings
+    ]
+    if rows:
+        widths = [max(len(row[i]) for row in [columns, *rows]) for i in range(len(columns) - 1)]
+        for row in [columns, *rows]:
+            cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=False)]
+            print("  ".join([*cells, row[-1]]))
+        print()
+    unlisted = sum(report.found.values()) - len(report.findings)
+    if unlisted:
+        print(f"{unlisted} more findings not listed")
+    repaired = len(report.repaired)
+    left = report.violations_left
+    summary = "no violations" if left == 0 else f"{left} violation{'s' if left != 1 else ''} left"
+    if repaired:
+        summary += f" ({repaired} repaired)"
+    print(summary)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

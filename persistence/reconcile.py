@@ -170,7 +170,7 @@ class PurgeReport(msgspec.Struct, kw_only=True):
     audit_rows: int
     idempotency_records: int
     request_outcomes: int
-    # False when a table still had old rows after PURGE_BATCHES_MAX statements.
+    # False when a table still had old rows after ``batches_max`` statements.
     complete: bool
 
 
@@ -545,11 +545,14 @@ async def _repair_holds(
     for finding in findings:
         if finding.booking_id is None:
             continue
+        if finding.kind == "booking_without_slot" and finding.status == "CONFIRMED":
+            finding.detail += "; not repaired: cancelling a booking is an operator's decision"
+            continue
         if finding.kind == "hold_past_deadline" or (
             finding.kind == "booking_without_slot" and finding.status == "RESERVED"
         ):
             if finding.shard is None:
-                finding.detail += "; not repaired: the slot row is missing, so is its shard"
+                finding.detail += "; not repaired: its slot row is missing, so its shard is unknown"
             else:
                 by_shard[finding.shard].append(finding)
     for shard, held in sorted(by_shard.items()):

@@ -3,10 +3,12 @@
 The engine never relies on these: they are there so that a bug in the engine,
 or a row written by hand, cannot double-book, overlap slots or rewrite
 history. Each test writes rows directly and checks that PostgreSQL refuses
-(or accepts) them, and when: the capacity and overlap checks are deferred to
-COMMIT, so a statement that breaks them succeeds and the commit fails.
+(or accepts) them, and when: the overlap check is deferred to COMMIT, so a
+statement that breaks it succeeds and the commit fails.
 """
 
+import contextlib
+import re
 import shutil
 from pathlib import Path
 
@@ -147,9 +149,33 @@ async def commit_fails(
 
 # -- slots of one resource never overlap ----------------------------------------
 
+# The migration's fallback for servers without btree_gist (the embedded build).
+_BOX_RULE = re.compile(
+    r"ALTER TABLE slots ADD CONSTRAINT slots_no_overlap EXCLUDE USING gist \(\s*box\(.*?"
+    r"DEFERRABLE INITIALLY DEFERRED;",
+    re.DOTALL,
+)
+
+
+@pytest.fixture(params=["installed", "box"])
+async def no_overlap(request: pytest.FixtureRequest, db: asyncpg.Connection) -> str:
+    """Runs a test on the rule this server got, then on the box fallback."""
+    if request.param == "box":
+        found = _BOX_RULE.search((MIGRATIONS_DIR / "0001_schema.sql").read_text())
+        if found is None:
+            pytest.skip("the migration has no box fallback")
+        await db.execute("ALTER TABLE slots DROP CONSTRAINT slots_no_overlap")
+        await db.execute(found.group(0))
+        definition = await db.fetchval(
+            "SELECT pg_get_constraintdef(oid) FROM pg_constraint WHERE conname = 'slots_no_overlap'"
+        )
+        assert "box(" in definition
+    return str(request.param)
+
 
 async def test_an_overlapping_slot_of_the_same_resource_is_refused_at_commit(
     db: asyncpg.Connection,
+    no_overlap: str,
 ) -> None:
     await add_slot(db, "s-1", resource="room", start_ms=NOW_MS, end_ms=NOW_MS + HOUR_MS)
     info = await commit_fails(
@@ -166,7 +192,7 @@ async def test_an_overlapping_slot_of_the_same_resource_is_refused_at_commit(
     await add_slot(db, "s-3", resource="other", start_ms=NOW_MS, end_ms=NOW_MS + HOUR_MS)
 
 
-async def test_adjacent_slots_do_not_overlap(db: asyncpg.Connection) -> None:
+async def test_adjacent_slots_do_not_overlap(db: asyncpg.Connection, no_overlap: str) -> None:
     await add_slot(db, "s-1", resource="room", start_ms=NOW_MS, end_ms=NOW_MS + HOUR_MS)
     await add_slot(
         db, "s-2", resource="room", start_ms=NOW_MS + HOUR_MS, end_ms=NOW_MS + 2 * HOUR_MS
@@ -175,7 +201,25 @@ async def test_adjacent_slots_do_not_overlap(db: asyncpg.Connection) -> None:
     assert await db.fetchval("SELECT count(*) FROM slots") == 3
 
 
-async def test_a_deleted_slot_no_longer_blocks_its_window(db: asyncpg.Connection) -> None:
+async def test_an_overlap_of_one_millisecond_is_refused(
+    db: asyncpg.Connection, no_overlap: str
+) -> None:
+    end_ms = NOW_MS + 90 * 86_400_000
+    await add_slot(db, "s-1", resource="room", start_ms=NOW_MS, end_ms=end_ms)
+    for start_ms, finish_ms in [(end_ms - 1, end_ms + HOUR_MS), (NOW_MS - HOUR_MS, NOW_MS + 1)]:
+        with pytest.raises(asyncpg.ExclusionViolationError):
+            await add_slot(db, "s-2", resource="room", start_ms=start_ms, end_ms=finish_ms)
+    # Inside and around.
+    for start_ms, finish_ms in [(NOW_MS + 5, NOW_MS + 6), (NOW_MS - 1, end_ms + 1)]:
+        with pytest.raises(asyncpg.ExclusionViolationError):
+            await add_slot(db, "s-2", resource="room", start_ms=start_ms, end_ms=finish_ms)
+    await add_slot(db, "s-2", resource="room", start_ms=end_ms, end_ms=end_ms + 1)
+    await add_slot(db, "s-3", resource="room ", start_ms=NOW_MS, end_ms=end_ms)
+
+
+async def test_a_deleted_slot_no_longer_blocks_its_window(
+    db: asyncpg.Connection, no_overlap: str
+) -> None:
     await add_slot(
         db, "s-1", resource="room", start_ms=NOW_MS, end_ms=NOW_MS + HOUR_MS, deleted_at_ms=NOW_MS
     )
@@ -188,7 +232,9 @@ async def test_a_deleted_slot_no_longer_blocks_its_window(db: asyncpg.Connection
     )
 
 
-async def test_the_overlap_check_waits_for_the_commit(db: asyncpg.Connection) -> None:
+async def test_the_overlap_check_waits_for_the_commit(
+    db: asyncpg.Connection, no_overlap: str
+) -> None:
     """One flush may put a slot where another was and move that one away."""
     await add_slot(db, "s-1", resource="room", start_ms=NOW_MS, end_ms=NOW_MS + HOUR_MS)
     async with db.transaction():
@@ -397,7 +443,7 @@ async def test_refunds_outside_0_to_100_are_refused(db: asyncpg.Connection, refu
 async def test_a_hold_must_expire_after_it_was_taken(db: asyncpg.Connection) -> None:
     await add_slot(db, "s-1")
     with pytest.raises(asyncpg.CheckViolationError) as info:
-        await add_booking(db, "b-1", "s-1", "alice", expires_at_ms=NOW_MS)
+        await add_booking(db, "b-1", "s-1", "alice", reserved_at_ms=NOW_MS, expires_at_ms=NOW_MS)
     assert info.value.constraint_name == "bookings_hold_after_reserve"  # type: ignore[attr-defined]
 
 
@@ -511,6 +557,16 @@ async def test_counts_follow_an_upsert(db: asyncpg.Connection) -> None:
     assert await counts(db, "s-1") == (2, 0)
 
 
+async def test_truncating_bookings_leaves_no_phantom_counts(db: asyncpg.Connection) -> None:
+    await add_slot(db, "s-1", capacity=1)
+    await add_booking(db, "b-1", "s-1", "alice", "CONFIRMED")
+    # Refusing the TRUNCATE would do as well as following it.
+    with contextlib.suppress(asyncpg.PostgresError):
+        await db.execute("TRUNCATE bookings")
+    confirmed = await db.fetchval("SELECT count(*) FROM bookings WHERE status = 'CONFIRMED'")
+    assert await counts(db, "s-1") == (confirmed, 0)
+
+
 # -- the audit log is append-only -----------------------------------------------------
 
 
@@ -529,6 +585,18 @@ async def test_the_audit_log_refuses_changes(db: asyncpg.Connection, statement: 
     row = await db.fetchrow("SELECT id, actor FROM audit_log")
     assert row is not None
     assert (row["id"], row["actor"]) == (row_id, "alice")
+
+
+async def test_setting_the_purge_switch_by_hand_does_not_open_the_log(
+    db: asyncpg.Connection,
+) -> None:
+    await add_audit(db, NOW_MS)
+    await db.execute("SET slotengine.audit_purge = 'on'")
+    try:
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            await db.execute("DELETE FROM audit_log")
+    finally:
+        await db.execute("RESET slotengine.audit_purge")
 
 
 async def test_purge_removes_only_old_rows_at_most_n(db: asyncpg.Connection) -> None:
