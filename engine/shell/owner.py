@@ -45,6 +45,7 @@ from engine.core.shard import ShardCore
 from engine.shell.errors import ShardFailed, ShardUnavailable
 from engine.shell.lease import Renewal, ShardLease
 from engine.shell.runtime import RuntimeStatistics, ShardRuntime, service_unavailable, unique_ids
+from persistence.reconcile import RECONCILE_INTERVAL_DEFAULT_S, run_periodically
 from persistence.store import ShardSnapshot, StaleToken, fence_token, take_over
 from persistence.writer import ShardWriter, StorageUnavailable, WriterStatistics
 
@@ -73,6 +74,9 @@ class StorageSettings(msgspec.Struct, frozen=True, kw_only=True):
     lease_margin_ms: int = limits.LEASE_DRIFT_MARGIN_MS
     lease_acquire_timeout_ms: int = limits.LEASE_ACQUIRE_TIMEOUT_MS
     rebuild_retry_ms: int = limits.REBUILD_RETRY_MS
+    # The owner of shard 0 (one process in the whole engine, by its lease) runs
+    # the reconciliation report and the retention purge this often; 0 turns it off.
+    maintenance_every_s: float = RECONCILE_INTERVAL_DEFAULT_S
 
 
 class OwnerStatistics(msgspec.Struct, frozen=True, kw_only=True):
@@ -122,6 +126,7 @@ class ShardOwner:
         self._writer: ShardWriter | None = None
         self._renewer: asyncio.Task[None] | None = None
         self._rebuilder: asyncio.Task[None] | None = None
+        self._maintenance: asyncio.Task[None] | None = None
         self._rebuilds = 0
         self._stop_reason: str | None = None
 
@@ -155,6 +160,20 @@ class ShardOwner:
                     ) from None
                 await asyncio.sleep(self._storage.lease_renew_every_ms / 1000 / 4)
         self._renewer = loop.create_task(self._keep_lease(), name=f"lease-{self.shard_id}")
+        if self.shard_id == 0 and self._storage.maintenance_every_s > 0:
+            self._maintenance = loop.create_task(self._maintain(), name="maintenance")
+
+    async def _maintain(self) -> None:
+        """Reconciliation report and retention purge, every ``maintenance_every_s``."""
+        every_s = self._storage.maintenance_every_s
+        await asyncio.sleep(every_s)
+
+        async def connect() -> asyncpg.Connection:
+            return await asyncpg.connect(
+                self._storage.database_url, timeout=limits.WRITER_FLUSH_TIMEOUT_MS / 1000
+            )
+
+        await run_periodically(connect, every_s)
 
     async def close(self) -> None:
         """Flush what is pending, release the lease, and stop."""
@@ -162,6 +181,8 @@ class ShardOwner:
             self._renewer.cancel()
         if self._rebuilder is not None:
             self._rebuilder.cancel()
+        if self._maintenance is not None:
+            self._maintenance.cancel()
         if self._runtime is not None:
             self._runtime.close()
         if self._writer is not None:
@@ -391,6 +412,8 @@ class ShardOwner:
             self._lease.forget()
         if self._renewer is not None:
             self._renewer.cancel()
+        if self._maintenance is not None:
+            self._maintenance.cancel()
         if self._on_stopped is not None:
             self._on_stopped(reason)
 

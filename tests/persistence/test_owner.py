@@ -149,3 +149,18 @@ async def test_idempotency_keys_survive_a_restart(
     assert isinstance(reused, p.Failure) and reused.code == "IdempotencyKeyReused"
     assert await db.fetchval("SELECT count(*) FROM bookings") == 1
     await successor.close()
+
+
+async def test_the_owner_of_shard_0_purges_audit_rows_past_their_retention(
+    database_url: str, redis_namespace: str, db: asyncpg.Connection
+) -> None:
+    await db.execute(
+        "INSERT INTO audit_log (at_ms, shard, request_id, actor, entity, entity_id, slot_id,"
+        " trigger) VALUES (1, 0, 'old', 'system', 'slot', 's', 's', 'created')"
+    )
+    owner = make_owner(database_url, redis_namespace, maintenance_every_s=0.2)
+    await owner.start()
+    async with asyncio.timeout(30):
+        while await db.fetchval("SELECT count(*) FROM audit_log WHERE request_id = 'old'"):
+            await asyncio.sleep(0.05)
+    await owner.close()
