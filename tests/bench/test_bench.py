@@ -71,3 +71,33 @@ def test_a_short_ray_run_reports_its_figures() -> None:
     for key in ("ops_per_s", "p50_ms", "p99_ms", "unbatched_ops_per_s"):
         assert result[key] > 0
     assert sum(result["outcomes"].values()) == result["ops"]
+
+
+def test_a_short_durable_ray_run_commits_and_reports_its_baseline() -> None:
+    command = [
+        sys.executable,
+        "-m",
+        "bench",
+        "ray",
+        "--durable",
+        "--shards=2",
+        "--concurrency=50",
+        "--slots=20",
+        "--seconds=1",
+        "--warmup-seconds=0.2",
+        "--unbatched-seconds=0",
+        "--per-command-seconds=0.5",
+    ]
+    done = subprocess.run(
+        command, cwd=ROOT, capture_output=True, text=True, timeout=180, check=False
+    )
+
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["durable"] is True
+    assert result["durability"] == "commit"
+    assert result["errors"] == 0
+    assert result["flushes"] > 0
+    assert result["events_per_flush"] > 1  # group commit: many events a transaction
+    for key in ("ops_per_s", "p50_ms", "p99_ms", "per_command_ops_per_s"):
+        assert result[key] > 0
