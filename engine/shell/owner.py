@@ -134,10 +134,12 @@ class ShardOwner:
 
     async def start(self) -> None:
         """Take the lease (waiting for a previous owner's to lapse) and load the shard."""
+        # A Redis call may take at most one renewal period: the lease is judged by
+        # the local clock, so a hung call must not outlast it.
         self._redis = aioredis.Redis.from_url(
             self._storage.redis_url,
-            socket_timeout=limits.LEASE_RENEW_EVERY_MS / 1000,
-            socket_connect_timeout=limits.LEASE_RENEW_EVERY_MS / 1000,
+            socket_timeout=self._storage.lease_renew_every_ms / 1000,
+            socket_connect_timeout=self._storage.lease_renew_every_ms / 1000,
         )
         self._lease = ShardLease(
             self._redis,

@@ -148,6 +148,13 @@ class Load:
         self._stop.set()
         await asyncio.gather(*self._tasks)
 
+    async def cancel(self) -> None:
+        """End the users at once (a test that failed midway): leave no task behind."""
+        self._stop.set()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
     def check_alive(self) -> None:
         """Raise what ended a user task early: the load must run all through."""
         for task in self._tasks:
@@ -384,6 +391,7 @@ async def test_redis_down_refuses_changes_serves_reads_and_recovers_by_itself(
     )
     owner = make_owner(storage, policies())
     await owner.start()
+    scene: Scene | None = None
     try:
         scene = await set_scene(owner)
         load = scene.load
@@ -461,6 +469,8 @@ async def test_redis_down_refuses_changes_serves_reads_and_recovers_by_itself(
         assert await memory_agrees_with_database(scene, db)
         owner.check_invariants()
     finally:
+        if scene is not None:
+            await scene.load.cancel()
         await owner.close()
 
 
@@ -484,6 +494,7 @@ async def test_postgres_down_refuses_changes_applies_nothing_half_and_recovers_b
     }
     owner = make_owner(storage, shard_policies)
     await owner.start()
+    scene: Scene | None = None
     try:
         scene = await set_scene(owner)
         load = scene.load
@@ -570,6 +581,8 @@ async def test_postgres_down_refuses_changes_applies_nothing_half_and_recovers_b
             assert await memory_agrees_with_database(scene, db)
         owner.check_invariants()
     finally:
+        if scene is not None:
+            await scene.load.cancel()
         await owner.close()
         # The server is shared by the module: leave it running, without this test's database.
         if not server.running:
