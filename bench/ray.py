@@ -69,6 +69,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "every command on its own",
     )
     parser.add_argument(
+        "--keep-database",
+        action="store_true",
+        help="with --durable: keep the run's database (slotengine_bench_<run>) for inspection",
+    )
+    parser.add_argument(
         "--per-command-seconds",
         type=float,
         default=3.0,
@@ -324,6 +329,8 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
 
         kill_shard_actors(shard_count=args.shards, name_prefix=prefix)
         kill_shard_actors(shard_count=args.shards, name_prefix=f"{prefix}-percmd")
+        if storage is not None and not args.keep_database:
+            await _drop_database(storage.database_url)
 
     result: dict[str, Any] = {
         "scenario": "ray",
@@ -392,7 +399,9 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
-BENCH_DATABASE = "slotengine_bench"
+# Each durable run writes to a database of its own on the configured server,
+# named after the run and dropped at its end (--keep-database keeps it).
+BENCH_DATABASE_PREFIX = "slotengine_bench_"
 
 
 async def _bench_storage(settings: Any, prefix: str) -> Any:
@@ -407,13 +416,13 @@ async def _bench_storage(settings: Any, prefix: str) -> Any:
     database_url, redis_url = await asyncio.to_thread(
         resolve_services, settings.database_url, settings.redis_url, settings.data_dir
     )
+    database = BENCH_DATABASE_PREFIX + prefix.replace("-", "_")
     admin = await asyncpg.connect(_with_database(database_url, "postgres"))
     try:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{BENCH_DATABASE}" WITH (FORCE)')
-        await admin.execute(f'CREATE DATABASE "{BENCH_DATABASE}"')
+        await admin.execute(f'CREATE DATABASE "{database}"')
     finally:
         await admin.close()
-    bench_url = _with_database(database_url, BENCH_DATABASE)
+    bench_url = _with_database(database_url, database)
     await migrate_url(bench_url)
     return StorageSettings(
         database_url=bench_url,
@@ -421,6 +430,19 @@ async def _bench_storage(settings: Any, prefix: str) -> Any:
         relaxed=settings.durability == "relaxed",
         namespace=f"slotengine-{prefix}",
     )
+
+
+async def _drop_database(url: str) -> None:
+    from urllib.parse import urlsplit
+
+    import asyncpg
+
+    database = urlsplit(url).path.lstrip("/")
+    admin = await asyncpg.connect(_with_database(url, "postgres"))
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+    finally:
+        await admin.close()
 
 
 def _with_database(url: str, database: str) -> str:

@@ -7,6 +7,7 @@ so tests never see each other's rows or leases.
 """
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import secrets
@@ -48,6 +49,14 @@ async def _ensure_template() -> str:
                 await admin.execute(f'ALTER DATABASE "{building}" RENAME TO "{name}"')
             except asyncpg.DuplicateDatabaseError:
                 await admin.execute(f'DROP DATABASE "{building}"')
+        # Templates of older schemas are of no further use.
+        for stale in await admin.fetch(
+            "SELECT datname FROM pg_database WHERE datname LIKE 'slotengine\\_tpl\\_%'"
+            " AND datname <> $1 AND datname NOT LIKE '%\\_build\\_%'",
+            name,
+        ):
+            with contextlib.suppress(asyncpg.PostgresError):
+                await admin.execute(f'DROP DATABASE "{stale["datname"]}"')
     finally:
         await admin.close()
     return name
