@@ -447,11 +447,6 @@ async def test_a_hold_must_expire_after_it_was_taken(db: asyncpg.Connection) -> 
     assert info.value.constraint_name == "bookings_hold_after_reserve"  # type: ignore[attr-defined]
 
 
-async def test_a_booking_needs_its_slot(db: asyncpg.Connection) -> None:
-    with pytest.raises(asyncpg.ForeignKeyViolationError):
-        await add_booking(db, "b-1", "nowhere", "alice")
-
-
 # -- the counts follow the bookings ---------------------------------------------------
 
 
