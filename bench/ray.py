@@ -306,6 +306,8 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
             seed=args.seed,
             user_prefix="batched",
         )
+        # Before the unbatched run: the writers' figures are the coalesced run's.
+        owner_stats = [await transport.owner_statistics(n, 30_000) for n in range(args.shards)]
         unbatched: dict[str, Any] = {}
         if args.unbatched_seconds > 0:
             unbatched = await drive(
@@ -319,7 +321,6 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
                 user_prefix="unbatched",
             )
         shard_stats = [await transport.statistics(n, 30_000) for n in range(args.shards)]
-        owner_stats = [await transport.owner_statistics(n, 30_000) for n in range(args.shards)]
         for shard in range(args.shards):
             await transport.check_invariants(shard, 30_000)
         if storage is not None and args.per_command_seconds > 0:
