@@ -68,6 +68,7 @@ class ShardWriter:
         before_flush: Callable[[], Awaitable[None]] | None = None,
         fence_check: bool = True,
         group_commit: bool = True,
+        flush_events_max: int = limits.WRITER_FLUSH_EVENTS_MAX,
         clock_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000,
     ) -> None:
         self._connection = connection
@@ -85,6 +86,7 @@ class ShardWriter:
         self._pending = FlushRows(shard)
         # Without group commit (the benches' baseline) every hand-off is a flush of its own.
         self._group_commit = group_commit
+        self._events_per_flush_limit = flush_events_max
         self._handoffs: deque[tuple[FlushRows, int]] = deque()
         # Events are numbered as they are published; everything up to _durable is committed.
         self._published = 0
@@ -105,8 +107,13 @@ class ShardWriter:
     def publish(self, events: list[AnyEvent]) -> None:
         if self._error is not None or self._closed:
             return  # the owner is rebuilding; these changes die with the old state
-        if not self._group_commit and not self._pending.empty():
-            self._handoffs.append((self._pending, self._published))
+        pending = self._pending
+        if not pending.empty() and (
+            not self._group_commit or pending.events >= self._events_per_flush_limit
+        ):
+            # A flush of its own for what is pending: no group commit (the benches'
+            # baseline), or the group is as big as one transaction may be.
+            self._handoffs.append((pending, self._published))
             self._pending = FlushRows(self._shard)
         self._pending.add(events)
         self._published += 1

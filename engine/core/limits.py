@@ -123,6 +123,9 @@ FATAL_EXIT_DELAY_MS: Final = 1_000
 # refuses new changes (503) until the database catches up: a slow database
 # slows the engine down instead of growing its memory.
 WRITER_PENDING_EVENTS_MAX: Final = 50_000
+# One flush (one transaction) carries at most this many events; more pending
+# go in the next one. Busy shards reach 400-600 events a flush at 1,000 callers.
+WRITER_FLUSH_EVENTS_MAX: Final = 5_000
 # One flush (a transaction) may take this long before it counts as failed.
 WRITER_FLUSH_TIMEOUT_MS: Final = 10_000
 # A shard owner's lease in Redis, its renewal period, and the margin for clock

@@ -45,6 +45,7 @@ from engine.core.shard import ShardCore
 from engine.shell.errors import ShardFailed, ShardUnavailable
 from engine.shell.lease import Renewal, ShardLease
 from engine.shell.runtime import RuntimeStatistics, ShardRuntime, service_unavailable, unique_ids
+from persistence.migrate import migrate_url
 from persistence.reconcile import RECONCILE_INTERVAL_DEFAULT_S, run_periodically
 from persistence.store import ShardSnapshot, StaleToken, fence_token, take_over
 from persistence.writer import ShardWriter, StorageUnavailable, WriterStatistics
@@ -133,7 +134,12 @@ class ShardOwner:
     # -- lifecycle --------------------------------------------------------------
 
     async def start(self) -> None:
-        """Take the lease (waiting for a previous owner's to lapse) and load the shard."""
+        """Bring the schema up to date, take the lease (waiting for a previous
+        owner's to lapse) and load the shard."""
+        # Idempotent and serialised by an advisory lock: every start may run it.
+        applied = await migrate_url(self._storage.database_url)
+        if applied:
+            logger.info("shard %d applied migrations %s", self.shard_id, applied)
         # A Redis call may take at most one renewal period: the lease is judged by
         # the local clock, so a hung call must not outlast it.
         self._redis = aioredis.Redis.from_url(
