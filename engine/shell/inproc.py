@@ -1,4 +1,4 @@
-"""The in-process host: N shard runtimes in the caller's event loop, no Ray.
+"""In-process hosts: N shards in the caller's event loop, no Ray.
 
 It serves tests and single-process use (``--engine inproc``) with the same call
 surface as the Ray actors: encoded batches in, encoded replies out. It owns the
@@ -13,7 +13,8 @@ from engine.core.clock import Clock
 from engine.core.errors import InvariantViolation
 from engine.core.policy import DomainPolicy
 from engine.shell.clock import SystemClock
-from engine.shell.errors import ShardCallTimeout, ShardFailed
+from engine.shell.errors import ShardCallTimeout, ShardFailed, ShardUnavailable
+from engine.shell.owner import ShardOwner, StorageSettings
 from engine.shell.runtime import EventSink, MemoryEventSink, RuntimeStatistics, ShardRuntime
 
 
@@ -71,3 +72,65 @@ class InProcessHost:
     def close(self) -> None:
         for runtime in self._runtimes:
             runtime.close()
+
+
+class OwnedInProcessHost:
+    """N durable shards in the caller's event loop: a ``ShardOwner`` each.
+
+    The single-process deployment (``serve --engine inproc``): the same owners
+    as in the Ray actors (lease, takeover, write-behind, rebuild), without Ray.
+    """
+
+    def __init__(
+        self,
+        *,
+        shard_count: int,
+        policies: dict[str, DomainPolicy],
+        storage: StorageSettings,
+        clock: Clock | None = None,
+    ) -> None:
+        if shard_count < 1:
+            raise ValueError("shard_count must be at least 1")
+        shared_clock = clock if clock is not None else SystemClock()
+        self._owners = [
+            ShardOwner(
+                shard_id=shard,
+                shard_count=shard_count,
+                policies=policies,
+                clock=shared_clock,
+                storage=storage,
+            )
+            for shard in range(shard_count)
+        ]
+
+    @property
+    def shard_count(self) -> int:
+        return len(self._owners)
+
+    def owner(self, shard: int) -> ShardOwner:
+        return self._owners[shard]
+
+    async def start(self) -> None:
+        await asyncio.gather(*(owner.start() for owner in self._owners))
+
+    async def call_batch(self, shard: int, data: bytes, timeout_ms: int) -> bytes:
+        try:
+            async with asyncio.timeout(timeout_ms / 1000):
+                return await self._owners[shard].execute_batch(data)
+        except TimeoutError as exc:
+            raise ShardCallTimeout(f"shard {shard}: no answer in {timeout_ms} ms") from exc
+
+    async def statistics(self, shard: int, timeout_ms: int) -> RuntimeStatistics:
+        runtime = self._owners[shard].runtime
+        if runtime is None:
+            raise ShardUnavailable(f"shard {shard} is not serving")
+        return runtime.statistics()
+
+    async def check_invariants(self, shard: int, timeout_ms: int) -> None:
+        try:
+            self._owners[shard].check_invariants()
+        except InvariantViolation as exc:
+            raise ShardFailed(f"shard {shard}: {exc}") from exc
+
+    async def close(self) -> None:
+        await asyncio.gather(*(owner.close() for owner in self._owners))

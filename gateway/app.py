@@ -1,0 +1,589 @@
+"""The aiohttp application: routes of API.md over the engine's coalescer.
+
+Every handler does the same four things: authenticate (``gateway.auth``),
+decode its body or query (msgspec: decoding is validation), turn the request
+into one engine command with a fresh request id, and render the engine's
+result or refusal. It never decides a booking rule: the shards do.
+
+Errors always have API.md's shape (``{"error", "message", "details",
+"retryAfter"}``); every response carries ``X-Request-Id`` (the client's, or a
+new one) and the security headers.
+"""
+
+import base64
+import binascii
+import heapq
+import itertools
+import logging
+import uuid
+from collections.abc import Awaitable, Callable, Mapping
+from datetime import datetime
+from typing import Any, Final, TypeVar
+
+import msgspec
+from aiohttp import web
+
+from engine.core import limits
+from engine.core import protocol as p
+from engine.core.routing import make_slot_id, shard_of_resource
+from engine.core.states import BookingStatus, SlotStatus
+from engine.shell.coalescer import EngineClient, RequestIds
+from engine.shell.errors import ShellError
+from gateway import schemas as s
+from gateway.auth import AuthError, Forbidden, Principal, Verifier, acting_user, bearer_token
+
+logger = logging.getLogger("slotengine.gateway")
+
+# Bodies are small JSON documents; anything larger is refused with 413.
+BODY_BYTES_MAX: Final = 16 * 1024
+REQUEST_ID_CHARS_MAX: Final = 128
+RETRY_AFTER_UNAVAILABLE_S: Final = limits.RETRY_AFTER_S
+SECURITY_HEADERS: Final = {
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-store",
+}
+
+ENGINE_KEY: Final = web.AppKey("engine", EngineClient)
+VERIFIER_KEY: Final = web.AppKey("verifier", Verifier)
+IDS_KEY: Final = web.AppKey("ids", RequestIds)
+REQUEST_ID_KEY: Final = web.RequestKey("request_id", str)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+T = TypeVar("T")
+
+
+class ApiError(Exception):
+    """An answer other than success, in API.md's error shape."""
+
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        details: dict[str, Any] | None = None,
+        retry_after_s: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.details = details or {}
+        self.retry_after_s = retry_after_s
+
+
+_encoder = msgspec.json.Encoder()
+
+
+def json_response(body: Any, status: int = 200) -> web.Response:
+    return web.Response(body=_encoder.encode(body), status=status, content_type="application/json")
+
+
+def error_response(error: ApiError) -> web.Response:
+    response = json_response(
+        s.ErrorOut(
+            error=error.code,
+            message=error.message,
+            details=error.details,
+            retryAfter=error.retry_after_s,
+        ),
+        error.status,
+    )
+    if error.retry_after_s is not None:
+        response.headers["Retry-After"] = str(error.retry_after_s)
+    return response
+
+
+@web.middleware
+async def request_context(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """X-Request-Id, security headers, and every failure in API.md's shape."""
+    request_id = request.headers.get("X-Request-Id", "")
+    if not request_id or len(request_id) > REQUEST_ID_CHARS_MAX or not request_id.isprintable():
+        request_id = uuid.uuid4().hex
+    request[REQUEST_ID_KEY] = request_id
+    try:
+        response = await handler(request)
+    except ApiError as error:
+        response = error_response(error)
+    except msgspec.ValidationError as error:
+        response = error_response(validation_error(error))
+    except AuthError as error:
+        response = error_response(ApiError(401, "Unauthorized", str(error)))
+    except Forbidden as error:
+        response = error_response(ApiError(403, "Forbidden", str(error)))
+    except web.HTTPRequestEntityTooLarge:
+        response = error_response(
+            ApiError(413, "PayloadTooLarge", f"bodies are limited to {BODY_BYTES_MAX} bytes")
+        )
+    except web.HTTPNotFound:
+        response = error_response(ApiError(404, "NotFound", "no such route"))
+    except web.HTTPMethodNotAllowed:
+        response = error_response(ApiError(405, "MethodNotAllowed", "method not allowed"))
+    except ShellError as error:
+        logger.warning("engine unavailable: %r", error, extra={"request_id": request_id})
+        response = error_response(
+            ApiError(
+                503,
+                "ServiceUnavailable",
+                "the engine is unavailable, try again",
+                retry_after_s=RETRY_AFTER_UNAVAILABLE_S,
+            )
+        )
+    response.headers["X-Request-Id"] = request_id
+    response.headers.update(SECURITY_HEADERS)
+    return response
+
+
+# -- request helpers ------------------------------------------------------------
+
+
+def principal(request: web.Request) -> Principal:
+    token = request.query.get("token") if request.path.startswith("/ws") else None
+    if token is None:
+        token = bearer_token(request.headers.get("Authorization"))
+    return request.app[VERIFIER_KEY].verify(token)
+
+
+def require_admin(who: Principal) -> None:
+    if who.role != "admin":
+        raise Forbidden("this route is for admins")
+
+
+async def decode_body(request: web.Request, schema: type[T], *, optional: bool = False) -> T:
+    if request.content_length is not None and request.content_length > BODY_BYTES_MAX:
+        raise web.HTTPRequestEntityTooLarge(
+            max_size=BODY_BYTES_MAX, actual_size=request.content_length
+        )
+    raw = await request.read()
+    if not raw.strip():
+        if optional:
+            return msgspec.convert({}, schema)
+        raise ApiError(400, "BadRequest", "a JSON body is required")
+    if request.content_type not in ("application/json", "application/octet-stream", ""):
+        raise ApiError(400, "BadRequest", "bodies are JSON (Content-Type: application/json)")
+    try:
+        return msgspec.json.decode(raw, type=schema)
+    except msgspec.ValidationError as error:
+        raise validation_error(error) from None
+    except msgspec.DecodeError:
+        raise ApiError(400, "BadRequest", "malformed JSON") from None
+
+
+def validation_error(error: msgspec.ValidationError) -> ApiError:
+    """msgspec's "Expected `int`, got `str` - at `$.capacity`" as {"capacity": ...}."""
+    text = str(error)
+    message, _, where = text.rpartition(" - at `")
+    if not message:
+        return ApiError(422, "ValidationError", text, {"body": text})
+    field = where.rstrip("`").removeprefix("$.").removeprefix("$") or "body"
+    return ApiError(422, "ValidationError", f"{field}: {message}", {field: message})
+
+
+def refusal(failure: p.Failure) -> ApiError:
+    return ApiError(
+        failure.status,
+        failure.code,
+        failure.message,
+        dict(failure.details),
+        failure.retry_after_s,
+    )
+
+
+async def run(request: web.Request, command: p.AnyCommand) -> p.AnyResult:
+    result = await request.app[ENGINE_KEY].execute(command)
+    if isinstance(result, p.Failure):
+        raise refusal(result)
+    return result
+
+
+def next_id(request: web.Request) -> str:
+    return request.app[IDS_KEY].next()
+
+
+def idempotency_key(request: web.Request) -> str | None:
+    key = request.headers.get("Idempotency-Key")
+    if key is None:
+        return None
+    if not key or len(key) > limits.IDEMPOTENCY_KEY_CHARS_MAX or not key.isprintable():
+        raise ApiError(
+            422,
+            "ValidationError",
+            "Idempotency-Key is empty, too long or not printable",
+            {"Idempotency-Key": f"1 to {limits.IDEMPOTENCY_KEY_CHARS_MAX} printable characters"},
+        )
+    return key
+
+
+# -- slots ------------------------------------------------------------------------
+
+
+async def create_slot(request: web.Request) -> web.StreamResponse:
+    require_admin(who := principal(request))
+    body = await decode_body(request, s.CreateSlotBody)
+    start_ms = s.to_ms(body.start_time, "startTime")
+    end_ms = s.to_ms(body.end_time, "endTime")
+    result = await run(
+        request,
+        p.CreateSlot(
+            request_id=next_id(request),
+            slot_id=make_slot_id(body.resource_id, uuid.uuid4().hex),
+            resource_id=body.resource_id,
+            domain=body.domain,
+            start_ms=start_ms,
+            end_ms=end_ms,
+            capacity=body.capacity,
+            metadata=body.metadata,
+            blocked=body.blocked,
+            actor=f"admin:{who.subject}",
+        ),
+    )
+    assert isinstance(result, p.SlotResult)
+    return json_response(s.slot_out(result.slot), result.status)
+
+
+async def update_slot(request: web.Request) -> web.StreamResponse:
+    require_admin(who := principal(request))
+    body = await decode_body(request, s.UpdateSlotBody)
+    result = await run(
+        request,
+        p.UpdateSlot(
+            request_id=next_id(request),
+            slot_id=request.match_info["slot_id"],
+            start_ms=None if body.start_time is None else s.to_ms(body.start_time, "startTime"),
+            end_ms=None if body.end_time is None else s.to_ms(body.end_time, "endTime"),
+            capacity=body.capacity,
+            metadata=body.metadata,
+            blocked=body.blocked,
+            actor=f"admin:{who.subject}",
+        ),
+    )
+    assert isinstance(result, p.SlotResult)
+    return json_response(s.slot_out(result.slot), result.status)
+
+
+async def delete_slot(request: web.Request) -> web.StreamResponse:
+    require_admin(who := principal(request))
+    force = _flag(request, "force")
+    await run(
+        request,
+        p.DeleteSlot(
+            request_id=next_id(request),
+            slot_id=request.match_info["slot_id"],
+            force=force,
+            actor=f"admin:{who.subject}",
+        ),
+    )
+    return web.Response(status=204)
+
+
+async def get_slot(request: web.Request) -> web.StreamResponse:
+    principal(request)
+    result = await run(
+        request, p.GetSlot(request_id=next_id(request), slot_id=request.match_info["slot_id"])
+    )
+    assert isinstance(result, p.SlotResult)
+    return json_response(s.slot_out(result.slot))
+
+
+async def list_slots(request: web.Request) -> web.StreamResponse:
+    principal(request)
+    query = request.query
+    problems: dict[str, str] = {}
+    limit = _int_param(query, "limit", limits.LIST_LIMIT_DEFAULT, problems)
+    limit = max(1, min(limit, limits.LIST_LIMIT_MAX))
+    from_ms = _time_param(query, "from", problems)
+    to_ms = _time_param(query, "to", problems)
+    status: SlotStatus | None = None
+    if "status" in query:
+        try:
+            status = SlotStatus(query["status"])
+        except ValueError:
+            problems["status"] = f"one of {', '.join(v.value for v in SlotStatus)}"
+    after = _cursor(query.get("cursor"), problems)
+    if problems:
+        raise ApiError(422, "ValidationError", "invalid filter", problems)
+    engine = request.app[ENGINE_KEY]
+    resource_id = query.get("resourceId")
+    shards = (
+        [shard_of_resource(resource_id, engine.shard_count)]
+        if resource_id
+        else list(range(engine.shard_count))
+    )
+    commands = {
+        shard: p.ListSlots(
+            request_id=next_id(request),
+            resource_id=resource_id or None,
+            from_ms=from_ms,
+            to_ms=to_ms,
+            status=status,
+            available_only=_flag(request, "available"),
+            limit=limit,
+            after=after,
+        )
+        for shard in shards
+    }
+    views, next_cursor = await _merged_pages(
+        request, commands, limit, lambda v: (v.start_ms, v.id), reverse=False
+    )
+    return json_response(
+        s.SlotPageOut(items=[s.slot_out(v) for v in views], next_cursor=next_cursor)
+    )
+
+
+# -- bookings -------------------------------------------------------------------------
+
+
+async def reserve(request: web.Request) -> web.StreamResponse:
+    who = principal(request)
+    body = await decode_body(request, s.ReserveBody)
+    user_id = acting_user(who, body.user_id)
+    result = await run(
+        request,
+        p.Reserve(
+            request_id=next_id(request),
+            slot_id=body.slot_id,
+            user_id=user_id,
+            idempotency_key=idempotency_key(request),
+        ),
+    )
+    if isinstance(result, p.BookingResult):
+        return json_response(
+            s.BookingEnvelope(booking=s.booking_out(result.booking)), result.status
+        )
+    assert isinstance(result, p.QueueResult)
+    return json_response(s.QueueEnvelope(queue=s.queue_out(result.entry)), result.status)
+
+
+async def confirm(request: web.Request) -> web.StreamResponse:
+    who = principal(request)
+    body = await decode_body(request, s.ActingBody, optional=True)
+    result = await run(
+        request,
+        p.Confirm(
+            request_id=next_id(request),
+            booking_id=request.match_info["booking_id"],
+            user_id=acting_user(who, body.user_id),
+            idempotency_key=idempotency_key(request),
+        ),
+    )
+    assert isinstance(result, p.BookingResult)
+    return json_response(s.booking_out(result.booking))
+
+
+async def cancel(request: web.Request) -> web.StreamResponse:
+    who = principal(request)
+    body = await decode_body(request, s.CancelBody, optional=True)
+    as_admin = who.role == "admin"
+    result = await run(
+        request,
+        p.Cancel(
+            request_id=next_id(request),
+            booking_id=request.match_info["booking_id"],
+            user_id=who.subject if as_admin else acting_user(who, body.user_id),
+            as_admin=as_admin,
+            reason=body.reason,
+            idempotency_key=idempotency_key(request),
+        ),
+    )
+    assert isinstance(result, p.BookingResult)
+    return json_response(s.booking_out(result.booking))
+
+
+async def get_booking(request: web.Request) -> web.StreamResponse:
+    who = principal(request)
+    as_admin = who.role == "admin"
+    result = await run(
+        request,
+        p.GetBooking(
+            request_id=next_id(request),
+            booking_id=request.match_info["booking_id"],
+            user_id=who.subject if as_admin else acting_user(who, request.query.get("userId")),
+            as_admin=as_admin,
+        ),
+    )
+    assert isinstance(result, p.BookingResult)
+    return json_response(s.booking_out(result.booking))
+
+
+async def my_bookings(request: web.Request) -> web.StreamResponse:
+    who = principal(request)
+    user_id = acting_user(who, request.query.get("userId"))
+    problems: dict[str, str] = {}
+    limit = max(
+        1,
+        min(
+            _int_param(request.query, "limit", limits.LIST_LIMIT_DEFAULT, problems),
+            limits.LIST_LIMIT_MAX,
+        ),
+    )
+    status: BookingStatus | None = None
+    if "status" in request.query:
+        try:
+            status = BookingStatus(request.query["status"])
+        except ValueError:
+            problems["status"] = "one of RESERVED, CONFIRMED, EXPIRED, CANCELLED, COMPLETED"
+        if status is BookingStatus.PENDING:
+            problems["status"] = "one of RESERVED, CONFIRMED, EXPIRED, CANCELLED, COMPLETED"
+    after = _cursor(request.query.get("cursor"), problems)
+    if problems:
+        raise ApiError(422, "ValidationError", "invalid filter", problems)
+    commands = {
+        shard: p.ListBookings(
+            request_id=next_id(request), user_id=user_id, status=status, limit=limit, after=after
+        )
+        for shard in range(request.app[ENGINE_KEY].shard_count)
+    }
+    bookings, next_cursor = await _merged_pages(
+        request, commands, limit, lambda b: (b.reserved_at_ms, b.id), reverse=True
+    )
+    return json_response(
+        s.BookingPageOut(items=[s.booking_out(b) for b in bookings], next_cursor=next_cursor)
+    )
+
+
+async def _merged_pages(
+    request: web.Request,
+    commands: Mapping[int, p.AnyCommand],
+    limit: int,
+    order: Callable[[Any], tuple[int, str]],
+    *,
+    reverse: bool,
+) -> tuple[list[Any], str | None]:
+    """One page from every shard, merged in ``order``: the first ``limit`` and a cursor.
+
+    Each shard answers at most ``limit`` items after the cursor in the same
+    order, so the merged first ``limit`` are exactly the page.
+    """
+    engine = request.app[ENGINE_KEY]
+    pending = [engine.execute(command, shard=shard) for shard, command in commands.items()]
+    pages: list[list[Any]] = []
+    for answer in [await page for page in pending]:
+        if isinstance(answer, p.Failure):
+            raise refusal(answer)
+        assert isinstance(answer, p.SlotPage | p.BookingPage)
+        pages.append(list(answer.items))
+    merged = list(itertools.islice(heapq.merge(*pages, key=order, reverse=reverse), limit))
+    if len(merged) < limit:
+        return merged, None
+    return merged, _encode_cursor(*order(merged[-1]))
+
+
+# -- the queue -------------------------------------------------------------------------
+
+
+async def join_queue(request: web.Request) -> web.StreamResponse:
+    who = principal(request)
+    body = await decode_body(request, s.ActingBody, optional=True)
+    result = await run(
+        request,
+        p.JoinQueue(
+            request_id=next_id(request),
+            slot_id=request.match_info["slot_id"],
+            user_id=acting_user(who, body.user_id),
+            idempotency_key=idempotency_key(request),
+        ),
+    )
+    assert isinstance(result, p.QueueResult)
+    return json_response(s.queue_out(result.entry), result.status)
+
+
+async def leave_queue(request: web.Request) -> web.StreamResponse:
+    who = principal(request)
+    await run(
+        request,
+        p.LeaveQueue(
+            request_id=next_id(request),
+            slot_id=request.match_info["slot_id"],
+            user_id=acting_user(who, request.query.get("userId")),
+        ),
+    )
+    return web.Response(status=204)
+
+
+async def queue_position(request: web.Request) -> web.StreamResponse:
+    who = principal(request)
+    result = await run(
+        request,
+        p.QueuePosition(
+            request_id=next_id(request),
+            slot_id=request.match_info["slot_id"],
+            user_id=acting_user(who, request.query.get("userId")),
+        ),
+    )
+    assert isinstance(result, p.QueueResult)
+    return json_response(s.queue_out(result.entry))
+
+
+# -- query helpers ------------------------------------------------------------------------
+
+
+def _flag(request: web.Request, name: str) -> bool:
+    value = request.query.get(name, "false").lower()
+    if value not in ("true", "false", "1", "0"):
+        raise ApiError(422, "ValidationError", f"{name} must be true or false", {name: "boolean"})
+    return value in ("true", "1")
+
+
+def _int_param(query: Any, name: str, default: int, problems: dict[str, str]) -> int:
+    raw = query.get(name)
+    if raw is None:
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        problems[name] = "an integer"
+        return default
+
+
+def _time_param(query: Any, name: str, problems: dict[str, str]) -> int | None:
+    raw = query.get(name)
+    if raw is None:
+        return None
+    try:
+        return s.to_ms(msgspec.json.decode(msgspec.json.encode(raw), type=datetime), name)
+    except msgspec.ValidationError:
+        problems[name] = "an RFC 3339 time with an offset"
+        return None
+
+
+def _encode_cursor(order: int, entity_id: str) -> str:
+    return base64.urlsafe_b64encode(_encoder.encode([order, entity_id])).decode().rstrip("=")
+
+
+def _cursor(raw: str | None, problems: dict[str, str]) -> tuple[int, str] | None:
+    if not raw:
+        return None
+    try:
+        padded = raw + "=" * (-len(raw) % 4)
+        order, entity_id = msgspec.json.decode(
+            base64.urlsafe_b64decode(padded), type=tuple[int, str]
+        )
+    except (binascii.Error, ValueError, msgspec.DecodeError):
+        problems["cursor"] = "a cursor from a previous page"
+        return None
+    return order, entity_id
+
+
+# -- the application ---------------------------------------------------------------------
+
+
+def create_app(engine: EngineClient, verifier: Verifier) -> web.Application:
+    app = web.Application(middlewares=[request_context], client_max_size=BODY_BYTES_MAX)
+    app[ENGINE_KEY] = engine
+    app[VERIFIER_KEY] = verifier
+    app[IDS_KEY] = RequestIds()
+    app.router.add_post("/api/admin/slots", create_slot)
+    app.router.add_put("/api/admin/slots/{slot_id}", update_slot)
+    app.router.add_delete("/api/admin/slots/{slot_id}", delete_slot)
+    app.router.add_get("/api/slots", list_slots)
+    app.router.add_get("/api/slots/{slot_id}", get_slot)
+    app.router.add_post("/api/bookings/reserve", reserve)
+    app.router.add_get("/api/bookings/my", my_bookings)
+    app.router.add_get("/api/bookings/{booking_id}", get_booking)
+    app.router.add_post("/api/bookings/{booking_id}/confirm", confirm)
+    app.router.add_post("/api/bookings/{booking_id}/cancel", cancel)
+    app.router.add_post("/api/slots/{slot_id}/queue", join_queue)
+    app.router.add_delete("/api/slots/{slot_id}/queue", leave_queue)
+    app.router.add_get("/api/slots/{slot_id}/queue/position", queue_position)
+    return app

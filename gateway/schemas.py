@@ -1,0 +1,218 @@
+"""The API's request and response bodies as msgspec structs: decoding is validation.
+
+Field names are camelCase on the wire (``rename="camel"``); times are RFC 3339
+strings, answered in UTC with millisecond precision when it is not zero, and
+required to carry an offset on input. The same structs generate the OpenAPI
+document, so what validates a request is what the document describes.
+"""
+
+from datetime import UTC, datetime, timedelta
+from typing import Annotated, Any, Literal
+
+import msgspec
+
+from engine.core import limits
+from engine.core.records import Booking, QueueView, SlotView
+
+Id = Annotated[str, msgspec.Meta(min_length=1, max_length=limits.ID_CHARS_MAX)]
+Capacity = Annotated[int, msgspec.Meta(ge=1, le=limits.SLOT_CAPACITY_MAX)]
+Reason = Annotated[str, msgspec.Meta(max_length=limits.CANCEL_REASON_CHARS_MAX)]
+SlotStatusName = Literal["AVAILABLE", "RESERVED", "BOOKED", "BLOCKED", "EXPIRED"]
+BookingStatusName = Literal["RESERVED", "CONFIRMED", "EXPIRED", "CANCELLED", "COMPLETED"]
+QueueStatusName = Literal["WAITING", "NOTIFIED", "EXPIRED", "CONVERTED"]
+
+
+class _Body(msgspec.Struct, rename="camel", forbid_unknown_fields=True, kw_only=True, frozen=True):
+    pass
+
+
+class CreateSlotBody(_Body, frozen=True):
+    resource_id: Id
+    start_time: datetime
+    end_time: datetime
+    capacity: Capacity
+    domain: Id = "default"
+    metadata: dict[str, Any] = {}
+    blocked: bool = False
+
+
+class UpdateSlotBody(_Body, frozen=True):
+    start_time: datetime | None = None
+    end_time: datetime | None = None
+    capacity: Capacity | None = None
+    metadata: dict[str, Any] | None = None
+    blocked: bool | None = None
+
+
+class ReserveBody(_Body, frozen=True):
+    slot_id: Id
+    # Only a ``service`` caller may act for another user.
+    user_id: Id | None = None
+
+
+class CancelBody(_Body, frozen=True):
+    reason: Reason | None = None
+    user_id: Id | None = None
+
+
+class ActingBody(_Body, frozen=True):
+    """The optional body of confirm and queue calls: a ``service`` names its user."""
+
+    user_id: Id | None = None
+
+
+# -- responses ------------------------------------------------------------------
+
+
+class _Out(msgspec.Struct, rename="camel", kw_only=True, frozen=True):
+    pass
+
+
+class SlotOut(_Out, frozen=True):
+    id: str
+    resource_id: str
+    domain: str
+    start_time: str
+    end_time: str
+    capacity: int
+    current_bookings: int
+    held_count: int
+    available: int
+    status: SlotStatusName
+    queue_length: int
+    metadata: dict[str, Any]
+    version: int
+
+
+class BookingOut(_Out, frozen=True):
+    id: str
+    user_id: str
+    slot_id: str
+    status: BookingStatusName
+    reserved_at: str
+    expires_at: str
+    confirmed_at: str | None
+    completed_at: str | None
+    cancelled_at: str | None
+    cancel_reason: str | None
+    cancelled_by: str | None
+    refund_percentage: int | None
+    version: int
+
+
+class QueueEntryOut(_Out, frozen=True):
+    slot_id: str
+    user_id: str
+    status: QueueStatusName
+    position: int | None
+    total_in_queue: int
+    estimated_wait_time: str | None
+    estimated_wait_seconds: int | None
+    joined_at: str
+    notified_at: str | None
+    booking_id: str | None
+    offer_expires_at: str | None
+    slot_details: SlotOut
+
+
+class BookingEnvelope(_Out, frozen=True):
+    booking: BookingOut
+
+
+class QueueEnvelope(_Out, frozen=True):
+    queue: QueueEntryOut
+
+
+class SlotPageOut(_Out, frozen=True):
+    items: list[SlotOut]
+    next_cursor: str | None
+
+
+class BookingPageOut(_Out, frozen=True):
+    items: list[BookingOut]
+    next_cursor: str | None
+
+
+class ErrorOut(msgspec.Struct, omit_defaults=True, kw_only=True, frozen=True):
+    error: str
+    message: str
+    details: dict[str, Any] = {}
+    retryAfter: int | None = None
+
+
+# -- conversions ------------------------------------------------------------------
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MILLISECOND = timedelta(milliseconds=1)
+
+
+def to_ms(value: datetime, field: str) -> int:
+    """Epoch milliseconds of an aware datetime (exact); naive input is a validation error."""
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise msgspec.ValidationError(f"must carry a UTC offset - at `$.{field}`")
+    return (value - _EPOCH) // _MILLISECOND
+
+
+def rfc3339(ms: int) -> str:
+    moment = datetime.fromtimestamp(ms / 1000, tz=UTC)
+    if ms % 1000:
+        return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{ms % 1000:03d}Z"
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _maybe(ms: int | None) -> str | None:
+    return None if ms is None else rfc3339(ms)
+
+
+def slot_out(view: SlotView) -> SlotOut:
+    return SlotOut(
+        id=view.id,
+        resource_id=view.resource_id,
+        domain=view.domain,
+        start_time=rfc3339(view.start_ms),
+        end_time=rfc3339(view.end_ms),
+        capacity=view.capacity,
+        current_bookings=view.current_bookings,
+        held_count=view.held_count,
+        available=view.available,
+        status=view.status.value,
+        queue_length=view.queue_length,
+        metadata=view.metadata_dict(),
+        version=view.version,
+    )
+
+
+def booking_out(booking: Booking) -> BookingOut:
+    return BookingOut(
+        id=booking.id,
+        user_id=booking.user_id,
+        slot_id=booking.slot_id,
+        status=booking.status.value,  # type: ignore[arg-type]
+        reserved_at=rfc3339(booking.reserved_at_ms),
+        expires_at=rfc3339(booking.expires_at_ms),
+        confirmed_at=_maybe(booking.confirmed_at_ms),
+        completed_at=_maybe(booking.completed_at_ms),
+        cancelled_at=_maybe(booking.cancelled_at_ms),
+        cancel_reason=booking.cancel_reason,
+        cancelled_by=booking.cancelled_by,
+        refund_percentage=booking.refund_percentage,
+        version=booking.version,
+    )
+
+
+def queue_out(entry: QueueView) -> QueueEntryOut:
+    return QueueEntryOut(
+        slot_id=entry.slot_id,
+        user_id=entry.user_id,
+        status=entry.status.value,
+        position=entry.position,
+        total_in_queue=entry.total_in_queue,
+        estimated_wait_time=entry.estimated_wait_time,
+        estimated_wait_seconds=entry.estimated_wait_seconds,
+        joined_at=rfc3339(entry.joined_at_ms),
+        notified_at=_maybe(entry.notified_at_ms),
+        booking_id=entry.booking_id,
+        offer_expires_at=_maybe(entry.offer_expires_at_ms),
+        slot_details=slot_out(entry.slot),
+    )

@@ -1,0 +1,51 @@
+"""A gateway over durable in-process shards on the test PostgreSQL and Redis.
+
+``api`` is an aiohttp test client on a real socket; ``token(sub, role)`` makes
+a bearer header signed with the test secret.
+"""
+
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from engine.shell.coalescer import EngineClient
+from engine.shell.inproc import OwnedInProcessHost
+from engine.shell.owner import StorageSettings
+from gateway.app import create_app
+from gateway.auth import AuthSettings, Verifier, issue_token
+from tests.conftest import REDIS_URL
+from tests.engine.shell.conftest import POLICIES
+
+SECRET = "test-secret-0123456789abcdef0123456789abcdef"
+SHARDS = 2
+
+Token = Callable[..., dict[str, str]]
+
+
+@pytest.fixture
+def token() -> Token:
+    def make(sub: str = "alice", role: str = "user", **claims: Any) -> dict[str, str]:
+        return {"Authorization": f"Bearer {issue_token(SECRET, sub, role, 3600)}"}
+
+    return make
+
+
+@pytest.fixture
+async def host(database_url: str, redis_namespace: str) -> AsyncIterator[OwnedInProcessHost]:
+    storage = StorageSettings(
+        database_url=database_url, redis_url=REDIS_URL, namespace=redis_namespace
+    )
+    engine_host = OwnedInProcessHost(shard_count=SHARDS, policies=POLICIES, storage=storage)
+    await engine_host.start()
+    yield engine_host
+    await engine_host.close()
+
+
+@pytest.fixture
+async def api(host: OwnedInProcessHost) -> AsyncIterator[TestClient[Any, Any]]:
+    verifier = Verifier(AuthSettings(secret=SECRET))
+    app = create_app(EngineClient(host), verifier)
+    async with TestClient(TestServer(app)) as client:
+        yield client
