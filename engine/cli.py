@@ -91,7 +91,64 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"prefix of the shard lease keys in Redis [{LEASE_NAMESPACE_DEFAULT}]",
     )
     reconcile_parser.set_defaults(run=_reconcile)
+
+    serve_parser = commands.add_parser(
+        "serve",
+        help="the HTTP/WebSocket gateway with its engine",
+        description="Serve the API. With no DATABASE_URL / REDIS_URL it starts the embedded "
+        "PostgreSQL and Redis under SLOTENGINE_DATA_DIR, and with no RAY_ADDRESS a local Ray.",
+    )
+    serve_parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    serve_parser.add_argument("--port", type=int, default=8080, help="port [8080]")
+    serve_parser.add_argument(
+        "--engine",
+        choices=("ray", "inproc"),
+        default="ray",
+        help="shards as Ray actors [ray], or in this process (inproc)",
+    )
+    serve_parser.add_argument(
+        "--workers", type=int, default=1, help="gateway processes sharing the port (ray engine)"
+    )
+    serve_parser.set_defaults(run=_serve)
+
+    token_parser = commands.add_parser(
+        "token",
+        help="print a JWT signed with the configured secret (development and tests)",
+        description="Sign an HS256 token with SLOTENGINE_JWT_SECRET, else the secret kept in "
+        "the data dir (the one the server uses when no secret is set).",
+    )
+    token_parser.add_argument("--sub", required=True, help="the user id (sub claim)")
+    token_parser.add_argument("--role", choices=("user", "admin", "service"), default="user")
+    token_parser.add_argument("--ttl", type=int, default=3600, help="seconds until it expires")
+    token_parser.set_defaults(run=_token)
     return parser
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from config.settings import ConfigError
+    from gateway.server import ServeOptions, serve
+
+    try:
+        serve(
+            _settings(),
+            ServeOptions(host=args.host, port=args.port, engine=args.engine, workers=args.workers),
+        )
+    except (_Unusable, ConfigError) as error:
+        return _fail("serve", error, EXIT_UNUSABLE)
+    return EXIT_OK
+
+
+def _token(args: argparse.Namespace) -> int:
+    from config.settings import ConfigError
+    from gateway.auth import issue_token, load_or_create_secret
+
+    try:
+        settings = _settings()
+        secret = settings.jwt_secret or load_or_create_secret(settings.data_dir)
+        print(issue_token(secret, args.sub, args.role, args.ttl))
+    except (_Unusable, ConfigError, ValueError) as error:
+        return _fail("token", error, EXIT_UNUSABLE)
+    return EXIT_OK
 
 
 def _non_negative(raw: str) -> int:

@@ -48,6 +48,8 @@ SECURITY_HEADERS: Final = {
 ENGINE_KEY: Final = web.AppKey("engine", EngineClient)
 VERIFIER_KEY: Final = web.AppKey("verifier", Verifier)
 IDS_KEY: Final = web.AppKey("ids", RequestIds)
+# The engine's transport (the in-process host or the Ray shard actors), for health and metrics.
+TRANSPORT_KEY: Final = web.AppKey("transport", object)
 REQUEST_ID_KEY: Final = web.RequestKey("request_id", str)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -185,9 +187,22 @@ def refusal(failure: p.Failure) -> ApiError:
         failure.status,
         failure.code,
         failure.message,
-        dict(failure.details),
+        _public_details(failure.details),
         failure.retry_after_s,
     )
+
+
+def _public_details(details: dict[str, Any]) -> dict[str, Any]:
+    """The engine's details with its epoch milliseconds as RFC 3339 times."""
+    public: dict[str, Any] = {}
+    for key, value in details.items():
+        if key.endswith("Ms") and isinstance(value, int):
+            public[key.removesuffix("Ms")] = s.rfc3339(value)
+        elif key.endswith("At") and isinstance(value, int):
+            public[key] = s.rfc3339(value)
+        else:
+            public[key] = value
+    return public
 
 
 async def run(request: web.Request, command: p.AnyCommand) -> p.AnyResult:
@@ -568,9 +583,11 @@ def _cursor(raw: str | None, problems: dict[str, str]) -> tuple[int, str] | None
 # -- the application ---------------------------------------------------------------------
 
 
-def create_app(engine: EngineClient, verifier: Verifier) -> web.Application:
+def create_app(engine: EngineClient | None, verifier: Verifier) -> web.Application:
+    """The routes of API.md. ``engine`` may come later: set ``app[ENGINE_KEY]`` on startup."""
     app = web.Application(middlewares=[request_context], client_max_size=BODY_BYTES_MAX)
-    app[ENGINE_KEY] = engine
+    if engine is not None:
+        app[ENGINE_KEY] = engine
     app[VERIFIER_KEY] = verifier
     app[IDS_KEY] = RequestIds()
     app.router.add_post("/api/admin/slots", create_slot)

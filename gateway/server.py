@@ -1,0 +1,168 @@
+"""``slotengine serve``: the gateway process, with its engine.
+
+It resolves the services (configured URLs, else the embedded PostgreSQL and
+Redis under ``SLOTENGINE_DATA_DIR``), brings the schema up to date, starts the
+engine (shard actors on Ray, or in-process shard owners with ``--engine
+inproc``) and serves the API on uvloop. ``--workers N`` starts N processes
+sharing the port (``SO_REUSEPORT``); they share the Ray shard actors, so it
+needs the Ray engine: in-process shards live in exactly one process.
+
+Bad settings fail before anything starts, with one line naming the setting.
+"""
+
+import asyncio
+import logging
+import multiprocessing
+import os
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any, Final, Literal
+
+from aiohttp import web
+
+from config.domains import load_policies
+from config.settings import ConfigError, Settings
+from engine.shell.coalescer import EngineClient
+from engine.shell.owner import StorageSettings
+from gateway.app import ENGINE_KEY, TRANSPORT_KEY, create_app
+from gateway.auth import AuthSettings, Verifier, auth_settings_from_env
+
+logger = logging.getLogger("slotengine.server")
+
+EngineKind = Literal["ray", "inproc"]
+# Ray namespace of the shard actors every gateway of one deployment shares.
+RAY_NAMESPACE: Final = "slotengine"
+SHUTDOWN_TIMEOUT_S: Final = 10.0
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    host: str
+    port: int
+    engine: EngineKind
+    workers: int
+
+
+def check_options(options: ServeOptions) -> None:
+    if options.workers < 1:
+        raise ConfigError("--workers: must be at least 1")
+    if options.workers > 1 and options.engine == "inproc":
+        raise ConfigError(
+            "--workers: in-process shards live in one process; use --engine ray for several workers"
+        )
+    if not 0 <= options.port <= 65_535:
+        raise ConfigError("--port: must be between 0 and 65535")
+
+
+async def storage_for(settings: Settings) -> StorageSettings:
+    """The services to use (configured, else embedded), with the schema brought up to date."""
+    from persistence.embedded import resolve_services
+    from persistence.migrate import migrate_url
+
+    database_url, redis_url = await asyncio.to_thread(
+        resolve_services, settings.database_url, settings.redis_url, settings.data_dir
+    )
+    applied = await migrate_url(database_url)
+    if applied:
+        logger.info("applied migrations %s", applied)
+    return StorageSettings(
+        database_url=database_url,
+        redis_url=redis_url,
+        relaxed=settings.durability == "relaxed",
+    )
+
+
+def build_app(settings: Settings, auth: AuthSettings, engine_kind: EngineKind) -> web.Application:
+    """The application with its engine started on startup and stopped on cleanup."""
+    verifier = Verifier(auth)
+
+    async def engine_context(app: web.Application) -> AsyncIterator[None]:
+        storage = await storage_for(settings)
+        policies = load_policies(settings)
+        if engine_kind == "inproc":
+            from engine.shell.inproc import OwnedInProcessHost
+
+            host = OwnedInProcessHost(
+                shard_count=settings.shards, policies=policies, storage=storage
+            )
+            await host.start()
+            transport: Any = host
+        else:
+            import ray
+
+            from engine.shell.ray_actor import RayShardTransport
+
+            if not ray.is_initialized():
+                ray.init(
+                    address=settings.ray_address,
+                    namespace=RAY_NAMESPACE,
+                    log_to_driver=False,
+                    include_dashboard=False,
+                )
+            transport = await RayShardTransport.connect(
+                shard_count=settings.shards,
+                policies=policies,
+                namespace=RAY_NAMESPACE,
+                storage=storage,
+            )
+        client = EngineClient(transport)
+        # Set on startup, before the first request is served (aiohttp's pattern).
+        app[ENGINE_KEY] = client
+        app[TRANSPORT_KEY] = transport
+        logger.info(
+            "serving with %d shards (%s engine, %s durability)",
+            settings.shards,
+            engine_kind,
+            settings.durability,
+        )
+        yield
+        await client.wait_idle(SHUTDOWN_TIMEOUT_S)
+        if engine_kind == "inproc":
+            await transport.close()
+
+    app = create_app(None, verifier)
+    app.cleanup_ctx.append(engine_context)
+    return app
+
+
+def serve(settings: Settings, options: ServeOptions) -> None:
+    """Run until interrupted. Raises ConfigError before starting anything on bad settings."""
+    check_options(options)
+    auth = auth_settings_from_env(os.environ, settings.data_dir)
+    load_policies(settings)  # bad domain files fail here, not at the first request
+    if options.workers == 1:
+        _run_worker(settings, auth, options)
+        return
+    processes = [
+        multiprocessing.get_context("spawn").Process(
+            target=_run_worker, args=(settings, auth, options), name=f"gateway-{n}"
+        )
+        for n in range(options.workers)
+    ]
+    for process in processes:
+        process.start()
+    try:
+        for process in processes:
+            process.join()
+    except KeyboardInterrupt:
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            process.join(SHUTDOWN_TIMEOUT_S)
+
+
+def _run_worker(settings: Settings, auth: AuthSettings, options: ServeOptions) -> None:
+    import uvloop
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    app = build_app(settings, auth, options.engine)
+    web.run_app(
+        app,
+        host=options.host,
+        port=options.port,
+        reuse_port=options.workers > 1,
+        loop=uvloop.new_event_loop(),
+        shutdown_timeout=SHUTDOWN_TIMEOUT_S,
+        print=logger.info,
+        access_log=None,
+    )

@@ -1,0 +1,100 @@
+"""``slotengine serve`` and ``slotengine token`` as an operator runs them."""
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import aiohttp
+
+from tests.conftest import REDIS_URL
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def _slotengine(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "engine.cli", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+async def test_serve_answers_tokens_from_slotengine_token_and_stops_on_sigint(
+    database_url: str, redis_namespace: str, tmp_path: Path
+) -> None:
+    port = _free_port()
+    env = {
+        **os.environ,
+        "DATABASE_URL": database_url,
+        "REDIS_URL": REDIS_URL,
+        "SLOTENGINE_DATA_DIR": str(tmp_path),
+        "SLOTENGINE_SHARDS": "2",
+    }
+    env.pop("SLOTENGINE_JWT_SECRET", None)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "engine.cli", "serve", "--engine", "inproc", "--port", str(port)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        admin = _slotengine("token", "--sub", "root", "--role", "admin", env=env).stdout.strip()
+        user = _slotengine("token", "--sub", "ann", env=env).stdout.strip()
+        base = f"http://127.0.0.1:{port}"
+        async with aiohttp.ClientSession() as session:
+            async with asyncio.timeout(60):
+                while True:
+                    try:
+                        async with session.get(f"{base}/api/slots") as probe:
+                            if probe.status == 401:
+                                break
+                    except aiohttp.ClientConnectionError:
+                        await asyncio.sleep(0.2)
+            async with session.post(
+                f"{base}/api/admin/slots",
+                json={
+                    "resourceId": "dr-smith",
+                    "startTime": "2031-01-01T09:00:00+01:00",
+                    "endTime": "2031-01-01T10:00:00+01:00",
+                    "capacity": 2,
+                },
+                headers={"Authorization": f"Bearer {admin}"},
+            ) as created:
+                assert created.status == 201
+                slot = await created.json()
+            assert slot["startTime"] == "2031-01-01T08:00:00Z"
+            async with session.get(
+                f"{base}/api/slots/{slot['id']}", headers={"Authorization": f"Bearer {user}"}
+            ) as read:
+                assert read.status == 200
+    finally:
+        server.send_signal(signal.SIGINT)
+        output, _ = server.communicate(timeout=30)
+    assert server.returncode == 0, output[-2000:]
+    assert (tmp_path / "jwt_secret").exists()
+
+
+def test_serve_refuses_bad_settings_with_one_line(tmp_path: Path) -> None:
+    env = {**os.environ, "SLOTENGINE_SHARDS": "zero", "SLOTENGINE_DATA_DIR": str(tmp_path)}
+    done = _slotengine("serve", "--engine", "inproc", env=env)
+    assert done.returncode == 2
+    assert done.stderr.strip().count("\n") == 0 and "SLOTENGINE_SHARDS" in done.stderr
+    several = _slotengine("serve", "--engine", "inproc", "--workers", "2", env=os.environ.copy())
+    assert several.returncode == 2 and "--workers" in several.stderr
