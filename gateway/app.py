@@ -31,6 +31,7 @@ from engine.shell.coalescer import EngineClient, RequestIds
 from engine.shell.errors import ShellError
 from gateway import schemas as s
 from gateway.auth import AuthError, Forbidden, Principal, Verifier, acting_user, bearer_token
+from gateway.openapi import add_openapi
 
 logger = logging.getLogger("slotengine.gateway")
 
@@ -603,4 +604,5 @@ def create_app(engine: EngineClient | None, verifier: Verifier) -> web.Applicati
     app.router.add_post("/api/slots/{slot_id}/queue", join_queue)
     app.router.add_delete("/api/slots/{slot_id}/queue", leave_queue)
     app.router.add_get("/api/slots/{slot_id}/queue/position", queue_position)
+    add_openapi(app)
     return app

@@ -1,0 +1,43 @@
+"""/openapi.json describes every API route, from the schemas that validate requests."""
+
+import re
+from typing import Any
+
+from aiohttp.test_utils import TestClient
+
+from gateway.openapi import build_document
+
+
+def _template(path: str) -> str:
+    return re.sub(r"\{[^}]+\}", "{}", path)
+
+
+async def test_the_document_lists_every_api_route_and_docs_render_it(
+    api: TestClient[Any, Any],
+) -> None:
+    response = await api.get("/openapi.json")
+    document = await response.json()
+    assert response.status == 200 and document["openapi"] == "3.1.0"
+    served = {
+        (route.method.lower(), _template(route.resource.canonical))
+        for route in api.app.router.routes()
+        if route.resource is not None
+        and route.resource.canonical.startswith("/api/")
+        and route.method != "HEAD"
+    }
+    described = {
+        (method, _template(path))
+        for path, methods in document["paths"].items()
+        for method in methods
+    }
+    assert served == described
+    reserve = document["paths"]["/api/bookings/reserve"]["post"]
+    assert set(reserve["responses"]) >= {"200", "201", "202", "409", "422"}
+    schema = reserve["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+    assert document["components"]["schemas"][schema.rsplit("/", 1)[1]]["required"] == ["slotId"]
+    page = await api.get("/docs")
+    assert page.status == 200 and "/api/bookings/reserve" in await page.text()
+
+
+def test_the_document_is_the_same_every_time() -> None:
+    assert build_document() == build_document()
