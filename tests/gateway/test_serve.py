@@ -34,41 +34,56 @@ def _slotengine(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[
     )
 
 
+class Served:
+    """``slotengine serve --engine inproc`` in a subprocess, on a fresh database."""
+
+    def __init__(self, database_url: str, data_dir: Path) -> None:
+        self.port = _free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.env = {
+            **os.environ,
+            "DATABASE_URL": database_url,
+            "REDIS_URL": REDIS_URL,
+            "SLOTENGINE_DATA_DIR": str(data_dir),
+            "SLOTENGINE_SHARDS": "2",
+        }
+        self.env.pop("SLOTENGINE_JWT_SECRET", None)
+        self.process: subprocess.Popen[str] | None = None
+        self.output = ""
+
+    def token(self, sub: str, role: str = "user") -> str:
+        return _slotengine("token", "--sub", sub, "--role", role, env=self.env).stdout.strip()
+
+    async def __aenter__(self) -> "Served":
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "engine.cli", "serve", "--engine", "inproc",
+             "--port", str(self.port)],
+            cwd=ROOT, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+        async with aiohttp.ClientSession() as session, asyncio.timeout(60):
+            while True:
+                try:
+                    async with session.get(f"{self.base}/api/slots") as probe:
+                        if probe.status == 401:
+                            return self
+                except aiohttp.ClientConnectionError:
+                    await asyncio.sleep(0.2)
+
+    async def __aexit__(self, *_: object) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGINT)
+        self.output, _ = self.process.communicate(timeout=30)
+
+
 async def test_serve_answers_tokens_from_slotengine_token_and_stops_on_sigint(
     database_url: str, redis_namespace: str, tmp_path: Path
 ) -> None:
-    port = _free_port()
-    env = {
-        **os.environ,
-        "DATABASE_URL": database_url,
-        "REDIS_URL": REDIS_URL,
-        "SLOTENGINE_DATA_DIR": str(tmp_path),
-        "SLOTENGINE_SHARDS": "2",
-    }
-    env.pop("SLOTENGINE_JWT_SECRET", None)
-    server = subprocess.Popen(
-        [sys.executable, "-m", "engine.cli", "serve", "--engine", "inproc", "--port", str(port)],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    try:
-        admin = _slotengine("token", "--sub", "root", "--role", "admin", env=env).stdout.strip()
-        user = _slotengine("token", "--sub", "ann", env=env).stdout.strip()
-        base = f"http://127.0.0.1:{port}"
+    served = Served(database_url, tmp_path)
+    async with served:
+        admin, user = served.token("root", "admin"), served.token("ann")
         async with aiohttp.ClientSession() as session:
-            async with asyncio.timeout(60):
-                while True:
-                    try:
-                        async with session.get(f"{base}/api/slots") as probe:
-                            if probe.status == 401:
-                                break
-                    except aiohttp.ClientConnectionError:
-                        await asyncio.sleep(0.2)
             async with session.post(
-                f"{base}/api/admin/slots",
+                f"{served.base}/api/admin/slots",
                 json={
                     "resourceId": "dr-smith",
                     "startTime": "2031-01-01T09:00:00+01:00",
@@ -81,13 +96,11 @@ async def test_serve_answers_tokens_from_slotengine_token_and_stops_on_sigint(
                 slot = await created.json()
             assert slot["startTime"] == "2031-01-01T08:00:00Z"
             async with session.get(
-                f"{base}/api/slots/{slot['id']}", headers={"Authorization": f"Bearer {user}"}
+                f"{served.base}/api/slots/{slot['id']}",
+                headers={"Authorization": f"Bearer {user}"},
             ) as read:
                 assert read.status == 200
-    finally:
-        server.send_signal(signal.SIGINT)
-        output, _ = server.communicate(timeout=30)
-    assert server.returncode == 0, output[-2000:]
+    assert served.process is not None and served.process.returncode == 0, served.output[-2000:]
     assert (tmp_path / "jwt_secret").exists()
 
 
