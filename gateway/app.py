@@ -32,6 +32,7 @@ from engine.shell.errors import ShellError
 from gateway import schemas as s
 from gateway.auth import AuthError, Forbidden, Principal, Verifier, acting_user, bearer_token
 from gateway.openapi import add_openapi
+from gateway.ratelimit import RateLimiter, RateLimiterUnavailable
 
 logger = logging.getLogger("slotengine.gateway")
 
@@ -52,6 +53,7 @@ IDS_KEY: Final = web.AppKey("ids", RequestIds)
 # The engine's transport (the in-process host or the Ray shard actors), for health and metrics.
 TRANSPORT_KEY: Final = web.AppKey("transport", object)
 REQUEST_ID_KEY: Final = web.RequestKey("request_id", str)
+LIMITER_KEY: Final = web.AppKey("rate_limiter", RateLimiter)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 T = TypeVar("T")
@@ -123,6 +125,15 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
         response = error_response(ApiError(404, "NotFound", "no such route"))
     except web.HTTPMethodNotAllowed:
         response = error_response(ApiError(405, "MethodNotAllowed", "method not allowed"))
+    except RateLimiterUnavailable:
+        response = error_response(
+            ApiError(
+                503,
+                "ServiceUnavailable",
+                "rate limits cannot be checked (Redis is unreachable), try again",
+                retry_after_s=RETRY_AFTER_UNAVAILABLE_S,
+            )
+        )
     except ShellError as error:
         logger.warning("engine unavailable: %r", error, extra={"request_id": request_id})
         response = error_response(
@@ -146,6 +157,21 @@ def principal(request: web.Request) -> Principal:
     if token is None:
         token = bearer_token(request.headers.get("Authorization"))
     return request.app[VERIFIER_KEY].verify(token)
+
+
+async def limit(request: web.Request, endpoint: str, user_id: str) -> None:
+    """API.md's per-user, per-endpoint rate limit: 429 with Retry-After past it."""
+    limiter = request.app.get(LIMITER_KEY)
+    if limiter is None:
+        return
+    decision = await limiter.check(endpoint, user_id)
+    if not decision.allowed:
+        raise ApiError(
+            429,
+            "RateLimited",
+            f"too many {endpoint} requests; try again in {decision.retry_after_s} s",
+            retry_after_s=decision.retry_after_s,
+        )
 
 
 def require_admin(who: Principal) -> None:
@@ -354,6 +380,7 @@ async def reserve(request: web.Request) -> web.StreamResponse:
     who = principal(request)
     body = await decode_body(request, s.ReserveBody)
     user_id = acting_user(who, body.user_id)
+    await limit(request, "reserve", user_id)
     result = await run(
         request,
         p.Reserve(
@@ -391,12 +418,14 @@ async def cancel(request: web.Request) -> web.StreamResponse:
     who = principal(request)
     body = await decode_body(request, s.CancelBody, optional=True)
     as_admin = who.role == "admin"
+    user_id = who.subject if as_admin else acting_user(who, body.user_id)
+    await limit(request, "cancel", user_id)
     result = await run(
         request,
         p.Cancel(
             request_id=next_id(request),
             booking_id=request.match_info["booking_id"],
-            user_id=who.subject if as_admin else acting_user(who, body.user_id),
+            user_id=user_id,
             as_admin=as_admin,
             reason=body.reason,
             idempotency_key=idempotency_key(request),
@@ -491,12 +520,14 @@ async def _merged_pages(
 async def join_queue(request: web.Request) -> web.StreamResponse:
     who = principal(request)
     body = await decode_body(request, s.ActingBody, optional=True)
+    user_id = acting_user(who, body.user_id)
+    await limit(request, "queue_join", user_id)
     result = await run(
         request,
         p.JoinQueue(
             request_id=next_id(request),
             slot_id=request.match_info["slot_id"],
-            user_id=acting_user(who, body.user_id),
+            user_id=user_id,
             idempotency_key=idempotency_key(request),
         ),
     )
@@ -519,12 +550,14 @@ async def leave_queue(request: web.Request) -> web.StreamResponse:
 
 async def queue_position(request: web.Request) -> web.StreamResponse:
     who = principal(request)
+    user_id = acting_user(who, request.query.get("userId"))
+    await limit(request, "position", user_id)
     result = await run(
         request,
         p.QueuePosition(
             request_id=next_id(request),
             slot_id=request.match_info["slot_id"],
-            user_id=acting_user(who, request.query.get("userId")),
+            user_id=user_id,
         ),
     )
     assert isinstance(result, p.QueueResult)
@@ -584,11 +617,18 @@ def _cursor(raw: str | None, problems: dict[str, str]) -> tuple[int, str] | None
 # -- the application ---------------------------------------------------------------------
 
 
-def create_app(engine: EngineClient | None, verifier: Verifier) -> web.Application:
-    """The routes of API.md. ``engine`` may come later: set ``app[ENGINE_KEY]`` on startup."""
+def create_app(
+    engine: EngineClient | None, verifier: Verifier, limiter: RateLimiter | None = None
+) -> web.Application:
+    """The routes of API.md. ``engine`` may come later: set ``app[ENGINE_KEY]`` on startup.
+
+    Without a ``limiter`` nothing is rate limited (tests of other concerns).
+    """
     app = web.Application(middlewares=[request_context], client_max_size=BODY_BYTES_MAX)
     if engine is not None:
         app[ENGINE_KEY] = engine
+    if limiter is not None:
+        app[LIMITER_KEY] = limiter
     app[VERIFIER_KEY] = verifier
     app[IDS_KEY] = RequestIds()
     app.router.add_post("/api/admin/slots", create_slot)

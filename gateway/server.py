@@ -18,14 +18,18 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
+import redis.asyncio as aioredis
 from aiohttp import web
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from config.domains import load_policies
 from config.settings import ConfigError, Settings
 from engine.shell.coalescer import EngineClient
 from engine.shell.owner import StorageSettings
-from gateway.app import ENGINE_KEY, TRANSPORT_KEY, create_app
+from gateway.app import ENGINE_KEY, LIMITER_KEY, TRANSPORT_KEY, create_app
 from gateway.auth import AuthSettings, Verifier, auth_settings_from_env
+from gateway.ratelimit import RateLimiter, RateLimits, rate_limits_from_env
 
 logger = logging.getLogger("slotengine.server")
 
@@ -33,6 +37,8 @@ EngineKind = Literal["ray", "inproc"]
 # Ray namespace of the shard actors every gateway of one deployment shares.
 RAY_NAMESPACE: Final = "slotengine"
 SHUTDOWN_TIMEOUT_S: Final = 10.0
+# Redis calls of the gateway (rate limits) fail fast: a request must not hang on them.
+REDIS_TIMEOUT_S: Final = 0.5
 
 
 @dataclass(frozen=True)
@@ -72,7 +78,9 @@ async def storage_for(settings: Settings) -> StorageSettings:
     )
 
 
-def build_app(settings: Settings, auth: AuthSettings, engine_kind: EngineKind) -> web.Application:
+def build_app(
+    settings: Settings, auth: AuthSettings, limits: RateLimits, engine_kind: EngineKind
+) -> web.Application:
     """The application with its engine started on startup and stopped on cleanup."""
     verifier = Verifier(auth)
 
@@ -109,6 +117,13 @@ def build_app(settings: Settings, auth: AuthSettings, engine_kind: EngineKind) -
         # Set on startup, before the first request is served (aiohttp's pattern).
         app[ENGINE_KEY] = client
         app[TRANSPORT_KEY] = transport
+        redis_client = aioredis.Redis.from_url(
+            storage.redis_url,
+            socket_timeout=REDIS_TIMEOUT_S,
+            socket_connect_timeout=REDIS_TIMEOUT_S,
+            retry=Retry(NoBackoff(), 0),
+        )
+        app[LIMITER_KEY] = RateLimiter(redis_client, limits)
         logger.info(
             "serving with %d shards (%s engine, %s durability)",
             settings.shards,
@@ -117,6 +132,7 @@ def build_app(settings: Settings, auth: AuthSettings, engine_kind: EngineKind) -
         )
         yield
         await client.wait_idle(SHUTDOWN_TIMEOUT_S)
+        await redis_client.aclose()
         if engine_kind == "inproc":
             await transport.close()
 
@@ -129,13 +145,14 @@ def serve(settings: Settings, options: ServeOptions) -> None:
     """Run until interrupted. Raises ConfigError before starting anything on bad settings."""
     check_options(options)
     auth = auth_settings_from_env(os.environ, settings.data_dir)
+    limits = rate_limits_from_env(os.environ)
     load_policies(settings)  # bad domain files fail here, not at the first request
     if options.workers == 1:
-        _run_worker(settings, auth, options)
+        _run_worker(settings, auth, limits, options)
         return
     processes = [
         multiprocessing.get_context("spawn").Process(
-            target=_run_worker, args=(settings, auth, options), name=f"gateway-{n}"
+            target=_run_worker, args=(settings, auth, limits, options), name=f"gateway-{n}"
         )
         for n in range(options.workers)
     ]
@@ -151,11 +168,13 @@ def serve(settings: Settings, options: ServeOptions) -> None:
             process.join(SHUTDOWN_TIMEOUT_S)
 
 
-def _run_worker(settings: Settings, auth: AuthSettings, options: ServeOptions) -> None:
+def _run_worker(
+    settings: Settings, auth: AuthSettings, limits: RateLimits, options: ServeOptions
+) -> None:
     import uvloop
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    app = build_app(settings, auth, options.engine)
+    app = build_app(settings, auth, limits, options.engine)
     web.run_app(
         app,
         host=options.host,

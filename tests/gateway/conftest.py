@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
+import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient, TestServer
 
 from engine.shell.coalescer import EngineClient
@@ -15,6 +16,7 @@ from engine.shell.inproc import OwnedInProcessHost
 from engine.shell.owner import StorageSettings
 from gateway.app import create_app
 from gateway.auth import AuthSettings, Verifier, issue_token
+from gateway.ratelimit import RateLimiter, RateLimits
 from tests.conftest import REDIS_URL
 from tests.engine.shell.conftest import POLICIES
 
@@ -44,8 +46,13 @@ async def host(database_url: str, redis_namespace: str) -> AsyncIterator[OwnedIn
 
 
 @pytest.fixture
-async def api(host: OwnedInProcessHost) -> AsyncIterator[TestClient[Any, Any]]:
+async def api(
+    host: OwnedInProcessHost, redis_namespace: str
+) -> AsyncIterator[TestClient[Any, Any]]:
     verifier = Verifier(AuthSettings(secret=SECRET))
-    app = create_app(EngineClient(host), verifier)
+    redis_client = aioredis.Redis.from_url(REDIS_URL)
+    limiter = RateLimiter(redis_client, RateLimits(), namespace=redis_namespace)
+    app = create_app(EngineClient(host), verifier, limiter)
     async with TestClient(TestServer(app)) as client:
         yield client
+    await redis_client.aclose()

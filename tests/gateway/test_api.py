@@ -163,3 +163,25 @@ async def test_listing_slots_pages_across_shards(api: Client, token: Token) -> N
     assert sorted(seen) == sorted(slot["id"] for slot in created)
     bad = await api.get("/api/slots?status=NOPE&limit=x", headers=token("ann"))
     assert bad.status == 422 and set((await bad.json())["details"]) == {"status", "limit"}
+
+
+async def test_a_user_past_the_reserve_limit_gets_429_with_retry_after(
+    api: Client, token: Token
+) -> None:
+    slot = await _slot(api, token, capacity=1, resourceId="limited-room")
+    answers = [
+        await api.post("/api/bookings/reserve", json={"slotId": slot["id"]}, headers=token("eve"))
+        for _ in range(11)
+    ]
+    assert [a.status for a in answers[:10]] == [201] + [200] * 9
+    refused = answers[10]
+    body = await refused.json()
+    assert refused.status == 429 and body["error"] == "RateLimited"
+    assert int(refused.headers["Retry-After"]) == body["retryAfter"] >= 1
+    # Another user, or another endpoint, has a budget of its own.
+    other = await api.post(
+        "/api/bookings/reserve", json={"slotId": slot["id"]}, headers=token("zed")
+    )
+    assert other.status == 202
+    position = await api.get(f"/api/slots/{slot['id']}/queue/position", headers=token("eve"))
+    assert position.status == 404  # eve holds the slot; she never queued

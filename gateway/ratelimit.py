@@ -1,0 +1,221 @@
+"""Per-user, per-endpoint rate limits, shared by every gateway through Redis.
+
+API.md, "Rate limits": reserve 10/min, queue join 20/min, position 100/min,
+cancel 5/min, over a rolling window; every authenticated request to the
+endpoint counts; a refusal is 429 ``RateLimited`` with ``Retry-After`` =
+seconds until the next request would be allowed.
+
+Algorithm: GCRA (the generic cell rate algorithm), with a burst equal to the
+limit. For ``limit`` requests per ``period`` the emission interval is
+``T = period / limit``; each user and endpoint has one key holding its
+theoretical arrival time ``TAT``. A request at ``now`` would move it to
+``max(TAT, now) + T``, and is admitted when that is at most ``now + limit * T``
+(= ``now + period``). So ``limit`` requests at once pass, the next one waits
+``T``, and the sustained rate is ``limit`` per ``period`` over any rolling
+window. A refused request leaves ``TAT`` alone: it does not lengthen its own
+wait, so ``Retry-After`` is exact for a client that honours it.
+
+One check is one ``EVALSHA`` (``register_script``): the script reads the
+clock, decides and writes the new ``TAT`` in one atomic step, so concurrent
+requests on several gateways cannot both take the last unit of budget. The
+clock is Redis's (``TIME``), never the gateway's, so gateways with skewed
+clocks agree. Keys are ``{namespace}:rl:{endpoint}:{user}`` and expire when
+``TAT`` is reached (``SET ... PX``): an idle user's key is then worth nothing
+and vanishes. Times are integer microseconds, written with ``%d`` because Lua
+would print a large number in ``%.14g``. Needs Redis 5 or later (a script that
+reads ``TIME`` and then writes is replicated by its effects).
+
+A limit of 0 means unlimited: the check then answers without Redis.
+
+When Redis is unreachable (connection refused, reset, timed out):
+
+* ``position`` fails open: the request is admitted. It is a read of the
+  caller's own queue entry, served from shard memory; it changes nothing and
+  costs the engine little, so an unmetered minute does no harm, while refusing
+  it would blind every waiting client during a Redis outage for no gain.
+* ``reserve``, ``queue_join`` and ``cancel`` fail closed: ``check`` raises
+  ``RateLimiterUnavailable``, which the gateway answers with 503
+  ``ServiceUnavailable`` and a ``Retry-After``. These change state and are the
+  endpoints the limits protect; letting them through unmetered would hand an
+  abusive client exactly the outage window to flood them. And with Redis down
+  the engine cannot renew shard leases, so (DESIGN.md, "Ownership and
+  fencing") new reservations are refused with 503 anyway: the limiter answers
+  the same thing, earlier, without loading the shards.
+
+Build the client with short ``socket_connect_timeout`` / ``socket_timeout``
+and few or no retries (redis-py retries a failed connection three times with
+backoff by default, seconds in all): they bound what an unreachable Redis adds
+to a request's latency.
+"""
+
+import math
+import os
+from collections.abc import Mapping
+from typing import Final
+
+import msgspec
+import redis.asyncio as aioredis
+import redis.exceptions
+
+from config.settings import ConfigError
+
+ENDPOINTS: Final[tuple[str, ...]] = ("reserve", "queue_join", "position", "cancel")
+# Endpoints admitted without a check while Redis is unreachable (see above).
+FAIL_OPEN_ENDPOINTS: Final[frozenset[str]] = frozenset({"position"})
+
+# Environment variables, by endpoint; their values are requests per minute.
+ENV_VARIABLES: Final[Mapping[str, str]] = {
+    "reserve": "SLOTENGINE_RATE_LIMIT_RESERVE_PER_MIN",
+    "queue_join": "SLOTENGINE_RATE_LIMIT_QUEUE_JOIN_PER_MIN",
+    "position": "SLOTENGINE_RATE_LIMIT_POSITION_PER_MIN",
+    "cancel": "SLOTENGINE_RATE_LIMIT_CANCEL_PER_MIN",
+}
+ENV_PERIOD_S: Final = 60
+LIMIT_MAX: Final = 1_000_000
+# ``Decision.remaining`` of a request not metered (no limit, or failed open).
+UNLIMITED: Final = -1
+
+_MICROS: Final = 1_000_000
+
+# KEYS[1]: the user's key. ARGV[1]: emission interval, ARGV[2]: burst window
+# (limit * interval), both in microseconds.
+# Returns {allowed (0/1), microseconds until admitted, remaining}. Numbers given
+# to redis.call are formatted with %d; the replies are integers already.
+_GCRA: Final = """
+local interval = tonumber(ARGV[1])
+local window = tonumber(ARGV[2])
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
+local tat = tonumber(redis.call('GET', KEYS[1]) or '0') or 0
+if tat < now then
+    tat = now
+end
+local next_tat = tat + interval
+local admitted_at = next_tat - window
+if admitted_at > now then
+    return {0, admitted_at - now, 0}
+end
+local ttl_ms = math.ceil((next_tat - now) / 1000)
+redis.call('SET', KEYS[1], string.format('%d', next_tat), 'PX', string.format('%d', ttl_ms))
+return {1, 0, math.floor((now + window - next_tat) / interval)}
+"""
+
+
+class RateLimiterUnavailable(Exception):
+    """Redis could not be reached to check a limit that fails closed; answer 503."""
+
+
+class RateLimits(msgspec.Struct, frozen=True, kw_only=True):
+    """Requests allowed per ``period_s``, by endpoint; 0 means unlimited."""
+
+    reserve: int = 10
+    queue_join: int = 20
+    position: int = 100
+    cancel: int = 5
+    period_s: int = 60
+
+    def __post_init__(self) -> None:
+        if not 0 < self.period_s <= 86_400:
+            raise ValueError(f"period_s must be between 1 and 86400, got {self.period_s}")
+        for endpoint in ENDPOINTS:
+            value = getattr(self, endpoint)
+            if not 0 <= value <= LIMIT_MAX:
+                raise ValueError(f"{endpoint} must be between 0 and {LIMIT_MAX}, got {value}")
+
+    def limit(self, endpoint: str) -> int:
+        if endpoint not in ENDPOINTS:
+            raise ValueError(f"no rate limit for endpoint {endpoint!r}")
+        value: int = getattr(self, endpoint)
+        return value
+
+
+class Decision(msgspec.Struct, frozen=True, kw_only=True):
+    """The answer to one request.
+
+    ``retry_after_s``: whole seconds (rounded up, at least 1) until a request
+    would be admitted, when refused; 0 when allowed. ``remaining``: how many
+    more requests would be admitted right now; ``UNLIMITED`` when the request
+    was not metered (the endpoint has no limit, or it failed open).
+    """
+
+    allowed: bool
+    retry_after_s: int
+    remaining: int
+
+
+_UNMETERED: Final = Decision(allowed=True, retry_after_s=0, remaining=UNLIMITED)
+
+
+def rate_limits_from_env(environ: Mapping[str, str] | None = None) -> RateLimits:
+    """The per-minute limits from ``environ`` (default: ``os.environ``).
+
+    An unset or blank variable keeps the default; 0 means unlimited. Raises
+    ``ConfigError`` naming the variable on a value that is not an integer
+    between 0 and ``LIMIT_MAX``.
+    """
+    if environ is None:
+        environ = os.environ
+    defaults = RateLimits()
+    values: dict[str, int] = {}
+    for endpoint, name in ENV_VARIABLES.items():
+        raw = environ.get(name, "").strip()
+        if not raw:
+            values[endpoint] = defaults.limit(endpoint)
+            continue
+        try:
+            value = int(raw, 10)
+        except ValueError:
+            value = -1
+        if not 0 <= value <= LIMIT_MAX:
+            raise ConfigError(
+                f"{name}: expected an integer between 0 (unlimited) and {LIMIT_MAX}, got {raw!r}"
+            )
+        values[endpoint] = value
+    return RateLimits(period_s=ENV_PERIOD_S, **values)
+
+
+class RateLimiter:
+    """Checks requests against ``limits``; one Redis round trip per limited request."""
+
+    def __init__(
+        self, client: "aioredis.Redis", limits: RateLimits, namespace: str = "slotengine"
+    ) -> None:
+        self.limits = limits
+        self._prefix = f"{namespace}:rl"
+        self._script = client.register_script(_GCRA)
+        # Per endpoint: (emission interval, burst window) in microseconds. The
+        # interval is rounded up, so the sustained rate never exceeds the limit.
+        self._shape: dict[str, tuple[int, int]] = {}
+        for endpoint in ENDPOINTS:
+            limit = limits.limit(endpoint)
+            if limit:
+                interval = -(-limits.period_s * _MICROS // limit)
+                self._shape[endpoint] = (interval, interval * limit)
+
+    def key(self, endpoint: str, user_id: str) -> str:
+        return f"{self._prefix}:{endpoint}:{user_id}"
+
+    async def check(self, endpoint: str, user_id: str) -> Decision:
+        """Count one request of ``user_id`` to ``endpoint`` and say whether it may pass.
+
+        Raises ``ValueError`` for an unknown endpoint, and
+        ``RateLimiterUnavailable`` when Redis cannot be reached for an endpoint
+        that fails closed.
+        """
+        if not self.limits.limit(endpoint):
+            return _UNMETERED
+        interval, window = self._shape[endpoint]
+        try:
+            reply = await self._script(keys=[self.key(endpoint, user_id)], args=[interval, window])
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as error:
+            if endpoint in FAIL_OPEN_ENDPOINTS:
+                return _UNMETERED
+            raise RateLimiterUnavailable(f"rate limits unavailable: {error}") from error
+        allowed, wait_us, remaining = reply
+        if int(allowed):
+            return Decision(allowed=True, retry_after_s=0, remaining=int(remaining))
+        return Decision(
+            allowed=False,
+            retry_after_s=max(1, math.ceil(int(wait_us) / _MICROS)),
+            remaining=0,
+        )
