@@ -5,7 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.gateway.test_serve import ROOT, Served
+from tests.gateway.test_serve import Served
 
 EXAMPLES_PER_OPERATION = 100
 CASES_MIN = 1_000
@@ -29,7 +29,7 @@ async def test_generated_requests_never_get_a_server_error_and_conform_to_the_sc
                 "--phases", "examples,fuzzing",
                 "--seed", "20261121",
             ],
-            cwd=ROOT, capture_output=True, text=True, timeout=600, check=False,
+            cwd=tmp_path, capture_output=True, text=True, timeout=600, check=False,
         )  # fmt: skip
     summary = re.search(r"(\d+) generated, (\d+) passed", done.stdout)
     assert done.returncode == 0, done.stdout[-4000:]
