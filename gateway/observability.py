@@ -25,9 +25,12 @@ never in prometheus-client's global one, so several apps in one process
   ``success``, ``queued`` or ``failure``.
 - ``booking_confirmations_total``: ``POST /api/bookings/{booking_id}/confirm``
   answered 200 with a ``confirmedAt`` no earlier than the request's arrival
-  (less ``CONFIRM_CLOCK_SKEW_S`` for clocks of other hosts): a repeated
-  confirm of a CONFIRMED booking (200, unchanged) and an idempotent replay are
-  not counted again, unless they come within that margin of the first.
+  (less ``CONFIRM_CLOCK_SKEW_S`` for clocks of other hosts), once per booking:
+  a repeated confirm of a CONFIRMED booking (200, unchanged) or an idempotent
+  replay is not counted again. Repeats soon after the first are recognised by
+  the booking ids counted in the last ``CONFIRMED_IDS_KEPT_S`` seconds, later
+  ones by their old ``confirmedAt``; only a repeat sent within the margin to
+  another gateway counts twice.
 - ``booking_expirations_total{shard}``: holds the engine expired (its shards'
   ``expirations_total``); a shard's count restarts at 0 when its owner
   reloads, which Prometheus treats as a counter reset.
@@ -94,6 +97,7 @@ import asyncpg
 import msgspec
 import redis.asyncio as aioredis
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
@@ -119,6 +123,8 @@ QUEUE_SCAN_TIMEOUT_S: Final = 2.0
 WAIT_WINDOW_S: Final = 300.0
 WAIT_SAMPLES_MAX: Final = 10_000
 CONFIRM_CLOCK_SKEW_S: Final = 1.0
+CONFIRMED_IDS_KEPT_S: Final = 120.0
+CONFIRMED_IDS_MAX: Final = 100_000
 ERROR_CODES_MAX: Final = 50
 LABEL_CHARS_MAX: Final = 64
 
@@ -144,7 +150,6 @@ _METHODS: Final = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "O
 P = ParamSpec("P")
 R = TypeVar("R")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-Component = Literal["database", "redis", "engine", "queue"]
 
 
 # -- the metrics ------------------------------------------------------------------
@@ -198,6 +203,8 @@ class Metrics:
         self._waits: collections.deque[tuple[float, float]] = collections.deque()
         self._waits_sum = 0.0
         self._error_codes: set[str] = set()
+        # Booking ids counted as confirmed, oldest first, with when.
+        self._confirmed: dict[str, float] = {}
 
     # -- business events --------------------------------------------------------
 
@@ -217,9 +224,26 @@ class Metrics:
             outcome = "failure"
         self.reservations.labels(label, outcome).inc()
 
-    def confirmation(self) -> None:
-        """Count one confirmation (the confirm route is counted by the middleware)."""
+    def confirmation(self, booking_id: str | None = None) -> bool:
+        """Count one confirmation, once per ``booking_id`` seen in the last
+        ``CONFIRMED_IDS_KEPT_S``; False if it was counted already.
+
+        The confirm route is counted by the middleware already: call this only
+        for confirmations made some other way.
+        """
+        if booking_id is not None:
+            now = time.monotonic()
+            counted = self._confirmed
+            while counted:
+                oldest_id, at = next(iter(counted.items()))
+                if at >= now - CONFIRMED_IDS_KEPT_S and len(counted) < CONFIRMED_IDS_MAX:
+                    break
+                del counted[oldest_id]
+            if booking_id in counted:
+                return False
+            counted[booking_id] = now
         self.confirmations.inc()
+        return True
 
     def queue_wait(self, seconds: float, *, now: float | None = None) -> None:
         """One WAITING entry's estimated wait, for ``average_wait_time_seconds``."""
@@ -532,13 +556,13 @@ class EngineSampler:
         if engine is None:
             return
         busy = [
-            shard.shard
-            for shard in sample.shards
-            if shard.runtime is not None and shard.runtime.core.waiting > 0
+            sampled.shard
+            for sampled in sample.shards
+            if sampled.runtime is not None and sampled.runtime.core.waiting > 0
         ]
-        for shard in sample.shards:
-            if shard.runtime is not None and shard.runtime.core.waiting == 0:
-                self._queues[shard.shard] = []
+        for sampled in sample.shards:
+            if sampled.runtime is not None and sampled.runtime.core.waiting == 0:
+                self._queues[sampled.shard] = []
         answers = await asyncio.gather(
             *(self._scan_shard(engine, shard) for shard in busy), return_exceptions=True
         )
@@ -609,8 +633,8 @@ class EngineSampler:
             "engine_shard_up", "1 when the shard answered its last statistics.", labels=["shard"]
         )
         if self._sample is not None:
-            for shard in self._sample.shards:
-                up.add_metric([str(shard.shard)], 1 if shard.runtime is not None else 0)
+            for sampled in self._sample.shards:
+                up.add_metric([str(sampled.shard)], 1 if sampled.runtime is not None else 0)
         yield up
 
 
@@ -625,6 +649,11 @@ class _DatabaseProbe:
         self.url: str | None = None
         self._connection: Any = None
         self._lock = asyncio.Lock()
+
+    def use(self, url: str | None) -> None:
+        if url != self.url:
+            self.url = url
+            self._discard()
 
     async def check(self) -> bool:
         url = self.url
@@ -669,17 +698,30 @@ class _RedisProbe:
         self._metrics = metrics
         self.url: str | None = None
         self._client: aioredis.Redis | None = None
+        self._closing: set[asyncio.Task[None]] = set()
+
+    def use(self, url: str | None) -> None:
+        if url == self.url:
+            return
+        self.url = url
+        client, self._client = self._client, None
+        if client is not None:
+            # Closing needs the loop; outside it the client is simply dropped.
+            with contextlib.suppress(RuntimeError):
+                task = asyncio.get_running_loop().create_task(client.aclose())
+                self._closing.add(task)
+                task.add_done_callback(self._closing.discard)
 
     async def check(self) -> bool:
         if self.url is None:
             return False
-        if self._client is None:
-            self._client = aioredis.Redis.from_url(
-                self.url,
-                socket_timeout=CHECK_TIMEOUT_S,
-                socket_connect_timeout=CHECK_TIMEOUT_S,
-            )
         try:
+            if self._client is None:
+                self._client = aioredis.Redis.from_url(
+                    self.url,
+                    socket_timeout=CHECK_TIMEOUT_S,
+                    socket_connect_timeout=CHECK_TIMEOUT_S,
+                )
             async with asyncio.timeout(CHECK_TIMEOUT_S):
                 with self._metrics.observe_redis("ping"):
                     answer = await self._client.ping()
@@ -718,14 +760,8 @@ class Observability:
 
     def configure(self, *, database_url: str | None, redis_url: str | None) -> None:
         """The services to check (when they are only known on startup)."""
-        if database_url != self._database.url:
-            self._database.url = database_url
-            self._database._discard()
-        if redis_url != self._redis.url:
-            self._redis.url = redis_url
-            client, self._redis._client = self._redis._client, None
-            if client is not None:
-                asyncio.get_running_loop().create_task(client.aclose())
+        self._database.use(database_url)
+        self._redis.use(redis_url)
 
     async def components(self) -> dict[str, str]:
         database, redis_up, sample = await asyncio.gather(
@@ -758,6 +794,7 @@ OBSERVABILITY_KEY: Final = web.AppKey("observability", Observability)
 
 
 class _BookingBody(msgspec.Struct):
+    id: str | None = None
     confirmedAt: str | None = None
 
 
@@ -794,22 +831,26 @@ def _count_business(
         else:
             metrics.reservation(msgspec.json.decode(body, type=_ErrorBody).error or "other")
     if route == CONFIRM_ROUTE and status == 200:
-        confirmed_at = msgspec.json.decode(body, type=_BookingBody).confirmedAt
-        if confirmed_at is not None:
-            confirmed_s = datetime.fromisoformat(confirmed_at).timestamp()
+        booking = msgspec.json.decode(body, type=_BookingBody)
+        if booking.confirmedAt is not None and booking.id is not None:
+            confirmed_s = datetime.fromisoformat(booking.confirmedAt).timestamp()
             if confirmed_s >= arrived_s - CONFIRM_CLOCK_SKEW_S:
-                metrics.confirmation()
+                metrics.confirmation(booking.id)
     if route in QUEUE_ROUTES and status in (200, 201, 202):
         entry: _QueueBody | None
         if route == RESERVE_ROUTE:
             entry = msgspec.json.decode(body, type=_ReserveBody).queue
         else:
             entry = msgspec.json.decode(body, type=_QueueBody)
-        if entry is not None and entry.status == "WAITING" and entry.estimatedWaitSeconds is not None:
+        if (
+            entry is not None
+            and entry.status == "WAITING"
+            and entry.estimatedWaitSeconds is not None
+        ):
             metrics.queue_wait(float(entry.estimatedWaitSeconds))
 
 
-def metrics_middleware(metrics: Metrics) -> Callable[[web.Request, Handler], Awaitable[Any]]:
+def metrics_middleware(metrics: Metrics) -> Middleware:
     """Times every answer and counts reservations, confirmations and queue waits.
 
     It must run outside ``request_context`` (first in the app's middlewares) so
@@ -829,14 +870,12 @@ def metrics_middleware(metrics: Metrics) -> Callable[[web.Request, Handler], Awa
             )
             raise
         except Exception:
-            metrics.request(
-                _endpoint(request), request.method, 500, time.perf_counter() - started
-            )
+            metrics.request(_endpoint(request), request.method, 500, time.perf_counter() - started)
             raise
         finally:
             _current_metrics.reset(token)
         if not isinstance(response, web.Response):
-            return response  # a WebSocket or an event stream: its duration is a session's
+            return response  # a WebSocket or an event stream: it lasts as long as its connection
         endpoint = _endpoint(request)
         metrics.request(endpoint, request.method, response.status, time.perf_counter() - started)
         route = (request.method, endpoint)
@@ -854,7 +893,7 @@ def metrics_middleware(metrics: Metrics) -> Callable[[web.Request, Handler], Awa
 # -- the handlers ----------------------------------------------------------------------
 
 
-async def health(request: web.Request) -> web.StreamResponse:
+async def health_handler(request: web.Request) -> web.StreamResponse:
     components = await request.app[OBSERVABILITY_KEY].components()
     down = sorted(name for name, state in components.items() if state == "down")
     if not down:
@@ -875,9 +914,13 @@ async def health(request: web.Request) -> web.StreamResponse:
     return response
 
 
-async def metrics(request: web.Request) -> web.StreamResponse:
+async def metrics_handler(request: web.Request) -> web.StreamResponse:
     observability = request.app[OBSERVABILITY_KEY]
-    await observability.sampler.refresh_for_scrape()
+    try:
+        await observability.sampler.refresh_for_scrape()
+    except Exception as exc:
+        # The gateway's own series are still worth rendering; the engine's keep their last values.
+        logger.warning("engine statistics for a scrape failed: %r", exc)
     encode, content_type = choose_encoder(request.headers.get("Accept", ""))
     response = web.Response(body=encode(observability.metrics.registry))
     response.headers["Content-Type"] = content_type
@@ -917,8 +960,8 @@ def add_observability(
     app[OBSERVABILITY_KEY] = observability
     # Outermost, so that it sees the answers request_context makes of refusals.
     app.middlewares.insert(0, metrics_middleware(registry_metrics))
-    app.router.add_get("/health", health, allow_head=False)
-    app.router.add_get("/metrics", metrics, allow_head=False)
+    app.router.add_get("/health", health_handler, allow_head=False)
+    app.router.add_get("/metrics", metrics_handler, allow_head=False)
 
     async def close(_: web.Application) -> None:
         await observability.close()

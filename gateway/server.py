@@ -29,6 +29,7 @@ from engine.shell.coalescer import EngineClient
 from engine.shell.owner import StorageSettings
 from gateway.app import ENGINE_KEY, LIMITER_KEY, TRANSPORT_KEY, create_app
 from gateway.auth import AuthSettings, Verifier, auth_settings_from_env
+from gateway.observability import OBSERVABILITY_KEY, add_observability
 from gateway.ratelimit import RateLimiter, RateLimits, rate_limits_from_env
 
 logger = logging.getLogger("slotengine.server")
@@ -86,6 +87,9 @@ def build_app(
 
     async def engine_context(app: web.Application) -> AsyncIterator[None]:
         storage = await storage_for(settings)
+        app[OBSERVABILITY_KEY].configure(
+            database_url=storage.database_url, redis_url=storage.redis_url
+        )
         policies = load_policies(settings)
         if engine_kind == "inproc":
             from engine.shell.inproc import OwnedInProcessHost
@@ -137,6 +141,8 @@ def build_app(
             await transport.close()
 
     app = create_app(None, verifier)
+    # The engine, its transport and the service URLs arrive on startup (engine_context).
+    add_observability(app, engine=None, transport=None, database_url=None, redis_url=None)
     app.cleanup_ctx.append(engine_context)
     return app
 

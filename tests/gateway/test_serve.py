@@ -100,6 +100,17 @@ async def test_serve_answers_tokens_from_slotengine_token_and_stops_on_sigint(
                 headers={"Authorization": f"Bearer {user}"},
             ) as read:
                 assert read.status == 200
+            async with session.get(f"{served.base}/health") as health:
+                report = await health.json()
+                assert health.status == 200, report
+                assert report == {
+                    "status": "healthy",
+                    "components": {"database": "up", "redis": "up", "engine": "up", "queue": "up"},
+                }
+            async with session.get(f"{served.base}/metrics") as metrics:
+                text = await metrics.text()
+                assert 'endpoint="/api/admin/slots"' in text
+                assert "booking_expirations_total" in text
     assert served.process is not None and served.process.returncode == 0, served.output[-2000:]
     assert (tmp_path / "jwt_secret").exists()
 
