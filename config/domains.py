@@ -99,12 +99,15 @@ def load_domain_file(path: Path) -> DomainConfig:
     except OSError as error:
         raise ConfigError(f"domain file {path}: cannot read it ({error.strerror})") from None
     try:
+        # Checked before decoding: msgspec's own message for bad UTF-8 varies by version.
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"domain file {path}: not UTF-8 text") from None
+    try:
         return msgspec.toml.decode(raw, type=DomainConfig)
     except (msgspec.DecodeError, msgspec.ValidationError) as error:
         # ValidationError carries the field path: "... - at `$.queueSettings.maxSize`".
         raise ConfigError(f"domain file {path}: {error}") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"domain file {path}: not UTF-8 text") from None
 
 
 def load_domain_configs(settings: Settings) -> dict[str, DomainConfig]:

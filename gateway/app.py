@@ -144,16 +144,24 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
                 retry_after_s=RETRY_AFTER_UNAVAILABLE_S,
             )
         )
-    response.headers["X-Request-Id"] = request_id
-    response.headers.update(SECURITY_HEADERS)
     return response
+
+
+async def stamp_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """X-Request-Id and the security headers on every response, streams and WebSockets too."""
+    request_id = request.get(REQUEST_ID_KEY)
+    if request_id is not None:
+        response.headers["X-Request-Id"] = request_id
+    response.headers.update(SECURITY_HEADERS)
 
 
 # -- request helpers ------------------------------------------------------------
 
 
 def principal(request: web.Request) -> Principal:
-    token = request.query.get("token") if request.path.startswith("/ws") else None
+    # Browsers cannot set headers on WebSocket and EventSource requests.
+    streaming = request.path.startswith("/ws") or request.path.endswith("/queue/events")
+    token = request.query.get("token") if streaming else None
     if token is None:
         token = bearer_token(request.headers.get("Authorization"))
     return request.app[VERIFIER_KEY].verify(token)
@@ -631,6 +639,7 @@ def create_app(
         app[LIMITER_KEY] = limiter
     app[VERIFIER_KEY] = verifier
     app[IDS_KEY] = RequestIds()
+    app.on_response_prepare.append(stamp_headers)
     app.router.add_post("/api/admin/slots", create_slot)
     app.router.add_put("/api/admin/slots/{slot_id}", update_slot)
     app.router.add_delete("/api/admin/slots/{slot_id}", delete_slot)

@@ -31,6 +31,7 @@ from gateway.app import ENGINE_KEY, LIMITER_KEY, TRANSPORT_KEY, create_app
 from gateway.auth import AuthSettings, Verifier, auth_settings_from_env
 from gateway.observability import OBSERVABILITY_KEY, add_observability
 from gateway.ratelimit import RateLimiter, RateLimits, rate_limits_from_env
+from gateway.realtime import LIVE_KEY, EventBus, LiveConnections, add_realtime
 
 logger = logging.getLogger("slotengine.server")
 
@@ -128,6 +129,14 @@ def build_app(
             retry=Retry(NoBackoff(), 0),
         )
         app[LIMITER_KEY] = RateLimiter(redis_client, limits)
+        # The live updates' pub/sub connection blocks on reads: no socket timeout
+        # (the bus pings Redis itself when the channel is quiet).
+        bus_client = aioredis.Redis.from_url(
+            storage.redis_url, socket_connect_timeout=REDIS_TIMEOUT_S
+        )
+        bus = EventBus(bus_client, storage.namespace)
+        await bus.start()
+        app[LIVE_KEY] = LiveConnections(bus)
         logger.info(
             "serving with %d shards (%s engine, %s durability)",
             settings.shards,
@@ -136,11 +145,14 @@ def build_app(
         )
         yield
         await client.wait_idle(SHUTDOWN_TIMEOUT_S)
+        await bus.close()
+        await bus_client.aclose()
         await redis_client.aclose()
         if engine_kind == "inproc":
             await transport.close()
 
     app = create_app(None, verifier)
+    add_realtime(app)
     # The engine, its transport and the service URLs arrive on startup (engine_context).
     add_observability(app, engine=None, transport=None, database_url=None, redis_url=None)
     app.cleanup_ctx.append(engine_context)

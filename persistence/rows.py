@@ -53,10 +53,13 @@ class FlushRows:
     outcomes: list[OutcomeRecord] = field(default_factory=list)
     keys: list[KeyRecord] = field(default_factory=list)
     events: int = 0
+    # The events themselves, in order: published to subscribers once committed.
+    raw: list[AnyEvent] = field(default_factory=list)
 
     def add(self, events: list[AnyEvent]) -> None:
         audit = self.audit.append
         self.events += len(events)
+        self.raw.extend(events)
         for event in events:
             if type(event) is BookingChanged:
                 booking = event.booking

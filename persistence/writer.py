@@ -69,6 +69,7 @@ class ShardWriter:
         fence_check: bool = True,
         group_commit: bool = True,
         flush_events_max: int = limits.WRITER_FLUSH_EVENTS_MAX,
+        on_committed: Callable[[list[AnyEvent]], None] | None = None,
         clock_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000,
     ) -> None:
         self._connection = connection
@@ -87,6 +88,8 @@ class ShardWriter:
         # Without group commit (the benches' baseline) every hand-off is a flush of its own.
         self._group_commit = group_commit
         self._events_per_flush_limit = flush_events_max
+        # Told each flush's events once they are committed (the real-time fan-out).
+        self._on_committed = on_committed
         self._handoffs: deque[tuple[FlushRows, int]] = deque()
         # Events are numbered as they are published; everything up to _durable is committed.
         self._published = 0
@@ -217,6 +220,8 @@ class ShardWriter:
                 self._stop(exc, self._on_failed)
                 return
             self._durable = upto
+            if self._on_committed is not None and rows.raw:
+                self._on_committed(rows.raw)
             self._flushes += 1
             self._events_written += rows.events
             self._flush_events_max = max(self._flush_events_max, rows.events)

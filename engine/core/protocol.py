@@ -220,11 +220,20 @@ class QueueChanged(Event, gc=False, frozen=True, kw_only=True):
 
 
 class QueueMoved(Event, gc=False, frozen=True, kw_only=True):
-    """Positions behind ``removed_seq`` moved up by one."""
+    """Positions behind ``removed_seq`` moved up by one.
+
+    ``departures`` numbers the line's departures within shard incarnation
+    ``epoch`` (as in ``SlotView``), so a live subscriber can tell an update it
+    already has from one it missed.
+    """
 
     slot_id: str
     removed_seq: int
     total_in_queue: int
+    epoch: str = ""
+    departures: int = 0
+    # The line's current pace: the estimated wait of the first place.
+    wait_per_place_ms: int = 0
 
 
 class SlotChanged(Event, gc=False, frozen=True, kw_only=True):

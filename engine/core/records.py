@@ -67,6 +67,12 @@ class SlotView(msgspec.Struct, gc=False, frozen=True, kw_only=True):
     # so the shard can share one view among many replies and events.
     metadata: msgspec.Raw
     version: int
+    # Not part of the public API: live updates order what they forward by these.
+    # The shard incarnation that built the view (a restarted shard has another);
+    # a count of the slot's changes in that incarnation; the line's departures.
+    epoch: str = ""
+    revision: int = 0
+    departures: int = 0
 
     def metadata_dict(self) -> dict[str, Any]:
         """A fresh copy of the metadata as a dict."""
@@ -91,6 +97,9 @@ class QueueView(msgspec.Struct, gc=False, frozen=True, kw_only=True):
     slot_id: str
     user_id: str
     status: QueueStatus
+    # The entry's join sequence number: live position updates compare it with the
+    # ``removed_seq`` of QueueMoved events (not part of the public API).
+    seq: int
     position: int | None
     total_in_queue: int
     estimated_wait_seconds: int | None

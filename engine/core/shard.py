@@ -160,6 +160,7 @@ class _Slot:
         "metadata",
         "policy",
         "resource_id",
+        "revision",
         "start_ms",
         "version",
         "view",
@@ -177,6 +178,8 @@ class _Slot:
         self.blocked = stored.blocked
         self.metadata = stored.metadata
         self.version = stored.version
+        # Every change of this slot in this incarnation counts one (ShardCore._changed).
+        self.revision = 0
         self.confirmed = 0
         self.held = 0
         # user id -> that user's RESERVED or CONFIRMED booking of this slot
@@ -252,6 +255,9 @@ class ShardCore:
 
             new_unique = counted_unique
         self._new_unique: Callable[[], str] = new_unique
+        # Names this incarnation in slot views and queue moves: after a restart,
+        # live subscribers see another epoch and read their state afresh.
+        self._epoch = secrets.token_hex(6)
         self._now_ms = now_ms
         self._slots: dict[str, _Slot] = {}
         self._slots_by_resource: dict[str, set[str]] = {}
@@ -1019,6 +1025,9 @@ class ShardCore:
                     slot_id=slot.id,
                     removed_seq=entry.seq,
                     total_in_queue=slot.line.size,
+                    epoch=self._epoch,
+                    departures=slot.line.departures,
+                    wait_per_place_ms=self._wait_per_place_ms(slot, now_ms),
                 )
             )
 
@@ -1062,6 +1071,9 @@ class ShardCore:
                 slot_id=slot.id,
                 removed_seq=entry.seq,
                 total_in_queue=slot.line.size,
+                epoch=self._epoch,
+                departures=slot.line.departures,
+                wait_per_place_ms=self._wait_per_place_ms(slot, now_ms),
             )
         )
         self._changed(slot)
@@ -1145,6 +1157,7 @@ class ShardCore:
     def _changed(self, slot: _Slot) -> None:
         """Every change to a slot's counts, line or settings passes here."""
         slot.view = None
+        slot.revision += 1
         self._dirty_slots[slot.id] = None
 
     def _emit(self, event: AnyEvent) -> None:
@@ -1243,10 +1256,16 @@ class ShardCore:
             blocked=slot.blocked,
             metadata=slot.metadata,
             version=slot.version,
+            epoch=self._epoch,
+            revision=slot.revision,
+            departures=slot.line.departures,
         )
         slot.view = view
         slot.view_ended = ended
         return view
+
+    def _wait_per_place_ms(self, slot: _Slot, now_ms: int) -> int:
+        return slot.line.estimated_wait_ms(1, now_ms, _prior_ms(slot)) if slot.line.size else 0
 
     def _queue_view(self, slot: _Slot, entry: QueueEntry, now_ms: int) -> QueueView:
         position = (
@@ -1254,8 +1273,7 @@ class ShardCore:
         )
         wait_s: int | None = None
         if position is not None:
-            prior_ms = slot.policy.hold_ttl_ms // max(1, slot.capacity)
-            wait_s = -(-slot.line.estimated_wait_ms(position, now_ms, prior_ms) // 1000)
+            wait_s = -(-slot.line.estimated_wait_ms(position, now_ms, _prior_ms(slot)) // 1000)
         offer_expires_at_ms = None
         if entry.status is QueueStatus.NOTIFIED and entry.booking_id is not None:
             offer_expires_at_ms = self._bookings[entry.booking_id].expires_at_ms
@@ -1263,6 +1281,7 @@ class ShardCore:
             slot_id=slot.id,
             user_id=entry.user_id,
             status=entry.status,
+            seq=entry.seq,
             position=position,
             total_in_queue=slot.line.size,
             estimated_wait_seconds=wait_s,
@@ -1399,3 +1418,8 @@ class ShardCore:
 def _copy(record: _R) -> _R:
     """A detached copy: replies and events must not change with later commands."""
     return msgspec.structs.replace(record)
+
+
+def _prior_ms(slot: _Slot) -> int:
+    """The wait per place before the line has moved: one hold TTL shared by the capacity."""
+    return slot.policy.hold_ttl_ms // max(1, slot.capacity)

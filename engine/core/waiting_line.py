@@ -42,6 +42,9 @@ class WaitingLine:
         # The number of waiting users, as a plain attribute: the shard reads it
         # on every reserve, and a method call there is measurable.
         self.size = 0
+        # Users who left the line (offered, left, timed out) since this line was
+        # built: live position updates are numbered by it.
+        self.departures = 0
 
     def __len__(self) -> int:
         return self.size
@@ -89,6 +92,7 @@ class WaitingLine:
         user_id = self._user_of.pop(seq)
         del self._seq_of[user_id]
         self.size -= 1
+        self.departures += 1
         self._advances_ms.append(now_ms)
         return user_id
 
@@ -100,6 +104,7 @@ class WaitingLine:
         del self._order[index]
         del self._user_of[seq]
         self.size -= 1
+        self.departures += 1
         if was_head:
             self._advances_ms.append(now_ms)
         return seq

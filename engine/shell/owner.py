@@ -43,6 +43,7 @@ from engine.core.policy import DomainPolicy
 from engine.core.protocol import BatchCodec
 from engine.core.shard import ShardCore
 from engine.shell.errors import ShardFailed, ShardUnavailable
+from engine.shell.events import EventPublisher
 from engine.shell.lease import Renewal, ShardLease
 from engine.shell.runtime import RuntimeStatistics, ShardRuntime, service_unavailable, unique_ids
 from persistence.migrate import migrate_url
@@ -75,6 +76,8 @@ class StorageSettings(msgspec.Struct, frozen=True, kw_only=True):
     lease_margin_ms: int = limits.LEASE_DRIFT_MARGIN_MS
     lease_acquire_timeout_ms: int = limits.LEASE_ACQUIRE_TIMEOUT_MS
     rebuild_retry_ms: int = limits.REBUILD_RETRY_MS
+    # Committed events go to Redis pub/sub for the gateways' live subscribers.
+    publish_events: bool = True
     # The owner of shard 0 (one process in the whole engine, by its lease) runs
     # the reconciliation report and the retention purge this often; 0 turns it off.
     maintenance_every_s: float = RECONCILE_INTERVAL_DEFAULT_S
@@ -128,6 +131,7 @@ class ShardOwner:
         self._renewer: asyncio.Task[None] | None = None
         self._rebuilder: asyncio.Task[None] | None = None
         self._maintenance: asyncio.Task[None] | None = None
+        self._publisher: EventPublisher | None = None
         self._rebuilds = 0
         self._stop_reason: str | None = None
 
@@ -147,6 +151,8 @@ class ShardOwner:
             socket_timeout=self._storage.lease_renew_every_ms / 1000,
             socket_connect_timeout=self._storage.lease_renew_every_ms / 1000,
         )
+        if self._storage.publish_events:
+            self._publisher = EventPublisher(self._redis, self._storage.namespace)
         self._lease = ShardLease(
             self._redis,
             shard=self.shard_id,
@@ -195,6 +201,8 @@ class ShardOwner:
             self._runtime.close()
         if self._writer is not None:
             await self._writer.close()
+        if self._publisher is not None:
+            await self._publisher.close()
         if self._lease is not None and self.state is not OwnerState.STOPPED:
             with contextlib.suppress(*_REDIS_ERRORS):
                 await self._lease.release()
@@ -309,6 +317,7 @@ class ShardOwner:
             before_flush=self._before_flush,
             fence_check=self._fence_check,
             group_commit=self._storage.group_commit,
+            on_committed=self._publisher.committed if self._publisher is not None else None,
         )
         runtime = ShardRuntime(
             core,

@@ -1,0 +1,293 @@
+"""Live updates over WebSocket and SSE, fanned out through Redis (real PostgreSQL and Redis).
+
+Each gateway here is an aiohttp app with its own ``EventBus`` (its own pub/sub
+connection) on the same durable in-process engine, as two gateway processes
+would share the shard actors.
+"""
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import aiohttp
+import pytest
+import redis.asyncio as aioredis
+from aiohttp.test_utils import TestClient, TestServer
+
+from engine.shell.coalescer import EngineClient
+from engine.shell.inproc import OwnedInProcessHost
+from gateway.app import create_app
+from gateway.auth import AuthSettings, Verifier, issue_token
+from gateway.realtime import CLOSE_TRY_AGAIN_LATER, EventBus, LiveConnections, add_realtime
+from tests.conftest import REDIS_URL
+from tests.gateway.conftest import SECRET, Token
+from tests.gateway.test_api import Client, _slot
+
+# Generous: a message normally arrives within milliseconds.
+RECEIVE_LIMIT_S = 10.0
+
+Gateway = Callable[..., Awaitable[Client]]
+
+
+@pytest.fixture
+async def gateway(
+    host: OwnedInProcessHost, redis_namespace: str
+) -> AsyncIterator[Callable[..., Awaitable[Client]]]:
+    """Starts gateways on the shared engine, each with its own Redis pub/sub connection."""
+    started: list[tuple[Client, EventBus, aioredis.Redis]] = []
+
+    async def start(**live_options: Any) -> Client:
+        redis_client = aioredis.Redis.from_url(REDIS_URL)
+        bus = EventBus(redis_client, redis_namespace)
+        await bus.start()
+        app = create_app(EngineClient(host), Verifier(AuthSettings(secret=SECRET)))
+        add_realtime(app, LiveConnections(bus, **live_options))
+        client: Client = TestClient(TestServer(app))
+        await client.start_server()
+        started.append((client, bus, redis_client))
+        return client
+
+    yield start
+    for client, bus, redis_client in started:
+        await client.close()
+        await bus.close()
+        await redis_client.aclose()
+
+
+def _query_token(sub: str, role: str = "user") -> str:
+    return issue_token(SECRET, sub, role, 3600)
+
+
+async def _next(ws: aiohttp.ClientWebSocketResponse) -> dict[str, Any]:
+    message = await asyncio.wait_for(ws.receive(), RECEIVE_LIMIT_S)
+    assert message.type is aiohttp.WSMsgType.TEXT, message
+    data: dict[str, Any] = json.loads(message.data)
+    return data
+
+
+async def _next_of(ws: aiohttp.ClientWebSocketResponse, kind: str) -> dict[str, Any]:
+    """The next message of ``kind``, skipping others (slot.updated comes with most changes)."""
+    while True:
+        data = await _next(ws)
+        if data["type"] == kind:
+            return data
+
+
+async def _reserve(api: Client, token: Token, slot_id: str, user: str) -> dict[str, Any]:
+    response = await api.post(
+        "/api/bookings/reserve", json={"slotId": slot_id}, headers=token(user)
+    )
+    assert response.status in (201, 202), await response.text()
+    body: dict[str, Any] = await response.json()
+    return body
+
+
+async def _queued_slot(api: Client, token: Token, waiting: list[str]) -> str:
+    """A slot of capacity 1 held by "holder", with ``waiting`` queued in that order."""
+    slot = await _slot(api, token, capacity=1)
+    await _reserve(api, token, slot["id"], "holder")
+    for user in waiting:
+        assert "queue" in await _reserve(api, token, slot["id"], user)
+    return str(slot["id"])
+
+
+async def test_the_queue_socket_starts_with_the_position_then_the_slot(
+    gateway: Gateway, token: Token
+) -> None:
+    api = await gateway()
+    slot_id = await _queued_slot(api, token, ["w1", "w2", "w3"])
+    async with api.ws_connect(f"/ws/queue/{slot_id}?token={_query_token('w2')}") as ws:
+        first = await _next(ws)
+        assert first == {
+            "type": "queue.position",
+            "slotId": slot_id,
+            "position": 2,
+            "status": "WAITING",
+            "totalInQueue": 3,
+            "estimatedWaitTime": first["estimatedWaitTime"],
+            "estimatedWaitSeconds": first["estimatedWaitSeconds"],
+            "bookingId": None,
+        }
+        assert first["estimatedWaitSeconds"] > 0
+        second = await _next(ws)
+        assert second["type"] == "slot.updated" and second["slotId"] == slot_id
+        assert second["slot"]["heldCount"] == 1 and second["slot"]["queueLength"] == 3
+
+
+async def test_a_watcher_not_in_the_queue_gets_a_null_position(
+    gateway: Gateway, token: Token
+) -> None:
+    api = await gateway()
+    slot_id = await _queued_slot(api, token, ["w1"])
+    async with api.ws_connect(
+        f"/ws/queue/{slot_id}", headers=token("onlooker")
+    ) as ws:  # the header works too
+        first = await _next(ws)
+        assert first["type"] == "queue.position"
+        assert first["position"] is None and first["status"] is None
+        assert first["totalInQueue"] == 1
+        assert (await _next(ws))["type"] == "slot.updated"
+
+
+async def test_a_change_through_one_gateway_reaches_a_socket_on_another(
+    gateway: Gateway, token: Token
+) -> None:
+    one, other = await gateway(), await gateway()
+    slot_id = await _queued_slot(one, token, ["w1", "w2", "w3"])
+    async with one.ws_connect(f"/ws/queue/{slot_id}?token={_query_token('w3')}") as ws:
+        assert (await _next_of(ws, "queue.position"))["position"] == 3
+        left = await other.delete(f"/api/slots/{slot_id}/queue", headers=token("w1"))
+        assert left.status == 204
+        moved = await _next_of(ws, "queue.position")
+        assert moved["position"] == 2 and moved["totalInQueue"] == 2
+        assert moved["status"] == "WAITING"
+        # Someone behind does not move anyone ahead: w2 leaving moves w3 again.
+        again = await other.delete(f"/api/slots/{slot_id}/queue", headers=token("w2"))
+        assert again.status == 204
+        assert (await _next_of(ws, "queue.position"))["position"] == 1
+
+
+async def test_freed_capacity_offers_the_head_and_moves_everyone_behind(
+    gateway: Gateway, token: Token
+) -> None:
+    api = await gateway()
+    slot = await _slot(api, token, capacity=1)
+    held = await _reserve(api, token, slot["id"], "holder")
+    booking_id = held["booking"]["id"]
+    for user in ("w1", "w2"):
+        await _reserve(api, token, slot["id"], user)
+    head = await api.ws_connect(f"/ws/queue/{slot['id']}?token={_query_token('w1')}")
+    behind = await api.ws_connect(f"/ws/queue/{slot['id']}?token={_query_token('w2')}")
+    try:
+        assert (await _next_of(head, "queue.position"))["position"] == 1
+        assert (await _next_of(behind, "queue.position"))["position"] == 2
+        confirm = await api.post(f"/api/bookings/{booking_id}/confirm", headers=token("holder"))
+        assert confirm.status == 200
+        cancel = await api.post(
+            f"/api/bookings/{booking_id}/cancel", json={"reason": "ill"}, headers=token("holder")
+        )
+        assert cancel.status == 200
+
+        offer = await _next_of(head, "queue.offer")
+        assert offer["slotId"] == slot["id"] and offer["bookingId"]
+        assert offer["expiresAt"].endswith("Z")
+        notified = await _next_of(head, "queue.position")
+        assert notified["status"] == "NOTIFIED" and notified["position"] is None
+        assert notified["bookingId"] == offer["bookingId"]
+        moved = await _next_of(behind, "queue.position")
+        assert moved["position"] == 1 and moved["totalInQueue"] == 1
+
+        claimed = await api.post(f"/api/bookings/{offer['bookingId']}/confirm", headers=token("w1"))
+        assert claimed.status == 200
+        converted = await _next_of(head, "queue.position")
+        assert converted["status"] == "CONVERTED"
+    finally:
+        await head.close()
+        await behind.close()
+
+
+async def test_joining_while_connected_sends_the_new_position(
+    gateway: Gateway, token: Token
+) -> None:
+    api = await gateway()
+    slot_id = await _queued_slot(api, token, ["w1"])
+    async with api.ws_connect(f"/ws/queue/{slot_id}?token={_query_token('late')}") as ws:
+        assert (await _next_of(ws, "queue.position"))["position"] is None
+        joined = await api.post(f"/api/slots/{slot_id}/queue", headers=token("late"))
+        assert joined.status == 201
+        update = await _next_of(ws, "queue.position")
+        assert update["position"] == 2 and update["status"] == "WAITING"
+
+
+async def test_the_bookings_socket_starts_with_active_bookings_then_follows_changes(
+    gateway: Gateway, token: Token
+) -> None:
+    api = await gateway()
+    slot = await _slot(api, token, capacity=2)
+    other_slot = await _slot(api, token, capacity=2)
+    mine = (await _reserve(api, token, slot["id"], "ann"))["booking"]
+    await _reserve(api, token, other_slot["id"], "bob")  # not ann's: never sent to her
+    async with api.ws_connect(f"/ws/bookings?token={_query_token('ann')}") as ws:
+        first = await _next(ws)
+        assert first["type"] == "booking.updated" and first["slotId"] == slot["id"]
+        assert first["booking"]["id"] == mine["id"] and first["booking"]["status"] == "RESERVED"
+        confirmed = await api.post(f"/api/bookings/{mine['id']}/confirm", headers=token("ann"))
+        assert confirmed.status == 200
+        update = await _next(ws)
+        assert update["booking"]["status"] == "CONFIRMED"
+        assert update["booking"]["version"] > first["booking"]["version"]
+        second = (await _reserve(api, token, other_slot["id"], "ann"))["booking"]
+        created = await _next(ws)
+        assert created["booking"]["id"] == second["id"]
+
+
+async def test_the_event_stream_carries_the_same_events(gateway: Gateway, token: Token) -> None:
+    api = await gateway()
+    slot_id = await _queued_slot(api, token, ["w1", "w2"])
+    response = await api.get(f"/api/slots/{slot_id}/queue/events", headers=token("w2"))
+    assert response.status == 200
+    assert response.headers["Content-Type"].startswith("text/event-stream")
+    assert response.headers["X-Request-Id"]
+
+    async def next_event() -> tuple[str, dict[str, Any]]:
+        kind = ""
+        while True:
+            line = (await asyncio.wait_for(response.content.readline(), RECEIVE_LIMIT_S)).decode()
+            if line.startswith("event: "):
+                kind = line.removeprefix("event: ").strip()
+            elif line.startswith("data: "):
+                return kind, json.loads(line.removeprefix("data: "))
+
+    kind, data = await next_event()
+    assert kind == "queue.position" and data["position"] == 2
+    assert (await next_event())[0] == "slot.updated"
+    await api.delete(f"/api/slots/{slot_id}/queue", headers=token("w1"))
+    while True:
+        kind, data = await next_event()
+        if kind == "queue.position":
+            break
+    assert data["position"] == 1
+    response.close()
+
+
+async def test_the_event_stream_takes_the_token_as_a_query_parameter(
+    gateway: Gateway, token: Token
+) -> None:
+    api = await gateway()
+    slot_id = await _queued_slot(api, token, ["w1"])
+    response = await api.get(f"/api/slots/{slot_id}/queue/events?token={_query_token('w1')}")
+    assert response.status == 200
+    response.close()
+
+
+async def test_live_routes_refuse_before_upgrading(gateway: Gateway, token: Token) -> None:
+    api = await gateway()
+    slot_id = await _queued_slot(api, token, [])
+    for path in (f"/ws/queue/{slot_id}", "/ws/bookings"):
+        for query in ("", "?token=not-a-token"):
+            with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+                await api.ws_connect(path + query)
+            assert refused.value.status == 401
+    events = await api.get(f"/api/slots/{slot_id}/queue/events")
+    assert events.status == 401 and (await events.json())["error"] == "Unauthorized"
+    with pytest.raises(aiohttp.WSServerHandshakeError) as unknown:
+        await api.ws_connect(f"/ws/queue/s0-missing?token={_query_token('w1')}")
+    assert unknown.value.status == 404
+    missing = await api.get(f"/api/slots/s0-missing/queue/events?token={_query_token('w1')}")
+    assert missing.status == 404 and (await missing.json())["error"] == "NotFound"
+    plain = await api.get(f"/ws/queue/{slot_id}?token={_query_token('w1')}")
+    assert plain.status == 400  # not a WebSocket upgrade
+
+
+async def test_a_consumer_that_falls_behind_is_disconnected(gateway: Gateway, token: Token) -> None:
+    # An outbox of one message: the first state (position, then slot) overflows it
+    # before the connection's sender runs, as a consumer that never reads would.
+    api = await gateway(outbox_messages_max=1)
+    slot_id = await _queued_slot(api, token, ["w1"])
+    async with api.ws_connect(f"/ws/queue/{slot_id}?token={_query_token('w1')}") as ws:
+        while True:
+            message = await asyncio.wait_for(ws.receive(), RECEIVE_LIMIT_S)
+            if message.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED):
+                break
+        assert ws.close_code == CLOSE_TRY_AGAIN_LATER
