@@ -24,6 +24,10 @@ from engine.core import limits
 
 Durability = Literal["commit", "relaxed"]
 DURABILITY_MODES: Final[tuple[str, ...]] = get_args(Durability)
+LogLevel = Literal["debug", "info", "warning", "error"]
+LOG_LEVELS: Final[tuple[str, ...]] = get_args(LogLevel)
+# Browser origins allowed to call the API, at most this many.
+CORS_ORIGINS_MAX: Final = 64
 
 # The domain files shipped inside this package; found through the package's
 # own location so the default holds whatever directory the server starts in.
@@ -64,6 +68,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     queue_inactivity_seconds: int = limits.QUEUE_INACTIVITY_DEFAULT_S
     domains_dir: Path = DOMAINS_DIR_DEFAULT
     data_dir: Path = DATA_DIR_DEFAULT
+    # Origins (scheme://host[:port]) whose browser pages may call the API; () none.
+    cors_origins: tuple[str, ...] = ()
+    log_level: LogLevel = "info"
 
     def __repr__(self) -> str:
         # Settings end up in start-up logs: never print a secret or a password.
@@ -119,6 +126,8 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         ),
         domains_dir=env.read_or("SLOTENGINE_DOMAINS_DIR", Path, DOMAINS_DIR_DEFAULT),
         data_dir=env.read_or("SLOTENGINE_DATA_DIR", Path, DATA_DIR_DEFAULT),
+        cors_origins=env.read_or("SLOTENGINE_CORS_ORIGINS", _origins, ()),
+        log_level=env.read_or("SLOTENGINE_LOG_LEVEL", _log_level, "info"),
     )
 
 
@@ -168,6 +177,30 @@ def _durability(raw: str) -> Durability:
     if value == "relaxed":
         return "relaxed"
     raise ValueError(f"expected one of {', '.join(map(repr, DURABILITY_MODES))}")
+
+
+def _log_level(raw: str) -> LogLevel:
+    value = raw.lower()
+    for level in get_args(LogLevel):
+        if value == level:
+            return level  # type: ignore[no-any-return]
+    raise ValueError(f"expected one of {', '.join(map(repr, LOG_LEVELS))}")
+
+
+_ORIGIN = re.compile(r"^https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?$")
+
+
+def _origins(raw: str) -> tuple[str, ...]:
+    """A comma-separated list of exact origins, or "*" for any."""
+    origins = tuple(part.strip().rstrip("/") for part in raw.split(",") if part.strip())
+    if origins == ("*",):
+        return origins
+    if len(origins) > CORS_ORIGINS_MAX:
+        raise ValueError(f"expected at most {CORS_ORIGINS_MAX} origins")
+    for origin in origins:
+        if not _ORIGIN.match(origin):
+            raise ValueError(f"expected origins like https://app.example.com, not {origin!r}")
+    return origins
 
 
 def _url(schemes: tuple[str, ...]) -> Callable[[str], str]:

@@ -15,8 +15,9 @@ import binascii
 import heapq
 import itertools
 import logging
+import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import datetime
 from typing import Any, Final, TypeVar
 
@@ -35,6 +36,7 @@ from gateway.openapi import add_openapi
 from gateway.ratelimit import RateLimiter, RateLimiterUnavailable
 
 logger = logging.getLogger("slotengine.gateway")
+access_logger = logging.getLogger("slotengine.access")
 
 # Bodies are small JSON documents; anything larger is refused with 413.
 BODY_BYTES_MAX: Final = 16 * 1024
@@ -47,6 +49,13 @@ SECURITY_HEADERS: Final = {
     "Cache-Control": "no-store",
 }
 
+# CORS: what a browser page of an allowed origin may send and read, and how long
+# it may keep a preflight's answer.
+CORS_METHODS: Final = "GET, POST, PUT, DELETE"
+CORS_REQUEST_HEADERS: Final = "Authorization, Content-Type, Idempotency-Key, X-Request-Id"
+CORS_EXPOSED_HEADERS: Final = "X-Request-Id, Retry-After"
+CORS_MAX_AGE_S: Final = 600
+
 ENGINE_KEY: Final = web.AppKey("engine", EngineClient)
 VERIFIER_KEY: Final = web.AppKey("verifier", Verifier)
 IDS_KEY: Final = web.AppKey("ids", RequestIds)
@@ -54,6 +63,9 @@ IDS_KEY: Final = web.AppKey("ids", RequestIds)
 TRANSPORT_KEY: Final = web.AppKey("transport", object)
 REQUEST_ID_KEY: Final = web.RequestKey("request_id", str)
 LIMITER_KEY: Final = web.AppKey("rate_limiter", RateLimiter)
+CORS_ORIGINS_KEY: Final = web.AppKey("cors_origins", frozenset[str])
+# The error code of an answer, kept on the response for the request log.
+ERROR_CODE: Final = web.ResponseKey("error_code", str)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 T = TypeVar("T")
@@ -97,16 +109,38 @@ def error_response(error: ApiError) -> web.Response:
     )
     if error.retry_after_s is not None:
         response.headers["Retry-After"] = str(error.retry_after_s)
+    response[ERROR_CODE] = error.code
     return response
 
 
 @web.middleware
 async def request_context(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """X-Request-Id, security headers, and every failure in API.md's shape."""
+    """X-Request-Id, every failure in API.md's shape, and one log line per request."""
+    started = time.perf_counter()
     request_id = request.headers.get("X-Request-Id", "")
     if not request_id or len(request_id) > REQUEST_ID_CHARS_MAX or not request_id.isprintable():
         request_id = uuid.uuid4().hex
     request[REQUEST_ID_KEY] = request_id
+    response = await _answer(request, handler, request_id)
+    if access_logger.isEnabledFor(logging.INFO):
+        resource = request.match_info.route.resource
+        access_logger.info(
+            "request",
+            extra={
+                "event": "http.request",
+                "request_id": request_id,
+                "method": request.method,
+                # The route's template, never the raw path or query (a token may be in it).
+                "route": resource.canonical if resource is not None else "unmatched",
+                "status": response.status,
+                "error": response.get(ERROR_CODE),
+                "duration_ms": round((time.perf_counter() - started) * 1000, 2),
+            },
+        )
+    return response
+
+
+async def _answer(request: web.Request, handler: Handler, request_id: str) -> web.StreamResponse:
     try:
         response = await handler(request)
     except ApiError as error:
@@ -144,7 +178,42 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
                 retry_after_s=RETRY_AFTER_UNAVAILABLE_S,
             )
         )
+    except web.HTTPException as error:
+        if error.status >= 500:
+            raise
+        response = error_response(ApiError(error.status, "BadRequest", error.reason))
+    except Exception:
+        # A bug, not bad input: logged with its traceback, answered in the contract's shape.
+        logger.exception("unexpected failure", extra={"request_id": request_id})
+        response = error_response(ApiError(500, "InternalError", "unexpected server error"))
     return response
+
+
+@web.middleware
+async def cors_preflight(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Answers CORS preflights for the allowed origins; other requests pass through."""
+    origin = request.headers.get("Origin")
+    if (
+        request.method != "OPTIONS"
+        or origin is None
+        or "Access-Control-Request-Method" not in request.headers
+    ):
+        return await handler(request)
+    if not _origin_allowed(request.app[CORS_ORIGINS_KEY], origin):
+        request[REQUEST_ID_KEY] = uuid.uuid4().hex
+        return error_response(ApiError(403, "Forbidden", "this origin may not call the API"))
+    return web.Response(
+        status=204,
+        headers={
+            "Access-Control-Allow-Methods": CORS_METHODS,
+            "Access-Control-Allow-Headers": CORS_REQUEST_HEADERS,
+            "Access-Control-Max-Age": str(CORS_MAX_AGE_S),
+        },
+    )
+
+
+def _origin_allowed(allowed: frozenset[str], origin: str) -> bool:
+    return origin in allowed or "*" in allowed
 
 
 async def stamp_headers(request: web.Request, response: web.StreamResponse) -> None:
@@ -153,6 +222,11 @@ async def stamp_headers(request: web.Request, response: web.StreamResponse) -> N
     if request_id is not None:
         response.headers["X-Request-Id"] = request_id
     response.headers.update(SECURITY_HEADERS)
+    origin = request.headers.get("Origin")
+    if origin is not None and _origin_allowed(request.app[CORS_ORIGINS_KEY], origin):
+        response.headers["Access-Control-Allow-Origin"] = origin
+        response.headers["Access-Control-Expose-Headers"] = CORS_EXPOSED_HEADERS
+        response.headers["Vary"] = "Origin"
 
 
 # -- request helpers ------------------------------------------------------------
@@ -626,13 +700,21 @@ def _cursor(raw: str | None, problems: dict[str, str]) -> tuple[int, str] | None
 
 
 def create_app(
-    engine: EngineClient | None, verifier: Verifier, limiter: RateLimiter | None = None
+    engine: EngineClient | None,
+    verifier: Verifier,
+    limiter: RateLimiter | None = None,
+    *,
+    cors_origins: Sequence[str] = (),
 ) -> web.Application:
     """The routes of API.md. ``engine`` may come later: set ``app[ENGINE_KEY]`` on startup.
 
     Without a ``limiter`` nothing is rate limited (tests of other concerns).
+    ``cors_origins`` are the browser origins allowed to call the API ("*": any).
     """
-    app = web.Application(middlewares=[request_context], client_max_size=BODY_BYTES_MAX)
+    app = web.Application(
+        middlewares=[cors_preflight, request_context], client_max_size=BODY_BYTES_MAX
+    )
+    app[CORS_ORIGINS_KEY] = frozenset(cors_origins)
     if engine is not None:
         app[ENGINE_KEY] = engine
     if limiter is not None:

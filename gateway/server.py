@@ -29,6 +29,7 @@ from engine.shell.coalescer import EngineClient
 from engine.shell.owner import StorageSettings
 from gateway.app import ENGINE_KEY, LIMITER_KEY, TRANSPORT_KEY, create_app
 from gateway.auth import AuthSettings, Verifier, auth_settings_from_env
+from gateway.logs import configure_logging
 from gateway.observability import OBSERVABILITY_KEY, add_observability
 from gateway.ratelimit import RateLimiter, RateLimits, rate_limits_from_env
 from gateway.realtime import LIVE_KEY, EventBus, LiveConnections, add_realtime
@@ -151,7 +152,7 @@ def build_app(
         if engine_kind == "inproc":
             await transport.close()
 
-    app = create_app(None, verifier)
+    app = create_app(None, verifier, cors_origins=settings.cors_origins)
     add_realtime(app)
     # The engine, its transport and the service URLs arrive on startup (engine_context).
     add_observability(app, engine=None, transport=None, database_url=None, redis_url=None)
@@ -191,7 +192,7 @@ def _run_worker(
 ) -> None:
     import uvloop
 
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    log_writer = configure_logging(settings.log_level)
     app = build_app(settings, auth, limits, options.engine)
     web.run_app(
         app,
@@ -203,3 +204,4 @@ def _run_worker(
         print=logger.info,
         access_log=None,
     )
+    log_writer.stop()

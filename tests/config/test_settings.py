@@ -27,6 +27,26 @@ def test_defaults_follow_the_api_contract() -> None:
     assert settings.domains_dir == PACKAGE_DOMAINS_DIR == DOMAINS_DIR_DEFAULT
     assert settings.domains_dir.is_absolute()
     assert settings.data_dir == Path(".slotengine")
+    assert settings.cors_origins == ()
+    assert settings.log_level == "info"
+
+
+def test_any_origin_is_a_lone_star() -> None:
+    assert load_settings({"SLOTENGINE_CORS_ORIGINS": "*"}).cors_origins == ("*",)
+
+
+@pytest.mark.parametrize(
+    "origins", ["app.example.com", "https://a.example/path", "*, https://a.example", "ftp://x"]
+)
+def test_an_origin_that_is_not_an_origin_is_refused(origins: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings({"SLOTENGINE_CORS_ORIGINS": origins})
+    assert str(caught.value).startswith("SLOTENGINE_CORS_ORIGINS: ")
+
+
+def test_an_unknown_log_level_is_refused() -> None:
+    with pytest.raises(ConfigError, match=r"^SLOTENGINE_LOG_LEVEL: expected one of"):
+        load_settings({"SLOTENGINE_LOG_LEVEL": "verbose"})
 
 
 def test_every_variable_overrides_its_default() -> None:
@@ -44,6 +64,8 @@ def test_every_variable_overrides_its_default() -> None:
             "SLOTENGINE_QUEUE_INACTIVITY_SECONDS": "60",
             "SLOTENGINE_DOMAINS_DIR": "/etc/slotengine/domains",
             "SLOTENGINE_DATA_DIR": "/var/lib/slotengine",
+            "SLOTENGINE_CORS_ORIGINS": "https://app.example.com, http://localhost:3000/",
+            "SLOTENGINE_LOG_LEVEL": "WARNING",
             "UNRELATED": "ignored",
         }
     )
@@ -60,6 +82,8 @@ def test_every_variable_overrides_its_default() -> None:
         queue_inactivity_seconds=60,
         domains_dir=Path("/etc/slotengine/domains"),
         data_dir=Path("/var/lib/slotengine"),
+        cors_origins=("https://app.example.com", "http://localhost:3000"),
+        log_level="warning",
     )
 
 
