@@ -722,6 +722,9 @@ def create_app(
     app[VERIFIER_KEY] = verifier
     app[IDS_KEY] = RequestIds()
     app.on_response_prepare.append(stamp_headers)
+    from gateway.realtime import add_realtime  # it builds on this module
+
+    add_realtime(app)
     app.router.add_post("/api/admin/slots", create_slot)
     app.router.add_put("/api/admin/slots/{slot_id}", update_slot)
     app.router.add_delete("/api/admin/slots/{slot_id}", delete_slot)

@@ -14,6 +14,12 @@ import msgspec
 from aiohttp import web
 
 from gateway import schemas as s
+from gateway.schemas import (
+    BookingUpdatedMessage,
+    QueueOfferMessage,
+    QueuePositionMessage,
+    SlotUpdatedMessage,
+)
 
 API_VERSION: Final = "1.0.0"
 
@@ -30,8 +36,14 @@ class Operation:
     query: tuple[tuple[str, str, str], ...] = ()  # (name, JSON type, description)
     idempotent_key: bool = False
     auth: bool = True
+    # "sse": answers text/event-stream; "websocket": a WebSocket upgrade (101).
+    live: str | None = None
 
 
+_LIVE_QUERY = (
+    ("token", "string", "the bearer token, for clients that cannot set headers"),
+    ("userId", "string", "the user a service caller watches for"),
+)
 _PAGE_QUERY = (
     ("limit", "integer", "page size (capped at 200)"),
     ("cursor", "string", "nextCursor of the previous page"),
@@ -77,9 +89,26 @@ OPERATIONS: Final[tuple[Operation, ...]] = (
               None, {204: None}, (401, 403, 404, 503)),
     Operation("get", "/api/slots/{slotId}/queue/position", "The caller's queue entry", "user",
               None, {200: s.QueueEntryOut}, (401, 403, 404, 429, 503)),
+    Operation("get", "/api/slots/{slotId}/queue/events",
+              "Live queue position and slot availability (server-sent events)", "user",
+              None, {200: None}, (401, 403, 404, 503), query=_LIVE_QUERY, live="sse"),
+    Operation("get", "/ws/queue/{slotId}",
+              "Live queue position and slot availability (WebSocket)", "user",
+              None, {101: None}, (400, 401, 403, 404, 503), query=_LIVE_QUERY, live="websocket"),
+    Operation("get", "/ws/bookings", "Live changes of the caller's bookings (WebSocket)", "user",
+              None, {101: None}, (400, 401, 403, 503), query=_LIVE_QUERY, live="websocket"),
 )  # fmt: skip
 
+# The messages of the live routes, by their ``type``.
+LIVE_MESSAGES: Final[dict[str, type]] = {
+    "queue.position": QueuePositionMessage,
+    "queue.offer": QueueOfferMessage,
+    "slot.updated": SlotUpdatedMessage,
+    "booking.updated": BookingUpdatedMessage,
+}
+
 _STATUS_TEXT: Final = {
+    101: "Switching Protocols (then JSON text messages; see x-messages)",
     200: "OK", 201: "Created", 202: "Accepted (queued)", 204: "No Content",
     400: "Malformed JSON or wrong content type", 401: "Missing or bad token",
     403: "Wrong role", 404: "Unknown id (or another user's)", 409: "Business conflict",
@@ -90,7 +119,7 @@ _STATUS_TEXT: Final = {
 
 def build_document() -> dict[str, Any]:
     """The OpenAPI 3.1 document of every operation above."""
-    bodies: set[type] = {s.ErrorOut}
+    bodies: set[type] = {s.ErrorOut, *LIVE_MESSAGES.values()}
     for operation in OPERATIONS:
         if operation.request is not None:
             bodies.add(operation.request)
@@ -145,6 +174,8 @@ def _operation(operation: Operation, ref_of: dict[type, dict[str, Any]]) -> dict
         entry: dict[str, Any] = {"description": _STATUS_TEXT[status]}
         if body is not None:
             entry["content"] = {"application/json": {"schema": ref_of[body]}}
+        elif operation.live == "sse" and status == 200:
+            entry["content"] = {"text/event-stream": {"schema": {"type": "string"}}}
         responses[str(status)] = entry
     for status in operation.errors:
         responses[str(status)] = {
@@ -162,6 +193,14 @@ def _operation(operation: Operation, ref_of: dict[type, dict[str, Any]]) -> dict
     }
     if operation.auth:
         document["security"] = [{"bearer": []}]
+    if operation.live is not None:
+        # Each message is a JSON object; its "type" names its schema. The current
+        # state comes first, then every committed change.
+        document["x-messages"] = {
+            kind: ref_of[message]
+            for kind, message in LIVE_MESSAGES.items()
+            if (kind == "booking.updated") == (operation.path == "/ws/bookings")
+        }
     if operation.request is not None:
         document["requestBody"] = {
             "required": operation.request is not s.ActingBody

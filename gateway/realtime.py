@@ -92,37 +92,6 @@ CLOSE_TRY_AGAIN_LATER: Final = 1013
 _ACTIVE = (BookingStatus.RESERVED, BookingStatus.CONFIRMED)
 
 
-# -- messages ---------------------------------------------------------------------
-
-
-class _Message(msgspec.Struct, rename="camel", kw_only=True, frozen=True, tag_field="type"):
-    slot_id: str
-
-
-class QueuePositionMessage(_Message, frozen=True, tag="queue.position"):
-    position: int | None
-    status: s.QueueStatusName | None
-    total_in_queue: int
-    estimated_wait_time: str | None
-    estimated_wait_seconds: int | None
-    booking_id: str | None
-
-
-class QueueOfferMessage(_Message, frozen=True, tag="queue.offer"):
-    booking_id: str
-    expires_at: str
-
-
-class SlotUpdatedMessage(_Message, frozen=True, tag="slot.updated"):
-    slot: s.SlotOut
-
-
-class BookingUpdatedMessage(_Message, frozen=True, tag="booking.updated"):
-    booking: s.BookingOut
-
-
-AnyMessage = QueuePositionMessage | QueueOfferMessage | SlotUpdatedMessage | BookingUpdatedMessage
-
 _encode = msgspec.json.Encoder().encode
 
 
@@ -575,7 +544,7 @@ class QueueWatch(_WatchBase):
         if event.change == "notified" and entry.booking_id and event.offer_expires_at_ms:
             self._outbox.put(
                 _encode(
-                    QueueOfferMessage(
+                    s.QueueOfferMessage(
                         slot_id=self.slot_id,
                         booking_id=entry.booking_id,
                         expires_at=s.rfc3339(event.offer_expires_at_ms),
@@ -588,7 +557,7 @@ class QueueWatch(_WatchBase):
         status = None if self.status is None else self.status.value
         self._outbox.put(
             _encode(
-                QueuePositionMessage(
+                s.QueuePositionMessage(
                     slot_id=self.slot_id,
                     position=self.position,
                     status=status,  # type: ignore[arg-type]
@@ -617,7 +586,7 @@ class _SlotMessages:
         cached = self._cache.get(slot.id)
         if cached is not None and cached[0] is slot:
             return cached[1]
-        data = _encode(SlotUpdatedMessage(slot_id=slot.id, slot=s.slot_out(slot)))
+        data = _encode(s.SlotUpdatedMessage(slot_id=slot.id, slot=s.slot_out(slot)))
         if len(self._cache) >= self._entries_max:
             self._cache.clear()
         self._cache[slot.id] = (slot, data)
@@ -699,7 +668,9 @@ class BookingWatch(_WatchBase):
             self._versions.pop(next(iter(self._versions)))
         self._versions[booking.id] = booking.version
         self._outbox.put(
-            _encode(BookingUpdatedMessage(slot_id=booking.slot_id, booking=s.booking_out(booking)))
+            _encode(
+                s.BookingUpdatedMessage(slot_id=booking.slot_id, booking=s.booking_out(booking))
+            )
         )
 
 
@@ -734,6 +705,7 @@ class LiveConnections:
 
 
 LIVE_KEY: Final = web.AppKey("live", LiveConnections)
+LIVE_ROUTES_KEY: Final = web.AppKey("live_routes", bool)
 
 AnyWatch = QueueWatch | BookingWatch
 
@@ -920,9 +892,16 @@ async def ws_bookings(request: web.Request) -> web.StreamResponse:
 
 
 def add_realtime(app: web.Application, live: LiveConnections | None = None) -> None:
-    """The live routes. ``live`` may come later: set ``app[LIVE_KEY]`` on startup."""
+    """The live routes (``create_app`` adds them) and, when given, the bus serving them.
+
+    ``live`` may come later: set ``app[LIVE_KEY]`` on startup. Until then the
+    live routes answer 503.
+    """
     if live is not None:
         app[LIVE_KEY] = live
+    if LIVE_ROUTES_KEY in app:
+        return
+    app[LIVE_ROUTES_KEY] = True
 
     async def close_connections(app: web.Application) -> None:
         running = app.get(LIVE_KEY)

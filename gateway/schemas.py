@@ -140,6 +140,37 @@ class ErrorOut(msgspec.Struct, omit_defaults=True, kw_only=True, frozen=True):
     retryAfter: int | None = None
 
 
+# -- live messages (WebSocket and SSE) ------------------------------------------------
+
+
+class _Message(msgspec.Struct, rename="camel", kw_only=True, frozen=True, tag_field="type"):
+    slot_id: str
+
+
+class QueuePositionMessage(_Message, frozen=True, tag="queue.position"):
+    position: int | None
+    status: QueueStatusName | None
+    total_in_queue: int
+    estimated_wait_time: str | None
+    estimated_wait_seconds: int | None
+    booking_id: str | None
+
+
+class QueueOfferMessage(_Message, frozen=True, tag="queue.offer"):
+    booking_id: str
+    expires_at: str
+
+
+class SlotUpdatedMessage(_Message, frozen=True, tag="slot.updated"):
+    slot: SlotOut
+
+
+class BookingUpdatedMessage(_Message, frozen=True, tag="booking.updated"):
+    booking: BookingOut
+
+
+AnyMessage = QueuePositionMessage | QueueOfferMessage | SlotUpdatedMessage | BookingUpdatedMessage
+
 # -- conversions ------------------------------------------------------------------
 
 

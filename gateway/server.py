@@ -32,7 +32,7 @@ from gateway.auth import AuthSettings, Verifier, auth_settings_from_env
 from gateway.logs import configure_logging
 from gateway.observability import OBSERVABILITY_KEY, add_observability
 from gateway.ratelimit import RateLimiter, RateLimits, rate_limits_from_env
-from gateway.realtime import LIVE_KEY, EventBus, LiveConnections, add_realtime
+from gateway.realtime import LIVE_KEY, EventBus, LiveConnections
 
 logger = logging.getLogger("slotengine.server")
 
@@ -153,7 +153,6 @@ def build_app(
             await transport.close()
 
     app = create_app(None, verifier, cors_origins=settings.cors_origins)
-    add_realtime(app)
     # The engine, its transport and the service URLs arrive on startup (engine_context).
     add_observability(app, engine=None, transport=None, database_url=None, redis_url=None)
     app.cleanup_ctx.append(engine_context)

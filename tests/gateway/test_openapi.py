@@ -22,7 +22,7 @@ async def test_the_document_lists_every_api_route_and_docs_render_it(
         (route.method.lower(), _template(route.resource.canonical))
         for route in api.app.router.routes()
         if route.resource is not None
-        and route.resource.canonical.startswith("/api/")
+        and route.resource.canonical.startswith(("/api/", "/ws/"))
         and route.method != "HEAD"
     }
     described = {
@@ -35,6 +35,11 @@ async def test_the_document_lists_every_api_route_and_docs_render_it(
     assert set(reserve["responses"]) >= {"200", "201", "202", "409", "422"}
     schema = reserve["requestBody"]["content"]["application/json"]["schema"]["$ref"]
     assert document["components"]["schemas"][schema.rsplit("/", 1)[1]]["required"] == ["slotId"]
+    events = document["paths"]["/api/slots/{slotId}/queue/events"]["get"]
+    assert "text/event-stream" in events["responses"]["200"]["content"]
+    assert set(events["x-messages"]) == {"queue.position", "queue.offer", "slot.updated"}
+    bookings = document["paths"]["/ws/bookings"]["get"]
+    assert set(bookings["x-messages"]) == {"booking.updated"} and "101" in bookings["responses"]
     page = await api.get("/docs")
     assert page.status == 200 and "/api/bookings/reserve" in await page.text()
 
