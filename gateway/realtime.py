@@ -3,12 +3,13 @@
 Theory of operation
 -------------------
 Shards publish their events to Redis pub/sub once they are committed
-(``engine/shell/events.py``): a slot's events on the slot's channel, a
-booking's also on its user's. Each gateway process has one ``EventBus``: one
-pub/sub connection, subscribed to exactly the channels its connections need
-(reference counted), read by one task that hands every event to the watches of
-its channel, synchronously and in order. So a client connected to any gateway
-sees changes made through any other.
+(``engine/shell/events.py``): one message per flush on the shard's channel,
+each event tagged with who it concerns (its slot, and its user for bookings).
+Each gateway process has one ``EventBus``: one pub/sub connection, subscribed
+to the shard channels its connections need (reference counted), read by one
+task that decodes only the events someone here watches and hands them to the
+watches of their slot or user, synchronously and in order. So a client
+connected to any gateway sees changes made through any other.
 
 A watch is one connection's view of the engine:
 
@@ -52,10 +53,11 @@ from aiohttp import WSMsgType, web
 from engine.core import limits
 from engine.core import protocol as p
 from engine.core.records import Booking, QueueView, SlotView, describe_wait
+from engine.core.routing import shard_of
 from engine.core.states import BookingStatus, QueueStatus
 from engine.shell.coalescer import EngineClient, RequestIds
 from engine.shell.errors import ShellError
-from engine.shell.events import slot_channel, user_channel
+from engine.shell.events import shard_channel, slot_key, user_key
 from gateway import schemas as s
 from gateway.app import ENGINE_KEY, IDS_KEY, ApiError, principal
 from gateway.auth import acting_user
@@ -175,6 +177,7 @@ class BusStatistics(msgspec.Struct, frozen=True, kw_only=True):
     channels: int
     listeners: int
     events_received: int
+    events_delivered: int
     reconnects: int
     connected: bool
 
@@ -182,17 +185,25 @@ class BusStatistics(msgspec.Struct, frozen=True, kw_only=True):
 class EventBus:
     """One gateway process's Redis pub/sub subscription, shared by every connection.
 
+    Shards publish one message per flush on their own channel: ``(key, event)``
+    pairs (``engine/shell/events.py``). The bus subscribes to a shard's channel
+    while some listener needs a key of that shard, and decodes only the events
+    whose key has listeners.
+
     Invariants: while connected, the pub/sub connection is subscribed to every
-    channel in ``_listeners``; ``_confirmed[channel]`` resolves once Redis has
-    processed that channel's SUBSCRIBE (a PING sent after it was answered:
-    Redis answers a connection's commands in order).
+    channel in ``_channel_refs``; ``_confirmed[channel]`` resolves once Redis
+    has processed that channel's SUBSCRIBE (a PING sent after it was answered:
+    Redis answers a connection's commands in order). ``_listeners[key]`` counts
+    each listener's subscriptions to that key (one per shard channel).
     """
 
     def __init__(self, client: "aioredis.Redis", namespace: str) -> None:
         self._client = client
         self.namespace = namespace
+        self._pairs = msgspec.msgpack.Decoder(list[tuple[str, msgspec.Raw]])
         self._decoder = msgspec.msgpack.Decoder(p.AnyEvent)
-        self._listeners: dict[str, set[Listener]] = {}
+        self._listeners: dict[str, dict[Listener, int]] = {}
+        self._channel_refs: dict[str, int] = {}
         self._confirmed: dict[str, asyncio.Future[None]] = {}
         # PING payload -> the channels whose SUBSCRIBE it follows.
         self._pings: dict[str, list[str]] = {}
@@ -201,6 +212,7 @@ class EventBus:
         self._reader: asyncio.Task[None] | None = None
         self._connected = asyncio.Event()
         self._events_received = 0
+        self._events_delivered = 0
         self._reconnects = 0
         self._closed = False
 
@@ -217,20 +229,23 @@ class EventBus:
 
     def statistics(self) -> BusStatistics:
         return BusStatistics(
-            channels=len(self._listeners),
+            channels=len(self._channel_refs),
             listeners=sum(len(listeners) for listeners in self._listeners.values()),
             events_received=self._events_received,
+            events_delivered=self._events_delivered,
             reconnects=self._reconnects,
             connected=self._connected.is_set(),
         )
 
-    async def subscribe(self, channel: str, listener: Listener) -> None:
-        """Deliver the channel's events to ``listener``, from a moment before this returns.
+    async def subscribe(self, channel: str, key: str, listener: Listener) -> None:
+        """Deliver the events of ``key`` published on ``channel`` to ``listener``,
+        from a moment before this returns.
 
         Raises ``BusUnavailable`` when Redis cannot confirm the subscription in time.
         """
-        listeners = self._listeners.setdefault(channel, set())
-        listeners.add(listener)
+        listeners = self._listeners.setdefault(key, {})
+        listeners[listener] = listeners.get(listener, 0) + 1
+        self._channel_refs[channel] = self._channel_refs.get(channel, 0) + 1
         confirmed = self._confirmed.get(channel)
         try:
             if confirmed is None:
@@ -241,17 +256,22 @@ class EventBus:
             async with asyncio.timeout(SUBSCRIBE_TIMEOUT_S):
                 await asyncio.shield(confirmed)
         except (TimeoutError, ConnectionError, redis.exceptions.RedisError, OSError) as exc:
-            await self.unsubscribe(channel, listener)
+            await self.unsubscribe(channel, key, listener)
             raise BusUnavailable(f"live updates are unavailable: {exc!r}") from None
 
-    async def unsubscribe(self, channel: str, listener: Listener) -> None:
-        listeners = self._listeners.get(channel)
-        if listeners is None:
+    async def unsubscribe(self, channel: str, key: str, listener: Listener) -> None:
+        listeners = self._listeners.get(key)
+        if listeners is not None and listener in listeners:
+            listeners[listener] -= 1
+            if not listeners[listener]:
+                del listeners[listener]
+            if not listeners:
+                del self._listeners[key]
+        refs = self._channel_refs.get(channel, 0) - 1
+        if refs > 0:
+            self._channel_refs[channel] = refs
             return
-        listeners.discard(listener)
-        if listeners:
-            return
-        del self._listeners[channel]
+        self._channel_refs.pop(channel, None)
         confirmed = self._confirmed.pop(channel, None)
         if confirmed is not None and not confirmed.done():
             confirmed.cancel()
@@ -285,17 +305,16 @@ class EventBus:
             if was_connected:
                 self._reconnects += 1
                 # Whatever was published meanwhile is lost to us: every watch rereads.
-                for listeners in list(self._listeners.values()):
-                    for listener in list(listeners):
-                        listener.resync()
+                for listener in {lsn for ls in self._listeners.values() for lsn in ls}:
+                    listener.resync()
             await asyncio.sleep(backoff_s)
             backoff_s = min(backoff_s * 2, RECONNECT_BACKOFF_MAX_S)
 
     async def _connect(self) -> None:
         self._pubsub = self._client.pubsub(ignore_subscribe_messages=True)
         # A channel of its own keeps the connection subscribed when no watch needs any.
-        channels = [f"{self.namespace}:events:bus", *self._listeners]
-        for channel in self._listeners:
+        channels = [f"{self.namespace}:events:bus", *self._channel_refs]
+        for channel in self._channel_refs:
             if channel not in self._confirmed or self._confirmed[channel].done():
                 self._confirmed[channel] = asyncio.get_running_loop().create_future()
         await self._subscribe_and_ping(channels)
@@ -303,7 +322,6 @@ class EventBus:
 
     async def _read(self) -> None:
         pubsub = self._pubsub
-        decode = self._decoder.decode
         # The flag, not only the cancellation, ends the loop: redis-py may swallow
         # a cancellation that arrives while it reads.
         while not self._closed:
@@ -316,21 +334,27 @@ class EventBus:
             kind = message["type"]
             if kind == "pong":
                 self._confirm(message["data"])
-                continue
-            if kind != "message":
-                continue
-            channel = message["channel"]
-            if isinstance(channel, bytes):
-                channel = channel.decode()
-            listeners = self._listeners.get(channel)
+            elif kind == "message":
+                self._dispatch(message["data"])
+
+    def _dispatch(self, data: bytes) -> None:
+        try:
+            pairs = self._pairs.decode(data)
+        except msgspec.DecodeError:
+            logger.warning("an undecodable event message was dropped")
+            return
+        self._events_received += len(pairs)
+        listeners_of = self._listeners
+        for key, raw in pairs:
+            listeners = listeners_of.get(key)
             if not listeners:
                 continue
             try:
-                event = decode(message["data"])
+                event = self._decoder.decode(raw)
             except msgspec.DecodeError:
-                logger.warning("undecodable event on %s", channel)
+                logger.warning("an undecodable event was dropped")
                 continue
-            self._events_received += 1
+            self._events_delivered += 1
             for listener in list(listeners):
                 try:
                     listener.deliver(event)
@@ -714,15 +738,19 @@ def _unavailable(message: str) -> ApiError:
     return ApiError(503, "ServiceUnavailable", message, retry_after_s=limits.RETRY_AFTER_S)
 
 
+# What a connection listens to: (shard channel, key) pairs.
+Interests = list[tuple[str, str]]
+
+
 async def _opened(
-    request: web.Request, channels: list[str], watch: AnyWatch, live: LiveConnections
-) -> list[str]:
+    request: web.Request, interests: Interests, watch: AnyWatch, live: LiveConnections
+) -> Interests:
     """Subscribe, then read the snapshot: the HTTP error if either fails."""
-    subscribed: list[str] = []
+    subscribed: Interests = []
     try:
-        for channel in channels:
-            await live.bus.subscribe(channel, watch)
-            subscribed.append(channel)
+        for channel, key in interests:
+            await live.bus.subscribe(channel, key, watch)
+            subscribed.append((channel, key))
         await watch.start()
     except BusUnavailable as exc:
         await _closed(live, subscribed, watch)
@@ -736,9 +764,9 @@ async def _opened(
     return subscribed
 
 
-async def _closed(live: LiveConnections, channels: list[str], watch: AnyWatch) -> None:
-    for channel in channels:
-        await live.bus.unsubscribe(channel, watch)
+async def _closed(live: LiveConnections, interests: Interests, watch: AnyWatch) -> None:
+    for channel, key in interests:
+        await live.bus.unsubscribe(channel, key, watch)
     await watch.close()
 
 
@@ -752,7 +780,7 @@ def _admit(request: web.Request) -> LiveConnections:
 
 
 async def _serve_websocket(
-    request: web.Request, channels: list[str], make_watch: Callable[[Outbox], AnyWatch]
+    request: web.Request, interests: Interests, make_watch: Callable[[Outbox], AnyWatch]
 ) -> web.StreamResponse:
     live = _admit(request)
     ws = web.WebSocketResponse(
@@ -769,7 +797,7 @@ async def _serve_websocket(
     live.open += 1
     live.connections[outbox] = ws
     try:
-        subscribed = await _opened(request, channels, watch, live)
+        subscribed = await _opened(request, interests, watch, live)
         try:
             await ws.prepare(request)
             sender = asyncio.get_running_loop().create_task(_send_all(outbox, ws, live))
@@ -810,7 +838,7 @@ def _sse_frame(data: bytes) -> bytes:
 
 
 async def _serve_events(
-    request: web.Request, channels: list[str], make_watch: Callable[[Outbox], AnyWatch]
+    request: web.Request, interests: Interests, make_watch: Callable[[Outbox], AnyWatch]
 ) -> web.StreamResponse:
     live = _admit(request)
     response = web.StreamResponse(
@@ -829,7 +857,7 @@ async def _serve_events(
     live.open += 1
     live.connections[outbox] = None
     try:
-        subscribed = await _opened(request, channels, watch, live)
+        subscribed = await _opened(request, interests, watch, live)
         try:
             await response.prepare(request)
             await response.write(b"retry: 2000\n\n")
@@ -856,27 +884,28 @@ async def _heartbeats(outbox: Outbox) -> None:
         outbox.put(b"")
 
 
-def _queue_watch(request: web.Request) -> tuple[list[str], Callable[[Outbox], AnyWatch]]:
+def _queue_watch(request: web.Request) -> tuple[Interests, Callable[[Outbox], AnyWatch]]:
     who = principal(request)
     user_id = acting_user(who, request.query.get("userId"))
     slot_id = request.match_info["slot_id"]
-    if not slot_id or len(slot_id) > limits.ID_CHARS_MAX:
-        raise ApiError(404, "NotFound", "no such slot")
     app = request.app
+    shard = shard_of(slot_id, app[ENGINE_KEY].shard_count)
+    if shard is None:
+        raise ApiError(404, "NotFound", "no such slot")
     namespace = _admit(request).bus.namespace
-    return [slot_channel(namespace, slot_id)], lambda outbox: QueueWatch(
+    return [(shard_channel(namespace, shard), slot_key(slot_id))], lambda outbox: QueueWatch(
         app[ENGINE_KEY], app[IDS_KEY], slot_id, user_id, outbox
     )
 
 
 async def ws_queue(request: web.Request) -> web.StreamResponse:
-    channels, make_watch = _queue_watch(request)
-    return await _serve_websocket(request, channels, make_watch)
+    interests, make_watch = _queue_watch(request)
+    return await _serve_websocket(request, interests, make_watch)
 
 
 async def sse_queue(request: web.Request) -> web.StreamResponse:
-    channels, make_watch = _queue_watch(request)
-    return await _serve_events(request, channels, make_watch)
+    interests, make_watch = _queue_watch(request)
+    return await _serve_events(request, interests, make_watch)
 
 
 async def ws_bookings(request: web.Request) -> web.StreamResponse:
@@ -886,7 +915,10 @@ async def ws_bookings(request: web.Request) -> web.StreamResponse:
     namespace = _admit(request).bus.namespace
     return await _serve_websocket(
         request,
-        [user_channel(namespace, user_id)],
+        [
+            (shard_channel(namespace, shard), user_key(user_id))
+            for shard in range(app[ENGINE_KEY].shard_count)
+        ],
         lambda outbox: BookingWatch(app[ENGINE_KEY], app[IDS_KEY], user_id, outbox),
     )
 

@@ -1,15 +1,20 @@
 """Committed shard events to Redis pub/sub, for every gateway's live subscribers.
 
 A shard's writer hands over each flush's events once they are committed, so a
-subscriber never sees a change that could still be lost. Each event goes, as
-msgpack, to the channel of its slot (``{ns}:events:slot:{slot_id}``) and, for a
-booking, to its user's (``{ns}:events:user:{user_id}``); a gateway subscribes
-only to the channels its connections need.
+subscriber never sees a change that could still be lost. A flush goes out as
+one message on the shard's channel (``{ns}:events:shard:{n}``): a msgpack list
+of ``(key, event)`` pairs, where the key names who the event concerns
+(``s:<slot id>``, and ``u:<user id>`` for bookings) and the event is msgpack
+bytes. A gateway subscribes to the shards its connections need and decodes
+only the events whose keys someone watches.
 
-Publishing is off the request path: replies never wait for it. It pipelines a
-flush's events into one round trip. When Redis is down, events are dropped
-(counted and logged): live subscribers miss those updates, and any client can
-resynchronise by reading its position or booking.
+One PUBLISH per flush, not one per event and channel: a busy shard commits
+hundreds of events per flush, and a round of Redis commands per event would
+cost the shard more CPU than the events themselves.
+
+Publishing is off the request path: replies never wait for it. When Redis is
+down, events are dropped (counted and logged): live subscribers detect the gap
+and read their state again.
 """
 
 import asyncio
@@ -28,36 +33,42 @@ logger = logging.getLogger(__name__)
 
 # Flushes waiting to be published; past this the oldest are dropped.
 PENDING_FLUSHES_MAX: Final = 1_000
+# Pairs in one published message; a bigger flush goes out as several.
+MESSAGE_EVENTS_MAX: Final = 1_000
 
 
-def slot_channel(namespace: str, slot_id: str) -> str:
-    return f"{namespace}:events:slot:{slot_id}"
+def shard_channel(namespace: str, shard: int) -> str:
+    return f"{namespace}:events:shard:{shard}"
 
 
-def user_channel(namespace: str, user_id: str) -> str:
-    return f"{namespace}:events:user:{user_id}"
+def slot_key(slot_id: str) -> str:
+    return f"s:{slot_id}"
 
 
-def channels_of(namespace: str, event: AnyEvent) -> tuple[str, ...]:
-    if isinstance(event, BookingChanged):
-        return (
-            slot_channel(namespace, event.booking.slot_id),
-            user_channel(namespace, event.booking.user_id),
-        )
-    if isinstance(event, QueueChanged):
-        return (slot_channel(namespace, event.entry.slot_id),)
-    if isinstance(event, QueueMoved):
-        return (slot_channel(namespace, event.slot_id),)
-    if isinstance(event, SlotChanged):
-        return (slot_channel(namespace, event.slot.id),)
+def user_key(user_id: str) -> str:
+    return f"u:{user_id}"
+
+
+def keys_of(event: AnyEvent) -> tuple[str, ...]:
+    """Who an event concerns: its slot, and for a booking also its user."""
+    kind = type(event)
+    if kind is BookingChanged:
+        booking = event.booking  # type: ignore[union-attr]
+        return (slot_key(booking.slot_id), user_key(booking.user_id))
+    if kind is QueueChanged:
+        return (slot_key(event.entry.slot_id),)  # type: ignore[union-attr]
+    if kind is QueueMoved:
+        return (slot_key(event.slot_id),)  # type: ignore[union-attr]
+    if kind is SlotChanged:
+        return (slot_key(event.slot.id),)  # type: ignore[union-attr]
     return ()
 
 
 class EventPublisher:
-    def __init__(self, client: "aioredis.Redis", namespace: str) -> None:
+    def __init__(self, client: "aioredis.Redis", namespace: str, shard: int) -> None:
         self._client = client
-        self._namespace = namespace
-        self._encoder = msgspec.msgpack.Encoder()
+        self._channel = shard_channel(namespace, shard)
+        self._encode = msgspec.msgpack.Encoder().encode
         self._pending: deque[list[AnyEvent]] = deque()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -86,6 +97,18 @@ class EventPublisher:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
 
+    def _messages(self, events: list[AnyEvent]) -> list[bytes]:
+        encode = self._encode
+        pairs: list[tuple[str, msgspec.Raw]] = []
+        for event in events:
+            raw = msgspec.Raw(encode(event))
+            for key in keys_of(event):
+                pairs.append((key, raw))
+        return [
+            encode(pairs[start : start + MESSAGE_EVENTS_MAX])
+            for start in range(0, len(pairs), MESSAGE_EVENTS_MAX)
+        ]
+
     async def _run(self) -> None:
         while not self._closed:
             if not self._pending:
@@ -94,12 +117,8 @@ class EventPublisher:
                 continue
             events = self._pending.popleft()
             try:
-                async with self._client.pipeline(transaction=False) as pipe:
-                    for event in events:
-                        payload = self._encoder.encode(event)
-                        for channel in channels_of(self._namespace, event):
-                            pipe.publish(channel, payload)
-                    await pipe.execute()
+                for message in self._messages(events):
+                    await self._client.publish(self._channel, message)
                 self.published += len(events)
             except (redis.exceptions.RedisError, OSError) as exc:
                 self.dropped += len(events)

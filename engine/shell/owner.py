@@ -152,7 +152,7 @@ class ShardOwner:
             socket_connect_timeout=self._storage.lease_renew_every_ms / 1000,
         )
         if self._storage.publish_events:
-            self._publisher = EventPublisher(self._redis, self._storage.namespace)
+            self._publisher = EventPublisher(self._redis, self._storage.namespace, self.shard_id)
         self._lease = ShardLease(
             self._redis,
             shard=self.shard_id,

@@ -1,0 +1,104 @@
+"""The gateway's event bus on a real Redis: it decodes only what someone watches,
+in order, and after losing Redis it reconnects by itself and makes every watch
+read its state again (what was published meanwhile is lost to it)."""
+
+import asyncio
+from collections.abc import Callable
+
+import redis.asyncio as aioredis
+
+from engine.core import protocol as p
+from engine.shell.events import EventPublisher, shard_channel, slot_key, user_key
+from gateway.realtime import EventBus
+from tests.conftest import REDIS_URL
+from tests.support.fixtures import private_redis
+from tests.support.services import PrivateRedis
+
+__all__ = ["private_redis"]
+
+WAIT_LIMIT_S = 10.0
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.events: list[p.AnyEvent] = []
+        self.resyncs = 0
+        self.changed = asyncio.Event()
+
+    def deliver(self, event: p.AnyEvent) -> None:
+        self.events.append(event)
+        self.changed.set()
+
+    def resync(self) -> None:
+        self.resyncs += 1
+        self.changed.set()
+
+    async def wait_for(self, condition: Callable[[], bool]) -> None:
+        async with asyncio.timeout(WAIT_LIMIT_S):
+            while not condition():
+                self.changed.clear()
+                await self.changed.wait()
+
+
+def _moved(slot_id: str, departures: int) -> p.QueueMoved:
+    return p.QueueMoved(
+        at_ms=1, request_id="r", actor="system", slot_id=slot_id, removed_seq=departures,
+        total_in_queue=10 - departures, epoch="e", departures=departures,
+    )  # fmt: skip
+
+
+async def test_only_watched_keys_are_delivered_in_the_order_published(
+    redis_namespace: str,
+) -> None:
+    client = aioredis.Redis.from_url(REDIS_URL)
+    bus = EventBus(client, redis_namespace)
+    await bus.start()
+    publisher = EventPublisher(client, redis_namespace, shard=1)
+    watched, other = Recorder(), Recorder()
+    try:
+        await bus.subscribe(shard_channel(redis_namespace, 1), slot_key("s-watched"), watched)
+        await bus.subscribe(shard_channel(redis_namespace, 1), user_key("nobody"), other)
+        publisher.committed([_moved("s-watched", 1), _moved("s-unwatched", 1)])
+        publisher.committed([_moved("s-watched", 2), _moved("s-watched", 3)])
+        await watched.wait_for(lambda: len(watched.events) == 3)
+        assert [e.departures for e in watched.events] == [1, 2, 3]  # type: ignore[union-attr]
+        assert other.events == []
+        stats = bus.statistics()
+        assert stats.events_received == 4 and stats.events_delivered == 3
+        await bus.unsubscribe(shard_channel(redis_namespace, 1), slot_key("s-watched"), watched)
+        await bus.unsubscribe(shard_channel(redis_namespace, 1), user_key("nobody"), other)
+        assert bus.statistics().channels == 0
+    finally:
+        await publisher.close()
+        await bus.close()
+        await client.aclose()
+
+
+async def test_after_losing_redis_the_bus_reconnects_and_every_watch_resyncs(
+    private_redis: PrivateRedis,
+) -> None:
+    client = aioredis.Redis.from_url(private_redis.url, socket_connect_timeout=0.5)
+    bus = EventBus(client, "ns")
+    await bus.start()
+    watch = Recorder()
+    channel = shard_channel("ns", 0)
+    try:
+        await bus.subscribe(channel, slot_key("s1"), watch)
+        await private_redis.astop()
+        await private_redis.astart()
+        await watch.wait_for(lambda: watch.resyncs >= 1)
+        publisher_client = aioredis.Redis.from_url(private_redis.url)
+        publisher = EventPublisher(publisher_client, "ns", shard=0)
+        try:
+            # Published until the bus is subscribed again; then it arrives.
+            async with asyncio.timeout(WAIT_LIMIT_S):
+                while not watch.events:
+                    publisher.committed([_moved("s1", 1)])
+                    await asyncio.sleep(0.05)
+        finally:
+            await publisher.close()
+            await publisher_client.aclose()
+        assert bus.statistics().connected and bus.statistics().reconnects >= 1
+    finally:
+        await bus.close()
+        await client.aclose()
