@@ -15,6 +15,7 @@ import binascii
 import heapq
 import itertools
 import logging
+import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -32,6 +33,7 @@ from engine.shell.coalescer import EngineClient, RequestIds
 from engine.shell.errors import ShellError
 from gateway import schemas as s
 from gateway.auth import AuthError, Forbidden, Principal, Verifier, acting_user, bearer_token
+from gateway.idempotency import Claim, KeyRegistry, KeyRegistryUnavailable
 from gateway.openapi import add_openapi
 from gateway.ratelimit import RateLimiter, RateLimiterUnavailable
 
@@ -63,12 +65,14 @@ IDS_KEY: Final = web.AppKey("ids", RequestIds)
 TRANSPORT_KEY: Final = web.AppKey("transport", object)
 REQUEST_ID_KEY: Final = web.RequestKey("request_id", str)
 LIMITER_KEY: Final = web.AppKey("rate_limiter", RateLimiter)
+KEYS_KEY: Final = web.AppKey("idempotency_keys", KeyRegistry)
 CORS_ORIGINS_KEY: Final = web.AppKey("cors_origins", frozenset[str])
 # The error code of an answer, kept on the response for the request log.
 ERROR_CODE: Final = web.ResponseKey("error_code", str)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 T = TypeVar("T")
+B = TypeVar("B", s.ReserveBody, s.CancelBody, s.ActingBody)
 
 
 class ApiError(Exception):
@@ -159,12 +163,12 @@ async def _answer(request: web.Request, handler: Handler, request_id: str) -> we
         response = error_response(ApiError(404, "NotFound", "no such route"))
     except web.HTTPMethodNotAllowed:
         response = error_response(ApiError(405, "MethodNotAllowed", "method not allowed"))
-    except RateLimiterUnavailable:
+    except (RateLimiterUnavailable, KeyRegistryUnavailable):
         response = error_response(
             ApiError(
                 503,
                 "ServiceUnavailable",
-                "rate limits cannot be checked (Redis is unreachable), try again",
+                "Redis is unreachable (rate limits, idempotency keys), try again",
                 retry_after_s=RETRY_AFTER_UNAVAILABLE_S,
             )
         )
@@ -276,18 +280,35 @@ async def decode_body(request: web.Request, schema: type[T], *, optional: bool =
     try:
         return msgspec.json.decode(raw, type=schema)
     except msgspec.ValidationError as error:
+        # msgspec reports a schema error before it sees that the JSON is cut off:
+        # malformed JSON is 400 whatever it starts with.
+        try:
+            msgspec.json.decode(raw)
+        except msgspec.DecodeError:
+            raise ApiError(400, "BadRequest", "malformed JSON") from None
         raise validation_error(error) from None
     except msgspec.DecodeError:
         raise ApiError(400, "BadRequest", "malformed JSON") from None
 
 
+_NAMED_FIELD: Final = re.compile(r"^Object (?:missing required|contains unknown) field `([^`]+)`$")
+
+
 def validation_error(error: msgspec.ValidationError) -> ApiError:
-    """msgspec's "Expected `int`, got `str` - at `$.capacity`" as {"capacity": ...}."""
+    """msgspec's "Expected `int`, got `str` - at `$.capacity`" as {"capacity": ...}.
+
+    A missing or unknown field is named by the message itself ("Object missing
+    required field `slotId`"), nested under the path where there is one.
+    """
     text = str(error)
     message, _, where = text.rpartition(" - at `")
     if not message:
-        return ApiError(422, "ValidationError", text, {"body": text})
-    field = where.rstrip("`").removeprefix("$.").removeprefix("$") or "body"
+        message, where = text, ""
+    path = where.rstrip("`").removeprefix("$").removeprefix(".")
+    named = _NAMED_FIELD.match(message)
+    if named is not None:
+        path = f"{path}.{named.group(1)}" if path else named.group(1)
+    field = path or "body"
     return ApiError(422, "ValidationError", f"{field}: {message}", {field: message})
 
 
@@ -319,6 +340,65 @@ async def run(request: web.Request, command: p.AnyCommand) -> p.AnyResult:
     if isinstance(result, p.Failure):
         raise refusal(result)
     return result
+
+
+async def run_keyed(
+    request: web.Request,
+    endpoint: str,
+    user_id: str,
+    command: p.Reserve | p.Confirm | p.Cancel | p.JoinQueue,
+) -> p.AnyResult:
+    """``run``, with the client's Idempotency-Key checked across shards first."""
+    key = command.idempotency_key
+    registry = request.app.get(KEYS_KEY)
+    if key is None or registry is None:
+        return await run(request, command)
+    claim = await registry.claim(endpoint, user_id, key, command)
+    if claim is Claim.OTHER:
+        raise ApiError(
+            409, "IdempotencyKeyReused", "this Idempotency-Key was used for a different request"
+        )
+    try:
+        result = await request.app[ENGINE_KEY].execute(command)
+    except ShellError:
+        if claim is Claim.CREATED:
+            await registry.release(endpoint, user_id, key)
+        raise
+    if isinstance(result, p.Failure):
+        if result.status >= 500 and claim is Claim.CREATED:
+            await registry.release(endpoint, user_id, key)
+        raise refusal(result)
+    return result
+
+
+async def limited_body(
+    request: web.Request,
+    endpoint: str,
+    who: Principal,
+    schema: type[B],
+    *,
+    optional: bool = False,
+    as_self: bool = False,
+) -> tuple[B, str]:
+    """The rate limit first, then the body: every authenticated request counts.
+
+    Returns the body and the user the request acts for (``as_self``: the caller,
+    as an admin cancelling). A ``service`` names its user in the body, so its
+    requests count against that user, or against the service itself when the
+    body cannot be read.
+    """
+    if who.role != "service" or as_self:
+        await limit(request, endpoint, who.subject)
+        body = await decode_body(request, schema, optional=optional)
+        return body, who.subject if as_self else acting_user(who, body.user_id)
+    try:
+        body = await decode_body(request, schema, optional=optional)
+    except (ApiError, msgspec.ValidationError):
+        await limit(request, endpoint, who.subject)
+        raise
+    user_id = acting_user(who, body.user_id)
+    await limit(request, endpoint, user_id)
+    return body, user_id
 
 
 def next_id(request: web.Request) -> str:
@@ -460,11 +540,11 @@ async def list_slots(request: web.Request) -> web.StreamResponse:
 
 async def reserve(request: web.Request) -> web.StreamResponse:
     who = principal(request)
-    body = await decode_body(request, s.ReserveBody)
-    user_id = acting_user(who, body.user_id)
-    await limit(request, "reserve", user_id)
-    result = await run(
+    body, user_id = await limited_body(request, "reserve", who, s.ReserveBody)
+    result = await run_keyed(
         request,
+        "reserve",
+        user_id,
         p.Reserve(
             request_id=next_id(request),
             slot_id=body.slot_id,
@@ -483,12 +563,15 @@ async def reserve(request: web.Request) -> web.StreamResponse:
 async def confirm(request: web.Request) -> web.StreamResponse:
     who = principal(request)
     body = await decode_body(request, s.ActingBody, optional=True)
-    result = await run(
+    user_id = acting_user(who, body.user_id)
+    result = await run_keyed(
         request,
+        "confirm",
+        user_id,
         p.Confirm(
             request_id=next_id(request),
             booking_id=request.match_info["booking_id"],
-            user_id=acting_user(who, body.user_id),
+            user_id=user_id,
             idempotency_key=idempotency_key(request),
         ),
     )
@@ -498,12 +581,14 @@ async def confirm(request: web.Request) -> web.StreamResponse:
 
 async def cancel(request: web.Request) -> web.StreamResponse:
     who = principal(request)
-    body = await decode_body(request, s.CancelBody, optional=True)
     as_admin = who.role == "admin"
-    user_id = who.subject if as_admin else acting_user(who, body.user_id)
-    await limit(request, "cancel", user_id)
-    result = await run(
+    body, user_id = await limited_body(
+        request, "cancel", who, s.CancelBody, optional=True, as_self=as_admin
+    )
+    result = await run_keyed(
         request,
+        "cancel",
+        user_id,
         p.Cancel(
             request_id=next_id(request),
             booking_id=request.match_info["booking_id"],
@@ -601,11 +686,11 @@ async def _merged_pages(
 
 async def join_queue(request: web.Request) -> web.StreamResponse:
     who = principal(request)
-    body = await decode_body(request, s.ActingBody, optional=True)
-    user_id = acting_user(who, body.user_id)
-    await limit(request, "queue_join", user_id)
-    result = await run(
+    _, user_id = await limited_body(request, "queue_join", who, s.ActingBody, optional=True)
+    result = await run_keyed(
         request,
+        "queue_join",
+        user_id,
         p.JoinQueue(
             request_id=next_id(request),
             slot_id=request.match_info["slot_id"],
@@ -705,6 +790,7 @@ def create_app(
     limiter: RateLimiter | None = None,
     *,
     cors_origins: Sequence[str] = (),
+    keys: KeyRegistry | None = None,
 ) -> web.Application:
     """The routes of API.md. ``engine`` may come later: set ``app[ENGINE_KEY]`` on startup.
 
@@ -719,6 +805,8 @@ def create_app(
         app[ENGINE_KEY] = engine
     if limiter is not None:
         app[LIMITER_KEY] = limiter
+    if keys is not None:
+        app[KEYS_KEY] = keys
     app[VERIFIER_KEY] = verifier
     app[IDS_KEY] = RequestIds()
     app.on_response_prepare.append(stamp_headers)

@@ -27,8 +27,9 @@ from config.domains import load_policies
 from config.settings import ConfigError, Settings
 from engine.shell.coalescer import EngineClient
 from engine.shell.owner import StorageSettings
-from gateway.app import ENGINE_KEY, LIMITER_KEY, TRANSPORT_KEY, create_app
+from gateway.app import ENGINE_KEY, KEYS_KEY, LIMITER_KEY, TRANSPORT_KEY, create_app
 from gateway.auth import AuthSettings, Verifier, auth_settings_from_env
+from gateway.idempotency import KeyRegistry
 from gateway.logs import configure_logging
 from gateway.observability import OBSERVABILITY_KEY, add_observability
 from gateway.ratelimit import RateLimiter, RateLimits, rate_limits_from_env
@@ -130,6 +131,7 @@ def build_app(
             retry=Retry(NoBackoff(), 0),
         )
         app[LIMITER_KEY] = RateLimiter(redis_client, limits)
+        app[KEYS_KEY] = KeyRegistry(redis_client, storage.namespace)
         # The live updates' pub/sub connection blocks on reads: no socket timeout
         # (the bus pings Redis itself when the channel is quiet).
         bus_client = aioredis.Redis.from_url(

@@ -16,6 +16,7 @@ from engine.shell.inproc import OwnedInProcessHost
 from engine.shell.owner import StorageSettings
 from gateway.app import create_app
 from gateway.auth import AuthSettings, Verifier, issue_token
+from gateway.idempotency import KeyRegistry
 from gateway.ratelimit import RateLimiter, RateLimits
 from tests.conftest import REDIS_URL
 from tests.engine.shell.conftest import POLICIES
@@ -52,7 +53,8 @@ async def api(
     verifier = Verifier(AuthSettings(secret=SECRET))
     redis_client = aioredis.Redis.from_url(REDIS_URL)
     limiter = RateLimiter(redis_client, RateLimits(), namespace=redis_namespace)
-    app = create_app(EngineClient(host), verifier, limiter)
+    keys = KeyRegistry(redis_client, redis_namespace)
+    app = create_app(EngineClient(host), verifier, limiter, keys=keys)
     async with TestClient(TestServer(app)) as client:
         yield client
     await redis_client.aclose()
