@@ -544,6 +544,8 @@ class QueueWatch(_WatchBase):
         self.total = event.total_in_queue
         if self.status is not QueueStatus.WAITING or self.position is None:
             return
+        if event.removed_seq == self.seq:
+            return  # this user's own departure: the entry's change follows and says so
         if event.removed_seq < self.seq:
             self.position -= 1
         self.wait_per_place_ms = event.wait_per_place_ms

@@ -1002,6 +1002,21 @@ class ShardCore:
             user_id = slot.line.pop_head(now_ms)
             entry = slot.entries[user_id]
             del slot.idle[user_id]
+            # The line moves first, then the entry changes, as when a user leaves:
+            # a subscriber's totals are current when it hears of the offer.
+            self._emit(
+                QueueMoved(
+                    at_ms=now_ms,
+                    request_id=request_id,
+                    actor=actor,
+                    slot_id=slot.id,
+                    removed_seq=entry.seq,
+                    total_in_queue=slot.line.size,
+                    epoch=self._epoch,
+                    departures=slot.line.departures,
+                    wait_per_place_ms=self._wait_per_place_ms(slot, now_ms),
+                )
+            )
             booking = self._take_hold(
                 slot, user_id, now_ms, slot.policy.claim_ttl_ms, True, request_id, actor
             )
@@ -1016,19 +1031,6 @@ class ShardCore:
                 request_id,
                 actor,
                 offer_expires_at_ms=booking.expires_at_ms,
-            )
-            self._emit(
-                QueueMoved(
-                    at_ms=now_ms,
-                    request_id=request_id,
-                    actor=actor,
-                    slot_id=slot.id,
-                    removed_seq=entry.seq,
-                    total_in_queue=slot.line.size,
-                    epoch=self._epoch,
-                    departures=slot.line.departures,
-                    wait_per_place_ms=self._wait_per_place_ms(slot, now_ms),
-                )
             )
 
     def _join(self, slot: _Slot, user_id: str, now_ms: int, request_id: str) -> QueueEntry:

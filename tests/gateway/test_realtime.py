@@ -174,6 +174,7 @@ async def test_freed_capacity_offers_the_head_and_moves_everyone_behind(
         assert offer["expiresAt"].endswith("Z")
         notified = await _next_of(head, "queue.position")
         assert notified["status"] == "NOTIFIED" and notified["position"] is None
+        assert notified["totalInQueue"] == 1  # w2 alone waits now
         assert notified["bookingId"] == offer["bookingId"]
         moved = await _next_of(behind, "queue.position")
         assert moved["position"] == 1 and moved["totalInQueue"] == 1

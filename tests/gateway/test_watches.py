@@ -197,6 +197,9 @@ async def test_the_offer_reaches_the_head_with_its_deadline() -> None:
     offer = next(m for m in out.messages if m["type"] == "queue.offer")
     position = [m for m in out.messages if m["type"] == "queue.position"][-1]
     assert position["status"] == "NOTIFIED" and position["bookingId"] == offer["bookingId"]
+    assert position["totalInQueue"] == 0
+    # The head's own departure sends nothing of its own: only the offer says so.
+    assert [m["status"] for m in out.messages if m["type"] == "queue.position"] == ["NOTIFIED"]
 
 
 async def test_a_booking_watch_sends_each_version_once() -> None:

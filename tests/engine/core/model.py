@@ -152,6 +152,9 @@ class MSlot:
     # user -> id of that user's RESERVED or CONFIRMED booking of this slot
     active: dict[str, str] = field(default_factory=dict)
     last_offered_seq: int = 0
+    # The (seq, user) at the front of the line before its latest move: an offer's
+    # move comes first, then its hold and "notified" entry, which must name it.
+    departed_head: tuple[int, str] | None = None
 
     @property
     def available(self) -> int:
@@ -308,10 +311,11 @@ class ShardModel:
             expect(slot.takes_holds(self.now_ms), f"hold on {slot.id} while it takes none")
             if record.via_queue:
                 ttl_ms = slot.policy.claim_ttl_ms
+                head = slot.departed_head
                 expect(
-                    bool(slot.line) and slot.line[0][1] == user,
+                    head is not None and head[1] == user,
                     f"offer on {slot.id} to {user}, but the head of the line is "
-                    f"{slot.line[0][1] if slot.line else None}",
+                    f"{head[1] if head else None}",
                 )
             else:
                 ttl_ms = slot.policy.hold_ttl_ms
@@ -416,11 +420,11 @@ class ShardModel:
             slot.last_seen_ms[user] = slot.surely_seen_ms[user] = self.now_ms
         elif change == "notified":
             expect(
-                bool(slot.line) and slot.line[0] == (entry.seq, user),
+                slot.departed_head == (entry.seq, user),
                 f"offer on {slot.id} went to {user} (seq {entry.seq}), not the earliest "
-                f"waiting user {slot.line[0] if slot.line else None}",
+                f"waiting user {slot.departed_head}",
             )
-            slot.line.pop(0)
+            slot.departed_head = None
             slot.last_offered_seq = entry.seq
             booking_id = slot.active.get(user)
             expect(
@@ -481,13 +485,11 @@ class ShardModel:
         self.touched.add(slot.id)
         for index, (seq, _) in enumerate(slot.line):
             if seq == event.removed_seq:
+                slot.departed_head = slot.line[0]
                 del slot.line[index]
                 break
         else:
-            expect(
-                event.removed_seq == slot.last_offered_seq,
-                f"{slot.id}: seq {event.removed_seq} left a line it was not in",
-            )
+            raise ModelMismatch(f"{slot.id}: seq {event.removed_seq} left a line it was not in")
         expect(
             event.total_in_queue == len(slot.line),
             f"{slot.id}: {event.total_in_queue} in queue, the model has {len(slot.line)}",
