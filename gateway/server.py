@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
+import msgspec
 import redis.asyncio as aioredis
 from aiohttp import web
 from redis.backoff import NoBackoff
@@ -170,6 +171,7 @@ def serve(settings: Settings, options: ServeOptions) -> None:
     if options.workers == 1:
         _run_worker(settings, auth, limits, options)
         return
+    settings = _shared_by_workers(settings)
     processes = [
         multiprocessing.get_context("spawn").Process(
             target=_run_worker, args=(settings, auth, limits, options), name=f"gateway-{n}"
@@ -186,6 +188,31 @@ def serve(settings: Settings, options: ServeOptions) -> None:
             process.terminate()
         for process in processes:
             process.join(SHUTDOWN_TIMEOUT_S)
+
+
+def _shared_by_workers(settings: Settings) -> Settings:
+    """What several workers must share, settled once before they start.
+
+    Left to themselves, each worker would start its own embedded services and
+    its own local Ray, and so its own shard actors. The parent resolves the
+    services and starts the local Ray (when none is configured), and the
+    workers connect to those.
+    """
+    from persistence.embedded import resolve_services
+
+    database_url, redis_url = resolve_services(
+        settings.database_url, settings.redis_url, settings.data_dir
+    )
+    ray_address = settings.ray_address
+    if ray_address is None:
+        import ray
+
+        ray.init(namespace=RAY_NAMESPACE, log_to_driver=False, include_dashboard=False)
+        ray_address = str(ray.get_runtime_context().gcs_address)
+        logger.info("started a local Ray at %s for the workers", ray_address)
+    return msgspec.structs.replace(
+        settings, database_url=database_url, redis_url=redis_url, ray_address=ray_address
+    )
 
 
 def _run_worker(

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import aiohttp
+import pytest
 
 from tests.conftest import REDIS_URL
 
@@ -122,3 +123,55 @@ def test_serve_refuses_bad_settings_with_one_line(tmp_path: Path) -> None:
     assert done.stderr.strip().count("\n") == 0 and "SLOTENGINE_SHARDS" in done.stderr
     several = _slotengine("serve", "--engine", "inproc", "--workers", "2", env=os.environ.copy())
     assert several.returncode == 2 and "--workers" in several.stderr
+
+
+def _children(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(child) for child in path.read_text().split()] if path.exists() else []
+
+
+@pytest.mark.ray
+async def test_serve_with_two_workers_shares_the_port_and_the_shard_actors(
+    database_url: str, tmp_path: Path
+) -> None:
+    served = Served(database_url, tmp_path)
+    served.env.pop("RAY_ADDRESS", None)
+    served.process = subprocess.Popen(
+        [sys.executable, "-m", "engine.cli", "serve", "--workers", "2",
+         "--port", str(served.port)],
+        cwd=ROOT, env=served.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        admin, user = served.token("root", "admin"), served.token("ann")
+        # A new connection per request: the kernel spreads them over both workers.
+        fresh = aiohttp.TCPConnector(force_close=True)
+        async with aiohttp.ClientSession(connector=fresh) as session:
+            async with asyncio.timeout(180):
+                ready = 0
+                while ready < 2:  # two answers in a row: serving
+                    try:
+                        async with session.get(f"{served.base}/api/slots") as probe:
+                            ready = ready + 1 if probe.status == 401 else 0
+                    except aiohttp.ClientConnectionError:
+                        await asyncio.sleep(0.5)
+            workers = _children(served.process.pid)
+            assert len(workers) >= 2, workers
+            async with session.post(
+                f"{served.base}/api/admin/slots",
+                json={"resourceId": "dr-who", "startTime": "2031-01-01T09:00:00Z",
+                      "endTime": "2031-01-01T10:00:00Z", "capacity": 1},
+                headers={"Authorization": f"Bearer {admin}"},
+            ) as created:  # fmt: skip
+                assert created.status == 201, await created.text()
+                slot = await created.json()
+            # Every worker sees the slot: they share the shard actors.
+            for _ in range(20):
+                async with session.get(
+                    f"{served.base}/api/slots/{slot['id']}",
+                    headers={"Authorization": f"Bearer {user}"},
+                ) as read:
+                    assert read.status == 200
+    finally:
+        served.process.send_signal(signal.SIGINT)
+        served.output, _ = served.process.communicate(timeout=60)
+    assert served.process.returncode == 0, served.output[-3000:]
