@@ -48,6 +48,7 @@ backoff by default, seconds in all): they bound what an unreachable Redis adds
 to a request's latency.
 """
 
+import asyncio
 import math
 import os
 from collections.abc import Mapping
@@ -81,24 +82,38 @@ _MICROS: Final = 1_000_000
 # (limit * interval), both in microseconds.
 # Returns {allowed (0/1), microseconds until admitted, remaining}. Numbers given
 # to redis.call are formatted with %d; the replies are integers already.
+# One call decides a batch: KEYS[i] with ARGV[2i-1] (interval) and ARGV[2i]
+# (window); the answer is three numbers per key, in order. The same key twice
+# in a batch is decided twice, in order, as two calls would.
 _GCRA: Final = """
-local interval = tonumber(ARGV[1])
-local window = tonumber(ARGV[2])
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
-local tat = tonumber(redis.call('GET', KEYS[1]) or '0') or 0
-if tat < now then
-    tat = now
+local out = {}
+for i, key in ipairs(KEYS) do
+    local interval = tonumber(ARGV[2 * i - 1])
+    local window = tonumber(ARGV[2 * i])
+    local tat = tonumber(redis.call('GET', key) or '0') or 0
+    if tat < now then
+        tat = now
+    end
+    local next_tat = tat + interval
+    local admitted_at = next_tat - window
+    if admitted_at > now then
+        out[#out + 1] = 0
+        out[#out + 1] = admitted_at - now
+        out[#out + 1] = 0
+    else
+        local ttl_ms = math.ceil((next_tat - now) / 1000)
+        redis.call('SET', key, string.format('%d', next_tat), 'PX', string.format('%d', ttl_ms))
+        out[#out + 1] = 1
+        out[#out + 1] = 0
+        out[#out + 1] = math.floor((now + window - next_tat) / interval)
+    end
 end
-local next_tat = tat + interval
-local admitted_at = next_tat - window
-if admitted_at > now then
-    return {0, admitted_at - now, 0}
-end
-local ttl_ms = math.ceil((next_tat - now) / 1000)
-redis.call('SET', KEYS[1], string.format('%d', next_tat), 'PX', string.format('%d', ttl_ms))
-return {1, 0, math.floor((now + window - next_tat) / interval)}
+return out
 """
+# Checks decided by one script call, at most; more wait for the next call.
+CHECKS_PER_CALL_MAX: Final = 500
 
 
 class RateLimiterUnavailable(Exception):
@@ -183,6 +198,10 @@ class RateLimiter:
         self.limits = limits
         self._prefix = f"{namespace}:rl"
         self._script = client.register_script(_GCRA)
+        # Checks waiting for the next script call, and the calls in flight.
+        self._pending: list[tuple[str, str, asyncio.Future[Decision]]] = []
+        self._flush_scheduled = False
+        self._calls: set[asyncio.Task[None]] = set()
         # Per endpoint: (emission interval, burst window) in microseconds. The
         # interval is rounded up, so the sustained rate never exceeds the limit.
         self._shape: dict[str, tuple[int, int]] = {}
@@ -198,24 +217,66 @@ class RateLimiter:
     async def check(self, endpoint: str, user_id: str) -> Decision:
         """Count one request of ``user_id`` to ``endpoint`` and say whether it may pass.
 
+        The checks asked for in one turn of the event loop go to Redis together,
+        in one script call: a burst of a thousand reserves is one round trip,
+        not a thousand connections.
+
         Raises ``ValueError`` for an unknown endpoint, and
         ``RateLimiterUnavailable`` when Redis cannot be reached for an endpoint
         that fails closed.
         """
         if not self.limits.limit(endpoint):
             return _UNMETERED
-        interval, window = self._shape[endpoint]
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Decision] = loop.create_future()
+        self._pending.append((endpoint, self.key(endpoint, user_id), future))
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            loop.call_soon(self._flush)
+        return await future
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        while self._pending:
+            batch = self._pending[:CHECKS_PER_CALL_MAX]
+            del self._pending[:CHECKS_PER_CALL_MAX]
+            task = asyncio.get_running_loop().create_task(self._decide(batch))
+            self._calls.add(task)
+            task.add_done_callback(self._calls.discard)
+
+    async def _decide(self, batch: list[tuple[str, str, "asyncio.Future[Decision]"]]) -> None:
+        args: list[int] = []
+        for endpoint, _, _ in batch:
+            args.extend(self._shape[endpoint])
         try:
-            reply = await self._script(keys=[self.key(endpoint, user_id)], args=[interval, window])
+            reply = await self._script(keys=[key for _, key, _ in batch], args=args)
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as error:
-            if endpoint in FAIL_OPEN_ENDPOINTS:
-                return _UNMETERED
-            raise RateLimiterUnavailable(f"rate limits unavailable: {error}") from error
-        allowed, wait_us, remaining = reply
-        if int(allowed):
-            return Decision(allowed=True, retry_after_s=0, remaining=int(remaining))
-        return Decision(
-            allowed=False,
-            retry_after_s=max(1, math.ceil(int(wait_us) / _MICROS)),
-            remaining=0,
-        )
+            for endpoint, _, future in batch:
+                if future.done():
+                    continue
+                if endpoint in FAIL_OPEN_ENDPOINTS:
+                    future.set_result(_UNMETERED)
+                else:
+                    future.set_exception(
+                        RateLimiterUnavailable(f"rate limits unavailable: {error}")
+                    )
+            return
+        except BaseException as error:
+            for _, _, future in batch:
+                if not future.done():
+                    future.set_exception(error)
+            raise
+        for index, (_, _, future) in enumerate(batch):
+            allowed, wait_us, remaining = reply[3 * index : 3 * index + 3]
+            if future.done():
+                continue
+            if int(allowed):
+                future.set_result(Decision(allowed=True, retry_after_s=0, remaining=int(remaining)))
+            else:
+                future.set_result(
+                    Decision(
+                        allowed=False,
+                        retry_after_s=max(1, math.ceil(int(wait_us) / _MICROS)),
+                        remaining=0,
+                    )
+                )

@@ -42,6 +42,10 @@ EngineKind = Literal["ray", "inproc"]
 # Ray namespace of the shard actors every gateway of one deployment shares.
 RAY_NAMESPACE: Final = "slotengine"
 SHUTDOWN_TIMEOUT_S: Final = 10.0
+# Connections the kernel may hold for accept() (capped by net.core.somaxconn): a
+# burst of a thousand users connecting at once must not find the queue full (a
+# dropped SYN is retried after a second).
+LISTEN_BACKLOG: Final = 4096
 # Redis calls of the gateway (rate limits) fail fast: a request must not hang on them.
 REDIS_TIMEOUT_S: Final = 0.5
 
@@ -227,6 +231,7 @@ def _run_worker(
         host=options.host,
         port=options.port,
         reuse_port=options.workers > 1,
+        backlog=LISTEN_BACKLOG,
         loop=uvloop.new_event_loop(),
         shutdown_timeout=SHUTDOWN_TIMEOUT_S,
         print=logger.info,

@@ -237,3 +237,28 @@ def test_env_errors_name_the_variable(name: str, raw: str) -> None:
     assert message.startswith(f"{name}: ")
     assert repr(raw) in message
     assert "\n" not in message
+
+
+async def test_concurrent_checks_go_in_one_call_and_are_decided_in_order(
+    client: aioredis.Redis, redis_namespace: str
+) -> None:
+    limiter = RateLimiter(client, RateLimits(), namespace=redis_namespace)
+    calls = 0
+    script = limiter._script  # the registered script, counted
+
+    async def counted(*args: object, **kwargs: object) -> object:
+        nonlocal calls
+        calls += 1
+        return await script(*args, **kwargs)  # type: ignore[arg-type]
+
+    limiter._script = counted  # type: ignore[assignment]
+    # A burst: one user 15 times, and 600 other users once each, all in one turn.
+    decisions = await asyncio.gather(
+        *(limiter.check("reserve", "burst") for _ in range(15)),
+        *(limiter.check("reserve", f"user-{n}") for n in range(600)),
+    )
+    own, others = decisions[:15], decisions[15:]
+    assert [d.allowed for d in own] == [True] * 10 + [False] * 5
+    assert [d.remaining for d in own[:10]] == list(range(9, -1, -1))
+    assert all(d.allowed and d.remaining == 9 for d in others)
+    assert calls == 2  # 615 checks, at most 500 a call
