@@ -87,6 +87,8 @@ _HMAC_SECRET_BYTES_MIN: Final = {
 # aiohttp refuses header lines past 8,190 bytes anyway; a longer ``?token=`` is
 # not a token we issued or an IdP would, so it is refused before any parsing.
 TOKEN_CHARS_MAX: Final = 8_192
+# Tokens remembered as verified, until they expire (a few hundred bytes each).
+VERIFIED_TOKENS_MAX: Final = 100_000
 # A development token valid for more than a year is a leaked credential
 # waiting to happen.
 TOKEN_TTL_MAX_S: Final = 366 * 86_400
@@ -597,6 +599,7 @@ class Verifier:
         self._issuer = settings.issuer
         self._audience = settings.audience
         self._leeway_s = settings.leeway_s
+        self._verified: dict[str, Principal] = {}
         self._decoder = jwt.PyJWT(
             options={
                 "require": ["exp", "sub"],
@@ -614,7 +617,27 @@ class Verifier:
         return self._keys.algorithms
 
     def verify(self, token: str) -> Principal:
-        """The caller a token names; ``AuthError`` unless it is valid in every respect."""
+        """The caller a token names; ``AuthError`` unless it is valid in every respect.
+
+        A token that passed is remembered until it expires (``VERIFIED_TOKENS_MAX``
+        at most, the oldest forgotten first): a client sends the same token with
+        every request, and checking its signature each time was a tenth of a
+        request's cost. Only a token that verified fully is remembered, by its
+        whole text, so a changed byte is a different token, checked afresh.
+        """
+        known = self._verified.get(token)
+        if known is not None:
+            if time.time() <= known.expires_at_s + self._leeway_s:
+                return known
+            del self._verified[token]
+            raise AuthError("token has expired")
+        principal = self._verify(token)
+        if len(self._verified) >= VERIFIED_TOKENS_MAX:
+            del self._verified[next(iter(self._verified))]
+        self._verified[token] = principal
+        return principal
+
+    def _verify(self, token: str) -> Principal:
         if not token:
             raise AuthError("missing token")
         if len(token) > TOKEN_CHARS_MAX:

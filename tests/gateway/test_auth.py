@@ -780,3 +780,18 @@ def test_users_and_admins_act_only_as_themselves(role: str) -> None:
     assert acting_user(_principal(role), "alice") == "alice"
     with pytest.raises(Forbidden, match="only a service may act for another user"):
         acting_user(_principal(role), "bob")
+
+
+def test_a_remembered_token_still_expires_and_a_changed_one_is_checked_afresh(
+    hs256: Verifier, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    token = jwt.encode({"sub": "ann", "exp": int(time.time()) + 60}, SECRET, algorithm="HS256")
+    first = hs256.verify(token)
+    assert hs256.verify(token) is first  # remembered
+    header, payload, signature = token.split(".")
+    flipped = signature[:-2] + ("A" if signature[-2] != "A" else "B") + signature[-1]
+    with pytest.raises(AuthError, match="signature"):
+        hs256.verify(f"{header}.{payload}.{flipped}")
+    monkeypatch.setattr("gateway.auth.time.time", lambda: first.expires_at_s + 1.0)
+    with pytest.raises(AuthError, match="expired"):
+        hs256.verify(token)
