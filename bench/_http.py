@@ -1,0 +1,320 @@
+"""What the HTTP scenarios share: the server under test, users and tokens, latency
+records, the ledger of acknowledged answers, the database check, CPU and memory.
+
+By default a scenario starts ``slotengine serve`` itself, on a database of the
+run's own (created on ``DATABASE_URL``'s server, or the embedded one, and
+dropped at the end unless ``--keep-database``) and the configured or embedded
+Redis, with a fresh JWT secret; ``--url`` targets a running server instead
+(then ``SLOTENGINE_JWT_SECRET`` must be its secret, and ``DATABASE_URL`` its
+database for the check). Loopback only: the harness refuses other hosts.
+
+The check after a scenario reads PostgreSQL, the source of truth: no slot
+holds more than its capacity, no user has two active bookings of one slot, and
+every hold or confirmation a client was given is there with the acknowledged
+status or a later one (``lost_acks``).
+"""
+
+import argparse
+import asyncio
+import contextlib
+import os
+import resource
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections import Counter, defaultdict
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+
+from gateway.auth import issue_token
+
+BENCH_DATABASE_PREFIX: Final = "slotengine_bench_"
+SERVER_START_TIMEOUT_S: Final = 240.0
+SERVER_STOP_TIMEOUT_S: Final = 60.0
+TOKEN_TTL_S: Final = 6 * 3600
+LOOPBACK_HOSTS: Final = ("127.0.0.1", "localhost", "::1")
+# What a status may become after it was acknowledged (a later state, never an earlier one).
+LATER_STATUSES: Final = {
+    "RESERVED": {"RESERVED", "CONFIRMED", "EXPIRED", "CANCELLED", "COMPLETED"},
+    "CONFIRMED": {"CONFIRMED", "CANCELLED", "COMPLETED"},
+    "CANCELLED": {"CANCELLED"},
+    "EXPIRED": {"EXPIRED"},
+}
+
+
+def add_server_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--url", help="a running server on loopback (default: start one)")
+    parser.add_argument(
+        "--engine", choices=("ray", "inproc"), default="ray", help="engine of the started server"
+    )
+    parser.add_argument(
+        "--workers", type=int, default=1, help="gateway processes of the started server"
+    )
+    parser.add_argument("--shards", type=int, default=4, help="shards of the started server")
+    parser.add_argument(
+        "--keep-database", action="store_true", help="keep the run's database for inspection"
+    )
+
+
+@dataclass
+class Target:
+    base: str
+    secret: str
+    database_url: str | None
+    server: "subprocess.Popen[bytes] | None" = None
+    log_path: Path | None = None
+
+    def token(self, sub: str, role: str = "user") -> str:
+        return issue_token(self.secret, sub, role, TOKEN_TTL_S)  # type: ignore[arg-type]
+
+    def headers(self, sub: str, role: str = "user") -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token(sub, role)}"}
+
+    def server_pids(self) -> list[int]:
+        return [] if self.server is None else _process_tree(self.server.pid)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def _with_database(url: str, database: str) -> str:
+    return urlunsplit(urlsplit(url)._replace(path=f"/{database}"))
+
+
+@contextlib.asynccontextmanager
+async def target(args: argparse.Namespace, run_name: str) -> AsyncIterator[Target]:
+    """The server under test, started (and stopped) here unless ``--url`` names one."""
+    if args.url:
+        host = urlsplit(args.url).hostname
+        if host not in LOOPBACK_HOSTS:
+            raise SystemExit(f"--url: the bench runs on loopback only, not {host}")
+        secret = os.environ.get("SLOTENGINE_JWT_SECRET")
+        if not secret:
+            raise SystemExit("--url needs SLOTENGINE_JWT_SECRET: the server's token secret")
+        yield Target(args.url.rstrip("/"), secret, os.environ.get("DATABASE_URL"))
+        return
+    from config.settings import load_settings
+    from persistence.embedded import resolve_services
+
+    settings = load_settings()
+    database_url, redis_url = await asyncio.to_thread(
+        resolve_services, settings.database_url, settings.redis_url, settings.data_dir
+    )
+    database = BENCH_DATABASE_PREFIX + run_name
+    admin = await asyncpg.connect(_with_database(database_url, "postgres"))
+    try:
+        await admin.execute(f'CREATE DATABASE "{database}"')
+    finally:
+        await admin.close()
+    bench_url = _with_database(database_url, database)
+    port = _free_port()
+    secret = secrets.token_hex(32)
+    log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"{database}.log"
+    env = {
+        **os.environ,
+        "DATABASE_URL": bench_url,
+        "REDIS_URL": redis_url,
+        "SLOTENGINE_JWT_SECRET": secret,
+        "SLOTENGINE_SHARDS": str(args.shards),
+        # One log line per request would be part of what is measured.
+        "SLOTENGINE_LOG_LEVEL": os.environ.get("SLOTENGINE_LOG_LEVEL", "warning"),
+    }
+    command = [sys.executable, "-m", "engine.cli", "serve", "--port", str(port),
+               "--engine", args.engine, "--workers", str(args.workers)]  # fmt: skip
+    with log_path.open("wb") as log:
+        server = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+    found = Target(f"http://127.0.0.1:{port}", secret, bench_url, server, log_path)
+    try:
+        await _wait_healthy(found)
+        yield found
+    finally:
+        server.send_signal(signal.SIGINT)
+        try:
+            await asyncio.to_thread(server.wait, SERVER_STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        if not args.keep_database:
+            admin = await asyncpg.connect(_with_database(database_url, "postgres"))
+            try:
+                await admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+            finally:
+                await admin.close()
+
+
+async def _wait_healthy(found: Target) -> None:
+    import aiohttp
+
+    deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+    async with aiohttp.ClientSession() as session:
+        while time.monotonic() < deadline:
+            assert found.server is not None
+            if found.server.poll() is not None:
+                raise SystemExit(f"the server exited; its log: {found.log_path}")
+            try:
+                async with session.get(f"{found.base}/health") as health:
+                    if health.status == 200:
+                        return
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.5)
+    raise SystemExit(f"the server did not become healthy; its log: {found.log_path}")
+
+
+# -- processes ------------------------------------------------------------------------
+
+
+def _process_tree(pid: int) -> list[int]:
+    pids, pending = [], [pid]
+    while pending:
+        current = pending.pop()
+        pids.append(current)
+        with contextlib.suppress(OSError):
+            children = Path(f"/proc/{current}/task/{current}/children").read_text().split()
+            pending.extend(int(child) for child in children)
+    return pids
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU of these processes so far."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+    return total / ticks
+
+
+def rss_bytes(pids: list[int]) -> int:
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) * 1024
+    return total
+
+
+def self_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+# -- latencies and outcomes -------------------------------------------------------------
+
+
+@dataclass
+class Latencies:
+    """Per operation: every latency (ns) and every outcome ("201", "409 QueueFull", "error")."""
+
+    samples: dict[str, list[int]] = field(default_factory=lambda: defaultdict(list))
+    outcomes: dict[str, Counter[str]] = field(default_factory=lambda: defaultdict(Counter))
+    # (seconds since start, operation) of every answer, for throughput over time.
+    timeline: list[tuple[float, str]] = field(default_factory=list)
+
+    def record(self, operation: str, latency_ns: int, outcome: str, at_s: float) -> None:
+        self.samples[operation].append(latency_ns)
+        self.outcomes[operation][outcome] += 1
+        self.timeline.append((at_s, operation))
+
+    @property
+    def errors(self) -> int:
+        return sum(
+            count
+            for counts in self.outcomes.values()
+            for outcome, count in counts.items()
+            if outcome == "error" or outcome.startswith("5")
+        )
+
+    def summary(self) -> dict[str, Any]:
+        result: dict[str, Any] = {}
+        for operation, samples in sorted(self.samples.items()):
+            ordered = sorted(samples)
+            result[operation] = {
+                "count": len(ordered),
+                "p50_ms": quantile_ms(ordered, 0.50),
+                "p90_ms": quantile_ms(ordered, 0.90),
+                "p99_ms": quantile_ms(ordered, 0.99),
+                "max_ms": round(ordered[-1] / 1e6, 2) if ordered else None,
+                "outcomes": dict(sorted(self.outcomes[operation].items())),
+            }
+        return result
+
+
+def quantile_ms(sorted_ns: list[int], q: float) -> float | None:
+    if not sorted_ns:
+        return None
+    index = min(len(sorted_ns) - 1, max(0, round(q * len(sorted_ns)) - 1))
+    return round(sorted_ns[index] / 1e6, 2)
+
+
+def outcome_of(status: int, body: Any) -> str:
+    if status >= 400 and isinstance(body, dict) and "error" in body:
+        return f"{status} {body['error']}"
+    return str(status)
+
+
+# -- the ledger and the database check ------------------------------------------------------
+
+
+@dataclass
+class Ledger:
+    """The latest status each booking was acknowledged with, as the clients saw it."""
+
+    acknowledged: dict[str, str] = field(default_factory=dict)
+
+    def saw(self, booking: dict[str, Any]) -> None:
+        self.acknowledged[booking["id"]] = booking["status"]
+
+
+async def check_database(database_url: str | None, ledger: Ledger) -> dict[str, Any]:
+    """``invariant_violations`` and ``lost_acks`` as PostgreSQL has them (None: not checked)."""
+    if database_url is None:
+        return {"invariant_violations": None, "lost_acks": None, "checked": False}
+    connection = await asyncpg.connect(database_url)
+    try:
+        over_capacity = await connection.fetch(
+            """SELECT s.id FROM slots s
+               JOIN (SELECT slot_id, count(*) AS active FROM bookings
+                     WHERE status IN ('RESERVED', 'CONFIRMED') GROUP BY slot_id) b
+                 ON b.slot_id = s.id
+               WHERE b.active > s.capacity OR s.confirmed_count + s.held_count > s.capacity"""
+        )
+        doubled = await connection.fetch(
+            """SELECT user_id, slot_id FROM bookings WHERE status IN ('RESERVED', 'CONFIRMED')
+               GROUP BY user_id, slot_id HAVING count(*) > 1"""
+        )
+        stored = dict(
+            await connection.fetch(
+                "SELECT id, status FROM bookings WHERE id = ANY($1::text[])",
+                list(ledger.acknowledged),
+            )
+        )
+    finally:
+        await connection.close()
+    lost = [
+        booking_id
+        for booking_id, status in ledger.acknowledged.items()
+        if stored.get(booking_id) not in LATER_STATUSES.get(status, {status})
+    ]
+    return {
+        "checked": True,
+        "invariant_violations": len(over_capacity) + len(doubled),
+        "slots_over_capacity": len(over_capacity),
+        "users_with_two_active_bookings": len(doubled),
+        "acknowledged_bookings": len(ledger.acknowledged),
+        "lost_acks": len(lost),
+        "lost_ack_examples": lost[:5],
+    }

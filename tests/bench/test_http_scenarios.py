@@ -1,0 +1,60 @@
+"""The HTTP scenarios, run small from the command line as a load-tester runs them:
+each starts its own server, checks the database afterwards and ends with one JSON
+object. Figures are reported, never asserted (the machine is shared); counts and
+the database check are."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import DATABASE_URL, REDIS_URL
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _bench(*args: str, tmp_path: Path) -> dict[str, Any]:
+    env = {**os.environ, "DATABASE_URL": DATABASE_URL, "REDIS_URL": REDIS_URL,
+           "SLOTENGINE_DATA_DIR": str(tmp_path), "TMPDIR": str(tmp_path)}  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", *args, "--engine", "inproc", "--shards", "2"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
+
+
+@pytest.mark.slow
+def test_a_small_storm_gets_exactly_its_places_and_the_database_agrees(tmp_path: Path) -> None:
+    result = _bench("storm", "--users", "150", "--capacity", "10", "--rounds", "2",
+                    tmp_path=tmp_path)  # fmt: skip
+    assert (result["holds"], result["queued"], result["queue_full"]) == (10, 100, 40)
+    assert all(r["as_expected"] and r["queue_places_exact"] for r in result["rounds"])
+    assert result["errors"] == 0 and result["checked"]
+    assert result["invariant_violations"] == 0 and result["lost_acks"] == 0
+    assert result["acknowledged_bookings"] == 20
+
+
+@pytest.mark.slow
+def test_a_small_fan_out_reaches_every_subscriber(tmp_path: Path) -> None:
+    result = _bench("ws", "--subscribers", "300", "--queued", "20", "--changes", "2",
+                    tmp_path=tmp_path)  # fmt: skip
+    assert result["subscribers"] == 300 and result["failed_connects"] == 0
+    assert [c["reached"] for c in result["changes"]] == [299, 298]
+    assert result["missed"] == 0 and result["gateway_rss_mb"] > 0
+
+
+@pytest.mark.slow
+def test_a_short_mixed_run_answers_every_operation_and_loses_nothing(tmp_path: Path) -> None:
+    result = _bench("mixed", "--rate", "300", "--seconds", "3", "--warmup-seconds", "0.5",
+                    "--slots", "50", "--users", "500", tmp_path=tmp_path)  # fmt: skip
+    assert result["errors"] == 0 and result["checked"]
+    assert result["invariant_violations"] == 0 and result["lost_acks"] == 0
+    assert result["acknowledged_bookings"] > 0
+    assert {"reserve", "confirm", "cancel"} <= set(result["operations"])
+    assert result["throughput_rps"] > 0
