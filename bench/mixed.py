@@ -24,14 +24,17 @@ import argparse
 import asyncio
 import random
 import secrets
+import sys
 import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
+from tqdm import tqdm
 
 from bench import _http as h
+from bench._report import add_report_argument, write_report
 from bench._wire import Connection, WireError
 
 P99_TARGETS_MS = {
@@ -55,6 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--capacity", type=int, default=5, help="capacity of each slot")
     parser.add_argument("--users", type=int, default=20_000, help="the user pool")
     parser.add_argument("--seed", type=int, default=1)
+    add_report_argument(parser)
 
 
 class User:
@@ -92,6 +96,7 @@ class Mixed:
         self.started = time.perf_counter()
         self.in_flight = 0
         self.skipped = 0
+        self.progress: tqdm[Any] | None = None
 
     def take_user(self) -> User | None:
         users = self.idle_users
@@ -121,6 +126,10 @@ class Mixed:
                     operation, int((now - scheduled) * 1e9), outcome, now - self.measuring_since
                 )
             self._advance(user, operation, status, payload)
+            if self.progress is not None:
+                self.progress.update()
+                if outcome == "error" or outcome.startswith("5"):
+                    self.progress.set_postfix(errors=self.latencies.errors, refresh=False)
         finally:
             self.in_flight -= 1
             self.idle_users.append(user)
@@ -253,6 +262,11 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
             cpu_before = h.self_cpu_seconds()
             server_cpu_before = h.cpu_seconds(target.server_pids())
             wall_before = time.perf_counter()
+            planned = int(args.rate * (args.warmup_seconds + args.seconds))
+            mixed.progress = tqdm(
+                total=None if args.clients else planned,
+                desc="mixed", unit="req", file=sys.stderr, mininterval=0.5,
+            )  # fmt: skip
             if args.clients:
                 await _closed_loop(mixed, args.clients, args.warmup_seconds, args.seconds)
             else:
@@ -260,6 +274,7 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
             wall_s = time.perf_counter() - wall_before
             loadgen_cpu_s = h.self_cpu_seconds() - cpu_before
             server_cpu_s = h.cpu_seconds(target.server_pids()) - server_cpu_before
+            mixed.progress.close()
             for connection in mixed.connections:
                 connection.close()
         check = await h.check_database(target.database_url, mixed.ledger)
@@ -273,7 +288,7 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
     errors = mixed.latencies.errors
     offered = None if args.clients else args.rate
     achieved_ok = offered is None or throughput >= ACHIEVED_TARGET * offered
-    return {
+    result = {
         "scenario": "mixed",
         "mode": "closed" if args.clients else "open",
         "engine": args.engine,
@@ -296,6 +311,10 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
         and check["invariant_violations"] == 0
         and check["lost_acks"] == 0,
     }
+    if args.report:
+        files = write_report(args.report, "mixed", result, mixed.latencies)
+        result["report"] = [str(path) for path in files]
+    return result
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:

@@ -16,14 +16,17 @@ p99 <= 200 ms.
 import argparse
 import asyncio
 import secrets
+import sys
 import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
+from tqdm import tqdm
 
 from bench import _http as h
+from bench._report import add_report_argument, write_report
 from bench._wire import Connection, WireError
 
 P99_TARGET_MS = 200.0
@@ -37,6 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--queue-max", type=int, default=100, help="the server's queue size (default 100)"
     )
     parser.add_argument("--rounds", type=int, default=3, help="storms, each on a new slot")
+    add_report_argument(parser)
 
 
 async def _storm(
@@ -88,11 +92,18 @@ async def _storm(
             connection.close()
         now = time.perf_counter()
         latencies.record("reserve", int((now - started) * 1e9), outcome, now - started)
+        progress.update()
+        if outcome == "error" or outcome.startswith("5"):
+            progress.set_postfix(errors=latencies.errors, refresh=False)
         if outcome in ("201", "200") and body is not None:
             ledger.saw(body["booking"])
         elif outcome == "202" and body is not None:
             places.append(body["queue"]["position"])
 
+    progress = tqdm(
+        total=len(users), desc=f"storm {round_no + 1}", unit="req", file=sys.stderr,
+        mininterval=0.2,
+    )  # fmt: skip
     tasks = [asyncio.create_task(user(name)) for name in users]
     # Everyone has read the slot (their connections are open) before the storm.
     await all_ready.wait()
@@ -100,6 +111,7 @@ async def _storm(
     go.set()
     await asyncio.gather(*tasks)
     wall_s = time.perf_counter() - started
+    progress.close()
     outcomes = latencies.outcomes["reserve"]
     expected_queued = min(args.queue_max, max(0, args.users - args.capacity))
     expected = {
@@ -120,6 +132,7 @@ async def _storm(
         "errors": latencies.errors + len(warmup_errors),
         "warmup_errors": warmup_errors[:3],
         "ledger": ledger,
+        "latencies": latencies,
     }
 
 
@@ -139,12 +152,27 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
                     f"p99 {rounds[-1]['p99_ms']} ms",
                     flush=True,
                 )
-        loadgen_cpu_s = h.self_cpu_seconds() - cpu_before
-        server_cpu_s = h.cpu_seconds(target.server_pids()) - server_cpu_before
+        cpu = {
+            "loadgen_cpu_s": round(h.self_cpu_seconds() - cpu_before, 2),
+            "server_cpu_s": round(h.cpu_seconds(target.server_pids()) - server_cpu_before, 2),
+        }
         ledger = h.Ledger()
+        latencies = h.Latencies()
         for result in rounds:
             ledger.acknowledged.update(result.pop("ledger").acknowledged)
+            for name, samples in result.pop("latencies").samples.items():
+                latencies.samples[name].extend(samples)
         check = await h.check_database(target.database_url, ledger)
+    result = _result(args, rounds, {**cpu, **check})
+    if args.report:
+        result["report"] = [str(p) for p in write_report(args.report, "storm", result, latencies)]
+    return result
+
+
+def _result(
+    args: argparse.Namespace, rounds: list[dict[str, Any]], measured: dict[str, Any]
+) -> dict[str, Any]:
+    """The JSON line: every round, the worst p99, CPU and the database check (``measured``)."""
     worst_p99 = max(r["p99_ms"] or 0.0 for r in rounds)
     errors = sum(r["errors"] for r in rounds)
     exact = all(r["as_expected"] and r["queue_places_exact"] for r in rounds)
@@ -161,14 +189,12 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
         "errors": errors,
         "p99_ms": worst_p99,
         "p99_target_ms": P99_TARGET_MS,
-        "loadgen_cpu_s": round(loadgen_cpu_s, 2),
-        "server_cpu_s": round(server_cpu_s, 2),
-        **check,
+        **measured,
         "meets_target": exact
         and errors == 0
         and worst_p99 <= P99_TARGET_MS
-        and check["invariant_violations"] == 0
-        and check["lost_acks"] == 0,
+        and measured["invariant_violations"] == 0
+        and measured["lost_acks"] == 0,
     }
 
 

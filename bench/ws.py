@@ -17,14 +17,17 @@ Targets on the 2-core machine: p99 <= 1 s, gateway memory <= 1.5 GB.
 import argparse
 import asyncio
 import secrets
+import sys
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+from tqdm import tqdm
 
 from bench import _http as h
+from bench._report import add_report_argument, write_report
 
 P99_TARGET_MS = 1_000.0
 GATEWAY_RSS_TARGET_MB = 1_536.0
@@ -38,6 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--subscribers", type=int, default=10_000, help="WebSocket subscribers")
     parser.add_argument("--queued", type=int, default=100, help="of them, waiting in the queue")
     parser.add_argument("--changes", type=int, default=5, help="changes at the head, measured")
+    add_report_argument(parser)
 
 
 class Subscriber:
@@ -125,11 +129,17 @@ async def _measure(
             for _ in range(2):
                 await subscriber.ws.receive()
         listeners.append(asyncio.create_task(subscriber.listen()))
+        progress.update()
 
+    progress = tqdm(
+        total=len(subscribers), desc="subscribing", unit="ws", file=sys.stderr, mininterval=0.5
+    )
     connect_started = time.perf_counter()
     results = await asyncio.gather(*(connect(s) for s in subscribers), return_exceptions=True)
     failed_connects = sum(isinstance(r, BaseException) for r in results)
     connect_s = time.perf_counter() - connect_started
+    progress.close()
+    fan_out = h.Latencies()
     print(f"{len(subscribers) - failed_connects} subscribers in {connect_s:.1f} s", flush=True)
     gateway_rss = h.rss_bytes(_gateway_pids(target))
     tree_rss = h.rss_bytes(target.server_pids())
@@ -157,6 +167,8 @@ async def _measure(
         latencies = sorted(
             int((s.first_after - started) * 1e9) for s in waiting if s.first_after is not None
         )
+        for latency_ns in latencies:
+            fan_out.record("fan_out", latency_ns, "reached", change + latency_ns / 1e9)
         changes.append(
             {
                 "reached": len(latencies),
@@ -178,7 +190,7 @@ async def _measure(
     worst_p99 = max((c["p99_ms"] or float("inf")) for c in changes) if changes else None
     missed = sum(c["missed"] for c in changes)
     gateway_mb = round(gateway_rss / 2**20, 1)
-    return {
+    result = {
         "scenario": "ws",
         "engine": args.engine,
         "workers": args.workers,
@@ -199,6 +211,9 @@ async def _measure(
         and worst_p99 <= P99_TARGET_MS
         and gateway_mb <= GATEWAY_RSS_TARGET_MB,
     }
+    if args.report:
+        result["report"] = [str(p) for p in write_report(args.report, "ws", result, fan_out)]
+    return result
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:

@@ -51,10 +51,17 @@ def test_a_small_fan_out_reaches_every_subscriber(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_a_short_mixed_run_answers_every_operation_and_loses_nothing(tmp_path: Path) -> None:
+    report = tmp_path / "report"
     result = _bench("mixed", "--rate", "300", "--seconds", "3", "--warmup-seconds", "0.5",
-                    "--slots", "50", "--users", "500", tmp_path=tmp_path)  # fmt: skip
+                    "--slots", "50", "--users", "500", "--report", str(report),
+                    tmp_path=tmp_path)  # fmt: skip
     assert result["errors"] == 0 and result["checked"]
     assert result["invariant_violations"] == 0 and result["lost_acks"] == 0
     assert result["acknowledged_bookings"] > 0
     assert {"reserve", "confirm", "cancel"} <= set(result["operations"])
     assert result["throughput_rps"] > 0
+    # The report: a Markdown summary naming every operation, and its two plots.
+    summary = (report / "mixed.md").read_text()
+    assert all(f"| {op} |" in summary for op in result["operations"])
+    for plot in ("mixed-latency.png", "mixed-throughput.png"):
+        assert (report / plot).read_bytes().startswith(b"\x89PNG") and f"]({plot})" in summary
