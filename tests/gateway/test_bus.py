@@ -11,10 +11,9 @@ from engine.core import protocol as p
 from engine.shell.events import EventPublisher, shard_channel, slot_key, user_key
 from gateway.realtime import EventBus
 from tests.conftest import REDIS_URL
-from tests.support.fixtures import private_redis
 from tests.support.services import PrivateRedis
 
-__all__ = ["private_redis"]
+pytest_plugins = ["tests.support.fixtures"]
 
 WAIT_LIMIT_S = 10.0
 
