@@ -200,7 +200,7 @@ class EventBus:
     def __init__(self, client: "aioredis.Redis", namespace: str) -> None:
         self._client = client
         self.namespace = namespace
-        self._pairs = msgspec.msgpack.Decoder(list[tuple[str, msgspec.Raw]])
+        self._message = msgspec.msgpack.Decoder(tuple[list[list[str]], list[msgspec.Raw]])
         self._decoder = msgspec.msgpack.Decoder(p.AnyEvent)
         self._listeners: dict[str, dict[Listener, int]] = {}
         self._channel_refs: dict[str, int] = {}
@@ -339,15 +339,15 @@ class EventBus:
 
     def _dispatch(self, data: bytes) -> None:
         try:
-            pairs = self._pairs.decode(data)
+            keys_of, raws = self._message.decode(data)
         except msgspec.DecodeError:
             logger.warning("an undecodable event message was dropped")
             return
-        self._events_received += len(pairs)
+        self._events_received += len(raws)
         listeners_of = self._listeners
-        for key, raw in pairs:
-            listeners = listeners_of.get(key)
-            if not listeners:
+        for keys, raw in zip(keys_of, raws, strict=False):
+            watching = [listeners for key in keys if (listeners := listeners_of.get(key))]
+            if not watching:
                 continue
             try:
                 event = self._decoder.decode(raw)
@@ -355,11 +355,12 @@ class EventBus:
                 logger.warning("an undecodable event was dropped")
                 continue
             self._events_delivered += 1
-            for listener in list(listeners):
-                try:
-                    listener.deliver(event)
-                except Exception:  # one broken watch must not stop the others
-                    logger.exception("a watch failed on an event")
+            for listeners in watching:
+                for listener in list(listeners):
+                    try:
+                        listener.deliver(event)
+                    except Exception:  # one broken watch must not stop the others
+                        logger.exception("a watch failed on an event")
 
     def _confirm(self, data: Any) -> None:
         token = data.decode() if isinstance(data, bytes) else str(data)

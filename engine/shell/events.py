@@ -2,11 +2,11 @@
 
 A shard's writer hands over each flush's events once they are committed, so a
 subscriber never sees a change that could still be lost. A flush goes out as
-one message on the shard's channel (``{ns}:events:shard:{n}``): a msgpack list
-of ``(key, event)`` pairs, where the key names who the event concerns
-(``s:<slot id>``, and ``u:<user id>`` for bookings) and the event is msgpack
-bytes. A gateway subscribes to the shards its connections need and decodes
-only the events whose keys someone watches.
+one message on the shard's channel (``{ns}:events:shard:{n}``): a msgpack pair
+``(keys, events)``, where ``keys[i]`` names who ``events[i]`` concerns
+(``s:<slot id>``, and ``u:<user id>`` for bookings). The events are encoded
+in one call; a gateway subscribes to the shards its connections need, reads
+the events as raw slices and decodes only those whose keys someone watches.
 
 One PUBLISH per flush, not one per event and channel: a busy shard commits
 hundreds of events per flush, and a round of Redis commands per event would
@@ -33,7 +33,7 @@ logger = logging.getLogger(__name__)
 
 # Flushes waiting to be published; past this the oldest are dropped.
 PENDING_FLUSHES_MAX: Final = 1_000
-# Pairs in one published message; a bigger flush goes out as several.
+# Events in one published message; a bigger flush goes out as several.
 MESSAGE_EVENTS_MAX: Final = 1_000
 
 
@@ -99,15 +99,11 @@ class EventPublisher:
 
     def _messages(self, events: list[AnyEvent]) -> list[bytes]:
         encode = self._encode
-        pairs: list[tuple[str, msgspec.Raw]] = []
-        for event in events:
-            raw = msgspec.Raw(encode(event))
-            for key in keys_of(event):
-                pairs.append((key, raw))
-        return [
-            encode(pairs[start : start + MESSAGE_EVENTS_MAX])
-            for start in range(0, len(pairs), MESSAGE_EVENTS_MAX)
-        ]
+        messages = []
+        for start in range(0, len(events), MESSAGE_EVENTS_MAX):
+            chunk = events[start : start + MESSAGE_EVENTS_MAX]
+            messages.append(encode(([keys_of(event) for event in chunk], chunk)))
+        return messages
 
     async def _run(self) -> None:
         while not self._closed:
