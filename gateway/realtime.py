@@ -713,8 +713,10 @@ class LiveConnections:
         *,
         connections_max: int = CONNECTIONS_MAX,
         outbox_messages_max: int = OUTBOX_MESSAGES_MAX,
+        heartbeat_s: float = HEARTBEAT_S,
     ) -> None:
         self.bus = bus
+        self.heartbeat_s = heartbeat_s
         self.connections_max = connections_max
         self.outbox_messages_max = outbox_messages_max
         self.open = 0
@@ -787,7 +789,7 @@ async def _serve_websocket(
 ) -> web.StreamResponse:
     live = _admit(request)
     ws = web.WebSocketResponse(
-        heartbeat=HEARTBEAT_S, compress=False, max_msg_size=CLIENT_MESSAGE_BYTES_MAX
+        heartbeat=live.heartbeat_s, compress=False, max_msg_size=CLIENT_MESSAGE_BYTES_MAX
     )
     if not ws.can_prepare(request).ok:
         raise ApiError(400, "BadRequest", "this route takes a WebSocket upgrade")
@@ -864,7 +866,7 @@ async def _serve_events(
         try:
             await response.prepare(request)
             await response.write(b"retry: 2000\n\n")
-            beat = asyncio.get_running_loop().create_task(_heartbeats(outbox))
+            beat = asyncio.get_running_loop().create_task(_heartbeats(outbox, live.heartbeat_s))
             try:
                 await outbox.run()
             except ConnectionError:
@@ -881,9 +883,9 @@ async def _serve_events(
     return response
 
 
-async def _heartbeats(outbox: Outbox) -> None:
+async def _heartbeats(outbox: Outbox, every_s: float) -> None:
     while True:
-        await asyncio.sleep(HEARTBEAT_S)
+        await asyncio.sleep(every_s)
         outbox.put(b"")
 
 

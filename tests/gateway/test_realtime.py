@@ -292,3 +292,22 @@ async def test_a_consumer_that_falls_behind_is_disconnected(gateway: Gateway, to
             if message.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED):
                 break
         assert ws.close_code == CLOSE_TRY_AGAIN_LATER
+
+
+async def test_idle_connections_get_heartbeats(gateway: Gateway, token: Token) -> None:
+    api = await gateway(heartbeat_s=0.2)
+    slot_id = await _queued_slot(api, token, ["w1"])
+    # WebSocket: the server pings; a client that answers no pong is closed.
+    async with api.ws_connect(
+        f"/ws/queue/{slot_id}?token={_query_token('w1')}", autoping=False
+    ) as ws:
+        kinds = [(await _next(ws))["type"] for _ in range(2)]
+        assert kinds == ["queue.position", "slot.updated"]
+        ping = await asyncio.wait_for(ws.receive(), RECEIVE_LIMIT_S)
+        assert ping.type is aiohttp.WSMsgType.PING
+    # SSE: a comment line as often.
+    response = await api.get(f"/api/slots/{slot_id}/queue/events", headers=token("w1"))
+    async with asyncio.timeout(RECEIVE_LIMIT_S):
+        while (await response.content.readline()) != b": heartbeat\n":
+            pass
+    response.close()
