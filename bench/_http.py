@@ -28,19 +28,24 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Final
-from urllib.parse import urlsplit, urlunsplit
+from typing import TYPE_CHECKING, Any, Final
+from urllib.parse import urlsplit
 
 import asyncpg
 
+from bench._database import create_run_database, drop_database
 from gateway.auth import issue_token
 
-BENCH_DATABASE_PREFIX: Final = "slotengine_bench_"
+if TYPE_CHECKING:
+    import aiohttp
+
 SERVER_START_TIMEOUT_S: Final = 240.0
 SERVER_STOP_TIMEOUT_S: Final = 60.0
 TOKEN_TTL_S: Final = 6 * 3600
 LOOPBACK_HOSTS: Final = ("127.0.0.1", "localhost", "::1")
+SLOT_LENGTH: Final = timedelta(minutes=30)
 # What a status may become after it was acknowledged (a later state, never an earlier one).
 LATER_STATUSES: Final = {
     "RESERVED": {"RESERVED", "CONFIRMED", "EXPIRED", "CANCELLED", "COMPLETED"},
@@ -89,10 +94,6 @@ def _free_port() -> int:
         return port
 
 
-def _with_database(url: str, database: str) -> str:
-    return urlunsplit(urlsplit(url)._replace(path=f"/{database}"))
-
-
 @contextlib.asynccontextmanager
 async def target(args: argparse.Namespace, run_name: str) -> AsyncIterator[Target]:
     """The server under test, started (and stopped) here unless ``--url`` names one."""
@@ -112,13 +113,8 @@ async def target(args: argparse.Namespace, run_name: str) -> AsyncIterator[Targe
     database_url, redis_url = await asyncio.to_thread(
         resolve_services, settings.database_url, settings.redis_url, settings.data_dir
     )
-    database = BENCH_DATABASE_PREFIX + run_name
-    admin = await asyncpg.connect(_with_database(database_url, "postgres"))
-    try:
-        await admin.execute(f'CREATE DATABASE "{database}"')
-    finally:
-        await admin.close()
-    bench_url = _with_database(database_url, database)
+    bench_url = await create_run_database(database_url, run_name)
+    database = urlsplit(bench_url).path.lstrip("/")
     port = _free_port()
     secret = secrets.token_hex(32)
     log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"{database}.log"
@@ -146,11 +142,7 @@ async def target(args: argparse.Namespace, run_name: str) -> AsyncIterator[Targe
         except subprocess.TimeoutExpired:
             server.kill()
         if not args.keep_database:
-            admin = await asyncpg.connect(_with_database(database_url, "postgres"))
-            try:
-                await admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
-            finally:
-                await admin.close()
+            await drop_database(bench_url)
 
 
 async def _wait_healthy(found: Target) -> None:
@@ -170,6 +162,32 @@ async def _wait_healthy(found: Target) -> None:
                 pass
             await asyncio.sleep(0.5)
     raise SystemExit(f"the server did not become healthy; its log: {found.log_path}")
+
+
+async def create_slot(
+    session: "aiohttp.ClientSession",
+    target: Target,
+    resource_id: str,
+    capacity: int,
+    start: datetime,
+) -> str:
+    """A 30-minute slot starting at ``start``, created by an admin; its id."""
+    async with session.post(
+        f"{target.base}/api/admin/slots",
+        json={"resourceId": resource_id, "capacity": capacity,
+              "startTime": start.isoformat(),
+              "endTime": (start + SLOT_LENGTH).isoformat()},
+        headers=target.headers("bench-admin", "admin"),
+    ) as created:  # fmt: skip
+        if created.status != 201:
+            raise SystemExit(f"creating a slot failed: {created.status} {await created.text()}")
+        slot_id: str = (await created.json())["id"]
+        return slot_id
+
+
+def tomorrow() -> datetime:
+    """A whole second a day from now: slots there are open for booking in every domain."""
+    return datetime.now(UTC).replace(microsecond=0) + timedelta(days=1)
 
 
 # -- processes ------------------------------------------------------------------------

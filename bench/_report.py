@@ -21,6 +21,14 @@ def add_report_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--report", type=Path, help="write a Markdown summary and PNG plots here")
 
 
+def _save(plt: Any, figure: Any, path: Path, written: list[Path]) -> str:
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    written.append(path)
+    return path.name
+
+
 def write_report(
     directory: Path, scenario: str, result: dict[str, Any], latencies: Latencies | None
 ) -> list[Path]:
@@ -45,12 +53,7 @@ def write_report(
         axes.set_title(f"{scenario}: latency by operation")
         axes.grid(True, which="both", alpha=0.3)
         axes.legend()
-        path = directory / f"{scenario}-latency.png"
-        figure.tight_layout()
-        figure.savefig(path, dpi=100)
-        plt.close(figure)
-        written.append(path)
-        plots.append(path.name)
+        plots.append(_save(plt, figure, directory / f"{scenario}-latency.png", written))
 
         per_second: dict[str, Counter[int]] = defaultdict(Counter)
         for at_s, operation in latencies.timeline:
@@ -67,12 +70,7 @@ def write_report(
         axes.set_ylabel("answers per second")
         axes.set_title(f"{scenario}: throughput over time")
         axes.legend()
-        path = directory / f"{scenario}-throughput.png"
-        figure.tight_layout()
-        figure.savefig(path, dpi=100)
-        plt.close(figure)
-        written.append(path)
-        plots.append(path.name)
+        plots.append(_save(plt, figure, directory / f"{scenario}-throughput.png", written))
 
     lines = [f"# Bench: {scenario}", ""]
     operations = result.get("operations")

@@ -26,7 +26,6 @@ import random
 import secrets
 import sys
 import time
-from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -62,7 +61,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 class User:
-    __slots__ = ("booking", "busy", "name", "slot", "state", "token")
+    __slots__ = ("booking", "name", "slot", "state", "token")
 
     def __init__(self, name: str, token: bytes) -> None:
         self.name = name
@@ -70,19 +69,16 @@ class User:
         self.state = "idle"  # idle | held | booked | queued
         self.slot: str | None = None
         self.booking: str | None = None
-        self.busy = False
 
 
 class Mixed:
     def __init__(
         self,
-        session: aiohttp.ClientSession,
         target: h.Target,
         slots: list[str],
         users: list[User],
         seed: int,
     ) -> None:
-        self.session = session
         address = urlsplit(target.base)
         self.host, self.port = address.hostname or "127.0.0.1", address.port or 80
         # Idle keep-alive connections; a request takes one (or opens one) and gives it back.
@@ -93,8 +89,6 @@ class Mixed:
         self.latencies = h.Latencies()
         self.ledger = h.Ledger()
         self.measuring_since: float | None = None
-        self.started = time.perf_counter()
-        self.in_flight = 0
         self.skipped = 0
         self.progress: tqdm[Any] | None = None
 
@@ -107,7 +101,6 @@ class Mixed:
         return users.pop()
 
     async def act(self, user: User, scheduled: float) -> None:
-        self.in_flight += 1
         try:
             operation, method, path, body = self._next_request(user)
             connection = (
@@ -131,7 +124,6 @@ class Mixed:
                 if outcome == "error" or outcome.startswith("5"):
                     self.progress.set_postfix(errors=self.latencies.errors, refresh=False)
         finally:
-            self.in_flight -= 1
             self.idle_users.append(user)
 
     def _next_request(self, user: User) -> tuple[str, str, str, Any]:
@@ -185,22 +177,13 @@ class Mixed:
 
 async def _create_slots(session: aiohttp.ClientSession, target: h.Target, count: int,
                         capacity: int) -> list[str]:  # fmt: skip
-    headers = target.headers("bench-admin", "admin")
-    base = datetime.now(UTC).replace(microsecond=0) + timedelta(days=1)
+    base = h.tomorrow()
     gate = asyncio.Semaphore(50)
 
     async def create(n: int) -> str:
-        start = base + timedelta(minutes=30 * (n % 48))
-        async with gate, session.post(
-            f"{target.base}/api/admin/slots",
-            json={"resourceId": f"mixed-{n}", "capacity": capacity,
-                  "startTime": start.isoformat(),
-                  "endTime": (start + timedelta(minutes=30)).isoformat()},
-            headers=headers,
-        ) as created:  # fmt: skip
-            assert created.status == 201, await created.text()
-            slot_id: str = (await created.json())["id"]
-            return slot_id
+        async with gate:
+            start = base + h.SLOT_LENGTH * (n % 48)
+            return await h.create_slot(session, target, f"mixed-{n}", capacity, start)
 
     return list(await asyncio.gather(*(create(n) for n in range(count))))
 
@@ -258,7 +241,7 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
             users = [
                 User(f"mixed-{n}", target.token(f"mixed-{n}").encode()) for n in range(args.users)
             ]
-            mixed = Mixed(session, target, slots, users, args.seed)
+            mixed = Mixed(target, slots, users, args.seed)
             cpu_before = h.self_cpu_seconds()
             server_cpu_before = h.cpu_seconds(target.server_pids())
             wall_before = time.perf_counter()

@@ -402,13 +402,11 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
 
 # Each durable run writes to a database of its own on the configured server,
 # named after the run and dropped at its end (--keep-database keeps it).
-BENCH_DATABASE_PREFIX = "slotengine_bench_"
 
 
 async def _bench_storage(settings: Any, prefix: str) -> Any:
     """A fresh database of the bench's own on the configured (or embedded) server."""
-    import asyncpg
-
+    from bench._database import create_run_database
     from engine.shell.owner import StorageSettings
     from persistence.embedded import resolve_services
     from persistence.migrate import migrate_url
@@ -417,13 +415,7 @@ async def _bench_storage(settings: Any, prefix: str) -> Any:
     database_url, redis_url = await asyncio.to_thread(
         resolve_services, settings.database_url, settings.redis_url, settings.data_dir
     )
-    database = BENCH_DATABASE_PREFIX + prefix.replace("-", "_")
-    admin = await asyncpg.connect(_with_database(database_url, "postgres"))
-    try:
-        await admin.execute(f'CREATE DATABASE "{database}"')
-    finally:
-        await admin.close()
-    bench_url = _with_database(database_url, database)
+    bench_url = await create_run_database(database_url, prefix)
     await migrate_url(bench_url)
     return StorageSettings(
         database_url=bench_url,
@@ -434,22 +426,9 @@ async def _bench_storage(settings: Any, prefix: str) -> Any:
 
 
 async def _drop_database(url: str) -> None:
-    from urllib.parse import urlsplit
+    from bench._database import drop_database
 
-    import asyncpg
-
-    database = urlsplit(url).path.lstrip("/")
-    admin = await asyncpg.connect(_with_database(url, "postgres"))
-    try:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
-    finally:
-        await admin.close()
-
-
-def _with_database(url: str, database: str) -> str:
-    from urllib.parse import urlsplit, urlunsplit
-
-    return urlunsplit(urlsplit(url)._replace(path=f"/{database}"))
+    await drop_database(url)
 
 
 async def _per_command_baseline(

@@ -18,7 +18,7 @@ import asyncio
 import secrets
 import sys
 import time
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -46,16 +46,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 async def _storm(
     session: aiohttp.ClientSession, target: h.Target, args: argparse.Namespace, round_no: int
 ) -> dict[str, Any]:
-    start = datetime.now(UTC).replace(microsecond=0) + timedelta(days=1, hours=round_no)
-    async with session.post(
-        f"{target.base}/api/admin/slots",
-        json={"resourceId": f"storm-{secrets.token_hex(4)}", "capacity": args.capacity,
-              "startTime": start.isoformat(),
-              "endTime": (start + timedelta(minutes=30)).isoformat()},
-        headers=target.headers("bench-admin", "admin"),
-    ) as created:  # fmt: skip
-        assert created.status == 201, await created.text()
-        slot_id = (await created.json())["id"]
+    slot_id = await h.create_slot(
+        session,
+        target,
+        f"storm-{secrets.token_hex(4)}",
+        args.capacity,
+        h.tomorrow() + timedelta(hours=round_no),
+    )
     users = [f"storm{round_no}-{n}" for n in range(args.users)]
     tokens = {user: target.token(user).encode() for user in users}
     address = urlsplit(target.base)

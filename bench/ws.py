@@ -19,7 +19,6 @@ import asyncio
 import secrets
 import sys
 import time
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -90,16 +89,7 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
 async def _measure(
     session: aiohttp.ClientSession, target: h.Target, args: argparse.Namespace
 ) -> dict[str, Any]:
-    start = datetime.now(UTC).replace(microsecond=0) + timedelta(days=1)
-    async with session.post(
-        f"{target.base}/api/admin/slots",
-        json={"resourceId": f"ws-{secrets.token_hex(4)}", "capacity": 1,
-              "startTime": start.isoformat(),
-              "endTime": (start + timedelta(minutes=30)).isoformat()},
-        headers=target.headers("bench-admin", "admin"),
-    ) as created:  # fmt: skip
-        assert created.status == 201, await created.text()
-        slot_id = (await created.json())["id"]
+    slot_id = await h.create_slot(session, target, f"ws-{secrets.token_hex(4)}", 1, h.tomorrow())
     async with session.post(
         f"{target.base}/api/bookings/reserve", json={"slotId": slot_id},
         headers=target.headers("holder"),

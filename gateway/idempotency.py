@@ -21,12 +21,12 @@ import enum
 import hashlib
 from typing import Final
 
-import msgspec
 import redis.asyncio as aioredis
 import redis.exceptions
 
 from engine.core import limits
 from engine.core.protocol import AnyCommand
+from engine.core.shard import fingerprint as shard_fingerprint
 
 RECORD_TTL_S: Final = limits.IDEMPOTENCY_RETENTION_MS // 1000
 
@@ -83,6 +83,5 @@ class KeyRegistry:
 
 
 def fingerprint(command: AnyCommand) -> str:
-    """The request as the key stands for it: everything but its ids of transport."""
-    neutral = msgspec.structs.replace(command, request_id="", idempotency_key=None)
-    return hashlib.blake2b(msgspec.msgpack.encode(neutral), digest_size=16).hexdigest()
+    """The shard's fingerprint of the request (``engine.core.shard``), hashed short for Redis."""
+    return hashlib.blake2b(shard_fingerprint(command), digest_size=16).hexdigest()

@@ -42,7 +42,7 @@ committed events.
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Final, Protocol
 
 import msgspec
@@ -719,10 +719,13 @@ class LiveConnections:
         self.heartbeat_s = heartbeat_s
         self.connections_max = connections_max
         self.outbox_messages_max = outbox_messages_max
-        self.open = 0
         self.slow_consumers_closed = 0
         # Every live connection's outbox and, for WebSockets, the socket: closed on shutdown.
         self.connections: dict[Outbox, web.WebSocketResponse | None] = {}
+
+    @property
+    def open(self) -> int:
+        return len(self.connections)
 
     async def close_all(self) -> None:
         """Going away: close every connection (clients reconnect to another gateway)."""
@@ -769,6 +772,27 @@ async def _opened(
     return subscribed
 
 
+@contextlib.asynccontextmanager
+async def _watching(
+    request: web.Request,
+    live: LiveConnections,
+    interests: Interests,
+    watch: AnyWatch,
+    outbox: Outbox,
+    ws: web.WebSocketResponse | None,
+) -> AsyncIterator[None]:
+    """One live connection, counted, subscribed and holding its first state, until it ends."""
+    live.connections[outbox] = ws
+    try:
+        subscribed = await _opened(request, interests, watch, live)
+        try:
+            yield
+        finally:
+            await _closed(live, subscribed, watch)
+    finally:
+        del live.connections[outbox]
+
+
 async def _closed(live: LiveConnections, interests: Interests, watch: AnyWatch) -> None:
     for channel, key in interests:
         await live.bus.unsubscribe(channel, key, watch)
@@ -798,30 +822,20 @@ async def _serve_websocket(
         await ws.send_frame(data, WSMsgType.TEXT)
 
     outbox = Outbox(send, live.outbox_messages_max)
-    watch = make_watch(outbox)
-    live.open += 1
-    live.connections[outbox] = ws
-    try:
-        subscribed = await _opened(request, interests, watch, live)
+    async with _watching(request, live, interests, make_watch(outbox), outbox, ws):
+        await ws.prepare(request)
+        sender = asyncio.get_running_loop().create_task(_send_all(outbox, ws, live))
         try:
-            await ws.prepare(request)
-            sender = asyncio.get_running_loop().create_task(_send_all(outbox, ws, live))
-            try:
-                # Reading stays in the handler's task (aiohttp's rule); clients send
-                # nothing but control frames, which aiohttp answers itself.
-                async for message in ws:
-                    if message.type is WSMsgType.ERROR:
-                        break
-            finally:
-                outbox.close()
-                sender.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await sender
+            # Reading stays in the handler's task (aiohttp's rule); clients send
+            # nothing but control frames, which aiohttp answers itself.
+            async for message in ws:
+                if message.type is WSMsgType.ERROR:
+                    break
         finally:
-            await _closed(live, subscribed, watch)
-    finally:
-        live.open -= 1
-        del live.connections[outbox]
+            outbox.close()
+            sender.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sender
     return ws
 
 
@@ -858,28 +872,17 @@ async def _serve_events(
         await response.write(_sse_frame(data))
 
     outbox = Outbox(send, live.outbox_messages_max)
-    watch = make_watch(outbox)
-    live.open += 1
-    live.connections[outbox] = None
-    try:
-        subscribed = await _opened(request, interests, watch, live)
+    async with _watching(request, live, interests, make_watch(outbox), outbox, None):
+        await response.prepare(request)
+        await response.write(b"retry: 2000\n\n")
+        beat = asyncio.get_running_loop().create_task(_heartbeats(outbox, live.heartbeat_s))
         try:
-            await response.prepare(request)
-            await response.write(b"retry: 2000\n\n")
-            beat = asyncio.get_running_loop().create_task(_heartbeats(outbox, live.heartbeat_s))
-            try:
+            with contextlib.suppress(ConnectionError):  # the client went away
                 await outbox.run()
-            except ConnectionError:
-                pass  # the client went away
-            finally:
-                beat.cancel()
-            if outbox.overflowed:
-                live.slow_consumers_closed += 1
         finally:
-            await _closed(live, subscribed, watch)
-    finally:
-        live.open -= 1
-        del live.connections[outbox]
+            beat.cancel()
+        if outbox.overflowed:
+            live.slow_consumers_closed += 1
     return response
 
 

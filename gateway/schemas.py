@@ -169,8 +169,6 @@ class BookingUpdatedMessage(_Message, frozen=True, tag="booking.updated"):
     booking: BookingOut
 
 
-AnyMessage = QueuePositionMessage | QueueOfferMessage | SlotUpdatedMessage | BookingUpdatedMessage
-
 # -- conversions ------------------------------------------------------------------
 
 

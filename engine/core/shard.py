@@ -224,7 +224,8 @@ class _Slot:
 _READ_ONLY: frozenset[type[Any]] = frozenset(READ_ONLY_COMMANDS)
 
 
-def _fingerprint(command: AnyCommand) -> bytes:
+def fingerprint(command: AnyCommand) -> bytes:
+    """The request a command stands for: all of it but its request id and idempotency key."""
     neutral = msgspec.structs.replace(command, request_id="", idempotency_key=None)
     return msgspec.msgpack.encode(neutral)
 
@@ -342,10 +343,10 @@ class ShardCore:
     def _execute_with_key(self, command: AnyCommand, key: str, now_ms: int) -> AnyResult:
         """The client's Idempotency-Key: the first outcome per (user, command, key) stands."""
         scope = (getattr(command, "user_id", ""), type(command).__name__, key)
-        fingerprint = _fingerprint(command)
+        request_fingerprint = fingerprint(command)
         stored = self._idempotency.get(scope)
         if stored is not None and stored[0] + IDEMPOTENCY_RETENTION_MS > now_ms:
-            if stored[1] != fingerprint:
+            if stored[1] != request_fingerprint:
                 return self._refusal(
                     errors.IdempotencyKeyReused(
                         "this Idempotency-Key was used for a different request"
@@ -358,7 +359,7 @@ class ShardCore:
         except EngineError as refused:
             result = self._refusal(refused)
         if result.status < 500:
-            self._remember_idempotency(scope, fingerprint, result, now_ms)
+            self._remember_idempotency(scope, request_fingerprint, result, now_ms)
         return result
 
     def _refusal(self, refused: EngineError) -> Failure:
@@ -1004,19 +1005,7 @@ class ShardCore:
             del slot.idle[user_id]
             # The line moves first, then the entry changes, as when a user leaves:
             # a subscriber's totals are current when it hears of the offer.
-            self._emit(
-                QueueMoved(
-                    at_ms=now_ms,
-                    request_id=request_id,
-                    actor=actor,
-                    slot_id=slot.id,
-                    removed_seq=entry.seq,
-                    total_in_queue=slot.line.size,
-                    epoch=self._epoch,
-                    departures=slot.line.departures,
-                    wait_per_place_ms=self._wait_per_place_ms(slot, now_ms),
-                )
-            )
+            self._moved(slot, entry, now_ms, request_id, actor)
             booking = self._take_hold(
                 slot, user_id, now_ms, slot.policy.claim_ttl_ms, True, request_id, actor
             )
@@ -1065,6 +1054,13 @@ class ShardCore:
     ) -> None:
         slot.line.remove(entry.user_id, now_ms)
         del slot.idle[entry.user_id]
+        self._moved(slot, entry, now_ms, request_id, actor)
+        self._changed(slot)
+
+    def _moved(
+        self, slot: _Slot, entry: QueueEntry, now_ms: int, request_id: str, actor: str
+    ) -> None:
+        """The line moved: ``entry`` just left it (departure number ``line.departures``)."""
         self._emit(
             QueueMoved(
                 at_ms=now_ms,
@@ -1078,7 +1074,6 @@ class ShardCore:
                 wait_per_place_ms=self._wait_per_place_ms(slot, now_ms),
             )
         )
-        self._changed(slot)
 
     def _expire_waiting(
         self, slot: _Slot, now_ms: int, trigger: str, request_id: str, actor: str
