@@ -687,10 +687,10 @@ class ShardCore:
             return BookingResult(status=200, booking=_copy(existing))
         policy = slot.policy
         if slot.available > 0 and not slot.line.size:
-            booking = self._take_hold(
+            held = self._take_hold(
                 slot, user_id, now_ms, policy.hold_ttl_ms, False, command.request_id, user_id
             )
-            return BookingResult(status=201, booking=_copy(booking))
+            return BookingResult(status=201, booking=held)
         if not policy.queue_enabled:
             raise errors.SlotFull("the slot is full and its domain has no waiting queue")
         entry = slot.entries.get(user_id)
@@ -720,7 +720,9 @@ class ShardCore:
         slot.confirmed += 1
         slot.check_counts()
         booking.confirmed_at_ms = now_ms
-        self._transition(booking, to_status, "confirm", now_ms, command.request_id, command.user_id)
+        confirmed = self._transition(
+            booking, to_status, "confirm", now_ms, command.request_id, command.user_id
+        )
         if booking.via_queue:
             entry = slot.entries.get(booking.user_id)
             if entry is not None and entry.booking_id == booking.id:
@@ -733,7 +735,7 @@ class ShardCore:
                     booking.user_id,
                 )
         self._changed(slot)
-        return BookingResult(status=200, booking=_copy(booking))
+        return BookingResult(status=200, booking=confirmed)
 
     def _cancel(self, command: Cancel, now_ms: int) -> AnyResult:
         booking = self._booking_or_404(command.booking_id, command.user_id, command.as_admin)
@@ -757,11 +759,11 @@ class ShardCore:
                 )
             refund = policy.refund_percentage
             actor = command.user_id
-        self._cancel_booking(
+        cancelled = self._cancel_booking(
             slot, booking, now_ms, command.reason, actor, refund, command.request_id, actor
         )
         self._offer_free_capacity(slot, now_ms, command.request_id, actor)
-        return BookingResult(status=200, booking=_copy(booking))
+        return BookingResult(status=200, booking=cancelled)
 
     def _get_booking(self, command: GetBooking, now_ms: int) -> AnyResult:
         booking = self._booking_or_404(command.booking_id, command.user_id, command.as_admin)
@@ -929,6 +931,7 @@ class ShardCore:
         request_id: str,
         actor: str,
     ) -> Booking:
+        """A new hold for ``user_id``; returns its snapshot (the copy its event carries)."""
         if slot.available <= 0:
             raise InvariantViolation(f"slot {slot.id}: hold without free capacity")
         if user_id in slot.active_by_user:
@@ -943,16 +946,20 @@ class ShardCore:
             via_queue=via_queue,
         )
         self._bookings[booking.id] = booking
-        self._bookings_by_user.setdefault(user_id, set()).add(booking.id)
+        user_bookings = self._bookings_by_user.get(user_id)
+        if user_bookings is None:
+            self._bookings_by_user[user_id] = {booking.id}
+        else:
+            user_bookings.add(booking.id)
         slot.active_by_user[user_id] = booking
         slot.held += 1
         slot.check_counts()
         self._timers.schedule(("hold", booking.id), booking.expires_at_ms)
         to_status = next_booking_status(BookingStatus.PENDING, BookingEvent.TAKE_HOLD)
         trigger = "queue_offer" if via_queue else "reserve"
-        self._transition(booking, to_status, trigger, now_ms, request_id, actor, bump=False)
+        held = self._transition(booking, to_status, trigger, now_ms, request_id, actor, bump=False)
         self._changed(slot)
-        return booking
+        return held
 
     def _expire_hold(
         self, slot: _Slot, booking: Booking, now_ms: int, trigger: str, request_id: str, actor: str
@@ -984,7 +991,7 @@ class ShardCore:
         refund_percentage: int,
         request_id: str,
         actor: str,
-    ) -> None:
+    ) -> Booking:
         to_status = next_booking_status(booking.status, BookingEvent.CANCEL)
         del slot.active_by_user[booking.user_id]
         slot.confirmed -= 1
@@ -993,9 +1000,10 @@ class ShardCore:
         booking.cancel_reason = reason
         booking.cancelled_by = cancelled_by
         booking.refund_percentage = refund_percentage
-        self._transition(booking, to_status, "cancel", now_ms, request_id, actor)
+        cancelled = self._transition(booking, to_status, "cancel", now_ms, request_id, actor)
         self._timers.schedule(("forget-booking", booking.id), now_ms + FINAL_BOOKING_RETENTION_MS)
         self._changed(slot)
+        return cancelled
 
     def _offer_free_capacity(self, slot: _Slot, now_ms: int, request_id: str, actor: str) -> None:
         """Give freed capacity to the head of the line, one hold per free place."""
@@ -1100,22 +1108,25 @@ class ShardCore:
         actor: str,
         *,
         bump: bool = True,
-    ) -> None:
+    ) -> Booking:
+        """Move ``booking`` on; returns the snapshot its event carries, for a reply to share."""
         from_status = booking.status
         booking.status = to_status
         if bump:
             booking.version += 1
+        snapshot = _copy(booking)
         self._emit(
             BookingChanged(
                 at_ms=now_ms,
                 request_id=request_id,
                 actor=actor,
-                booking=_copy(booking),
+                booking=snapshot,
                 from_status=from_status,
                 to_status=to_status,
                 trigger=trigger,
             )
         )
+        return snapshot
 
     def _queue_transition(
         self,
