@@ -6,6 +6,8 @@ required to carry an offset on input. The same structs generate the OpenAPI
 document, so what validates a request is what the document describes.
 """
 
+import functools
+import time
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
 
@@ -173,6 +175,7 @@ class BookingUpdatedMessage(_Message, frozen=True, tag="booking.updated"):
 
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+RFC3339_CACHED_MAX = 4096
 _MILLISECOND = timedelta(milliseconds=1)
 
 
@@ -183,11 +186,20 @@ def to_ms(value: datetime, field: str) -> int:
     return (value - _EPOCH) // _MILLISECOND
 
 
+@functools.lru_cache(maxsize=RFC3339_CACHED_MAX)
 def rfc3339(ms: int) -> str:
-    moment = datetime.fromtimestamp(ms / 1000, tz=UTC)
-    if ms % 1000:
-        return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{ms % 1000:03d}Z"
-    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+    """UTC, milliseconds only when there are any: ``2026-01-02T09:30:00Z``.
+
+    Every answer carries several instants, and a slot's start and end recur in
+    every answer about it: the last few thousand are kept.
+    """
+    seconds, millis = divmod(ms, 1000)
+    t = time.gmtime(seconds)
+    stamp = (
+        f"{t.tm_year:04d}-{t.tm_mon:02d}-{t.tm_mday:02d}"
+        f"T{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d}"
+    )
+    return f"{stamp}.{millis:03d}Z" if millis else f"{stamp}Z"
 
 
 def _maybe(ms: int | None) -> str | None:
