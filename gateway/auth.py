@@ -40,7 +40,7 @@ from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
-from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
+from jwt.algorithms import ECAlgorithm, HMACAlgorithm, OKPAlgorithm, RSAAlgorithm
 
 from config.settings import ConfigError
 from engine.core import limits
@@ -89,6 +89,10 @@ _HMAC_SECRET_BYTES_MIN: Final = {
 TOKEN_CHARS_MAX: Final = 8_192
 # Tokens remembered as verified, until they expire (a few hundred bytes each).
 VERIFIED_TOKENS_MAX: Final = 100_000
+# Distinct token headers remembered (an issuer's tokens share one per key).
+TOKEN_HEADERS_MAX: Final = 64
+# Secrets whose HMAC key checks are remembered (the configured ones).
+PREPARED_SECRETS_MAX: Final = 8
 # A development token valid for more than a year is a leaked credential
 # waiting to happen.
 TOKEN_TTL_MAX_S: Final = 366 * 86_400
@@ -610,6 +614,10 @@ class Verifier:
                 "enforce_minimum_key_length": True,
             }
         )
+        _reuse_prepared_secrets(self._decoder)
+        # Header segment -> the key it names: the tokens of one issuer share
+        # their header byte for byte, so it is parsed once, not with every new token.
+        self._headers: dict[str, _Key] = {}
 
     @property
     def algorithms(self) -> tuple[str, ...]:
@@ -642,14 +650,7 @@ class Verifier:
             raise AuthError("missing token")
         if len(token) > TOKEN_CHARS_MAX:
             raise AuthError("token is too long")
-        try:
-            header = jwt.get_unverified_header(token)
-        except jwt.PyJWTError:
-            raise AuthError("token is malformed") from None
-        algorithm = header.get("alg")
-        if not isinstance(algorithm, str) or algorithm not in self._keys.algorithms:
-            raise AuthError("token algorithm is not allowed")
-        key = self._keys.key_for(algorithm, header.get("kid"))
+        key = self._signer(token)
         try:
             claims = self._decoder.decode(
                 token,
@@ -662,6 +663,67 @@ class Verifier:
         except jwt.PyJWTError as error:
             raise AuthError(_describe(error)) from None
         return _principal(claims)
+
+    def _signer(self, token: str) -> _Key:
+        """The key a token's header names, for an allowed algorithm (the header only)."""
+        segment = token.partition(".")[0]
+        known = self._headers.get(segment)
+        if known is not None:
+            return known
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.PyJWTError:
+            raise AuthError("token is malformed") from None
+        algorithm = header.get("alg")
+        if not isinstance(algorithm, str) or algorithm not in self._keys.algorithms:
+            raise AuthError("token algorithm is not allowed")
+        signer = self._keys.key_for(algorithm, header.get("kid"))
+        if len(self._headers) >= TOKEN_HEADERS_MAX:
+            del self._headers[next(iter(self._headers))]
+        self._headers[segment] = signer
+        return signer
+
+
+class _PreparedSecretHMAC(HMACAlgorithm):
+    """PyJWT's HMAC, with each secret's checks made once instead of per token.
+
+    ``HMACAlgorithm.prepare_key`` refuses secrets that look like asymmetric
+    keys by trying to parse them as PEM, SSH, DER and JWK: a tenth of a
+    first-seen token's cost. The configured secrets pass those checks at their
+    first use and never change; the result is kept per secret.
+    """
+
+    def __init__(self, hash_alg: Any) -> None:
+        super().__init__(hash_alg)
+        self._prepared: dict[bytes, bytes] = {}
+
+    def prepare_key(self, key: str | bytes) -> bytes:
+        raw = key.encode() if isinstance(key, str) else key
+        prepared = self._prepared.get(raw)
+        if prepared is None:
+            prepared = super().prepare_key(raw)
+            if len(self._prepared) < PREPARED_SECRETS_MAX:
+                self._prepared[raw] = prepared
+        return prepared
+
+
+def _reuse_prepared_secrets(decoder: jwt.PyJWT) -> None:
+    """Give ``decoder`` the HMAC algorithms that prepare each secret once.
+
+    PyJWT keeps a JWS object per decoder (``_jws``) with a public algorithm
+    registry; when a release no longer has it, decoding stays correct, only
+    without the saving.
+    """
+    jws = getattr(decoder, "_jws", None)
+    if not isinstance(jws, jwt.PyJWS):
+        return
+    for name, hash_alg in (
+        ("HS256", HMACAlgorithm.SHA256),
+        ("HS384", HMACAlgorithm.SHA384),
+        ("HS512", HMACAlgorithm.SHA512),
+    ):
+        jws.unregister_algorithm(name)
+        jws.register_algorithm(name, _PreparedSecretHMAC(hash_alg))
 
 
 def _describe(error: jwt.PyJWTError) -> str:

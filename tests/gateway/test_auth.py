@@ -22,7 +22,7 @@ from cryptography.x509.oid import NameOID
 from hypothesis import given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
-from jwt.algorithms import ECAlgorithm, RSAAlgorithm
+from jwt.algorithms import ECAlgorithm, HMACAlgorithm, RSAAlgorithm
 
 from config.settings import ConfigError
 from gateway.auth import (
@@ -232,6 +232,52 @@ def test_a_subject_must_be_a_short_printable_string(hs256: Verifier, sub: Any) -
         "token subject must be 1 to 128 printable characters",
         "token is invalid",
     )
+
+
+def test_tokens_sharing_a_known_header_are_still_checked_in_full(hs256: Verifier) -> None:
+    # The header of the first token is remembered; what follows it never is.
+    first = jwt.encode(_claims("alice"), SECRET, algorithm="HS256")
+    assert hs256.verify(first).subject == "alice"
+    forged = jwt.encode(_claims("mallory"), OTHER_SECRET, algorithm="HS256")
+    assert forged.partition(".")[0] == first.partition(".")[0]
+    assert _rejected(hs256, forged) == "token signature is invalid"
+    header, _, rest = first.partition(".")
+    signature = rest.partition(".")[2]
+    tampered = f"{header}.{_segment(_claims('mallory'))}.{signature}"
+    assert _rejected(hs256, tampered) == "token signature is invalid"
+    assert hs256.verify(jwt.encode(_claims("bob"), SECRET, algorithm="HS256")).subject == "bob"
+
+
+def test_a_refused_header_is_refused_every_time(jwks: Verifier, keys: Keys) -> None:
+    for _ in range(2):
+        assert _rejected(jwks, _signed(keys.rsa_key, "RS256", "k9")) == (
+            "token is signed with an unknown key (kid)"
+        )
+    assert jwks.verify(_signed(keys.rsa_key, "RS256", "k1", sub="one")).subject == "one"
+    # The kid's header is known now; another key's signature under it still fails.
+    assert _rejected(jwks, _signed(keys.other_rsa_key, "RS256", "k1")) == (
+        "token signature is invalid"
+    )
+
+
+def test_the_secret_is_checked_once_not_with_every_token(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    calls: list[bytes] = []
+    original = HMACAlgorithm.prepare_key
+
+    def counting(self: HMACAlgorithm, key: str | bytes) -> bytes:
+        calls.append(key if isinstance(key, bytes) else key.encode())
+        return original(self, key)
+
+    tokens = [jwt.encode(_claims(f"user-{n}"), SECRET, algorithm="HS256") for n in range(5)]
+    forged = jwt.encode(_claims(), OTHER_SECRET, algorithm="HS256")
+    monkeypatch.setattr(HMACAlgorithm, "prepare_key", counting)
+    verifier = Verifier(AuthSettings(secret=SECRET))
+    for n, token in enumerate(tokens):
+        assert verifier.verify(token).subject == f"user-{n}"
+    assert calls == [SECRET.encode()]
+    assert _rejected(verifier, forged) == "token signature is invalid"
 
 
 def test_an_hs256_token_is_refused_when_only_hs512_is_allowed() -> None:
