@@ -179,6 +179,9 @@ class Metrics:
             buckets=HTTP_BUCKETS,
             registry=self.registry,
         )
+        # (endpoint, method, status) -> its series: ``labels`` takes a lock and
+        # builds a key on every call, and every request observes one.
+        self._http_series: dict[tuple[str, str, int], Any] = {}
         self.redis_seconds = Histogram(
             "redis_operation_duration_seconds",
             "Duration of Redis operations by operation.",
@@ -257,7 +260,14 @@ class Metrics:
 
     def request(self, endpoint: str, method: str, status: int, seconds: float) -> None:
         method = method if method in _METHODS else "OTHER"
-        self.http_seconds.labels(endpoint, method, str(status)).observe(seconds)
+        key = (endpoint, method, status)
+        series = self._http_series.get(key)
+        if series is None:
+            # Bounded: endpoints are route templates (or "unmatched"), methods a fixed set.
+            series = self._http_series[key] = self.http_seconds.labels(
+                endpoint, method, str(status)
+            )
+        series.observe(seconds)
 
     # -- timing of stores -------------------------------------------------------
 
