@@ -3,7 +3,8 @@
 A scenario is any public module of the ``bench`` package with
 ``add_arguments(parser)`` and ``run(args) -> dict`` (or ``main(args)``, which
 may return a dict or an exit status). Its module docstring's first line is its
-help. The result dict is printed as one JSON object, the last line of output.
+help. The result dict is printed as one JSON object, the last line of output,
+with the machine's speed during the run under ``machine`` (``bench._machine``).
 """
 
 import argparse
@@ -16,6 +17,7 @@ from types import ModuleType
 from typing import Any
 
 import bench
+from bench._machine import MachineWatch
 
 
 def discover_scenarios() -> dict[str, ModuleType]:
@@ -48,8 +50,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser(scenarios).parse_args(argv)
     module: ModuleType = args.scenario_module
     entry: Callable[[argparse.Namespace], Any] = getattr(module, "run", None) or module.main
+    watch = MachineWatch()
     outcome = entry(args)
     if isinstance(outcome, dict):
+        # How fast the machine was: results of different runs compare by it.
+        outcome.setdefault("machine", watch.summary())
         sys.stdout.flush()
         print(json.dumps(outcome, sort_keys=True), flush=True)
         return 0

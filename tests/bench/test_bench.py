@@ -40,8 +40,21 @@ def test_the_result_is_the_last_line_as_one_json_object(
     status = dispatcher.main(["echo", "--ops", "7"])
 
     assert status == 0
-    last = capsys.readouterr().out.strip().splitlines()[-1]
-    assert json.loads(last) == {"ops": 7, "scenario": "echo"}
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    machine = last.pop("machine")
+    assert last == {"ops": 7, "scenario": "echo"}
+    assert machine["calibration_ms"] > 0 and machine["cpus"] >= 1
+    assert machine["calibration_before_ms"] > 0 and machine["calibration_after_ms"] > 0
+    if Path("/proc/stat").exists():
+        assert 0.0 <= machine["steal_share"] <= 1.0
+
+
+def test_the_calibration_is_the_best_of_its_rounds(monkeypatch: pytest.MonkeyPatch) -> None:
+    from bench import _machine
+
+    clock = iter([0.0, 0.030, 1.0, 1.010, 2.0, 2.020, 3.0, 3.050, 4.0, 4.040])
+    monkeypatch.setattr(_machine.time, "perf_counter", lambda: next(clock))
+    assert _machine.calibration_ms() == 10.0
 
 
 @pytest.mark.ray
