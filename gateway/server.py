@@ -14,6 +14,7 @@ import asyncio
 import logging
 import multiprocessing
 import os
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Final, Literal
@@ -42,6 +43,9 @@ EngineKind = Literal["ray", "inproc"]
 # Ray namespace of the shard actors every gateway of one deployment shares.
 RAY_NAMESPACE: Final = "slotengine"
 SHUTDOWN_TIMEOUT_S: Final = 10.0
+# A worker's graceful stop: aiohttp's shutdown, then the engine's wait for
+# batches in flight (each up to SHUTDOWN_TIMEOUT_S), with a margin.
+WORKERS_STOP_TIMEOUT_S: Final = 2 * SHUTDOWN_TIMEOUT_S + 5.0
 # Connections the kernel may hold for accept() (capped by net.core.somaxconn): a
 # burst of a thousand users connecting at once must not find the queue full (a
 # dropped SYN is retried after a second).
@@ -188,10 +192,26 @@ def serve(settings: Settings, options: ServeOptions) -> None:
         for process in processes:
             process.join()
     except KeyboardInterrupt:
-        for process in processes:
+        stop_workers(processes, WORKERS_STOP_TIMEOUT_S)
+
+
+def stop_workers(processes: list[Any], timeout_s: float) -> None:
+    """Ask every worker to stop, wait ``timeout_s`` for all, then kill those left.
+
+    A worker that hangs in its shutdown must not hang the parent: the
+    interpreter's exit would otherwise wait for it without end.
+    """
+    for process in processes:
+        if process.is_alive():
             process.terminate()
-        for process in processes:
-            process.join(SHUTDOWN_TIMEOUT_S)
+    deadline = time.monotonic() + timeout_s
+    for process in processes:
+        process.join(max(0.0, deadline - time.monotonic()))
+    for process in processes:
+        if process.is_alive():
+            logger.warning("worker %s did not stop in %.0f s: killed", process.name, timeout_s)
+            process.kill()
+            process.join()
 
 
 def _shared_by_workers(settings: Settings) -> Settings:

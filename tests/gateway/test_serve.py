@@ -1,16 +1,19 @@
 """``slotengine serve`` and ``slotengine token`` as an operator runs them."""
 
 import asyncio
+import multiprocessing
 import os
 import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import aiohttp
 import pytest
 
+from gateway.server import stop_workers
 from tests.conftest import REDIS_URL
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -175,3 +178,31 @@ async def test_serve_with_two_workers_shares_the_port_and_the_shard_actors(
         served.process.send_signal(signal.SIGINT)
         served.output, _ = served.process.communicate(timeout=60)
     assert served.process.returncode == 0, served.output[-3000:]
+
+
+def _stubborn() -> None:
+    """A worker whose shutdown hangs: it ignores SIGTERM."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    time.sleep(600)
+
+
+def _obliging() -> None:
+    time.sleep(600)
+
+
+def test_stopping_workers_kills_one_that_hangs_and_waits_for_no_one_longer() -> None:
+    context = multiprocessing.get_context("spawn")
+    workers = [context.Process(target=_stubborn), context.Process(target=_obliging)]
+    for worker in workers:
+        worker.start()
+    try:
+        # Only once a worker runs its target does it ignore SIGTERM.
+        time.sleep(2)
+        stop_workers(workers, timeout_s=1.0)
+        assert [worker.is_alive() for worker in workers] == [False, False]
+        assert workers[0].exitcode == -signal.SIGKILL
+        assert workers[1].exitcode == -signal.SIGTERM
+    finally:
+        for worker in workers:
+            if worker.is_alive():
+                worker.kill()
