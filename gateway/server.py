@@ -14,6 +14,7 @@ import asyncio
 import logging
 import multiprocessing
 import os
+import sys
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -193,6 +194,19 @@ def serve(settings: Settings, options: ServeOptions) -> None:
             process.join()
     except KeyboardInterrupt:
         stop_workers(processes, WORKERS_STOP_TIMEOUT_S)
+    finally:
+        _stop_local_ray()
+
+
+def _stop_local_ray() -> None:
+    """The local Ray this parent started for its workers, if it did, with its shard actors.
+
+    Left to the interpreter's exit it would go too, but only if nothing
+    before it hangs; and its actors hold the shards' leases while they live.
+    """
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
 
 
 def stop_workers(processes: list[Any], timeout_s: float) -> None:

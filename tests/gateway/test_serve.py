@@ -1,6 +1,7 @@
 """``slotengine serve`` and ``slotengine token`` as an operator runs them."""
 
 import asyncio
+import contextlib
 import multiprocessing
 import os
 import signal
@@ -139,11 +140,16 @@ async def test_serve_with_two_workers_shares_the_port_and_the_shard_actors(
 ) -> None:
     served = Served(database_url, tmp_path)
     served.env.pop("RAY_ADDRESS", None)
-    served.process = subprocess.Popen(
-        [sys.executable, "-m", "engine.cli", "serve", "--workers", "2",
-         "--port", str(served.port)],
-        cwd=ROOT, env=served.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
+    # Output to a file, not a pipe: the local Ray the parent starts inherits its
+    # output, and a pipe would stay open for as long as any Ray process lives.
+    log_path = tmp_path / "serve.log"
+    with log_path.open("w") as log:
+        served.process = subprocess.Popen(
+            [sys.executable, "-m", "engine.cli", "serve", "--workers", "2",
+             "--port", str(served.port)],
+            cwd=ROOT, env=served.env, stdout=log, stderr=subprocess.STDOUT, text=True,
+            start_new_session=True,
+        )  # fmt: skip
     try:
         admin, user = served.token("root", "admin"), served.token("ann")
         # A new connection per request: the kernel spreads them over both workers.
@@ -176,7 +182,18 @@ async def test_serve_with_two_workers_shares_the_port_and_the_shard_actors(
                     assert read.status == 200
     finally:
         served.process.send_signal(signal.SIGINT)
-        served.output, _ = served.process.communicate(timeout=60)
+        try:
+            stopped = True
+            served.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            stopped = False
+        finally:
+            # Whatever is left of the run (its workers, its local Ray) goes too.
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(served.process.pid, signal.SIGKILL)
+            served.process.wait()
+    served.output = log_path.read_text(errors="replace")
+    assert stopped, f"serve did not stop on SIGINT:\n{served.output[-6000:]}"
     assert served.process.returncode == 0, served.output[-3000:]
 
 
