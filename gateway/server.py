@@ -14,6 +14,7 @@ import asyncio
 import logging
 import multiprocessing
 import os
+import signal
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -47,6 +48,8 @@ SHUTDOWN_TIMEOUT_S: Final = 10.0
 # A worker's graceful stop: aiohttp's shutdown, then the engine's wait for
 # batches in flight (each up to SHUTDOWN_TIMEOUT_S), with a margin.
 WORKERS_STOP_TIMEOUT_S: Final = 2 * SHUTDOWN_TIMEOUT_S + 5.0
+# What stops `serve --workers N` gracefully.
+STOP_SIGNALS: Final = (signal.SIGINT, signal.SIGTERM)
 # Connections the kernel may hold for accept() (capped by net.core.somaxconn): a
 # burst of a thousand users connecting at once must not find the queue full (a
 # dropped SYN is retried after a second).
@@ -180,22 +183,35 @@ def serve(settings: Settings, options: ServeOptions) -> None:
     if options.workers == 1:
         _run_worker(settings, auth, limits, options)
         return
+    # SIGINT and SIGTERM stop the parent, which stops its workers. Explicitly:
+    # a process started in the background by a shell inherits SIGINT ignored,
+    # and Python then installs no KeyboardInterrupt for it; SIGTERM (what
+    # `docker stop` and systemd send) would otherwise kill the parent alone.
+    # After Ray's start, which installs a SIGTERM handler of its own (it aborts).
     settings = _shared_by_workers(settings)
+    for stop_signal in STOP_SIGNALS:
+        signal.signal(stop_signal, _interrupt)
     processes = [
         multiprocessing.get_context("spawn").Process(
             target=_run_worker, args=(settings, auth, limits, options), name=f"gateway-{n}"
         )
         for n in range(options.workers)
     ]
-    for process in processes:
-        process.start()
     try:
+        for process in processes:
+            process.start()
         for process in processes:
             process.join()
     except KeyboardInterrupt:
-        stop_workers(processes, WORKERS_STOP_TIMEOUT_S)
+        for stop_signal in STOP_SIGNALS:
+            signal.signal(stop_signal, signal.SIG_IGN)  # stopping already
+        stop_workers([p for p in processes if p.pid is not None], WORKERS_STOP_TIMEOUT_S)
     finally:
         _stop_local_ray()
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 def _stop_local_ray() -> None:

@@ -134,9 +134,23 @@ def _children(pid: int) -> list[int]:
     return [int(child) for child in path.read_text().split()] if path.exists() else []
 
 
+# What a shell does to a job it starts in the background: SIGINT ignored, which
+# the program it runs inherits (exec keeps ignored signals ignored).
+AS_A_BACKGROUND_JOB = [
+    sys.executable, "-c",
+    "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_IGN);"
+    " os.execv(sys.argv[1], sys.argv[1:])",
+]  # fmt: skip
+
+
 @pytest.mark.ray
+@pytest.mark.parametrize(
+    ("stop_signal", "started"),
+    [(signal.SIGINT, AS_A_BACKGROUND_JOB), (signal.SIGTERM, [])],
+    ids=["SIGINT-in-background", "SIGTERM"],
+)
 async def test_serve_with_two_workers_shares_the_port_and_the_shard_actors(
-    database_url: str, tmp_path: Path
+    database_url: str, tmp_path: Path, stop_signal: signal.Signals, started: list[str]
 ) -> None:
     served = Served(database_url, tmp_path)
     served.env.pop("RAY_ADDRESS", None)
@@ -145,7 +159,7 @@ async def test_serve_with_two_workers_shares_the_port_and_the_shard_actors(
     log_path = tmp_path / "serve.log"
     with log_path.open("w") as log:
         served.process = subprocess.Popen(
-            [sys.executable, "-m", "engine.cli", "serve", "--workers", "2",
+            [*started, sys.executable, "-m", "engine.cli", "serve", "--workers", "2",
              "--port", str(served.port)],
             cwd=ROOT, env=served.env, stdout=log, stderr=subprocess.STDOUT, text=True,
             start_new_session=True,
@@ -181,7 +195,7 @@ async def test_serve_with_two_workers_shares_the_port_and_the_shard_actors(
                 ) as read:
                     assert read.status == 200
     finally:
-        served.process.send_signal(signal.SIGINT)
+        served.process.send_signal(stop_signal)
         try:
             stopped = True
             served.process.wait(timeout=60)
@@ -193,7 +207,7 @@ async def test_serve_with_two_workers_shares_the_port_and_the_shard_actors(
                 os.killpg(served.process.pid, signal.SIGKILL)
             served.process.wait()
     served.output = log_path.read_text(errors="replace")
-    assert stopped, f"serve did not stop on SIGINT:\n{served.output[-6000:]}"
+    assert stopped, f"serve did not stop on {stop_signal.name}:\n{served.output[-6000:]}"
     assert served.process.returncode == 0, served.output[-3000:]
 
 
