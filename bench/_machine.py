@@ -11,10 +11,11 @@ carries, under ``machine``:
   results compare fairly when their calibrations are alike.
 - ``steal_share``: the share of CPU time the hypervisor gave to others over
   the run (Linux ``/proc/stat``; absent elsewhere).
-- ``cpus`` and the one-minute load average at the end.
+- ``arch``, ``cpus`` and the one-minute load average at the end.
 """
 
 import os
+import platform
 import time
 from typing import Any, Final
 
@@ -75,6 +76,7 @@ class MachineWatch:
             "calibration_ms": round((self._before_ms + after_ms) / 2, 2),
             "calibration_before_ms": self._before_ms,
             "calibration_after_ms": after_ms,
+            "arch": platform.machine(),
             "cpus": os.cpu_count(),
             "loadavg_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
         }

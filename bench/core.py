@@ -393,7 +393,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "generate_s": round(generate_s, 2),
         "python": platform.python_version(),
         "loadavg_1m": round(os.getloadavg()[0], 2),
-        "machine": platform.machine(),
     }
     if args.profile:
         summary["profile"] = _profile(args, scout.setup, batches, args.profile)
