@@ -22,7 +22,6 @@ import functools
 import gc
 import io
 import itertools
-import os
 import platform
 import pstats
 import random
@@ -392,7 +391,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "simulated_s": round((batches[-1][0] - START_MS) / 1_000, 1),
         "generate_s": round(generate_s, 2),
         "python": platform.python_version(),
-        "loadavg_1m": round(os.getloadavg()[0], 2),
     }
     if args.profile:
         summary["profile"] = _profile(args, scout.setup, batches, args.profile)
