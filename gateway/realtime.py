@@ -17,8 +17,9 @@ A watch is one connection's view of the engine:
 - ``BookingWatch``: one user's bookings.
 
 A watch subscribes first and reads its snapshot from the engine second, so no
-change can fall between the two; events that the snapshot already reflects
-are recognised and skipped:
+change can fall between the two (the read says ``watch=True``: a shard that
+nobody listened to publishes again from that read on); events that the
+snapshot already reflects are recognised and skipped:
 
 - the waiting line numbers its departures per shard incarnation (``epoch``,
   ``departures``): a ``QueueMoved`` is applied only if it is the next departure
@@ -478,12 +479,14 @@ class QueueWatch(_WatchBase):
     async def _read_snapshot(self) -> tuple[SlotView, QueueView | None]:
         engine = self._engine
         entry_result = await engine.execute(
-            p.QueuePosition(request_id=self._ids.next(), slot_id=self.slot_id, user_id=self.user_id)
+            p.QueuePosition(
+                request_id=self._ids.next(), slot_id=self.slot_id, user_id=self.user_id, watch=True
+            )
         )
         if isinstance(entry_result, p.QueueResult):
             return entry_result.entry.slot, entry_result.entry
         slot_result = await engine.execute(
-            p.GetSlot(request_id=self._ids.next(), slot_id=self.slot_id)
+            p.GetSlot(request_id=self._ids.next(), slot_id=self.slot_id, watch=True)
         )
         if isinstance(slot_result, p.SlotResult):
             return slot_result.slot, None
@@ -670,6 +673,7 @@ class BookingWatch(_WatchBase):
                         user_id=self.user_id,
                         status=status,
                         limit=ACTIVE_BOOKINGS_MAX,
+                        watch=True,
                     ),
                     shard=shard,
                 )

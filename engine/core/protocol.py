@@ -56,6 +56,9 @@ class DeleteSlot(Command, gc=False, frozen=True, kw_only=True):
 
 class GetSlot(Command, gc=False, frozen=True, kw_only=True):
     slot_id: str
+    # The reader follows the slot's changes live (a watch's snapshot): the
+    # shard publishes its events from now on (``ShardCore.watched``).
+    watch: bool = False
 
 
 class ListSlots(Command, gc=False, frozen=True, kw_only=True):
@@ -103,6 +106,7 @@ class ListBookings(Command, gc=False, frozen=True, kw_only=True):
     status: BookingStatus | None = None
     limit: int = 50
     after: tuple[int, str] | None = None
+    watch: bool = False
 
 
 class JoinQueue(Command, gc=False, frozen=True, kw_only=True):
@@ -119,6 +123,7 @@ class LeaveQueue(Command, gc=False, frozen=True, kw_only=True):
 class QueuePosition(Command, gc=False, frozen=True, kw_only=True):
     slot_id: str
     user_id: str
+    watch: bool = False
 
 
 AnyCommand = (

@@ -275,6 +275,9 @@ class ShardCore:
         self._idempotency: dict[IdempotencyScope, tuple[int, bytes, AnyResult]] = {}
         self._idempotency_order: deque[tuple[int, IdempotencyScope]] = deque()
         self._events: list[AnyEvent] = []
+        # Set by a read that a live watch follows (``watch=True``), cleared by
+        # the host once it has told its event publisher to publish again.
+        self.watched = False
         # What was remembered since the last drain_remembered, for storage.
         self._outcome_log: list[OutcomeRecord] = []
         self._key_log: list[KeyRecord] = []
@@ -647,6 +650,8 @@ class ShardCore:
         return Done(status=204)
 
     def _get_slot(self, command: GetSlot, now_ms: int) -> AnyResult:
+        if command.watch:
+            self.watched = True
         return SlotResult(
             status=200, slot=self._slot_view(self._slot_or_404(command.slot_id), now_ms)
         )
@@ -770,6 +775,8 @@ class ShardCore:
         return BookingResult(status=200, booking=_copy(booking))
 
     def _list_bookings(self, command: ListBookings, now_ms: int) -> AnyResult:
+        if command.watch:
+            self.watched = True
         limit = max(1, min(command.limit, LIST_LIMIT_MAX))
         ids = self._bookings_by_user.get(command.user_id, ())
         bookings = sorted(
@@ -838,6 +845,8 @@ class ShardCore:
         return Done(status=204)
 
     def _queue_position(self, command: QueuePosition, now_ms: int) -> AnyResult:
+        if command.watch:
+            self.watched = True
         slot = self._slot_or_404(command.slot_id)
         entry = slot.entries.get(command.user_id)
         if entry is None:

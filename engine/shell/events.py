@@ -15,6 +15,17 @@ cost the shard more CPU than the events themselves.
 Publishing is off the request path: replies never wait for it. When Redis is
 down, events are dropped (counted and logged): live subscribers detect the gap
 and read their state again.
+
+Nobody listening, nothing published. PUBLISH answers how many connections
+received the message; once one that was sent after the last watch request
+reached nobody, the shard stops publishing (``unwatched`` counts what it
+skipped). A watch turns it back on through its snapshot: a gateway subscribes
+to the shard's channel first and then reads the snapshot with ``watch=True``,
+and the shard calls ``watched()`` in that same batch, before any later change
+can commit. So every change the snapshot does not reflect is published, and
+the subscription is in place before any PUBLISH that could switch publishing
+off again, which therefore reaches it and keeps publishing on. A new
+publisher starts on: a restarted shard's subscribers keep their subscriptions.
 """
 
 import asyncio
@@ -64,6 +75,13 @@ def keys_of(event: AnyEvent) -> tuple[str, ...]:
     return ()
 
 
+class PublisherStatistics(msgspec.Struct, frozen=True, kw_only=True):
+    publishing: bool
+    published: int
+    unwatched: int
+    dropped: int
+
+
 class EventPublisher:
     def __init__(self, client: "aioredis.Redis", namespace: str, shard: int) -> None:
         self._client = client
@@ -73,12 +91,33 @@ class EventPublisher:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closed = False
+        # Whether committed events are published; which watch request is the latest.
+        self._on = True
+        self._watches = 0
         self.published = 0
         self.dropped = 0
+        self.unwatched = 0
+
+    def statistics(self) -> PublisherStatistics:
+        return PublisherStatistics(
+            publishing=self._on,
+            published=self.published,
+            unwatched=self.unwatched,
+            dropped=self.dropped,
+        )
+
+    def watched(self) -> None:
+        """A live watch follows this shard (synchronous: called in the batch of its
+        snapshot): publish every flush committed from now on."""
+        self._on = True
+        self._watches += 1
 
     def committed(self, events: list[AnyEvent]) -> None:
         """Take a committed flush's events (synchronous: called by the writer)."""
         if self._closed:
+            return
+        if not self._on:
+            self.unwatched += len(events)
             return
         if len(self._pending) >= PENDING_FLUSHES_MAX:
             self.dropped += len(self._pending.popleft())
@@ -112,10 +151,15 @@ class EventPublisher:
                 await self._wake.wait()
                 continue
             events = self._pending.popleft()
+            watches = self._watches
             try:
+                receivers = 0
                 for message in self._messages(events):
-                    await self._client.publish(self._channel, message)
+                    receivers = await self._client.publish(self._channel, message)
                 self.published += len(events)
+                if not receivers and watches == self._watches:
+                    # Nobody subscribed before this was sent, and no watch asked since.
+                    self._on = False
             except (redis.exceptions.RedisError, OSError) as exc:
                 self.dropped += len(events)
                 logger.warning("events not published (%d dropped so far): %r", self.dropped, exc)

@@ -43,7 +43,7 @@ from engine.core.policy import DomainPolicy
 from engine.core.protocol import BatchCodec
 from engine.core.shard import ShardCore
 from engine.shell.errors import ShardFailed, ShardUnavailable
-from engine.shell.events import EventPublisher
+from engine.shell.events import EventPublisher, PublisherStatistics
 from engine.shell.lease import Renewal, ShardLease
 from engine.shell.runtime import RuntimeStatistics, ShardRuntime, service_unavailable, unique_ids
 from persistence.migrate import migrate_url
@@ -93,6 +93,7 @@ class OwnerStatistics(msgspec.Struct, frozen=True, kw_only=True):
     stop_reason: str | None
     writer: WriterStatistics | None
     runtime: RuntimeStatistics | None
+    events: PublisherStatistics | None = None
 
 
 class ShardOwner:
@@ -240,6 +241,7 @@ class ShardOwner:
             stop_reason=self._stop_reason,
             writer=self._writer.statistics() if self._writer is not None else None,
             runtime=self._runtime.statistics() if self._runtime is not None else None,
+            events=self._publisher.statistics() if self._publisher is not None else None,
         )
 
     def check_invariants(self) -> None:
@@ -326,6 +328,7 @@ class ShardOwner:
             sink=writer,
             on_fatal=self._on_core_failed,
             write_gate=self._write_gate,
+            on_watched=self._publisher.watched if self._publisher is not None else None,
         )
         self._writer = writer
         self._runtime = runtime

@@ -184,8 +184,12 @@ class ShardRuntime:
         sink: EventSink | None = None,
         on_fatal: Callable[[BaseException], None] | None = None,
         write_gate: Callable[[], str | None] | None = None,
+        on_watched: Callable[[], None] | None = None,
     ) -> None:
         self._core = core
+        # Called in the batch whose read a live watch follows, before any later
+        # change can commit: the event publisher publishes again from then on.
+        self._on_watched = on_watched
         # Asked once per batch: None lets changes through, a reason refuses them
         # (503, nothing applied) while reads are still answered.
         self._write_gate = write_gate
@@ -216,6 +220,7 @@ class ShardRuntime:
         clock: Clock,
         sink: EventSink | None = None,
         on_fatal: Callable[[BaseException], None] | None = None,
+        on_watched: Callable[[], None] | None = None,
     ) -> "ShardRuntime":
         core = ShardCore(
             shard_id=shard_id,
@@ -224,7 +229,14 @@ class ShardRuntime:
             now_ms=clock.now_ms(),
             new_unique=unique_ids(),
         )
-        return cls(core, shard_id=shard_id, clock=clock, sink=sink, on_fatal=on_fatal)
+        return cls(
+            core,
+            shard_id=shard_id,
+            clock=clock,
+            sink=sink,
+            on_fatal=on_fatal,
+            on_watched=on_watched,
+        )
 
     @property
     def shard_id(self) -> int:
@@ -287,6 +299,10 @@ class ShardRuntime:
         except Exception as exc:
             self._stop(exc)
             raise ShardFailed(f"shard {self._shard_id} failed: {exc!r}") from exc
+        if self._core.watched:
+            self._core.watched = False
+            if self._on_watched is not None:
+                self._on_watched()
         self._hand_off_events()
         self._rearm()
         self._batches += 1

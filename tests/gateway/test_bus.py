@@ -92,6 +92,9 @@ async def test_after_losing_redis_the_bus_reconnects_and_every_watch_resyncs(
             # Published until the bus is subscribed again; then it arrives.
             async with asyncio.timeout(WAIT_LIMIT_S):
                 while not watch.events:
+                    # What the watch's resync read does: publishing stops once a
+                    # message reached nobody, and a watch's snapshot restarts it.
+                    publisher.watched()
                     publisher.committed([_moved("s1", 1)])
                     await asyncio.sleep(0.05)
         finally:
@@ -101,3 +104,83 @@ async def test_after_losing_redis_the_bus_reconnects_and_every_watch_resyncs(
     finally:
         await bus.close()
         await client.aclose()
+
+
+async def _until(condition: Callable[[], bool]) -> None:
+    async with asyncio.timeout(WAIT_LIMIT_S):
+        while not condition():
+            await asyncio.sleep(0.01)
+
+
+async def test_a_shard_nobody_listens_to_stops_publishing_until_a_watch_asks(
+    redis_namespace: str,
+) -> None:
+    client = aioredis.Redis.from_url(REDIS_URL)
+    bus = EventBus(client, redis_namespace)
+    await bus.start()
+    publisher = EventPublisher(client, redis_namespace, shard=2)
+    watch = Recorder()
+    channel = shard_channel(redis_namespace, 2)
+    try:
+        publisher.committed([_moved("s1", 1)])
+        await _until(lambda: not publisher.statistics().publishing)
+        assert publisher.statistics().published == 1  # it went out, to nobody
+        publisher.committed([_moved("s1", 2), _moved("s1", 3)])
+        assert publisher.statistics().unwatched == 2
+        # A watch subscribes, then its snapshot read turns publishing on.
+        await bus.subscribe(channel, slot_key("s1"), watch)
+        publisher.committed([_moved("s1", 4)])
+        assert publisher.statistics().unwatched == 3  # not asked yet: still off
+        publisher.watched()
+        publisher.committed([_moved("s1", 5)])
+        await watch.wait_for(lambda: len(watch.events) == 1)
+        assert watch.events[0].departures == 5  # type: ignore[union-attr]
+        # Someone listens, so it stays on.
+        publisher.committed([_moved("s1", 6)])
+        await watch.wait_for(lambda: len(watch.events) == 2)
+        assert publisher.statistics().publishing
+        # The last watch leaves: the next flush reaches nobody, and it stops again.
+        await bus.unsubscribe(channel, slot_key("s1"), watch)
+        publisher.committed([_moved("s1", 7)])
+        await _until(lambda: not publisher.statistics().publishing)
+        assert publisher.statistics().dropped == 0
+    finally:
+        await publisher.close()
+        await bus.close()
+        await client.aclose()
+
+
+class _HeldPublish:
+    """A Redis client whose PUBLISH answers only when the test says how many received it."""
+
+    def __init__(self) -> None:
+        self.answers: asyncio.Queue[asyncio.Future[int]] = asyncio.Queue()
+
+    async def publish(self, channel: str, message: bytes) -> int:
+        answer: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        await self.answers.put(answer)
+        return await answer
+
+
+async def test_a_message_sent_before_a_watch_asked_does_not_stop_publishing() -> None:
+    """The race the watch counter closes: a PUBLISH that left before the watch's
+    subscription reaches nobody, but its answer arrives after the watch asked."""
+    client = _HeldPublish()
+    publisher = EventPublisher(client, "ns", shard=0)  # type: ignore[arg-type]
+    try:
+        publisher.committed([_moved("s1", 1)])
+        in_flight = await asyncio.wait_for(client.answers.get(), WAIT_LIMIT_S)
+        publisher.watched()  # subscribed after that PUBLISH went out, then asked
+        in_flight.set_result(0)
+        publisher.committed([_moved("s1", 2)])
+        assert publisher.statistics().unwatched == 0
+        sent_after = await asyncio.wait_for(client.answers.get(), WAIT_LIMIT_S)
+        sent_after.set_result(1)
+        await _until(lambda: publisher.statistics().published == 2)
+        assert publisher.statistics().publishing
+        # Without a watch in between, a message that reached nobody stops it.
+        publisher.committed([_moved("s1", 3)])
+        (await asyncio.wait_for(client.answers.get(), WAIT_LIMIT_S)).set_result(0)
+        await _until(lambda: not publisher.statistics().publishing)
+    finally:
+        await publisher.close()

@@ -15,7 +15,9 @@ import pytest
 import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient, TestServer
 
+from engine.core.routing import shard_of
 from engine.shell.coalescer import EngineClient
+from engine.shell.events import PublisherStatistics
 from engine.shell.inproc import OwnedInProcessHost
 from gateway.app import create_app
 from gateway.auth import AuthSettings, Verifier, issue_token
@@ -146,6 +148,41 @@ async def test_a_change_through_one_gateway_reaches_a_socket_on_another(
         again = await other.delete(f"/api/slots/{slot_id}/queue", headers=token("w2"))
         assert again.status == 204
         assert (await _next_of(ws, "queue.position"))["position"] == 1
+
+
+async def test_a_shard_nobody_watches_publishes_again_once_a_socket_connects(
+    gateway: Gateway, token: Token, host: OwnedInProcessHost
+) -> None:
+    api = await gateway()
+    slot_id = await _queued_slot(api, token, ["w1", "w2", "w3"])
+    shard = shard_of(slot_id, host.shard_count)
+    assert shard is not None
+
+    def events() -> PublisherStatistics:
+        stats = host.owner(shard).statistics().events
+        assert stats is not None
+        return stats
+
+    # Those changes reached no subscriber, so the shard stops publishing; a
+    # poll does not turn it on again (only a live watch's snapshot does).
+    async with asyncio.timeout(RECEIVE_LIMIT_S):
+        while events().publishing:
+            await asyncio.sleep(0.01)
+    polled = await api.get(f"/api/slots/{slot_id}/queue/position", headers=token("w3"))
+    assert polled.status == 200 and (await polled.json())["position"] == 3
+    left = await api.delete(f"/api/slots/{slot_id}/queue", headers=token("w1"))
+    assert left.status == 204
+    assert not events().publishing
+    skipped = events().unwatched
+    assert skipped > 0
+    async with api.ws_connect(f"/ws/queue/{slot_id}?token={_query_token('w3')}") as ws:
+        assert (await _next_of(ws, "queue.position"))["position"] == 2
+        assert events().publishing
+        ahead_left = await api.delete(f"/api/slots/{slot_id}/queue", headers=token("w2"))
+        assert ahead_left.status == 204
+        moved = await _next_of(ws, "queue.position")
+        assert moved["position"] == 1 and moved["totalInQueue"] == 1
+        assert events().unwatched == skipped and events().publishing
 
 
 async def test_freed_capacity_offers_the_head_and_moves_everyone_behind(

@@ -107,6 +107,38 @@ async def test_events_reach_the_sink_in_order(shard: Shard) -> None:
     assert shard.runtime.statistics().events == shard.sink.published
 
 
+async def test_a_read_a_live_watch_follows_tells_the_publisher_in_its_batch() -> None:
+    calls: list[int] = []
+    shard = Shard(on_watched=lambda: calls.append(shard.runtime.statistics().batches))
+    try:
+        create = shard.create_slot()
+        slot_id = create.slot_id
+        await shard.send(
+            create,
+            shard.reserve(slot_id, "alice"),
+            p.GetSlot(request_id="plain", slot_id=slot_id),
+            p.QueuePosition(request_id="plain-position", slot_id=slot_id, user_id="alice"),
+            p.ListBookings(request_id="plain-list", user_id="alice"),
+        )
+        assert calls == []
+        # Two watched reads in one batch: told once, before the batch is counted.
+        await shard.send(
+            p.GetSlot(request_id="watched", slot_id=slot_id, watch=True),
+            p.ListBookings(request_id="watched-list", user_id="alice", watch=True),
+        )
+        assert calls == [1]
+        # A watched position read counts even when the user has no entry (404).
+        (missing,) = await shard.send(
+            p.QueuePosition(request_id="w-pos", slot_id=slot_id, user_id="bob", watch=True)
+        )
+        assert isinstance(missing, p.Failure) and missing.status == 404
+        assert calls == [1, 2]
+        await shard.send(p.GetSlot(request_id="plain-again", slot_id=slot_id))
+        assert calls == [1, 2]
+    finally:
+        shard.runtime.close()
+
+
 async def test_a_batch_over_the_limit_is_refused_whole(shard: Shard) -> None:
     create = shard.create_slot(capacity=limits.BATCH_COMMANDS_MAX + 1)
     too_many = [create] + [
