@@ -24,9 +24,6 @@ EXIT_OK: Final = 0
 EXIT_FAILED: Final = 1
 EXIT_UNUSABLE: Final = 2
 
-# The prefix of the shard owners' lease keys in Redis (``{prefix}:shard:{n}:owner``),
-# as the shard owners write them by default.
-LEASE_NAMESPACE_DEFAULT: Final = "slotengine"
 # How long the storage commands wait for a connection.
 CONNECT_TIMEOUT_S: Final = 10.0
 
@@ -87,8 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     reconcile_parser.add_argument(
         "--lease-namespace",
-        default=LEASE_NAMESPACE_DEFAULT,
-        help=f"prefix of the shard lease keys in Redis [{LEASE_NAMESPACE_DEFAULT}]",
+        default=None,
+        help="prefix of the shard lease keys in Redis"
+        " [the deployment's, named by the database: slotengine:<digest>]",
     )
     reconcile_parser.set_defaults(run=_reconcile)
 
@@ -283,9 +281,12 @@ async def _check(
     grace_ms = (
         HOLD_GRACE_DEFAULT_MS if args.hold_grace_seconds is None else args.hold_grace_seconds * 1000
     )
-    owners = _LeaseOwners(redis_url, args.lease_namespace)
+    from persistence.store import deployment_namespace
+
+    connection = await asyncpg.connect(database_url, timeout=CONNECT_TIMEOUT_S)
     try:
-        connection = await asyncpg.connect(database_url, timeout=CONNECT_TIMEOUT_S)
+        namespace = args.lease_namespace or await deployment_namespace(connection)
+        owners = _LeaseOwners(redis_url, namespace)
         try:
             report: ReconcileReport = await reconcile(
                 connection,
@@ -295,9 +296,9 @@ async def _check(
                 owned_shards=owners,
             )
         finally:
-            await connection.close()
+            await owners.close()
     finally:
-        await owners.close()
+        await connection.close()
     return report
 
 

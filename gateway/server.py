@@ -78,20 +78,31 @@ def check_options(options: ServeOptions) -> None:
 
 
 async def storage_for(settings: Settings) -> StorageSettings:
-    """The services to use (configured, else embedded), with the schema brought up to date."""
+    """The services to use (configured, else embedded), with the schema brought up to
+    date, and the prefix of the deployment's keys in Redis."""
+    import asyncpg
+
     from persistence.embedded import resolve_services
-    from persistence.migrate import migrate_url
+    from persistence.migrate import migrate
+    from persistence.store import deployment_namespace
 
     database_url, redis_url = await asyncio.to_thread(
         resolve_services, settings.database_url, settings.redis_url, settings.data_dir
     )
-    applied = await migrate_url(database_url)
+    connection = await asyncpg.connect(database_url)
+    try:
+        applied = await migrate(connection)
+        namespace = await deployment_namespace(connection)
+    finally:
+        await connection.close()
     if applied:
         logger.info("applied migrations %s", applied)
+    logger.info("the deployment's keys in Redis start with %s:", namespace)
     return StorageSettings(
         database_url=database_url,
         redis_url=redis_url,
         relaxed=settings.durability == "relaxed",
+        namespace=namespace,
     )
 
 
@@ -143,7 +154,7 @@ def build_app(
             socket_connect_timeout=REDIS_TIMEOUT_S,
             retry=Retry(NoBackoff(), 0),
         )
-        app[LIMITER_KEY] = RateLimiter(redis_client, limits)
+        app[LIMITER_KEY] = RateLimiter(redis_client, limits, namespace=storage.namespace)
         app[KEYS_KEY] = KeyRegistry(redis_client, storage.namespace)
         # The live updates' pub/sub connection blocks on reads: no socket timeout
         # (the bus pings Redis itself when the channel is quiet).

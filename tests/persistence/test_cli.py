@@ -12,15 +12,19 @@ import subprocess
 import sys
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import asyncpg
 import pytest
 import redis
 
 from engine.cli import main
+from persistence.store import deployment_namespace
 from tests.persistence.conftest import DATABASE_URL, REDIS_URL, with_database
 from tests.persistence.test_reconcile import plant_clean_state, set_fence
 from tests.persistence.test_schema import add_booking, add_slot
+
+_T = TypeVar("_T")
 
 REPO = Path(__file__).resolve().parents[2]
 # Nothing listens on port 1.
@@ -60,15 +64,15 @@ def empty_database_url() -> Iterator[str]:
     asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
-def on_db(url: str, work: Callable[[asyncpg.Connection], Awaitable[object]]) -> None:
-    async def run() -> None:
+def on_db(url: str, work: Callable[[asyncpg.Connection], Awaitable[_T]]) -> _T:
+    async def run() -> _T:
         connection = await asyncpg.connect(url)
         try:
-            await work(connection)
+            return await work(connection)
         finally:
             await connection.close()
 
-    asyncio.run(run())
+    return asyncio.run(run())
 
 
 def fetch(url: str, query: str) -> list[asyncpg.Record]:
@@ -280,6 +284,30 @@ def test_a_hold_of_an_owned_shard_is_not_repaired(
     (only,) = document["findings"]  # type: ignore[misc]
     assert "has an owner" in only["detail"]
     assert hold_status(database_url) == "RESERVED"
+
+
+def test_without_a_namespace_the_lease_is_looked_up_under_the_databases_own(
+    env: pytest.MonkeyPatch, database_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    async def plant(db: asyncpg.Connection) -> str:
+        await plant_stale_hold(db)
+        return await deployment_namespace(db)
+
+    namespace = on_db(database_url, plant)
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        client.set(f"{namespace}:shard:0:owner", "someone", px=60_000)
+        status, document = reconcile_json(capsys, "--repair")
+        (only,) = document["findings"]  # type: ignore[misc]
+        assert status == 1 and "has an owner" in only["detail"]
+        assert hold_status(database_url) == "RESERVED"
+        # Under another namespace the same lease is nobody's: the hold is repaired.
+        status, document = reconcile_json(capsys, "--repair", "--lease-namespace", "elsewhere")
+        assert (status, document["violations_left"]) == (0, 0)
+        assert hold_status(database_url) == "EXPIRED"
+    finally:
+        client.delete(f"{namespace}:shard:0:owner")
+        client.close()
 
 
 def test_without_redis_every_shard_counts_as_owned(
