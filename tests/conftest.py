@@ -109,17 +109,18 @@ async def db(database_url: str) -> AsyncIterator[asyncpg.Connection]:
 def redis_namespace() -> Iterator[str]:
     namespace = f"slotengine-test-{secrets.token_hex(4)}"
     yield namespace
+    asyncio.run(forget_namespace(namespace))
 
-    async def clean() -> None:
-        client = aioredis.Redis.from_url(REDIS_URL)
-        try:
-            keys = [key async for key in client.scan_iter(f"{namespace}:*")]
-            if keys:
-                await client.delete(*keys)
-        finally:
-            await client.aclose()
 
-    asyncio.run(clean())
+async def forget_namespace(namespace: str) -> None:
+    """Delete every key under ``namespace`` from the shared Redis."""
+    client = aioredis.Redis.from_url(REDIS_URL)
+    try:
+        keys = [key async for key in client.scan_iter(f"{namespace}:*")]
+        if keys:
+            await client.delete(*keys)
+    finally:
+        await client.aclose()
 
 
 @pytest.fixture(scope="session")

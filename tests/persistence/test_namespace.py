@@ -6,7 +6,6 @@ from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
-import redis.asyncio as aioredis
 
 from config.settings import Settings
 from engine.shell.errors import ShardUnavailable
@@ -14,7 +13,14 @@ from engine.shell.inproc import OwnedInProcessHost
 from engine.shell.owner import OwnerState
 from gateway.server import storage_for
 from persistence.store import NAMESPACE_PREFIX, deployment_namespace
-from tests.conftest import DATABASE_URL, REDIS_URL, _create_database, _drop_database, with_database
+from tests.conftest import (
+    DATABASE_URL,
+    REDIS_URL,
+    _create_database,
+    _drop_database,
+    forget_namespace,
+    with_database,
+)
 from tests.persistence.helpers import policies
 
 # Short: the contending owner gives up quickly instead of waiting out a lease.
@@ -34,16 +40,6 @@ async def _namespace(url: str) -> str:
         return await deployment_namespace(connection)
     finally:
         await connection.close()
-
-
-async def _forget(namespace: str) -> None:
-    client = aioredis.Redis.from_url(REDIS_URL)
-    try:
-        keys = [key async for key in client.scan_iter(f"{namespace}:*")]
-        if keys:
-            await client.delete(*keys)
-    finally:
-        await client.aclose()
 
 
 async def test_a_database_names_one_namespace_and_another_database_another(
@@ -80,7 +76,7 @@ async def test_two_deployments_on_one_redis_both_own_their_shards(
         for host in hosts:
             await host.close()
         for storage in storages:
-            await _forget(storage.namespace)
+            await forget_namespace(storage.namespace)
 
 
 async def test_two_owners_on_one_namespace_contend_for_its_shards(
@@ -105,4 +101,4 @@ async def test_two_owners_on_one_namespace_contend_for_its_shards(
     finally:
         await second.close()
         await first.close()
-        await _forget(storage.namespace)
+        await forget_namespace(storage.namespace)
