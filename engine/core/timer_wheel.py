@@ -27,7 +27,7 @@ number of keys in level L.
 """
 
 from collections.abc import Hashable
-from typing import Generic, TypeVar
+from typing import Final, Generic, TypeVar
 
 import msgspec
 
@@ -36,10 +36,11 @@ from engine.core.limits import TIMER_TICK_MS, TIMER_WHEEL_BUCKETS, TIMER_WHEEL_L
 
 K = TypeVar("K", bound=Hashable)
 
-_BITS = TIMER_WHEEL_BUCKETS.bit_length() - 1
-_MASK = TIMER_WHEEL_BUCKETS - 1
-_DUE = -1
-_OVERFLOW = -2
+# Final: a compiled build then reads them as constants, not from the module's dict.
+_BITS: Final = TIMER_WHEEL_BUCKETS.bit_length() - 1
+_MASK: Final = TIMER_WHEEL_BUCKETS - 1
+_DUE: Final = -1
+_OVERFLOW: Final = -2
 assert 1 << _BITS == TIMER_WHEEL_BUCKETS, "buckets per level must be a power of two"
 
 
@@ -125,9 +126,12 @@ class TimerWheel(Generic[K]):
         self._insert(key, (deadline_ms, self._sequence))
 
     def cancel(self, key: K) -> bool:
-        place = self._where.pop(key, None)
+        # get and del, not pop(key, None): a compiled build calls those directly.
+        where = self._where
+        place = where.get(key)
         if place is None:
             return False
+        del where[key]
         del self._home(place)[key]
         if place >= 0:
             self._count[place >> _BITS] -= 1
