@@ -55,15 +55,23 @@ BOOKING_FINAL: Final = frozenset(
 BOOKING_ACTIVE: Final = frozenset({BookingStatus.RESERVED, BookingStatus.CONFIRMED})
 
 
+# The same table by status, then event: looked up without building a key tuple
+# (it is asked on every change of a booking).
+_BOOKING_NEXT: Final[dict[BookingStatus, dict[BookingEvent, BookingStatus]]] = {
+    status: {event: to for (origin, event), to in BOOKING_TRANSITIONS.items() if origin is status}
+    for status in BookingStatus
+}
+
+
 def next_booking_status(current: BookingStatus, event: BookingEvent) -> BookingStatus:
     """The status ``event`` leads to from ``current``, or ``InvalidTransition``."""
-    try:
-        return BOOKING_TRANSITIONS[(current, event)]
-    except KeyError:
+    following = _BOOKING_NEXT[current].get(event)
+    if following is None:
         raise InvalidTransition(
             f"a {current} booking cannot {event.value.replace('_', ' ')}",
             {"from": current.value, "event": event.value},
-        ) from None
+        )
+    return following
 
 
 class QueueStatus(enum.StrEnum):
