@@ -338,7 +338,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         thresholds = gc.get_threshold()
         if args.gc == "actor":
             # The collector as a shard actor runs it (after loading its state).
-            from engine.shell.ray_actor import tune_gc
+            from engine.shell.gc_tuning import tune_gc
 
             tune_gc()
         try:

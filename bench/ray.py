@@ -463,7 +463,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     import ray
     import uvloop
 
-    from engine.shell.ray_actor import tune_gc
+    from engine.shell.gc_tuning import tune_gc
 
     # The callers allocate per operation like a shard does; the same collector settings.
     tune_gc()

@@ -285,8 +285,13 @@ def _run_worker(
 ) -> None:
     import uvloop
 
+    from engine.shell.gc_tuning import tune_gc
+
     log_writer = configure_logging(settings.log_level)
     app = build_app(settings, auth, limits, options.engine)
+    # Each live connection is some hundred tracked objects: with the default
+    # thresholds a full collection stalls a busy gateway for most of a second.
+    tune_gc()
     web.run_app(
         app,
         host=options.host,

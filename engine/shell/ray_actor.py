@@ -16,7 +16,6 @@ module level (Ray pickles the class with its module globals).
 
 import asyncio
 import functools
-import gc
 import logging
 import os
 import secrets
@@ -39,6 +38,7 @@ from engine.shell.errors import (
     ShardUnavailable,
     ShellError,
 )
+from engine.shell.gc_tuning import tune_gc
 from engine.shell.owner import OwnerStatistics, ShardOwner, StorageSettings
 from engine.shell.runtime import MemoryEventSink, RuntimeStatistics, ShardRuntime
 
@@ -185,13 +185,6 @@ class ShardActor:
         except InvariantViolation as exc:
             # Reported, not fatal here: the caller decides (reconcile, health checks).
             raise ShardFailed(f"shard {self._shard_id}: {exc}") from exc
-
-
-def tune_gc() -> None:
-    """Fewer, larger young collections, and no rescans of what was loaded at start."""
-    gc.freeze()
-    _, gen1, gen2 = gc.get_threshold()
-    gc.set_threshold(limits.GC_GEN0_THRESHOLD, gen1, gen2)
 
 
 def frame_reply(reply: bytes) -> bytes:
