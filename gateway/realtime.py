@@ -209,6 +209,10 @@ class EventBus:
         # PING payload -> the channels whose SUBSCRIBE it follows.
         self._pings: dict[str, list[str]] = {}
         self._ping_count = 0
+        # After a lost connection: the PING whose PONG confirms the resubscription,
+        # on which every watch reads its state again.
+        self._resync_token: str | None = None
+        self._resync_pending = False
         self._pubsub: Any = None
         self._reader: asyncio.Task[None] | None = None
         self._connected = asyncio.Event()
@@ -280,12 +284,13 @@ class EventBus:
             with contextlib.suppress(redis.exceptions.RedisError, OSError):
                 await self._pubsub.unsubscribe(channel)
 
-    async def _subscribe_and_ping(self, channels: list[str]) -> None:
+    async def _subscribe_and_ping(self, channels: list[str]) -> str:
         self._ping_count += 1
         token = f"confirm-{self._ping_count}"
         self._pings[token] = channels
         await self._pubsub.subscribe(*channels)
         await self._pubsub.ping(token)
+        return token
 
     async def _run(self) -> None:
         backoff_s = RECONNECT_BACKOFF_MIN_S
@@ -305,9 +310,9 @@ class EventBus:
                 return
             if was_connected:
                 self._reconnects += 1
-                # Whatever was published meanwhile is lost to us: every watch rereads.
-                for listener in {lsn for ls in self._listeners.values() for lsn in ls}:
-                    listener.resync()
+                # Whatever was published meanwhile is lost to us: every watch rereads,
+                # once Redis has confirmed the new subscription (see _confirm).
+                self._resync_pending = True
             await asyncio.sleep(backoff_s)
             backoff_s = min(backoff_s * 2, RECONNECT_BACKOFF_MAX_S)
 
@@ -318,7 +323,9 @@ class EventBus:
         for channel in self._channel_refs:
             if channel not in self._confirmed or self._confirmed[channel].done():
                 self._confirmed[channel] = asyncio.get_running_loop().create_future()
-        await self._subscribe_and_ping(channels)
+        token = await self._subscribe_and_ping(channels)
+        if self._resync_pending:
+            self._resync_token = token
         self._connected.set()
 
     async def _read(self) -> None:
@@ -369,6 +376,14 @@ class EventBus:
             confirmed = self._confirmed.get(channel)
             if confirmed is not None and not confirmed.done():
                 confirmed.set_result(None)
+        if token == self._resync_token:
+            # Subscribed again: a snapshot read from now on misses nothing, and its
+            # watch request turns a shard's publishing back on (which a PUBLISH that
+            # reached nobody while we were away may have switched off).
+            self._resync_token = None
+            self._resync_pending = False
+            for listener in {lsn for ls in self._listeners.values() for lsn in ls}:
+                listener.resync()
 
     def _fail_pending(self, error: Exception) -> None:
         self._pings.clear()

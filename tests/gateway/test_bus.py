@@ -106,6 +106,51 @@ async def test_after_losing_redis_the_bus_reconnects_and_every_watch_resyncs(
         await client.aclose()
 
 
+class SubscribedCheck(Recorder):
+    """On resync, publishes on its channel from another connection and records how
+    many connections received it: what a watch's snapshot read relies on."""
+
+    def __init__(self, client: aioredis.Redis, channel: str) -> None:
+        super().__init__()
+        self._client = client
+        self._channel = channel
+        self.receivers: list[int] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def resync(self) -> None:
+        task = asyncio.get_running_loop().create_task(self._probe())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _probe(self) -> None:
+        self.receivers.append(await self._client.publish(self._channel, b"probe"))
+        super().resync()
+
+
+async def test_after_a_reconnection_watches_resync_only_once_subscribed_again(
+    private_redis: PrivateRedis,
+) -> None:
+    """A watch that read its state before the new subscription was in place would
+    miss what came between, and could let a shard's publishing switch off for good."""
+    client = aioredis.Redis.from_url(private_redis.url, socket_connect_timeout=0.5)
+    bus = EventBus(client, "ns")
+    await bus.start()
+    channel = shard_channel("ns", 3)
+    probe_client = aioredis.Redis.from_url(private_redis.url)
+    watch = SubscribedCheck(probe_client, channel)
+    try:
+        await bus.subscribe(channel, slot_key("s1"), watch)
+        await private_redis.astop()
+        await asyncio.sleep(0.3)  # the bus notices and retries meanwhile
+        await private_redis.astart()
+        await watch.wait_for(lambda: watch.resyncs >= 1)
+        assert watch.receivers and all(count >= 1 for count in watch.receivers)
+    finally:
+        await bus.close()
+        await client.aclose()
+        await probe_client.aclose()
+
+
 async def _until(condition: Callable[[], bool]) -> None:
     async with asyncio.timeout(WAIT_LIMIT_S):
         while not condition():
