@@ -3,7 +3,8 @@ in order, and after losing Redis it reconnects by itself and makes every watch
 read its state again (what was published meanwhile is lost to it)."""
 
 import asyncio
-from collections.abc import Callable
+import contextlib
+from collections.abc import AsyncIterator, Callable
 
 import redis.asyncio as aioredis
 
@@ -46,15 +47,28 @@ def _moved(slot_id: str, departures: int) -> p.QueueMoved:
     )  # fmt: skip
 
 
+@contextlib.asynccontextmanager
+async def _bus_and_publisher(
+    namespace: str, shard: int
+) -> AsyncIterator[tuple[EventBus, EventPublisher]]:
+    """A started bus and a shard's publisher on the shared Redis, closed afterwards."""
+    client = aioredis.Redis.from_url(REDIS_URL)
+    bus = EventBus(client, namespace)
+    await bus.start()
+    publisher = EventPublisher(client, namespace, shard=shard)
+    try:
+        yield bus, publisher
+    finally:
+        await publisher.close()
+        await bus.close()
+        await client.aclose()
+
+
 async def test_only_watched_keys_are_delivered_in_the_order_published(
     redis_namespace: str,
 ) -> None:
-    client = aioredis.Redis.from_url(REDIS_URL)
-    bus = EventBus(client, redis_namespace)
-    await bus.start()
-    publisher = EventPublisher(client, redis_namespace, shard=1)
     watched, other = Recorder(), Recorder()
-    try:
+    async with _bus_and_publisher(redis_namespace, shard=1) as (bus, publisher):
         await bus.subscribe(shard_channel(redis_namespace, 1), slot_key("s-watched"), watched)
         await bus.subscribe(shard_channel(redis_namespace, 1), user_key("nobody"), other)
         publisher.committed([_moved("s-watched", 1), _moved("s-unwatched", 1)])
@@ -67,10 +81,6 @@ async def test_only_watched_keys_are_delivered_in_the_order_published(
         await bus.unsubscribe(shard_channel(redis_namespace, 1), slot_key("s-watched"), watched)
         await bus.unsubscribe(shard_channel(redis_namespace, 1), user_key("nobody"), other)
         assert bus.statistics().channels == 0
-    finally:
-        await publisher.close()
-        await bus.close()
-        await client.aclose()
 
 
 async def test_after_losing_redis_the_bus_reconnects_and_every_watch_resyncs(
@@ -160,13 +170,9 @@ async def _until(condition: Callable[[], bool]) -> None:
 async def test_a_shard_nobody_listens_to_stops_publishing_until_a_watch_asks(
     redis_namespace: str,
 ) -> None:
-    client = aioredis.Redis.from_url(REDIS_URL)
-    bus = EventBus(client, redis_namespace)
-    await bus.start()
-    publisher = EventPublisher(client, redis_namespace, shard=2)
     watch = Recorder()
     channel = shard_channel(redis_namespace, 2)
-    try:
+    async with _bus_and_publisher(redis_namespace, shard=2) as (bus, publisher):
         publisher.committed([_moved("s1", 1)])
         await _until(lambda: not publisher.statistics().publishing)
         assert publisher.statistics().published == 1  # it went out, to nobody
@@ -189,10 +195,6 @@ async def test_a_shard_nobody_listens_to_stops_publishing_until_a_watch_asks(
         publisher.committed([_moved("s1", 7)])
         await _until(lambda: not publisher.statistics().publishing)
         assert publisher.statistics().dropped == 0
-    finally:
-        await publisher.close()
-        await bus.close()
-        await client.aclose()
 
 
 class _HeldPublish:
