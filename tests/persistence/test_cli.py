@@ -19,6 +19,7 @@ import pytest
 import redis
 
 from engine.cli import main
+from persistence.migrate import MIGRATIONS_DIR
 from persistence.store import deployment_namespace
 from tests.persistence.conftest import DATABASE_URL, REDIS_URL, with_database
 from tests.persistence.test_reconcile import plant_clean_state, set_fence
@@ -118,12 +119,13 @@ def test_migrate_applies_the_schema_once(
 ) -> None:
     env.setenv("DATABASE_URL", empty_database_url)
     assert main(["migrate"]) == 0
-    assert capsys.readouterr().out.splitlines() == ["applied 0001_schema.sql"]
+    every = [path.name for path in sorted(MIGRATIONS_DIR.glob("*.sql"))]
+    assert every[:2] == ["0001_schema.sql", "0002_lean_indexes.sql"]
+    assert capsys.readouterr().out.splitlines() == [f"applied {name}" for name in every]
     assert main(["migrate"]) == 0
     assert "up to date" in capsys.readouterr().out
-    assert [r["name"] for r in fetch(empty_database_url, "SELECT name FROM schema_migrations")] == [
-        "0001_schema.sql"
-    ]
+    applied = fetch(empty_database_url, "SELECT name FROM schema_migrations ORDER BY version")
+    assert [r["name"] for r in applied] == every
     # A migrated database is clean.
     assert main(["reconcile"]) == 0
 

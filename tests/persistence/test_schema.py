@@ -615,6 +615,66 @@ async def test_after_a_purge_the_log_is_append_only_again(db: asyncpg.Connection
     assert await db.fetchval("SELECT count(*) FROM audit_log") == 2
 
 
+# -- identifiers and lookups ----------------------------------------------------------
+
+ID_COLUMNS = {
+    "slots": ("id", "resource_id"),
+    "bookings": ("id", "slot_id", "user_id", "status"),
+    "queue_entries": ("slot_id", "user_id", "status", "booking_id"),
+    "audit_log": ("entity_id", "slot_id", "user_id", "request_id"),
+    "idempotency_records": ("user_id", "command", "key"),
+}
+
+
+async def test_identifiers_compare_byte_by_byte(db: asyncpg.Connection) -> None:
+    rows = await db.fetch(
+        """
+        SELECT table_name, column_name, collation_name FROM information_schema.columns
+         WHERE table_schema = 'public' AND table_name = ANY($1::text[])
+        """,
+        list(ID_COLUMNS),
+    )
+    collations = {(r["table_name"], r["column_name"]): r["collation_name"] for r in rows}
+    for table, columns in ID_COLUMNS.items():
+        for column in columns:
+            assert collations[(table, column)] == "C", (table, column)
+    # Ordered as the engine orders them (code points), whatever the database's locale.
+    ids = ["b", "B", "a-2", "a-10", "é", "Z", "ä", "z"]
+    for n, slot_id in enumerate(ids):
+        await add_slot(
+            db, slot_id, start_ms=NOW_MS + n * HOUR_MS, end_ms=NOW_MS + (n + 1) * HOUR_MS
+        )
+    assert await db.fetchval("SELECT array_agg(id ORDER BY id) FROM slots") == sorted(ids)
+
+
+async def test_equality_lookups_use_hash_indexes(db: asyncpg.Connection) -> None:
+    methods = dict(
+        await db.fetch(
+            """
+            SELECT i.relname, am.amname FROM pg_index x
+              JOIN pg_class i ON i.oid = x.indexrelid JOIN pg_am am ON am.oid = i.relam
+             WHERE i.relname = ANY($1::text[])
+            """,
+            ["audit_log_by_entity", "bookings_by_user", "queue_entries_by_user"],
+        )
+    )
+    assert methods == {
+        "audit_log_by_entity": "hash",
+        "bookings_by_user": "hash",
+        "queue_entries_by_user": "hash",
+    }
+    await add_slot(db, "s-1")
+    await add_booking(db, "b-1", "s-1", "alice")
+    await add_booking(db, "b-2", "s-1", "bob")
+    await add_entry(db, "s-1", "carol", 1)
+    await add_audit(db, NOW_MS, "b-1")
+    await add_audit(db, NOW_MS + 1, "b-2")
+    await db.execute("SET enable_seqscan = off")
+    assert await db.fetchval("SELECT array_agg(id) FROM bookings WHERE user_id = 'bob'") == ["b-2"]
+    assert await db.fetchval("SELECT count(*) FROM queue_entries WHERE user_id = 'carol'") == 1
+    assert await db.fetchval("SELECT count(*) FROM audit_log WHERE entity_id = 'b-1'") == 1
+
+
 # -- migrations -----------------------------------------------------------------------
 
 
