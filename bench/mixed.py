@@ -255,10 +255,11 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
                 total=None if args.clients else planned,
                 desc="mixed", unit="req", file=sys.stderr, mininterval=0.5,
             )  # fmt: skip
-            if args.clients:
-                await _closed_loop(mixed, args.clients, args.warmup_seconds, args.seconds)
-            else:
-                await _open_loop(mixed, args.rate, args.warmup_seconds, args.seconds)
+            with h.load_generator_collector():
+                if args.clients:
+                    await _closed_loop(mixed, args.clients, args.warmup_seconds, args.seconds)
+                else:
+                    await _open_loop(mixed, args.rate, args.warmup_seconds, args.seconds)
             wall_s = time.perf_counter() - wall_before
             loadgen_cpu_s = h.self_cpu_seconds() - cpu_before
             server_cpu_s = h.cpu_seconds(target.server_pids()) - server_cpu_before

@@ -143,7 +143,8 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
         async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
             rounds = []
             for round_no in range(args.rounds):
-                rounds.append(await _storm(session, target, args, round_no))
+                with h.load_generator_collector():
+                    rounds.append(await _storm(session, target, args, round_no))
                 print(
                     f"storm {round_no + 1}/{args.rounds}: {rounds[-1]['outcomes']} "
                     f"p99 {rounds[-1]['p99_ms']} ms",

@@ -134,8 +134,55 @@ async def _measure(
     gateway_rss = h.rss_bytes(_gateway_pids(target))
     tree_rss = h.rss_bytes(target.server_pids())
     live = [s for s in subscribers if s.ws is not None]
-    changes: list[dict[str, Any]] = []
     cpu_before = h.self_cpu_seconds()
+    with h.load_generator_collector():
+        changes = await _make_changes(session, target, args, slot_id, queued, live, fan_out)
+    loadgen_cpu_s = h.self_cpu_seconds() - cpu_before
+    for subscriber in subscribers:
+        if subscriber.ws is not None:
+            await subscriber.ws.close()
+    for task in listeners:
+        task.cancel()
+    worst_p99 = max((c["p99_ms"] or float("inf")) for c in changes) if changes else None
+    missed = sum(c["missed"] for c in changes)
+    gateway_mb = round(gateway_rss / 2**20, 1)
+    result = {
+        "scenario": "ws",
+        "engine": args.engine,
+        "workers": args.workers,
+        "subscribers": len(subscribers) - failed_connects,
+        "failed_connects": failed_connects,
+        "connect_s": round(connect_s, 2),
+        "changes": changes,
+        "p99_ms": worst_p99,
+        "p99_target_ms": P99_TARGET_MS,
+        "missed": missed,
+        "gateway_rss_mb": gateway_mb,
+        "gateway_rss_target_mb": GATEWAY_RSS_TARGET_MB,
+        "server_tree_rss_mb": round(tree_rss / 2**20, 1),
+        "loadgen_cpu_s_during_changes": round(loadgen_cpu_s, 2),
+        "meets_target": failed_connects == 0
+        and missed == 0
+        and worst_p99 is not None
+        and worst_p99 <= P99_TARGET_MS
+        and gateway_mb <= GATEWAY_RSS_TARGET_MB,
+    }
+    if args.report:
+        result["report"] = [str(p) for p in write_report(args.report, "ws", result, fan_out)]
+    return result
+
+
+async def _make_changes(
+    session: aiohttp.ClientSession,
+    target: h.Target,
+    args: argparse.Namespace,
+    slot_id: str,
+    queued: list[str],
+    live: list[Subscriber],
+    fan_out: h.Latencies,
+) -> list[dict[str, Any]]:
+    """One queued user after another leaves; how long each change takes to reach everyone."""
+    changes: list[dict[str, Any]] = []
     for change in range(min(args.changes, len(queued))):
         for subscriber in live:
             subscriber.first_after = None
@@ -171,39 +218,7 @@ async def _measure(
         print(f"change {change + 1}/{args.changes}: {changes[-1]}", flush=True)
         live = waiting
         await asyncio.sleep(0.5)
-    loadgen_cpu_s = h.self_cpu_seconds() - cpu_before
-    for subscriber in subscribers:
-        if subscriber.ws is not None:
-            await subscriber.ws.close()
-    for task in listeners:
-        task.cancel()
-    worst_p99 = max((c["p99_ms"] or float("inf")) for c in changes) if changes else None
-    missed = sum(c["missed"] for c in changes)
-    gateway_mb = round(gateway_rss / 2**20, 1)
-    result = {
-        "scenario": "ws",
-        "engine": args.engine,
-        "workers": args.workers,
-        "subscribers": len(subscribers) - failed_connects,
-        "failed_connects": failed_connects,
-        "connect_s": round(connect_s, 2),
-        "changes": changes,
-        "p99_ms": worst_p99,
-        "p99_target_ms": P99_TARGET_MS,
-        "missed": missed,
-        "gateway_rss_mb": gateway_mb,
-        "gateway_rss_target_mb": GATEWAY_RSS_TARGET_MB,
-        "server_tree_rss_mb": round(tree_rss / 2**20, 1),
-        "loadgen_cpu_s_during_changes": round(loadgen_cpu_s, 2),
-        "meets_target": failed_connects == 0
-        and missed == 0
-        and worst_p99 is not None
-        and worst_p99 <= P99_TARGET_MS
-        and gateway_mb <= GATEWAY_RSS_TARGET_MB,
-    }
-    if args.report:
-        result["report"] = [str(p) for p in write_report(args.report, "ws", result, fan_out)]
-    return result
+    return changes
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:

@@ -114,3 +114,23 @@ def test_a_short_durable_ray_run_commits_and_reports_its_baseline() -> None:
     assert result["events_per_flush"] > 1  # group commit: many events a transaction
     for key in ("ops_per_s", "p50_ms", "p99_ms", "per_command_ops_per_s"):
         assert result[key] > 0
+
+
+@pytest.mark.parametrize("enabled_before", [True, False])
+def test_the_load_generator_does_not_collect_while_it_measures(enabled_before: bool) -> None:
+    import gc
+
+    from bench._http import load_generator_collector
+
+    gc.enable() if enabled_before else gc.disable()
+    try:
+        existing = [object()]
+        with load_generator_collector():
+            assert not gc.isenabled()
+            # What existed when the load started is never scanned again meanwhile.
+            assert gc.get_freeze_count() > 0
+            assert not any(existing is tracked for tracked in gc.get_objects())
+        assert gc.isenabled() is enabled_before
+        assert gc.get_freeze_count() == 0
+    finally:
+        gc.enable()
