@@ -7,10 +7,11 @@ transaction, after advancing the shard's fence row with the owner's token.
 While a flush commits, new events gather for the next one: the busier the
 shard, the bigger each commit (group commit), with no timer in the way.
 
-``wait_durable`` returns once everything published before the call is
-committed. In ``relaxed`` durability it returns at once: replies leave before
-their commit, and a crash loses what the buffer held (at most
-``WRITER_PENDING_EVENTS_MAX`` events, in practice one flush interval).
+``wait_durable`` returns once everything published before the call (or up
+to the position it names) is committed. In ``relaxed`` durability it returns
+at once: replies leave before their commit, and a crash loses what the buffer
+held (at most ``WRITER_PENDING_EVENTS_MAX`` events, in practice one flush
+interval).
 
 A failed flush is never retried by the writer: the shard's memory is ahead
 of the database, so every waiting reply fails with ``StorageUnavailable`` and
@@ -129,12 +130,23 @@ class ShardWriter:
         self._published += 1
         self._wake.set()
 
-    async def wait_durable(self) -> None:
+    @property
+    def position(self) -> int:
+        """Hand-offs so far (``publish`` and ``remember`` calls)."""
+        return self._published
+
+    @property
+    def durable_position(self) -> int:
+        """Every hand-off up to this one is committed."""
+        return self._durable
+
+    async def wait_durable(self, position: int | None = None) -> None:
+        """Return once every hand-off up to ``position`` (default: all so far) is committed."""
         if self._error is not None:
             raise StorageUnavailable(str(self._error)) from self._error
         if self._relaxed:
             return
-        target = self._published
+        target = self._published if position is None else position
         if target <= self._durable:
             return
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()

@@ -7,7 +7,9 @@ up to ``BATCHES_IN_FLIGHT_MAX`` batches in flight per shard. A batch is flushed
 on the next loop iteration, never on a timer, so a lone command pays no delay;
 under load, a batch that is not full waits for the reply already in flight to
 its shard and grows meanwhile (``PARTIAL_BATCHES_IN_FLIGHT_MAX``), because a
-Ray call costs far more than a command.
+Ray call costs far more than a command. Reads and changes of one shard queue
+and travel apart (a lane each), so a read never waits for a batch of changes
+to commit: the shard answers it once what it read is durable.
 
 It owns the per-shard queues of waiting commands and the retry policy. A batch
 that failed because its actor died is resent as the same bytes (the same
@@ -30,6 +32,7 @@ import msgspec
 from engine.core import limits, routing
 from engine.core.errors import NotFound
 from engine.core.protocol import (
+    READ_ONLY_COMMANDS,
     AnyCommand,
     AnyResult,
     BatchCodec,
@@ -73,6 +76,9 @@ _ROUTING_FIELD: Final[dict[type, str]] = {
 }
 
 
+_READS: Final = frozenset(READ_ONLY_COMMANDS)
+
+
 class RequestIds:
     """Request ids unique across processes: a random prefix per instance and a counter."""
 
@@ -111,12 +117,14 @@ class ClientStatistics(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class _Lane:
-    """The commands waiting for one shard and the batches in flight to it."""
+    """The commands of one kind (reads, or changes) waiting for one shard, and the
+    batches of them in flight to it."""
 
-    __slots__ = ("commands", "flush_scheduled", "futures", "in_flight", "shard")
+    __slots__ = ("commands", "flush_scheduled", "futures", "in_flight", "reads", "shard")
 
-    def __init__(self, shard: int) -> None:
+    def __init__(self, shard: int, *, reads: bool) -> None:
         self.shard = shard
+        self.reads = reads
         # Invariant: commands[i] is answered through futures[i]; both lists grow together.
         self.commands: list[AnyCommand] = []
         self.futures: list[asyncio.Future[AnyResult]] = []
@@ -156,7 +164,11 @@ class EngineClient:
         self._retries_max = retries_max
         self._retry_backoff_ms = retry_backoff_ms
         self._codec = BatchCodec()
-        self._lanes = [_Lane(shard) for shard in range(self._shard_count)]
+        # Per shard, a lane of changes and a lane of reads: a batch of reads leaves
+        # while changes wait for their commit, and the shard answers it as soon as
+        # the slots it read are durable (ShardRuntime.apply).
+        self._lanes = [_Lane(shard, reads=False) for shard in range(self._shard_count)]
+        self._read_lanes = [_Lane(shard, reads=True) for shard in range(self._shard_count)]
         self._tasks: set[asyncio.Task[None]] = set()
         self._batches_sent = 0
         self._commands_sent = 0
@@ -181,7 +193,7 @@ class EngineClient:
             shard = shard_for(command, self._shard_count)
             if shard is None:
                 return Failure(status=NotFound.status, code=NotFound.code, message="unknown id")
-        lane = self._lanes[shard]
+        lane = (self._read_lanes if type(command) in _READS else self._lanes)[shard]
         if len(lane.commands) >= self._pending_max:
             self._overloaded += 1
             raise Overloaded(f"{len(lane.commands)} commands already wait for shard {shard}")
@@ -206,8 +218,14 @@ class EngineClient:
             busy_retries=self._busy_retries,
             failed_batches=self._failed_batches,
             overloaded=self._overloaded,
-            pending_commands=tuple(len(lane.commands) for lane in self._lanes),
-            batches_in_flight=tuple(lane.in_flight for lane in self._lanes),
+            pending_commands=tuple(
+                len(changes.commands) + len(reads.commands)
+                for changes, reads in zip(self._lanes, self._read_lanes, strict=True)
+            ),
+            batches_in_flight=tuple(
+                changes.in_flight + reads.in_flight
+                for changes, reads in zip(self._lanes, self._read_lanes, strict=True)
+            ),
         )
 
     async def wait_idle(self, timeout_s: float) -> None:

@@ -52,10 +52,10 @@ class InProcessHost:
     async def call_batch(self, shard: int, data: bytes, timeout_ms: int) -> bytes:
         runtime = self._runtimes[shard]
         # The common case (nothing to wait for after applying) needs no task or timer.
-        reply = runtime.apply_batch(data)
+        reply, position = runtime.apply(data)
         try:
             async with asyncio.timeout(timeout_ms / 1000):
-                await runtime.sink.wait_durable()
+                await runtime.sink.wait_durable(position)
         except TimeoutError as exc:
             raise ShardCallTimeout(f"shard {shard}: events not durable in {timeout_ms} ms") from exc
         return reply

@@ -32,12 +32,18 @@ from engine.core.errors import ServiceUnavailable, require
 from engine.core.policy import DomainPolicy
 from engine.core.protocol import (
     READ_ONLY_COMMANDS,
+    AnyCommand,
     AnyEvent,
     AnyResult,
     BatchCodec,
+    BookingResult,
     Failure,
+    GetBooking,
+    GetSlot,
     KeyRecord,
     OutcomeRecord,
+    QueuePosition,
+    SlotChanged,
 )
 from engine.core.shard import ShardCore, ShardStatistics
 from engine.shell.errors import BatchRejected, ShardFailed
@@ -71,8 +77,21 @@ class EventSink(Protocol):
         """Take the request outcomes and idempotency records the shard just remembered."""
         ...
 
-    async def wait_durable(self) -> None:
-        """Return once every event published so far is durable (group commit waits here)."""
+    @property
+    def position(self) -> int:
+        """A count of the hand-offs taken so far (``publish`` and ``remember`` calls)."""
+        ...
+
+    @property
+    def durable_position(self) -> int:
+        """Every hand-off up to this position is durable."""
+        ...
+
+    async def wait_durable(self, position: int | None = None) -> None:
+        """Return once every hand-off up to ``position`` (default: all so far) is durable.
+
+        Group commit waits here.
+        """
         ...
 
 
@@ -86,6 +105,14 @@ class MemoryEventSink:
 
     @property
     def published(self) -> int:
+        return self._published
+
+    @property
+    def position(self) -> int:
+        return self._published
+
+    @property
+    def durable_position(self) -> int:
         return self._published
 
     @property
@@ -105,7 +132,7 @@ class MemoryEventSink:
     def remember(self, outcomes: list[OutcomeRecord], keys: list[KeyRecord]) -> None:
         return None
 
-    async def wait_durable(self) -> None:
+    async def wait_durable(self, position: int | None = None) -> None:
         return None
 
     async def wait_for(self, predicate: Callable[[AnyEvent], bool], timeout_s: float) -> AnyEvent:
@@ -163,6 +190,8 @@ class RuntimeStatistics(msgspec.Struct, frozen=True, kw_only=True):
     # CPU time spent applying batches (decode, commands, events, encode): the shard's own work,
     # as against the transport's.
     apply_ns: int
+    # Batches of reads answered at once: what they read was durable already.
+    reads_unheld: int
     # The deadline the timer is armed for (None: no timer armed).
     timer_deadline_ms: int | None
     failed: bool
@@ -209,6 +238,13 @@ class ShardRuntime:
         self._events = 0
         self._timer_firings = 0
         self._apply_ns = 0
+        # slot id -> the sink's position just after the slot's latest change was handed
+        # off. A batch of reads waits only for the changes of the slots it read: a
+        # poll of a quiet slot is not held up by another slot's commit. Marks that are
+        # durable already are dropped once there are many (_prune_marks).
+        self._slot_marks: dict[str, int] = {}
+        self._slot_marks_prune_at = limits.SLOT_MARKS_PRUNE_AT
+        self._reads_unheld = 0
 
     @classmethod
     def create(
@@ -265,13 +301,24 @@ class ShardRuntime:
         self._timer_deadline_ms = None
 
     async def execute_batch(self, data: bytes) -> bytes:
-        """Apply a batch and answer once its events are durable."""
-        reply = self.apply_batch(data)
-        await self._sink.wait_durable()
+        """Apply a batch and answer once what its answers show is durable."""
+        reply, position = self.apply(data)
+        await self._sink.wait_durable(position)
         return reply
 
     def apply_batch(self, data: bytes) -> bytes:
-        """The single-writer section: decode, apply every command, hand off events, encode."""
+        """Apply a batch; its answers, to be released once ``sink.wait_durable()`` returns."""
+        return self.apply(data)[0]
+
+    def apply(self, data: bytes) -> tuple[bytes, int]:
+        """The single-writer section: decode, apply every command, hand off events, encode.
+
+        Returns the encoded answers and the sink position they may leave at
+        (``sink.wait_durable(position)``): a batch that may have changed anything
+        waits for everything handed off so far, its own changes included; a batch
+        of reads only for the latest changes of the slots it read, so that no
+        answer shows a state that a crash could still take back.
+        """
         if self._fatal is not None:
             raise ShardFailed(f"shard {self._shard_id} stopped after a failure: {self._fatal!r}")
         self.start()
@@ -311,8 +358,9 @@ class ShardRuntime:
             self._batch_size_histogram[size.bit_length() - 1] += 1
             self._batch_size_max = max(self._batch_size_max, size)
         reply = self._codec.encode_reply(results)
+        position = self._release_position(commands, results)
         self._apply_ns += time.thread_time_ns() - started_ns
-        return reply
+        return reply, position
 
     def statistics(self) -> RuntimeStatistics:
         return RuntimeStatistics(
@@ -324,6 +372,7 @@ class ShardRuntime:
             events=self._events,
             timer_firings=self._timer_firings,
             apply_ns=self._apply_ns,
+            reads_unheld=self._reads_unheld,
             timer_deadline_ms=self._timer_deadline_ms,
             failed=self._fatal is not None,
             core=self._core.statistics(),
@@ -341,14 +390,50 @@ class ShardRuntime:
             f"shard {self._shard_id}: deadline {deadline_ms} but the timer is armed for {armed_ms}",
         )
 
+    def _release_position(self, commands: list[AnyCommand], results: list[AnyResult]) -> int:
+        sink = self._sink
+        everything = sink.position
+        marks = self._slot_marks
+        position = 0
+        for command, result in zip(commands, results, strict=True):
+            if isinstance(command, GetSlot | QueuePosition):
+                # Whatever the answer (even "not in the queue"), it shows the slot's state.
+                mark = marks.get(command.slot_id, 0)
+            elif isinstance(command, GetBooking):
+                # A booking changes only with its slot; an unknown id shows nothing.
+                mark = marks.get(result.booking.slot_id, 0) if type(result) is BookingResult else 0
+            else:
+                # A change, a replayed outcome or a read across slots: all of it.
+                return everything
+            position = max(position, mark)
+        if position <= sink.durable_position:
+            self._reads_unheld += 1
+        return position
+
     def _hand_off_events(self) -> None:
         events = self._core.drain_events()
         if events:
             self._events += len(events)
-            self._sink.publish(events)
+            sink = self._sink
+            sink.publish(events)
+            # Every change of a slot ends its batch's events with a SlotChanged of it.
+            position = sink.position
+            marks = self._slot_marks
+            for event in events:
+                if type(event) is SlotChanged:
+                    marks[event.slot.id] = position
+            if len(marks) > self._slot_marks_prune_at:
+                self._prune_marks()
         outcomes, keys = self._core.drain_remembered()
         if outcomes or keys:
             self._sink.remember(outcomes, keys)
+
+    def _prune_marks(self) -> None:
+        durable = self._sink.durable_position
+        self._slot_marks = {
+            slot_id: mark for slot_id, mark in self._slot_marks.items() if mark > durable
+        }
+        self._slot_marks_prune_at = max(limits.SLOT_MARKS_PRUNE_AT, 2 * len(self._slot_marks))
 
     def _rearm(self) -> None:
         loop = self._loop

@@ -84,3 +84,35 @@ async def test_relaxed_durability_answers_before_the_commit(
             await asyncio.sleep(0.02)
     await writer.close()
     await connection.close()
+
+
+async def test_a_wait_for_a_position_needs_only_the_hand_offs_up_to_it(
+    database_url: str, db: asyncpg.Connection
+) -> None:
+    gate = asyncio.Event()
+    flushes = 0
+
+    async def second_held() -> None:
+        nonlocal flushes
+        flushes += 1
+        if flushes > 1:
+            await gate.wait()
+
+    writer, connection = await _writer(database_url, before_flush=second_held)
+    events, _ = _changes(4)
+    writer.publish(events[:2])
+    first = writer.position
+    await writer.wait_durable(first)
+    assert writer.durable_position >= first
+    writer.publish(events[2:])  # its flush is held
+    await asyncio.wait_for(writer.wait_durable(first), 5)  # already committed: at once
+    later = asyncio.ensure_future(writer.wait_durable())
+    await asyncio.sleep(0.05)
+    assert not later.done()
+    assert writer.durable_position == first
+    gate.set()
+    await asyncio.wait_for(later, 10)
+    assert writer.durable_position == writer.position
+    assert await db.fetchval("SELECT count(*) FROM bookings") == 4
+    await writer.close()
+    await connection.close()

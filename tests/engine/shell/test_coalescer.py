@@ -217,3 +217,45 @@ async def test_a_partial_batch_waits_for_the_reply_in_flight(faulty: FaultyTrans
 
     assert [r.status for r in results] == [201] * 11
     assert [len(codec.decode_batch(data)) for data in faulty.sent] == [1, 10]
+
+
+class ChangesHeldTransport(FaultyTransport):
+    """Holds every batch that carries a change until ``release``; reads pass."""
+
+    def __init__(self, host: InProcessHost) -> None:
+        super().__init__(host)
+        self.codec = p.BatchCodec()
+        self.released = asyncio.Event()
+        self.released.set()
+        self.batches: list[list[p.AnyCommand]] = []
+
+    async def call_batch(self, shard: int, data: bytes, timeout_ms: int) -> bytes:
+        commands = self.codec.decode_batch(data)
+        self.batches.append(commands)
+        if not all(type(c) in p.READ_ONLY_COMMANDS for c in commands):
+            await self.released.wait()
+        return await self.host.call_batch(shard, data, timeout_ms)
+
+
+async def test_reads_travel_apart_from_changes_and_do_not_wait_for_them() -> None:
+    host = InProcessHost(shard_count=1, policies=POLICIES)
+    transport = ChangesHeldTransport(host)
+    engine = engine_over(transport)
+    quiet, busy = await engine.slot(capacity=5), await engine.slot(capacity=5)
+    transport.released.clear()
+    transport.batches.clear()
+
+    changes = [asyncio.ensure_future(engine.reserve(busy, f"user-{n}")) for n in range(20)]
+    reads = [asyncio.ensure_future(engine.view(quiet)) for _ in range(20)]
+    views = await asyncio.wait_for(asyncio.gather(*reads), WAIT_LIMIT_S)
+
+    assert all(view.id == quiet for view in views)
+    assert not any(change.done() for change in changes)  # still held by the transport
+    kinds = [{type(c) in p.READ_ONLY_COMMANDS for c in batch} for batch in transport.batches]
+    assert all(len(kind) == 1 for kind in kinds)  # never a batch of both
+    transport.released.set()
+    answers = await asyncio.wait_for(asyncio.gather(*changes), WAIT_LIMIT_S)
+    assert sorted(a.status for a in answers) == [201] * 5 + [202] * 15
+    stats = engine.client.statistics()
+    assert stats.pending_commands == (0,) and stats.batches_in_flight == (0,)
+    host.close()

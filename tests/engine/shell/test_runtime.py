@@ -276,3 +276,131 @@ async def test_a_deadline_without_an_armed_timer_breaks_an_invariant(shard: Shar
 
     with pytest.raises(InvariantViolation, match="armed"):
         shard.runtime.check_invariants()
+
+
+# -- reads answer once what they read is durable ---------------------------------------
+
+
+class HeldSink(MemoryEventSink):
+    """Durable only when the test says so: a commit that has not happened yet."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.durable = 0
+        self._commits: list[tuple[int, asyncio.Future[None]]] = []
+
+    @property
+    def durable_position(self) -> int:
+        return self.durable
+
+    async def wait_durable(self, position: int | None = None) -> None:
+        target = self.position if position is None else position
+        if target <= self.durable:
+            return
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._commits.append((target, future))
+        await future
+
+    def commit(self) -> None:
+        self.durable = self.position
+        for _, future in self._commits:
+            future.set_result(None)
+        self._commits = []
+
+
+async def _committing(shard: Shard, *commands: p.AnyCommand) -> tuple[list[p.AnyResult], bool]:
+    """The answers, and whether they had to wait for a commit (which then happens)."""
+    task = asyncio.ensure_future(shard.send(*commands))
+    for _ in range(3):
+        await asyncio.sleep(0)
+    if task.done():
+        return task.result(), False
+    assert isinstance(shard.sink, HeldSink)
+    shard.sink.commit()
+    return await task, True
+
+
+async def _answered(shard: Shard, *commands: p.AnyCommand) -> list[p.AnyResult] | None:
+    """The answers if they leave without a commit, None if they wait for one."""
+    answers, waited = await _committing(shard, *commands)
+    return None if waited else answers
+
+
+async def test_a_read_waits_only_for_the_slots_it_reads() -> None:
+    shard = Shard()
+    shard.sink = sink = HeldSink()
+    shard.runtime = ShardRuntime.create(
+        shard_id=0, shard_count=1, policies=POLICIES, clock=SystemClock(), sink=sink
+    )
+    quiet, busy = shard.create_slot(), shard.create_slot()
+    assert await _answered(shard, quiet, busy) is None  # changes wait for their commit
+    held = await _answered(shard, shard.reserve(busy.slot_id, "alice"))
+    assert held is None
+    (booking,) = await shard.send(
+        p.QueuePosition(request_id=shard.request_id(), slot_id=busy.slot_id, user_id="alice"),
+    )
+    assert booking.status == 404  # durable by now: answered at once, and alice holds, not waits
+    # A change of the busy slot is not committed yet...
+    await_bob = asyncio.ensure_future(shard.send(shard.reserve(busy.slot_id, "bob")))
+    await asyncio.sleep(0)
+    assert not await_bob.done()
+
+    # ...so what reads the quiet slot leaves at once,
+    quiet_reads = await _answered(
+        shard,
+        p.GetSlot(request_id=shard.request_id(), slot_id=quiet.slot_id),
+        p.QueuePosition(request_id=shard.request_id(), slot_id=quiet.slot_id, user_id="carol"),
+        p.GetBooking(request_id=shard.request_id(), booking_id="no-such-booking", user_id="bob"),
+    )
+    assert quiet_reads is not None
+    assert [r.status for r in quiet_reads] == [200, 404, 404]
+    # while whatever shows the busy slot waits for its commit.
+    await_read = asyncio.ensure_future(
+        shard.send(p.GetSlot(request_id=shard.request_id(), slot_id=busy.slot_id))
+    )
+    await asyncio.sleep(0)
+    assert not await_read.done()
+    sink.commit()
+    (bob,) = await await_bob
+    (seen,) = await await_read
+    assert isinstance(bob, p.QueueResult)
+    assert isinstance(seen, p.SlotResult) and seen.slot.queue_length == 1
+    assert shard.runtime.statistics().reads_unheld >= 2
+    shard.runtime.close()
+
+
+async def test_reads_of_a_changed_booking_or_across_slots_wait_for_the_commit() -> None:
+    shard = Shard()
+    shard.sink = sink = HeldSink()
+    shard.runtime = ShardRuntime.create(
+        shard_id=0, shard_count=1, policies=POLICIES, clock=SystemClock(), sink=sink
+    )
+    create = shard.create_slot(capacity=10)
+    await _answered(shard, create)
+    (held,), waited = await _committing(shard, shard.reserve(create.slot_id, "alice"))
+    assert isinstance(held, p.BookingResult) and waited
+    reads = (
+        p.GetBooking(request_id=shard.request_id(), booking_id=held.booking.id, user_id="alice"),
+        p.ListSlots(request_id=shard.request_id()),
+        p.ListBookings(request_id=shard.request_id(), user_id="alice"),
+    )
+    for n, read in enumerate(reads):
+        assert await _answered(shard, read) is not None, read  # all durable: at once
+        change = asyncio.ensure_future(shard.send(shard.reserve(create.slot_id, f"user-{n}")))
+        await asyncio.sleep(0)
+        assert not change.done()
+        assert await _answered(shard, read) is None, read  # waits for the commit
+        await change
+    shard.runtime.close()
+
+
+async def test_a_shard_forgets_the_marks_of_slots_whose_changes_are_durable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(limits, "SLOT_MARKS_PRUNE_AT", 8)
+    shard = Shard()
+    for _ in range(50):
+        await shard.send(shard.create_slot())
+    # Every change is durable at once in memory: what is remembered stays bounded.
+    assert len(shard.runtime._slot_marks) <= 8
+    shard.runtime.close()
