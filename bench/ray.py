@@ -354,6 +354,9 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
         "retries": batched["retries"],
         "outcomes": batched["outcomes"],
         "shard_commands": [s.commands for s in shard_stats],
+        "shard_batches": [s.batches for s in shard_stats],
+        # Batches of reads answered without waiting for a commit (what they read was durable).
+        "shard_reads_unheld": [s.reads_unheld for s in shard_stats],
         "shard_events": [s.events for s in shard_stats],
         # Inside the shard: decode, apply, events, encode; the rest of a shard's time is Ray's.
         "shard_apply_us_per_op": round(

@@ -7,9 +7,11 @@ up to ``BATCHES_IN_FLIGHT_MAX`` batches in flight per shard. A batch is flushed
 on the next loop iteration, never on a timer, so a lone command pays no delay;
 under load, a batch that is not full waits for the reply already in flight to
 its shard and grows meanwhile (``PARTIAL_BATCHES_IN_FLIGHT_MAX``), because a
-Ray call costs far more than a command. Reads and changes of one shard queue
-and travel apart (a lane each), so a read never waits for a batch of changes
-to commit: the shard answers it once what it read is durable.
+Ray call costs far more than a command. The exception is a batch of reads
+alone: it leaves at once (one at a time per shard), and the shard answers it
+as soon as what it read is durable, not after the changes in flight commit.
+Under load, reads and changes share batches as before, so the number of calls
+does not grow.
 
 It owns the per-shard queues of waiting commands and the retry policy. A batch
 that failed because its actor died is resent as the same bytes (the same
@@ -117,18 +119,28 @@ class ClientStatistics(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class _Lane:
-    """The commands of one kind (reads, or changes) waiting for one shard, and the
-    batches of them in flight to it."""
+    """The commands waiting for one shard and the batches in flight to it."""
 
-    __slots__ = ("commands", "flush_scheduled", "futures", "in_flight", "reads", "shard")
+    __slots__ = (
+        "changes",
+        "commands",
+        "flush_scheduled",
+        "futures",
+        "in_flight",
+        "reads_in_flight",
+        "shard",
+    )
 
-    def __init__(self, shard: int, *, reads: bool) -> None:
+    def __init__(self, shard: int) -> None:
         self.shard = shard
-        self.reads = reads
         # Invariant: commands[i] is answered through futures[i]; both lists grow together.
         self.commands: list[AnyCommand] = []
         self.futures: list[asyncio.Future[AnyResult]] = []
+        # How many of the waiting commands are not reads.
+        self.changes = 0
         self.in_flight = 0
+        # Of those in flight, the batches of reads alone.
+        self.reads_in_flight = 0
         self.flush_scheduled = False
 
 
@@ -164,11 +176,7 @@ class EngineClient:
         self._retries_max = retries_max
         self._retry_backoff_ms = retry_backoff_ms
         self._codec = BatchCodec()
-        # Per shard, a lane of changes and a lane of reads: a batch of reads leaves
-        # while changes wait for their commit, and the shard answers it as soon as
-        # the slots it read are durable (ShardRuntime.apply).
-        self._lanes = [_Lane(shard, reads=False) for shard in range(self._shard_count)]
-        self._read_lanes = [_Lane(shard, reads=True) for shard in range(self._shard_count)]
+        self._lanes = [_Lane(shard) for shard in range(self._shard_count)]
         self._tasks: set[asyncio.Task[None]] = set()
         self._batches_sent = 0
         self._commands_sent = 0
@@ -193,7 +201,7 @@ class EngineClient:
             shard = shard_for(command, self._shard_count)
             if shard is None:
                 return Failure(status=NotFound.status, code=NotFound.code, message="unknown id")
-        lane = (self._read_lanes if type(command) in _READS else self._lanes)[shard]
+        lane = self._lanes[shard]
         if len(lane.commands) >= self._pending_max:
             self._overloaded += 1
             raise Overloaded(f"{len(lane.commands)} commands already wait for shard {shard}")
@@ -201,6 +209,8 @@ class EngineClient:
         future: asyncio.Future[AnyResult] = loop.create_future()
         lane.commands.append(command)
         lane.futures.append(future)
+        if type(command) not in _READS:
+            lane.changes += 1
         if not lane.flush_scheduled:
             lane.flush_scheduled = True
             # The next iteration, not a timer: everything submitted in this turn of the
@@ -218,14 +228,8 @@ class EngineClient:
             busy_retries=self._busy_retries,
             failed_batches=self._failed_batches,
             overloaded=self._overloaded,
-            pending_commands=tuple(
-                len(changes.commands) + len(reads.commands)
-                for changes, reads in zip(self._lanes, self._read_lanes, strict=True)
-            ),
-            batches_in_flight=tuple(
-                changes.in_flight + reads.in_flight
-                for changes, reads in zip(self._lanes, self._read_lanes, strict=True)
-            ),
+            pending_commands=tuple(len(lane.commands) for lane in self._lanes),
+            batches_in_flight=tuple(lane.in_flight for lane in self._lanes),
         )
 
     async def wait_idle(self, timeout_s: float) -> None:
@@ -244,16 +248,26 @@ class EngineClient:
         loop = asyncio.get_running_loop()
         while lane.commands and lane.in_flight < self._in_flight_max:
             size = min(len(lane.commands), self._batch_max)
-            if size < self._batch_max and lane.in_flight >= self._partial_in_flight_max:
-                # A reply is on its way and will flush again: meanwhile the batch grows,
-                # and fewer, fuller calls cost less per command on both sides.
+            reads_only = lane.changes == 0
+            # A reply is on its way and will flush again: meanwhile the batch grows, and
+            # fewer, fuller calls cost less per command on both sides. Unless only reads
+            # wait (and no batch of reads alone is in flight): they need not wait for
+            # changes to commit.
+            if (
+                size < self._batch_max
+                and lane.in_flight >= self._partial_in_flight_max
+                and (not reads_only or lane.reads_in_flight)
+            ):
                 break
             commands = lane.commands[:size]
             futures = lane.futures[:size]
             del lane.commands[:size]
             del lane.futures[:size]
+            if not reads_only:
+                lane.changes -= sum(1 for command in commands if type(command) not in _READS)
             lane.in_flight += 1
-            task = loop.create_task(self._send(lane, commands, futures))
+            lane.reads_in_flight += reads_only
+            task = loop.create_task(self._send(lane, commands, futures, reads_only))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
@@ -262,6 +276,7 @@ class EngineClient:
         lane: _Lane,
         commands: list[AnyCommand],
         futures: list[asyncio.Future[AnyResult]],
+        reads_only: bool,
     ) -> None:
         try:
             size = len(commands)
@@ -289,6 +304,7 @@ class EngineClient:
                     future.set_result(result)
         finally:
             lane.in_flight -= 1
+            lane.reads_in_flight -= reads_only
             if lane.commands:
                 # On the next iteration, so the callers this reply just woke can join.
                 self._schedule_flush(lane)

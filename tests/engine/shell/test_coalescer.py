@@ -237,7 +237,16 @@ class ChangesHeldTransport(FaultyTransport):
         return await self.host.call_batch(shard, data, timeout_ms)
 
 
-async def test_reads_travel_apart_from_changes_and_do_not_wait_for_them() -> None:
+async def _settle() -> None:
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+def _kinds(batch: list[p.AnyCommand]) -> set[bool]:
+    return {type(command) in p.READ_ONLY_COMMANDS for command in batch}
+
+
+async def test_reads_alone_do_not_wait_for_the_changes_in_flight() -> None:
     host = InProcessHost(shard_count=1, policies=POLICIES)
     transport = ChangesHeldTransport(host)
     engine = engine_over(transport)
@@ -246,16 +255,24 @@ async def test_reads_travel_apart_from_changes_and_do_not_wait_for_them() -> Non
     transport.batches.clear()
 
     changes = [asyncio.ensure_future(engine.reserve(busy, f"user-{n}")) for n in range(20)]
+    await _settle()
+    assert [_kinds(batch) for batch in transport.batches] == [{False}]  # in flight, held
     reads = [asyncio.ensure_future(engine.view(quiet)) for _ in range(20)]
     views = await asyncio.wait_for(asyncio.gather(*reads), WAIT_LIMIT_S)
-
     assert all(view.id == quiet for view in views)
-    assert not any(change.done() for change in changes)  # still held by the transport
-    kinds = [{type(c) in p.READ_ONLY_COMMANDS for c in batch} for batch in transport.batches]
-    assert all(len(kind) == 1 for kind in kinds)  # never a batch of both
+    assert not any(change.done() for change in changes)
+    assert [_kinds(batch) for batch in transport.batches] == [{False}, {True}]
+
+    # With changes waiting too, reads share their batch (no more calls than before).
+    late_change = asyncio.ensure_future(engine.reserve(busy, "late"))
+    late_read = asyncio.ensure_future(engine.view(quiet))
+    await _settle()
+    assert not late_read.done() and len(transport.batches) == 2
     transport.released.set()
-    answers = await asyncio.wait_for(asyncio.gather(*changes), WAIT_LIMIT_S)
-    assert sorted(a.status for a in answers) == [201] * 5 + [202] * 15
+    answers = await asyncio.wait_for(asyncio.gather(*changes, late_change), WAIT_LIMIT_S)
+    assert (await late_read).id == quiet
+    assert sorted(a.status for a in answers) == [201] * 5 + [202] * 16
+    assert [_kinds(batch) for batch in transport.batches] == [{False}, {True}, {False, True}]
     stats = engine.client.statistics()
     assert stats.pending_commands == (0,) and stats.batches_in_flight == (0,)
     host.close()
