@@ -94,11 +94,10 @@ PENDING_COMMANDS_PER_SHARD_MAX: Final = 4 * BATCHES_IN_FLIGHT_MAX * BATCH_COMMAN
 # cores (1,000 callers, 4 shards): 1 gave batches of ~180 commands and the
 # lowest p99; 4 gave batches of ~45 and about a quarter fewer operations/s.
 PARTIAL_BATCHES_IN_FLIGHT_MAX: Final = 1
-# Reads and changes of one shard travel in batches of their own (the coalescer
-# keeps a lane of each per shard): a read does not wait for a batch of changes
-# to commit, only for the changes of the slots it reads. A shard remembers the
-# latest hand-off of each changed slot; once it remembers this many, those
-# already durable are forgotten.
+# A batch of reads alone waits only for the changes of the slots it reads, not
+# for every change in flight: a shard remembers the latest hand-off of each
+# changed slot; once it remembers this many, those already durable are
+# forgotten.
 SLOT_MARKS_PRUNE_AT: Final = 4_096
 # Backpressure (PendingCallsLimitExceeded) clears within a call or two, so its
 # backoff starts short; it doubles up to the cap and stops at the call timeout.
