@@ -116,6 +116,51 @@ def test_a_short_durable_ray_run_commits_and_reports_its_baseline() -> None:
         assert result[key] > 0
 
 
+def test_the_flush_replay_measures_two_schemas_side_by_side(tmp_path: Path) -> None:
+    from persistence.migrate import MIGRATIONS_DIR
+
+    compared = tmp_path / "migrations"
+    compared.mkdir()
+    for path in MIGRATIONS_DIR.glob("*.sql"):
+        (compared / path.name).write_text(path.read_text())
+    command = [
+        sys.executable,
+        "-m",
+        "bench",
+        "flush",
+        "--ops=3000",
+        "--slots=100",
+        "--users=150",
+        "--batch=60",
+        f"--compare={compared}",
+    ]
+    done = subprocess.run(
+        command, cwd=ROOT, capture_output=True, text=True, timeout=180, check=False
+    )
+
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["scenario"] == "flush"
+    assert result["commands"] >= 3000 and result["flushes"] == 50
+    assert result["events"] > result["commands"]  # a transition and its slot's counts, at least
+    for key in ("schema", "compared"):
+        assert result[f"{key}_postgres_us_per_command"] > 0
+        assert result[f"{key}_writer_us_per_command"] > 0
+    assert result["postgres_ratio"] > 0
+
+
+def test_the_flush_mix_is_the_same_for_a_seed() -> None:
+    from bench.flush import make_flushes
+
+    options = argparse.Namespace(ops=2000, slots=50, users=80, batch=40, seed=3)
+    first, commands = make_flushes(options)
+    again, commands_again = make_flushes(options)
+    assert commands == commands_again
+    assert [rows.events for rows in first] == [rows.events for rows in again]
+    kinds = {type(event).__name__ for rows in first for event in rows.raw}
+    assert {"BookingChanged", "QueueChanged", "SlotChanged"} <= kinds
+
+
 @pytest.mark.parametrize("enabled_before", [True, False])
 def test_the_load_generator_does_not_collect_while_it_measures(enabled_before: bool) -> None:
     import gc
