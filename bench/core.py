@@ -91,14 +91,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _policies(args: argparse.Namespace) -> dict[str, DomainPolicy]:
+def bench_policies(
+    *, hold_ttl_ms: int, claim_ttl_ms: int, queue_size_max: int
+) -> dict[str, DomainPolicy]:
+    """The one domain the core benches run: a waiting queue, nothing else in the way."""
     return {
         "default": DomainPolicy(
             name="default",
-            hold_ttl_ms=args.hold_ttl_s * SECOND_MS,
-            claim_ttl_ms=args.claim_ttl_s * SECOND_MS,
+            hold_ttl_ms=hold_ttl_ms,
+            claim_ttl_ms=claim_ttl_ms,
             queue_enabled=True,
-            queue_size_max=args.queue_max,
+            queue_size_max=queue_size_max,
             queue_inactivity_ms=4 * 3_600 * SECOND_MS,
             advance_booking_ms=365 * DAY_MS,
             cancel_allowed_until_ms=0,
@@ -107,16 +110,27 @@ def _policies(args: argparse.Namespace) -> dict[str, DomainPolicy]:
     }
 
 
-def _new_core(args: argparse.Namespace) -> ShardCore:
-    # Deterministic ids (runs must answer alike) from a callable that is C all
-    # the way down: a Python lambda here would be timed as if it were the core.
+def replayable_core(policies: dict[str, DomainPolicy], now_ms: int = START_MS) -> ShardCore:
+    """A core whose ids are the same in every run, so that runs answer alike."""
+    # Deterministic ids from a callable that is C all the way down: a Python
+    # lambda here would be timed as if it were the core.
     uniques = map(str, itertools.count(1))
     return ShardCore(
         shard_id=0,
         shard_count=1,
-        policies=_policies(args),
-        now_ms=START_MS,
+        policies=policies,
+        now_ms=now_ms,
         new_unique=functools.partial(next, uniques),
+    )
+
+
+def _new_core(args: argparse.Namespace) -> ShardCore:
+    return replayable_core(
+        bench_policies(
+            hold_ttl_ms=args.hold_ttl_s * SECOND_MS,
+            claim_ttl_ms=args.claim_ttl_s * SECOND_MS,
+            queue_size_max=args.queue_max,
+        )
     )
 
 

@@ -19,7 +19,6 @@ about 1%).
 
 import argparse
 import asyncio
-import functools
 import itertools
 import os
 import random
@@ -29,14 +28,11 @@ from typing import Any
 
 import asyncpg
 
+from bench.core import DAY_MS, START_MS, bench_policies, replayable_core
 from engine.core import protocol as p
-from engine.core.policy import DomainPolicy
 from engine.core.routing import make_slot_id
-from engine.core.shard import ShardCore
 from persistence.rows import FlushRows
 
-START_MS = 1_800_000_000_000
-DAY_MS = 86_400_000
 HOUR_MS = 3_600_000
 
 
@@ -59,24 +55,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def make_flushes(args: argparse.Namespace) -> tuple[list[FlushRows], int]:
     """The flushes of a deterministic mix, and how many commands they carry."""
-    policy = DomainPolicy(
-        name="default",
-        hold_ttl_ms=120_000,
-        claim_ttl_ms=60_000,
-        queue_enabled=True,
-        queue_size_max=100,
-        queue_inactivity_ms=4 * HOUR_MS,
-        advance_booking_ms=365 * DAY_MS,
-        cancel_allowed_until_ms=0,
-        refund_percentage=100,
-    )
-    uniques = map(str, itertools.count(1))
-    core = ShardCore(
-        shard_id=0,
-        shard_count=1,
-        policies={"default": policy},
-        now_ms=START_MS,
-        new_unique=functools.partial(next, uniques),
+    core = replayable_core(
+        bench_policies(hold_ttl_ms=120_000, claim_ttl_ms=60_000, queue_size_max=100)
     )
     rng = random.Random(args.seed)
     request_ids = (f"r{n}" for n in itertools.count())

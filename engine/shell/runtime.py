@@ -306,10 +306,6 @@ class ShardRuntime:
         await self._sink.wait_durable(position)
         return reply
 
-    def apply_batch(self, data: bytes) -> bytes:
-        """Apply a batch; its answers, to be released once ``sink.wait_durable()`` returns."""
-        return self.apply(data)[0]
-
     def apply(self, data: bytes) -> tuple[bytes, int]:
         """The single-writer section: decode, apply every command, hand off events, encode.
 
