@@ -53,9 +53,10 @@ from aiohttp import WSMsgType, web
 
 from engine.core import limits
 from engine.core import protocol as p
-from engine.core.records import Booking, QueueView, SlotView, describe_wait
+from engine.core.records import Booking, QueueView, SlotView
 from engine.core.routing import shard_of
 from engine.core.states import BookingStatus, QueueStatus
+from engine.core.waiting_line import describe_wait
 from engine.shell.coalescer import EngineClient, RequestIds
 from engine.shell.errors import ShellError
 from engine.shell.events import shard_channel, slot_key, user_key

@@ -117,16 +117,3 @@ _decode_metadata = msgspec.msgpack.Decoder(dict[str, Any]).decode
 
 def pack_metadata(metadata: dict[str, Any]) -> msgspec.Raw:
     return msgspec.Raw(_encode_metadata(metadata))
-
-
-def describe_wait(seconds: int | None) -> str | None:
-    """A human estimate: "~6 minutes" (rounded up, never "~0")."""
-    if seconds is None:
-        return None
-    if seconds < 60:
-        return "less than a minute"
-    if seconds < 3_600:
-        minutes = -(-seconds // 60)
-        return f"~{minutes} minute" + ("s" if minutes != 1 else "")
-    hours = -(-seconds // 3_600)
-    return f"~{hours} hour" + ("s" if hours != 1 else "")

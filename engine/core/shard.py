@@ -96,7 +96,6 @@ from engine.core.records import (
     QueueView,
     SlotView,
     StoredSlot,
-    describe_wait,
     pack_metadata,
 )
 from engine.core.routing import shard_of
@@ -113,7 +112,7 @@ from engine.core.states import (
     slot_status,
 )
 from engine.core.timer_wheel import TimerWheel
-from engine.core.waiting_line import WaitingLine
+from engine.core.waiting_line import WaitingLine, describe_wait
 
 SYSTEM: Final = "system"
 
@@ -146,19 +145,27 @@ class _Slot:
 
     __slots__ = (
         "active_by_user",
+        "advance_booking_ms",
         "blocked",
         "capacity",
+        "claim_ttl_ms",
         "confirmed",
         "domain",
         "end_ms",
         "ended",
         "entries",
         "held",
+        "hold_ttl_ms",
         "id",
         "idle",
         "line",
         "metadata",
         "policy",
+        "queue_enabled",
+        "queue_full",
+        "queue_full_at",
+        "queue_inactivity_ms",
+        "queue_size_max",
         "resource_id",
         "revision",
         "start_ms",
@@ -172,6 +179,14 @@ class _Slot:
         self.resource_id = stored.resource_id
         self.domain = stored.domain
         self.policy = policy
+        # The policy's numbers the hot paths read, as native fields: a compiled
+        # build reads these directly, where the policy's are generic lookups.
+        self.hold_ttl_ms = policy.hold_ttl_ms
+        self.claim_ttl_ms = policy.claim_ttl_ms
+        self.queue_enabled = policy.queue_enabled
+        self.queue_size_max = policy.queue_size_max
+        self.queue_inactivity_ms = policy.queue_inactivity_ms
+        self.advance_booking_ms = policy.advance_booking_ms
         self.start_ms = stored.start_ms
         self.end_ms = stored.end_ms
         self.capacity = stored.capacity
@@ -195,6 +210,9 @@ class _Slot:
         # drops it) or the clock crosses its end (view_ended no longer matches).
         self.view: SlotView | None = None
         self.view_ended = False
+        # The last QueueFull refusal and the line length it reported.
+        self.queue_full: Failure | None = None
+        self.queue_full_at = -1
 
     @property
     def available(self) -> int:
@@ -271,7 +289,12 @@ class ShardCore:
         self._timers: TimerWheel[TimerKey] = TimerWheel(now_ms)
         # request id -> first result, and (when, request id) oldest first for pruning
         self._outcomes: dict[str, AnyResult] = {}
-        self._outcome_order: deque[tuple[int, str]] = deque()
+        # The same request ids grouped by the millisecond they were remembered
+        # in, oldest first: a command appends to the current group, and only a
+        # new millisecond (once per batch, not per command) prunes.
+        self._outcome_groups: deque[tuple[int, list[str]]] = deque()
+        self._outcome_group: list[str] = []
+        self._outcome_group_ms = -1
         # (user, command, key) -> (when, fingerprint, first result), and the same
         # oldest first: every record has the same retention, so the oldest
         # expires first and pruning never scans.
@@ -376,6 +399,13 @@ class ShardCore:
             message=refused.message,
             details=refused.details,
         )
+
+    def _refuse(
+        self, kind: type[EngineError], message: str, details: dict[str, Any] | None = None
+    ) -> Failure:
+        """The ``Failure`` that raising ``kind`` would give, without building an exception."""
+        self._failures_total += 1
+        return Failure(status=kind.status, code=kind.code, message=message, details=details or {})
 
     def advance(self, now_ms: int) -> None:
         """Fire every timer due at ``now_ms`` (expiries, offers, slot ends)."""
@@ -496,7 +526,7 @@ class ShardCore:
             if slot.idle:
                 first = slot.entries[next(iter(slot.idle))]
                 self._timers.schedule(
-                    ("idle", slot.id), first.last_seen_ms + slot.policy.queue_inactivity_ms
+                    ("idle", slot.id), first.last_seen_ms + slot.queue_inactivity_ms
                 )
         for outcome in sorted(outcomes, key=lambda o: o.at_ms):
             self._remember_outcome(outcome.request_id, outcome.result, outcome.at_ms)
@@ -693,19 +723,18 @@ class ShardCore:
         slot, existing = self._open_slot_for(command.slot_id, user_id, now_ms)
         if existing is not None:
             return BookingResult(status=200, booking=_copy(existing))
-        policy = slot.policy
         if slot.available > 0 and not slot.line.size:
             held = self._take_hold(
-                slot, user_id, now_ms, policy.hold_ttl_ms, False, command.request_id, user_id
+                slot, user_id, now_ms, slot.hold_ttl_ms, False, command.request_id, user_id
             )
             return BookingResult(status=201, booking=held)
-        if not policy.queue_enabled:
+        if not slot.queue_enabled:
             raise errors.SlotFull("the slot is full and its domain has no waiting queue")
         entry = slot.entries.get(user_id)
         if entry is not None and entry.status is QueueStatus.WAITING:
             self._touch(slot, entry, now_ms)
             return QueueResult(status=200, entry=self._queue_view(slot, entry, now_ms))
-        if slot.line.size >= slot.policy.queue_size_max:
+        if slot.line.size >= slot.queue_size_max:
             return self._queue_full(slot)
         entry = self._join(slot, user_id, now_ms, command.request_id)
         return QueueResult(status=202, entry=self._queue_view(slot, entry, now_ms))
@@ -810,13 +839,13 @@ class ShardCore:
             return QueueResult(status=200, entry=self._queue_view(slot, entry, now_ms))
         if existing is not None:
             raise errors.AlreadyHeld("you already hold this slot: confirm your hold instead")
-        if not slot.policy.queue_enabled:
+        if not slot.queue_enabled:
             raise errors.QueueDisabled("this slot's domain has no waiting queue")
         if slot.available > 0 and not slot.line.size:
-            return self._refusal(
-                errors.SlotAvailable("the slot has free capacity: reserve it instead")
+            return self._refuse(
+                errors.SlotAvailable, "the slot has free capacity: reserve it instead"
             )
-        if slot.line.size >= slot.policy.queue_size_max:
+        if slot.line.size >= slot.queue_size_max:
             return self._queue_full(slot)
         entry = self._join(slot, user_id, now_ms, command.request_id)
         return QueueResult(status=201, entry=self._queue_view(slot, entry, now_ms))
@@ -826,7 +855,7 @@ class ShardCore:
         user_id = command.user_id
         entry = slot.entries.get(user_id)
         if entry is None or entry.status not in (QueueStatus.WAITING, QueueStatus.NOTIFIED):
-            return self._refusal(errors.NotFound("you are not in this slot's queue"))
+            return self._refuse(errors.NotFound, "you are not in this slot's queue")
         request_id = command.request_id
         if entry.status is QueueStatus.WAITING:
             self._remove_from_line(slot, entry, now_ms, request_id, user_id)
@@ -903,7 +932,7 @@ class ShardCore:
         slot = self._slots.get(key[1])
         if slot is None:
             return
-        inactivity_ms = slot.policy.queue_inactivity_ms
+        inactivity_ms = slot.queue_inactivity_ms
         while slot.idle:
             entry = slot.entries[next(iter(slot.idle))]
             idle_until_ms = entry.last_seen_ms + inactivity_ms
@@ -1027,7 +1056,7 @@ class ShardCore:
             # a subscriber's totals are current when it hears of the offer.
             self._moved(slot, entry, now_ms, request_id, actor)
             booking = self._take_hold(
-                slot, user_id, now_ms, slot.policy.claim_ttl_ms, True, request_id, actor
+                slot, user_id, now_ms, slot.claim_ttl_ms, True, request_id, actor
             )
             entry.notified_at_ms = now_ms
             entry.booking_id = booking.id
@@ -1056,7 +1085,7 @@ class ShardCore:
         slot.idle[user_id] = None
         if len(slot.idle) == 1:
             # The first waiting user: the slot's idle timer starts with them.
-            self._timers.schedule(("idle", slot.id), now_ms + slot.policy.queue_inactivity_ms)
+            self._timers.schedule(("idle", slot.id), now_ms + slot.queue_inactivity_ms)
         self._emit(
             QueueChanged(
                 at_ms=now_ms,
@@ -1216,19 +1245,28 @@ class ShardCore:
             raise errors.SlotNotReservable(
                 f"the slot is {status.value.lower()}", {"status": status.value}
             )
-        if slot.start_ms > now_ms + slot.policy.advance_booking_ms:
+        if slot.start_ms > now_ms + slot.advance_booking_ms:
             raise errors.OutsideBookingWindow(
                 "the slot starts too far ahead to book yet",
-                {"bookableFromMs": slot.start_ms - slot.policy.advance_booking_ms},
+                {"bookableFromMs": slot.start_ms - slot.advance_booking_ms},
             )
 
     def _queue_full(self, slot: _Slot) -> Failure:
-        return self._refusal(
-            errors.QueueFull(
-                "the slot and its waiting queue are full",
-                {"queueLength": slot.line.size, "maxSize": slot.policy.queue_size_max},
-            )
+        # A storm refuses thousands alike: the slot keeps its last refusal and
+        # hands it out again while the line is as long as it said.
+        size = slot.line.size
+        failure = slot.queue_full
+        if failure is not None and slot.queue_full_at == size:
+            self._failures_total += 1
+            return failure
+        failure = self._refuse(
+            errors.QueueFull,
+            "the slot and its waiting queue are full",
+            {"queueLength": size, "maxSize": slot.queue_size_max},
         )
+        slot.queue_full = failure
+        slot.queue_full_at = size
+        return failure
 
     def _check_slot_shape(self, start_ms: int, end_ms: int, capacity: int, now_ms: int) -> None:
         problems: dict[str, str] = {}
@@ -1288,27 +1326,32 @@ class ShardCore:
         return slot.line.estimated_wait_ms(1, now_ms, _prior_ms(slot)) if slot.line.size else 0
 
     def _queue_view(self, slot: _Slot, entry: QueueEntry, now_ms: int) -> QueueView:
-        position = (
-            slot.line.position(entry.user_id) if entry.status is QueueStatus.WAITING else None
-        )
+        # Each of the entry's fields read once: every read is a lookup when compiled.
+        status = entry.status
+        user_id = entry.user_id
+        booking_id = entry.booking_id
+        line = slot.line
+        position: int | None = None
         wait_s: int | None = None
-        if position is not None:
-            wait_s = -(-slot.line.estimated_wait_ms(position, now_ms, _prior_ms(slot)) // 1000)
+        if status is QueueStatus.WAITING:
+            position = line.position(user_id)
+            if position is not None:
+                wait_s = -(-line.estimated_wait_ms(position, now_ms, _prior_ms(slot)) // 1000)
         offer_expires_at_ms = None
-        if entry.status is QueueStatus.NOTIFIED and entry.booking_id is not None:
-            offer_expires_at_ms = self._bookings[entry.booking_id].expires_at_ms
+        if status is QueueStatus.NOTIFIED and booking_id is not None:
+            offer_expires_at_ms = self._bookings[booking_id].expires_at_ms
         return QueueView(
             slot_id=slot.id,
-            user_id=entry.user_id,
-            status=entry.status,
+            user_id=user_id,
+            status=status,
             seq=entry.seq,
             position=position,
-            total_in_queue=slot.line.size,
+            total_in_queue=line.size,
             estimated_wait_seconds=wait_s,
             estimated_wait_time=describe_wait(wait_s),
             joined_at_ms=entry.joined_at_ms,
             notified_at_ms=entry.notified_at_ms,
-            booking_id=entry.booking_id,
+            booking_id=booking_id,
             offer_expires_at_ms=offer_expires_at_ms,
             slot=self._slot_view(slot, now_ms),
         )
@@ -1318,11 +1361,28 @@ class ShardCore:
     def _remember_outcome(self, request_id: str, result: AnyResult, now_ms: int) -> None:
         self._outcomes[request_id] = result
         self._outcome_log.append(OutcomeRecord(request_id, now_ms, result))
-        order = self._outcome_order
-        order.append((now_ms, request_id))
+        if now_ms == self._outcome_group_ms:
+            self._outcome_group.append(request_id)
+            return
+        self._forget_outcomes(now_ms)
+        self._outcome_group_ms = now_ms
+        self._outcome_group = [request_id]
+        self._outcome_groups.append((now_ms, self._outcome_group))
+
+    def _forget_outcomes(self, now_ms: int) -> None:
+        """Drop the outcomes past their retention, and the oldest beyond the cap.
+
+        Whole milliseconds go at a time, so the cap can be exceeded by the
+        commands of one millisecond until the next one starts.
+        """
+        groups = self._outcome_groups
+        outcomes = self._outcomes
         oldest_allowed_ms = now_ms - REQUEST_OUTCOMES_RETENTION_MS
-        while len(order) > REQUEST_OUTCOMES_MAX or order[0][0] < oldest_allowed_ms:
-            self._outcomes.pop(order.popleft()[1], None)
+        while groups and (groups[0][0] < oldest_allowed_ms or len(outcomes) > REQUEST_OUTCOMES_MAX):
+            for request_id in groups.popleft()[1]:
+                # Present unless storage handed the same request id over twice.
+                if request_id in outcomes:
+                    del outcomes[request_id]
 
     def _remember_idempotency(
         self, scope: IdempotencyScope, fingerprint: bytes, result: AnyResult, now_ms: int
@@ -1382,11 +1442,11 @@ class ShardCore:
                 idle_timer_ms = self._timers.deadline_of(("idle", slot.id))
                 require(
                     idle_timer_ms is not None
-                    and idle_timer_ms <= seen[0] + slot.policy.queue_inactivity_ms,
+                    and idle_timer_ms <= seen[0] + slot.queue_inactivity_ms,
                     f"slot {slot.id}: no idle timer by the front user's deadline",
                 )
             require(
-                len(list(slot.line)) <= slot.policy.queue_size_max,
+                len(list(slot.line)) <= slot.queue_size_max,
                 f"slot {slot.id}: line over its size",
             )
             for user_id, entry in slot.entries.items():
@@ -1442,4 +1502,4 @@ def _copy(record: _R) -> _R:
 
 def _prior_ms(slot: _Slot) -> int:
     """The wait per place before the line has moved: one hold TTL shared by the capacity."""
-    return slot.policy.hold_ttl_ms // max(1, slot.capacity)
+    return slot.hold_ttl_ms // max(1, slot.capacity)

@@ -19,7 +19,6 @@ grow.
 """
 
 from bisect import bisect_left
-from collections import deque
 from collections.abc import Iterator
 
 from engine.core.errors import InvariantViolation, require
@@ -37,8 +36,12 @@ class WaitingLine:
         self._seq_of: dict[str, int] = {}
         self._user_of: dict[int, str] = {}
         self._next_seq = 1
-        # Times (ms) at which a user left the front of the line.
-        self._advances_ms: deque[int] = deque(maxlen=WAIT_ESTIMATE_SAMPLES_MAX)
+        # The latest times (ms) at which a user left the front of the line, as a
+        # ring of WAIT_ESTIMATE_SAMPLES_MAX: a list and an index are native
+        # operations in the compiled build, where a deque's are generic calls.
+        self._advances_ms: list[int] = []
+        self._oldest_advance = 0
+        self._last_advance_ms = 0
         # The number of waiting users, as a plain attribute: the shard reads it
         # on every reserve, and a method call there is measurable.
         self.size = 0
@@ -93,7 +96,7 @@ class WaitingLine:
         del self._seq_of[user_id]
         self.size -= 1
         self.departures += 1
-        self._advances_ms.append(now_ms)
+        self._advanced(now_ms)
         return user_id
 
     def remove(self, user_id: str, now_ms: int) -> int:
@@ -106,7 +109,7 @@ class WaitingLine:
         self.size -= 1
         self.departures += 1
         if was_head:
-            self._advances_ms.append(now_ms)
+            self._advanced(now_ms)
         return seq
 
     def seq_of(self, user_id: str) -> int | None:
@@ -127,15 +130,26 @@ class WaitingLine:
         an interval too once it is longer than the average, so a line that
         stalled does not keep promising its old pace.
         """
-        samples = self._advances_ms
-        if len(samples) >= 2:
-            interval = (samples[-1] - samples[0]) / (len(samples) - 1)
-            interval = max(interval, float(now_ms - samples[-1]))
-        elif len(samples) == 1:
-            interval = max(float(prior_interval_ms), float(now_ms - samples[0]))
+        samples = len(self._advances_ms)
+        latest_ms = self._last_advance_ms
+        if samples >= 2:
+            oldest_ms = self._advances_ms[self._oldest_advance]
+            interval = (latest_ms - oldest_ms) / (samples - 1)
+            interval = max(interval, float(now_ms - latest_ms))
+        elif samples == 1:
+            interval = max(float(prior_interval_ms), float(now_ms - latest_ms))
         else:
             interval = float(prior_interval_ms)
         return int(position * interval)
+
+    def _advanced(self, now_ms: int) -> None:
+        samples = self._advances_ms
+        if len(samples) < WAIT_ESTIMATE_SAMPLES_MAX:
+            samples.append(now_ms)
+        else:
+            samples[self._oldest_advance] = now_ms
+            self._oldest_advance = (self._oldest_advance + 1) % WAIT_ESTIMATE_SAMPLES_MAX
+        self._last_advance_ms = now_ms
 
     def check(self) -> None:
         require(
@@ -156,3 +170,20 @@ class WaitingLine:
             order.insert(bisect_left(order, seq, self._head), seq)
         self._seq_of[user_id] = seq
         self._user_of[seq] = user_id
+
+
+def describe_wait(seconds: int | None) -> str | None:
+    """A human estimate: "~6 minutes" (rounded up, never "~0").
+
+    Here rather than beside the records it describes: every queue view asks
+    for it, and this module is compiled in the native build.
+    """
+    if seconds is None:
+        return None
+    if seconds < 60:
+        return "less than a minute"
+    if seconds < 3_600:
+        minutes = -(-seconds // 60)
+        return f"~{minutes} minute" + ("s" if minutes != 1 else "")
+    hours = -(-seconds // 3_600)
+    return f"~{hours} hour" + ("s" if hours != 1 else "")

@@ -176,7 +176,7 @@ def test_slot_end_expires_the_line(h: Harness) -> None:
 
 
 def test_the_wait_phrase_reads_naturally() -> None:
-    from engine.core.records import describe_wait
+    from engine.core.waiting_line import describe_wait
 
     assert [describe_wait(s) for s in (None, 59, 60, 61, 3_599, 3_600, 3_601)] == [
         None,

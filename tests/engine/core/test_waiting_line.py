@@ -3,6 +3,7 @@
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from engine.core import limits
 from engine.core.waiting_line import WaitingLine
 
 
@@ -40,6 +41,29 @@ def test_wait_estimate_follows_the_observed_pace() -> None:
     assert line.estimated_wait_ms(2, now_ms=30_000, prior_interval_ms=40_000) == 20_000
     # a stall longer than the pace stretches the estimate
     assert line.estimated_wait_ms(2, now_ms=90_000, prior_interval_ms=40_000) == 120_000
+
+
+def test_wait_estimate_uses_only_the_latest_advances() -> None:
+    """The pace comes from the last WAIT_ESTIMATE_SAMPLES_MAX departures from the front."""
+    samples_max = limits.WAIT_ESTIMATE_SAMPLES_MAX
+    line = WaitingLine()
+    for i in range(3 * samples_max + 5):
+        line.push(f"u{i}")
+    # A slow start (one a minute), then a fast stretch (one a second) long
+    # enough to push every slow sample out of the window.
+    now_ms = 0
+    for _ in range(samples_max):
+        now_ms += 60_000
+        line.pop_head(now_ms=now_ms)
+    slow = line.estimated_wait_ms(1, now_ms=now_ms, prior_interval_ms=1)
+    assert slow == 60_000
+    for step in range(samples_max + 3):
+        now_ms += 1_000
+        line.pop_head(now_ms=now_ms)
+        if step == samples_max // 2:
+            # Half the window is still slow: the pace lies between the two.
+            assert 1_000 < line.estimated_wait_ms(1, now_ms=now_ms, prior_interval_ms=1) < slow
+    assert line.estimated_wait_ms(4, now_ms=now_ms, prior_interval_ms=1) == 4_000
 
 
 @settings(max_examples=300, deadline=None)
