@@ -740,36 +740,35 @@ class ShardCore:
         return QueueResult(status=202, entry=self._queue_view(slot, entry, now_ms))
 
     def _confirm(self, command: Confirm, now_ms: int) -> AnyResult:
-        booking = self._booking_or_404(command.booking_id, command.user_id, as_admin=False)
-        if booking.status is BookingStatus.CONFIRMED:
+        user_id = command.user_id
+        booking_id = command.booking_id
+        booking = self._booking_or_404(booking_id, user_id, as_admin=False)
+        # Each field read once: every read is a lookup when compiled.
+        status = booking.status
+        if status is BookingStatus.CONFIRMED:
             return BookingResult(status=200, booking=_copy(booking))
-        if booking.status is BookingStatus.EXPIRED:
+        expires_at_ms = booking.expires_at_ms
+        if status is BookingStatus.EXPIRED:
             raise errors.ReservationExpired(
-                "the hold lapsed before it was confirmed", {"expiresAt": booking.expires_at_ms}
+                "the hold lapsed before it was confirmed", {"expiresAt": expires_at_ms}
             )
-        to_status = next_booking_status(booking.status, BookingEvent.CONFIRM)
+        to_status = next_booking_status(status, BookingEvent.CONFIRM)
         slot = self._slots[booking.slot_id]
-        if booking.expires_at_ms <= now_ms:
-            raise InvariantViolation(f"hold {booking.id} outlived its deadline")
+        if expires_at_ms <= now_ms:
+            raise InvariantViolation(f"hold {booking_id} outlived its deadline")
 
-        self._timers.cancel(("hold", booking.id))
+        self._timers.cancel(("hold", booking_id))
         slot.held -= 1
         slot.confirmed += 1
         slot.check_counts()
         booking.confirmed_at_ms = now_ms
-        confirmed = self._transition(
-            booking, to_status, "confirm", now_ms, command.request_id, command.user_id
-        )
+        request_id = command.request_id
+        confirmed = self._transition(booking, to_status, "confirm", now_ms, request_id, user_id)
         if booking.via_queue:
-            entry = slot.entries.get(booking.user_id)
-            if entry is not None and entry.booking_id == booking.id:
+            entry = slot.entries.get(user_id)
+            if entry is not None and entry.booking_id == booking_id:
                 self._queue_transition(
-                    entry,
-                    QueueEvent.CONVERT,
-                    "converted",
-                    now_ms,
-                    command.request_id,
-                    booking.user_id,
+                    entry, QueueEvent.CONVERT, "converted", now_ms, request_id, user_id
                 )
         self._changed(slot)
         return BookingResult(status=200, booking=confirmed)
