@@ -39,7 +39,7 @@ import itertools
 import secrets
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any, Final, TypeVar
+from typing import Any, Final, TypeVar, cast
 
 import msgspec
 from sortedcontainers import SortedList
@@ -150,6 +150,7 @@ class _Slot:
         "capacity",
         "claim_ttl_ms",
         "confirmed",
+        "dirty",
         "domain",
         "end_ms",
         "ended",
@@ -210,6 +211,8 @@ class _Slot:
         # drops it) or the clock crosses its end (view_ended no longer matches).
         self.view: SlotView | None = None
         self.view_ended = False
+        # Changed since the shard last reported its counts (ShardCore.drain_events).
+        self.dirty = False
         # The last QueueFull refusal and the line length it reported.
         self.queue_full: Failure | None = None
         self.queue_full_at = -1
@@ -240,6 +243,21 @@ class _Slot:
 
 
 _READ_ONLY: Final[frozenset[type[Any]]] = frozenset(READ_ONLY_COMMANDS)
+# The command kinds, bound once: a compiled build reads a Final as a constant,
+# where an imported name is a lookup in the module's dict on every use.
+_RESERVE: Final = Reserve
+_CONFIRM: Final = Confirm
+_QUEUE_POSITION: Final = QueuePosition
+_CANCEL: Final = Cancel
+_GET_BOOKING: Final = GetBooking
+_JOIN_QUEUE: Final = JoinQueue
+_GET_SLOT: Final = GetSlot
+_LEAVE_QUEUE: Final = LeaveQueue
+_LIST_BOOKINGS: Final = ListBookings
+_LIST_SLOTS: Final = ListSlots
+_CREATE_SLOT: Final = CreateSlot
+_UPDATE_SLOT: Final = UpdateSlot
+_DELETE_SLOT: Final = DeleteSlot
 # Bound once: a compiled build reads a Final as a constant, where
 # ``msgspec.structs.replace`` would be two attribute lookups per call.
 _replace: Final = msgspec.structs.replace
@@ -307,28 +325,14 @@ class ShardCore:
         # What was remembered since the last drain_remembered, for storage.
         self._outcome_log: list[OutcomeRecord] = []
         self._key_log: list[KeyRecord] = []
-        self._dirty_slots: dict[str, None] = {}
+        # The slots changed since the last drain, each once, in order of first change.
+        self._dirty_slots: list[_Slot] = []
         self._commands_total = 0
         self._failures_total = 0
         self._replays_total = 0
         self._events_total = 0
         self._expirations_total = 0
         self._offers_total = 0
-        self._handlers: dict[type[Any], Callable[[Any, int], AnyResult]] = {
-            CreateSlot: self._create_slot,
-            UpdateSlot: self._update_slot,
-            DeleteSlot: self._delete_slot,
-            GetSlot: self._get_slot,
-            ListSlots: self._list_slots,
-            Reserve: self._reserve,
-            Confirm: self._confirm,
-            Cancel: self._cancel,
-            GetBooking: self._get_booking,
-            ListBookings: self._list_bookings,
-            JoinQueue: self._join_queue,
-            LeaveQueue: self._leave_queue,
-            QueuePosition: self._queue_position,
-        }
         self._timer_handlers: dict[str, Callable[[TimerKey, int], None]] = {
             "hold": self._on_hold_deadline,
             "end": self._on_slot_end,
@@ -347,12 +351,8 @@ class ShardCore:
             # give birth to a hold whose deadline has already passed.
             now_ms = self._now_ms
         self._commands_total += 1
-        kind = type(command)
-        if kind in _READ_ONLY:
-            try:
-                return self._handlers[kind](command, now_ms)
-            except EngineError as refused:
-                return self._refusal(refused)
+        if type(command) in _READ_ONLY:
+            return self._decide(command, now_ms)
         request_id = command.request_id
         prior = self._outcomes.get(request_id)
         if prior is not None:
@@ -362,10 +362,7 @@ class ShardCore:
         if key is not None:
             result = self._execute_with_key(command, key, now_ms)
         else:
-            try:
-                result = self._handlers[kind](command, now_ms)
-            except EngineError as refused:
-                result = self._refusal(refused)
+            result = self._decide(command, now_ms)
         self._remember_outcome(request_id, result, now_ms)
         return result
 
@@ -383,13 +380,49 @@ class ShardCore:
                 )
             self._replays_total += 1
             return stored[2]
-        try:
-            result = self._handlers[type(command)](command, now_ms)
-        except EngineError as refused:
-            result = self._refusal(refused)
+        result = self._decide(command, now_ms)
         if result.status < 500:
             self._remember_idempotency(scope, request_fingerprint, result, now_ms)
         return result
+
+    def _decide(self, command: AnyCommand, now_ms: int) -> AnyResult:
+        """Run the command's handler; a refused command becomes a ``Failure``.
+
+        The kinds are tested most frequent first, so that a compiled build calls
+        each handler directly, where a table of bound methods would be a
+        generic call every time.
+        """
+        kind = type(command)
+        try:
+            if kind is _RESERVE:
+                return self._reserve(cast(Reserve, command), now_ms)
+            if kind is _CONFIRM:
+                return self._confirm(cast(Confirm, command), now_ms)
+            if kind is _QUEUE_POSITION:
+                return self._queue_position(cast(QueuePosition, command), now_ms)
+            if kind is _CANCEL:
+                return self._cancel(cast(Cancel, command), now_ms)
+            if kind is _GET_BOOKING:
+                return self._get_booking(cast(GetBooking, command), now_ms)
+            if kind is _JOIN_QUEUE:
+                return self._join_queue(cast(JoinQueue, command), now_ms)
+            if kind is _GET_SLOT:
+                return self._get_slot(cast(GetSlot, command), now_ms)
+            if kind is _LEAVE_QUEUE:
+                return self._leave_queue(cast(LeaveQueue, command), now_ms)
+            if kind is _LIST_BOOKINGS:
+                return self._list_bookings(cast(ListBookings, command), now_ms)
+            if kind is _LIST_SLOTS:
+                return self._list_slots(cast(ListSlots, command), now_ms)
+            if kind is _CREATE_SLOT:
+                return self._create_slot(cast(CreateSlot, command), now_ms)
+            if kind is _UPDATE_SLOT:
+                return self._update_slot(cast(UpdateSlot, command), now_ms)
+            if kind is _DELETE_SLOT:
+                return self._delete_slot(cast(DeleteSlot, command), now_ms)
+        except EngineError as refused:
+            return self._refusal(refused)
+        raise TypeError(f"not a command: {kind.__name__}")
 
     def _refusal(self, refused: EngineError) -> Failure:
         self._failures_total += 1
@@ -421,9 +454,10 @@ class ShardCore:
     def drain_events(self) -> list[AnyEvent]:
         if self._dirty_slots:
             now_ms = self._now_ms
-            for slot_id in self._dirty_slots:
-                slot = self._slots.get(slot_id)
-                if slot is not None:
+            for slot in self._dirty_slots:
+                # A slot dropped since it changed is no longer dirty.
+                if slot.dirty:
+                    slot.dirty = False
                     self._emit(
                         SlotChanged(
                             at_ms=now_ms,
@@ -433,7 +467,7 @@ class ShardCore:
                             change="counts",
                         )
                     )
-            self._dirty_slots = {}
+            self._dirty_slots = []
         events, self._events = self._events, []
         return events
 
@@ -1200,13 +1234,15 @@ class ShardCore:
         resource_slots.discard(slot.id)
         if not resource_slots:
             del self._slots_by_resource[slot.resource_id]
-        self._dirty_slots.pop(slot.id, None)
+        slot.dirty = False
 
     def _changed(self, slot: _Slot) -> None:
         """Every change to a slot's counts, line or settings passes here."""
         slot.view = None
         slot.revision += 1
-        self._dirty_slots[slot.id] = None
+        if not slot.dirty:
+            slot.dirty = True
+            self._dirty_slots.append(slot)
 
     def _emit(self, event: AnyEvent) -> None:
         self._events.append(event)
