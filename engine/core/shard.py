@@ -243,6 +243,21 @@ class _Slot:
 
 
 _READ_ONLY: Final[frozenset[type[Any]]] = frozenset(READ_ONLY_COMMANDS)
+# The records and results the core builds, bound once for the same reason.
+_BookingResult: Final = BookingResult
+_QueueResult: Final = QueueResult
+_QueueView: Final = QueueView
+_SlotView: Final = SlotView
+_BookingChanged: Final = BookingChanged
+_QueueChanged: Final = QueueChanged
+_QueueMoved: Final = QueueMoved
+_SlotChanged: Final = SlotChanged
+_Failure: Final = Failure
+_OutcomeRecord: Final = OutcomeRecord
+_Booking: Final = Booking
+_QueueEntry: Final = QueueEntry
+_Done: Final = Done
+_SlotResult: Final = SlotResult
 # The command kinds, bound once: a compiled build reads a Final as a constant,
 # where an imported name is a lookup in the module's dict on every use.
 _RESERVE: Final = Reserve
@@ -426,7 +441,7 @@ class ShardCore:
 
     def _refusal(self, refused: EngineError) -> Failure:
         self._failures_total += 1
-        return Failure(
+        return _Failure(
             status=refused.status,
             code=refused.code,
             message=refused.message,
@@ -438,7 +453,7 @@ class ShardCore:
     ) -> Failure:
         """The ``Failure`` that raising ``kind`` would give, without building an exception."""
         self._failures_total += 1
-        return Failure(status=kind.status, code=kind.code, message=message, details=details or {})
+        return _Failure(status=kind.status, code=kind.code, message=message, details=details or {})
 
     def advance(self, now_ms: int) -> None:
         """Fire every timer due at ``now_ms`` (expiries, offers, slot ends)."""
@@ -459,7 +474,7 @@ class ShardCore:
                 if slot.dirty:
                     slot.dirty = False
                     self._emit(
-                        SlotChanged(
+                        _SlotChanged(
                             at_ms=now_ms,
                             request_id="",
                             actor=SYSTEM,
@@ -628,7 +643,7 @@ class ShardCore:
         )
         view = self._slot_view(slot, now_ms)
         self._emit(
-            SlotChanged(
+            _SlotChanged(
                 at_ms=now_ms,
                 request_id=command.request_id,
                 actor=command.actor,
@@ -636,7 +651,7 @@ class ShardCore:
                 change="created",
             )
         )
-        return SlotResult(status=201, slot=view)
+        return _SlotResult(status=201, slot=view)
 
     def _add_slot(self, stored: StoredSlot, policy: DomainPolicy) -> _Slot:
         slot = _Slot(stored, policy)
@@ -678,7 +693,7 @@ class ShardCore:
         slot.version += 1
         self._changed(slot)
         self._emit(
-            SlotChanged(
+            _SlotChanged(
                 at_ms=now_ms,
                 request_id=command.request_id,
                 actor=command.actor,
@@ -688,7 +703,7 @@ class ShardCore:
         )
         # Raised capacity or an unblock frees room for the waiting line.
         self._offer_free_capacity(slot, now_ms, command.request_id, command.actor)
-        return SlotResult(status=200, slot=self._slot_view(slot, now_ms))
+        return _SlotResult(status=200, slot=self._slot_view(slot, now_ms))
 
     def _delete_slot(self, command: DeleteSlot, now_ms: int) -> AnyResult:
         slot = self._slot_or_404(command.slot_id)
@@ -710,16 +725,16 @@ class ShardCore:
         view = self._slot_view(slot, now_ms)
         self._drop_slot(slot)
         self._emit(
-            SlotChanged(
+            _SlotChanged(
                 at_ms=now_ms, request_id=request_id, actor=actor, slot=view, change="deleted"
             )
         )
-        return Done(status=204)
+        return _Done(status=204)
 
     def _get_slot(self, command: GetSlot, now_ms: int) -> AnyResult:
         if command.watch:
             self.watched = True
-        return SlotResult(
+        return _SlotResult(
             status=200, slot=self._slot_view(self._slot_or_404(command.slot_id), now_ms)
         )
 
@@ -756,22 +771,22 @@ class ShardCore:
         user_id = command.user_id
         slot, existing = self._open_slot_for(command.slot_id, user_id, now_ms)
         if existing is not None:
-            return BookingResult(status=200, booking=_copy(existing))
+            return _BookingResult(status=200, booking=_copy(existing))
         if slot.available > 0 and not slot.line.size:
             held = self._take_hold(
                 slot, user_id, now_ms, slot.hold_ttl_ms, False, command.request_id, user_id
             )
-            return BookingResult(status=201, booking=held)
+            return _BookingResult(status=201, booking=held)
         if not slot.queue_enabled:
             raise errors.SlotFull("the slot is full and its domain has no waiting queue")
         entry = slot.entries.get(user_id)
         if entry is not None and entry.status is QueueStatus.WAITING:
             self._touch(slot, entry, now_ms)
-            return QueueResult(status=200, entry=self._queue_view(slot, entry, now_ms))
+            return _QueueResult(status=200, entry=self._queue_view(slot, entry, now_ms))
         if slot.line.size >= slot.queue_size_max:
             return self._queue_full(slot)
         entry = self._join(slot, user_id, now_ms, command.request_id)
-        return QueueResult(status=202, entry=self._queue_view(slot, entry, now_ms))
+        return _QueueResult(status=202, entry=self._queue_view(slot, entry, now_ms))
 
     def _confirm(self, command: Confirm, now_ms: int) -> AnyResult:
         user_id = command.user_id
@@ -780,7 +795,7 @@ class ShardCore:
         # Each field read once: every read is a lookup when compiled.
         status = booking.status
         if status is BookingStatus.CONFIRMED:
-            return BookingResult(status=200, booking=_copy(booking))
+            return _BookingResult(status=200, booking=_copy(booking))
         expires_at_ms = booking.expires_at_ms
         if status is BookingStatus.EXPIRED:
             raise errors.ReservationExpired(
@@ -805,7 +820,7 @@ class ShardCore:
                     entry, QueueEvent.CONVERT, "converted", now_ms, request_id, user_id
                 )
         self._changed(slot)
-        return BookingResult(status=200, booking=confirmed)
+        return _BookingResult(status=200, booking=confirmed)
 
     def _cancel(self, command: Cancel, now_ms: int) -> AnyResult:
         booking = self._booking_or_404(command.booking_id, command.user_id, command.as_admin)
@@ -833,11 +848,11 @@ class ShardCore:
             slot, booking, now_ms, command.reason, actor, refund, command.request_id, actor
         )
         self._offer_free_capacity(slot, now_ms, command.request_id, actor)
-        return BookingResult(status=200, booking=cancelled)
+        return _BookingResult(status=200, booking=cancelled)
 
     def _get_booking(self, command: GetBooking, now_ms: int) -> AnyResult:
         booking = self._booking_or_404(command.booking_id, command.user_id, command.as_admin)
-        return BookingResult(status=200, booking=_copy(booking))
+        return _BookingResult(status=200, booking=_copy(booking))
 
     def _list_bookings(self, command: ListBookings, now_ms: int) -> AnyResult:
         if command.watch:
@@ -869,7 +884,7 @@ class ShardCore:
         if entry is not None and entry.status in (QueueStatus.WAITING, QueueStatus.NOTIFIED):
             if entry.status is QueueStatus.WAITING:
                 self._touch(slot, entry, now_ms)
-            return QueueResult(status=200, entry=self._queue_view(slot, entry, now_ms))
+            return _QueueResult(status=200, entry=self._queue_view(slot, entry, now_ms))
         if existing is not None:
             raise errors.AlreadyHeld("you already hold this slot: confirm your hold instead")
         if not slot.queue_enabled:
@@ -881,7 +896,7 @@ class ShardCore:
         if slot.line.size >= slot.queue_size_max:
             return self._queue_full(slot)
         entry = self._join(slot, user_id, now_ms, command.request_id)
-        return QueueResult(status=201, entry=self._queue_view(slot, entry, now_ms))
+        return _QueueResult(status=201, entry=self._queue_view(slot, entry, now_ms))
 
     def _leave_queue(self, command: LeaveQueue, now_ms: int) -> AnyResult:
         slot = self._slot_or_404(command.slot_id)
@@ -898,7 +913,7 @@ class ShardCore:
             self._expire_hold(slot, booking, now_ms, "offer_declined", request_id, user_id)
         del slot.entries[user_id]
         self._emit(
-            QueueChanged(
+            _QueueChanged(
                 at_ms=now_ms,
                 request_id=request_id,
                 actor=user_id,
@@ -907,7 +922,7 @@ class ShardCore:
             )
         )
         self._offer_free_capacity(slot, now_ms, request_id, user_id)
-        return Done(status=204)
+        return _Done(status=204)
 
     def _queue_position(self, command: QueuePosition, now_ms: int) -> AnyResult:
         if command.watch:
@@ -918,7 +933,7 @@ class ShardCore:
             raise errors.NotFound("you have not joined this slot's queue")
         if entry.status is QueueStatus.WAITING:
             self._touch(slot, entry, now_ms)
-        return QueueResult(status=200, entry=self._queue_view(slot, entry, now_ms))
+        return _QueueResult(status=200, entry=self._queue_view(slot, entry, now_ms))
 
     # == timers =================================================================
 
@@ -1010,7 +1025,7 @@ class ShardCore:
             raise InvariantViolation(f"slot {slot.id}: hold without free capacity")
         if user_id in slot.active_by_user:
             raise InvariantViolation(f"slot {slot.id}: second hold for {user_id}")
-        booking = Booking(
+        booking = _Booking(
             id=f"{slot.id[:8]}-b{self._new_unique()}",
             user_id=user_id,
             slot_id=slot.id,
@@ -1106,7 +1121,7 @@ class ShardCore:
 
     def _join(self, slot: _Slot, user_id: str, now_ms: int, request_id: str) -> QueueEntry:
         seq = slot.line.push(user_id)
-        entry = QueueEntry(
+        entry = _QueueEntry(
             slot_id=slot.id,
             user_id=user_id,
             status=QueueStatus.WAITING,
@@ -1120,7 +1135,7 @@ class ShardCore:
             # The first waiting user: the slot's idle timer starts with them.
             self._timers.schedule(("idle", slot.id), now_ms + slot.queue_inactivity_ms)
         self._emit(
-            QueueChanged(
+            _QueueChanged(
                 at_ms=now_ms,
                 request_id=request_id,
                 actor=user_id,
@@ -1144,7 +1159,7 @@ class ShardCore:
     ) -> None:
         """The line moved: ``entry`` just left it (departure number ``line.departures``)."""
         self._emit(
-            QueueMoved(
+            _QueueMoved(
                 at_ms=now_ms,
                 request_id=request_id,
                 actor=actor,
@@ -1190,7 +1205,7 @@ class ShardCore:
             booking.version += 1
         snapshot = _copy(booking)
         self._emit(
-            BookingChanged(
+            _BookingChanged(
                 at_ms=now_ms,
                 request_id=request_id,
                 actor=actor,
@@ -1216,7 +1231,7 @@ class ShardCore:
         entry.status = next_queue_status(entry.status, event)
         entry.version += 1
         self._emit(
-            QueueChanged(
+            _QueueChanged(
                 at_ms=now_ms,
                 request_id=request_id,
                 actor=actor,
@@ -1334,7 +1349,7 @@ class ShardCore:
         view = slot.view
         if view is not None and slot.view_ended is ended:
             return view
-        view = SlotView(
+        view = _SlotView(
             id=slot.id,
             resource_id=slot.resource_id,
             domain=slot.domain,
@@ -1375,7 +1390,7 @@ class ShardCore:
         offer_expires_at_ms = None
         if status is QueueStatus.NOTIFIED and booking_id is not None:
             offer_expires_at_ms = self._bookings[booking_id].expires_at_ms
-        return QueueView(
+        return _QueueView(
             slot_id=slot.id,
             user_id=user_id,
             status=status,
@@ -1395,7 +1410,7 @@ class ShardCore:
 
     def _remember_outcome(self, request_id: str, result: AnyResult, now_ms: int) -> None:
         self._outcomes[request_id] = result
-        self._outcome_log.append(OutcomeRecord(request_id, now_ms, result))
+        self._outcome_log.append(_OutcomeRecord(request_id, now_ms, result))
         if now_ms == self._outcome_group_ms:
             self._outcome_group.append(request_id)
             return

@@ -20,12 +20,16 @@ grow.
 
 from bisect import bisect_left
 from collections.abc import Iterator
+from typing import Final
 
 from engine.core.errors import InvariantViolation, require
 from engine.core.limits import WAIT_ESTIMATE_SAMPLES_MAX
 
+# Bound once: a compiled build reads a Final as a constant, not from the module's dict.
+_bisect_left: Final = bisect_left
+
 # Drop the dead prefix of the list once it is this long and at least half of it.
-_COMPACT_AFTER = 64
+_COMPACT_AFTER: Final = 64
 
 
 class WaitingLine:
@@ -102,7 +106,7 @@ class WaitingLine:
     def remove(self, user_id: str, now_ms: int) -> int:
         """Take a user out of the line; returns their sequence number."""
         seq = self._seq_of.pop(user_id)
-        index = bisect_left(self._order, seq, self._head)
+        index = _bisect_left(self._order, seq, self._head)
         was_head = index == self._head
         del self._order[index]
         del self._user_of[seq]
@@ -120,7 +124,7 @@ class WaitingLine:
         seq = self._seq_of.get(user_id)
         if seq is None:
             return None
-        return bisect_left(self._order, seq, self._head) - self._head + 1
+        return _bisect_left(self._order, seq, self._head) - self._head + 1
 
     def estimated_wait_ms(self, position: int, now_ms: int, prior_interval_ms: int) -> int:
         """Position times the observed interval between head advances.
@@ -167,7 +171,7 @@ class WaitingLine:
         if not order or order[-1] < seq:
             order.append(seq)
         else:  # only a restore from storage can come out of order
-            order.insert(bisect_left(order, seq, self._head), seq)
+            order.insert(_bisect_left(order, seq, self._head), seq)
         self._seq_of[user_id] = seq
         self._user_of[seq] = user_id
 
