@@ -5,8 +5,8 @@ confirmed, some are abandoned and expire (their place is offered to the
 slot's waiting queue), some bookings are cancelled (another offer), queued
 users ask their position, answer offers or leave. Commands arrive in batches
 that share one reading of a simulated clock, like the actor shell applies
-them, and the events are drained after every batch, like the shell hands
-them off.
+them, and the events and the remembered outcomes are drained after every
+batch, like the shell hands them off to storage.
 
 The command list is generated first, untimed, by driving a scout core (so
 confirms and cancels name real booking ids); the measured runs replay it on
@@ -318,6 +318,7 @@ def _replay(core: ShardCore, batches: Batches) -> tuple[list[float], float, int,
     """
     execute = core.execute
     drain = core.drain_events
+    drain_remembered = core.drain_remembered
     results: list[p.AnyResult] = []
     keep = results.append
     events = 0
@@ -328,6 +329,7 @@ def _replay(core: ShardCore, batches: Batches) -> tuple[list[float], float, int,
         for command in batch:
             keep(execute(command, now_ms))
         events += len(drain())
+        drain_remembered()
         if index in ends:
             marks.append(time.perf_counter())
     cpu_s = time.process_time() - cpu_started

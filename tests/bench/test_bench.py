@@ -1,4 +1,4 @@
-"""The bench dispatcher, and one short end-to-end run of the Ray scenario."""
+"""The bench dispatcher, and short end-to-end runs of the core, Ray and flush scenarios."""
 
 import argparse
 import json
@@ -55,6 +55,29 @@ def test_the_calibration_is_the_best_of_its_rounds(monkeypatch: pytest.MonkeyPat
     clock = iter([0.0, 0.030, 1.0, 1.010, 2.0, 2.020, 3.0, 3.050, 4.0, 4.040])
     monkeypatch.setattr(_machine.time, "perf_counter", lambda: next(clock))
     assert _machine.calibration_ms() == 10.0
+
+
+def test_a_short_core_run_replays_its_mix_and_answers_alike() -> None:
+    """The measured runs must answer every command as the scout run did (the
+    scenario raises otherwise), and the mix reaches every kind of outcome."""
+    from bench import core
+
+    parser = argparse.ArgumentParser()
+    core.add_arguments(parser)
+    args = parser.parse_args(["--ops=6000", "--slots=200", "--users=1500", "--repeat=2"])
+
+    result = core.run(args)
+
+    assert result["scenario"] == "core"
+    assert result["ops"] == 6000 and len(result["runs_s"]) == 2
+    assert result["ops_per_s"] > 0 and result["ops_per_s_median"] > 0
+    assert sum(result["mix"].values()) == 6000
+    assert sum(result["outcomes"].values()) == 6000
+    for outcome in ("Reserve 201", "Reserve 202", "Confirm 200", "Cancel 200", "QueuePosition 200"):
+        assert result["outcomes"].get(outcome, 0) > 0, outcome
+    assert result["expirations"] > 0 and result["offers"] > 0
+    assert result["events"] > result["ops"] // 2
+    assert result["meets_target"] == (result["ops_per_s"] >= core.TARGET_OPS_PER_S)
 
 
 @pytest.mark.ray
