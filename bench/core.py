@@ -18,7 +18,6 @@ network, the disk or an event loop.
 import argparse
 import collections
 import cProfile
-import functools
 import gc
 import io
 import itertools
@@ -112,15 +111,8 @@ def bench_policies(
 
 def replayable_core(policies: dict[str, DomainPolicy], now_ms: int = START_MS) -> ShardCore:
     """A core whose ids are the same in every run, so that runs answer alike."""
-    # Deterministic ids from a callable that is C all the way down: a Python
-    # lambda here would be timed as if it were the core.
-    uniques = map(str, itertools.count(1))
     return ShardCore(
-        shard_id=0,
-        shard_count=1,
-        policies=policies,
-        now_ms=now_ms,
-        new_unique=functools.partial(next, uniques),
+        shard_id=0, shard_count=1, policies=policies, now_ms=now_ms, id_prefix="replay"
     )
 
 

@@ -35,7 +35,6 @@ are also asserted where counts change):
   * every RESERVED booking has a hold timer at its ``expires_at_ms``.
 """
 
-import itertools
 import secrets
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Iterator
@@ -292,6 +291,7 @@ class ShardCore:
         shard_count: int,
         policies: dict[str, DomainPolicy],
         now_ms: int,
+        id_prefix: str | None = None,
         new_unique: Callable[[], str] | None = None,
     ) -> None:
         require(0 <= shard_id < shard_count, "shard id out of range")
@@ -299,17 +299,13 @@ class ShardCore:
         self.shard_id = shard_id
         self.shard_count = shard_count
         self._policies = dict(policies)
-        if new_unique is None:
-            # A random prefix per incarnation and a counter: unique across
-            # restarts and shards, and far cheaper than a uuid4 per booking.
-            prefix = secrets.token_hex(8)
-            counter = itertools.count(1)
-
-            def counted_unique() -> str:
-                return f"{prefix}{next(counter):x}"
-
-            new_unique = counted_unique
-        self._new_unique: Callable[[], str] = new_unique
+        # The unique part of a booking id: a random prefix per incarnation and
+        # a counter, unique across restarts and shards and far cheaper than a
+        # uuid4 per booking (``id_prefix`` fixes the prefix, so that replays
+        # name bookings alike; ``new_unique`` replaces the scheme, for tests).
+        self._id_prefix = secrets.token_hex(8) if id_prefix is None else id_prefix
+        self._ids_issued = 0
+        self._new_unique = new_unique
         # Names this incarnation in slot views and queue moves: after a restart,
         # live subscribers see another epoch and read their state afresh.
         self._epoch = secrets.token_hex(6)
@@ -1025,8 +1021,13 @@ class ShardCore:
             raise InvariantViolation(f"slot {slot.id}: hold without free capacity")
         if user_id in slot.active_by_user:
             raise InvariantViolation(f"slot {slot.id}: second hold for {user_id}")
+        if self._new_unique is None:
+            self._ids_issued += 1
+            unique = f"{self._id_prefix}{self._ids_issued}"
+        else:
+            unique = self._new_unique()
         booking = _Booking(
-            id=f"{slot.id[:8]}-b{self._new_unique()}",
+            id=f"{slot.id[:8]}-b{unique}",
             user_id=user_id,
             slot_id=slot.id,
             status=BookingStatus.PENDING,

@@ -45,7 +45,7 @@ from engine.core.shard import ShardCore
 from engine.shell.errors import ShardFailed, ShardUnavailable
 from engine.shell.events import EventPublisher, PublisherStatistics
 from engine.shell.lease import Renewal, ShardLease
-from engine.shell.runtime import RuntimeStatistics, ShardRuntime, service_unavailable, unique_ids
+from engine.shell.runtime import RuntimeStatistics, ShardRuntime, service_unavailable
 from persistence.migrate import migrate_url
 from persistence.reconcile import RECONCILE_INTERVAL_DEFAULT_S, run_periodically
 from persistence.store import ShardSnapshot, StaleToken, fence_token, take_over
@@ -299,7 +299,6 @@ class ShardOwner:
             shard_count=self._shard_count,
             policies=self._policies,
             now_ms=self._clock.now_ms(),
-            new_unique=unique_ids(),
         )
         core.restore(
             slots=snapshot.slots,

@@ -17,9 +17,7 @@ It must never:
 
 import asyncio
 import collections
-import itertools
 import logging
-import secrets
 import time
 from collections.abc import Callable
 from typing import Final, Protocol
@@ -53,17 +51,6 @@ logger = logging.getLogger(__name__)
 # Batch sizes are counted in power-of-two buckets: 1, 2-3, 4-7, ..., up to the
 # largest batch a caller may send.
 BATCH_SIZE_BUCKETS: Final = limits.BATCH_COMMANDS_MAX.bit_length()
-
-
-def unique_ids() -> Callable[[], str]:
-    """The unique parts of the ids a shard hands out: a random prefix per process, then a counter.
-
-    A fresh uuid4 per booking cost a few percent of a busy shard; 64 random bits
-    per incarnation keep ids unique across restarts and shards all the same.
-    """
-    prefix = secrets.token_hex(8)
-    counter = itertools.count()
-    return lambda: f"{prefix}{next(counter):x}"
 
 
 class EventSink(Protocol):
@@ -263,7 +250,6 @@ class ShardRuntime:
             shard_count=shard_count,
             policies=policies,
             now_ms=clock.now_ms(),
-            new_unique=unique_ids(),
         )
         return cls(
             core,

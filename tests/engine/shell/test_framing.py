@@ -5,7 +5,6 @@ import pytest
 from engine.core.limits import REPLY_COMPRESS_ABOVE_BYTES
 from engine.shell.errors import ShardFailed
 from engine.shell.ray_actor import frame_reply, unframe_reply
-from engine.shell.runtime import unique_ids
 
 
 def test_a_small_reply_travels_uncompressed() -> None:
@@ -30,11 +29,3 @@ def test_a_large_reply_travels_compressed_and_comes_back_whole() -> None:
 def test_an_unknown_frame_is_refused() -> None:
     with pytest.raises(ShardFailed, match="frame header"):
         unframe_reply(b"\x07whatever")
-
-
-def test_ids_from_one_generator_never_repeat_and_two_generators_differ() -> None:
-    first, second = unique_ids(), unique_ids()
-
-    ids = [first() for _ in range(10_000)] + [second() for _ in range(10_000)]
-
-    assert len(set(ids)) == len(ids)
