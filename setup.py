@@ -2,7 +2,7 @@
 
 Everything else about the package lives in pyproject.toml. The default build
 is pure Python (what development, tests and coverage use); a production image
-sets SLOTENGINE_COMPILE=1 for a core about a quarter faster (bench core).
+sets SLOTENGINE_COMPILE=1 for a core about twice as fast (bench core).
 """
 
 import os
