@@ -158,6 +158,7 @@ class _Slot:
         "hold_ttl_ms",
         "id",
         "idle",
+        "last_view",
         "line",
         "metadata",
         "policy",
@@ -210,6 +211,9 @@ class _Slot:
         # drops it) or the clock crosses its end (view_ended no longer matches).
         self.view: SlotView | None = None
         self.view_ended = False
+        # The last view built, kept after a change: while the slot's settings
+        # (its version) stay the same, the next view copies it with new counts.
+        self.last_view: SlotView | None = None
         # Changed since the shard last reported its counts (ShardCore.drain_events).
         self.dirty = False
         # The last QueueFull refusal and the line length it reported.
@@ -1350,6 +1354,22 @@ class ShardCore:
         view = slot.view
         if view is not None and slot.view_ended is ended:
             return view
+        last = slot.last_view
+        if last is not None and last.version == slot.version:
+            # Only the counts moved: the settings, and their boxed numbers, carry over.
+            view = _replace(
+                last,
+                current_bookings=slot.confirmed,
+                held_count=slot.held,
+                available=slot.capacity - slot.confirmed - slot.held,
+                status=slot.status(now_ms),
+                queue_length=slot.line.size,
+                revision=slot.revision,
+                departures=slot.line.departures,
+            )
+            slot.view = slot.last_view = view
+            slot.view_ended = ended
+            return view
         view = _SlotView(
             id=slot.id,
             resource_id=slot.resource_id,
@@ -1369,7 +1389,7 @@ class ShardCore:
             revision=slot.revision,
             departures=slot.line.departures,
         )
-        slot.view = view
+        slot.view = slot.last_view = view
         slot.view_ended = ended
         return view
 
