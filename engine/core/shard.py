@@ -1354,38 +1354,35 @@ class ShardCore:
         view = slot.view
         if view is not None and slot.view_ended is ended:
             return view
-        last = slot.last_view
-        if last is not None and last.version == slot.version:
-            # Only the counts moved: the settings, and their boxed numbers, carry over.
-            view = _replace(
-                last,
-                current_bookings=slot.confirmed,
-                held_count=slot.held,
-                available=slot.capacity - slot.confirmed - slot.held,
-                status=slot.status(now_ms),
-                queue_length=slot.line.size,
-                revision=slot.revision,
-                departures=slot.line.departures,
+        settings = slot.last_view
+        if settings is None or settings.version != slot.version:
+            # The settings part, built once per version of the slot: a view then
+            # copies it with the counts of the moment, and the settings' boxed
+            # numbers carry over. The counts here are never seen.
+            settings = _SlotView(
+                id=slot.id,
+                resource_id=slot.resource_id,
+                domain=slot.domain,
+                start_ms=slot.start_ms,
+                end_ms=slot.end_ms,
+                capacity=slot.capacity,
+                current_bookings=0,
+                held_count=0,
+                available=0,
+                status=SlotStatus.AVAILABLE,
+                queue_length=0,
+                blocked=slot.blocked,
+                metadata=slot.metadata,
+                version=slot.version,
+                epoch=self._epoch,
             )
-            slot.view = slot.last_view = view
-            slot.view_ended = ended
-            return view
-        view = _SlotView(
-            id=slot.id,
-            resource_id=slot.resource_id,
-            domain=slot.domain,
-            start_ms=slot.start_ms,
-            end_ms=slot.end_ms,
-            capacity=slot.capacity,
+        view = _replace(
+            settings,
             current_bookings=slot.confirmed,
             held_count=slot.held,
             available=slot.capacity - slot.confirmed - slot.held,
             status=slot.status(now_ms),
             queue_length=slot.line.size,
-            blocked=slot.blocked,
-            metadata=slot.metadata,
-            version=slot.version,
-            epoch=self._epoch,
             revision=slot.revision,
             departures=slot.line.departures,
         )
