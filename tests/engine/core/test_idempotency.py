@@ -1,5 +1,6 @@
 """Client idempotency keys and request-id replays: first outcome wins, nothing applies twice."""
 
+from engine.core import limits
 from engine.core import protocol as p
 from tests.engine.core.conftest import HOUR_MS, Harness
 
@@ -78,3 +79,57 @@ def test_refused_commands_leave_the_state_unchanged(h: Harness) -> None:
     after = (h.view(slot_id), h.booking(booking.id).booking, h.core.statistics().events_total)
     assert after == before
     assert h.core.drain_events() == []
+
+
+def test_request_outcomes_are_kept_for_their_retention_then_forgotten(h: Harness) -> None:
+    slot_id = h.slot(capacity=5)
+    early = p.Reserve(request_id="early", slot_id=slot_id, user_id="ann")
+    first = h.core.execute(early, h.clock.now_ms())
+    h.advance(limits.REQUEST_OUTCOMES_RETENTION_MS // 2)
+    later = p.Reserve(request_id="later", slot_id=slot_id, user_id="bob")
+    later_first = h.core.execute(later, h.clock.now_ms())
+    # The last millisecond of the first outcome's retention: still a replay.
+    h.advance(limits.REQUEST_OUTCOMES_RETENTION_MS // 2 - 1)
+    assert h.core.execute(early, h.clock.now_ms()) == first
+    # Past it, the first is forgotten once a new millisecond is remembered;
+    # the later one is still within its own.
+    h.advance(2)
+    h.run(p.Reserve, slot_id=slot_id, user_id="cat")
+    assert h.core.statistics().request_outcomes == 2
+    assert h.core.execute(later, h.clock.now_ms()) == later_first
+    # Forgotten, the first request runs afresh: ann's hold lapsed long ago, so a new one.
+    rerun = h.core.execute(early, h.clock.now_ms())
+    assert rerun.status == 201 and rerun.booking.id != first.booking.id
+    assert h.core.statistics().replays_total == 2
+
+
+def test_request_outcomes_are_capped_a_millisecond_at_a_time(h: Harness) -> None:
+    slot_id = h.slot(capacity=1)
+    now_ms = h.clock.now_ms()
+    over = limits.REQUEST_OUTCOMES_MAX + 5
+    for n in range(over):
+        # Cheap to decide, remembered all the same: leaving a queue one is not in.
+        h.core.execute(p.LeaveQueue(request_id=f"leave-{n}", slot_id=slot_id, user_id="x"), now_ms)
+    # The slot's creation and the leaves, all in one millisecond, stay until the
+    # next millisecond is remembered: the cap is kept a millisecond at a time.
+    assert h.core.statistics().request_outcomes == over + 1
+    h.advance(1)
+    h.run(p.LeaveQueue, slot_id=slot_id, user_id="x")
+    assert h.core.statistics().request_outcomes == 1
+
+
+def test_a_storm_of_queue_full_refusals_reports_each_one(h: Harness) -> None:
+    slot_id = h.slot(capacity=1)
+    h.reserve(slot_id, "holder")
+    for user in ("ann", "bob", "cat"):
+        h.reserve(slot_id, user)
+    refusals = [h.reserve(slot_id, f"late-{n}") for n in range(3)]
+    refusals.append(h.join(slot_id, "later"))
+    for refused in refusals:
+        assert (refused.status, refused.code) == (409, "QueueFull")
+        assert refused.details == {"queueLength": 3, "maxSize": 3}
+    assert h.core.statistics().failures_total == 4
+    # The line moves: a new refusal reports the line as it is.
+    h.run(p.LeaveQueue, slot_id=slot_id, user_id="bob")
+    assert h.reserve(slot_id, "dan").status == 202
+    assert h.reserve(slot_id, "eve").details == {"queueLength": 3, "maxSize": 3}
