@@ -440,13 +440,7 @@ class ShardCore:
         raise TypeError(f"not a command: {kind.__name__}")
 
     def _refusal(self, refused: EngineError) -> Failure:
-        self._failures_total += 1
-        return _Failure(
-            status=refused.status,
-            code=refused.code,
-            message=refused.message,
-            details=refused.details,
-        )
+        return self._refuse(type(refused), refused.message, refused.details)
 
     def _refuse(
         self, kind: type[EngineError], message: str, details: dict[str, Any] | None = None
