@@ -12,6 +12,7 @@ new one) and the security headers.
 
 import base64
 import binascii
+import contextvars
 import heapq
 import itertools
 import logging
@@ -20,7 +21,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import datetime
-from typing import Any, Final, TypeVar
+from typing import Any, Final, Protocol, TypeVar
 
 import msgspec
 from aiohttp import web
@@ -69,8 +70,24 @@ KEYS_KEY: Final = web.AppKey("idempotency_keys", KeyRegistry)
 CORS_ORIGINS_KEY: Final = web.AppKey("cors_origins", frozenset[str])
 # The error code of an answer, kept on the response for the request log.
 ERROR_CODE: Final = web.ResponseKey("error_code", str)
+# The document a JSON answer was encoded from, so that what reads the answer
+# afterwards (the business metrics) need not decode its body again.
+ANSWER: Final = web.ResponseKey("answer", object)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+# Told of every answer: the request, its status, the response (None when the
+# answer is an exception aiohttp renders) and when the request arrived
+# (``time.perf_counter()``). WebSockets and event streams are not told: their
+# duration is a connection's lifetime.
+class Observer(Protocol):
+    def __call__(
+        self, request: web.Request, status: int, response: web.StreamResponse | None, started: float
+    ) -> None: ...
+
+
+OBSERVER_KEY: Final = web.AppKey("observer", Observer)
 T = TypeVar("T")
 B = TypeVar("B", s.ReserveBody, s.CancelBody, s.ActingBody)
 
@@ -98,7 +115,11 @@ _encoder = msgspec.json.Encoder()
 
 
 def json_response(body: Any, status: int = 200) -> web.Response:
-    return web.Response(body=_encoder.encode(body), status=status, content_type="application/json")
+    response = web.Response(
+        body=_encoder.encode(body), status=status, content_type="application/json"
+    )
+    response[ANSWER] = body
+    return response
 
 
 def error_response(error: ApiError) -> web.Response:
@@ -117,32 +138,50 @@ def error_response(error: ApiError) -> web.Response:
     return response
 
 
+# The application serving the current request (set by request_context).
+_serving: contextvars.ContextVar[web.Application | None] = contextvars.ContextVar(
+    "slotengine_serving_app", default=None
+)
+
+
+def serving_app() -> web.Application | None:
+    """The application whose request the calling code is serving, if any."""
+    return _serving.get()
+
+
 @web.middleware
 async def request_context(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """CORS preflights, X-Request-Id, every failure in API.md's shape, one log line a request.
+    """CORS preflights, X-Request-Id and the security headers, every failure in
+    API.md's shape, the observer told of every answer, one log line a request.
 
-    One middleware, not one per concern: aiohttp wraps every middleware anew
-    for every request, and a layer was a measurable share of a cheap request.
+    One middleware, not one per concern: every layer costs a call and a
+    coroutine per request, and a layer was a measurable share of a cheap request.
     """
-    if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
-        origin = request.headers.get("Origin")
-        if origin is not None:
-            return _preflight(request, origin)
     started = time.perf_counter()
-    request_id = request.headers.get("X-Request-Id", "")
-    if not request_id or len(request_id) > REQUEST_ID_CHARS_MAX or not request_id.isprintable():
-        # Unique across processes and restarts (a random prefix per process), and
-        # without a system call per request as uuid4 makes.
-        request_id = request.app[IDS_KEY].next()
-    request[REQUEST_ID_KEY] = request_id
-    response = await _answer(request, handler, request_id)
+    app = request.app
+    observer = app.get(OBSERVER_KEY)
+    token = _serving.set(app)
+    try:
+        response = await _respond(request, handler)
+    except web.HTTPException as exc:
+        if observer is not None:
+            observer(request, exc.status, None, started)
+        raise
+    except Exception:
+        if observer is not None:
+            observer(request, 500, None, started)
+        raise
+    finally:
+        _serving.reset(token)
+    if observer is not None and isinstance(response, web.Response):
+        observer(request, response.status, response, started)
     if access_logger.isEnabledFor(logging.INFO):
         resource = request.match_info.route.resource
         access_logger.info(
             "request",
             extra={
                 "event": "http.request",
-                "request_id": request_id,
+                "request_id": request.get(REQUEST_ID_KEY),
                 "method": request.method,
                 # The route's template, never the raw path or query (a token may be in it).
                 "route": resource.canonical if resource is not None else "unmatched",
@@ -151,6 +190,25 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
                 "duration_ms": round((time.perf_counter() - started) * 1000, 2),
             },
         )
+    return response
+
+
+async def _respond(request: web.Request, handler: Handler) -> web.StreamResponse:
+    if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
+        origin = request.headers.get("Origin")
+        if origin is not None:
+            preflight = _preflight(request, origin)
+            stamp_headers(request, preflight)
+            return preflight
+    request_id = request.headers.get("X-Request-Id", "")
+    if not request_id or len(request_id) > REQUEST_ID_CHARS_MAX or not request_id.isprintable():
+        # Unique across processes and restarts (a random prefix per process), and
+        # without a system call per request as uuid4 makes.
+        request_id = request.app[IDS_KEY].next()
+    request[REQUEST_ID_KEY] = request_id
+    response = await _answer(request, handler, request_id)
+    if not response.prepared:
+        stamp_headers(request, response)
     return response
 
 
@@ -222,8 +280,12 @@ def _origin_allowed(allowed: frozenset[str], origin: str) -> bool:
     return origin in allowed or "*" in allowed
 
 
-async def stamp_headers(request: web.Request, response: web.StreamResponse) -> None:
-    """X-Request-Id and the security headers on every response, streams and WebSockets too."""
+def stamp_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """X-Request-Id and the security headers on a response not yet prepared.
+
+    request_context stamps every answer it returns; a handler that prepares a
+    response itself (a WebSocket, an event stream) stamps it first.
+    """
     request_id = request.get(REQUEST_ID_KEY)
     if request_id is not None:
         response.headers["X-Request-Id"] = request_id
@@ -809,7 +871,6 @@ def create_app(
         app[KEYS_KEY] = keys
     app[VERIFIER_KEY] = verifier
     app[IDS_KEY] = RequestIds()
-    app.on_response_prepare.append(stamp_headers)
     from gateway.realtime import add_realtime  # it builds on this module
 
     add_realtime(app)

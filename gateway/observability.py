@@ -81,7 +81,6 @@ reads ``down``.
 import asyncio
 import collections
 import contextlib
-import contextvars
 import functools
 import heapq
 import inspect
@@ -94,10 +93,8 @@ from types import TracebackType
 from typing import Any, Final, Literal, ParamSpec, Protocol, TypeVar, cast
 
 import asyncpg
-import msgspec
 import redis.asyncio as aioredis
 from aiohttp import web
-from aiohttp.typedefs import Middleware
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
@@ -107,7 +104,16 @@ from engine.core import protocol as p
 from engine.shell.coalescer import EngineClient, RequestIds
 from engine.shell.owner import OwnerStatistics
 from engine.shell.runtime import RuntimeStatistics
-from gateway.app import ENGINE_KEY, TRANSPORT_KEY
+from gateway import schemas as s
+from gateway.app import (
+    ANSWER,
+    ENGINE_KEY,
+    ERROR_CODE,
+    OBSERVER_KEY,
+    TRANSPORT_KEY,
+    Observer,
+    serving_app,
+)
 
 logger = logging.getLogger("slotengine.gateway.observability")
 
@@ -304,12 +310,6 @@ class Metrics:
         return max(0.0, self._waits_sum / len(self._waits))
 
 
-# The metrics of the application serving the current request (set by the middleware).
-_current_metrics: contextvars.ContextVar[Metrics | None] = contextvars.ContextVar(
-    "slotengine_metrics", default=None
-)
-
-
 class Observation:
     """Times a Redis operation or a database query into its histogram.
 
@@ -332,7 +332,10 @@ class Observation:
         self._started: float | None = None
 
     def _record(self, started: float) -> None:
-        metrics = self._metrics if self._metrics is not None else _current_metrics.get()
+        metrics = self._metrics
+        if metrics is None:
+            app = serving_app()
+            metrics = None if app is None else app.get(METRICS_KEY)
         if metrics is None:
             return
         histogram = metrics.redis_seconds if self._kind == "redis" else metrics.database_seconds
@@ -803,99 +806,62 @@ METRICS_KEY: Final = web.AppKey("metrics", Metrics)
 OBSERVABILITY_KEY: Final = web.AppKey("observability", Observability)
 
 
-class _BookingBody(msgspec.Struct):
-    id: str | None = None
-    confirmedAt: str | None = None
-
-
-class _QueueBody(msgspec.Struct):
-    status: str | None = None
-    estimatedWaitSeconds: int | None = None
-
-
-class _ReserveBody(msgspec.Struct):
-    queue: _QueueBody | None = None
-
-
-class _ErrorBody(msgspec.Struct):
-    error: str | None = None
-
-
 def _endpoint(request: web.Request) -> str:
     resource = request.match_info.route.resource
     return "unmatched" if resource is None else resource.canonical
 
 
 def _count_business(
-    metrics: Metrics, route: tuple[str, str], status: int, body: bytes, arrived_s: float
+    metrics: Metrics, route: tuple[str, str], status: int, response: web.Response, started: float
 ) -> None:
     """The business metrics a reserve, confirm or queue answer carries."""
+    answer = response.get(ANSWER)
     if route == RESERVE_ROUTE:
         if status == 201:
             metrics.reservation("created")
         elif status == 202:
             metrics.reservation("queued")
         elif status == 200:
-            reserved = msgspec.json.decode(body, type=_ReserveBody)
-            metrics.reservation("already_queued" if reserved.queue is not None else "existing")
+            metrics.reservation(
+                "already_queued" if isinstance(answer, s.QueueEnvelope) else "existing"
+            )
         else:
-            metrics.reservation(msgspec.json.decode(body, type=_ErrorBody).error or "other")
-    if route == CONFIRM_ROUTE and status == 200:
-        booking = msgspec.json.decode(body, type=_BookingBody)
-        if booking.confirmedAt is not None and booking.id is not None:
-            confirmed_s = datetime.fromisoformat(booking.confirmedAt).timestamp()
-            if confirmed_s >= arrived_s - CONFIRM_CLOCK_SKEW_S:
-                metrics.confirmation(booking.id)
+            metrics.reservation(response.get(ERROR_CODE) or "other")
+    if (
+        route == CONFIRM_ROUTE
+        and status == 200
+        and isinstance(answer, s.BookingOut)
+        and answer.confirmed_at is not None
+    ):
+        arrived_s = time.time() - (time.perf_counter() - started)
+        confirmed_s = datetime.fromisoformat(answer.confirmed_at).timestamp()
+        if confirmed_s >= arrived_s - CONFIRM_CLOCK_SKEW_S:
+            metrics.confirmation(answer.id)
     if route in QUEUE_ROUTES and status in (200, 201, 202):
-        entry: _QueueBody | None
-        if route == RESERVE_ROUTE:
-            entry = msgspec.json.decode(body, type=_ReserveBody).queue
-        else:
-            entry = msgspec.json.decode(body, type=_QueueBody)
+        entry = answer.queue if isinstance(answer, s.QueueEnvelope) else answer
         if (
-            entry is not None
+            isinstance(entry, s.QueueEntryOut)
             and entry.status == "WAITING"
-            and entry.estimatedWaitSeconds is not None
+            and entry.estimated_wait_seconds is not None
         ):
-            metrics.queue_wait(float(entry.estimatedWaitSeconds))
+            metrics.queue_wait(float(entry.estimated_wait_seconds))
 
 
-def metrics_middleware(metrics: Metrics) -> Middleware:
+def metrics_observer(metrics: Metrics) -> Observer:
     """Times every answer and counts reservations, confirmations and queue waits.
 
-    It must run outside ``request_context`` (first in the app's middlewares) so
-    that it sees the final status of refusals too.
+    ``request_context`` tells it of every answer with its final status,
+    refusals included (``app[OBSERVER_KEY]``).
     """
 
-    @web.middleware
-    async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
-        started = time.perf_counter()
-        arrived_s = time.time()
-        token = _current_metrics.set(metrics)
-        try:
-            response = await handler(request)
-        except web.HTTPException as exc:
-            metrics.request(
-                _endpoint(request), request.method, exc.status, time.perf_counter() - started
-            )
-            raise
-        except Exception:
-            metrics.request(_endpoint(request), request.method, 500, time.perf_counter() - started)
-            raise
-        finally:
-            _current_metrics.reset(token)
-        if not isinstance(response, web.Response):
-            return response  # a WebSocket or an event stream: it lasts as long as its connection
+    def observe(
+        request: web.Request, status: int, response: web.StreamResponse | None, started: float
+    ) -> None:
         endpoint = _endpoint(request)
-        metrics.request(endpoint, request.method, response.status, time.perf_counter() - started)
+        metrics.request(endpoint, request.method, status, time.perf_counter() - started)
         route = (request.method, endpoint)
-        body = response.body
-        if (route == CONFIRM_ROUTE or route in QUEUE_ROUTES) and isinstance(body, bytes):
-            try:
-                _count_business(metrics, route, response.status, body, arrived_s)
-            except (msgspec.DecodeError, ValueError) as exc:
-                logger.debug("unreadable answer of %s %s: %r", *route, exc)
-        return response
+        if (route == CONFIRM_ROUTE or route in QUEUE_ROUTES) and isinstance(response, web.Response):
+            _count_business(metrics, route, status, response, started)
 
     return observe
 
@@ -968,8 +934,7 @@ def add_observability(
     )
     app[METRICS_KEY] = registry_metrics
     app[OBSERVABILITY_KEY] = observability
-    # Outermost, so that it sees the answers request_context makes of refusals.
-    app.middlewares.insert(0, metrics_middleware(registry_metrics))
+    app[OBSERVER_KEY] = metrics_observer(registry_metrics)
     app.router.add_get("/health", health_handler, allow_head=False)
     app.router.add_get("/metrics", metrics_handler, allow_head=False)
 

@@ -61,7 +61,7 @@ from engine.shell.coalescer import EngineClient, RequestIds
 from engine.shell.errors import ShellError
 from engine.shell.events import shard_channel, slot_key, user_key
 from gateway import schemas as s
-from gateway.app import ENGINE_KEY, IDS_KEY, ApiError, principal
+from gateway.app import ENGINE_KEY, IDS_KEY, ApiError, principal, stamp_headers
 from gateway.auth import acting_user
 
 logger = logging.getLogger("slotengine.realtime")
@@ -843,6 +843,7 @@ async def _serve_websocket(
 
     outbox = Outbox(send, live.outbox_messages_max)
     async with _watching(request, live, interests, make_watch(outbox), outbox, ws):
+        stamp_headers(request, ws)
         await ws.prepare(request)
         sender = asyncio.get_running_loop().create_task(_send_all(outbox, ws, live))
         try:
@@ -893,6 +894,7 @@ async def _serve_events(
 
     outbox = Outbox(send, live.outbox_messages_max)
     async with _watching(request, live, interests, make_watch(outbox), outbox, None):
+        stamp_headers(request, response)
         await response.prepare(request)
         await response.write(b"retry: 2000\n\n")
         beat = asyncio.get_running_loop().create_task(_heartbeats(outbox, live.heartbeat_s))

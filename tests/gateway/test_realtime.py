@@ -260,6 +260,28 @@ async def test_the_bookings_socket_starts_with_active_bookings_then_follows_chan
         assert created["booking"]["id"] == second["id"]
 
 
+async def test_the_socket_handshake_has_the_security_headers_and_a_request_id(
+    gateway: Gateway, token: Token
+) -> None:
+    api = await gateway()
+    slot_id = await _queued_slot(api, token, ["w1"])
+    handshake = await api.get(
+        f"/ws/queue/{slot_id}?token={_query_token('w1')}",
+        headers={
+            "Connection": "Upgrade",
+            "Upgrade": "websocket",
+            "Sec-WebSocket-Version": "13",
+            "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+            "X-Request-Id": "trace-ws",
+        },
+    )
+    assert handshake.status == 101
+    assert handshake.headers["X-Request-Id"] == "trace-ws"
+    assert handshake.headers["X-Content-Type-Options"] == "nosniff"
+    assert handshake.headers["X-Frame-Options"] == "DENY"
+    handshake.close()
+
+
 async def test_the_event_stream_carries_the_same_events(gateway: Gateway, token: Token) -> None:
     api = await gateway()
     slot_id = await _queued_slot(api, token, ["w1", "w2"])
