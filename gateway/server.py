@@ -4,18 +4,23 @@ It resolves the services (configured URLs, else the embedded PostgreSQL and
 Redis under ``SLOTENGINE_DATA_DIR``), brings the schema up to date, starts the
 engine (shard actors on Ray, or in-process shard owners with ``--engine
 inproc``) and serves the API on uvloop. ``--workers N`` starts N processes
-sharing the port (``SO_REUSEPORT``); they share the Ray shard actors, so it
-needs the Ray engine: in-process shards live in exactly one process.
+sharing the port (``SO_REUSEPORT``). With the Ray engine they share the shard
+actors; with ``--engine inproc`` the shards run in one engine process of their
+own, which the workers reach over a Unix socket (``engine.shell.local_engine``),
+and which this process restarts if it dies.
 
 Bad settings fail before anything starts, with one line naming the setting.
 """
 
 import asyncio
+import contextlib
 import logging
 import multiprocessing
+import multiprocessing.connection
 import os
 import signal
 import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -69,10 +74,6 @@ class ServeOptions:
 def check_options(options: ServeOptions) -> None:
     if options.workers < 1:
         raise ConfigError("--workers: must be at least 1")
-    if options.workers > 1 and options.engine == "inproc":
-        raise ConfigError(
-            "--workers: in-process shards live in one process; use --engine ray for several workers"
-        )
     if not 0 <= options.port <= 65_535:
         raise ConfigError("--port: must be between 0 and 65535")
 
@@ -107,9 +108,17 @@ async def storage_for(settings: Settings) -> StorageSettings:
 
 
 def build_app(
-    settings: Settings, auth: AuthSettings, limits: RateLimits, engine_kind: EngineKind
+    settings: Settings,
+    auth: AuthSettings,
+    limits: RateLimits,
+    engine_kind: EngineKind,
+    engine_socket: str | None = None,
 ) -> web.Application:
-    """The application with its engine started on startup and stopped on cleanup."""
+    """The application with its engine started on startup and stopped on cleanup.
+
+    ``engine_socket``: the in-process shards are an engine process's, reached
+    on this Unix socket, instead of this process's own.
+    """
     verifier = Verifier(auth)
 
     async def engine_context(app: web.Application) -> AsyncIterator[None]:
@@ -118,14 +127,18 @@ def build_app(
             database_url=storage.database_url, redis_url=storage.redis_url
         )
         policies = load_policies(settings)
-        if engine_kind == "inproc":
+        if engine_socket is not None:
+            from engine.shell.local_engine import LocalEngineTransport
+
+            transport: Any = await LocalEngineTransport.connect(engine_socket)
+        elif engine_kind == "inproc":
             from engine.shell.inproc import OwnedInProcessHost
 
             host = OwnedInProcessHost(
                 shard_count=settings.shards, policies=policies, storage=storage
             )
             await host.start()
-            transport: Any = host
+            transport = host
         else:
             import ray
 
@@ -194,31 +207,84 @@ def serve(settings: Settings, options: ServeOptions) -> None:
     if options.workers == 1:
         _run_worker(settings, auth, limits, options)
         return
+    log_writer = configure_logging(settings.log_level)
+    try:
+        _serve_workers(settings, auth, limits, options)
+    finally:
+        log_writer.stop()
+
+
+def _serve_workers(
+    settings: Settings, auth: AuthSettings, limits: RateLimits, options: ServeOptions
+) -> None:
+    settings = _shared_by_workers(settings, options.engine)
     # SIGINT and SIGTERM stop the parent, which stops its workers. Explicitly:
     # a process started in the background by a shell inherits SIGINT ignored,
     # and Python then installs no KeyboardInterrupt for it; SIGTERM (what
     # `docker stop` and systemd send) would otherwise kill the parent alone.
     # After Ray's start, which installs a SIGTERM handler of its own (it aborts).
-    settings = _shared_by_workers(settings)
     for stop_signal in STOP_SIGNALS:
         signal.signal(stop_signal, _interrupt)
+    engine_socket: str | None = None
+    if options.engine == "inproc":
+        engine_socket = os.path.join(tempfile.mkdtemp(prefix="slotengine-"), "engine.sock")
+    # Every engine process started, the latest last (it is started again if it dies).
+    engines: list[Any] = []
     processes = [
-        multiprocessing.get_context("spawn").Process(
-            target=_run_worker, args=(settings, auth, limits, options), name=f"gateway-{n}"
-        )
+        _spawn(_run_worker, (settings, auth, limits, options, engine_socket), f"gateway-{n}")
         for n in range(options.workers)
     ]
     try:
+        if engine_socket is not None:
+            _start_engine(engines, settings, engine_socket)
         for process in processes:
             process.start()
-        for process in processes:
-            process.join()
+        if engine_socket is None:
+            for process in processes:
+                process.join()
+        else:
+            _supervise(engines, processes, settings, engine_socket)
     except KeyboardInterrupt:
         for stop_signal in STOP_SIGNALS:
             signal.signal(stop_signal, signal.SIG_IGN)  # stopping already
+        # The workers first: their requests in flight still reach the engine.
         stop_workers([p for p in processes if p.pid is not None], WORKERS_STOP_TIMEOUT_S)
     finally:
+        # The engine last, also when the workers ended by themselves.
+        stop_workers([e for e in engines if e.pid is not None], WORKERS_STOP_TIMEOUT_S)
         _stop_local_ray()
+        if engine_socket is not None:
+            with contextlib.suppress(OSError):
+                os.rmdir(os.path.dirname(engine_socket))
+
+
+def _spawn(target: Any, args: tuple[Any, ...], name: str) -> Any:
+    return multiprocessing.get_context("spawn").Process(target=target, args=args, name=name)
+
+
+def _supervise(
+    engines: list[Any], workers: list[Any], settings: Settings, engine_socket: str
+) -> None:
+    """Wait for the workers to end, starting the engine process again whenever it dies.
+
+    Until its replacement has taken the shards over (their leases lapse
+    first), the workers answer 503 and the clients retry.
+    """
+    while any(worker.is_alive() for worker in workers):
+        engine = engines[-1]
+        ready = multiprocessing.connection.wait(
+            [engine.sentinel, *(w.sentinel for w in workers if w.is_alive())]
+        )
+        if engine.sentinel in ready:
+            logger.error("the engine process exited with %s: starting it again", engine.exitcode)
+            _start_engine(engines, settings, engine_socket)
+
+
+def _start_engine(engines: list[Any], settings: Settings, engine_socket: str) -> None:
+    engine = _spawn(_run_engine, (settings, engine_socket), "engine")
+    engines.append(engine)
+    engine.start()
+    logger.info("engine process %d serves the shards on %s", engine.pid, engine_socket)
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -255,13 +321,13 @@ def stop_workers(processes: list[Any], timeout_s: float) -> None:
             process.join()
 
 
-def _shared_by_workers(settings: Settings) -> Settings:
+def _shared_by_workers(settings: Settings, engine_kind: EngineKind) -> Settings:
     """What several workers must share, settled once before they start.
 
     Left to themselves, each worker would start its own embedded services and
     its own local Ray, and so its own shard actors. The parent resolves the
-    services and starts the local Ray (when none is configured), and the
-    workers connect to those.
+    services and starts the local Ray (when none is configured and the Ray
+    engine is asked for), and the workers connect to those.
     """
     from persistence.embedded import resolve_services
 
@@ -269,7 +335,7 @@ def _shared_by_workers(settings: Settings) -> Settings:
         settings.database_url, settings.redis_url, settings.data_dir
     )
     ray_address = settings.ray_address
-    if ray_address is None:
+    if ray_address is None and engine_kind == "ray":
         import ray
 
         ray.init(namespace=RAY_NAMESPACE, log_to_driver=False, include_dashboard=False)
@@ -281,14 +347,18 @@ def _shared_by_workers(settings: Settings) -> Settings:
 
 
 def _run_worker(
-    settings: Settings, auth: AuthSettings, limits: RateLimits, options: ServeOptions
+    settings: Settings,
+    auth: AuthSettings,
+    limits: RateLimits,
+    options: ServeOptions,
+    engine_socket: str | None = None,
 ) -> None:
     import uvloop
 
     from engine.shell.gc_tuning import tune_gc
 
     log_writer = configure_logging(settings.log_level)
-    app = build_app(settings, auth, limits, options.engine)
+    app = build_app(settings, auth, limits, options.engine, engine_socket)
     # Each live connection is some hundred tracked objects: with the default
     # thresholds a full collection stalls a busy gateway for most of a second.
     tune_gc()
@@ -304,3 +374,35 @@ def _run_worker(
         access_log=None,
     )
     log_writer.stop()
+
+
+def _run_engine(settings: Settings, engine_socket: str) -> None:
+    """The engine process of ``--engine inproc --workers N``: the shards, served on a socket.
+
+    It ignores SIGINT (a terminal's Ctrl-C reaches every process of the group):
+    the parent stops it with SIGTERM once the workers have stopped.
+    """
+    import uvloop
+
+    from engine.shell.gc_tuning import tune_gc
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    log_writer = configure_logging(settings.log_level)
+    tune_gc()
+    try:
+        uvloop.run(_serve_engine(settings, engine_socket))
+    finally:
+        log_writer.stop()
+
+
+async def _serve_engine(settings: Settings, engine_socket: str) -> None:
+    from engine.shell.inproc import OwnedInProcessHost
+    from engine.shell.local_engine import serve_engine
+
+    storage = await storage_for(settings)
+    host = OwnedInProcessHost(
+        shard_count=settings.shards, policies=load_policies(settings), storage=storage
+    )
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    await serve_engine(host, engine_socket, stop.wait)

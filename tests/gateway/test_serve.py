@@ -4,11 +4,13 @@ import asyncio
 import contextlib
 import multiprocessing
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import aiohttp
@@ -125,8 +127,8 @@ def test_serve_refuses_bad_settings_with_one_line(tmp_path: Path) -> None:
     done = _slotengine("serve", "--engine", "inproc", env=env)
     assert done.returncode == 2
     assert done.stderr.strip().count("\n") == 0 and "SLOTENGINE_SHARDS" in done.stderr
-    several = _slotengine("serve", "--engine", "inproc", "--workers", "2", env=os.environ.copy())
-    assert several.returncode == 2 and "--workers" in several.stderr
+    none = _slotengine("serve", "--engine", "inproc", "--workers", "0", env=os.environ.copy())
+    assert none.returncode == 2 and "--workers" in none.stderr
 
 
 def _children(pid: int) -> list[int]:
@@ -208,6 +210,103 @@ async def test_serve_with_two_workers_shares_the_port_and_the_shard_actors(
             served.process.wait()
     served.output = log_path.read_text(errors="replace")
     assert stopped, f"serve did not stop on {stop_signal.name}:\n{served.output[-6000:]}"
+    assert served.process.returncode == 0, served.output[-3000:]
+
+
+async def test_inproc_workers_share_one_engine_process_which_is_restarted_when_it_dies(
+    database_url: str, tmp_path: Path
+) -> None:
+    served = Served(database_url, tmp_path)
+    served.env["SLOTENGINE_LOG_LEVEL"] = "info"
+    log_path = tmp_path / "serve.log"
+    with log_path.open("w") as log:
+        served.process = subprocess.Popen(
+            [sys.executable, "-m", "engine.cli", "serve", "--engine", "inproc", "--workers", "2",
+             "--port", str(served.port)],
+            cwd=ROOT, env=served.env, stdout=log, stderr=subprocess.STDOUT, text=True,
+            start_new_session=True,
+        )  # fmt: skip
+
+    def engine_pids() -> list[int]:
+        return [
+            int(pid) for pid in re.findall(r"engine process (\d+) serves", log_path.read_text())
+        ]
+
+    try:
+        admin, user = served.token("root", "admin"), served.token("ann")
+        bearer = {"Authorization": f"Bearer {user}"}
+        # A new connection per request: the kernel spreads them over both workers.
+        fresh = aiohttp.TCPConnector(force_close=True)
+        async with aiohttp.ClientSession(connector=fresh) as session:
+            async with asyncio.timeout(120):
+                ready = 0
+                while ready < 4:  # four answers in a row: both workers serving
+                    try:
+                        async with session.get(f"{served.base}/api/slots", headers=bearer) as probe:
+                            ready = ready + 1 if probe.status == 200 else 0
+                    except aiohttp.ClientConnectionError:
+                        await asyncio.sleep(0.3)
+            # Two workers and the engine process (beside multiprocessing's resource tracker).
+            spawned = [
+                pid
+                for pid in _children(served.process.pid)
+                if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()
+            ]
+            assert len(spawned) == 3, spawned
+            # Within the default domain's booking window (365 days).
+            start = datetime.now(UTC).replace(microsecond=0) + timedelta(days=2)
+            async with session.post(
+                f"{served.base}/api/admin/slots",
+                json={"resourceId": "dr-no", "startTime": start.isoformat(),
+                      "endTime": (start + timedelta(hours=1)).isoformat(), "capacity": 1},
+                headers={"Authorization": f"Bearer {admin}"},
+            ) as created:  # fmt: skip
+                assert created.status == 201, await created.text()
+                slot = await created.json()
+            async with session.post(
+                f"{served.base}/api/bookings/reserve", json={"slotId": slot["id"]}, headers=bearer
+            ) as reserved:
+                assert reserved.status == 201
+                held = (await reserved.json())["booking"]
+            # Every worker reads the same hold: one engine owns the shards.
+            for _ in range(10):
+                async with session.get(
+                    f"{served.base}/api/bookings/{held['id']}", headers=bearer
+                ) as read:
+                    assert read.status == 200 and (await read.json())["status"] == "RESERVED"
+
+            # The engine process dies: the workers answer 503 until its
+            # replacement has reloaded the shards, then the hold is back.
+            (first,) = engine_pids()
+            os.kill(first, signal.SIGKILL)
+            statuses: set[int] = set()
+            async with asyncio.timeout(120):
+                while True:
+                    async with session.get(
+                        f"{served.base}/api/bookings/{held['id']}", headers=bearer
+                    ) as read:
+                        statuses.add(read.status)
+                        if read.status == 200:
+                            assert (await read.json())["status"] == "RESERVED"
+                            break
+                        assert read.status == 503, await read.text()
+                    await asyncio.sleep(0.2)
+            assert len(engine_pids()) == 2 and engine_pids()[1] != first
+            async with session.get(f"{served.base}/health") as health:
+                assert health.status == 200, await health.text()
+    finally:
+        served.process.send_signal(signal.SIGTERM)
+        try:
+            stopped = True
+            served.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            stopped = False
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(served.process.pid, signal.SIGKILL)
+            served.process.wait()
+    served.output = log_path.read_text(errors="replace")
+    assert stopped, f"serve did not stop:\n{served.output[-6000:]}"
     assert served.process.returncode == 0, served.output[-3000:]
 
 

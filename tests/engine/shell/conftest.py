@@ -1,8 +1,9 @@
 """Fixtures for the shell: policies, a real local Ray started once, and hosts of both kinds.
 
-The behaviour tests take the ``host`` fixture, which runs them once over the
-in-process host and once over real Ray shard actors; both carry the same
-encoded batches into the same ``ShardCore``.
+The behaviour tests take the ``host`` fixture, which runs them over the
+in-process host, over the same host behind the engine socket
+(``engine.shell.local_engine``) and over real Ray shard actors; all carry the
+same encoded batches into the same ``ShardCore``.
 """
 
 import asyncio
@@ -138,17 +139,33 @@ def ray_shards(ray_cluster: str) -> Iterator[list[Any]]:
         kill_shard_actors(shard_count=SHARDS, name_prefix=prefix)
 
 
-@pytest.fixture(params=["inproc", pytest.param("ray", marks=pytest.mark.ray)])
+@pytest.fixture(params=["inproc", "local", pytest.param("ray", marks=pytest.mark.ray)])
 def host_kind(request: pytest.FixtureRequest) -> str:
     kind: str = request.param
     return kind
 
 
 @pytest.fixture
-async def transport(host_kind: str, request: pytest.FixtureRequest) -> AsyncIterator[Any]:
+async def transport(
+    host_kind: str, request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[Any]:
     if host_kind == "inproc":
         host = InProcessHost(shard_count=SHARDS, policies=POLICIES)
         yield host
+        host.close()
+    elif host_kind == "local":
+        # The in-process host behind the engine socket, as ``serve --engine inproc
+        # --workers N`` runs it (there in a process of its own).
+        from engine.shell.local_engine import LocalEngineServer, LocalEngineTransport
+
+        host = InProcessHost(shard_count=SHARDS, policies=POLICIES)
+        server = LocalEngineServer(host)
+        path = str(tmp_path_factory.mktemp("engine") / "engine.sock")
+        await server.start(path)
+        transport = await LocalEngineTransport.connect(path)
+        yield transport
+        await transport.close()
+        await server.close()
         host.close()
     else:
         from engine.shell.ray_actor import RayShardTransport
