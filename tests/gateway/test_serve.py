@@ -197,17 +197,23 @@ async def test_serve_with_two_workers_shares_the_port_and_the_shard_actors(
                 ) as read:
                     assert read.status == 200
     finally:
-        served.process.send_signal(stop_signal)
-        try:
-            stopped = True
-            served.process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            stopped = False
-        finally:
-            # Whatever is left of the run (its workers, its local Ray) goes too.
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(served.process.pid, signal.SIGKILL)
-            served.process.wait()
+        _stop_cleanly(served, stop_signal, log_path)
+
+
+def _stop_cleanly(served: Served, stop_signal: signal.Signals, log_path: Path) -> None:
+    """Send ``stop_signal``; serve must exit 0 within a minute."""
+    assert served.process is not None
+    served.process.send_signal(stop_signal)
+    try:
+        stopped = True
+        served.process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        stopped = False
+    finally:
+        # Whatever is left of the run (its workers, its engine, its local Ray) goes too.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(served.process.pid, signal.SIGKILL)
+        served.process.wait()
     served.output = log_path.read_text(errors="replace")
     assert stopped, f"serve did not stop on {stop_signal.name}:\n{served.output[-6000:]}"
     assert served.process.returncode == 0, served.output[-3000:]
@@ -295,19 +301,7 @@ async def test_inproc_workers_share_one_engine_process_which_is_restarted_when_i
             async with session.get(f"{served.base}/health") as health:
                 assert health.status == 200, await health.text()
     finally:
-        served.process.send_signal(signal.SIGTERM)
-        try:
-            stopped = True
-            served.process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            stopped = False
-        finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(served.process.pid, signal.SIGKILL)
-            served.process.wait()
-    served.output = log_path.read_text(errors="replace")
-    assert stopped, f"serve did not stop:\n{served.output[-6000:]}"
-    assert served.process.returncode == 0, served.output[-3000:]
+        _stop_cleanly(served, signal.SIGTERM, log_path)
 
 
 def _stubborn() -> None:
