@@ -47,6 +47,9 @@ SERVER_STOP_TIMEOUT_S: Final = 60.0
 TOKEN_TTL_S: Final = 6 * 3600
 LOOPBACK_HOSTS: Final = ("127.0.0.1", "localhost", "::1")
 SLOT_LENGTH: Final = timedelta(minutes=30)
+# Shards of a started server when --shards is not given, by engine.
+INPROC_SHARDS: Final = 1
+RAY_SHARDS: Final = 4
 # What a status may become after it was acknowledged (a later state, never an earlier one).
 LATER_STATUSES: Final = {
     "RESERVED": {"RESERVED", "CONFIRMED", "EXPIRED", "CANCELLED", "COMPLETED"},
@@ -64,7 +67,13 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--workers", type=int, default=1, help="gateway processes of the started server"
     )
-    parser.add_argument("--shards", type=int, default=4, help="shards of the started server")
+    parser.add_argument(
+        "--shards",
+        type=int,
+        default=None,
+        help="shards of the started server [1 with --engine inproc, whose shards share one "
+        "event loop, so that more would only split its batches and commits; 4 with ray]",
+    )
     parser.add_argument(
         "--keep-database", action="store_true", help="keep the run's database for inspection"
     )
@@ -86,6 +95,13 @@ class Target:
 
     def server_pids(self) -> list[int]:
         return [] if self.server is None else _process_tree(self.server.pid)
+
+
+def shard_count(args: argparse.Namespace) -> int:
+    """The shards of the server a scenario starts: ``--shards``, else the engine's best."""
+    if args.shards is not None:
+        return int(args.shards)
+    return INPROC_SHARDS if args.engine == "inproc" else RAY_SHARDS
 
 
 def _free_port() -> int:
@@ -124,7 +140,7 @@ async def target(args: argparse.Namespace, run_name: str) -> AsyncIterator[Targe
         "DATABASE_URL": bench_url,
         "REDIS_URL": redis_url,
         "SLOTENGINE_JWT_SECRET": secret,
-        "SLOTENGINE_SHARDS": str(args.shards),
+        "SLOTENGINE_SHARDS": str(shard_count(args)),
         # One log line per request would be part of what is measured.
         "SLOTENGINE_LOG_LEVEL": os.environ.get("SLOTENGINE_LOG_LEVEL", "warning"),
     }

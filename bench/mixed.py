@@ -7,7 +7,10 @@ with a booking it cancels; queued, it asks its position (and takes an offered
 hold) or leaves. Open loop (default): a request is sent every ``1/rate``
 seconds to a user that has nothing in flight, and its latency counts from the
 time it was scheduled, so a server that falls behind shows it (no coordinated
-omission). ``--clients C`` runs a closed loop instead: C clients, each sending
+omission). Over the unmeasured warm-up the rate climbs from 0 to ``rate``
+(``sent_by``), so the server opens its connections and checks its users'
+tokens as a rising load brings them, and the measured window is the steady
+state at ``rate``. ``--clients C`` runs a closed loop instead: C clients, each sending
 its next request when the previous one is answered, to find the maximum.
 
 The per-user rate limits stay on; the user pool is large enough that they are
@@ -22,6 +25,7 @@ reserve 200 ms, queue join 100 ms, confirm 300 ms, position 50 ms, cancel
 
 import argparse
 import asyncio
+import math
 import random
 import secrets
 import sys
@@ -54,7 +58,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rate", type=float, default=5_000, help="requests/s offered")
     parser.add_argument("--clients", type=int, default=0, help="closed loop with C clients")
     parser.add_argument("--seconds", type=float, default=30.0, help="measured window")
-    parser.add_argument("--warmup-seconds", type=float, default=2.0, help="unmeasured start")
+    parser.add_argument(
+        "--warmup-seconds",
+        type=float,
+        default=5.0,
+        help="unmeasured start (open loop: the rate climbs from 0 to --rate over it)",
+    )
     parser.add_argument("--slots", type=int, default=1_000, help="slots (default 1000)")
     parser.add_argument("--capacity", type=int, default=5, help="capacity of each slot")
     parser.add_argument("--users", type=int, default=20_000, help="the user pool")
@@ -190,8 +199,31 @@ async def _create_slots(session: aiohttp.ClientSession, target: h.Target, count:
     return list(await asyncio.gather(*(create(n) for n in range(count))))
 
 
+def sent_by(elapsed_s: float, rate: float, warmup_s: float) -> int:
+    """Requests the open loop has sent ``elapsed_s`` into the run.
+
+    The offered rate climbs linearly from 0 to ``rate`` over the warm-up, then
+    holds: the server meets its connections and its users' tokens as a real
+    day would bring them, not two thousand connections in the first second,
+    and what the measured window sees is the steady state at ``rate``.
+    """
+    if elapsed_s <= 0:
+        return 0
+    if elapsed_s < warmup_s:
+        return int(rate * elapsed_s * elapsed_s / (2 * warmup_s))
+    return int(rate * (warmup_s / 2 + elapsed_s - warmup_s))
+
+
+def scheduled_at(index: int, rate: float, warmup_s: float) -> float:
+    """When the ``index``-th request (from 0) is due, in seconds into the run: ``sent_by``'s
+    inverse."""
+    ramp_requests = rate * warmup_s / 2
+    if index < ramp_requests:
+        return math.sqrt(2 * warmup_s * index / rate)
+    return warmup_s + (index - ramp_requests) / rate
+
+
 async def _open_loop(mixed: Mixed, rate: float, warmup_s: float, seconds_s: float) -> None:
-    interval = 1.0 / rate
     start = time.perf_counter()
     end = start + warmup_s + seconds_s
     mixed.measuring_since = start + warmup_s
@@ -201,9 +233,9 @@ async def _open_loop(mixed: Mixed, rate: float, warmup_s: float, seconds_s: floa
         now = time.perf_counter()
         if now >= end:
             break
-        due = int((now - start) / interval) + 1
+        due = sent_by(now - start, rate, warmup_s) + 1
         while sent < due:
-            scheduled = start + sent * interval
+            scheduled = start + scheduled_at(sent, rate, warmup_s)
             sent += 1
             user = mixed.take_user()
             if user is None:
@@ -215,7 +247,8 @@ async def _open_loop(mixed: Mixed, rate: float, warmup_s: float, seconds_s: floa
         # At least a tick: the event loop's timers round a shorter wait to none,
         # and the generator would spin between sends, taking the server's CPU.
         # Each request's latency still counts from its own scheduled time.
-        await asyncio.sleep(max(SCHEDULER_TICK_S, start + sent * interval - time.perf_counter()))
+        next_at = start + scheduled_at(sent, rate, warmup_s)
+        await asyncio.sleep(max(SCHEDULER_TICK_S, next_at - time.perf_counter()))
     await asyncio.gather(*tasks)
 
 
@@ -250,7 +283,7 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
             cpu_before = h.self_cpu_seconds()
             server_cpu_before = h.cpu_seconds(target.server_pids())
             wall_before = time.perf_counter()
-            planned = int(args.rate * (args.warmup_seconds + args.seconds))
+            planned = sent_by(args.warmup_seconds + args.seconds, args.rate, args.warmup_seconds)
             mixed.progress = tqdm(
                 total=None if args.clients else planned,
                 desc="mixed", unit="req", file=sys.stderr, mininterval=0.5,
@@ -282,6 +315,7 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
         "mode": "closed" if args.clients else "open",
         "engine": args.engine,
         "workers": args.workers,
+        "shards": None if args.url else h.shard_count(args),
         "offered_rps": offered,
         "clients": args.clients or None,
         "throughput_rps": round(throughput, 1),

@@ -178,6 +178,7 @@ def _result(
         "scenario": "storm",
         "engine": args.engine,
         "workers": args.workers,
+        "shards": None if args.url else h.shard_count(args),
         "users": args.users,
         "capacity": args.capacity,
         "rounds": rounds,

@@ -150,6 +150,7 @@ async def _measure(
         "scenario": "ws",
         "engine": args.engine,
         "workers": args.workers,
+        "shards": None if args.url else h.shard_count(args),
         "subscribers": len(subscribers) - failed_connects,
         "failed_connects": failed_connects,
         "connect_s": round(connect_s, 2),

@@ -65,3 +65,33 @@ def test_a_short_mixed_run_answers_every_operation_and_loses_nothing(tmp_path: P
     assert all(f"| {op} |" in summary for op in result["operations"])
     for plot in ("mixed-latency.png", "mixed-throughput.png"):
         assert (report / plot).read_bytes().startswith(b"\x89PNG") and f"]({plot})" in summary
+
+
+def test_the_open_loop_climbs_to_its_rate_over_the_warmup_then_holds_it() -> None:
+    from bench.mixed import scheduled_at, sent_by
+
+    rate, warmup_s = 5_000.0, 4.0
+    # The ramp sends half of what the full rate would, and nothing at first.
+    assert sent_by(0.0, rate, warmup_s) == 0
+    assert sent_by(warmup_s, rate, warmup_s) == int(rate * warmup_s / 2)
+    assert sent_by(warmup_s / 2, rate, warmup_s) == int(rate * warmup_s / 8)
+    # After it, exactly ``rate`` a second.
+    assert sent_by(warmup_s + 10, rate, warmup_s) - sent_by(warmup_s, rate, warmup_s) == 50_000
+    # Each request is due when the count reaches it: the schedule is the count's inverse.
+    times = [scheduled_at(k, rate, warmup_s) for k in range(0, 60_000, 7)]
+    assert times == sorted(times) and times[0] == 0.0
+    for k, at in zip(range(0, 60_000, 7), times, strict=True):
+        assert sent_by(at + 1e-6, rate, warmup_s) >= k >= sent_by(at - 1e-6, rate, warmup_s) - 1
+    # No warm-up: the full rate from the first request.
+    assert scheduled_at(10, rate, 0.0) == pytest.approx(10 / rate)
+    assert sent_by(1.0, rate, 0.0) == 5_000
+
+
+def test_a_started_server_has_the_shards_its_engine_does_best_with_unless_told() -> None:
+    from argparse import Namespace
+
+    from bench._http import shard_count
+
+    assert shard_count(Namespace(shards=None, engine="inproc")) == 1
+    assert shard_count(Namespace(shards=None, engine="ray")) == 4
+    assert shard_count(Namespace(shards=3, engine="inproc")) == 3
