@@ -105,7 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="shards as Ray actors [ray], or in this process (inproc)",
     )
     serve_parser.add_argument(
-        "--workers", type=int, default=1, help="gateway processes sharing the port (ray engine)"
+        "--workers",
+        type=int,
+        default=1,
+        help="gateway processes sharing the port; with --engine inproc the shards then run "
+        "in one engine process of their own",
     )
     serve_parser.set_defaults(run=_serve)
 
