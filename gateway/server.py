@@ -13,11 +13,11 @@ Bad settings fail before anything starts, with one line naming the setting.
 """
 
 import asyncio
-import contextlib
 import logging
 import multiprocessing
 import multiprocessing.connection
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -254,8 +254,8 @@ def _serve_workers(
         stop_workers([e for e in engines if e.pid is not None], WORKERS_STOP_TIMEOUT_S)
         _stop_local_ray()
         if engine_socket is not None:
-            with contextlib.suppress(OSError):
-                os.rmdir(os.path.dirname(engine_socket))
+            # With the socket, if a killed engine process left it behind.
+            shutil.rmtree(os.path.dirname(engine_socket), ignore_errors=True)
 
 
 def _spawn(target: Any, args: tuple[Any, ...], name: str) -> Any:

@@ -302,6 +302,9 @@ async def test_inproc_workers_share_one_engine_process_which_is_restarted_when_i
                 assert health.status == 200, await health.text()
     finally:
         _stop_cleanly(served, signal.SIGTERM, log_path)
+    # The engine socket's directory goes with the engine.
+    (socket_path,) = set(re.findall(r"serves the shards on (\S+?engine\.sock)", served.output))
+    assert not Path(socket_path).parent.exists()
 
 
 def _stubborn() -> None:
