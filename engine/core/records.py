@@ -117,3 +117,25 @@ _decode_metadata = msgspec.msgpack.Decoder(dict[str, Any]).decode
 
 def pack_metadata(metadata: dict[str, Any]) -> msgspec.Raw:
     return msgspec.Raw(_encode_metadata(metadata))
+
+
+# Defined here, not in the compiled ``shard`` module: a msgspec struct compiled by
+# mypyc keeps ``type`` as the annotation of a field such as ``int | None``, so
+# msgspec could not decode it where it crosses a process boundary.
+class ShardStatistics(msgspec.Struct, frozen=True, kw_only=True):
+    shard_id: int
+    slots: int
+    bookings_in_memory: int
+    holds: int
+    confirmed: int
+    waiting: int
+    timers: int
+    idempotency_records: int
+    request_outcomes: int
+    commands_total: int
+    failures_total: int
+    replays_total: int
+    events_total: int
+    expirations_total: int
+    offers_total: int
+    next_deadline_ms: int | None

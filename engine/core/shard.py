@@ -93,6 +93,7 @@ from engine.core.records import (
     Booking,
     QueueEntry,
     QueueView,
+    ShardStatistics,
     SlotView,
     StoredSlot,
     pack_metadata,
@@ -118,25 +119,6 @@ SYSTEM: Final = "system"
 TimerKey = tuple[str, ...]
 IdempotencyScope = tuple[str, str, str]
 _R = TypeVar("_R", Booking, QueueEntry)
-
-
-class ShardStatistics(msgspec.Struct, frozen=True, kw_only=True):
-    shard_id: int
-    slots: int
-    bookings_in_memory: int
-    holds: int
-    confirmed: int
-    waiting: int
-    timers: int
-    idempotency_records: int
-    request_outcomes: int
-    commands_total: int
-    failures_total: int
-    replays_total: int
-    events_total: int
-    expirations_total: int
-    offers_total: int
-    next_deadline_ms: int | None
 
 
 class _Slot:

@@ -43,7 +43,8 @@ from engine.core.protocol import (
     QueuePosition,
     SlotChanged,
 )
-from engine.core.shard import ShardCore, ShardStatistics
+from engine.core.records import ShardStatistics
+from engine.core.shard import ShardCore
 from engine.shell.errors import BatchRejected, ShardFailed
 
 logger = logging.getLogger(__name__)

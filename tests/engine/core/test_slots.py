@@ -1,6 +1,9 @@
 """Slot rules: shape, overlap, derived status, capacity changes, deletion, listing."""
 
+import msgspec
+
 from engine.core import protocol as p
+from engine.core.records import ShardStatistics
 from engine.core.states import SlotStatus
 from tests.engine.core.conftest import HOUR_MS, MINUTE_MS, START_MS, Harness
 
@@ -154,3 +157,17 @@ def test_listing_filters_and_pages_in_start_order(h: Harness) -> None:
     assert [s.id for s in booked] == [ids[0]]
     available = h.run(p.ListSlots, resource_id="r", available_only=True).items
     assert ids[0] not in [s.id for s in available]
+
+
+def test_the_statistics_cross_a_process_boundary_as_msgpack(h: Harness) -> None:
+    # The engine socket carries them typed: a struct defined in a compiled
+    # module would keep ``type`` as the annotation of ``int | None``.
+    idle = h.core.statistics()
+    assert idle.next_deadline_ms is None
+    slot_id = h.slot(capacity=1)
+    h.reserve(slot_id, "ann")
+    busy = h.core.statistics()
+    assert busy.next_deadline_ms is not None
+    for statistics in (idle, busy):
+        encoded = msgspec.msgpack.encode(statistics)
+        assert msgspec.msgpack.decode(encoded, type=ShardStatistics) == statistics
