@@ -25,6 +25,7 @@ reserve 200 ms, queue join 100 ms, confirm 300 ms, position 50 ms, cancel
 
 import argparse
 import asyncio
+import collections
 import math
 import random
 import secrets
@@ -48,6 +49,7 @@ P99_TARGETS_MS = {
     "cancel": 200.0,
 }
 ACHIEVED_TARGET = 0.99
+# Keep-alive connections of the load generator at most (as many clients).
 CONNECTIONS_MAX = 2_000
 # The open loop's scheduler wakes at most this often and sends what is due.
 SCHEDULER_TICK_S = 0.001
@@ -92,8 +94,11 @@ class Mixed:
     ) -> None:
         address = urlsplit(target.base)
         self.host, self.port = address.hostname or "127.0.0.1", address.port or 80
-        # Idle keep-alive connections; a request takes one (or opens one) and gives it back.
+        # Idle keep-alive connections; a request takes one (or opens one, up to
+        # CONNECTIONS_MAX) and gives it back; past the limit it waits for one.
         self.connections: list[Connection] = []
+        self.open_connections = 0
+        self.connection_waiters: collections.deque[asyncio.Future[Connection]] = collections.deque()
         self.slots = slots
         self.idle_users = list(users)
         self.random = random.Random(seed)
@@ -114,15 +119,16 @@ class Mixed:
     async def act(self, user: User, scheduled: float) -> None:
         try:
             operation, method, path, body = self._next_request(user)
-            connection = (
-                self.connections.pop() if self.connections else Connection(self.host, self.port)
-            )
+            connection = await self._connection()
             try:
                 status, payload = await connection.request(method, path, user.token, body)
                 outcome = h.outcome_of(status, payload)
-                self.connections.append(connection)
+                self._give_back(connection)
             except (WireError, OSError, ValueError):
                 connection.close()
+                self.open_connections -= 1
+                if self.connection_waiters:
+                    self._give_back(self._new_connection())
                 status, payload, outcome = 0, None, "error"
             now = time.perf_counter()
             if self.measuring_since is not None and scheduled >= self.measuring_since:
@@ -136,6 +142,35 @@ class Mixed:
                     self.progress.set_postfix(errors=self.latencies.errors, refresh=False)
         finally:
             self.idle_users.append(user)
+
+    async def _connection(self) -> Connection:
+        """An idle connection, a new one while fewer than CONNECTIONS_MAX are open, else
+        the next one given back (first come, first served).
+
+        A bounded pool, as a fixed set of clients has: when the server falls
+        behind, requests wait for a connection (and the wait counts in their
+        latency) instead of opening thousands more, whose handshakes would
+        overflow the server's accept queue and stall for the kernel's retries.
+        """
+        if self.connections:
+            return self.connections.pop()
+        if self.open_connections < CONNECTIONS_MAX:
+            return self._new_connection()
+        waiter: asyncio.Future[Connection] = asyncio.get_running_loop().create_future()
+        self.connection_waiters.append(waiter)
+        return await waiter
+
+    def _new_connection(self) -> Connection:
+        self.open_connections += 1
+        return Connection(self.host, self.port)
+
+    def _give_back(self, connection: Connection) -> None:
+        while self.connection_waiters:
+            waiter = self.connection_waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(connection)
+                return
+        self.connections.append(connection)
 
     def _next_request(self, user: User) -> tuple[str, str, str, Any]:
         if user.state == "held":

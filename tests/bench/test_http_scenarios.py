@@ -95,3 +95,29 @@ def test_a_started_server_has_the_shards_its_engine_does_best_with_unless_told()
     assert shard_count(Namespace(shards=None, engine="inproc")) == 1
     assert shard_count(Namespace(shards=None, engine="ray")) == 4
     assert shard_count(Namespace(shards=3, engine="inproc")) == 3
+
+
+async def test_the_load_generator_keeps_a_bounded_pool_and_serves_waiters_in_order(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import asyncio
+
+    from bench import mixed
+    from bench._http import Target
+
+    monkeypatch.setattr(mixed, "CONNECTIONS_MAX", 2)
+    load = mixed.Mixed(Target("http://127.0.0.1:9", "s" * 32, None), ["slot"], [], seed=1)
+    first, second = await load._connection(), await load._connection()
+    assert first is not second and load.open_connections == 2
+    # The pool is full: later requests wait, first come first served.
+    third = asyncio.ensure_future(load._connection())
+    fourth = asyncio.ensure_future(load._connection())
+    await asyncio.sleep(0)
+    assert not third.done() and not fourth.done()
+    load._give_back(second)
+    assert await third is second and not fourth.done()
+    load._give_back(first)
+    assert await fourth is first
+    # Given back with nobody waiting, a connection is kept for the next request.
+    load._give_back(first)
+    assert await load._connection() is first and load.open_connections == 2
