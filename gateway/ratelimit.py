@@ -15,9 +15,10 @@ theoretical arrival time ``TAT``. A request at ``now`` would move it to
 window. A refused request leaves ``TAT`` alone: it does not lengthen its own
 wait, so ``Retry-After`` is exact for a client that honours it.
 
-One check is one ``EVALSHA`` (``register_script``): the script reads the
-clock, decides and writes the new ``TAT`` in one atomic step, so concurrent
-requests on several gateways cannot both take the last unit of budget. The
+One script call (``EVALSHA``) decides a batch of checks: the script reads
+the clock, decides and writes each new ``TAT`` in one atomic step, so
+concurrent requests on several gateways cannot both take the last unit of
+budget. The
 clock is Redis's (``TIME``), never the gateway's, so gateways with skewed
 clocks agree. Keys are ``{namespace}:rl:{endpoint}:{user}`` and expire when
 ``TAT`` is reached (``SET ... PX``): an idle user's key is then worth nothing
@@ -42,6 +43,12 @@ When Redis is unreachable (connection refused, reset, timed out):
   fencing") new reservations are refused with 503 anyway: the limiter answers
   the same thing, earlier, without loading the shards.
 
+One call is in flight at a time, on a connection of its own: the checks
+that arrive meanwhile wait for it and leave together in the next call. Under
+load the calls grow instead of multiplying, and each call skips the client's
+per-command layers (pool checkout, retries, instrumentation), which cost
+several times the round trip's own CPU.
+
 Build the client with short ``socket_connect_timeout`` / ``socket_timeout``
 and few or no retries (redis-py retries a failed connection three times with
 backoff by default, seconds in all): they bound what an unreachable Redis adds
@@ -49,14 +56,17 @@ to a request's latency.
 """
 
 import asyncio
+import contextlib
+import hashlib
 import math
 import os
 from collections.abc import Mapping
-from typing import Final
+from typing import Any, Final
 
 import msgspec
 import redis.asyncio as aioredis
 import redis.exceptions
+from redis.asyncio.connection import AbstractConnection
 
 from config.settings import ConfigError
 
@@ -190,18 +200,22 @@ def rate_limits_from_env(environ: Mapping[str, str] | None = None) -> RateLimits
 
 
 class RateLimiter:
-    """Checks requests against ``limits``; one Redis round trip per limited request."""
+    """Checks requests against ``limits``: one script call at a time decides every
+    check that waits, on a connection of its own from ``client``'s pool."""
 
     def __init__(
         self, client: "aioredis.Redis", limits: RateLimits, namespace: str = "slotengine"
     ) -> None:
         self.limits = limits
         self._prefix = f"{namespace}:rl"
-        self._script = client.register_script(_GCRA)
-        # Checks waiting for the next script call, and the calls in flight.
+        self._pool = client.connection_pool
+        self._sha = hashlib.sha1(_GCRA.encode()).hexdigest()
+        self._connection: AbstractConnection | None = None
+        # Checks waiting for the next script call; whether one is in flight.
         self._pending: list[tuple[str, str, asyncio.Future[Decision]]] = []
         self._flush_scheduled = False
-        self._calls: set[asyncio.Task[None]] = set()
+        self._call: asyncio.Task[None] | None = None
+        self._calls = 0
         # Per endpoint: (emission interval, burst window) in microseconds. The
         # interval is rounded up, so the sustained rate never exceeds the limit.
         self._shape: dict[str, tuple[int, int]] = {}
@@ -211,15 +225,20 @@ class RateLimiter:
                 interval = -(-limits.period_s * _MICROS // limit)
                 self._shape[endpoint] = (interval, interval * limit)
 
+    @property
+    def calls(self) -> int:
+        """Script calls made so far (each decides up to ``CHECKS_PER_CALL_MAX`` checks)."""
+        return self._calls
+
     def key(self, endpoint: str, user_id: str) -> str:
         return f"{self._prefix}:{endpoint}:{user_id}"
 
     async def check(self, endpoint: str, user_id: str) -> Decision:
         """Count one request of ``user_id`` to ``endpoint`` and say whether it may pass.
 
-        The checks asked for in one turn of the event loop go to Redis together,
-        in one script call: a burst of a thousand reserves is one round trip,
-        not a thousand connections.
+        The checks asked for while a call is in flight, or in one turn of the
+        event loop, go to Redis together, in one script call: a burst of a
+        thousand reserves is a few round trips, not a thousand.
 
         Raises ``ValueError`` for an unknown endpoint, and
         ``RateLimiterUnavailable`` when Redis cannot be reached for an endpoint
@@ -230,26 +249,35 @@ class RateLimiter:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Decision] = loop.create_future()
         self._pending.append((endpoint, self.key(endpoint, user_id), future))
-        if not self._flush_scheduled:
+        if self._call is None and not self._flush_scheduled:
             self._flush_scheduled = True
             loop.call_soon(self._flush)
         return await future
 
     def _flush(self) -> None:
         self._flush_scheduled = False
-        while self._pending:
-            batch = self._pending[:CHECKS_PER_CALL_MAX]
-            del self._pending[:CHECKS_PER_CALL_MAX]
-            task = asyncio.get_running_loop().create_task(self._decide(batch))
-            self._calls.add(task)
-            task.add_done_callback(self._calls.discard)
+        if self._call is not None or not self._pending:
+            return
+        batch = self._pending[:CHECKS_PER_CALL_MAX]
+        del self._pending[:CHECKS_PER_CALL_MAX]
+        self._call = asyncio.get_running_loop().create_task(self._decide(batch))
 
     async def _decide(self, batch: list[tuple[str, str, "asyncio.Future[Decision]"]]) -> None:
+        try:
+            await self._decide_batch(batch)
+        finally:
+            self._call = None
+            if self._pending and not self._flush_scheduled:
+                # On the next iteration, so the callers this call just woke can join.
+                self._flush_scheduled = True
+                asyncio.get_running_loop().call_soon(self._flush)
+
+    async def _decide_batch(self, batch: list[tuple[str, str, "asyncio.Future[Decision]"]]) -> None:
         args: list[int] = []
         for endpoint, _, _ in batch:
             args.extend(self._shape[endpoint])
         try:
-            reply = await self._script(keys=[key for _, key, _ in batch], args=args)
+            reply = await self._evaluate([key for _, key, _ in batch], args)
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as error:
             for endpoint, _, future in batch:
                 if future.done():
@@ -280,3 +308,31 @@ class RateLimiter:
                         remaining=0,
                     )
                 )
+
+    async def _evaluate(self, keys: list[str], args: list[int]) -> Any:
+        """One ``EVALSHA`` of the script (loaded first if Redis does not know it)."""
+        self._calls += 1
+        connection = self._connection
+        if connection is None:
+            # Taken from the pool for good: the client's close disconnects it.
+            connection = self._connection = await self._pool.get_connection()  # type: ignore[no-untyped-call]
+        try:
+            try:
+                return await self._run(connection, "EVALSHA", self._sha, len(keys), *keys, *args)
+            except redis.exceptions.NoScriptError:
+                # A restarted (or flushed) Redis: load the script, then call it again.
+                await self._run(connection, "SCRIPT", "LOAD", _GCRA)
+                return await self._run(connection, "EVALSHA", self._sha, len(keys), *keys, *args)
+        except (redis.exceptions.ResponseError, redis.exceptions.ConnectionError):
+            raise
+        except BaseException:
+            # Cancelled or failed between a command and its reply: the connection
+            # would hand the next call this call's answer.
+            with contextlib.suppress(Exception):
+                await connection.disconnect(nowait=True)
+            raise
+
+    @staticmethod
+    async def _run(connection: AbstractConnection, *command: str | int) -> Any:
+        await connection.send_command(*command)
+        return await connection.read_response()

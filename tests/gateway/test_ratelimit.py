@@ -21,6 +21,9 @@ from gateway.ratelimit import (
     rate_limits_from_env,
 )
 from tests.conftest import REDIS_URL
+from tests.support.services import PrivateRedis
+
+pytest_plugins = ["tests.support.fixtures"]
 
 # Generous: only a failure waits this long.
 ADMIT_TIMEOUT_S = 5.0
@@ -243,15 +246,6 @@ async def test_concurrent_checks_go_in_one_call_and_are_decided_in_order(
     client: aioredis.Redis, redis_namespace: str
 ) -> None:
     limiter = RateLimiter(client, RateLimits(), namespace=redis_namespace)
-    calls = 0
-    script = limiter._script  # the registered script, counted
-
-    async def counted(*args: object, **kwargs: object) -> object:
-        nonlocal calls
-        calls += 1
-        return await script(*args, **kwargs)  # type: ignore[arg-type]
-
-    limiter._script = counted  # type: ignore[assignment]
     # A burst: one user 15 times, and 600 other users once each, all in one turn.
     decisions = await asyncio.gather(
         *(limiter.check("reserve", "burst") for _ in range(15)),
@@ -261,4 +255,62 @@ async def test_concurrent_checks_go_in_one_call_and_are_decided_in_order(
     assert [d.allowed for d in own] == [True] * 10 + [False] * 5
     assert [d.remaining for d in own[:10]] == list(range(9, -1, -1))
     assert all(d.allowed and d.remaining == 9 for d in others)
-    assert calls == 2  # 615 checks, at most 500 a call
+    assert limiter.calls == 2  # 615 checks, at most 500 a call
+
+
+async def test_checks_arriving_while_a_call_is_in_flight_wait_and_leave_together(
+    private_redis: PrivateRedis, redis_namespace: str
+) -> None:
+    client = aioredis.Redis.from_url(private_redis.url, socket_timeout=ADMIT_TIMEOUT_S)
+    try:
+        limiter = RateLimiter(client, RateLimits(), namespace=redis_namespace)
+        assert (await limiter.check("reserve", "warm-up")).allowed  # connected, script loaded
+        private_redis.pause()
+        try:
+            first = asyncio.ensure_future(limiter.check("reserve", "first"))
+            later = []
+            # Ten checks, each in a turn of its own, while the first call waits for Redis.
+            for n in range(10):
+                await asyncio.sleep(0)
+                later.append(asyncio.ensure_future(limiter.check("reserve", f"later-{n}")))
+            await asyncio.sleep(0.05)
+            assert not first.done()
+        finally:
+            private_redis.resume()
+        decisions = await asyncio.gather(first, *later)
+        assert all(d.allowed and d.remaining == 9 for d in decisions)
+        assert limiter.calls == 3  # the warm-up, the first, and the ten together
+    finally:
+        await client.aclose()
+
+
+async def test_a_restarted_redis_is_reconnected_and_given_the_script_again(
+    private_redis: PrivateRedis, redis_namespace: str
+) -> None:
+    client = aioredis.Redis.from_url(
+        private_redis.url, socket_timeout=ADMIT_TIMEOUT_S, retry=Retry(NoBackoff(), 0)
+    )
+    try:
+        limiter = RateLimiter(client, RateLimits(), namespace=redis_namespace)
+        assert [d.remaining for d in await checks(limiter, "cancel", "alice", 2)] == [4, 3]
+
+        await private_redis.astop()
+        assert (await limiter.check("position", "alice")).remaining == UNLIMITED  # open
+        with pytest.raises(RateLimiterUnavailable):
+            await limiter.check("cancel", "alice")  # closed
+
+        # A new, empty Redis: no budget spent, and no script loaded.
+        await private_redis.astart()
+        assert [d.remaining for d in await checks(limiter, "cancel", "alice", 5)] == [4, 3, 2, 1, 0]
+        assert not (await limiter.check("cancel", "alice")).allowed
+    finally:
+        await client.aclose()
+
+
+async def test_a_flushed_script_cache_is_loaded_again(
+    client: aioredis.Redis, redis_namespace: str
+) -> None:
+    limiter = RateLimiter(client, RateLimits(), namespace=redis_namespace)
+    assert (await limiter.check("reserve", "alice")).remaining == 9
+    await client.script_flush()
+    assert (await limiter.check("reserve", "alice")).remaining == 8
