@@ -12,16 +12,28 @@ carries, under ``machine``:
 - ``steal_share``: the share of CPU time the hypervisor gave to others over
   the run (Linux ``/proc/stat``; absent elsewhere).
 - ``arch``, ``cpus`` and the one-minute load average at the end.
+- ``python`` (the interpreter's version), ``libpython`` (``shared`` when the
+  interpreter runs from a shared ``libpython``, as a default pyenv build
+  does; ``static`` when it is linked into the executable, as distributions
+  build it, with profile-guided and link-time optimisation; ``None`` where
+  ``/proc`` cannot tell) and ``compiled_core`` (whether the shard core runs
+  as native code, built with ``SLOTENGINE_COMPILE=1``). They are this
+  process's, which a server the bench starts shares; on this machine the
+  distribution's interpreter serves about a sixth more requests than pyenv's
+  build, and the calibration runs faster under it too, so compare
+  calibrations only between runs on the same interpreter.
 """
 
 import os
 import platform
 import time
+from pathlib import Path
 from typing import Any, Final
 
 CALIBRATION_ROUNDS: Final = 5
 CALIBRATION_ITEMS: Final = 20_000
 PROC_STAT: Final = "/proc/stat"
+PROC_SELF_MAPS: Final = Path("/proc/self/maps")
 # Fields of /proc/stat's "cpu" line: user nice system idle iowait irq softirq steal ...
 STEAL_FIELD: Final = 7
 
@@ -49,6 +61,23 @@ def calibration_ms() -> float:
         _workload()
         best = min(best, time.perf_counter() - started)
     return round(best * 1000, 2)
+
+
+def libpython_linkage(maps: Path = PROC_SELF_MAPS) -> str | None:
+    """``shared`` when this interpreter runs from a shared libpython, ``static``
+    when it is linked into the executable, ``None`` where it cannot be told."""
+    try:
+        mapped = maps.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return None
+    return "shared" if "/libpython" in mapped else "static"
+
+
+def compiled_core() -> bool:
+    """Whether the shard core runs as native code (built with mypyc) or interpreted."""
+    import engine.core.shard
+
+    return not engine.core.shard.__file__.endswith(".py")
 
 
 def cpu_ticks() -> list[int] | None:
@@ -79,6 +108,9 @@ class MachineWatch:
             "arch": platform.machine(),
             "cpus": os.cpu_count(),
             "loadavg_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
+            "python": platform.python_version(),
+            "libpython": libpython_linkage(),
+            "compiled_core": compiled_core(),
         }
         ticks = cpu_ticks()
         if self._ticks is not None and ticks is not None and len(ticks) > STEAL_FIELD:

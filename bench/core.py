@@ -30,6 +30,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from bench._machine import compiled_core
 from engine.core import protocol as p
 from engine.core.policy import DomainPolicy
 from engine.core.routing import make_slot_id
@@ -371,7 +372,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     summary: dict[str, Any] = {
         "scenario": "core",
         "gc": args.gc,
-        "compiled": _compiled(),
+        "compiled": compiled_core(),
         "ops": ops,
         "seconds": round(best_s, 4),
         "ops_per_s": round(ops / best_s),
@@ -403,13 +404,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.profile:
         summary["profile"] = _profile(args, scout.setup, batches, args.profile)
     return summary
-
-
-def _compiled() -> bool:
-    """Whether the core runs as native code (built with mypyc) or interpreted."""
-    import engine.core.shard
-
-    return not engine.core.shard.__file__.endswith(".py")
 
 
 def _quarter_ends(batches: Batches) -> set[int]:

@@ -2,8 +2,10 @@
 
 import argparse
 import json
+import platform
 import subprocess
 import sys
+import time
 import types
 from pathlib import Path
 from typing import Any
@@ -47,13 +49,30 @@ def test_the_result_is_the_last_line_as_one_json_object(
     assert machine["calibration_before_ms"] > 0 and machine["calibration_after_ms"] > 0
     if Path("/proc/stat").exists():
         assert 0.0 <= machine["steal_share"] <= 1.0
+    assert machine["python"] == platform.python_version()
+    assert machine["compiled_core"] in (True, False)
+    assert machine["libpython"] in ("shared", "static", None)
+
+
+def test_the_interpreter_is_told_apart_by_where_libpython_lives(tmp_path: Path) -> None:
+    from bench import _machine
+
+    maps = tmp_path / "maps"
+    maps.write_text(
+        "7f0a-7f0b r-xp 00000000 fe:01 123 /opt/python/lib/libpython3.11.so.1.0\n"
+        "7f0c-7f0d r-xp 00000000 fe:01 124 /usr/lib/x86_64-linux-gnu/libc.so.6\n"
+    )
+    assert _machine.libpython_linkage(maps) == "shared"
+    maps.write_text("5600-5601 r-xp 00000000 fe:01 125 /usr/bin/python3.11\n")
+    assert _machine.libpython_linkage(maps) == "static"
+    assert _machine.libpython_linkage(tmp_path / "missing") is None
 
 
 def test_the_calibration_is_the_best_of_its_rounds(monkeypatch: pytest.MonkeyPatch) -> None:
     from bench import _machine
 
     clock = iter([0.0, 0.030, 1.0, 1.010, 2.0, 2.020, 3.0, 3.050, 4.0, 4.040])
-    monkeypatch.setattr(_machine.time, "perf_counter", lambda: next(clock))
+    monkeypatch.setattr(time, "perf_counter", lambda: next(clock))
     assert _machine.calibration_ms() == 10.0
 
 
