@@ -59,13 +59,23 @@ LATER_STATUSES: Final = {
 }
 
 
-def add_server_arguments(parser: argparse.ArgumentParser) -> None:
+def add_server_arguments(
+    parser: argparse.ArgumentParser, *, engine: str = "ray", workers: int = 1
+) -> None:
+    """The options of the server a scenario starts; ``engine`` and ``workers`` are the
+    scenario's defaults (its best configuration on two cores)."""
     parser.add_argument("--url", help="a running server on loopback (default: start one)")
     parser.add_argument(
-        "--engine", choices=("ray", "inproc"), default="ray", help="engine of the started server"
+        "--engine",
+        choices=("ray", "inproc"),
+        default=engine,
+        help=f"engine of the started server [{engine}]",
     )
     parser.add_argument(
-        "--workers", type=int, default=1, help="gateway processes of the started server"
+        "--workers",
+        type=int,
+        default=workers,
+        help=f"gateway processes of the started server [{workers}]",
     )
     parser.add_argument(
         "--shards",

@@ -87,6 +87,22 @@ def test_the_open_loop_climbs_to_its_rate_over_the_warmup_then_holds_it() -> Non
     assert sent_by(1.0, rate, 0.0) == 5_000
 
 
+def test_mixed_starts_by_default_the_configuration_that_serves_its_target_rate() -> None:
+    from argparse import ArgumentParser
+
+    from bench import mixed, storm
+
+    defaults = ArgumentParser()
+    mixed.add_arguments(defaults)
+    args = defaults.parse_args([])
+    assert (args.engine, args.workers, args.rate) == ("inproc", 2, 5_000)
+    assert defaults.parse_args(["--engine", "ray", "--workers", "1"]).workers == 1
+
+    others = ArgumentParser()
+    storm.add_arguments(others)
+    assert (others.parse_args([]).engine, others.parse_args([]).workers) == ("ray", 1)
+
+
 def test_a_started_server_has_the_shards_its_engine_does_best_with_unless_told() -> None:
     from argparse import Namespace
 
