@@ -138,6 +138,8 @@ async def test_an_actor_killed_for_good_is_replaced_under_its_name(
     dead = transport.handle(0)
 
     ray.kill(dead, no_restart=True)
+    # The kill is asynchronous: until the process is gone the old actor still answers.
+    await wait_until(lambda: _died(dead), bool)
     slot_id = await engine.slot(capacity=1)
 
     assert transport.handle(0) is not dead
@@ -152,6 +154,20 @@ async def _async(value: Any) -> Any:
 
 def _any_slot_id() -> str:
     return make_slot_id("nowhere", uuid.uuid4().hex)
+
+
+async def _died(handle: Any) -> bool:
+    """Whether the actor behind ``handle`` is dead for good (asked directly, not
+    through the transport, which would replace it)."""
+    import ray
+
+    try:
+        await handle.ready.remote()
+    except ray.exceptions.ActorDiedError:
+        return True
+    except ray.exceptions.RayActorError:
+        pass  # unavailable for now: dying, or not yet known to be dead
+    return False
 
 
 async def _identity_or_none(transport: RayShardTransport) -> ShardIdentity | None:
