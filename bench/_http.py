@@ -81,8 +81,9 @@ def add_server_arguments(
         "--shards",
         type=int,
         default=None,
-        help="shards of the started server [1 with --engine inproc, whose shards share one "
-        "event loop, so that more would only split its batches and commits; 4 with ray]",
+        help=f"shards of the started server [{INPROC_SHARDS} with --engine inproc, whose "
+        "shards share one event loop, so that more would only split its batches and commits; "
+        f"{RAY_SHARDS} with ray]",
     )
     parser.add_argument(
         "--keep-database", action="store_true", help="keep the run's database for inspection"

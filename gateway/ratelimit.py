@@ -18,9 +18,8 @@ wait, so ``Retry-After`` is exact for a client that honours it.
 One script call (``EVALSHA``) decides a batch of checks: the script reads
 the clock, decides and writes each new ``TAT`` in one atomic step, so
 concurrent requests on several gateways cannot both take the last unit of
-budget. The
-clock is Redis's (``TIME``), never the gateway's, so gateways with skewed
-clocks agree. Keys are ``{namespace}:rl:{endpoint}:{user}`` and expire when
+budget. The clock is Redis's (``TIME``), never the gateway's, so gateways
+with skewed clocks agree. Keys are ``{namespace}:rl:{endpoint}:{user}`` and expire when
 ``TAT`` is reached (``SET ... PX``): an idle user's key is then worth nothing
 and vanishes. Times are integer microseconds, written with ``%d`` because Lua
 would print a large number in ``%.14g``. Needs Redis 5 or later (a script that
@@ -316,13 +315,14 @@ class RateLimiter:
         if connection is None:
             # Taken from the pool for good: the client's close disconnects it.
             connection = self._connection = await self._pool.get_connection()  # type: ignore[no-untyped-call]
+        evalsha: tuple[str | int, ...] = ("EVALSHA", self._sha, len(keys), *keys, *args)
         try:
             try:
-                return await self._run(connection, "EVALSHA", self._sha, len(keys), *keys, *args)
+                return await self._run(connection, *evalsha)
             except redis.exceptions.NoScriptError:
                 # A restarted (or flushed) Redis: load the script, then call it again.
                 await self._run(connection, "SCRIPT", "LOAD", _GCRA)
-                return await self._run(connection, "EVALSHA", self._sha, len(keys), *keys, *args)
+                return await self._run(connection, *evalsha)
         except (redis.exceptions.ResponseError, redis.exceptions.ConnectionError):
             raise
         except BaseException:
