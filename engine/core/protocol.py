@@ -283,6 +283,13 @@ class BatchReply(msgspec.Struct, gc=False, frozen=True):
     results: list[AnyResult]
 
 
+class EarlyReply(msgspec.Struct, gc=False, frozen=True):
+    """Answers sent ahead of a batch's reply: ``results[i]`` answers command ``indices[i]``."""
+
+    indices: list[int]
+    results: list[AnyResult]
+
+
 class BatchCodec:
     """Encoders and decoders for batches; build one per process (not a module global)."""
 
@@ -290,6 +297,7 @@ class BatchCodec:
         self._encoder = msgspec.msgpack.Encoder()
         self._batch_decoder = msgspec.msgpack.Decoder(Batch)
         self._reply_decoder = msgspec.msgpack.Decoder(BatchReply)
+        self._early_decoder = msgspec.msgpack.Decoder(EarlyReply)
 
     def encode_batch(self, commands: list[AnyCommand]) -> bytes:
         return self._encoder.encode(Batch(commands))
@@ -302,3 +310,9 @@ class BatchCodec:
 
     def decode_reply(self, data: bytes) -> list[AnyResult]:
         return self._reply_decoder.decode(data).results
+
+    def encode_early(self, indices: list[int], results: list[AnyResult]) -> bytes:
+        return self._encoder.encode(EarlyReply(indices, results))
+
+    def decode_early(self, data: bytes) -> EarlyReply:
+        return self._early_decoder.decode(data)

@@ -11,7 +11,9 @@ Ray call costs far more than a command. The exception is a batch of reads
 alone: it leaves at once (one at a time per shard), and the shard answers it
 as soon as what it read is durable, not after the changes in flight commit.
 Under load, reads and changes share batches as before, so the number of calls
-does not grow.
+does not grow; where the transport can (``on_early``), the reads of such a
+batch are answered ahead of its reply when what they read is durable already,
+so they do not wait for the batch's changes to commit either.
 
 It owns the per-shard queues of waiting commands and the retry policy. A batch
 that failed because its actor died is resent as the same bytes (the same
@@ -27,6 +29,7 @@ import asyncio
 import itertools
 import random
 import uuid
+from collections.abc import Callable
 from typing import Final
 
 import msgspec
@@ -114,6 +117,8 @@ class ClientStatistics(msgspec.Struct, frozen=True, kw_only=True):
     busy_retries: int
     failed_batches: int
     overloaded: int
+    # Answers that arrived ahead of their batch's reply (reads beside changes).
+    answered_early: int
     pending_commands: tuple[int, ...]
     batches_in_flight: tuple[int, ...]
 
@@ -185,6 +190,7 @@ class EngineClient:
         self._busy_retries = 0
         self._failed_batches = 0
         self._overloaded = 0
+        self._answered_early = 0
 
     @property
     def shard_count(self) -> int:
@@ -228,6 +234,7 @@ class EngineClient:
             busy_retries=self._busy_retries,
             failed_batches=self._failed_batches,
             overloaded=self._overloaded,
+            answered_early=self._answered_early,
             pending_commands=tuple(len(lane.commands) for lane in self._lanes),
             batches_in_flight=tuple(lane.in_flight for lane in self._lanes),
         )
@@ -263,11 +270,15 @@ class EngineClient:
             futures = lane.futures[:size]
             del lane.commands[:size]
             del lane.futures[:size]
+            # Reads beside changes: they may be answered ahead of the batch's reply.
+            mixed = False
             if not reads_only:
-                lane.changes -= sum(1 for command in commands if type(command) not in _READS)
+                changes = sum(1 for command in commands if type(command) not in _READS)
+                lane.changes -= changes
+                mixed = changes < size
             lane.in_flight += 1
             lane.reads_in_flight += reads_only
-            task = loop.create_task(self._send(lane, commands, futures, reads_only))
+            task = loop.create_task(self._send(lane, commands, futures, reads_only, mixed))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
@@ -277,6 +288,7 @@ class EngineClient:
         commands: list[AnyCommand],
         futures: list[asyncio.Future[AnyResult]],
         reads_only: bool,
+        mixed: bool,
     ) -> None:
         try:
             size = len(commands)
@@ -285,7 +297,8 @@ class EngineClient:
             self._batch_size_max = max(self._batch_size_max, size)
             # Encoded once: a resend carries exactly these bytes, so the same request ids.
             data = self._codec.encode_batch(commands)
-            reply = await self._call_with_retries(lane.shard, data)
+            on_early = self._early_answers(futures) if mixed else None
+            reply = await self._call_with_retries(lane.shard, data, on_early)
             results = self._codec.decode_reply(reply)
             if len(results) != size:
                 raise ShardFailed(f"shard {lane.shard} answered {len(results)} of {size}")
@@ -309,14 +322,34 @@ class EngineClient:
                 # On the next iteration, so the callers this reply just woke can join.
                 self._schedule_flush(lane)
 
-    async def _call_with_retries(self, shard: int, data: bytes) -> bytes:
+    def _early_answers(self, futures: list[asyncio.Future[AnyResult]]) -> Callable[[bytes], None]:
+        """What resolves the futures of a batch's answers that arrive ahead of its reply."""
+
+        def answer(data: bytes) -> None:
+            early = self._codec.decode_early(data)
+            count = len(futures)
+            for index, result in zip(early.indices, early.results, strict=True):
+                if 0 <= index < count:
+                    future = futures[index]
+                    if not future.done():
+                        future.set_result(result)
+            self._answered_early += len(early.indices)
+
+        return answer
+
+    async def _call_with_retries(
+        self, shard: int, data: bytes, on_early: Callable[[bytes], None] | None = None
+    ) -> bytes:
         loop = asyncio.get_running_loop()
         busy_deadline = loop.time() + self._call_timeout_ms / 1000
         busy_backoff_ms = limits.BUSY_BACKOFF_FIRST_MS
         failures = 0
+        call_batch = self._transport.call_batch
         while True:
             try:
-                return await self._transport.call_batch(shard, data, self._call_timeout_ms)
+                if on_early is None:
+                    return await call_batch(shard, data, self._call_timeout_ms)
+                return await call_batch(shard, data, self._call_timeout_ms, on_early)
             except ShardUnavailable:
                 failures += 1
                 if failures > self._retries_max:

@@ -49,10 +49,18 @@ class InProcessHost:
     def sink(self, shard: int) -> EventSink:
         return self._runtimes[shard].sink
 
-    async def call_batch(self, shard: int, data: bytes, timeout_ms: int) -> bytes:
+    async def call_batch(
+        self,
+        shard: int,
+        data: bytes,
+        timeout_ms: int,
+        on_early: Callable[[bytes], None] | None = None,
+    ) -> bytes:
         runtime = self._runtimes[shard]
         # The common case (nothing to wait for after applying) needs no task or timer.
-        reply, position = runtime.apply(data)
+        reply, position, early = runtime.apply(data, early=on_early is not None)
+        if early is not None and on_early is not None:
+            on_early(early)
         try:
             async with asyncio.timeout(timeout_ms / 1000):
                 await runtime.sink.wait_durable(position)
@@ -113,10 +121,16 @@ class OwnedInProcessHost:
     async def start(self) -> None:
         await asyncio.gather(*(owner.start() for owner in self._owners))
 
-    async def call_batch(self, shard: int, data: bytes, timeout_ms: int) -> bytes:
+    async def call_batch(
+        self,
+        shard: int,
+        data: bytes,
+        timeout_ms: int,
+        on_early: Callable[[bytes], None] | None = None,
+    ) -> bytes:
         try:
             async with asyncio.timeout(timeout_ms / 1000):
-                return await self._owners[shard].execute_batch(data)
+                return await self._owners[shard].execute_batch(data, on_early)
         except TimeoutError as exc:
             raise ShardCallTimeout(f"shard {shard}: no answer in {timeout_ms} ms") from exc
 

@@ -14,10 +14,14 @@ A frame on a local socket costs a write and a read on each side.
 
 Frames: a 4-byte big-endian length, then a msgpack array. A call is
 ``[call_id, op, shard, timeout_ms, data]``; its reply ``[call_id, error,
-message, data, statistics, owner]`` where ``error`` is the name of an
-``engine.shell.errors`` class ("" when it succeeded). Calls on one connection
-run concurrently and are answered in any order; each side matches by id.
-The socket is made readable by its owner only (mode 0600).
+message, data, statistics, owner, shard_count, partial]`` where ``error`` is
+the name of an ``engine.shell.errors`` class ("" when it succeeded). Calls on
+one connection run concurrently and are answered in any order; each side
+matches by id. A call of ``OP_BATCH_EARLY`` may get one partial reply
+(``partial`` true, ``data`` a ``BatchCodec.encode_early``) before its reply:
+the reads of a batch that waits for its changes to commit, whose answers are
+durable already, leave without that wait. The socket is made readable by its
+owner only (mode 0600).
 """
 
 import asyncio
@@ -41,6 +45,8 @@ OP_STATISTICS: Final = 1
 OP_OWNER_STATISTICS: Final = 2
 OP_CHECK_INVARIANTS: Final = 3
 OP_SHARD_COUNT: Final = 4
+# A batch whose durable reads may be answered ahead of its reply, in a partial reply.
+OP_BATCH_EARLY: Final = 5
 
 _LENGTH: Final = struct.Struct(">I")
 # Frames larger than this are a broken peer, not a batch (batches are capped far below).
@@ -79,6 +85,8 @@ class Reply(msgspec.Struct, array_like=True, frozen=True):
     statistics: RuntimeStatistics | None = None
     owner: OwnerStatistics | None = None
     shard_count: int = 0
+    # Some answers of a batch ahead of its reply (OP_BATCH_EARLY); the reply follows.
+    partial: bool = False
 
 
 class _Framer:
@@ -183,6 +191,9 @@ class _ServerProtocol(asyncio.Protocol):
         except Exception as exc:
             logger.exception("shard %d: call %d failed", call.shard, call.op)
             reply = Reply(call.call_id, error="ShardFailed", message=f"{exc!r}")
+        self._write(reply)
+
+    def _write(self, reply: Reply) -> None:
         if self._transport is not None:
             self._transport.write(_frame(self._encoder.encode(reply)))
 
@@ -191,6 +202,14 @@ class _ServerProtocol(asyncio.Protocol):
         if call.op == OP_BATCH:
             data = await host.call_batch(call.shard, call.data, call.timeout_ms)
             return Reply(call.call_id, data=data)
+        if call.op == OP_BATCH_EARLY:
+            call_id = call.call_id
+
+            def answer_early(early: bytes) -> None:
+                self._write(Reply(call_id, data=early, partial=True))
+
+            data = await host.call_batch(call.shard, call.data, call.timeout_ms, answer_early)
+            return Reply(call_id, data=data)
         if call.op == OP_SHARD_COUNT:
             return Reply(call.call_id, shard_count=host.shard_count)
         if not 0 <= call.shard < host.shard_count:
@@ -256,8 +275,16 @@ class LocalEngineTransport:
     def shard_count(self) -> int:
         return self._shard_count
 
-    async def call_batch(self, shard: int, data: bytes, timeout_ms: int) -> bytes:
-        return (await self._call(OP_BATCH, shard, timeout_ms, data)).data
+    async def call_batch(
+        self,
+        shard: int,
+        data: bytes,
+        timeout_ms: int,
+        on_early: Callable[[bytes], None] | None = None,
+    ) -> bytes:
+        if on_early is None:
+            return (await self._call(OP_BATCH, shard, timeout_ms, data)).data
+        return (await self._call(OP_BATCH_EARLY, shard, timeout_ms, data, on_early)).data
 
     async def statistics(self, shard: int, timeout_ms: int) -> RuntimeStatistics:
         statistics = (await self._call(OP_STATISTICS, shard, timeout_ms)).statistics
@@ -278,13 +305,20 @@ class LocalEngineTransport:
             self._protocol.close()
             self._protocol = None
 
-    async def _call(self, op: int, shard: int, timeout_ms: int, data: bytes = b"") -> Reply:
+    async def _call(
+        self,
+        op: int,
+        shard: int,
+        timeout_ms: int,
+        data: bytes = b"",
+        on_partial: Callable[[bytes], None] | None = None,
+    ) -> Reply:
         protocol = self._protocol
         if protocol is None or protocol.closed:
             protocol = await self._open()
         self._next_id += 1
         call_id = self._next_id
-        reply_future = protocol.send(Call(call_id, op, shard, timeout_ms, data))
+        reply_future = protocol.send(Call(call_id, op, shard, timeout_ms, data), on_partial)
         try:
             async with asyncio.timeout(timeout_ms / 1000):
                 reply = await reply_future
@@ -319,6 +353,8 @@ class _ClientProtocol(asyncio.Protocol):
         self._encoder = msgspec.msgpack.Encoder()
         self._transport: asyncio.Transport | None = None
         self._pending: dict[int, asyncio.Future[Reply]] = {}
+        # call id -> what takes its partial replies, while the call is pending.
+        self._on_partial: dict[int, Callable[[bytes], None]] = {}
         self.closed = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -329,22 +365,28 @@ class _ClientProtocol(asyncio.Protocol):
         self.closed = True
         self._transport = None
         pending, self._pending = self._pending, {}
+        self._on_partial.clear()
         for future in pending.values():
             if not future.done():
                 future.set_exception(
                     errors.ShardUnavailable("the connection to the engine process broke")
                 )
 
-    def send(self, call: Call) -> "asyncio.Future[Reply]":
+    def send(
+        self, call: Call, on_partial: Callable[[bytes], None] | None = None
+    ) -> "asyncio.Future[Reply]":
         if self._transport is None:
             raise errors.ShardUnavailable("the connection to the engine process broke")
         future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         self._pending[call.call_id] = future
+        if on_partial is not None:
+            self._on_partial[call.call_id] = on_partial
         self._transport.write(_frame(self._encoder.encode(call)))
         return future
 
     def forget(self, call_id: int) -> None:
         self._pending.pop(call_id, None)
+        self._on_partial.pop(call_id, None)
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -354,9 +396,23 @@ class _ClientProtocol(asyncio.Protocol):
             self.close()
             return
         for reply in replies:
+            if reply.partial:
+                self._take_partial(reply)
+                continue
+            self._on_partial.pop(reply.call_id, None)
             future = self._pending.pop(reply.call_id, None)
             if future is not None and not future.done():
                 future.set_result(reply)
+
+    def _take_partial(self, reply: Reply) -> None:
+        on_partial = self._on_partial.get(reply.call_id)
+        if on_partial is None:
+            return
+        try:
+            on_partial(reply.data)
+        except Exception:
+            # The reply still carries every answer: nothing is lost but the head start.
+            logger.exception("could not take the partial reply to call %d", reply.call_id)
 
     def close(self) -> None:
         if self._transport is not None:

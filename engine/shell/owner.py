@@ -217,11 +217,14 @@ class ShardOwner:
 
     # -- serving --------------------------------------------------------------
 
-    async def execute_batch(self, data: bytes) -> bytes:
+    async def execute_batch(
+        self, data: bytes, on_early: Callable[[bytes], None] | None = None
+    ) -> bytes:
+        """The batch's reply; ``on_early`` as in ``ShardRuntime.execute_batch``."""
         runtime = self._runtime
         if self.state is OwnerState.SERVING and runtime is not None:
             try:
-                return await runtime.execute_batch(data)
+                return await runtime.execute_batch(data, on_early)
             except StorageUnavailable as exc:
                 return self._refuse_all(data, f"storage failed: {exc}")
         if self.state is OwnerState.REBUILDING:

@@ -21,6 +21,7 @@ import os
 import secrets
 import warnings
 import zlib
+from collections.abc import Callable
 from typing import Any, Final, cast
 
 import msgspec
@@ -346,7 +347,14 @@ class RayShardTransport:
     def handle(self, shard: int) -> Any:
         return self._handles[shard]
 
-    async def call_batch(self, shard: int, data: bytes, timeout_ms: int) -> bytes:
+    async def call_batch(
+        self,
+        shard: int,
+        data: bytes,
+        timeout_ms: int,
+        on_early: Callable[[bytes], None] | None = None,
+    ) -> bytes:
+        # An actor call has one answer: every read leaves with the reply (on_early unused).
         framed = cast(bytes, await self._call(shard, "execute_batch", data, timeout_ms=timeout_ms))
         return unframe_reply(framed)
 

@@ -180,6 +180,9 @@ class RuntimeStatistics(msgspec.Struct, frozen=True, kw_only=True):
     apply_ns: int
     # Batches of reads answered at once: what they read was durable already.
     reads_unheld: int
+    # Reads of batches with changes answered before those changes were durable
+    # (``execute_batch(..., on_early=...)``): what they read was durable already.
+    reads_answered_early: int
     # The deadline the timer is armed for (None: no timer armed).
     timer_deadline_ms: int | None
     failed: bool
@@ -233,6 +236,7 @@ class ShardRuntime:
         self._slot_marks: dict[str, int] = {}
         self._slot_marks_prune_at = limits.SLOT_MARKS_PRUNE_AT
         self._reads_unheld = 0
+        self._reads_answered_early = 0
 
     @classmethod
     def create(
@@ -287,20 +291,32 @@ class ShardRuntime:
         self._timer = None
         self._timer_deadline_ms = None
 
-    async def execute_batch(self, data: bytes) -> bytes:
-        """Apply a batch and answer once what its answers show is durable."""
-        reply, position = self.apply(data)
+    async def execute_batch(
+        self, data: bytes, on_early: Callable[[bytes], None] | None = None
+    ) -> bytes:
+        """Apply a batch and answer once what its answers show is durable.
+
+        With ``on_early``, the reads of a batch that must wait for its changes
+        to commit are handed to it first (``BatchCodec.decode_early``), if what
+        they read is durable already; the reply still carries every answer.
+        """
+        reply, position, early = self.apply(data, early=on_early is not None)
+        if early is not None and on_early is not None:
+            on_early(early)
         await self._sink.wait_durable(position)
         return reply
 
-    def apply(self, data: bytes) -> tuple[bytes, int]:
+    def apply(self, data: bytes, *, early: bool = False) -> tuple[bytes, int, bytes | None]:
         """The single-writer section: decode, apply every command, hand off events, encode.
 
         Returns the encoded answers and the sink position they may leave at
         (``sink.wait_durable(position)``): a batch that may have changed anything
         waits for everything handed off so far, its own changes included; a batch
         of reads only for the latest changes of the slots it read, so that no
-        answer shows a state that a crash could still take back.
+        answer shows a state that a crash could still take back. With ``early``,
+        and when that position is not durable yet, also the answers that may
+        leave now (``BatchCodec.encode_early``): the reads of slots whose latest
+        changes are durable, this batch's changes included; else None.
         """
         if self._fatal is not None:
             raise ShardFailed(f"shard {self._shard_id} stopped after a failure: {self._fatal!r}")
@@ -342,8 +358,11 @@ class ShardRuntime:
             self._batch_size_max = max(self._batch_size_max, size)
         reply = self._codec.encode_reply(results)
         position = self._release_position(commands, results)
+        early_reply = None
+        if early and position > self._sink.durable_position:
+            early_reply = self._early_reply(commands, results)
         self._apply_ns += time.thread_time_ns() - started_ns
-        return reply, position
+        return reply, position, early_reply
 
     def statistics(self) -> RuntimeStatistics:
         return RuntimeStatistics(
@@ -356,6 +375,7 @@ class ShardRuntime:
             timer_firings=self._timer_firings,
             apply_ns=self._apply_ns,
             reads_unheld=self._reads_unheld,
+            reads_answered_early=self._reads_answered_early,
             timer_deadline_ms=self._timer_deadline_ms,
             failed=self._fatal is not None,
             core=self._core.statistics(),
@@ -373,25 +393,44 @@ class ShardRuntime:
             f"shard {self._shard_id}: deadline {deadline_ms} but the timer is armed for {armed_ms}",
         )
 
+    def _read_mark(self, command: AnyCommand, result: AnyResult) -> int | None:
+        """The sink position a read's answer may leave at; None for anything else."""
+        if isinstance(command, GetSlot | QueuePosition):
+            # Whatever the answer (even "not in the queue"), it shows the slot's state.
+            return self._slot_marks.get(command.slot_id, 0)
+        if isinstance(command, GetBooking):
+            # A booking changes only with its slot; an unknown id shows nothing.
+            if type(result) is BookingResult:
+                return self._slot_marks.get(result.booking.slot_id, 0)
+            return 0
+        return None
+
     def _release_position(self, commands: list[AnyCommand], results: list[AnyResult]) -> int:
         sink = self._sink
-        everything = sink.position
-        marks = self._slot_marks
         position = 0
+        read_mark = self._read_mark
         for command, result in zip(commands, results, strict=True):
-            if isinstance(command, GetSlot | QueuePosition):
-                # Whatever the answer (even "not in the queue"), it shows the slot's state.
-                mark = marks.get(command.slot_id, 0)
-            elif isinstance(command, GetBooking):
-                # A booking changes only with its slot; an unknown id shows nothing.
-                mark = marks.get(result.booking.slot_id, 0) if type(result) is BookingResult else 0
-            else:
+            mark = read_mark(command, result)
+            if mark is None:
                 # A change, a replayed outcome or a read across slots: all of it.
-                return everything
+                return sink.position
             position = max(position, mark)
         if position <= sink.durable_position:
             self._reads_unheld += 1
         return position
+
+    def _early_reply(self, commands: list[AnyCommand], results: list[AnyResult]) -> bytes | None:
+        durable = self._sink.durable_position
+        read_mark = self._read_mark
+        indices: list[int] = []
+        for index, (command, result) in enumerate(zip(commands, results, strict=True)):
+            mark = read_mark(command, result)
+            if mark is not None and mark <= durable:
+                indices.append(index)
+        if not indices:
+            return None
+        self._reads_answered_early += len(indices)
+        return self._codec.encode_early(indices, [results[index] for index in indices])
 
     def _hand_off_events(self) -> None:
         events = self._core.drain_events()

@@ -19,6 +19,7 @@ from engine.core.policy import DomainPolicy
 from engine.core.routing import make_slot_id
 from engine.shell.coalescer import EngineClient, RequestIds
 from engine.shell.inproc import InProcessHost
+from engine.shell.runtime import MemoryEventSink
 from engine.shell.transport import ShardTransport
 
 MINUTE_MS = 60_000
@@ -103,6 +104,33 @@ class Engine:
 
     async def position(self, slot_id: str, user: str) -> Any:
         return await self.run(p.QueuePosition, slot_id=slot_id, user_id=user)
+
+
+class HeldSink(MemoryEventSink):
+    """Durable only when the test says so: a commit that has not happened yet."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.durable = 0
+        self._commits: list[tuple[int, asyncio.Future[None]]] = []
+
+    @property
+    def durable_position(self) -> int:
+        return self.durable
+
+    async def wait_durable(self, position: int | None = None) -> None:
+        target = self.position if position is None else position
+        if target <= self.durable:
+            return
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._commits.append((target, future))
+        await future
+
+    def commit(self) -> None:
+        self.durable = self.position
+        for _, future in self._commits:
+            future.set_result(None)
+        self._commits = []
 
 
 async def wait_until(

@@ -29,7 +29,9 @@ class FaultyTransport:
     def shard_count(self) -> int:
         return self.host.shard_count
 
-    async def call_batch(self, shard: int, data: bytes, timeout_ms: int) -> bytes:
+    async def call_batch(
+        self, shard: int, data: bytes, timeout_ms: int, on_early: Any = None
+    ) -> bytes:
         self.sent.append(data)
         if self.gate is not None:
             self.calls_waiting += 1
@@ -40,7 +42,7 @@ class FaultyTransport:
             raise ShardBusy("too many pending calls")
         if fault == "dead":
             raise ShardUnavailable("actor died")
-        reply = await self.host.call_batch(shard, data, timeout_ms)
+        reply = await self.host.call_batch(shard, data, timeout_ms, on_early)
         if fault == "lost":
             raise ShardUnavailable("actor died after applying")
         return reply
@@ -229,12 +231,14 @@ class ChangesHeldTransport(FaultyTransport):
         self.released.set()
         self.batches: list[list[p.AnyCommand]] = []
 
-    async def call_batch(self, shard: int, data: bytes, timeout_ms: int) -> bytes:
+    async def call_batch(
+        self, shard: int, data: bytes, timeout_ms: int, on_early: Any = None
+    ) -> bytes:
         commands = self.codec.decode_batch(data)
         self.batches.append(commands)
         if not all(type(c) in p.READ_ONLY_COMMANDS for c in commands):
             await self.released.wait()
-        return await self.host.call_batch(shard, data, timeout_ms)
+        return await self.host.call_batch(shard, data, timeout_ms, on_early)
 
 
 async def _settle() -> None:

@@ -6,8 +6,9 @@ import signal
 import stat
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import pytest
@@ -24,7 +25,7 @@ from engine.shell.local_engine import (
     _Framer,
 )
 from engine.shell.runtime import RuntimeStatistics
-from tests.engine.shell.conftest import POLICIES, SHARDS, Engine
+from tests.engine.shell.conftest import POLICIES, SHARDS, WAIT_LIMIT_S, Engine, HeldSink
 
 ROOT = Path(__file__).resolve().parents[3]
 # An engine process: in-process shards served on the socket named by argv[1].
@@ -60,12 +61,23 @@ class _Scripted:
         self.raise_next: errors.ShellError | None = None
         self.delay_s = 0.0
         self.calls = 0
+        # Per call: whether the caller asked for answers ahead of the reply.
+        self.early_asked: list[bool] = []
 
-    async def call_batch(self, shard: int, data: bytes, timeout_ms: int) -> bytes:
+    async def call_batch(
+        self,
+        shard: int,
+        data: bytes,
+        timeout_ms: int,
+        on_early: Callable[[bytes], None] | None = None,
+    ) -> bytes:
         self.calls += 1
+        self.early_asked.append(on_early is not None)
         if self.raise_next is not None:
             error, self.raise_next = self.raise_next, None
             raise error
+        if on_early is not None:
+            on_early(b"early:" + data)
         await asyncio.sleep(self.delay_s)
         return b"echo:" + data
 
@@ -207,3 +219,84 @@ async def test_connect_waits_for_the_engine_to_listen(socket_path: str) -> None:
 async def test_connect_gives_up_when_no_engine_listens(socket_path: str) -> None:
     with pytest.raises(errors.ShardUnavailable):
         await LocalEngineTransport.connect(socket_path, timeout_s=0.5)
+
+
+async def test_answers_ahead_of_the_reply_reach_the_caller_first(
+    scripted: tuple[_Scripted, LocalEngineTransport],
+) -> None:
+    host, transport = scripted
+    host.delay_s = 0.05
+    early: list[bytes] = []
+
+    reply = asyncio.ensure_future(transport.call_batch(0, b"mixed", 1000, early.append))
+    async with asyncio.timeout(WAIT_LIMIT_S):
+        while not early:
+            await asyncio.sleep(0.001)
+
+    assert early == [b"early:mixed"]
+    assert await reply == b"echo:mixed"
+    assert await transport.call_batch(1, b"plain", 1000) == b"echo:plain"
+    assert host.early_asked == [True, False]
+
+
+async def test_a_caller_that_fails_on_an_early_answer_still_gets_its_reply(
+    scripted: tuple[_Scripted, LocalEngineTransport],
+) -> None:
+    _, transport = scripted
+
+    def broken(data: bytes) -> None:
+        raise ValueError(data)
+
+    assert await transport.call_batch(0, b"x", 1000, broken) == b"echo:x"
+    assert await transport.call_batch(0, b"y", 1000) == b"echo:y"  # the connection is intact
+
+
+async def test_a_position_beside_a_change_leaves_before_the_change_commits(
+    socket_path: str,
+) -> None:
+    sinks: list[HeldSink] = []
+
+    def held(_: int) -> HeldSink:
+        sinks.append(HeldSink())
+        return sinks[-1]
+
+    host = InProcessHost(shard_count=1, policies=POLICIES, sink_factory=held)
+    server = LocalEngineServer(host)
+    await server.start(socket_path)
+    transport = await LocalEngineTransport.connect(socket_path)
+    engine = Engine(transport, EngineClient(transport))
+    (sink,) = sinks
+
+    async def committed(call: Any) -> Any:
+        task = asyncio.ensure_future(call)
+        async with asyncio.timeout(WAIT_LIMIT_S):
+            while not task.done():
+                sink.commit()
+                await asyncio.sleep(0.001)
+        return task.result()
+
+    try:
+        quiet = await committed(engine.slot(capacity=1))
+        busy = await committed(engine.slot(capacity=1))
+        await committed(engine.reserve(quiet, "alice"))
+
+        # One batch (submitted in one turn): a change of `busy`, reads of `quiet`.
+        change = asyncio.ensure_future(engine.reserve(busy, "bob"))
+        position = asyncio.ensure_future(engine.position(quiet, "carol"))
+        view = asyncio.ensure_future(engine.view(quiet))
+        async with asyncio.timeout(WAIT_LIMIT_S):
+            await asyncio.wait({position, view}, return_when=asyncio.ALL_COMPLETED)
+
+        assert not change.done()  # its commit has not happened
+        assert (await position).status == 404  # carol is in no queue: a real answer
+        assert (await view).held_count == 1
+        statistics = engine.client.statistics()
+        assert statistics.batches_sent == 4 and statistics.answered_early == 2
+        sink.commit()
+        async with asyncio.timeout(WAIT_LIMIT_S):
+            assert (await change).status == 201
+        assert host.sink(0) is sink
+    finally:
+        await transport.close()
+        await server.close()
+        host.close()

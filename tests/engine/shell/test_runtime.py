@@ -15,7 +15,7 @@ from engine.core.states import BookingStatus
 from engine.shell.clock import SystemClock
 from engine.shell.errors import BatchRejected, ShardFailed
 from engine.shell.runtime import MemoryEventSink, ShardRuntime
-from tests.engine.shell.conftest import DAY_MS, HOUR_MS, POLICIES, WAIT_LIMIT_S
+from tests.engine.shell.conftest import DAY_MS, HOUR_MS, POLICIES, WAIT_LIMIT_S, HeldSink
 
 
 class Shard:
@@ -281,33 +281,6 @@ async def test_a_deadline_without_an_armed_timer_breaks_an_invariant(shard: Shar
 # -- reads answer once what they read is durable ---------------------------------------
 
 
-class HeldSink(MemoryEventSink):
-    """Durable only when the test says so: a commit that has not happened yet."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.durable = 0
-        self._commits: list[tuple[int, asyncio.Future[None]]] = []
-
-    @property
-    def durable_position(self) -> int:
-        return self.durable
-
-    async def wait_durable(self, position: int | None = None) -> None:
-        target = self.position if position is None else position
-        if target <= self.durable:
-            return
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._commits.append((target, future))
-        await future
-
-    def commit(self) -> None:
-        self.durable = self.position
-        for _, future in self._commits:
-            future.set_result(None)
-        self._commits = []
-
-
 async def _committing(shard: Shard, *commands: p.AnyCommand) -> tuple[list[p.AnyResult], bool]:
     """The answers, and whether they had to wait for a commit (which then happens)."""
     task = asyncio.ensure_future(shard.send(*commands))
@@ -403,4 +376,61 @@ async def test_a_shard_forgets_the_marks_of_slots_whose_changes_are_durable(
         await shard.send(shard.create_slot())
     # Every change is durable at once in memory: what is remembered stays bounded.
     assert len(shard.runtime._slot_marks) <= 8
+    shard.runtime.close()
+
+
+async def test_reads_beside_changes_leave_early_when_what_they_read_is_durable() -> None:
+    shard = Shard()
+    shard.sink = sink = HeldSink()
+    shard.runtime = ShardRuntime.create(
+        shard_id=0, shard_count=1, policies=POLICIES, clock=SystemClock(), sink=sink
+    )
+    quiet, busy, pending = (shard.create_slot(capacity=1) for _ in range(3))
+    assert await _answered(shard, quiet, busy, pending) is None
+    # A change of `pending` from an earlier batch, not committed yet.
+    earlier = asyncio.ensure_future(shard.send(shard.reserve(pending.slot_id, "dave")))
+    await asyncio.sleep(0)
+    assert not earlier.done()
+
+    def request() -> str:
+        return shard.request_id()
+
+    commands: list[p.AnyCommand] = [
+        p.GetSlot(request_id=request(), slot_id=quiet.slot_id),
+        shard.reserve(busy.slot_id, "alice"),
+        p.QueuePosition(request_id=request(), slot_id=busy.slot_id, user_id="alice"),
+        p.GetBooking(request_id=request(), booking_id="no-such-booking", user_id="bob"),
+        p.QueuePosition(request_id=request(), slot_id=quiet.slot_id, user_id="carol"),
+        p.GetSlot(request_id=request(), slot_id=pending.slot_id),
+        p.ListSlots(request_id=request()),
+    ]
+    early: list[bytes] = []
+    batch = asyncio.ensure_future(
+        shard.runtime.execute_batch(shard.codec.encode_batch(commands), early.append)
+    )
+    await asyncio.sleep(0)
+
+    # The batch waits for its change to commit, but its reads of durable slots are out.
+    assert not batch.done()
+    (data,) = early
+    answered = shard.codec.decode_early(data)
+    assert answered.indices == [0, 3, 4]
+    sink.commit()
+    reply = shard.codec.decode_reply(await batch)
+    await earlier
+    assert answered.results == [reply[index] for index in answered.indices]
+    assert [r.status for r in answered.results] == [200, 404, 404]
+    assert isinstance(reply[2], p.Failure) and reply[2].status == 404  # alice holds: not queued
+    assert shard.runtime.statistics().reads_answered_early == 3
+
+    # A batch that leaves at once (its change was refused, nothing to commit) sends nothing early.
+    refused: list[p.AnyCommand] = [
+        p.GetSlot(request_id=request(), slot_id=quiet.slot_id),
+        shard.reserve(shard.create_slot().slot_id, "alice"),  # a slot never created
+    ]
+    reply = shard.codec.decode_reply(
+        await shard.runtime.execute_batch(shard.codec.encode_batch(refused), early.append)
+    )
+    assert [r.status for r in reply] == [200, 404]
+    assert len(early) == 1
     shard.runtime.close()
