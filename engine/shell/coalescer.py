@@ -7,13 +7,13 @@ up to ``BATCHES_IN_FLIGHT_MAX`` batches in flight per shard. A batch is flushed
 on the next loop iteration, never on a timer, so a lone command pays no delay;
 under load, a batch that is not full waits for the reply already in flight to
 its shard and grows meanwhile (``PARTIAL_BATCHES_IN_FLIGHT_MAX``), because a
-Ray call costs far more than a command. The exception is a batch of reads
-alone: it leaves at once (one at a time per shard), and the shard answers it
-as soon as what it read is durable, not after the changes in flight commit.
-Under load, reads and changes share batches as before, so the number of calls
-does not grow; where the transport can (``on_early``), the reads of such a
-batch are answered ahead of its reply when what they read is durable already,
-so they do not wait for the batch's changes to commit either.
+Ray call costs far more than a command. Reads do not wait like that: while
+changes are held so, the reads waiting beside them leave as a batch of their
+own (one such batch in flight per shard), and the shard answers it as soon as
+what it read is durable, not after the changes in flight commit. Reads that
+do share a batch with changes (the lane was free) are answered ahead of its
+reply where the transport can (``on_early``), when what they read is durable
+already, so they do not wait for the batch's changes to commit either.
 
 It owns the per-shard queues of waiting commands and the retry policy. A batch
 that failed because its actor died is resent as the same bytes (the same
@@ -257,14 +257,17 @@ class EngineClient:
             size = min(len(lane.commands), self._batch_max)
             reads_only = lane.changes == 0
             # A reply is on its way and will flush again: meanwhile the batch grows, and
-            # fewer, fuller calls cost less per command on both sides. Unless only reads
-            # wait (and no batch of reads alone is in flight): they need not wait for
-            # changes to commit.
+            # fewer, fuller calls cost less per command on both sides. Not so the reads
+            # (while no batch of reads alone is in flight): they need not wait for
+            # changes to commit, so they leave by themselves.
             if (
                 size < self._batch_max
                 and lane.in_flight >= self._partial_in_flight_max
                 and (not reads_only or lane.reads_in_flight)
             ):
+                # The reads waiting beside held changes leave alone, once at a time.
+                if not reads_only and not lane.reads_in_flight and lane.changes < size:
+                    self._send_reads_alone(lane)
                 break
             commands = lane.commands[:size]
             futures = lane.futures[:size]
@@ -281,6 +284,29 @@ class EngineClient:
             task = loop.create_task(self._send(lane, commands, futures, reads_only, mixed))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+
+    def _send_reads_alone(self, lane: _Lane) -> None:
+        """Take the waiting reads out of the lane and send them as a batch of their own."""
+        reads: list[AnyCommand] = []
+        read_futures: list[asyncio.Future[AnyResult]] = []
+        changes: list[AnyCommand] = []
+        change_futures: list[asyncio.Future[AnyResult]] = []
+        for command, future in zip(lane.commands, lane.futures, strict=True):
+            if type(command) in _READS and len(reads) < self._batch_max:
+                reads.append(command)
+                read_futures.append(future)
+            else:
+                changes.append(command)
+                change_futures.append(future)
+        lane.commands = changes
+        lane.futures = change_futures
+        lane.in_flight += 1
+        lane.reads_in_flight += 1
+        task = asyncio.get_running_loop().create_task(
+            self._send(lane, reads, read_futures, True, False)
+        )
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _send(
         self,

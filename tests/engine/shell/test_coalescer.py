@@ -267,16 +267,18 @@ async def test_reads_alone_do_not_wait_for_the_changes_in_flight() -> None:
     assert not any(change.done() for change in changes)
     assert [_kinds(batch) for batch in transport.batches] == [{False}, {True}]
 
-    # With changes waiting too, reads share their batch (no more calls than before).
+    # With changes waiting too, the reads leave without them; the changes wait their turn.
     late_change = asyncio.ensure_future(engine.reserve(busy, "late"))
-    late_read = asyncio.ensure_future(engine.view(quiet))
-    await _settle()
-    assert not late_read.done() and len(transport.batches) == 2
+    late_reads = [asyncio.ensure_future(engine.view(quiet)) for _ in range(3)]
+    views = await asyncio.wait_for(asyncio.gather(*late_reads), WAIT_LIMIT_S)
+    assert all(view.id == quiet for view in views)
+    assert not late_change.done()
+    assert [_kinds(batch) for batch in transport.batches] == [{False}, {True}, {True}]
     transport.released.set()
     answers = await asyncio.wait_for(asyncio.gather(*changes, late_change), WAIT_LIMIT_S)
-    assert (await late_read).id == quiet
     assert sorted(a.status for a in answers) == [201] * 5 + [202] * 16
-    assert [_kinds(batch) for batch in transport.batches] == [{False}, {True}, {False, True}]
+    assert [_kinds(batch) for batch in transport.batches] == [{False}, {True}, {True}, {False}]
+    assert [len(batch) for batch in transport.batches[2:]] == [3, 1]
     stats = engine.client.statistics()
     assert stats.pending_commands == (0,) and stats.batches_in_flight == (0,)
     host.close()
