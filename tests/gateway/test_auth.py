@@ -45,6 +45,7 @@ from gateway.auth import (
     acting_user,
     auth_settings_from_env,
     bearer_token,
+    decode_base64url_segment,
     issue_token,
     load_or_create_secret,
     require_role,
@@ -841,3 +842,39 @@ def test_a_remembered_token_still_expires_and_a_changed_one_is_checked_afresh(
     monkeypatch.setattr("gateway.auth.time.time", lambda: first.expires_at_s + 1.0)
     with pytest.raises(AuthError, match="expired"):
         hs256.verify(token)
+
+
+_SEGMENT_BYTES = st.binary(max_size=40) | st.text(
+    alphabet="ABCXYZabcxyz0189-_=+/!. \n", max_size=40
+).map(str.encode)
+
+
+def _assert_decoded_as_pyjwt_decodes(segment: bytes) -> None:
+    def outcome(decode: Any) -> tuple[str, Any]:
+        try:
+            return "decoded", decode(segment, "payload")
+        except jwt.DecodeError as error:
+            return "refused", str(error)
+
+    assert outcome(decode_base64url_segment) == outcome(jwt.PyJWS._decode_base64url_segment)
+
+
+@hypothesis_settings(max_examples=2_000, deadline=None)
+@given(segment=_SEGMENT_BYTES)
+def test_segments_decode_exactly_as_pyjwt_decodes_them(segment: bytes) -> None:
+    _assert_decoded_as_pyjwt_decodes(segment)
+
+
+@pytest.mark.parametrize(
+    "segment",
+    [b"", b"eyJ", b"eyJhIjoxfQ", b"eyJhIjoxfQ==", b"eyJhIjoxfQ=", b"QQ", b"QQ==", b"QR",
+     b"QQ===", b"Q", b"Q!==", b"a+b/", b"ab\ncd", b"QUJD", b"QUJD===="],
+)  # fmt: skip
+def test_known_segments_decode_exactly_as_pyjwt_decodes_them(segment: bytes) -> None:
+    _assert_decoded_as_pyjwt_decodes(segment)
+
+
+def test_the_verifier_decodes_segments_with_the_faster_check() -> None:
+    verifier = Verifier(AuthSettings(secret=SECRET))
+    jws = verifier._decoder._jws
+    assert jws._decode_base64url_segment is decode_base64url_segment
