@@ -106,6 +106,9 @@ class Mixed:
         self.idle_users = list(users)
         self.random = random.Random(seed)
         self.latencies = h.Latencies()
+        # Per measured request: from its scheduled time to its write (waiting for a
+        # connection included); latencies count from the scheduled time.
+        self.send_lags_ns: list[int] = []
         self.ledger = h.Ledger()
         self.measuring_since: float | None = None
         self.skipped = 0
@@ -123,6 +126,9 @@ class Mixed:
         try:
             operation, method, path, body = self._next_request(user)
             connection = await self._connection()
+            if self.measuring_since is not None and scheduled >= self.measuring_since:
+                # How late the load generator itself sent it: its share of the latency.
+                self.send_lags_ns.append(int((time.perf_counter() - scheduled) * 1e9))
             try:
                 status, payload = await connection.request(method, path, user.token, body)
                 outcome = h.outcome_of(status, payload)
@@ -235,6 +241,16 @@ async def _create_slots(session: aiohttp.ClientSession, target: h.Target, count:
             return await h.create_slot(session, target, f"mixed-{n}", capacity, start)
 
     return list(await asyncio.gather(*(create(n) for n in range(count))))
+
+
+def send_lag_ms(lags_ns: list[int]) -> dict[str, float | None]:
+    """p50 / p99 / max of how late requests left the load generator."""
+    ordered = sorted(lags_ns)
+    return {
+        "p50": h.quantile_ms(ordered, 0.50),
+        "p99": h.quantile_ms(ordered, 0.99),
+        "max": h.quantile_ms(ordered, 1.0),
+    }
 
 
 def sent_by(elapsed_s: float, rate: float, warmup_s: float) -> int:
@@ -364,6 +380,7 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
         "skipped_no_idle_user": mixed.skipped,
         "loadgen_cpu_s": round(loadgen_cpu_s, 2),
         "loadgen_cpu_share": round(loadgen_cpu_s / (wall_s * 2), 3),
+        "loadgen_send_lag_ms": send_lag_ms(mixed.send_lags_ns),
         "server_cpu_s": round(server_cpu_s, 2),
         **check,
         "meets_target": achieved_ok

@@ -60,6 +60,8 @@ def test_a_short_mixed_run_answers_every_operation_and_loses_nothing(tmp_path: P
     assert result["acknowledged_bookings"] > 0
     assert {"reserve", "confirm", "cancel"} <= set(result["operations"])
     assert result["throughput_rps"] > 0
+    lag = result["loadgen_send_lag_ms"]
+    assert 0 <= lag["p50"] <= lag["p99"] <= lag["max"]
     # The report: a Markdown summary naming every operation, and its two plots.
     summary = (report / "mixed.md").read_text()
     assert all(f"| {op} |" in summary for op in result["operations"])
