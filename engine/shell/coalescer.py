@@ -286,13 +286,17 @@ class EngineClient:
             task.add_done_callback(self._tasks.discard)
 
     def _send_reads_alone(self, lane: _Lane) -> None:
-        """Take the waiting reads out of the lane and send them as a batch of their own."""
+        """Take the waiting reads out of the lane and send them as a batch of their own.
+
+        Called only while fewer commands wait than a batch holds (a full batch
+        would have left), so they all fit in one.
+        """
         reads: list[AnyCommand] = []
         read_futures: list[asyncio.Future[AnyResult]] = []
         changes: list[AnyCommand] = []
         change_futures: list[asyncio.Future[AnyResult]] = []
         for command, future in zip(lane.commands, lane.futures, strict=True):
-            if type(command) in _READS and len(reads) < self._batch_max:
+            if type(command) in _READS:
                 reads.append(command)
                 read_futures.append(future)
             else:
