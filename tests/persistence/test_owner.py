@@ -164,3 +164,44 @@ async def test_the_owner_of_shard_0_purges_audit_rows_past_their_retention(
         while await db.fetchval("SELECT count(*) FROM audit_log WHERE request_id = 'old'"):
             await asyncio.sleep(0.05)
     await owner.close()
+
+
+async def test_a_read_beside_a_change_is_answered_before_the_change_commits(
+    database_url: str, redis_namespace: str, db: asyncpg.Connection
+) -> None:
+    flush_may_start = asyncio.Event()
+    flush_may_start.set()
+
+    async def gate() -> None:
+        await flush_may_start.wait()
+
+    owner = make_owner(database_url, redis_namespace, before_flush=gate)
+    await owner.start()
+    drive = Driver(owner)
+    now_ms = SystemClock().now_ms()
+    busy, quiet = slot_on(0, 1), slot_on(0, 1)
+    await drive.run(create_slot(busy, now_ms), create_slot(quiet, now_ms))
+
+    flush_may_start.clear()
+    reserve = p.Reserve(request_id=request_id(), slot_id=busy, user_id="ann")
+    position = p.QueuePosition(request_id=request_id(), slot_id=quiet, user_id="bob")
+    early: list[bytes] = []
+    batch = asyncio.ensure_future(
+        owner.execute_batch(drive.codec.encode_batch([reserve, position]), early.append)
+    )
+    async with asyncio.timeout(10):
+        while not early:
+            await asyncio.sleep(0.005)
+
+    # The position is out; the reserve waits for its commit, which has not happened.
+    answered = drive.codec.decode_early(early[0])
+    assert answered.indices == [1] and answered.results[0].status == 404
+    assert not batch.done()
+    assert await db.fetchval("SELECT count(*) FROM bookings WHERE slot_id = $1", busy) == 0
+    flush_may_start.set()
+    held, _ = drive.codec.decode_reply(await asyncio.wait_for(batch, 10))
+    assert held.status == 201
+    assert await db.fetchval("SELECT count(*) FROM bookings WHERE slot_id = $1", busy) == 1
+    runtime = owner.runtime
+    assert runtime is not None and runtime.statistics().reads_answered_early == 1
+    await owner.close()
