@@ -252,7 +252,6 @@ class EngineClient:
 
     def _flush(self, lane: _Lane) -> None:
         lane.flush_scheduled = False
-        loop = asyncio.get_running_loop()
         while lane.commands and lane.in_flight < self._in_flight_max:
             size = min(len(lane.commands), self._batch_max)
             reads_only = lane.changes == 0
@@ -279,11 +278,24 @@ class EngineClient:
                 changes = sum(1 for command in commands if type(command) not in _READS)
                 lane.changes -= changes
                 mixed = changes < size
-            lane.in_flight += 1
-            lane.reads_in_flight += reads_only
-            task = loop.create_task(self._send(lane, commands, futures, reads_only, mixed))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._launch(lane, commands, futures, reads_only, mixed)
+
+    def _launch(
+        self,
+        lane: _Lane,
+        commands: list[AnyCommand],
+        futures: list[asyncio.Future[AnyResult]],
+        reads_only: bool,
+        mixed: bool,
+    ) -> None:
+        """Count a batch in flight to its lane and send it in a task of its own."""
+        lane.in_flight += 1
+        lane.reads_in_flight += reads_only
+        task = asyncio.get_running_loop().create_task(
+            self._send(lane, commands, futures, reads_only, mixed)
+        )
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def _send_reads_alone(self, lane: _Lane) -> None:
         """Take the waiting reads out of the lane and send them as a batch of their own.
@@ -304,13 +316,7 @@ class EngineClient:
                 change_futures.append(future)
         lane.commands = changes
         lane.futures = change_futures
-        lane.in_flight += 1
-        lane.reads_in_flight += 1
-        task = asyncio.get_running_loop().create_task(
-            self._send(lane, reads, read_futures, True, False)
-        )
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._launch(lane, reads, read_futures, True, False)
 
     async def _send(
         self,
