@@ -112,9 +112,7 @@ def bench_policies(
 
 def replayable_core(policies: dict[str, DomainPolicy], now_ms: int = START_MS) -> ShardCore:
     """A core whose ids are the same in every run, so that runs answer alike."""
-    return ShardCore(
-        shard_id=0, shard_count=1, policies=policies, now_ms=now_ms, id_prefix="replay"
-    )
+    return ShardCore(shard_id=0, shard_count=1, policies=policies, now_ms=now_ms, id_seed="replay")
 
 
 def _new_core(args: argparse.Namespace) -> ShardCore:

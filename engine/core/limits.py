@@ -38,7 +38,12 @@ ADVANCE_BOOKING_DAYS_DEFAULT: Final = 365
 ADVANCE_BOOKING_DAYS_MAX: Final = 3_650
 # A slot may not last longer than this (a week is already generous).
 SLOT_DURATION_MAX_MS: Final = 7 * 86_400_000
+# Metadata is a few labels for display (a room, a language), not a document;
+# measured as its compact JSON encoding.
 SLOT_METADATA_BYTES_MAX: Final = 4_096
+# Nesting of any JSON a client sends (a body, a slot's metadata): decoders and
+# checks recurse once a level, and no booking needs more than a few levels.
+JSON_DEPTH_MAX: Final = 32
 ID_CHARS_MAX: Final = 128
 CANCEL_REASON_CHARS_MAX: Final = 500
 

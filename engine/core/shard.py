@@ -35,6 +35,7 @@ are also asserted where counts change):
   * every RESERVED booking has a hold timer at its ``expires_at_ms``.
 """
 
+import hashlib
 import secrets
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Iterator
@@ -111,10 +112,14 @@ from engine.core.states import (
     next_queue_status,
     slot_status,
 )
+from engine.core.storable import command_problems
 from engine.core.timer_wheel import TimerWheel
 from engine.core.waiting_line import WaitingLine, describe_wait
 
 SYSTEM: Final = "system"
+# A booking id's unique part: 128 bits, from a counter keyed with 256 random bits.
+BOOKING_ID_UNIQUE_BYTES: Final = 16
+BOOKING_ID_KEY_BYTES: Final = 32
 
 TimerKey = tuple[str, ...]
 IdempotencyScope = tuple[str, str, str]
@@ -277,7 +282,7 @@ class ShardCore:
         shard_count: int,
         policies: dict[str, DomainPolicy],
         now_ms: int,
-        id_prefix: str | None = None,
+        id_seed: str | None = None,
         new_unique: Callable[[], str] | None = None,
     ) -> None:
         require(0 <= shard_id < shard_count, "shard id out of range")
@@ -285,11 +290,14 @@ class ShardCore:
         self.shard_id = shard_id
         self.shard_count = shard_count
         self._policies = dict(policies)
-        # The unique part of a booking id: a random prefix per incarnation and
-        # a counter, unique across restarts and shards and far cheaper than a
-        # uuid4 per booking (``id_prefix`` fixes the prefix, so that replays
-        # name bookings alike; ``new_unique`` replaces the scheme, for tests).
-        self._id_prefix = secrets.token_hex(8) if id_prefix is None else id_prefix
+        # The unique part of a booking id: a counter under a keyed hash with a
+        # random key per incarnation. Unique across restarts and shards (128
+        # bits), and unguessable: knowing one's own booking ids tells nothing
+        # of the next one. (``id_seed`` fixes the key, so that replays name
+        # bookings alike; ``new_unique`` replaces the scheme, for tests.)
+        self._id_key = (
+            secrets.token_bytes(BOOKING_ID_KEY_BYTES) if id_seed is None else id_seed.encode()
+        )
         self._ids_issued = 0
         self._new_unique = new_unique
         # Names this incarnation in slot views and queue moves: after a restart,
@@ -350,6 +358,13 @@ class ShardCore:
         self._commands_total += 1
         if type(command) in _READ_ONLY:
             return self._decide(command, now_ms)
+        problems = command_problems(command)
+        if problems is not None:
+            # Refused before it is applied or remembered: its request id or key
+            # may be the very value the database would refuse in the flush.
+            return self._refuse(
+                errors.ValidationFailed, f"cannot be stored: {', '.join(problems)}", problems
+            )
         request_id = command.request_id
         prior = self._outcomes.get(request_id)
         if prior is not None:
@@ -1003,7 +1018,11 @@ class ShardCore:
             raise InvariantViolation(f"slot {slot.id}: second hold for {user_id}")
         if self._new_unique is None:
             self._ids_issued += 1
-            unique = f"{self._id_prefix}{self._ids_issued}"
+            unique = hashlib.blake2b(
+                self._ids_issued.to_bytes(8, "little"),
+                key=self._id_key,
+                digest_size=BOOKING_ID_UNIQUE_BYTES,
+            ).hexdigest()
         else:
             unique = self._new_unique()
         booking = _Booking(

@@ -252,5 +252,22 @@ def test_booking_ids_never_repeat_and_differ_between_incarnations() -> None:
     first, second = _booking_ids(core(), 2_000), _booking_ids(core(), 2_000)
 
     assert len(set(first + second)) == 4_000
-    # A fixed prefix names the bookings of a replay alike.
-    assert _booking_ids(core(id_prefix="r"), 3) == _booking_ids(core(id_prefix="r"), 3)
+    # A fixed seed names the bookings of a replay alike.
+    assert _booking_ids(core(id_seed="r"), 3) == _booking_ids(core(id_seed="r"), 3)
+
+
+def test_a_booking_id_tells_nothing_of_the_next_one() -> None:
+    """Ids are not enumerable: beyond the routing key, consecutive ids share nothing."""
+    core = ShardCore(shard_id=0, shard_count=1, policies={"default": policy()}, now_ms=START_MS)
+    ids = _booking_ids(core, 200)
+    uniques = [booking_id.partition("-b")[2] for booking_id in ids]
+
+    assert len({booking_id[:8] for booking_id in ids}) == 1  # the routing key stays in front
+    assert all(len(unique) >= 32 for unique in uniques)  # 128 bits or more
+    # A shared prefix or a counter would show as long common beginnings.
+    ordered = sorted(uniques)  # the longest shared beginning is between neighbours
+    common = max(
+        next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), len(a))
+        for a, b in itertools.pairwise(ordered)
+    )
+    assert common <= 8
