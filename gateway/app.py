@@ -30,6 +30,7 @@ from engine.core import limits
 from engine.core import protocol as p
 from engine.core.routing import make_slot_id, shard_of_resource
 from engine.core.states import BookingStatus, SlotStatus
+from engine.core.storable import NUL_MESSAGE, text_problem
 from engine.shell.coalescer import EngineClient, RequestIds
 from engine.shell.errors import ShellError
 from gateway import schemas as s
@@ -339,8 +340,10 @@ async def decode_body(request: web.Request, schema: type[T], *, optional: bool =
         if optional:
             return msgspec.convert({}, schema)
         raise ApiError(400, "BadRequest", "a JSON body is required")
-    if request.content_type not in ("application/json", "application/octet-stream", ""):
+    if request.content_type != "application/json":
         raise ApiError(400, "BadRequest", "bodies are JSON (Content-Type: application/json)")
+    if s.nested_deeper_than(raw, s.BODY_DEPTH_MAX):
+        raise ApiError(400, "BadRequest", f"JSON nested deeper than {s.BODY_DEPTH_MAX} levels")
     try:
         return msgspec.json.decode(raw, type=schema)
     except msgspec.ValidationError as error:
@@ -373,6 +376,8 @@ def validation_error(error: msgspec.ValidationError) -> ApiError:
     if named is not None:
         path = f"{path}.{named.group(1)}" if path else named.group(1)
     field = path or "body"
+    if f"matching regex {s.STORABLE_TEXT!r}" in message:
+        message = NUL_MESSAGE
     return ApiError(422, "ValidationError", f"{field}: {message}", {field: message})
 
 
@@ -674,7 +679,7 @@ async def get_booking(request: web.Request) -> web.StreamResponse:
         p.GetBooking(
             request_id=next_id(request),
             booking_id=request.match_info["booking_id"],
-            user_id=who.subject if as_admin else acting_user(who, request.query.get("userId")),
+            user_id=who.subject if as_admin else acting_user(who, user_param(request)),
             as_admin=as_admin,
         ),
     )
@@ -684,7 +689,7 @@ async def get_booking(request: web.Request) -> web.StreamResponse:
 
 async def my_bookings(request: web.Request) -> web.StreamResponse:
     who = principal(request)
-    user_id = acting_user(who, request.query.get("userId"))
+    user_id = acting_user(who, user_param(request))
     problems: dict[str, str] = {}
     limit = max(
         1,
@@ -773,7 +778,7 @@ async def leave_queue(request: web.Request) -> web.StreamResponse:
         p.LeaveQueue(
             request_id=next_id(request),
             slot_id=request.match_info["slot_id"],
-            user_id=acting_user(who, request.query.get("userId")),
+            user_id=acting_user(who, user_param(request)),
         ),
     )
     return web.Response(status=204)
@@ -781,7 +786,7 @@ async def leave_queue(request: web.Request) -> web.StreamResponse:
 
 async def queue_position(request: web.Request) -> web.StreamResponse:
     who = principal(request)
-    user_id = acting_user(who, request.query.get("userId"))
+    user_id = acting_user(who, user_param(request))
     await limit(request, "position", user_id)
     result = await run(
         request,
@@ -796,6 +801,22 @@ async def queue_position(request: web.Request) -> web.StreamResponse:
 
 
 # -- query helpers ------------------------------------------------------------------------
+
+
+def user_param(request: web.Request) -> str | None:
+    """The ``?userId=`` a ``service`` acts for, held to the body's ``userId`` rules."""
+    raw = request.query.get("userId")
+    if raw is None:
+        return None
+    # (An empty one names nobody: ``acting_user`` refuses it as it refuses a missing one.)
+    problem = (
+        f"at most {limits.ID_CHARS_MAX} characters"
+        if len(raw) > limits.ID_CHARS_MAX
+        else text_problem(raw)
+    )
+    if problem is not None:
+        raise ApiError(422, "ValidationError", f"userId: {problem}", {"userId": problem})
+    return raw
 
 
 def _flag(request: web.Request, name: str) -> bool:

@@ -26,6 +26,7 @@ Theory of operation, and why key confusion cannot happen:
 import binascii
 import hashlib
 import json
+import math
 import os
 import secrets
 import stat
@@ -60,6 +61,7 @@ ENV_ALGORITHMS: Final = "SLOTENGINE_JWT_ALGORITHMS"
 ENV_ISSUER: Final = "SLOTENGINE_JWT_ISSUER"
 ENV_AUDIENCE: Final = "SLOTENGINE_JWT_AUDIENCE"
 ENV_LEEWAY_SECONDS: Final = "SLOTENGINE_JWT_LEEWAY_SECONDS"
+ENV_LIFETIME_MAX_SECONDS: Final = "SLOTENGINE_JWT_LIFETIME_MAX_SECONDS"
 
 # -- algorithms ------------------------------------------------------------------
 HMAC_ALGORITHMS: Final = ("HS256", "HS384", "HS512")
@@ -101,6 +103,9 @@ TOKEN_TTL_MAX_S: Final = 366 * 86_400
 # Clock skew between us and an identity provider; past five minutes it is
 # not skew but a broken clock.
 LEEWAY_MAX_S: Final = 300
+# The claims PyJWT reads as ``int(value)``: a numeric string or a boolean would
+# pass there, so they must be JSON numbers (RFC 7519, section 2: NumericDate).
+_TIME_CLAIMS: Final = ("exp", "nbf", "iat")
 # A PEM key is a few KiB and a JWKS a few dozen keys: anything far larger is
 # the wrong file.
 KEY_FILE_BYTES_MAX: Final = 1_048_576
@@ -179,6 +184,9 @@ class AuthSettings(msgspec.Struct, frozen=True, kw_only=True):
     issuer: str | None = None
     audience: str | None = None
     leeway_s: int = 0
+    # The longest a token may still be valid when it is presented: a token
+    # whose ``exp`` lies further ahead is refused, however it was signed.
+    lifetime_max_s: int = TOKEN_TTL_MAX_S
 
     def __repr__(self) -> str:
         # Settings end up in start-up logs: never print the secret.
@@ -284,6 +292,7 @@ def auth_settings_from_env(environ: Mapping[str, str], data_dir: Path) -> AuthSe
     raw_algorithms = _text(environ, ENV_ALGORITHMS)
     algorithms = () if raw_algorithms is None else _parse_algorithms(raw_algorithms)
     leeway_s = _leeway(environ)
+    lifetime_max_s = _lifetime_max(environ)
     if secret is None and public_key_file is None and jwks_file is None:
         secret = load_or_create_secret(data_dir)
     settings = AuthSettings(
@@ -294,6 +303,7 @@ def auth_settings_from_env(environ: Mapping[str, str], data_dir: Path) -> AuthSe
         issuer=_text(environ, ENV_ISSUER),
         audience=_text(environ, ENV_AUDIENCE),
         leeway_s=leeway_s,
+        lifetime_max_s=lifetime_max_s,
     )
     keys = _KeyRing.load(settings)
     return msgspec.structs.replace(settings, algorithms=keys.algorithms)
@@ -320,6 +330,22 @@ def _leeway(environ: Mapping[str, str]) -> int:
     if not 0 <= value <= LEEWAY_MAX_S:
         raise ConfigError(
             f"{ENV_LEEWAY_SECONDS}: expected an integer between 0 and {LEEWAY_MAX_S}, got {raw!r}"
+        )
+    return value
+
+
+def _lifetime_max(environ: Mapping[str, str]) -> int:
+    raw = _text(environ, ENV_LIFETIME_MAX_SECONDS)
+    if raw is None:
+        return TOKEN_TTL_MAX_S
+    try:
+        value = int(raw, 10)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= TOKEN_TTL_MAX_S:
+        raise ConfigError(
+            f"{ENV_LIFETIME_MAX_SECONDS}: expected an integer between 1 and {TOKEN_TTL_MAX_S},"
+            f" got {raw!r}"
         )
     return value
 
@@ -395,6 +421,11 @@ class _KeyRing:
             raise ConfigError(
                 f"{ENV_LEEWAY_SECONDS}: expected an integer between 0 and {LEEWAY_MAX_S}, "
                 f"got {settings.leeway_s}"
+            )
+        if not 1 <= settings.lifetime_max_s <= TOKEN_TTL_MAX_S:
+            raise ConfigError(
+                f"{ENV_LIFETIME_MAX_SECONDS}: expected an integer between 1 and "
+                f"{TOKEN_TTL_MAX_S}, got {settings.lifetime_max_s}"
             )
         if settings.public_key_file is not None and settings.jwks_file is not None:
             raise ConfigError(f"{ENV_JWKS_FILE}: set it or {ENV_PUBLIC_KEY_FILE}, not both")
@@ -605,6 +636,7 @@ class Verifier:
         self._issuer = settings.issuer
         self._audience = settings.audience
         self._leeway_s = settings.leeway_s
+        self._lifetime_max_s = settings.lifetime_max_s
         self._verified: dict[str, Principal] = {}
         self._decoder = jwt.PyJWT(
             options={
@@ -665,6 +697,12 @@ class Verifier:
             )
         except jwt.PyJWTError as error:
             raise AuthError(_describe(error)) from None
+        for name in _TIME_CLAIMS:
+            value = claims.get(name)
+            if value is not None and (type(value) not in (int, float) or not math.isfinite(value)):
+                raise AuthError(f"token {name} claim must be a number")
+        if claims["exp"] - time.time() > self._lifetime_max_s:
+            raise AuthError("token lives longer than this server accepts")
         return _principal(claims)
 
     def _signer(self, token: str) -> _Key:

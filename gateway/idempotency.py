@@ -5,7 +5,7 @@ The shard that runs a command keeps its key's first outcome and replays it
 requests with one key may name slots or bookings on different shards, and a
 shard only knows its own keys. So before a keyed command goes to its shard,
 the gateway records the request's fingerprint under
-``{namespace}:idem:{endpoint}:{user}:{key}`` in Redis (one script: set if
+``{namespace}:idem:{endpoint}:{len(user)}:{user}:{key}`` in Redis (one script: set if
 absent, else compare, atomically, shared by every gateway), and answers
 ``IdempotencyKeyReused`` when the key already stands for another request.
 
@@ -62,7 +62,9 @@ class KeyRegistry:
         self._client = client
 
     def _record(self, endpoint: str, user_id: str, key: str) -> str:
-        return f"{self._prefix}:{endpoint}:{user_id}:{key}"
+        # User ids and keys may both contain ":": the user's length in front
+        # keeps (user "x:y", key "k") and (user "x", key "y:k") apart.
+        return f"{self._prefix}:{endpoint}:{len(user_id)}:{user_id}:{key}"
 
     async def claim(self, endpoint: str, user_id: str, key: str, command: AnyCommand) -> Claim:
         """Record ``command`` as what ``key`` stands for, or compare with what it does."""

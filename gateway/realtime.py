@@ -61,7 +61,7 @@ from engine.shell.coalescer import EngineClient, RequestIds
 from engine.shell.errors import ShellError
 from engine.shell.events import shard_channel, slot_key, user_key
 from gateway import schemas as s
-from gateway.app import ENGINE_KEY, IDS_KEY, ApiError, principal, stamp_headers
+from gateway.app import ENGINE_KEY, IDS_KEY, ApiError, principal, stamp_headers, user_param
 from gateway.auth import acting_user
 
 logger = logging.getLogger("slotengine.realtime")
@@ -916,7 +916,7 @@ async def _heartbeats(outbox: Outbox, every_s: float) -> None:
 
 def _queue_watch(request: web.Request) -> tuple[Interests, Callable[[Outbox], AnyWatch]]:
     who = principal(request)
-    user_id = acting_user(who, request.query.get("userId"))
+    user_id = acting_user(who, user_param(request))
     slot_id = request.match_info["slot_id"]
     app = request.app
     shard = shard_of(slot_id, app[ENGINE_KEY].shard_count)
@@ -940,7 +940,7 @@ async def sse_queue(request: web.Request) -> web.StreamResponse:
 
 async def ws_bookings(request: web.Request) -> web.StreamResponse:
     who = principal(request)
-    user_id = acting_user(who, request.query.get("userId"))
+    user_id = acting_user(who, user_param(request))
     app = request.app
     namespace = _admit(request).bus.namespace
     return await _serve_websocket(

@@ -7,18 +7,28 @@ document, so what validates a request is what the document describes.
 """
 
 import functools
+import re
 import time
 from datetime import UTC, datetime, timedelta
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Final, Literal
 
 import msgspec
 
 from engine.core import limits
 from engine.core.records import Booking, QueueView, SlotView
+from engine.core.storable import metadata_problem
 
-Id = Annotated[str, msgspec.Meta(min_length=1, max_length=limits.ID_CHARS_MAX)]
+# Every string a client sends is stored by PostgreSQL, which refuses U+0000
+# (``engine.core.storable``): the pattern refuses it while decoding, with the
+# field's name, and tells the OpenAPI document.
+STORABLE_TEXT: Final = "^[^\\u0000]*$"
+Id = Annotated[
+    str, msgspec.Meta(min_length=1, max_length=limits.ID_CHARS_MAX, pattern=STORABLE_TEXT)
+]
 Capacity = Annotated[int, msgspec.Meta(ge=1, le=limits.SLOT_CAPACITY_MAX)]
-Reason = Annotated[str, msgspec.Meta(max_length=limits.CANCEL_REASON_CHARS_MAX)]
+Reason = Annotated[
+    str, msgspec.Meta(max_length=limits.CANCEL_REASON_CHARS_MAX, pattern=STORABLE_TEXT)
+]
 SlotStatusName = Literal["AVAILABLE", "RESERVED", "BOOKED", "BLOCKED", "EXPIRED"]
 BookingStatusName = Literal["RESERVED", "CONFIRMED", "EXPIRED", "CANCELLED", "COMPLETED"]
 QueueStatusName = Literal["WAITING", "NOTIFIED", "EXPIRED", "CONVERTED"]
@@ -37,6 +47,9 @@ class CreateSlotBody(_Body, frozen=True):
     metadata: dict[str, Any] = {}
     blocked: bool = False
 
+    def __post_init__(self) -> None:
+        check_metadata(self.metadata)
+
 
 class UpdateSlotBody(_Body, frozen=True):
     start_time: datetime | None = None
@@ -44,6 +57,56 @@ class UpdateSlotBody(_Body, frozen=True):
     capacity: Capacity | None = None
     metadata: dict[str, Any] | None = None
     blocked: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.metadata is not None:
+            check_metadata(self.metadata)
+
+
+def check_metadata(metadata: dict[str, Any]) -> None:
+    """Slot metadata the database stores as it is (``engine.core.storable``).
+
+    Raised from a body's ``__post_init__``, the ValueError is msgspec's
+    ValidationError for the body, in msgspec's own "message - at `path`" form
+    so that the answer names the member at fault.
+    """
+    found = metadata_problem(metadata)
+    if found is not None:
+        where, message = found
+        raise ValueError(f"{message} - at `$.{where}`")
+
+
+# A body is one object around its fields: it may nest one level more than its metadata.
+BODY_DEPTH_MAX: Final = limits.JSON_DEPTH_MAX + 1
+# What the depth check looks at: an escape inside a string (two bytes, so that
+# an escaped quote does not end the string), a quote, and the brackets.
+_JSON_STRUCTURE: Final = re.compile(rb'\\.|["\[\]{}]', re.DOTALL)
+
+
+def nested_deeper_than(raw: bytes, depth_max: int) -> bool:
+    """Whether the JSON text ``raw`` opens more than ``depth_max`` arrays or objects at once.
+
+    Checked on the bytes, before decoding: decoders recurse once a level, and a
+    few kilobytes of brackets would otherwise exhaust the interpreter's stack.
+    Where ``raw`` is malformed the answer holds for its well-formed beginning,
+    which is as far as a decoder reads before it stops.
+    """
+    if raw.count(b"[") + raw.count(b"{") <= depth_max:
+        return False
+    depth = 0
+    in_string = False
+    for token in _JSON_STRUCTURE.findall(raw):
+        if token == b'"':
+            in_string = not in_string
+        elif in_string or len(token) == 2:
+            continue
+        elif token in b"[{":
+            depth += 1
+            if depth > depth_max:
+                return True
+        else:
+            depth -= 1
+    return False
 
 
 class ReserveBody(_Body, frozen=True):
