@@ -28,6 +28,12 @@ LogLevel = Literal["debug", "info", "warning", "error"]
 LOG_LEVELS: Final[tuple[str, ...]] = get_args(LogLevel)
 # Browser origins allowed to call the API, at most this many.
 CORS_ORIGINS_MAX: Final = 64
+# Live connections (WebSocket and SSE) one user may hold across the deployment:
+# a dozen browser tabs, each watching its bookings and a queue or two, fit; a
+# token opening thousands to exhaust a gateway does not. 0 turns the cap off.
+LIVE_CONNECTIONS_PER_USER_MAX_DEFAULT: Final = 32
+# A cap above what several gateways hold together is no cap: refused as a typo.
+LIVE_CONNECTIONS_PER_USER_MAX_BOUND: Final = 100_000
 
 # The domain files shipped inside this package; found through the package's
 # own location so the default holds whatever directory the server starts in.
@@ -71,6 +77,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # Origins (scheme://host[:port]) whose browser pages may call the API; () none.
     cors_origins: tuple[str, ...] = ()
     log_level: LogLevel = "info"
+    # Live connections one user may hold across every gateway; 0 means no cap.
+    live_connections_per_user_max: int = LIVE_CONNECTIONS_PER_USER_MAX_DEFAULT
 
     def __repr__(self) -> str:
         # Settings end up in start-up logs: never print a secret or a password.
@@ -128,6 +136,11 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         data_dir=env.read_or("SLOTENGINE_DATA_DIR", Path, DATA_DIR_DEFAULT),
         cors_origins=env.read_or("SLOTENGINE_CORS_ORIGINS", _origins, ()),
         log_level=env.read_or("SLOTENGINE_LOG_LEVEL", _log_level, "info"),
+        live_connections_per_user_max=env.read_or(
+            "SLOTENGINE_LIVE_CONNECTIONS_PER_USER_MAX",
+            _integer(0, LIVE_CONNECTIONS_PER_USER_MAX_BOUND),
+            LIVE_CONNECTIONS_PER_USER_MAX_DEFAULT,
+        ),
     )
 
 

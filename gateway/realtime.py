@@ -36,6 +36,11 @@ current state first), so a slow client costs bounded memory and never delays
 anyone else. Connections are pinged (WebSocket) or sent a comment (SSE) every
 ``HEARTBEAT_S``.
 
+Each user holds a bounded number of live connections across the deployment:
+a connection takes a place in its user's record in Redis before it subscribes
+or upgrades, and gives it back when it ends (``gateway/connlimit.py``). Past
+the cap the request is answered 429 ``TooManyConnections``.
+
 This module never changes engine state: it reads snapshots and forwards
 committed events.
 """
@@ -63,6 +68,12 @@ from engine.shell.events import shard_channel, slot_key, user_key
 from gateway import schemas as s
 from gateway.app import ENGINE_KEY, IDS_KEY, ApiError, principal, stamp_headers, user_param
 from gateway.auth import acting_user
+from gateway.connlimit import (
+    ConnectionLimiter,
+    ConnectionLimiterUnavailable,
+    Place,
+    TooManyConnections,
+)
 
 logger = logging.getLogger("slotengine.realtime")
 
@@ -725,17 +736,23 @@ class BookingWatch(_WatchBase):
 
 
 class LiveConnections:
-    """The bus and the count of live connections of one gateway process."""
+    """The bus and the count of live connections of one gateway process.
+
+    ``limiter``: the places of each user's live connections, shared with every
+    other gateway; None counts only this process's connections.
+    """
 
     def __init__(
         self,
         bus: EventBus,
         *,
+        limiter: ConnectionLimiter | None = None,
         connections_max: int = CONNECTIONS_MAX,
         outbox_messages_max: int = OUTBOX_MESSAGES_MAX,
         heartbeat_s: float = HEARTBEAT_S,
     ) -> None:
         self.bus = bus
+        self.limiter = limiter
         self.heartbeat_s = heartbeat_s
         self.connections_max = connections_max
         self.outbox_messages_max = outbox_messages_max
@@ -754,6 +771,9 @@ class LiveConnections:
             if ws is not None:
                 with contextlib.suppress(Exception):
                     await ws.close(code=CLOSE_GOING_AWAY, message=b"server shutdown")
+        if self.limiter is not None:
+            # The connections give their places back as they end; any left lapse.
+            await self.limiter.close()
 
 
 LIVE_KEY: Final = web.AppKey("live", LiveConnections)
@@ -803,7 +823,10 @@ async def _watching(
 ) -> AsyncIterator[None]:
     """One live connection, counted, subscribed and holding its first state, until it ends."""
     live.connections[outbox] = ws
+    place: Place | None = None
     try:
+        # First: a user at the cap costs no subscription and no snapshot.
+        place = await _take_place(live, watch.user_id)
         subscribed = await _opened(request, interests, watch, live)
         try:
             yield
@@ -811,6 +834,25 @@ async def _watching(
             await _closed(live, subscribed, watch)
     finally:
         del live.connections[outbox]
+        if live.limiter is not None:
+            await live.limiter.give_back(place)
+
+
+async def _take_place(live: LiveConnections, user_id: str) -> Place | None:
+    if live.limiter is None:
+        return None
+    try:
+        return await live.limiter.take(user_id)
+    except TooManyConnections as exc:
+        raise ApiError(
+            429,
+            "TooManyConnections",
+            f"at most {exc.limit} live connections per user are open; close one first",
+            details={"limit": exc.limit},
+            retry_after_s=exc.retry_after_s,
+        ) from None
+    except ConnectionLimiterUnavailable:
+        raise _unavailable("live updates are unavailable: Redis is unreachable") from None
 
 
 async def _closed(live: LiveConnections, interests: Interests, watch: AnyWatch) -> None:

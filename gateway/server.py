@@ -38,6 +38,7 @@ from engine.shell.coalescer import EngineClient
 from engine.shell.owner import StorageSettings
 from gateway.app import ENGINE_KEY, KEYS_KEY, LIMITER_KEY, TRANSPORT_KEY, create_app
 from gateway.auth import AuthSettings, Verifier, auth_settings_from_env
+from gateway.connlimit import ConnectionLimiter
 from gateway.idempotency import KeyRegistry
 from gateway.logs import configure_logging
 from gateway.observability import OBSERVABILITY_KEY, add_observability
@@ -176,7 +177,14 @@ def build_app(
         )
         bus = EventBus(bus_client, storage.namespace)
         await bus.start()
-        app[LIVE_KEY] = LiveConnections(bus)
+        app[LIVE_KEY] = LiveConnections(
+            bus,
+            limiter=ConnectionLimiter(
+                redis_client,
+                settings.live_connections_per_user_max,
+                namespace=storage.namespace,
+            ),
+        )
         logger.info(
             "serving with %d shards (%s engine, %s durability)",
             settings.shards,
