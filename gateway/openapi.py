@@ -91,12 +91,14 @@ OPERATIONS: Final[tuple[Operation, ...]] = (
               None, {200: s.QueueEntryOut}, (401, 403, 404, 429, 503)),
     Operation("get", "/api/slots/{slotId}/queue/events",
               "Live queue position and slot availability (server-sent events)", "user",
-              None, {200: None}, (401, 403, 404, 503), query=_LIVE_QUERY, live="sse"),
+              None, {200: None}, (401, 403, 404, 429, 503), query=_LIVE_QUERY, live="sse"),
     Operation("get", "/ws/queue/{slotId}",
               "Live queue position and slot availability (WebSocket)", "user",
-              None, {101: None}, (400, 401, 403, 404, 503), query=_LIVE_QUERY, live="websocket"),
+              None, {101: None}, (400, 401, 403, 404, 429, 503), query=_LIVE_QUERY,
+              live="websocket"),
     Operation("get", "/ws/bookings", "Live changes of the caller's bookings (WebSocket)", "user",
-              None, {101: None}, (400, 401, 403, 503), query=_LIVE_QUERY, live="websocket"),
+              None, {101: None}, (400, 401, 403, 429, 503), query=_LIVE_QUERY,
+              live="websocket"),
 )  # fmt: skip
 
 # The messages of the live routes, by their ``type``.

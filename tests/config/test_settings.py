@@ -249,3 +249,15 @@ def test_settings_are_frozen() -> None:
     settings = load_settings({})
     with pytest.raises(AttributeError):
         settings.shards = 9  # type: ignore[misc]
+
+
+def test_live_connections_per_user_default_to_a_cap_and_zero_turns_it_off() -> None:
+    name = "SLOTENGINE_LIVE_CONNECTIONS_PER_USER_MAX"
+    assert load_settings({}).live_connections_per_user_max == 32
+    assert load_settings({name: "0"}).live_connections_per_user_max == 0
+    assert load_settings({name: " 5 "}).live_connections_per_user_max == 5
+    assert load_settings({name: "100000"}).live_connections_per_user_max == 100_000
+    for bad in ("-1", "100001", "many", "2.5"):
+        with pytest.raises(ConfigError) as caught:
+            load_settings({name: bad})
+        assert str(caught.value) == f"{name}: expected an integer between 0 and 100000, got {bad!r}"

@@ -29,6 +29,7 @@ from engine.shell.inproc import OwnedInProcessHost
 from gateway.app import create_app
 from gateway.auth import AuthSettings, Verifier, issue_token
 from gateway.connlimit import ConnectionLimiter, Place, TooManyConnections
+from gateway.openapi import build_document
 from gateway.realtime import EventBus, LiveConnections, add_realtime
 from tests.conftest import REDIS_URL
 from tests.gateway.conftest import SECRET, Token
@@ -400,3 +401,9 @@ async def test_serve_with_two_workers_caps_a_users_live_connections(
                 await ws.close()
     finally:
         _stop_cleanly(served, signal.SIGINT, log_path)
+
+
+def test_the_document_lists_the_refusal_on_every_live_route() -> None:
+    paths = build_document()["paths"]
+    for path in ("/ws/bookings", "/ws/queue/{slotId}", "/api/slots/{slotId}/queue/events"):
+        assert "429" in paths[path]["get"]["responses"], path
