@@ -7,6 +7,7 @@ runs ``slotengine serve --workers 2``.
 """
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -20,6 +21,7 @@ from typing import Any
 import aiohttp
 import pytest
 import redis.asyncio as aioredis
+import redis.exceptions
 from aiohttp.test_utils import TestClient, TestServer
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
@@ -28,13 +30,21 @@ from engine.shell.coalescer import EngineClient
 from engine.shell.inproc import OwnedInProcessHost
 from gateway.app import create_app
 from gateway.auth import AuthSettings, Verifier, issue_token
-from gateway.connlimit import ConnectionLimiter, Place, TooManyConnections
+from gateway.connlimit import (
+    ConnectionLimiter,
+    ConnectionLimiterUnavailable,
+    Place,
+    TooManyConnections,
+)
 from gateway.openapi import build_document
 from gateway.realtime import EventBus, LiveConnections, add_realtime
 from tests.conftest import REDIS_URL
 from tests.gateway.conftest import SECRET, Token
 from tests.gateway.test_api import Client, _slot
 from tests.gateway.test_serve import ROOT, Served, _stop_cleanly
+from tests.support.services import PrivateRedis
+
+pytest_plugins = ["tests.support.fixtures"]
 
 CAP = 3
 # Generous: an answer normally arrives within milliseconds.
@@ -357,6 +367,39 @@ async def test_redis_unreachable_refuses_new_live_connections_like_the_bus_does(
     connections = [await _open(uncapped, _paths(slot_id)[0], "ann") for _ in range(CAP + 1)]
     for connection in connections:
         await _close(connection)
+
+
+async def test_places_outlive_a_redis_outage_and_are_renewed_back_after_it(
+    private_redis: PrivateRedis,
+) -> None:
+    client = _limiter_client(private_redis.url)
+    limiter = ConnectionLimiter(client, CAP, namespace="ns", lease_ms=2_000, renew_every_s=0.05)
+    records = aioredis.Redis.from_url(private_redis.url)
+    try:
+        place = await limiter.take("ann")
+        await private_redis.astop("kill")
+        with pytest.raises(ConnectionLimiterUnavailable):
+            await limiter.take("ann")  # the gateway answers 503 (above)
+        # The renewals fail and go on; the connection keeps its place meanwhile.
+        failures = limiter.statistics().renewal_failures
+        async with asyncio.timeout(ANSWER_LIMIT_S):
+            while limiter.statistics().renewal_failures < failures + 2:
+                await asyncio.sleep(0.01)
+        assert limiter.statistics().held == 1
+        # Back, and empty (no persistence): the next renewal puts the place back.
+        await private_redis.astart()
+        async with asyncio.timeout(ANSWER_LIMIT_S):
+            while True:
+                with contextlib.suppress(redis.exceptions.ConnectionError):
+                    if await records.zcard(limiter.record("ann")) == 1:
+                        break
+                await asyncio.sleep(0.01)
+        await limiter.give_back(place)
+        assert await records.zcard(limiter.record("ann")) == 0
+    finally:
+        await limiter.close()
+        await client.aclose()
+        await records.aclose()
 
 
 async def test_serve_with_two_workers_caps_a_users_live_connections(
