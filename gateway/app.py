@@ -32,7 +32,7 @@ from engine.core.routing import make_slot_id, shard_of_resource
 from engine.core.states import BookingStatus, SlotStatus
 from engine.core.storable import NUL_MESSAGE, text_problem
 from engine.shell.coalescer import EngineClient, RequestIds
-from engine.shell.errors import ShellError
+from engine.shell.errors import ShellError, may_have_applied
 from gateway import schemas as s
 from gateway.auth import AuthError, Forbidden, Principal, Verifier, acting_user, bearer_token
 from gateway.idempotency import Claim, KeyRegistry, KeyRegistryUnavailable
@@ -243,14 +243,7 @@ async def _answer(request: web.Request, handler: Handler, request_id: str) -> we
         )
     except ShellError as error:
         logger.warning("engine unavailable: %r", error, extra={"request_id": request_id})
-        response = error_response(
-            ApiError(
-                503,
-                "ServiceUnavailable",
-                "the engine is unavailable, try again",
-                retry_after_s=RETRY_AFTER_UNAVAILABLE_S,
-            )
-        )
+        response = error_response(engine_unavailable(error))
     except web.HTTPException as error:
         if error.status >= 500:
             raise
@@ -404,8 +397,43 @@ def _public_details(details: dict[str, Any]) -> dict[str, Any]:
     return public
 
 
+_READ_ONLY: Final = frozenset(p.READ_ONLY_COMMANDS)
+
+
+def engine_unavailable(error: ShellError, command: p.AnyCommand | None = None) -> ApiError:
+    """503 for a command the engine could not be asked, or did not answer.
+
+    A change that may have been applied all the same (it reached its shard and
+    no answer came) says so in ``details``, as the shard's own 503s do when a
+    commit was under way: only a retry with the same Idempotency-Key tells what
+    became of it.
+    """
+    unknown = command is not None and type(command) not in _READ_ONLY and may_have_applied(error)
+    return ApiError(
+        503,
+        "ServiceUnavailable",
+        "the engine did not answer: the request may have been applied; retry with the same"
+        " Idempotency-Key to learn its outcome"
+        if unknown
+        else "the engine is unavailable, try again",
+        {p.OUTCOME_DETAIL: p.OUTCOME_UNKNOWN} if unknown else None,
+        retry_after_s=RETRY_AFTER_UNAVAILABLE_S,
+    )
+
+
+async def execute(request: web.Request, command: p.AnyCommand) -> p.AnyResult:
+    """The engine's result for ``command``; its failures to answer as 503 ``ApiError``s."""
+    try:
+        return await request.app[ENGINE_KEY].execute(command)
+    except ShellError as error:
+        logger.warning(
+            "engine unavailable: %r", error, extra={"request_id": request.get(REQUEST_ID_KEY)}
+        )
+        raise engine_unavailable(error, command) from None
+
+
 async def run(request: web.Request, command: p.AnyCommand) -> p.AnyResult:
-    result = await request.app[ENGINE_KEY].execute(command)
+    result = await execute(request, command)
     if isinstance(result, p.Failure):
         raise refusal(result)
     return result
@@ -427,14 +455,21 @@ async def run_keyed(
         raise ApiError(
             409, "IdempotencyKeyReused", "this Idempotency-Key was used for a different request"
         )
+    # A 5xx is not kept, so the key is released for another body; unless the
+    # request may have been applied all the same: then the key stands for it, and
+    # the shard answers a retry with its outcome.
     try:
-        result = await request.app[ENGINE_KEY].execute(command)
-    except ShellError:
-        if claim is Claim.CREATED:
+        result = await execute(request, command)
+    except ApiError as error:
+        if claim is Claim.CREATED and not p.outcome_unknown(error.details):
             await registry.release(endpoint, user_id, key)
         raise
     if isinstance(result, p.Failure):
-        if result.status >= 500 and claim is Claim.CREATED:
+        if (
+            result.status >= 500
+            and claim is Claim.CREATED
+            and not p.outcome_unknown(result.details)
+        ):
             await registry.release(endpoint, user_id, key)
         raise refusal(result)
     return result

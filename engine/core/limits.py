@@ -78,9 +78,18 @@ BATCHES_IN_FLIGHT_MAX: Final = 4
 SHARD_PENDING_CALLS_MAX: Final = 64
 SHARDS_DEFAULT: Final = 4
 SHARDS_MAX: Final = 1_024
-# Retries of a batch whose actor died mid-call, and the pause between them.
+# Retries of a batch whose actor died mid-call, and the first pause between them
+# (it doubles): a connection that broke and came back at once is resent within
+# milliseconds, and several resends fit in SHARD_UNAVAILABLE_PATIENCE_MS.
 BATCH_RETRIES_MAX: Final = 5
-BATCH_RETRY_BACKOFF_MS: Final = 200
+BATCH_RETRY_BACKOFF_MS: Final = 100
+# How long a caller keeps resending a batch whose shard cannot be reached (its
+# engine process or actor died, restarts, or is still starting) before it
+# answers 503: about a second, so that a client learns of the fault at once and
+# comes back with its Idempotency-Key, instead of waiting out a restart (an
+# engine process's lasts as long as its leases take to lapse). Counted from the
+# first failure; every resend's own timeout ends with it too.
+SHARD_UNAVAILABLE_PATIENCE_MS: Final = 1_000
 # Every wait on an actor call has a limit.
 ACTOR_CALL_TIMEOUT_MS: Final = 30_000
 

@@ -12,7 +12,7 @@ answers a replay with that outcome, or ``IdempotencyKeyReused`` if the
 fingerprint differs.
 """
 
-from typing import Any
+from typing import Any, Final
 
 import msgspec
 
@@ -191,6 +191,19 @@ class Failure(Result, gc=False, frozen=True, kw_only=True):
     details: dict[str, Any] = {}
     # For 503 (a dependency is down) and 429: when to try again.
     retry_after_s: int | None = None
+
+
+# A 503 whose change may have been applied all the same (its commit was under way
+# when storage failed, or it was sent and no answer came back) says so in its
+# details: {"outcome": "unknown"}. A retry with the same Idempotency-Key returns
+# what became of it; a 503 without it applied nothing.
+OUTCOME_DETAIL: Final = "outcome"
+OUTCOME_UNKNOWN: Final = "unknown"
+
+
+def outcome_unknown(details: dict[str, Any]) -> bool:
+    """Whether a refusal's ``details`` say that its change may have been applied."""
+    return details.get(OUTCOME_DETAIL) == OUTCOME_UNKNOWN
 
 
 AnyResult = SlotResult | SlotPage | BookingResult | BookingPage | QueueResult | Done | Failure

@@ -19,6 +19,11 @@ It owns the per-shard queues of waiting commands and the retry policy. A batch
 that failed because its actor died is resent as the same bytes (the same
 request ids), so the shard's request-id memory applies it once. Backpressure
 from the shard is waited out with backoff; every wait is bounded by a timeout.
+A shard that cannot be reached is resent to for ``SHARD_UNAVAILABLE_PATIENCE_MS``
+from the first failure, no longer: then the batch fails, as
+``ShardUnavailable`` when an attempt may have been applied (its outcome is
+unknown) and as the failure that applied nothing otherwise
+(``errors.may_have_applied`` tells them apart).
 
 It must never: build or change a command's request id on a retry; wait without
 a limit; queue without a limit (``Overloaded`` instead); import Ray (transports
@@ -58,9 +63,10 @@ from engine.core.protocol import (
 from engine.shell.errors import (
     Overloaded,
     ShardBusy,
-    ShardCallTimeout,
     ShardFailed,
     ShardUnavailable,
+    ShellError,
+    may_have_applied,
 )
 from engine.shell.transport import ShardTransport
 
@@ -167,6 +173,7 @@ class EngineClient:
         call_timeout_ms: int = limits.ACTOR_CALL_TIMEOUT_MS,
         retries_max: int = limits.BATCH_RETRIES_MAX,
         retry_backoff_ms: int = limits.BATCH_RETRY_BACKOFF_MS,
+        unavailable_patience_ms: int = limits.SHARD_UNAVAILABLE_PATIENCE_MS,
     ) -> None:
         self._transport = transport
         self._shard_count = transport.shard_count
@@ -180,6 +187,7 @@ class EngineClient:
         self._call_timeout_ms = call_timeout_ms
         self._retries_max = retries_max
         self._retry_backoff_ms = retry_backoff_ms
+        self._unavailable_patience_ms = unavailable_patience_ms
         self._codec = BatchCodec()
         self._lanes = [_Lane(shard) for shard in range(self._shard_count)]
         self._tasks: set[asyncio.Task[None]] = set()
@@ -380,28 +388,55 @@ class EngineClient:
         busy_deadline = loop.time() + self._call_timeout_ms / 1000
         busy_backoff_ms = limits.BUSY_BACKOFF_FIRST_MS
         failures = 0
+        timeout_ms = self._call_timeout_ms
+        # Set by the first failure to reach the shard: every resend, and each pause
+        # before one, ends by then.
+        patience_deadline: float | None = None
+        # Whether an attempt so far may have been applied: then the outcome is unknown.
+        delivered = False
         call_batch = self._transport.call_batch
         while True:
             try:
                 if on_early is None:
-                    return await call_batch(shard, data, self._call_timeout_ms)
-                return await call_batch(shard, data, self._call_timeout_ms, on_early)
-            except ShardUnavailable:
+                    return await call_batch(shard, data, timeout_ms)
+                return await call_batch(shard, data, timeout_ms, on_early)
+            except ShardUnavailable as exc:
+                delivered = delivered or may_have_applied(exc)
                 failures += 1
-                if failures > self._retries_max:
+                now = loop.time()
+                if patience_deadline is None:
+                    patience_deadline = now + self._unavailable_patience_ms / 1000
+                backoff_s = _jittered_s(self._retry_backoff_ms * 2 ** (failures - 1))
+                if failures > self._retries_max or now + backoff_s >= patience_deadline:
+                    if delivered and not may_have_applied(exc):
+                        raise _maybe_applied(shard, exc) from exc
                     raise
                 self._retries += 1
-                backoff_ms = self._retry_backoff_ms * 2 ** (failures - 1)
-                await asyncio.sleep(_jittered_s(backoff_ms))
+                await asyncio.sleep(backoff_s)
+                timeout_ms = max(1, int((patience_deadline - loop.time()) * 1000))
             except ShardBusy as exc:
-                remaining_s = busy_deadline - loop.time()
+                deadline = busy_deadline
+                if patience_deadline is not None:
+                    deadline = min(deadline, patience_deadline)
+                remaining_s = deadline - loop.time()
                 if remaining_s <= 0:
-                    raise ShardCallTimeout(
+                    if delivered:
+                        raise _maybe_applied(shard, exc) from exc
+                    raise ShardBusy(
                         f"shard {shard} stayed busy for {self._call_timeout_ms} ms"
                     ) from exc
                 self._busy_retries += 1
                 await asyncio.sleep(min(_jittered_s(busy_backoff_ms), remaining_s))
                 busy_backoff_ms = min(2 * busy_backoff_ms, limits.BUSY_BACKOFF_MAX_MS)
+
+
+def _maybe_applied(shard: int, last: ShellError) -> ShardUnavailable:
+    """The failure of a batch that an earlier attempt may have applied, though the
+    last one (``last``) applied nothing: its outcome is unknown all the same."""
+    return ShardUnavailable(
+        f"shard {shard}: no answer to a batch that reached it, then {last}"
+        " (the batch may have been applied)"
+    )
 
 
 def _jittered_s(backoff_ms: float) -> float:

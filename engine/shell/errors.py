@@ -3,6 +3,11 @@
 Transports map their own exceptions (Ray's, asyncio's) onto these once, at the
 adapter boundary, so nothing above a transport imports Ray to handle a failure.
 Business refusals never appear here: they are ``protocol.Failure`` results.
+
+Whether a failed batch may have been applied all the same is part of each
+failure's meaning (``may_have_applied``): a batch that left and got no answer
+may have been applied and committed; one that never reached its shard, or was
+refused before it ran, was not.
 """
 
 
@@ -15,6 +20,11 @@ class ShardUnavailable(ShellError):
 
     Resending the same batch is safe: the shard deduplicates by request id.
     """
+
+
+class ShardUnreachable(ShardUnavailable):
+    """The batch never reached its shard (no connection, the shard still starting): nothing
+    was applied."""
 
 
 class ShardBusy(ShellError):
@@ -35,3 +45,11 @@ class BatchRejected(ShardFailed):
 
 class Overloaded(ShellError):
     """Too many commands wait for one shard on the caller's side; nothing was sent."""
+
+
+def may_have_applied(error: ShellError) -> bool:
+    """Whether the batch that failed with ``error`` may have been applied: it reached
+    its shard (or may have) and no answer came back."""
+    return isinstance(error, ShardUnavailable | ShardCallTimeout) and not isinstance(
+        error, ShardUnreachable
+    )

@@ -60,6 +60,7 @@ _ERRORS: Final[dict[str, type[errors.ShellError]]] = {
     for cls in (
         errors.ShellError,
         errors.ShardUnavailable,
+        errors.ShardUnreachable,
         errors.ShardBusy,
         errors.ShardCallTimeout,
         errors.ShardFailed,
@@ -243,7 +244,9 @@ class LocalEngineTransport:
 
     One connection, reopened on the next call after it broke; calls in flight
     when it broke fail with ``ShardUnavailable`` (they may or may not have
-    been applied: the coalescer resends, and the shards deduplicate).
+    been applied: the coalescer resends, and the shards deduplicate). A call
+    that finds no engine listening fails at once with ``ShardUnreachable``
+    (nothing was sent).
     """
 
     def __init__(self, path: str, shard_count: int) -> None:
@@ -342,7 +345,7 @@ class LocalEngineTransport:
         try:
             _, protocol = await loop.create_unix_connection(_ClientProtocol, self._path)
         except OSError as exc:
-            raise errors.ShardUnavailable(f"the engine process is not reachable: {exc}") from exc
+            raise errors.ShardUnreachable(f"the engine process is not reachable: {exc}") from exc
         return protocol
 
 
@@ -376,7 +379,7 @@ class _ClientProtocol(asyncio.Protocol):
         self, call: Call, on_partial: Callable[[bytes], None] | None = None
     ) -> "asyncio.Future[Reply]":
         if self._transport is None:
-            raise errors.ShardUnavailable("the connection to the engine process broke")
+            raise errors.ShardUnreachable("the connection to the engine process broke")
         future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         self._pending[call.call_id] = future
         if on_partial is not None:

@@ -37,6 +37,7 @@ from engine.shell.errors import (
     ShardCallTimeout,
     ShardFailed,
     ShardUnavailable,
+    ShardUnreachable,
     ShellError,
 )
 from engine.shell.gc_tuning import tune_gc
@@ -135,7 +136,13 @@ class ShardActor:
                 on_stopped=_exit_after_stop,
             )
 
-    async def _started(self) -> None:
+    async def _started(self, wait_ms: int | None = None) -> None:
+        """Start the shard's owner (once), and wait for it: up to ``wait_ms`` if given.
+
+        Raises ``ShardUnreachable`` (nothing applied) if the start failed, or is
+        still under way after ``wait_ms``: a batch does not wait out a start that
+        waits for a lease or a database, its caller answers 503 meanwhile.
+        """
         owner = self._owner
         if owner is None:
             assert self._runtime is not None
@@ -143,11 +150,15 @@ class ShardActor:
             return
         if self._starting is None:
             self._starting = asyncio.get_running_loop().create_task(owner.start())
+        starting = self._starting
         try:
-            await asyncio.shield(self._starting)
+            async with asyncio.timeout(None if wait_ms is None else wait_ms / 1000):
+                await asyncio.shield(starting)
         except Exception as exc:
+            if not starting.done():
+                raise ShardUnreachable(f"shard {self._shard_id} is still starting") from None
             self._starting = None
-            raise ShardUnavailable(f"shard {self._shard_id} could not start: {exc!r}") from exc
+            raise ShardUnreachable(f"shard {self._shard_id} could not start: {exc!r}") from exc
 
     async def ready(self) -> ShardIdentity:
         """Start serving (idempotent) and say who this actor is."""
@@ -162,8 +173,14 @@ class ShardActor:
     async def execute_batch(self, data: bytes) -> bytes:
         """The encoded reply behind a one-byte frame header (see ``unframe_reply``)."""
         if self._owner is not None:
-            if self._starting is None or not self._starting.done():
-                await self._started()
+            starting = self._starting
+            if (
+                starting is None
+                or not starting.done()
+                or starting.cancelled()
+                or starting.exception() is not None
+            ):
+                await self._started(limits.SHARD_UNAVAILABLE_PATIENCE_MS)
             return frame_reply(await self._owner.execute_batch(data))
         assert self._runtime is not None
         return frame_reply(await self._runtime.execute_batch(data))

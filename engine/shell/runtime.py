@@ -29,6 +29,8 @@ from engine.core.clock import Clock
 from engine.core.errors import ServiceUnavailable, require
 from engine.core.policy import DomainPolicy
 from engine.core.protocol import (
+    OUTCOME_DETAIL,
+    OUTCOME_UNKNOWN,
     READ_ONLY_COMMANDS,
     AnyCommand,
     AnyEvent,
@@ -156,12 +158,15 @@ class MemoryEventSink:
 _READ_ONLY: Final = frozenset(READ_ONLY_COMMANDS)
 
 
-def service_unavailable(reason: str) -> Failure:
-    """The answer to a change refused because a dependency is down: nothing was applied."""
+def service_unavailable(reason: str, *, outcome_unknown: bool = False) -> Failure:
+    """The answer to a command refused because a dependency is down: nothing was
+    applied, or with ``outcome_unknown``, the change may have been applied all the
+    same (its commit was under way when storage failed)."""
     return Failure(
         status=ServiceUnavailable.status,
         code=ServiceUnavailable.code,
         message=reason,
+        details={OUTCOME_DETAIL: OUTCOME_UNKNOWN} if outcome_unknown else {},
         retry_after_s=limits.RETRY_AFTER_S,
     )
 

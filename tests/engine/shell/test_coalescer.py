@@ -8,7 +8,14 @@ import pytest
 from engine.core import limits
 from engine.core import protocol as p
 from engine.shell.coalescer import EngineClient, shard_for
-from engine.shell.errors import Overloaded, ShardBusy, ShardCallTimeout, ShardUnavailable
+from engine.shell.errors import (
+    Overloaded,
+    ShardBusy,
+    ShardCallTimeout,
+    ShardUnavailable,
+    ShardUnreachable,
+    may_have_applied,
+)
 from engine.shell.inproc import InProcessHost
 from engine.shell.runtime import RuntimeStatistics
 from tests.engine.shell.conftest import POLICIES, SHARDS, WAIT_LIMIT_S, Engine
@@ -19,9 +26,12 @@ class FaultyTransport:
 
     def __init__(self, host: InProcessHost) -> None:
         self.host = host
-        # "lost": apply, then lose the reply; "dead": fail before applying; "busy": refuse.
+        # "lost": apply, then lose the reply; "dead": fail before applying; "busy": refuse;
+        # "unreachable": never reach the shard; "silent": no answer until the call's timeout.
         self.faults: list[str] = []
         self.sent: list[bytes] = []
+        # The timeout each call was given.
+        self.timeouts_ms: list[int] = []
         self.gate: asyncio.Event | None = None
         self.calls_waiting = 0
 
@@ -33,6 +43,7 @@ class FaultyTransport:
         self, shard: int, data: bytes, timeout_ms: int, on_early: Any = None
     ) -> bytes:
         self.sent.append(data)
+        self.timeouts_ms.append(timeout_ms)
         if self.gate is not None:
             self.calls_waiting += 1
             await self.gate.wait()
@@ -42,6 +53,11 @@ class FaultyTransport:
             raise ShardBusy("too many pending calls")
         if fault == "dead":
             raise ShardUnavailable("actor died")
+        if fault == "unreachable":
+            raise ShardUnreachable("no engine listens")
+        if fault == "silent":
+            await asyncio.sleep(timeout_ms / 1000)
+            raise ShardCallTimeout(f"no answer in {timeout_ms} ms")
         reply = await self.host.call_batch(shard, data, timeout_ms, on_early)
         if fault == "lost":
             raise ShardUnavailable("actor died after applying")
@@ -89,6 +105,52 @@ async def test_a_reply_lost_after_applying_is_resent_and_applied_once(
     assert (await faulty.statistics(shard, 10_000)).core.replays_total == 1
 
 
+async def test_a_shard_unreachable_past_the_patience_fails_the_batch_as_applying_nothing(
+    faulty: FaultyTransport,
+) -> None:
+    engine = engine_over(faulty, retries_max=1_000, unavailable_patience_ms=200)
+    slot_id = await engine.slot(capacity=3)
+    faulty.sent.clear()
+    faulty.faults = ["unreachable"] * 10_000
+
+    with pytest.raises(ShardUnreachable) as failed:
+        async with asyncio.timeout(WAIT_LIMIT_S):
+            await engine.reserve(slot_id, "alice")
+
+    assert not may_have_applied(failed.value)
+    # Resent while the patience lasted, then given up: not a thousand times.
+    assert 2 <= len(faulty.sent) < 20
+    faulty.faults = []
+    assert (await engine.view(slot_id)).held_count == 0
+
+
+async def test_a_batch_that_reached_its_shard_fails_past_the_patience_as_outcome_unknown(
+    faulty: FaultyTransport,
+) -> None:
+    engine = engine_over(faulty, retries_max=1_000, unavailable_patience_ms=200)
+    slot_id = await engine.slot(capacity=3)
+    faulty.sent.clear()
+    faulty.timeouts_ms.clear()
+    # Applied, its reply lost; then the shard cannot be reached, or does not answer.
+    faulty.faults = ["lost", "unreachable", "silent"] * 1_000
+    reserve = p.Reserve(request_id=engine.ids.next(), slot_id=slot_id, user_id="alice")
+
+    with pytest.raises((ShardUnavailable, ShardCallTimeout)) as failed:
+        async with asyncio.timeout(WAIT_LIMIT_S):
+            await engine.client.execute(reserve)
+
+    assert may_have_applied(failed.value)
+    assert len(set(faulty.sent)) == 1  # the same bytes every time
+    # Only the first call waited the full call timeout; every resend ended with the patience.
+    assert faulty.timeouts_ms[0] == limits.ACTOR_CALL_TIMEOUT_MS
+    assert all(timeout_ms <= 200 for timeout_ms in faulty.timeouts_ms[1:])
+    # It was applied: asked again (the same request id), the shard answers the first outcome.
+    faulty.faults = []
+    held = await engine.client.execute(reserve)
+    assert held.status == 201
+    assert (await engine.view(slot_id)).held_count == 1
+
+
 async def test_backpressure_is_waited_out(faulty: FaultyTransport) -> None:
     engine = engine_over(faulty)
     slot_id = await engine.slot(capacity=3)
@@ -115,13 +177,17 @@ async def test_retries_are_limited(faulty: FaultyTransport) -> None:
     assert (stats.retries, stats.failed_batches) == (2, 1)
 
 
-async def test_backpressure_that_never_clears_ends_in_a_timeout(faulty: FaultyTransport) -> None:
+async def test_backpressure_that_never_clears_ends_in_a_refusal_that_applied_nothing(
+    faulty: FaultyTransport,
+) -> None:
     engine = engine_over(faulty, call_timeout_ms=20)
     slot_id = await engine.slot(capacity=3)
     faulty.faults = ["busy"] * 10_000
 
-    with pytest.raises(ShardCallTimeout):
+    with pytest.raises(ShardBusy, match="stayed busy") as refused:
         await engine.reserve(slot_id, "alice")
+
+    assert not may_have_applied(refused.value)
 
 
 async def test_a_shard_with_too_many_waiting_commands_sheds_load(faulty: FaultyTransport) -> None:
