@@ -16,6 +16,8 @@ from typing import Final
 
 import asyncpg
 
+from engine.core import limits
+
 MIGRATIONS_DIR: Final = Path(__file__).resolve().parent / "migrations"
 # An arbitrary constant shared by every process that migrates this schema.
 MIGRATION_LOCK_KEY: Final = 0x510E_E461
@@ -96,7 +98,11 @@ async def migrate(connection: asyncpg.Connection, directory: Path = MIGRATIONS_D
 
 
 async def migrate_url(url: str) -> list[str]:
-    connection = await asyncpg.connect(url)
+    # Every shard owner runs this at its start: a database that does not answer
+    # fails the start at once (the caller tries again) rather than hanging it.
+    # Statements keep no limit: a migration may rewrite a large table, and
+    # waiting for another process's migration is waiting for the lock.
+    connection = await asyncpg.connect(url, timeout=limits.DATABASE_CONNECT_TIMEOUT_MS / 1000)
     try:
         return await migrate(connection)
     finally:

@@ -92,20 +92,31 @@ async def deployment_namespace(connection: asyncpg.Connection) -> str:
 
 async def fence_token(connection: asyncpg.Connection, shard: int) -> int:
     """The newest token that wrote for ``shard`` (0 if none)."""
-    token = await connection.fetchval("SELECT token FROM shard_fences WHERE shard = $1", shard)
+    token = await connection.fetchval(
+        "SELECT token FROM shard_fences WHERE shard = $1",
+        shard,
+        timeout=limits.DATABASE_STATEMENT_TIMEOUT_MS / 1000,
+    )
     return int(token or 0)
 
 
 async def take_over(
-    connection: asyncpg.Connection, shard: int, token: int, owner: str, now_ms: int
+    connection: asyncpg.Connection,
+    shard: int,
+    token: int,
+    owner: str,
+    now_ms: int,
+    *,
+    timeout_s: float = limits.SHARD_LOAD_TIMEOUT_MS / 1000,
 ) -> ShardSnapshot:
     """Write ``token`` to the shard's fence and load the shard, in one transaction.
 
     The fence moves only to a newer token, or stays with the same token and
-    owner (an owner reloading after a failed flush). Holding the fence row's
-    lock while loading means a late flush of a previous owner either committed
-    before (and is loaded) or runs after and is rejected: it can never land
-    unseen between the takeover and this owner's first write.
+    owner. Holding the fence row's lock while loading means a late flush of a
+    previous owner (or of this owner's state before a reload, which had an
+    older token) either committed before (and is loaded) or runs after and is
+    rejected: it can never land unseen between the takeover and this owner's
+    first write. Each statement may take ``timeout_s``.
     """
     async with connection.transaction():
         accepted = await connection.fetchval(
@@ -120,14 +131,15 @@ async def take_over(
             shard,
             token,
             owner,
+            timeout=timeout_s,
         )
         if accepted is None:
             raise StaleToken(await fence_token(connection, shard))
-        return await _load(connection, shard, token, now_ms)
+        return await _load(connection, shard, token, now_ms, timeout_s)
 
 
 async def _load(
-    connection: asyncpg.Connection, shard: int, token: int, now_ms: int
+    connection: asyncpg.Connection, shard: int, token: int, now_ms: int, timeout_s: float
 ) -> ShardSnapshot:
     codecs = Codecs()
     ended_cutoff_ms = now_ms - limits.ENDED_SLOT_RETENTION_MS
@@ -141,6 +153,7 @@ async def _load(
         """,
         shard,
         ended_cutoff_ms,
+        timeout=timeout_s,
     )
     slots = [
         StoredSlot(
@@ -166,6 +179,7 @@ async def _load(
         shard,
         ended_cutoff_ms,
         final_cutoff_ms,
+        timeout=timeout_s,
     )
     bookings = msgspec.convert([dict(row) for row in booking_rows], list[Booking])
     entry_rows = await connection.fetch(
@@ -176,6 +190,7 @@ async def _load(
         """,
         shard,
         ended_cutoff_ms,
+        timeout=timeout_s,
     )
     entries = msgspec.convert([dict(row) for row in entry_rows], list[QueueEntry])
     outcome_rows = await connection.fetch(
@@ -186,6 +201,7 @@ async def _load(
         """,
         shard,
         now_ms - limits.REQUEST_OUTCOMES_RETENTION_MS,
+        timeout=timeout_s,
     )
     outcomes: list[OutcomeRecord] = []
     for row in outcome_rows:
@@ -203,6 +219,7 @@ async def _load(
         shard,
         now_ms - limits.IDEMPOTENCY_RETENTION_MS,
         limits.IDEMPOTENCY_RECORDS_MAX,
+        timeout=timeout_s,
     )
     keys = [
         KeyRecord(
@@ -336,4 +353,5 @@ async def purge_request_outcomes(connection: asyncpg.Connection, shard: int, now
         "DELETE FROM request_outcomes WHERE shard = $1 AND at_ms < $2",
         shard,
         now_ms - limits.REQUEST_OUTCOMES_RETENTION_MS,
+        timeout=limits.DATABASE_STATEMENT_TIMEOUT_MS / 1000,
     )

@@ -16,6 +16,8 @@ interval).
 A failed flush is never retried by the writer: the shard's memory is ahead
 of the database, so every waiting reply fails with ``StorageUnavailable`` and
 ``on_failed`` tells the owner to rebuild the shard from PostgreSQL. A flush
+that takes longer than ``WRITER_FLUSH_TIMEOUT_MS`` counts as failed, though it
+may still commit: what waited on it is in doubt, not refused. A flush
 refused by the fence calls ``on_fenced``: another owner took over.
 """
 

@@ -145,8 +145,27 @@ WRITER_PENDING_EVENTS_MAX: Final = 50_000
 # One flush (one transaction) carries at most this many events; more pending
 # go in the next one. Busy shards reach 400-600 events a flush at 1,000 callers.
 WRITER_FLUSH_EVENTS_MAX: Final = 5_000
-# One flush (a transaction) may take this long before it counts as failed.
-WRITER_FLUSH_TIMEOUT_MS: Final = 10_000
+# One flush (a transaction) may take this long before it counts as failed, and
+# its waiting changes get 503 (their outcome unknown: it may have committed).
+# A full flush commits in tens of milliseconds; a client that booked waits for
+# its flush, so this is what a stalled PostgreSQL adds to an answer at most.
+WRITER_FLUSH_TIMEOUT_MS: Final = 2_000
+# Opening a connection to PostgreSQL: the server answers in milliseconds, or it
+# is down and the shard answers 503 meanwhile anyway.
+DATABASE_CONNECT_TIMEOUT_MS: Final = 2_000
+# Any other statement of a shard owner (the fence token, the purge of old
+# request outcomes, a transaction's BEGIN and ROLLBACK): each is a short
+# statement, and one that hangs must fail while a client still waits.
+DATABASE_STATEMENT_TIMEOUT_MS: Final = 2_000
+# Loading a shard (its slots, bookings, queues, outcomes and keys) takes seconds
+# for a large one; meanwhile the shard answers 503 at once, so this only ends a
+# load that hangs, and the owner tries again.
+SHARD_LOAD_TIMEOUT_MS: Final = 60_000
+# Every Redis call (a lease, a fencing token, a publish, a rate limit, an
+# idempotency record): Redis answers in a millisecond, so one that has not
+# answered in half a second is down or frozen, and the request that needs it
+# gets 503 instead of a hang. Well within a lease renewal period.
+REDIS_CALL_TIMEOUT_MS: Final = 500
 # A shard owner's lease in Redis, its renewal period, and the margin for clock
 # drift: an owner that could not renew stops taking changes this long before
 # its lease would lapse.

@@ -13,8 +13,9 @@ hundreds of events per flush, and a round of Redis commands per event would
 cost the shard more CPU than the events themselves.
 
 Publishing is off the request path: replies never wait for it. When Redis is
-down, events are dropped (counted and logged): live subscribers detect the gap
-and read their state again.
+down (or does not answer within ``REDIS_CALL_TIMEOUT_MS``), events are dropped
+(counted and logged): live subscribers detect the gap and read their state
+again.
 
 Nobody listening, nothing published. PUBLISH answers how many connections
 received the message; once one that was sent after the last watch request
@@ -38,6 +39,7 @@ import msgspec
 import redis.asyncio as aioredis
 import redis.exceptions
 
+from engine.core import limits
 from engine.core.protocol import AnyEvent, BookingChanged, QueueChanged, QueueMoved, SlotChanged
 
 logger = logging.getLogger(__name__)
@@ -155,11 +157,12 @@ class EventPublisher:
             try:
                 receivers = 0
                 for message in self._messages(events):
-                    receivers = await self._client.publish(self._channel, message)
+                    async with asyncio.timeout(limits.REDIS_CALL_TIMEOUT_MS / 1000):
+                        receivers = await self._client.publish(self._channel, message)
                 self.published += len(events)
                 if not receivers and watches == self._watches:
                     # Nobody subscribed before this was sent, and no watch asked since.
                     self._on = False
-            except (redis.exceptions.RedisError, OSError) as exc:
+            except (redis.exceptions.RedisError, OSError, TimeoutError) as exc:
                 self.dropped += len(events)
                 logger.warning("events not published (%d dropped so far): %r", self.dropped, exc)

@@ -11,11 +11,21 @@ step in Redis.
 its last confirmed renewal plus the TTL minus a drift margin, measured from
 when the renewal was *sent*. An owner that cannot reach Redis therefore stops
 taking changes before another owner can possibly get the lease.
+
+``advance`` gives the holder a new token, renewing the lease in the same
+script: an owner that reloads its shard (after a failed flush) writes with a
+token its previous state never had, so a flush of that state still running in
+PostgreSQL is fenced off instead of landing after the reload.
+
+Every call is bounded by ``REDIS_CALL_TIMEOUT_MS`` whatever the client's own
+options (``TimeoutError``): a frozen Redis never holds an owner up.
 """
 
+import asyncio
 import time
+from collections.abc import Awaitable
 from enum import Enum
-from typing import Final
+from typing import Final, TypeVar
 
 import redis.asyncio as aioredis
 
@@ -46,6 +56,20 @@ end
 return 0
 """
 
+_ADVANCE: Final = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then
+    return false
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+local token = redis.call('INCR', KEYS[2])
+local floor = tonumber(ARGV[3])
+if token <= floor then
+    token = floor + 1
+    redis.call('SET', KEYS[2], token)
+end
+return token
+"""
+
 _RELEASE: Final = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
     return redis.call('DEL', KEYS[1])
@@ -62,8 +86,16 @@ class Renewal(Enum):
     TAKEN = "taken"
 
 
+_T = TypeVar("_T")
+
+
 def _monotonic_ms() -> int:
     return time.monotonic_ns() // 1_000_000
+
+
+async def _bounded(call: Awaitable[_T]) -> _T:
+    async with asyncio.timeout(limits.REDIS_CALL_TIMEOUT_MS / 1000):
+        return await call
 
 
 class ShardLease:
@@ -88,6 +120,7 @@ class ShardLease:
         self._token_key = f"{namespace}:shard:{shard}:token"
         self._acquire = client.register_script(_ACQUIRE)
         self._renew = client.register_script(_RENEW)
+        self._advance = client.register_script(_ADVANCE)
         self._release = client.register_script(_RELEASE)
         self.token: int | None = None
         # Monotonic ms until which this owner may take changes.
@@ -111,9 +144,11 @@ class ShardLease:
         the same, should they be alive after all.
         """
         sent_ms = _monotonic_ms()
-        token = await self._acquire(
-            keys=[self._owner_key, self._token_key],
-            args=[self.owner, self.ttl_ms, floor, succeeds],
+        token = await _bounded(
+            self._acquire(
+                keys=[self._owner_key, self._token_key],
+                args=[self.owner, self.ttl_ms, floor, succeeds],
+            )
         )
         if token is None:
             return None
@@ -123,16 +158,33 @@ class ShardLease:
 
     async def renew(self) -> Renewal:
         sent_ms = _monotonic_ms()
-        if await self._renew(keys=[self._owner_key], args=[self.owner, self.ttl_ms]):
+        if await _bounded(self._renew(keys=[self._owner_key], args=[self.owner, self.ttl_ms])):
             self._valid_until_ms = sent_ms + self.ttl_ms - self.margin_ms
             return Renewal.RENEWED
         self._valid_until_ms = 0
-        holder = await self._client.get(self._owner_key)
+        holder = await _bounded(self._client.get(self._owner_key))
         return Renewal.LAPSED if holder is None else Renewal.TAKEN
+
+    async def advance(self) -> int | None:
+        """A new fencing token for the lease this owner holds, which is renewed with
+        it; None (and the lease forgotten) if this owner does not hold it any more."""
+        sent_ms = _monotonic_ms()
+        token = await _bounded(
+            self._advance(
+                keys=[self._owner_key, self._token_key],
+                args=[self.owner, self.ttl_ms, self.token or 0],
+            )
+        )
+        if token is None:
+            self.forget()
+            return None
+        self.token = int(token)
+        self._valid_until_ms = sent_ms + self.ttl_ms - self.margin_ms
+        return self.token
 
     async def release(self) -> None:
         self._valid_until_ms = 0
-        await self._release(keys=[self._owner_key], args=[self.owner])
+        await _bounded(self._release(keys=[self._owner_key], args=[self.owner]))
 
     def forget(self) -> None:
         """Stop counting on the lease (after losing it), without asking Redis."""

@@ -7,10 +7,13 @@ serves batches through a ``ShardRuntime`` whose events go to a
 ``ShardWriter`` (write-behind, group commit). A renewal task keeps the lease.
 
 States: STARTING -> SERVING <-> REBUILDING, and STOPPED for good.
-- A flush that fails (PostgreSQL down, a safety net of the database refused
-  it): the waiting replies get 503, the in-memory state is dropped (it is
-  ahead of the database) and the owner reloads the shard from PostgreSQL,
-  retrying until it can. Meanwhile every command is answered 503.
+- A flush that fails (PostgreSQL down or frozen past the flush timeout, a
+  safety net of the database refused it): the waiting replies get 503 with
+  their outcome unknown (a flush that timed out may still commit), the
+  in-memory state is dropped (it is ahead of the database) and the owner
+  reloads the shard from PostgreSQL with a new fencing token, retrying until
+  it can: the failed flush, should it still be running, is fenced off rather
+  than landing after the reload. Meanwhile every command is answered 503.
 - The lease cannot be renewed (Redis down): changes are refused with 503
   before the lease could lapse; reads and timers go on. When Redis answers
   again, a still-held lease just continues; a lapsed one is taken again with a
@@ -35,14 +38,16 @@ import asyncpg
 import msgspec
 import redis.asyncio as aioredis
 import redis.exceptions
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 from engine.core import limits
 from engine.core.clock import Clock
 from engine.core.errors import InvariantViolation
 from engine.core.policy import DomainPolicy
-from engine.core.protocol import BatchCodec
+from engine.core.protocol import READ_ONLY_COMMANDS, BatchCodec
 from engine.core.shard import ShardCore
-from engine.shell.errors import ShardFailed, ShardUnavailable
+from engine.shell.errors import ShardFailed, ShardUnreachable
 from engine.shell.events import EventPublisher, PublisherStatistics
 from engine.shell.lease import Renewal, ShardLease
 from engine.shell.runtime import RuntimeStatistics, ShardRuntime, service_unavailable
@@ -54,6 +59,7 @@ from persistence.writer import ShardWriter, StorageUnavailable, WriterStatistics
 logger = logging.getLogger(__name__)
 
 _REDIS_ERRORS: Final = (redis.exceptions.RedisError, OSError, asyncio.TimeoutError)
+_READ_ONLY: Final = frozenset(READ_ONLY_COMMANDS)
 _DATABASE_ERRORS: Final = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
 
 
@@ -145,12 +151,15 @@ class ShardOwner:
         applied = await migrate_url(self._storage.database_url)
         if applied:
             logger.info("shard %d applied migrations %s", self.shard_id, applied)
-        # A Redis call may take at most one renewal period: the lease is judged by
-        # the local clock, so a hung call must not outlast it.
+        # A Redis call fails fast and is not retried by the client (the lease's and
+        # the publisher's loops try again themselves): the lease is judged by the
+        # local clock, so a hung call must not outlast a renewal period.
+        redis_timeout_s = limits.REDIS_CALL_TIMEOUT_MS / 1000
         self._redis = aioredis.Redis.from_url(
             self._storage.redis_url,
-            socket_timeout=self._storage.lease_renew_every_ms / 1000,
-            socket_connect_timeout=self._storage.lease_renew_every_ms / 1000,
+            socket_timeout=redis_timeout_s,
+            socket_connect_timeout=redis_timeout_s,
+            retry=Retry(NoBackoff(), 0),
         )
         if self._storage.publish_events:
             self._publisher = EventPublisher(self._redis, self._storage.namespace, self.shard_id)
@@ -170,7 +179,7 @@ class ShardOwner:
                 break
             except _LeaseBusy:
                 if loop.time() > deadline:
-                    raise ShardUnavailable(
+                    raise ShardUnreachable(
                         f"shard {self.shard_id}: another owner holds the lease"
                     ) from None
                 await asyncio.sleep(self._storage.lease_renew_every_ms / 1000 / 4)
@@ -184,8 +193,9 @@ class ShardOwner:
         await asyncio.sleep(every_s)
 
         async def connect() -> asyncpg.Connection:
+            # Its statements are bounded by the round's own timeout.
             return await asyncpg.connect(
-                self._storage.database_url, timeout=limits.WRITER_FLUSH_TIMEOUT_MS / 1000
+                self._storage.database_url, timeout=limits.DATABASE_CONNECT_TIMEOUT_MS / 1000
             )
 
         await run_periodically(connect, every_s)
@@ -226,11 +236,12 @@ class ShardOwner:
             try:
                 return await runtime.execute_batch(data, on_early)
             except StorageUnavailable as exc:
-                return self._refuse_all(data, f"storage failed: {exc}")
+                # Applied, handed to a flush that failed: it may have committed all the same.
+                return self._refuse_all(data, f"storage failed: {exc}", outcome_unknown=True)
         if self.state is OwnerState.REBUILDING:
             return self._refuse_all(data, "the shard is reloading from storage")
         if self.state is OwnerState.STARTING:
-            raise ShardUnavailable(f"shard {self.shard_id} is starting")
+            raise ShardUnreachable(f"shard {self.shard_id} is starting")
         raise ShardFailed(f"shard {self.shard_id} stopped: {self._stop_reason}")
 
     def statistics(self) -> OwnerStatistics:
@@ -255,10 +266,17 @@ class ShardOwner:
     def runtime(self) -> ShardRuntime | None:
         return self._runtime
 
-    def _refuse_all(self, data: bytes, reason: str) -> bytes:
+    def _refuse_all(self, data: bytes, reason: str, *, outcome_unknown: bool = False) -> bytes:
+        """503 to every command of a batch; with ``outcome_unknown``, its changes (not
+        its reads) say that they may have been applied."""
         commands = self._codec.decode_batch(data)
         unavailable = service_unavailable(reason)
-        return self._codec.encode_reply([unavailable] * len(commands))
+        if not outcome_unknown:
+            return self._codec.encode_reply([unavailable] * len(commands))
+        unknown = service_unavailable(reason, outcome_unknown=True)
+        return self._codec.encode_reply(
+            [unavailable if type(command) in _READ_ONLY else unknown for command in commands]
+        )
 
     def _write_gate(self) -> str | None:
         lease = self._lease
@@ -350,8 +368,12 @@ class ShardOwner:
     async def _connect(self) -> asyncpg.Connection:
         connection = self._connection
         if connection is None or connection.is_closed():
+            # Every statement on it is bounded: the flushes by the writer's timeout,
+            # the load by its own, anything else (a BEGIN, a ROLLBACK) by this one.
             connection = await asyncpg.connect(
-                self._storage.database_url, timeout=limits.WRITER_FLUSH_TIMEOUT_MS / 1000
+                self._storage.database_url,
+                timeout=limits.DATABASE_CONNECT_TIMEOUT_MS / 1000,
+                command_timeout=limits.DATABASE_STATEMENT_TIMEOUT_MS / 1000,
             )
             self._connection = connection
         return connection
@@ -391,10 +413,17 @@ class ShardOwner:
             try:
                 lease = self._lease
                 assert lease is not None
+                # A new token even while the lease holds: a flush of the dropped state
+                # may still be running in PostgreSQL (one that timed out may yet
+                # commit), and the fence must refuse it rather than let it land
+                # after the reload, unseen by the reloaded state.
+                token = None
                 if lease.token is not None and lease.holds():
-                    await self._load(lease.token)
-                else:
+                    token = await lease.advance()
+                if token is None:
                     await self._load_with_new_lease()
+                else:
+                    await self._load(token)
                 return
             except _LeaseBusy:
                 if not await self._lease_free_or_mine():

@@ -12,6 +12,9 @@ lost. So the test can fail, and the fence is what makes it pass.
 """
 
 import asyncio
+import os
+import secrets
+import signal
 
 import asyncpg
 import pytest
@@ -20,7 +23,12 @@ from engine.core import protocol as p
 from engine.core.states import BookingStatus
 from engine.shell.clock import SystemClock
 from engine.shell.owner import OwnerState
+from persistence.embedded import create_database
+from persistence.migrate import migrate_url
 from tests.persistence.helpers import Driver, create_slot, make_owner, request_id, slot_on
+from tests.support.services import PrivatePostgres
+
+pytest_plugins = ["tests.support.fixtures"]
 
 LEASE_TTL_MS = 1_500
 LEASE_MARGIN_MS = 300
@@ -123,3 +131,66 @@ async def test_a_paused_owner_whose_lease_lapsed_cannot_write_after_a_takeover(
     assert successor.state is OwnerState.SERVING
     await successor.close()
     await zombie.close()
+
+
+async def test_a_flush_that_timed_out_and_commits_after_the_reload_is_fenced_off(
+    private_postgres: PrivatePostgres, redis_namespace: str
+) -> None:
+    """An owner's own flush in doubt: it timed out, the owner reloaded, then it ran.
+
+    The flush's backend is frozen with the statement in its socket: the flush
+    times out, its reply is 503 with the outcome unknown, and the owner reloads
+    the shard (without the change). Then the backend wakes and runs the
+    statement. Had the reload kept the token, the fence would take it (same
+    token, same owner) and the database would hold a hold the owner's memory
+    lacks: a slot that is full on disk and free in memory. The reload takes a
+    new token, so the late flush is refused.
+    """
+    database_url = private_postgres.url_for(f"zombie_{secrets.token_hex(4)}")
+    await create_database(database_url)
+    await migrate_url(database_url)
+    owner = make_owner(database_url, redis_namespace, owner="owner-a")
+    await owner.start()
+    db = await asyncpg.connect(database_url)
+    frozen: int | None = None
+    try:
+        drive = Driver(owner)
+        slot_id = slot_on(0, 1)
+        assert (await drive.one(create_slot(slot_id, SystemClock().now_ms(), capacity=1))).status
+        token_before = owner.statistics().token
+        # The owner's one connection: the only other client of this database.
+        frozen = await db.fetchval(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
+            " AND pid <> pg_backend_pid() AND backend_type = 'client backend'"
+        )
+        assert frozen is not None
+        os.kill(frozen, signal.SIGSTOP)
+
+        doubt = await drive.one(p.Reserve(request_id=request_id(), slot_id=slot_id, user_id="zed"))
+        assert isinstance(doubt, p.Failure) and doubt.status == 503, doubt
+        assert p.outcome_unknown(doubt.details)
+        async with asyncio.timeout(30):
+            while owner.state is not OwnerState.SERVING:
+                await asyncio.sleep(0.02)
+        token_after = owner.statistics().token
+        assert token_before is not None and token_after is not None
+        assert token_after > token_before
+
+        # The frozen backend wakes, runs the late flush, and goes.
+        os.kill(frozen, signal.SIGCONT)
+        async with asyncio.timeout(30):
+            while await db.fetchval("SELECT 1 FROM pg_stat_activity WHERE pid = $1", frozen):
+                await asyncio.sleep(0.02)
+        frozen = None
+
+        assert await db.fetchval("SELECT count(*) FROM bookings WHERE slot_id = $1", slot_id) == 0
+        view = await drive.one(p.GetSlot(request_id=request_id(), slot_id=slot_id))
+        assert isinstance(view, p.SlotResult) and view.slot.held_count == 0
+        held = await drive.one(p.Reserve(request_id=request_id(), slot_id=slot_id, user_id="amy"))
+        assert isinstance(held, p.BookingResult) and held.status == 201, held
+        assert await db.fetchval("SELECT held_count FROM slots WHERE id = $1", slot_id) == 1
+    finally:
+        if frozen is not None:
+            os.kill(frozen, signal.SIGCONT)
+        await db.close()
+        await owner.close()

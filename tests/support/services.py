@@ -226,6 +226,25 @@ def _group_alive(group: int) -> bool:
     return False
 
 
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid``."""
+    children: list[int] = []
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return children
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        # After the command: state, ppid.
+        if int(fields[1]) == pid:
+            children.append(int(entry.name))
+    return children
+
+
 def _wait_group_gone(group: int, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while _group_alive(group):
@@ -310,19 +329,35 @@ class _Server:
         return self._process.pid if self.running and self._process is not None else None
 
     def pause(self) -> None:
-        """Freeze the server (SIGSTOP): connections hang instead of being refused."""
+        """Freeze the server (SIGSTOP), every process of it: new connections hang
+        instead of being refused, and so do the statements of open ones.
+
+        The server's own process group first, so that it starts nothing new; then
+        its children that left that group (PostgreSQL's backends each run in a
+        session of their own).
+        """
         with self._lock:
             if self._process is None or not self.running:
                 raise RuntimeError(f"the private {self._kind} is not running")
             os.killpg(self._process.pid, signal.SIGSTOP)
             self._paused = True
+            for child in _children(self._process.pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(child, signal.SIGSTOP)
 
     def resume(self) -> None:
         """Let a paused server run again (SIGCONT). Does nothing if not paused."""
         with self._lock:
             if self._process is not None and self._paused and self.running:
-                os.killpg(self._process.pid, signal.SIGCONT)
+                self._continue(self._process.pid)
             self._paused = False
+
+    @staticmethod
+    def _continue(pid: int) -> None:
+        for child in _children(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signal.SIGCONT)
+        os.killpg(pid, signal.SIGCONT)
 
     def close(self) -> None:
         """Stop the server at once and delete its files. Idempotent."""
@@ -367,7 +402,7 @@ class _Server:
             return
         if process.poll() is None:
             if self._paused and signal_number != signal.SIGKILL:
-                os.killpg(process.pid, signal.SIGCONT)  # a stopped server cannot shut down
+                self._continue(process.pid)  # a stopped server cannot shut down
             if signal_number == signal.SIGKILL:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(process.pid, signal.SIGKILL)

@@ -110,6 +110,22 @@ async def test_postgres_paused_hangs_connections_until_resumed(
     assert await fetch(private_postgres, "SELECT 1") == 1
 
 
+async def test_postgres_paused_hangs_the_statements_of_open_connections_too(
+    private_postgres: PrivatePostgres,
+) -> None:
+    connection = await connect(private_postgres)
+    try:
+        private_postgres.pause()
+        try:
+            with pytest.raises(TimeoutError):
+                await connection.fetchval("SELECT 1", timeout=0.5)
+        finally:
+            private_postgres.resume()
+    finally:
+        connection.terminate()
+    assert await fetch(private_postgres, "SELECT 1") == 1
+
+
 async def test_postgres_a_paused_server_still_stops(private_postgres: PrivatePostgres) -> None:
     private_postgres.pause()
     await private_postgres.astop("fast")
