@@ -11,11 +11,16 @@ absent, else compare, atomically, shared by every gateway), and answers
 
 Requests without a key never touch Redis. A record lives as long as the
 shard keeps the outcome (24 h). An answer the contract says is not stored
-(5xx) releases the record it created, so a retry may carry another body.
-Redis down: a keyed request cannot be checked across shards, and is refused
-with 503 like the other state changes that need Redis.
+(5xx) releases the record it created, so a retry may carry another body;
+unless the request may have been applied all the same (a 503 whose outcome
+is unknown): then the key keeps standing for it, and the retry with the same
+key learns its outcome from the shard. Redis down or frozen: a keyed request
+cannot be checked across shards, and is refused with 503 like the other
+state changes that need Redis, within ``REDIS_CALL_TIMEOUT_MS`` whatever the
+client's own timeouts.
 """
 
+import asyncio
 import contextlib
 import enum
 import hashlib
@@ -29,6 +34,7 @@ from engine.core.protocol import AnyCommand
 from engine.core.shard import fingerprint as shard_fingerprint
 
 RECORD_TTL_S: Final = limits.IDEMPOTENCY_RETENTION_MS // 1000
+_CALL_TIMEOUT_S: Final = limits.REDIS_CALL_TIMEOUT_MS / 1000
 
 # KEYS[1] the record; ARGV[1] the fingerprint, ARGV[2] the TTL in seconds.
 # Answers 1 created, 2 the same request again, 0 another request.
@@ -69,19 +75,21 @@ class KeyRegistry:
     async def claim(self, endpoint: str, user_id: str, key: str, command: AnyCommand) -> Claim:
         """Record ``command`` as what ``key`` stands for, or compare with what it does."""
         try:
-            answer = await self._script(
-                keys=[self._record(endpoint, user_id, key)],
-                args=[fingerprint(command), RECORD_TTL_S],
-            )
-        except (redis.exceptions.RedisError, OSError) as exc:
-            raise KeyRegistryUnavailable(str(exc)) from exc
+            async with asyncio.timeout(_CALL_TIMEOUT_S):
+                answer = await self._script(
+                    keys=[self._record(endpoint, user_id, key)],
+                    args=[fingerprint(command), RECORD_TTL_S],
+                )
+        except (redis.exceptions.RedisError, OSError, TimeoutError) as exc:
+            raise KeyRegistryUnavailable(repr(exc)) from exc
         return Claim(int(answer))
 
     async def release(self, endpoint: str, user_id: str, key: str) -> None:
         """Forget a record this request created (its answer is not kept)."""
         # On failure it expires by itself; a retry with another body waits for that.
-        with contextlib.suppress(redis.exceptions.RedisError, OSError):
-            await self._client.delete(self._record(endpoint, user_id, key))
+        with contextlib.suppress(redis.exceptions.RedisError, OSError, TimeoutError):
+            async with asyncio.timeout(_CALL_TIMEOUT_S):
+                await self._client.delete(self._record(endpoint, user_id, key))
 
 
 def fingerprint(command: AnyCommand) -> str:

@@ -48,10 +48,11 @@ load the calls grow instead of multiplying, and each call skips the client's
 per-command layers (pool checkout, retries, instrumentation), which cost
 several times the round trip's own CPU.
 
-Build the client with short ``socket_connect_timeout`` / ``socket_timeout``
-and few or no retries (redis-py retries a failed connection three times with
-backoff by default, seconds in all): they bound what an unreachable Redis adds
-to a request's latency.
+Each call is bounded by ``REDIS_CALL_TIMEOUT_MS`` whatever the client's own
+options, so a frozen Redis answers as an unreachable one does. Build the
+client with short ``socket_connect_timeout`` / ``socket_timeout`` and few or
+no retries all the same (redis-py retries a failed connection three times with
+backoff by default): a call that gives up early leaves room for the next one.
 """
 
 import asyncio
@@ -68,6 +69,7 @@ import redis.exceptions
 from redis.asyncio.connection import AbstractConnection
 
 from config.settings import ConfigError
+from engine.core import limits
 
 ENDPOINTS: Final[tuple[str, ...]] = ("reserve", "queue_join", "position", "cancel")
 # Endpoints admitted without a check while Redis is unreachable (see above).
@@ -276,8 +278,13 @@ class RateLimiter:
         for endpoint, _, _ in batch:
             args.extend(self._shape[endpoint])
         try:
-            reply = await self._evaluate([key for _, key, _ in batch], args)
-        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as error:
+            async with asyncio.timeout(limits.REDIS_CALL_TIMEOUT_MS / 1000):
+                reply = await self._evaluate([key for _, key, _ in batch], args)
+        except (
+            redis.exceptions.ConnectionError,
+            redis.exceptions.TimeoutError,
+            TimeoutError,
+        ) as error:
             for endpoint, _, future in batch:
                 if future.done():
                     continue
@@ -285,7 +292,7 @@ class RateLimiter:
                     future.set_result(_UNMETERED)
                 else:
                     future.set_exception(
-                        RateLimiterUnavailable(f"rate limits unavailable: {error}")
+                        RateLimiterUnavailable(f"rate limits unavailable: {error!r}")
                     )
             return
         except BaseException as error:
