@@ -281,22 +281,27 @@ async def test_inproc_workers_share_one_engine_process_which_is_restarted_when_i
                 ) as read:
                     assert read.status == 200 and (await read.json())["status"] == "RESERVED"
 
-            # The engine process dies: the workers answer 503 until its
-            # replacement has reloaded the shards, then the hold is back.
+            # The engine process dies: the workers answer 503 at once (within about
+            # a second, with a retry hint) until its replacement has reloaded the
+            # shards, then the hold is back.
             (first,) = engine_pids()
             os.kill(first, signal.SIGKILL)
             statuses: set[int] = set()
             async with asyncio.timeout(120):
                 while True:
+                    asked = time.monotonic()
                     async with session.get(
                         f"{served.base}/api/bookings/{held['id']}", headers=bearer
                     ) as read:
+                        assert time.monotonic() - asked < 3.0, "an answer waited out the outage"
                         statuses.add(read.status)
                         if read.status == 200:
                             assert (await read.json())["status"] == "RESERVED"
                             break
                         assert read.status == 503, await read.text()
+                        assert read.headers["Retry-After"] == "1"
                     await asyncio.sleep(0.2)
+            assert 503 in statuses
             assert len(engine_pids()) == 2 and engine_pids()[1] != first
             async with session.get(f"{served.base}/health") as health:
                 assert health.status == 200, await health.text()
