@@ -115,7 +115,9 @@ _STATUS_TEXT: Final = {
     400: "Malformed JSON or wrong content type", 401: "Missing or bad token",
     403: "Wrong role", 404: "Unknown id (or another user's)", 409: "Business conflict",
     413: "Body too large", 422: "Validation error", 429: "Rate limited",
-    503: "A dependency is down",
+    503: "A dependency is down: try again after retryAfter seconds. details.outcome"
+         " = \"unknown\": the change reached the engine and no answer came back; it may"
+         " have been applied, and a retry with the same Idempotency-Key returns its outcome",
 }  # fmt: skip
 
 
