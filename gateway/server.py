@@ -34,6 +34,7 @@ from redis.retry import Retry
 
 from config.domains import load_policies
 from config.settings import ConfigError, Settings
+from engine.core.limits import REDIS_CALL_TIMEOUT_MS
 from engine.shell.coalescer import EngineClient
 from engine.shell.owner import StorageSettings
 from gateway.app import ENGINE_KEY, KEYS_KEY, LIMITER_KEY, TRANSPORT_KEY, create_app
@@ -60,8 +61,9 @@ STOP_SIGNALS: Final = (signal.SIGINT, signal.SIGTERM)
 # burst of a thousand users connecting at once must not find the queue full (a
 # dropped SYN is retried after a second).
 LISTEN_BACKLOG: Final = 4096
-# Redis calls of the gateway (rate limits) fail fast: a request must not hang on them.
-REDIS_TIMEOUT_S: Final = 0.5
+# Redis calls of the gateway (rate limits, idempotency keys) fail fast: a request
+# must not hang on them (each call is bounded by the same limit in its own code).
+REDIS_TIMEOUT_S: Final = REDIS_CALL_TIMEOUT_MS / 1000
 
 
 @dataclass(frozen=True)
