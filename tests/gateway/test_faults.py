@@ -282,7 +282,7 @@ async def test_engine_process_killed_in_flight_requests_answer_fast_and_retries_
                 assert await stored_bookings(db, slot_id, user) == [booking_id]
                 if committed[user]:
                     assert committed[user] == [booking_id]
-                # The key still stands for the request that may have been applied.
+                # The key stands for that request: another body with it is refused.
                 reused = await reserve(api, other_slot, user, key=f"key-{user}")
                 assert reused.status == 409, reused
                 assert reused.body["error"] == "IdempotencyKeyReused"
