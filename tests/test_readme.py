@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from persistence.embedded import POSTGRES_SUBDIR, REDIS_SUBDIR, stop_postgres, stop_redis
+
 README = Path(__file__).resolve().parents[1] / "README.md"
 QUICK_START_PORT = 8080
 # Creating the embedded databases and starting Ray take most of it.
@@ -55,15 +57,22 @@ def test_the_quick_start_works_as_printed(tmp_path: Path) -> None:
         and not name.startswith("SLOTENGINE_")
     }
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    done = subprocess.run(
-        ["bash", "-e", "-c", quick_start_block()],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=QUICK_START_TIMEOUT_S,
-        check=False,
-    )
+    try:
+        done = subprocess.run(
+            ["bash", "-e", "-c", quick_start_block()],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=QUICK_START_TIMEOUT_S,
+            check=False,
+        )
+    finally:
+        # The embedded services outlive the server by design (a restart reuses
+        # them); the test leaves nothing running.
+        data_dir = tmp_path / ".slotengine"
+        stop_redis(data_dir / REDIS_SUBDIR)
+        stop_postgres(data_dir / POSTGRES_SUBDIR)
     assert done.returncode == 0, done.stdout + done.stderr[-4000:]
     answers = [json.loads(line) for line in done.stdout.splitlines() if line.strip()]
     queued, confirmed, cancelled, position = answers
