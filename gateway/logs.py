@@ -7,7 +7,9 @@ log shipper never stalls a request.
 What may appear in a line is an allow-list: the message, the logger, the
 level, the time, and the ``extra`` fields named in ``FIELDS``. Tokens never
 reach a log (query strings and headers are not logged), user ids are not
-logged (personal data), and URLs have their passwords masked.
+logged (personal data), and URLs have their passwords masked. Should a token
+slip into a message or a traceback all the same (a library quoting a request),
+``RedactTokens`` masks anything shaped like a JWT in every record written.
 """
 
 import contextlib
@@ -39,6 +41,16 @@ FIELDS: Final = (
 PENDING_RECORDS_MAX: Final = 100_000
 
 _PASSWORD_IN_URL: Final = re.compile(r"(//[^/@:\s]*:)[^/@\s]*@")
+# A JWT's header and claims are base64url JSON objects, so each starts with "eyJ"
+# ('{"'); its parts are joined by dots. The match goes on across a stray byte as
+# a parser quotes it (raw, "\x01", "%01"), so that the rest of a token split by
+# one (its signature) is masked with it.
+_JWT: Final = re.compile(
+    r"eyJ[A-Za-z0-9_-]*"
+    r"(?:(?:\.|\\+x[0-9A-Fa-f]{2}|\\+[a-z0-9]|%[0-9A-Fa-f]{2}|[\x00-\x1f\x7f])+[A-Za-z0-9_-]*)*"
+)
+_JWT_MARK: Final = "eyJ"
+REDACTED_TOKEN: Final = "[redacted token]"
 _encode = msgspec.json.Encoder().encode
 _TRACEBACKS: Final = logging.Formatter()
 
@@ -68,6 +80,38 @@ def _timestamp(created: float) -> str:
         time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
         + f".{int((created - whole) * 1000):03d}Z"
     )
+
+
+class RedactTokens(logging.Filter):
+    """Masks anything shaped like a JWT in a record: its message, traceback and fields.
+
+    It changes the record itself, before any handler formats it: the message
+    is merged with its arguments and the traceback formatted here.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:
+            # A format string its arguments do not fit: the string alone (the
+            # arguments may be anything).
+            message = f"unformattable log message {record.msg!r}"
+        record.msg = _JWT.sub(REDACTED_TOKEN, message) if _JWT_MARK in message else message
+        record.args = None
+        if record.exc_info:
+            if not record.exc_text:
+                record.exc_text = _TRACEBACKS.formatException(record.exc_info)
+            # Formatters would format it again from exc_info, token and all.
+            record.exc_info = None
+        if record.exc_text and _JWT_MARK in record.exc_text:
+            record.exc_text = _JWT.sub(REDACTED_TOKEN, record.exc_text)
+        if record.stack_info and _JWT_MARK in record.stack_info:
+            record.stack_info = _JWT.sub(REDACTED_TOKEN, record.stack_info)
+        for name in FIELDS:
+            value = record.__dict__.get(name)
+            if isinstance(value, str) and _JWT_MARK in value:
+                record.__dict__[name] = _JWT.sub(REDACTED_TOKEN, value)
+        return True
 
 
 class _DroppingQueueHandler(logging.handlers.QueueHandler):
@@ -100,7 +144,11 @@ def configure_logging(level: str, stream: IO[str] | None = None) -> logging.hand
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)
-    root.addHandler(_DroppingQueueHandler(records))
+    enqueue = _DroppingQueueHandler(records)
+    # On the handler, not the root logger: a logger's filters skip the records
+    # its children pass up to it.
+    enqueue.addFilter(RedactTokens())
+    root.addHandler(enqueue)
     root.setLevel(level.upper())
     # Libraries' chatter stays at warning unless asked for.
     for noisy in ("aiohttp.access", "asyncio"):

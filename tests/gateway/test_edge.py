@@ -162,3 +162,39 @@ def test_configured_logging_writes_json_lines_from_a_thread_with_tracebacks() ->
     assert [line["msg"] for line in lines] == ["shown 1", "failed"]
     assert lines[0]["shard"] == 3
     assert "ValueError: broken" in lines[1]["exc"]
+
+
+def test_anything_shaped_like_a_token_is_masked_in_every_record_written() -> None:
+    """A last line of defence: a library quoting a request with its token in it."""
+    token = issue_token(SECRET, "ann", "user", 600)
+    stream = io.StringIO()
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level)
+    writer = configure_logging("debug", stream)
+    try:
+        library = logging.getLogger("aiohttp.server")
+        library.debug("header %r refused", f"Authorization: Bearer {token}\x01")
+        try:
+            raise ValueError(f"bad line b'GET /ws/queue/s?token={token[:50]}\\x01{token[50:]}'")
+        except ValueError:
+            library.exception("Error handling request")
+        logging.getLogger("slotengine.access").info(
+            "request", extra={"request_id": token, "status": 400}
+        )
+        logging.getLogger("slotengine.check").info("no token in %s", "this one")
+    finally:
+        writer.stop()
+        for handler in list(root.handlers):
+            root.removeHandler(handler)
+        for handler in saved[0]:
+            root.addHandler(handler)
+        root.setLevel(saved[1])
+    output = stream.getvalue()
+    lines = [json.loads(line) for line in output.splitlines()]
+    assert len(lines) == 4
+    for part in token.split("."):
+        assert part not in output
+    assert lines[0]["msg"].startswith("header 'Authorization: Bearer [redacted")
+    assert "ValueError: bad line" in lines[1]["exc"] and "redacted" in lines[1]["exc"]
+    assert "redacted" in lines[2]["request_id"] and lines[2]["status"] == 400
+    assert lines[3]["msg"] == "no token in this one"
