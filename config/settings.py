@@ -40,6 +40,17 @@ LIVE_CONNECTIONS_PER_USER_MAX_BOUND: Final = 100_000
 DOMAINS_DIR_DEFAULT: Final = Path(__file__).resolve().parent / "domains"
 DATA_DIR_DEFAULT: Final = Path(".slotengine")
 
+# Slow clients: a request's headers must arrive within the first from their first
+# byte, its body within the second once the handler reads it. Both are small
+# (headers a few hundred bytes, bodies at most 16 KB) and any client sends them
+# at once: 10 s leaves room for three lost packets resent on TCP's backoff
+# (1 + 2 + 4 s) on a poor link, and bounds what a trickling client holds to 10 s.
+HEADER_TIMEOUT_DEFAULT_S: Final = 10
+BODY_TIMEOUT_DEFAULT_S: Final = 10
+# Longer would not matter: a connection idle between requests, half-sent headers
+# included, is closed silently after the 75 s keep-alive timeout.
+READ_TIMEOUT_MAX_S: Final = 60
+
 DATABASE_URL_SCHEMES: Final = ("postgresql", "postgres")
 REDIS_URL_SCHEMES: Final = ("redis", "rediss", "unix")
 
@@ -79,6 +90,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     log_level: LogLevel = "info"
     # Live connections one user may hold across every gateway; 0 means no cap.
     live_connections_per_user_max: int = LIVE_CONNECTIONS_PER_USER_MAX_DEFAULT
+    header_timeout_seconds: int = HEADER_TIMEOUT_DEFAULT_S
+    body_timeout_seconds: int = BODY_TIMEOUT_DEFAULT_S
 
     def __repr__(self) -> str:
         # Settings end up in start-up logs: never print a secret or a password.
@@ -140,6 +153,16 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
             "SLOTENGINE_LIVE_CONNECTIONS_PER_USER_MAX",
             _integer(0, LIVE_CONNECTIONS_PER_USER_MAX_BOUND),
             LIVE_CONNECTIONS_PER_USER_MAX_DEFAULT,
+        ),
+        header_timeout_seconds=env.read_or(
+            "SLOTENGINE_HEADER_TIMEOUT_SECONDS",
+            _integer(1, READ_TIMEOUT_MAX_S),
+            HEADER_TIMEOUT_DEFAULT_S,
+        ),
+        body_timeout_seconds=env.read_or(
+            "SLOTENGINE_BODY_TIMEOUT_SECONDS",
+            _integer(1, READ_TIMEOUT_MAX_S),
+            BODY_TIMEOUT_DEFAULT_S,
         ),
     )
 

@@ -35,6 +35,7 @@ from engine.shell.coalescer import EngineClient, RequestIds
 from engine.shell.errors import ShellError, may_have_applied
 from gateway import schemas as s
 from gateway.auth import AuthError, Forbidden, Principal, Verifier, acting_user, bearer_token
+from gateway.connection import read_body
 from gateway.idempotency import Claim, KeyRegistry, KeyRegistryUnavailable
 from gateway.openapi import add_openapi
 from gateway.ratelimit import RateLimiter, RateLimiterUnavailable
@@ -328,7 +329,7 @@ async def decode_body(request: web.Request, schema: type[T], *, optional: bool =
         raise web.HTTPRequestEntityTooLarge(
             max_size=BODY_BYTES_MAX, actual_size=request.content_length
         )
-    raw = await request.read()
+    raw = await read_body(request)
     if not raw.strip():
         if optional:
             return msgspec.convert({}, schema)

@@ -40,6 +40,7 @@ from engine.shell.owner import StorageSettings
 from gateway.app import ENGINE_KEY, KEYS_KEY, LIMITER_KEY, TRANSPORT_KEY, create_app
 from gateway.auth import AuthSettings, Verifier, auth_settings_from_env
 from gateway.connlimit import ConnectionLimiter
+from gateway.connection import ReadTimeouts, serve_app
 from gateway.idempotency import KeyRegistry
 from gateway.logs import configure_logging
 from gateway.observability import OBSERVABILITY_KEY, add_observability
@@ -372,16 +373,17 @@ def _run_worker(
     # Each live connection is some hundred tracked objects: with the default
     # thresholds a full collection stalls a busy gateway for most of a second.
     tune_gc()
-    web.run_app(
+    serve_app(
         app,
         host=options.host,
         port=options.port,
+        read_timeouts=ReadTimeouts(
+            header_s=settings.header_timeout_seconds, body_s=settings.body_timeout_seconds
+        ),
         reuse_port=options.workers > 1,
         backlog=LISTEN_BACKLOG,
-        loop=uvloop.new_event_loop(),
-        shutdown_timeout=SHUTDOWN_TIMEOUT_S,
-        print=logger.info,
-        access_log=None,
+        shutdown_timeout_s=SHUTDOWN_TIMEOUT_S,
+        loop_factory=uvloop.new_event_loop,
     )
     log_writer.stop()
 

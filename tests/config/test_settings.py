@@ -5,7 +5,15 @@ from pathlib import Path
 import pytest
 
 import config
-from config.settings import DOMAINS_DIR_DEFAULT, ConfigError, Settings, load_settings
+from config.settings import (
+    BODY_TIMEOUT_DEFAULT_S,
+    DOMAINS_DIR_DEFAULT,
+    HEADER_TIMEOUT_DEFAULT_S,
+    READ_TIMEOUT_MAX_S,
+    ConfigError,
+    Settings,
+    load_settings,
+)
 from engine.core import limits
 
 PACKAGE_DOMAINS_DIR = Path(config.__file__).resolve().parent / "domains"
@@ -29,6 +37,8 @@ def test_defaults_follow_the_api_contract() -> None:
     assert settings.data_dir == Path(".slotengine")
     assert settings.cors_origins == ()
     assert settings.log_level == "info"
+    assert settings.header_timeout_seconds == HEADER_TIMEOUT_DEFAULT_S == 10
+    assert settings.body_timeout_seconds == BODY_TIMEOUT_DEFAULT_S == 10
 
 
 def test_any_origin_is_a_lone_star() -> None:
@@ -66,6 +76,8 @@ def test_every_variable_overrides_its_default() -> None:
             "SLOTENGINE_DATA_DIR": "/var/lib/slotengine",
             "SLOTENGINE_CORS_ORIGINS": "https://app.example.com, http://localhost:3000/",
             "SLOTENGINE_LOG_LEVEL": "WARNING",
+            "SLOTENGINE_HEADER_TIMEOUT_SECONDS": "5",
+            "SLOTENGINE_BODY_TIMEOUT_SECONDS": "20",
             "UNRELATED": "ignored",
         }
     )
@@ -84,6 +96,8 @@ def test_every_variable_overrides_its_default() -> None:
         data_dir=Path("/var/lib/slotengine"),
         cors_origins=("https://app.example.com", "http://localhost:3000"),
         log_level="warning",
+        header_timeout_seconds=5,
+        body_timeout_seconds=20,
     )
 
 
@@ -138,6 +152,24 @@ def test_integer_bounds_come_from_the_engine_limits(name: str, low: int, high: i
         with pytest.raises(ConfigError) as caught:
             load_settings({name: bad})
         assert str(caught.value) == f"{name}: {expected}, got {bad!r}"
+
+
+@pytest.mark.parametrize(
+    ("name", "field"),
+    [
+        ("SLOTENGINE_HEADER_TIMEOUT_SECONDS", "header_timeout_seconds"),
+        ("SLOTENGINE_BODY_TIMEOUT_SECONDS", "body_timeout_seconds"),
+    ],
+)
+def test_read_timeouts_are_whole_seconds_up_to_a_minute(name: str, field: str) -> None:
+    assert getattr(load_settings({name: "1"}), field) == 1
+    assert (
+        getattr(load_settings({name: str(READ_TIMEOUT_MAX_S)}), field) == READ_TIMEOUT_MAX_S == 60
+    )
+    for bad in ("0", "61", "-1", "0.5", "10s", "never"):
+        with pytest.raises(ConfigError) as caught:
+            load_settings({name: bad})
+        assert str(caught.value) == f"{name}: expected an integer between 1 and 60, got {bad!r}"
 
 
 @pytest.mark.parametrize(

@@ -58,10 +58,10 @@ def test_a_gateway_worker_serves_with_the_tuned_collector() -> None:
         seen = {}
         server.configure_logging = lambda level: Logs()
         server.build_app = lambda *args: "app"
-        def run_app(app, **options):
+        def serve_app(app, **options):
             seen["threshold"] = gc.get_threshold()
             seen["frozen"] = gc.get_freeze_count()
-        server.web.run_app = run_app
+        server.serve_app = serve_app
         options = server.ServeOptions(host="127.0.0.1", port=0, engine="inproc", workers=1)
         server._run_worker(Settings(), AuthSettings(secret="s" * 32), RateLimits(), options)
         print(json.dumps(seen))
