@@ -284,14 +284,20 @@ async def read_body(request: web.BaseRequest) -> bytes:
         async with asyncio.timeout(timeout_s):
             return await request.read()
     except TimeoutError:
-        if isinstance(protocol, GatewayProtocol):
-            # The rest of the body may still trickle in: not worth waiting for.
-            protocol.close_after_answer()
+        # The rest of the body may still trickle in: not worth waiting for.
+        _close_after_answer(protocol)
         raise ApiError(
             408, "RequestTimeout", f"the body did not arrive within {timeout_s:g} s"
         ) from None
     except RequestPayloadError:
+        # What follows cannot be read either (aiohttp would try, and log the failure).
+        _close_after_answer(protocol)
         raise ApiError(400, "BadRequest", "the body could not be decoded") from None
+
+
+def _close_after_answer(protocol: RequestHandler) -> None:
+    if isinstance(protocol, GatewayProtocol):
+        protocol.close_after_answer()
 
 
 def serve_app(

@@ -190,6 +190,21 @@ async def test_a_refused_connection_does_not_disturb_the_next_one(port: int) -> 
     assert answer.status == 200 and answer.json()["items"] == []
 
 
+async def test_a_body_that_cannot_be_decoded_is_a_400_not_a_failure(
+    port: int, every_log: pytest.LogCaptureFixture
+) -> None:
+    body = b"not gzip at all"
+    answer = await _exchange(
+        port,
+        f"POST /api/bookings/reserve HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+        f"Content-Type: application/json\r\nContent-Encoding: gzip\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n".encode()
+        + body,
+    )
+    _assert_contract_shape(answer, 400, "BadRequest")
+    assert not [r for r in every_log.records if r.levelno >= logging.WARNING]
+
+
 async def _trickle(writer: asyncio.StreamWriter, data: bytes) -> None:
     """``data`` a byte at a time, for far longer than any timeout, until the server closes."""
     deadline = time.monotonic() + TRICKLE_FOR_S
