@@ -159,17 +159,29 @@ class GatewayProtocol(RequestHandler):
         """
         if request.writer.output_size > 0:
             raise ConnectionError("an answer was partly sent: the connection is closed instead")
+        request_id = self._request_id(request)
         if status >= 500:
             # Not the request's bytes but a bug of ours: its traceback is needed
             # (and the log filter masks anything shaped like a token).
-            logger.error("unexpected failure outside the middleware", exc_info=exc)
+            logger.error(
+                "unexpected failure outside the middleware",
+                exc_info=exc,
+                extra={"request_id": request_id},
+            )
         else:
             access_logger.info(
                 "refused: %s",
                 type(exc).__name__ if exc is not None else HTTPStatus(status).phrase,
-                extra={"event": "http.refused", "status": status, "error": _code(status)},
+                extra={
+                    "event": "http.refused",
+                    "request_id": request_id,
+                    "status": status,
+                    "error": _code(status),
+                },
             )
-        response = self._error_answer(request, status, _refusal_message(status, exc, self))
+        response = self._error_answer(
+            request_id, status, _refusal_message(status, exc, self.read_timeouts)
+        )
         response.force_close()
         return response
 
@@ -180,27 +192,37 @@ class GatewayProtocol(RequestHandler):
             # Raised outside the middleware (an unknown Expect header, say): aiohttp
             # would answer in text, some with the request's bytes in it.
             resp = self._error_answer(
-                request, resp.status, HTTPStatus(resp.status).phrase, headers=resp.headers
+                self._request_id(request),
+                resp.status,
+                HTTPStatus(resp.status).phrase,
+                headers=resp.headers,
             )
         answered = await super().finish_response(request, resp, start_time)
         if self._close_after_answer:
             self.force_close()
         return answered
 
+    def _request_id(self, request: web.BaseRequest) -> str:
+        """The id the middleware gave the request, or a new one (it never reached it)."""
+        from gateway.app import REQUEST_ID_KEY
+
+        request_id: str | None = request.get(REQUEST_ID_KEY)
+        return request_id if request_id is not None else self._ids.next()
+
     def _error_answer(
         self,
-        request: web.BaseRequest,
+        request_id: str,
         status: int,
         message: str,
         headers: Mapping[str, str] | None = None,
     ) -> web.Response:
-        from gateway.app import REQUEST_ID_KEY, SECURITY_HEADERS, ApiError, error_response
+        from gateway.app import SECURITY_HEADERS, ApiError, error_response
 
         response = error_response(ApiError(status, _code(status), message))
         for name, value in (headers or {}).items():
             if name not in (hdrs.CONTENT_TYPE, hdrs.CONTENT_LENGTH):
                 response.headers[name] = value
-        response.headers["X-Request-Id"] = request.get(REQUEST_ID_KEY) or self._ids.next()
+        response.headers["X-Request-Id"] = request_id
         response.headers.update(SECURITY_HEADERS)
         return response
 
@@ -218,9 +240,9 @@ def _code(status: int) -> str:
     return "".join(word[:1].upper() + word[1:] for word in words)
 
 
-def _refusal_message(status: int, exc: BaseException | None, protocol: GatewayProtocol) -> str:
+def _refusal_message(status: int, exc: BaseException | None, timeouts: ReadTimeouts) -> str:
     if isinstance(exc, HeaderTimeout):
-        return f"the request's headers did not arrive within {protocol.read_timeouts.header_s:g} s"
+        return f"the request's headers did not arrive within {timeouts.header_s:g} s"
     if isinstance(exc, LineTooLong):
         return f"the request line or a header is longer than {LINE_BYTES_MAX} bytes"
     if status == 400:
