@@ -114,7 +114,8 @@ _STATUS_TEXT: Final = {
     200: "OK", 201: "Created", 202: "Accepted (queued)", 204: "No Content",
     400: "Malformed JSON or wrong content type", 401: "Missing or bad token",
     403: "Wrong role", 404: "Unknown id (or another user's)", 409: "Business conflict",
-    413: "Body too large", 422: "Validation error", 429: "Rate limited",
+    408: "The body did not arrive in time", 413: "Body too large", 422: "Validation error",
+    429: "Rate limited",
     503: "A dependency is down: try again after retryAfter seconds. details.outcome"
          " = \"unknown\": the change reached the engine and no answer came back; it may"
          " have been applied, and a retry with the same Idempotency-Key returns its outcome",
@@ -181,7 +182,9 @@ def _operation(operation: Operation, ref_of: dict[type, dict[str, Any]]) -> dict
         elif operation.live == "sse" and status == 200:
             entry["content"] = {"text/event-stream": {"schema": {"type": "string"}}}
         responses[str(status)] = entry
-    for status in operation.errors:
+    # A body read too slowly is 408, whichever operation it was sent to.
+    read_timeout = (408,) if operation.request is not None else ()
+    for status in sorted((*operation.errors, *read_timeout)):
         responses[str(status)] = {
             "description": _STATUS_TEXT[status],
             "content": {"application/json": {"schema": ref_of[s.ErrorOut]}},
