@@ -45,6 +45,11 @@ access_logger = logging.getLogger("slotengine.access")
 KEEPALIVE_TIMEOUT_S: Final = 75.0
 # aiohttp's parser's limit on a request line and on each header.
 LINE_BYTES_MAX: Final = 8190
+# After a refusal the client may still be sending (a trickle, the rest of an
+# oversized header). Closing at once would answer its next bytes with a reset,
+# which can destroy the answer before the client reads it: the answer is
+# followed by a FIN, and what arrives is discarded this long before the close.
+LINGER_AFTER_REFUSAL_S: Final = 2.0
 
 
 class ReadTimeouts(msgspec.Struct, frozen=True, kw_only=True):
@@ -62,9 +67,9 @@ class GatewayProtocol(RequestHandler):
     """aiohttp's HTTP protocol, answering every refusal in API.md's shape, with read timeouts.
 
     It reads aiohttp's own protocol state (``_upgraded``, ``_payload_parser``,
-    ``_messages``, ``_waiter``): the header timeout must tell a request's
-    header bytes from its body's and from a WebSocket's frames, and answer
-    through the same path as a parser error.
+    ``_messages``, ``_waiter``, ``_force_close``): the header timeout must tell
+    a request's header bytes from its body's and from a WebSocket's frames, and
+    answer through the same path as a parser error; a refusal's close lingers.
     """
 
     __slots__ = (
@@ -93,8 +98,8 @@ class GatewayProtocol(RequestHandler):
     # -- the header timeout ----------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
-        if self._timed_out:
-            return
+        if self._timed_out or self._force_close or self._close:
+            return  # a refusal is on its way, or the connection is closing
         if not data or self._upgraded or self._payload_parser is not None:
             # A WebSocket's frames (or bytes held until an upgrade is decided).
             super().data_received(data)
@@ -141,7 +146,11 @@ class GatewayProtocol(RequestHandler):
     # -- answers aiohttp renders itself -------------------------------------------
 
     def close_after_answer(self) -> None:
-        """Close the connection once the current answer is sent, without reading what is left."""
+        """Close the connection once the current answer is sent, reading no further request.
+
+        The close lingers (``LINGER_AFTER_REFUSAL_S``) so that the client
+        still sending gets the answer rather than a reset.
+        """
         self._close_after_answer = True
 
     def handle_error(
@@ -183,6 +192,7 @@ class GatewayProtocol(RequestHandler):
             request_id, status, _refusal_message(status, exc, self.read_timeouts)
         )
         response.force_close()
+        self.close_after_answer()
         return response
 
     async def finish_response(
@@ -199,8 +209,19 @@ class GatewayProtocol(RequestHandler):
             )
         answered = await super().finish_response(request, resp, start_time)
         if self._close_after_answer:
-            self.force_close()
+            self._linger_close()
         return answered
+
+    def _linger_close(self) -> None:
+        transport = self.transport
+        if transport is None or self._force_close:
+            return
+        # Set without closing: the request loop then ends without closing the
+        # transport, and incoming bytes are dropped.
+        self._force_close = True
+        if transport.can_write_eof():
+            transport.write_eof()  # after the answer, once it is written
+        self._loop.call_later(LINGER_AFTER_REFUSAL_S, self.force_close)
 
     def _request_id(self, request: web.BaseRequest) -> str:
         """The id the middleware gave the request, or a new one (it never reached it)."""
