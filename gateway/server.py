@@ -39,8 +39,8 @@ from engine.shell.coalescer import EngineClient
 from engine.shell.owner import StorageSettings
 from gateway.app import ENGINE_KEY, KEYS_KEY, LIMITER_KEY, TRANSPORT_KEY, create_app
 from gateway.auth import AuthSettings, Verifier, auth_settings_from_env
-from gateway.connlimit import ConnectionLimiter
 from gateway.connection import ReadTimeouts, serve_app
+from gateway.connlimit import ConnectionLimiter
 from gateway.idempotency import KeyRegistry
 from gateway.logs import configure_logging
 from gateway.observability import OBSERVABILITY_KEY, add_observability
