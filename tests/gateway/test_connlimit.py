@@ -408,13 +408,7 @@ async def test_serve_with_two_workers_caps_a_users_live_connections(
     served = Served(database_url, tmp_path)
     served.env["SLOTENGINE_LIVE_CONNECTIONS_PER_USER_MAX"] = "2"
     log_path = tmp_path / "serve.log"
-    with log_path.open("w") as log:
-        served.process = subprocess.Popen(
-            [sys.executable, "-m", "engine.cli", "serve", "--engine", "inproc", "--workers", "2",
-             "--port", str(served.port)],
-            cwd=ROOT, env=served.env, stdout=log, stderr=subprocess.STDOUT, text=True,
-            start_new_session=True,
-        )  # fmt: skip
+    served.start_inproc_workers(log_path)
     try:
         user = served.token("ann")
         other = served.token("bob")

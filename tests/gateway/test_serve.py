@@ -76,6 +76,16 @@ class Served:
                 except aiohttp.ClientConnectionError:
                     await asyncio.sleep(0.2)
 
+    def start_inproc_workers(self, log_path: Path, workers: int = 2) -> None:
+        """``serve --engine inproc --workers N`` in a session of its own, its output in a file."""
+        with log_path.open("w") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "engine.cli", "serve", "--engine", "inproc",
+                 "--workers", str(workers), "--port", str(self.port)],
+                cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, text=True,
+                start_new_session=True,
+            )  # fmt: skip
+
     async def __aexit__(self, *_: object) -> None:
         assert self.process is not None
         self.process.send_signal(signal.SIGINT)
@@ -225,13 +235,7 @@ async def test_inproc_workers_share_one_engine_process_which_is_restarted_when_i
     served = Served(database_url, tmp_path)
     served.env["SLOTENGINE_LOG_LEVEL"] = "info"
     log_path = tmp_path / "serve.log"
-    with log_path.open("w") as log:
-        served.process = subprocess.Popen(
-            [sys.executable, "-m", "engine.cli", "serve", "--engine", "inproc", "--workers", "2",
-             "--port", str(served.port)],
-            cwd=ROOT, env=served.env, stdout=log, stderr=subprocess.STDOUT, text=True,
-            start_new_session=True,
-        )  # fmt: skip
+    served.start_inproc_workers(log_path)
 
     def engine_pids() -> list[int]:
         return [

@@ -54,7 +54,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Coroutine, Mapping
+from collections.abc import Coroutine, Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Final, Literal, Protocol, Self
@@ -202,6 +202,24 @@ def _free_port() -> int:
     return port
 
 
+def _process_states() -> Iterator[tuple[int, list[str]]]:
+    """(pid, the fields of /proc/<pid>/stat after the command) of every process.
+
+    Those fields begin: state, ppid, pgrp. Nothing where there is no /proc.
+    """
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        yield int(entry.name), fields
+
+
 def _group_alive(group: int) -> bool:
     """Whether any process of process group ``group`` still runs (zombies do not count)."""
     try:
@@ -210,39 +228,14 @@ def _group_alive(group: int) -> bool:
         return False
     except PermissionError:
         return True
-    proc = Path("/proc")
-    if not proc.is_dir():
+    if not Path("/proc").is_dir():
         return True
-    for entry in proc.iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rpartition(")")[2].split()
-        except OSError:
-            continue
-        # After the command: state, ppid, pgrp.
-        if int(fields[2]) == group and fields[0] != "Z":
-            return True
-    return False
+    return any(int(fields[2]) == group and fields[0] != "Z" for _, fields in _process_states())
 
 
 def _children(pid: int) -> list[int]:
     """The processes whose parent is ``pid``."""
-    children: list[int] = []
-    proc = Path("/proc")
-    if not proc.is_dir():
-        return children
-    for entry in proc.iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rpartition(")")[2].split()
-        except OSError:
-            continue
-        # After the command: state, ppid.
-        if int(fields[1]) == pid:
-            children.append(int(entry.name))
-    return children
+    return [child for child, fields in _process_states() if int(fields[1]) == pid]
 
 
 def _wait_group_gone(group: int, timeout: float) -> None:
