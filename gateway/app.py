@@ -231,8 +231,10 @@ async def _answer(request: web.Request, handler: Handler, request_id: str) -> we
         )
     except web.HTTPNotFound:
         response = error_response(ApiError(404, "NotFound", "no such route"))
-    except web.HTTPMethodNotAllowed:
+    except web.HTTPMethodNotAllowed as error:
         response = error_response(ApiError(405, "MethodNotAllowed", "method not allowed"))
+        # RFC 9110: a 405 lists the methods the resource does take.
+        response.headers["Allow"] = ", ".join(sorted(error.allowed_methods))
     except (RateLimiterUnavailable, KeyRegistryUnavailable):
         response = error_response(
             ApiError(
@@ -938,7 +940,9 @@ def create_app(
     app.router.add_get("/api/slots/{slot_id}", get_slot)
     app.router.add_post("/api/bookings/reserve", reserve)
     app.router.add_get("/api/bookings/my", my_bookings)
-    app.router.add_get("/api/bookings/{booking_id}", get_booking)
+    # As in OpenAPI, the routes above win over a booking id spelled like them:
+    # GET /api/bookings/reserve is a 405, not a search for booking "reserve".
+    app.router.add_get("/api/bookings/{booking_id:(?!(?:reserve|my)$)[^{}/]+}", get_booking)
     app.router.add_post("/api/bookings/{booking_id}/confirm", confirm)
     app.router.add_post("/api/bookings/{booking_id}/cancel", cancel)
     app.router.add_post("/api/slots/{slot_id}/queue", join_queue)

@@ -6,6 +6,7 @@ from typing import Any
 from aiohttp.test_utils import TestClient
 
 from gateway.openapi import build_document
+from tests.gateway.conftest import Token
 
 
 def _template(path: str) -> str:
@@ -46,3 +47,19 @@ async def test_the_document_lists_every_api_route_and_docs_render_it(
 
 def test_the_document_is_the_same_every_time() -> None:
     assert build_document() == build_document()
+
+
+async def test_a_refused_method_names_the_methods_the_route_takes(
+    api: TestClient[Any, Any], token: Token
+) -> None:
+    for method, path, allowed in [
+        ("TRACE", "/api/slots", "GET, HEAD"),
+        ("OPTIONS", "/api/admin/slots/some-slot", "DELETE, PUT"),
+        ("PATCH", "/api/bookings/some-booking", "GET, HEAD"),
+        # A route's own name is never taken for a booking id, as in OpenAPI.
+        ("GET", "/api/bookings/reserve", "POST"),
+    ]:
+        response = await api.request(method, path, headers=token("ann"))
+        assert response.status == 405, (method, path)
+        assert response.headers["Allow"] == allowed
+        assert (await response.json())["error"] == "MethodNotAllowed"
