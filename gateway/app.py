@@ -10,8 +10,6 @@ Errors always have API.md's shape (``{"error", "message", "details",
 new one) and the security headers.
 """
 
-import base64
-import binascii
 import contextvars
 import heapq
 import itertools
@@ -20,7 +18,6 @@ import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from datetime import datetime
 from typing import Any, Final, Protocol, TypeVar
 
 import msgspec
@@ -512,16 +509,19 @@ def next_id(request: web.Request) -> str:
     return request.app[IDS_KEY].next()
 
 
+_IDEMPOTENCY_KEY: Final = re.compile(s.IDEMPOTENCY_KEY_PATTERN.removesuffix("$") + r"\Z")
+
+
 def idempotency_key(request: web.Request) -> str | None:
     key = request.headers.get("Idempotency-Key")
     if key is None:
         return None
-    if not key or len(key) > limits.IDEMPOTENCY_KEY_CHARS_MAX or not key.isprintable():
+    if len(key) > limits.IDEMPOTENCY_KEY_CHARS_MAX or _IDEMPOTENCY_KEY.match(key) is None:
         raise ApiError(
             422,
             "ValidationError",
-            "Idempotency-Key is empty, too long or not printable",
-            {"Idempotency-Key": f"1 to {limits.IDEMPOTENCY_KEY_CHARS_MAX} printable characters"},
+            "Idempotency-Key is empty, too long or not visible ASCII",
+            {"Idempotency-Key": f"1 to {limits.IDEMPOTENCY_KEY_CHARS_MAX} visible ASCII chars"},
         )
     return key
 
@@ -543,7 +543,7 @@ async def create_slot(request: web.Request) -> web.StreamResponse:
             domain=body.domain,
             start_ms=start_ms,
             end_ms=end_ms,
-            capacity=body.capacity,
+            capacity=int(body.capacity),
             metadata=body.metadata,
             blocked=body.blocked,
             actor=f"admin:{who.subject}",
@@ -563,7 +563,7 @@ async def update_slot(request: web.Request) -> web.StreamResponse:
             slot_id=request.match_info["slot_id"],
             start_ms=None if body.start_time is None else s.to_ms(body.start_time, "startTime"),
             end_ms=None if body.end_time is None else s.to_ms(body.end_time, "endTime"),
-            capacity=body.capacity,
+            capacity=None if body.capacity is None else int(body.capacity),
             metadata=body.metadata,
             blocked=body.blocked,
             actor=f"admin:{who.subject}",
@@ -880,28 +880,28 @@ def _time_param(query: Any, name: str, problems: dict[str, str]) -> int | None:
     if raw is None:
         return None
     try:
-        return s.to_ms(msgspec.json.decode(msgspec.json.encode(raw), type=datetime), name)
+        return s.to_ms(raw, name)
     except msgspec.ValidationError:
-        problems[name] = "an RFC 3339 time with an offset"
+        problems[name] = "an RFC 3339 time with an offset, years 0002 to 9998"
         return None
 
 
 def _encode_cursor(order: int, entity_id: str) -> str:
-    return base64.urlsafe_b64encode(_encoder.encode([order, entity_id])).decode().rstrip("=")
+    return f"{order}.{entity_id}"
+
+
+_CURSOR: Final = re.compile(s.CURSOR_PATTERN)
 
 
 def _cursor(raw: str | None, problems: dict[str, str]) -> tuple[int, str] | None:
+    """The position a cursor names: any ``<sort key>.<id>`` is one (see ``CURSOR_PATTERN``)."""
     if not raw:
         return None
-    try:
-        padded = raw + "=" * (-len(raw) % 4)
-        order, entity_id = msgspec.json.decode(
-            base64.urlsafe_b64decode(padded), type=tuple[int, str]
-        )
-    except (binascii.Error, ValueError, msgspec.DecodeError):
+    if _CURSOR.match(raw) is None:
         problems["cursor"] = "a cursor from a previous page"
         return None
-    return order, entity_id
+    order, _, entity_id = raw.partition(".")
+    return int(order), entity_id
 
 
 # -- the application ---------------------------------------------------------------------
@@ -914,11 +914,14 @@ def create_app(
     *,
     cors_origins: Sequence[str] = (),
     keys: KeyRegistry | None = None,
+    domains: Sequence[str] = (),
 ) -> web.Application:
     """The routes of API.md. ``engine`` may come later: set ``app[ENGINE_KEY]`` on startup.
 
     Without a ``limiter`` nothing is rate limited (tests of other concerns).
     ``cors_origins`` are the browser origins allowed to call the API ("*": any).
+    ``domains``: the engine's domains, which ``/openapi.json`` lists as the only
+    ones a slot may name.
     """
     app = web.Application(middlewares=[request_context], client_max_size=BODY_BYTES_MAX)
     app[CORS_ORIGINS_KEY] = frozenset(cors_origins)
@@ -948,5 +951,5 @@ def create_app(
     app.router.add_post("/api/slots/{slot_id}/queue", join_queue)
     app.router.add_delete("/api/slots/{slot_id}/queue", leave_queue)
     app.router.add_get("/api/slots/{slot_id}/queue/position", queue_position)
-    add_openapi(app)
+    add_openapi(app, domains)
     return app

@@ -7,12 +7,14 @@ next to their statuses and error codes as API.md gives them.
 """
 
 import html
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
 import msgspec
 from aiohttp import web
 
+from engine.core import limits
 from gateway import schemas as s
 from gateway.schemas import (
     BookingUpdatedMessage,
@@ -24,6 +26,24 @@ from gateway.schemas import (
 API_VERSION: Final = "1.0.0"
 
 
+# A query parameter: its name, its JSON Schema and what it does.
+Query = tuple[str, dict[str, Any], str]
+# A response body: one struct, or several (``oneOf``).
+Body = type | tuple[type, ...] | None
+
+
+@dataclass(frozen=True)
+class Link:
+    """An OpenAPI link: what a client may call next with the values this answer gave."""
+
+    status: int
+    name: str
+    method: str
+    path: str
+    parameters: dict[str, str] = field(default_factory=dict)
+    body: dict[str, str] | None = None
+
+
 @dataclass(frozen=True)
 class Operation:
     method: str
@@ -31,73 +51,155 @@ class Operation:
     summary: str
     role: str
     request: type | None = None
-    responses: dict[int, type | None] = field(default_factory=dict)
+    responses: dict[int, Body] = field(default_factory=dict)
     errors: tuple[int, ...] = ()
-    query: tuple[tuple[str, str, str], ...] = ()  # (name, JSON type, description)
+    query: tuple[Query, ...] = ()
     idempotent_key: bool = False
     auth: bool = True
     # "sse": answers text/event-stream; "websocket": a WebSocket upgrade (101).
     live: str | None = None
+    # What a status means here, where the general text says too little.
+    notes: dict[int, str] = field(default_factory=dict)
+    rules: str = ""
+    links: tuple[Link, ...] = ()
 
 
-_LIVE_QUERY = (
-    ("token", "string", "the bearer token, for clients that cannot set headers"),
-    ("userId", "string", "the user a service caller watches for"),
+def _enum(values: Iterable[str]) -> dict[str, Any]:
+    return {"type": "string", "enum": list(values)}
+
+
+_INSTANT = {"type": "string", "format": "date-time", "pattern": s.INSTANT_PATTERN}
+_USER_QUERY: Query = (
+    "userId",
+    {"type": "string"},
+    "the user a service acts for (others may name only themselves)",
 )
-_PAGE_QUERY = (
-    ("limit", "integer", "page size (capped at 200)"),
-    ("cursor", "string", "nextCursor of the previous page"),
+_PAGE_QUERY: tuple[Query, ...] = (
+    ("limit", {"type": "integer"}, "page size, taken as 1 below 1 and 200 above 200"),
+    ("cursor", {"type": "string", "pattern": s.CURSOR_PATTERN}, "nextCursor of the previous page"),
 )
+_SLOT_STATUSES = ("AVAILABLE", "RESERVED", "BOOKED", "BLOCKED", "EXPIRED")
+# PENDING is the engine's own: the API never answers it, nor filters by it.
+_BOOKING_STATUSES = ("RESERVED", "CONFIRMED", "EXPIRED", "CANCELLED", "COMPLETED")
+_SLOT = "/api/slots/{slotId}"
+_BOOKING = "/api/bookings/{bookingId}"
+
+
+# Where a link leads: the operation and the id it takes (a path or query
+# parameter, or the body's ``slotId`` for a reservation).
+_TARGETS: Final = {
+    "GetSlot": ("get", _SLOT, "slotId"),
+    "UpdateSlot": ("put", "/api/admin/slots/{slotId}", "slotId"),
+    "DeleteSlot": ("delete", "/api/admin/slots/{slotId}", "slotId"),
+    "Reserve": ("post", "/api/bookings/reserve", "slotId"),
+    "JoinQueue": ("post", _SLOT + "/queue", "slotId"),
+    "QueuePosition": ("get", _SLOT + "/queue/position", "slotId"),
+    "LeaveQueue": ("delete", _SLOT + "/queue", "slotId"),
+    "QueueEvents": ("get", _SLOT + "/queue/events", "slotId"),
+    "GetBooking": ("get", _BOOKING, "bookingId"),
+    "Confirm": ("post", _BOOKING + "/confirm", "bookingId"),
+    "Cancel": ("post", _BOOKING + "/cancel", "bookingId"),
+}
+
+
+def _links(status: int, names: Iterable[str], **values: str) -> tuple[Link, ...]:
+    """The links ``names`` from answers of ``status``: what a client may call next.
+
+    ``values`` are runtime expressions (``$response.body#/id``) for the ids
+    the next calls take: ``slotId``, ``bookingId``, ``resourceId``.
+    """
+    links = []
+    for name in names:
+        method, path, taken = _TARGETS[name]
+        value = {taken: values[taken]}
+        if name == "Reserve":
+            links.append(Link(status, name, method, path, body=value))
+        else:
+            links.append(Link(status, name, method, path, value))
+    return tuple(links)
+
+
+# A slot's queue can be joined only once the slot is full: after a hold.
+_SLOT_NEXT = ("GetSlot", "UpdateSlot", "DeleteSlot", "Reserve", "QueueEvents")
+_OF_SLOT = {"slotId": "$response.body#/id"}
+_OF_BOOKING = {"bookingId": "$response.body#/id"}
+_OF_HOLD = {"bookingId": "$response.body#/booking/id", "slotId": "$response.body#/booking/slotId"}
+_OF_ENTRY = {"slotId": "$response.body#/slotId"}
+_ENTRY_NEXT = ("QueuePosition", "QueueEvents", "LeaveQueue")
+
 
 OPERATIONS: Final[tuple[Operation, ...]] = (
     Operation("post", "/api/admin/slots", "Create a slot", "admin", s.CreateSlotBody,
-              {201: s.SlotOut}, (400, 401, 403, 409, 413, 422, 503)),
+              {201: s.SlotOut}, (400, 401, 403, 409, 413, 422, 503),
+              notes={409: "SlotOverlap: the resource has a slot at an overlapping time",
+                     422: "Validation error, or a rule across fields: endTime after startTime,"
+                          " at most 7 days later, and not in the past"},
+              links=_links(201, _SLOT_NEXT, **_OF_SLOT)),
     Operation("get", "/api/slots", "List slots", "any", None, {200: s.SlotPageOut},
               (401, 422, 503),
-              query=(("resourceId", "string", "only this resource's slots"),
-                     ("from", "string", "startTime at or after (RFC 3339)"),
-                     ("to", "string", "startTime before (RFC 3339)"),
-                     ("status", "string", "AVAILABLE, RESERVED, BOOKED, BLOCKED or EXPIRED"),
-                     ("available", "boolean", "only slots taking holds"),
-                     *_PAGE_QUERY)),
-    Operation("get", "/api/slots/{slotId}", "Read a slot", "any", None, {200: s.SlotOut},
-              (401, 404, 503)),
+              query=(("resourceId", {"type": "string"}, "only this resource's slots"),
+                     ("from", _INSTANT, "startTime at or after"),
+                     ("to", _INSTANT, "startTime before"),
+                     ("status", _enum(_SLOT_STATUSES), "only slots in this status"),
+                     ("available", {"type": "boolean"}, "only slots taking holds"),
+                     *_PAGE_QUERY),
+              ),
+    Operation("get", _SLOT, "Read a slot", "any", None, {200: s.SlotOut}, (401, 404, 503)),
     Operation("put", "/api/admin/slots/{slotId}", "Change a slot", "admin", s.UpdateSlotBody,
-              {200: s.SlotOut}, (400, 401, 403, 404, 409, 413, 422, 503)),
+              {200: s.SlotOut}, (400, 401, 403, 404, 409, 413, 422, 503),
+              notes={409: "SlotOverlap, or CapacityBelowBookings: capacity below the slot's"
+                          " bookings and holds",
+                     422: "Validation error, or a rule across fields: endTime after startTime,"
+                          " at most 7 days later, and not in the past"},
+              links=_links(200, _SLOT_NEXT, **_OF_SLOT)),
     Operation("delete", "/api/admin/slots/{slotId}", "Delete a slot", "admin", None,
-              {204: None}, (401, 403, 404, 409, 503),
-              query=(("force", "boolean", "cancel bookings and expire holds and queue entries"),)),
+              {204: None}, (401, 403, 404, 409, 422, 503),
+              query=(("force", {"type": "boolean"},
+                      "cancel bookings and expire holds and queue entries"),),
+              notes={409: "SlotHasBookings: the slot has bookings or holds (unless force)"}),
     Operation("post", "/api/bookings/reserve", "Reserve a slot (hold or queue place)", "user",
-              s.ReserveBody, {201: s.BookingEnvelope, 200: s.BookingEnvelope,
-                              202: s.QueueEnvelope},
-              (400, 401, 403, 404, 409, 413, 422, 429, 503), idempotent_key=True),
-    Operation("post", "/api/bookings/{bookingId}/confirm", "Confirm a hold", "owner",
-              s.ActingBody, {200: s.BookingOut}, (400, 401, 403, 404, 409, 422, 503),
-              idempotent_key=True),
-    Operation("post", "/api/bookings/{bookingId}/cancel", "Cancel a confirmed booking",
+              s.ReserveBody,
+              {201: s.BookingEnvelope, 200: (s.BookingEnvelope, s.QueueEnvelope),
+               202: s.QueueEnvelope},
+              (400, 401, 403, 404, 409, 413, 422, 429, 503), idempotent_key=True,
+              notes={200: "OK: the caller's hold on this slot already ({booking}), or the"
+                          " caller's place in its queue already ({queue})"},
+              # Another user may join the queue of the slot this hold has filled.
+              links=_links(201, ("Confirm", "GetBooking", "JoinQueue"), **_OF_HOLD)),
+    Operation("post", _BOOKING + "/confirm", "Confirm a hold", "owner", s.ActingBody,
+              {200: s.BookingOut}, (400, 401, 403, 404, 409, 413, 422, 503),
+              idempotent_key=True, links=_links(200, ("GetBooking", "Cancel"), **_OF_BOOKING)),
+    Operation("post", _BOOKING + "/cancel", "Cancel a confirmed booking",
               "owner or admin", s.CancelBody, {200: s.BookingOut},
-              (400, 401, 403, 404, 409, 422, 429, 503), idempotent_key=True),
+              (400, 401, 403, 404, 409, 413, 422, 429, 503), idempotent_key=True,
+              notes={422: "Validation error, or an admin cancelling without a reason"},
+              rules="An admin must give a reason.",
+              links=_links(200, ("GetBooking",), **_OF_BOOKING)),
     Operation("get", "/api/bookings/my", "The caller's bookings", "user", None,
-              {200: s.BookingPageOut}, (401, 422, 503),
-              query=(("status", "string", "only bookings in this status"), *_PAGE_QUERY)),
-    Operation("get", "/api/bookings/{bookingId}", "Read a booking", "owner or admin", None,
-              {200: s.BookingOut}, (401, 404, 503)),
-    Operation("post", "/api/slots/{slotId}/queue", "Join a slot's waiting queue", "user",
+              {200: s.BookingPageOut}, (401, 403, 422, 503),
+              query=(("status", _enum(_BOOKING_STATUSES), "only bookings in this status"),
+                     _USER_QUERY, *_PAGE_QUERY),
+              ),
+    Operation("get", _BOOKING, "Read a booking", "owner or admin", None,
+              {200: s.BookingOut}, (401, 403, 404, 503), query=(_USER_QUERY,),
+              links=_links(200, ("Confirm", "Cancel"), **_OF_BOOKING)),
+    Operation("post", _SLOT + "/queue", "Join a slot's waiting queue", "user",
               s.ActingBody, {201: s.QueueEntryOut, 200: s.QueueEntryOut},
-              (400, 401, 403, 404, 409, 422, 429, 503), idempotent_key=True),
-    Operation("delete", "/api/slots/{slotId}/queue", "Leave a slot's waiting queue", "user",
-              None, {204: None}, (401, 403, 404, 503)),
-    Operation("get", "/api/slots/{slotId}/queue/position", "The caller's queue entry", "user",
-              None, {200: s.QueueEntryOut}, (401, 403, 404, 429, 503)),
-    Operation("get", "/api/slots/{slotId}/queue/events",
+              (400, 401, 403, 404, 409, 413, 422, 429, 503), idempotent_key=True,
+              links=_links(201, _ENTRY_NEXT, **_OF_ENTRY) + _links(200, _ENTRY_NEXT, **_OF_ENTRY)),
+    Operation("delete", _SLOT + "/queue", "Leave a slot's waiting queue", "user",
+              None, {204: None}, (401, 403, 404, 503), query=(_USER_QUERY,)),
+    Operation("get", _SLOT + "/queue/position", "The caller's queue entry", "user",
+              None, {200: s.QueueEntryOut}, (401, 403, 404, 429, 503), query=(_USER_QUERY,)),
+    Operation("get", _SLOT + "/queue/events",
               "Live queue position and slot availability (server-sent events)", "user",
-              None, {200: None}, (401, 403, 404, 429, 503), query=_LIVE_QUERY, live="sse"),
+              None, {200: None}, (401, 403, 404, 429, 503), query=(_USER_QUERY,), live="sse"),
     Operation("get", "/ws/queue/{slotId}",
               "Live queue position and slot availability (WebSocket)", "user",
-              None, {101: None}, (400, 401, 403, 404, 429, 503), query=_LIVE_QUERY,
+              None, {101: None}, (400, 401, 403, 404, 429, 503), query=(_USER_QUERY,),
               live="websocket"),
     Operation("get", "/ws/bookings", "Live changes of the caller's bookings (WebSocket)", "user",
-              None, {101: None}, (400, 401, 403, 429, 503), query=_LIVE_QUERY,
+              None, {101: None}, (400, 401, 403, 429, 503), query=(_USER_QUERY,),
               live="websocket"),
 )  # fmt: skip
 
@@ -120,19 +222,37 @@ _STATUS_TEXT: Final = {
          " = \"unknown\": the change reached the engine and no answer came back; it may"
          " have been applied, and a retry with the same Idempotency-Key returns its outcome",
 }  # fmt: skip
+# What the live routes' refusals mean (the 400 only on the WebSocket ones).
+_LIVE_STATUS_TEXT: Final = {
+    400: "Not a WebSocket upgrade",
+    429: "TooManyConnections: the caller's live connections are at their cap",
+    503: "A dependency is down, or this gateway has too many live connections:"
+    " try again after retryAfter seconds",
+}
 
 
-def build_document() -> dict[str, Any]:
-    """The OpenAPI 3.1 document of every operation above."""
+def operation_id(method: str, path: str) -> str:
+    return f"{method}_{path}".replace("/", "_").replace("{", "").replace("}", "")
+
+
+def build_document(domains: Sequence[str] = ()) -> dict[str, Any]:
+    """The OpenAPI 3.1 document of every operation above.
+
+    ``domains``: the domains the server knows, the only ones a slot may name
+    (left open when not given).
+    """
     bodies: set[type] = {s.ErrorOut, *LIVE_MESSAGES.values()}
     for operation in OPERATIONS:
         if operation.request is not None:
             bodies.add(operation.request)
-        bodies.update(t for t in operation.responses.values() if t is not None)
+        for body in operation.responses.values():
+            bodies.update(body if isinstance(body, tuple) else () if body is None else (body,))
     ordered = sorted(bodies, key=lambda t: t.__name__)
     refs, components = msgspec.json.schema_components(
         ordered, ref_template="#/components/schemas/{name}"
     )
+    if domains:
+        components["CreateSlotBody"]["properties"]["domain"]["enum"] = sorted(domains)
     ref_of = dict(zip(ordered, refs, strict=True))
     paths: dict[str, dict[str, Any]] = {}
     for operation in OPERATIONS:
@@ -148,9 +268,50 @@ def build_document() -> dict[str, Any]:
         "components": {
             "schemas": components,
             "securitySchemes": {
-                "bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}
+                "bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"},
+                # Browsers cannot set headers on WebSocket and EventSource requests.
+                "token": {
+                    "type": "apiKey",
+                    "in": "query",
+                    "name": "token",
+                    "description": "the bearer token, on the live routes only",
+                },
             },
         },
+    }
+
+
+def _schema_of(body: Body, ref_of: dict[type, dict[str, Any]]) -> dict[str, Any]:
+    if isinstance(body, tuple):
+        return {"oneOf": [ref_of[one] for one in body]}
+    assert body is not None
+    return ref_of[body]
+
+
+def _event_stream(ref_of: dict[type, dict[str, Any]], kinds: Iterable[str]) -> dict[str, Any]:
+    """One server-sent event, as OpenAPI 3.1 describes an item of ``text/event-stream``.
+
+    Its ``event`` names the message type and its ``data`` is that message in
+    JSON; comment lines (heartbeats) and the ``retry`` field carry no data.
+    """
+    return {
+        "oneOf": [
+            {
+                "type": "object",
+                "required": ["event", "data"],
+                "properties": {
+                    "event": {"const": kind},
+                    "data": {
+                        "type": "string",
+                        "contentMediaType": "application/json",
+                        "contentSchema": ref_of[LIVE_MESSAGES[kind]],
+                    },
+                    "id": {"type": "string"},
+                    "retry": {"type": "integer"},
+                },
+            }
+            for kind in kinds
+        ]
     }
 
 
@@ -160,60 +321,86 @@ def _operation(operation: Operation, ref_of: dict[type, dict[str, Any]]) -> dict
         for name in _path_parameters(operation.path)
     ]
     parameters += [
-        {"name": name, "in": "query", "required": False, "schema": {"type": kind},
-         "description": text}
-        for name, kind, text in operation.query
-    ]  # fmt: skip
+        {"name": name, "in": "query", "required": False, "schema": schema, "description": text}
+        for name, schema, text in operation.query
+    ]
     if operation.idempotent_key:
         parameters.append(
             {
                 "name": "Idempotency-Key",
                 "in": "header",
                 "required": False,
-                "schema": {"type": "string", "minLength": 1, "maxLength": 200},
-                "description": "replays the first answer for 24 h (per user and endpoint)",
+                "schema": {
+                    "type": "string",
+                    "pattern": s.IDEMPOTENCY_KEY_PATTERN,
+                    "maxLength": limits.IDEMPOTENCY_KEY_CHARS_MAX,
+                },
+                "description": "visible ASCII (inner spaces allowed); replays the first answer"
+                " for 24 h (per user and endpoint)",
             }
         )
+    kinds = [
+        kind
+        for kind in LIVE_MESSAGES
+        if (kind == "booking.updated") == (operation.path == "/ws/bookings")
+    ]
     responses: dict[str, Any] = {}
+    links: dict[int, dict[str, Any]] = {}
+    for link in operation.links:
+        links.setdefault(link.status, {})[link.name] = _link(link)
     for status, body in operation.responses.items():
-        entry: dict[str, Any] = {"description": _STATUS_TEXT[status]}
+        entry: dict[str, Any] = {"description": operation.notes.get(status, _STATUS_TEXT[status])}
         if body is not None:
-            entry["content"] = {"application/json": {"schema": ref_of[body]}}
+            entry["content"] = {"application/json": {"schema": _schema_of(body, ref_of)}}
         elif operation.live == "sse" and status == 200:
-            entry["content"] = {"text/event-stream": {"schema": {"type": "string"}}}
+            entry["content"] = {"text/event-stream": {"schema": _event_stream(ref_of, kinds)}}
+        if status in links:
+            entry["links"] = links[status]
         responses[str(status)] = entry
     # A body read too slowly is 408, whichever operation it was sent to.
     read_timeout = (408,) if operation.request is not None else ()
     for status in sorted((*operation.errors, *read_timeout)):
+        general = _LIVE_STATUS_TEXT if operation.live is not None else {}
+        text = operation.notes.get(status, general.get(status, _STATUS_TEXT[status]))
         responses[str(status)] = {
-            "description": _STATUS_TEXT[status],
+            "description": text,
             "content": {"application/json": {"schema": ref_of[s.ErrorOut]}},
         }
+    description = f"Who: {operation.role}."
+    if operation.rules:
+        description += f" {operation.rules}"
+    if operation.live == "websocket":
+        description += " A WebSocket upgrade (RFC 6455); a plain request is refused with 400."
     document: dict[str, Any] = {
         "summary": operation.summary,
-        "description": f"Who: {operation.role}.",
-        "operationId": f"{operation.method}_{operation.path}".replace("/", "_")
-        .replace("{", "")
-        .replace("}", ""),
+        "description": description,
+        "operationId": operation_id(operation.method, operation.path),
         "parameters": parameters,
         "responses": responses,
     }
     if operation.auth:
         document["security"] = [{"bearer": []}]
+        if operation.live is not None:
+            document["security"].append({"token": []})
     if operation.live is not None:
         # Each message is a JSON object; its "type" names its schema. The current
         # state comes first, then every committed change.
-        document["x-messages"] = {
-            kind: ref_of[message]
-            for kind, message in LIVE_MESSAGES.items()
-            if (kind == "booking.updated") == (operation.path == "/ws/bookings")
-        }
+        document["x-messages"] = {kind: ref_of[LIVE_MESSAGES[kind]] for kind in kinds}
     if operation.request is not None:
         document["requestBody"] = {
             "required": operation.request is not s.ActingBody
             and operation.request is not s.CancelBody,
             "content": {"application/json": {"schema": ref_of[operation.request]}},
         }
+    return document
+
+
+def _link(link: Link) -> dict[str, Any]:
+    document: dict[str, Any] = {"operationId": operation_id(link.method, link.path)}
+    if link.parameters:
+        document["parameters"] = dict(link.parameters)
+    if link.body is not None:
+        document["requestBody"] = dict(link.body)
     return document
 
 
@@ -244,8 +431,8 @@ def render_docs(document: dict[str, Any]) -> str:
     )
 
 
-def add_openapi(app: web.Application) -> None:
-    document = build_document()
+def add_openapi(app: web.Application, domains: Sequence[str] = ()) -> None:
+    document = build_document(domains)
     body = msgspec.json.encode(document)
     page = render_docs(document)
 

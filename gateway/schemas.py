@@ -25,10 +25,47 @@ STORABLE_TEXT: Final = "^[^\\u0000]*$"
 Id = Annotated[
     str, msgspec.Meta(min_length=1, max_length=limits.ID_CHARS_MAX, pattern=STORABLE_TEXT)
 ]
-Capacity = Annotated[int, msgspec.Meta(ge=1, le=limits.SLOT_CAPACITY_MAX)]
 Reason = Annotated[
     str, msgspec.Meta(max_length=limits.CANCEL_REASON_CHARS_MAX, pattern=STORABLE_TEXT)
 ]
+# A whole number, as JSON Schema means "integer": 528.0 and 5.28e2 are 528 too.
+# (Read as a float, which holds every capacity exactly; handlers take its int.)
+Capacity = Annotated[
+    float,
+    msgspec.Meta(
+        ge=1, le=limits.SLOT_CAPACITY_MAX, multiple_of=1, extra_json_schema={"type": "integer"}
+    ),
+]
+
+# An instant on input: RFC 3339 with its offset, as the document's pattern says
+# and nothing else (a space for the "T", an offset without its colon or a leap
+# second are refused, though a lenient parser would take them). Years run from
+# 0002 to 9998 so that every offset keeps the instant within the years 0001 to
+# 9999 in UTC, which is how it is answered; fractions of a second beyond the
+# millisecond are dropped. Checked by the bodies (``check_instants``) and the
+# query filters (``to_ms``), with the field's name.
+INSTANT_PATTERN: Final = (
+    r"^(000[2-9]|00[1-9][0-9]|0[1-9][0-9]{2}|[1-8][0-9]{3}|9[0-8][0-9]{2}|99[0-8][0-9]|999[0-8])"
+    r"-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])[Tt]([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9]"
+    r"(\.[0-9]{1,9})?([Zz]|[+-]([01][0-9]|2[0-3]):[0-5][0-9])$"
+)
+INSTANT_MESSAGE: Final = "must be an RFC 3339 time with an offset, years 0002 to 9998"
+_INSTANT: Final = re.compile(INSTANT_PATTERN.removesuffix("$") + r"\Z")
+Instant = Annotated[
+    str,
+    msgspec.Meta(
+        extra_json_schema={"format": "date-time", "pattern": INSTANT_PATTERN},
+        description="RFC 3339 with an offset, years 0002 to 9998",
+    ),
+]
+# A page cursor: the sort key and the id of the last item of the previous page.
+# Every string of this form is a position in the order, so none is refused; an
+# empty one is the first page.
+CURSOR_PATTERN: Final = r"^$|^-?[0-9]{1,18}\."
+# An Idempotency-Key: visible ASCII, inner spaces allowed (HTTP strips the outer ones).
+IDEMPOTENCY_KEY_PATTERN: Final = r"^[!-~]([ -~]*[!-~])?$"
+# An instant as answered: RFC 3339 in UTC.
+Stamp = Annotated[str, msgspec.Meta(extra_json_schema={"format": "date-time"})]
 SlotStatusName = Literal["AVAILABLE", "RESERVED", "BOOKED", "BLOCKED", "EXPIRED"]
 BookingStatusName = Literal["RESERVED", "CONFIRMED", "EXPIRED", "CANCELLED", "COMPLETED"]
 QueueStatusName = Literal["WAITING", "NOTIFIED", "EXPIRED", "CONVERTED"]
@@ -40,27 +77,36 @@ class _Body(msgspec.Struct, rename="camel", forbid_unknown_fields=True, kw_only=
 
 class CreateSlotBody(_Body, frozen=True):
     resource_id: Id
-    start_time: datetime
-    end_time: datetime
+    start_time: Instant
+    end_time: Instant
     capacity: Capacity
     domain: Id = "default"
     metadata: dict[str, Any] = {}
     blocked: bool = False
 
     def __post_init__(self) -> None:
+        check_instants(startTime=self.start_time, endTime=self.end_time)
         check_metadata(self.metadata)
 
 
 class UpdateSlotBody(_Body, frozen=True):
-    start_time: datetime | None = None
-    end_time: datetime | None = None
+    start_time: Instant | None = None
+    end_time: Instant | None = None
     capacity: Capacity | None = None
     metadata: dict[str, Any] | None = None
     blocked: bool | None = None
 
     def __post_init__(self) -> None:
+        check_instants(startTime=self.start_time, endTime=self.end_time)
         if self.metadata is not None:
             check_metadata(self.metadata)
+
+
+def check_instants(**instants: str | None) -> None:
+    """Each instant given as documented (``INSTANT_PATTERN``); raised as ``check_metadata``."""
+    for field, text in instants.items():
+        if text is not None and _instant(text) is None:
+            raise ValueError(f"{INSTANT_MESSAGE} - at `$.{field}`")
 
 
 def check_metadata(metadata: dict[str, Any]) -> None:
@@ -137,8 +183,8 @@ class SlotOut(_Out, frozen=True):
     id: str
     resource_id: str
     domain: str
-    start_time: str
-    end_time: str
+    start_time: Stamp
+    end_time: Stamp
     capacity: int
     current_bookings: int
     held_count: int
@@ -154,11 +200,11 @@ class BookingOut(_Out, frozen=True):
     user_id: str
     slot_id: str
     status: BookingStatusName
-    reserved_at: str
-    expires_at: str
-    confirmed_at: str | None
-    completed_at: str | None
-    cancelled_at: str | None
+    reserved_at: Stamp
+    expires_at: Stamp
+    confirmed_at: Stamp | None
+    completed_at: Stamp | None
+    cancelled_at: Stamp | None
     cancel_reason: str | None
     cancelled_by: str | None
     refund_percentage: int | None
@@ -173,10 +219,10 @@ class QueueEntryOut(_Out, frozen=True):
     total_in_queue: int
     estimated_wait_time: str | None
     estimated_wait_seconds: int | None
-    joined_at: str
-    notified_at: str | None
+    joined_at: Stamp
+    notified_at: Stamp | None
     booking_id: str | None
-    offer_expires_at: str | None
+    offer_expires_at: Stamp | None
     slot_details: SlotOut
 
 
@@ -223,7 +269,7 @@ class QueuePositionMessage(_Message, frozen=True, tag="queue.position"):
 
 class QueueOfferMessage(_Message, frozen=True, tag="queue.offer"):
     booking_id: str
-    expires_at: str
+    expires_at: Stamp
 
 
 class SlotUpdatedMessage(_Message, frozen=True, tag="slot.updated"):
@@ -242,10 +288,26 @@ RFC3339_CACHED_MAX = 4096
 _MILLISECOND = timedelta(milliseconds=1)
 
 
-def to_ms(value: datetime, field: str) -> int:
-    """Epoch milliseconds of an aware datetime (exact); naive input is a validation error."""
-    if value.tzinfo is None or value.utcoffset() is None:
-        raise msgspec.ValidationError(f"must carry a UTC offset - at `$.{field}`")
+def _instant(text: str) -> datetime | None:
+    """``text`` as an aware datetime if it is an instant as documented, else None."""
+    if _INSTANT.match(text) is None:
+        return None
+    # Microseconds at most, so that parsing never rounds (which could carry into the next year).
+    date_time, dot, rest = text.partition(".")
+    if dot:
+        digits = len(rest) - len(rest.lstrip("0123456789"))
+        text = f"{date_time}.{rest[: min(digits, 6)]}{rest[digits:]}"
+    try:
+        return msgspec.convert(text, datetime)
+    except msgspec.ValidationError:  # no such day (February 30th)
+        return None
+
+
+def to_ms(text: str, field: str) -> int:
+    """Epoch milliseconds of an instant (see ``Instant``); anything else is a validation error."""
+    value = _instant(text)
+    if value is None:
+        raise msgspec.ValidationError(f"{INSTANT_MESSAGE} - at `$.{field}`")
     return (value - _EPOCH) // _MILLISECOND
 
 

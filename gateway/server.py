@@ -202,7 +202,9 @@ def build_app(
         if engine_kind == "inproc":
             await transport.close()
 
-    app = create_app(None, verifier, cors_origins=settings.cors_origins)
+    app = create_app(
+        None, verifier, cors_origins=settings.cors_origins, domains=list(load_policies(settings))
+    )
     # The engine, its transport and the service URLs arrive on startup (engine_context).
     add_observability(app, engine=None, transport=None, database_url=None, redis_url=None)
     app.cleanup_ctx.append(engine_context)

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import aiohttp
+import jsonschema_rs
 import pytest
 import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient, TestServer
@@ -309,6 +310,43 @@ async def test_the_event_stream_carries_the_same_events(gateway: Gateway, token:
             break
     assert data["position"] == 1
     response.close()
+
+
+async def test_the_event_stream_is_as_the_document_describes_it(
+    gateway: Gateway, token: Token
+) -> None:
+    api = await gateway()
+    document = await (await api.get("/openapi.json")).json()
+    operation = document["paths"]["/api/slots/{slotId}/queue/events"]["get"]
+    described = operation["responses"]["200"]["content"]["text/event-stream"]["schema"]
+    slot_id = await _queued_slot(api, token, ["w1", "w2"])
+    response = await api.get(f"/api/slots/{slot_id}/queue/events", headers=token("w2"))
+    await api.delete(f"/api/slots/{slot_id}/queue", headers=token("w1"))
+    events: list[dict[str, Any]] = []
+    fields: dict[str, str] = {}
+    # The first state (position, slot), then the change (position, slot): each
+    # event is its "event" and "data" fields, a blank line ends it.
+    while len(events) < 4:
+        line = (await asyncio.wait_for(response.content.readline(), RECEIVE_LIMIT_S)).decode()
+        if line == "\n":
+            if "data" in fields:
+                events.append(fields)
+            fields = {}
+        elif not line.startswith(":"):
+            name, _, value = line.rstrip("\n").partition(": ")
+            fields[name] = value
+    response.close()
+    components = {"components": document["components"]}
+    assert [event["event"] for event in events] == ["queue.position", "slot.updated"] * 2
+    for event in events:
+        assert jsonschema_rs.validator_for({**described, **components}).is_valid(event), event
+        # OpenAPI leaves "contentSchema" to the reader: the data is checked here.
+        (branch,) = [
+            b for b in described["oneOf"] if b["properties"]["event"]["const"] == event["event"]
+        ]
+        content = {**branch["properties"]["data"]["contentSchema"], **components}
+        data = json.loads(event["data"])
+        assert jsonschema_rs.validator_for(content, validate_formats=True).is_valid(data), data
 
 
 async def test_the_event_stream_takes_the_token_as_a_query_parameter(
