@@ -71,7 +71,7 @@ def _enum(values: Iterable[str]) -> dict[str, Any]:
 _INSTANT = {"type": "string", "format": "date-time", "pattern": s.INSTANT_PATTERN}
 _USER_QUERY: Query = (
     "userId",
-    {"type": "string"},
+    {"type": "string", "maxLength": limits.ID_CHARS_MAX, "pattern": s.STORABLE_TEXT},
     "the user a service acts for (others may name only themselves)",
 )
 _PAGE_QUERY: tuple[Query, ...] = (
@@ -181,25 +181,27 @@ OPERATIONS: Final[tuple[Operation, ...]] = (
                      _USER_QUERY, *_PAGE_QUERY),
               ),
     Operation("get", _BOOKING, "Read a booking", "owner or admin", None,
-              {200: s.BookingOut}, (401, 403, 404, 503), query=(_USER_QUERY,),
+              {200: s.BookingOut}, (401, 403, 404, 422, 503), query=(_USER_QUERY,),
               links=_links(200, ("Confirm", "Cancel"), **_OF_BOOKING)),
     Operation("post", _SLOT + "/queue", "Join a slot's waiting queue", "user",
               s.ActingBody, {201: s.QueueEntryOut, 200: s.QueueEntryOut},
               (400, 401, 403, 404, 409, 413, 422, 429, 503), idempotent_key=True,
               links=_links(201, _ENTRY_NEXT, **_OF_ENTRY) + _links(200, _ENTRY_NEXT, **_OF_ENTRY)),
     Operation("delete", _SLOT + "/queue", "Leave a slot's waiting queue", "user",
-              None, {204: None}, (401, 403, 404, 503), query=(_USER_QUERY,)),
+              None, {204: None}, (401, 403, 404, 422, 503), query=(_USER_QUERY,)),
     Operation("get", _SLOT + "/queue/position", "The caller's queue entry", "user",
-              None, {200: s.QueueEntryOut}, (401, 403, 404, 429, 503), query=(_USER_QUERY,)),
+              None, {200: s.QueueEntryOut}, (401, 403, 404, 422, 429, 503),
+              query=(_USER_QUERY,)),
     Operation("get", _SLOT + "/queue/events",
               "Live queue position and slot availability (server-sent events)", "user",
-              None, {200: None}, (401, 403, 404, 429, 503), query=(_USER_QUERY,), live="sse"),
+              None, {200: None}, (401, 403, 404, 422, 429, 503), query=(_USER_QUERY,),
+              live="sse"),
     Operation("get", "/ws/queue/{slotId}",
               "Live queue position and slot availability (WebSocket)", "user",
-              None, {101: None}, (400, 401, 403, 404, 429, 503), query=(_USER_QUERY,),
+              None, {101: None}, (400, 401, 403, 404, 422, 429, 503), query=(_USER_QUERY,),
               live="websocket"),
     Operation("get", "/ws/bookings", "Live changes of the caller's bookings (WebSocket)", "user",
-              None, {101: None}, (400, 401, 403, 429, 503), query=(_USER_QUERY,),
+              None, {101: None}, (400, 401, 403, 422, 429, 503), query=(_USER_QUERY,),
               live="websocket"),
 )  # fmt: skip
 
@@ -251,6 +253,7 @@ def build_document(domains: Sequence[str] = ()) -> dict[str, Any]:
     refs, components = msgspec.json.schema_components(
         ordered, ref_template="#/components/schemas/{name}"
     )
+    components[s.METADATA_VALUE] = s.METADATA_VALUE_SCHEMA
     if domains:
         components["CreateSlotBody"]["properties"]["domain"]["enum"] = sorted(domains)
     ref_of = dict(zip(ordered, refs, strict=True))

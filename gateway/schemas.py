@@ -37,6 +37,38 @@ Capacity = Annotated[
     ),
 ]
 
+# Slot metadata: JSON the database stores as it is (``check_metadata``). The
+# document states what a JSON Schema can (no U+0000 in any string or key, every
+# number within 64 bits) and says the rest: at most JSON_DEPTH_MAX levels and
+# SLOT_METADATA_BYTES_MAX bytes as compact JSON.
+METADATA_VALUE: Final = "MetadataValue"
+METADATA_VALUE_SCHEMA: Final = {
+    "description": "a JSON value whose strings and keys have no U+0000 and whose numbers"
+    " are within 64 bits",
+    "anyOf": [
+        {"type": ["null", "boolean"]},
+        {"type": "number", "minimum": -(2**63), "maximum": 2**63 - 1},
+        {"type": "string", "pattern": STORABLE_TEXT},
+        {"type": "array", "items": {"$ref": f"#/components/schemas/{METADATA_VALUE}"}},
+        {
+            "type": "object",
+            "propertyNames": {"pattern": STORABLE_TEXT},
+            "additionalProperties": {"$ref": f"#/components/schemas/{METADATA_VALUE}"},
+        },
+    ],
+}
+Metadata = Annotated[
+    dict[str, Any],
+    msgspec.Meta(
+        description=f"at most {limits.JSON_DEPTH_MAX} levels deep and"
+        f" {limits.SLOT_METADATA_BYTES_MAX} bytes as compact JSON",
+        extra_json_schema={
+            "propertyNames": {"pattern": STORABLE_TEXT},
+            "additionalProperties": {"$ref": f"#/components/schemas/{METADATA_VALUE}"},
+        },
+    ),
+]
+
 # An instant on input: RFC 3339 with its offset, as the document's pattern says
 # and nothing else (a space for the "T", an offset without its colon or a leap
 # second are refused, though a lenient parser would take them). Years run from
@@ -81,7 +113,7 @@ class CreateSlotBody(_Body, frozen=True):
     end_time: Instant
     capacity: Capacity
     domain: Id = "default"
-    metadata: dict[str, Any] = {}
+    metadata: Metadata = {}
     blocked: bool = False
 
     def __post_init__(self) -> None:
@@ -93,7 +125,7 @@ class UpdateSlotBody(_Body, frozen=True):
     start_time: Instant | None = None
     end_time: Instant | None = None
     capacity: Capacity | None = None
-    metadata: dict[str, Any] | None = None
+    metadata: Metadata | None = None
     blocked: bool | None = None
 
     def __post_init__(self) -> None:

@@ -13,7 +13,9 @@ What PostgreSQL refuses, and so what is refused here:
 - text with U+0000 (``text`` and ``jsonb`` both reject it), or that is not
   valid Unicode (a lone surrogate cannot be encoded as UTF-8);
 - JSON numbers outside what crosses the engine's wire (msgpack carries 64-bit
-  integers) or that are not finite;
+  integers) or that are not finite; written with a fraction or an exponent
+  too (``1e30``): JSON, and so the OpenAPI document, does not tell it from
+  the integer it equals, so neither may the rule;
 - JSON nested deeper than ``JSON_DEPTH_MAX`` or larger, encoded, than
   ``SLOT_METADATA_BYTES_MAX`` (limits, not PostgreSQL's: see ``limits``).
 
@@ -32,6 +34,7 @@ NUL_MESSAGE: Final = "must not contain the character U+0000"
 UNICODE_MESSAGE: Final = "must be valid Unicode (no lone surrogates)"
 _INT_MIN: Final = -(2**63)
 _INT_MAX: Final = 2**63 - 1
+NUMBER_MESSAGE: Final = f"numbers must be between {_INT_MIN} and {_INT_MAX}"
 
 _json_encode = msgspec.json.Encoder().encode
 _astuple = msgspec.structs.astuple
@@ -61,12 +64,12 @@ def json_problem(value: Any, path: str, depth: int = 1) -> tuple[str, str] | Non
         return None if problem is None else (path, problem)
     if value is None or isinstance(value, bool):
         return None
-    if isinstance(value, int):
+    if isinstance(value, int | float):
         if _INT_MIN <= value <= _INT_MAX:
             return None
-        return path, f"integers must be between {_INT_MIN} and {_INT_MAX}"
-    if isinstance(value, float):
-        return None if math.isfinite(value) else (path, "numbers must be finite")
+        if isinstance(value, float) and not math.isfinite(value):
+            return path, "numbers must be finite"
+        return path, NUMBER_MESSAGE
     if isinstance(value, dict):
         if depth > JSON_DEPTH_MAX:
             return path, f"nested deeper than {JSON_DEPTH_MAX} levels"

@@ -201,6 +201,14 @@ async def test_every_refusal_of_a_bad_input_is_documented(api: Client, token: To
         schema = _answer_schema(document, "/api/admin/slots", "post", status)
         assert _validator(document, schema).is_valid(body)
     assert body["details"]["capacity"]
+    # A userId in the query is a storable id, as in a body.
+    for path in ("/api/bookings/my", "/api/slots/{slotId}/queue/position"):
+        user = _validator(document, _query_schema(document, path, "get", "userId"))
+        response = await api.get(
+            path.format(slotId=slot["id"]), params={"userId": "a\x00b"}, headers=token("ann")
+        )
+        assert response.status == 422 and not user.is_valid("a\x00b")
+        assert "422" in document["paths"][path]["get"]["responses"]
     # An Idempotency-Key is visible ASCII (here the UTF-8 bytes of "é", read as such).
     key = _query_schema(document, "/api/bookings/reserve", "post", "Idempotency-Key")
     for value, valid in [("order-17 retry", True), ("Ã©", False)]:

@@ -1,6 +1,7 @@
-"""The wire conversions of instants: exact, in both directions, and exactly as documented."""
+"""The wire forms of instants and metadata: exact, and accepted exactly as documented."""
 
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import jsonschema_rs
 import msgspec
@@ -8,6 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from engine.core.storable import metadata_problem
 from gateway.openapi import build_document
 from gateway.schemas import rfc3339, to_ms
 
@@ -94,3 +96,36 @@ def test_the_document_accepts_exactly_the_instants_the_server_accepts(text: str)
     else:
         accepted = True
     assert documented == accepted
+
+
+_JSON = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(alphabet=st.characters(exclude_categories=("Cs",)), max_size=5),
+    lambda inner: (
+        st.lists(inner, max_size=3)
+        | st.dictionaries(
+            st.text(alphabet=st.characters(exclude_categories=("Cs",)), max_size=3),
+            inner,
+            max_size=3,
+        )
+    ),
+    max_leaves=8,
+)
+
+
+@given(st.dictionaries(st.text(max_size=3), _JSON, max_size=4))
+def test_the_document_accepts_exactly_the_metadata_the_server_accepts(
+    metadata: dict[str, Any],
+) -> None:
+    # Small, shallow values: their size and depth are within the limits the
+    # document states in words (no JSON Schema keyword counts bytes or levels).
+    document = build_document()
+    schema = {
+        **document["components"]["schemas"]["CreateSlotBody"]["properties"]["metadata"],
+        "components": document["components"],
+    }
+    documented = jsonschema_rs.validator_for(schema).is_valid(metadata)
+    assert documented == (metadata_problem(metadata) is None), metadata

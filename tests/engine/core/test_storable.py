@@ -40,6 +40,10 @@ def test_json_problems_name_the_member_at_fault() -> None:
     assert json_problem({"a\x00": 1}, "metadata") == ("metadata", f"keys {NUL_MESSAGE}")
     assert json_problem({"big": 2**63}, "metadata") is not None
     assert json_problem({"small": -(2**63)}, "metadata") is None
+    # The same numbers however written: JSON does not tell 1e30 from 10**30.
+    assert json_problem({"big": 1e30}, "metadata") is not None
+    assert json_problem({"big": float(2**63)}, "metadata") is not None
+    assert json_problem({"small": float(-(2**63)), "half": 0.5}, "metadata") is None
     assert json_problem({"inf": float("inf")}, "metadata") is not None
     assert json_problem({"nan": float("nan")}, "metadata") is not None
     assert json_problem({"raw": b"bytes"}, "metadata") is not None
