@@ -9,7 +9,7 @@ next to their statuses and error codes as API.md gives them.
 import html
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, get_args
 
 import msgspec
 from aiohttp import web
@@ -75,12 +75,21 @@ _USER_QUERY: Query = (
     "the user a service acts for (others may name only themselves)",
 )
 _PAGE_QUERY: tuple[Query, ...] = (
-    ("limit", {"type": "integer"}, "page size, taken as 1 below 1 and 200 above 200"),
+    (
+        "limit",
+        {"type": "integer"},
+        f"page size, taken as 1 below 1 and {limits.LIST_LIMIT_MAX} above it",
+    ),
     ("cursor", {"type": "string", "pattern": s.CURSOR_PATTERN}, "nextCursor of the previous page"),
 )
-_SLOT_STATUSES = ("AVAILABLE", "RESERVED", "BOOKED", "BLOCKED", "EXPIRED")
-# PENDING is the engine's own: the API never answers it, nor filters by it.
-_BOOKING_STATUSES = ("RESERVED", "CONFIRMED", "EXPIRED", "CANCELLED", "COMPLETED")
+# The statuses a filter takes are those answered (a booking is never PENDING).
+_SLOT_STATUSES = get_args(s.SlotStatusName)
+_BOOKING_STATUSES = get_args(s.BookingStatusName)
+# The rules of a slot's times across fields, which no JSON Schema can state.
+_SLOT_TIMES = (
+    "Validation error, or a rule across fields: endTime after startTime, at most"
+    f" {limits.SLOT_DURATION_MAX_MS // 86_400_000} days later, and not in the past"
+)
 _SLOT = "/api/slots/{slotId}"
 _BOOKING = "/api/bookings/{bookingId}"
 
@@ -106,7 +115,7 @@ def _links(status: int, names: Iterable[str], **values: str) -> tuple[Link, ...]
     """The links ``names`` from answers of ``status``: what a client may call next.
 
     ``values`` are runtime expressions (``$response.body#/id``) for the ids
-    the next calls take: ``slotId``, ``bookingId``, ``resourceId``.
+    the next calls take: ``slotId``, ``bookingId``.
     """
     links = []
     for name in names:
@@ -132,8 +141,7 @@ OPERATIONS: Final[tuple[Operation, ...]] = (
     Operation("post", "/api/admin/slots", "Create a slot", "admin", s.CreateSlotBody,
               {201: s.SlotOut}, (400, 401, 403, 409, 413, 422, 503),
               notes={409: "SlotOverlap: the resource has a slot at an overlapping time",
-                     422: "Validation error, or a rule across fields: endTime after startTime,"
-                          " at most 7 days later, and not in the past"},
+                     422: _SLOT_TIMES},
               links=_links(201, _SLOT_NEXT, **_OF_SLOT)),
     Operation("get", "/api/slots", "List slots", "any", None, {200: s.SlotPageOut},
               (401, 422, 503),
@@ -149,8 +157,7 @@ OPERATIONS: Final[tuple[Operation, ...]] = (
               {200: s.SlotOut}, (400, 401, 403, 404, 409, 413, 422, 503),
               notes={409: "SlotOverlap, or CapacityBelowBookings: capacity below the slot's"
                           " bookings and holds",
-                     422: "Validation error, or a rule across fields: endTime after startTime,"
-                          " at most 7 days later, and not in the past"},
+                     422: _SLOT_TIMES},
               links=_links(200, _SLOT_NEXT, **_OF_SLOT)),
     Operation("delete", "/api/admin/slots/{slotId}", "Delete a slot", "admin", None,
               {204: None}, (401, 403, 404, 409, 422, 503),
