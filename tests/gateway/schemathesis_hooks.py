@@ -1,17 +1,17 @@
 """schemathesis hooks: the rules of a slot's times that no JSON Schema can state.
 
-A slot's ``endTime`` must be after its ``startTime``, at most 7 days later, and
-not in the past: rules across two fields and the clock, which ``/openapi.json``
-states in words (the 422 of the slot routes) but cannot put in a schema. A
-positive case, which the server must accept, is therefore moved onto times that
-keep them: the start between one and fourteen days ahead (every shipped domain
-takes a hold and a cancellation that far ahead), an hour after the previous
-one moved (so that slots of one resource seldom overlap, which is a 409), the
-end after it within the hour the generated length gives. The n-th case moved
-gets the same times in every run of a seed. Negative cases, and every other
-operation, are left as generated.
+A slot's ``endTime`` must be after its ``startTime``, at most
+``SLOT_DURATION_MAX_MS`` later, and not in the past: rules across two fields
+and the clock, which ``/openapi.json`` states in words (the 422 of the slot
+routes) but cannot put in a schema. A positive case, which the server must
+accept, is therefore moved onto times that keep them: the start between one
+and fourteen days ahead (every shipped domain takes a hold and a cancellation
+that far ahead), an hour after the previous one moved (so that slots of one
+resource seldom overlap, which is a 409), the end after it within the hour the
+generated length gives. The n-th case moved gets the same times in every run
+of a seed. Negative cases, and every other operation, are left as generated.
 
-Loaded by schemathesis through ``SCHEMATHESIS_HOOKS`` (``test_schemathesis.py``).
+Loaded by schemathesis as ``schemathesis.toml`` names it (``hooks``).
 """
 
 import itertools
