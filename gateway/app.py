@@ -328,12 +328,20 @@ async def decode_body(request: web.Request, schema: type[T], *, optional: bool =
         raise web.HTTPRequestEntityTooLarge(
             max_size=BODY_BYTES_MAX, actual_size=request.content_length
         )
-    raw = await read_body(request)
+    return decode_json(await read_body(request), request.content_type, schema, optional=optional)
+
+
+def decode_json(raw: bytes, content_type: str, schema: type[T], *, optional: bool = False) -> T:
+    """A request body of type ``content_type`` as ``schema``, or an ``ApiError`` (400,
+    422) or msgspec's ``ValidationError`` (422), answered in the contract's shape.
+
+    No request needed: what a body may be is tested over any bytes.
+    """
     if not raw.strip():
         if optional:
             return msgspec.convert({}, schema)
         raise ApiError(400, "BadRequest", "a JSON body is required")
-    if request.content_type != "application/json":
+    if content_type != "application/json":
         raise ApiError(400, "BadRequest", "bodies are JSON (Content-Type: application/json)")
     if s.nested_deeper_than(raw, s.BODY_DEPTH_MAX):
         raise ApiError(400, "BadRequest", f"JSON nested deeper than {s.BODY_DEPTH_MAX} levels")
