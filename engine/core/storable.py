@@ -32,9 +32,10 @@ from engine.core.limits import JSON_DEPTH_MAX, SLOT_METADATA_BYTES_MAX
 
 NUL_MESSAGE: Final = "must not contain the character U+0000"
 UNICODE_MESSAGE: Final = "must be valid Unicode (no lone surrogates)"
-_INT_MIN: Final = -(2**63)
-_INT_MAX: Final = 2**63 - 1
-NUMBER_MESSAGE: Final = f"numbers must be between {_INT_MIN} and {_INT_MAX}"
+# What msgpack carries across the engine's wire as a signed integer.
+INT_MIN: Final = -(2**63)
+INT_MAX: Final = 2**63 - 1
+NUMBER_MESSAGE: Final = f"numbers must be between {INT_MIN} and {INT_MAX}"
 
 _json_encode = msgspec.json.Encoder().encode
 _astuple = msgspec.structs.astuple
@@ -65,7 +66,7 @@ def json_problem(value: Any, path: str, depth: int = 1) -> tuple[str, str] | Non
     if value is None or isinstance(value, bool):
         return None
     if isinstance(value, int | float):
-        if _INT_MIN <= value <= _INT_MAX:
+        if INT_MIN <= value <= INT_MAX:
             return None
         if isinstance(value, float) and not math.isfinite(value):
             return path, "numbers must be finite"

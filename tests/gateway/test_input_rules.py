@@ -158,6 +158,34 @@ async def test_a_service_acting_for_an_unstorable_user_is_refused(
     assert query["details"] == {"userId": NUL_MESSAGE}
 
 
+@pytest.mark.parametrize("order", [2**64, -(2**63) - 1])
+async def test_a_cursor_the_engine_cannot_carry_is_422_and_costs_no_one_else_an_answer(
+    api: Client, token: Token, order: int
+) -> None:
+    # A cursor is "<order>.<id>"; an order past 64 bits would fail to encode in the
+    # engine's batch, a 500 for its request and every other command of that batch.
+    slot = await _slot(api, token, capacity=30)
+    cursor = f"{order}.x"
+
+    async def reserve(user: str) -> int:
+        response = await api.post(
+            "/api/bookings/reserve", json={"slotId": slot["id"]}, headers=token(user)
+        )
+        await response.read()
+        return response.status
+
+    bad_slots, bad_bookings, *others = await asyncio.gather(
+        api.get("/api/slots", params={"cursor": cursor}, headers=token("ann")),
+        api.get("/api/bookings/my", params={"cursor": cursor}, headers=token("ann")),
+        *(reserve(f"user-{n}") for n in range(10)),
+    )
+
+    for response in (bad_slots, bad_bookings):
+        body = await _error(response, 422, "ValidationError")
+        assert list(body["details"]) == ["cursor"]
+    assert others == [201] * 10
+
+
 # -- 2. nesting is bounded at the door -------------------------------------------------
 
 
