@@ -16,7 +16,7 @@ import msgspec
 
 from engine.core import limits
 from engine.core.records import Booking, QueueView, SlotView
-from engine.core.storable import metadata_problem
+from engine.core.storable import NUMBER_BOUND, metadata_problem
 
 # Every string a client sends is stored by PostgreSQL, which refuses U+0000
 # (``engine.core.storable``): the pattern refuses it while decoding, with the
@@ -47,7 +47,11 @@ METADATA_VALUE_SCHEMA: Final = {
     " are within 64 bits",
     "anyOf": [
         {"type": ["null", "boolean"]},
-        {"type": "number", "minimum": -(2**63), "maximum": 2**63 - 1},
+        {
+            "type": "number",
+            "exclusiveMinimum": -NUMBER_BOUND,
+            "exclusiveMaximum": NUMBER_BOUND,
+        },
         {"type": "string", "pattern": STORABLE_TEXT},
         {"type": "array", "items": {"$ref": f"#/components/schemas/{METADATA_VALUE}"}},
         {

@@ -15,7 +15,9 @@ What PostgreSQL refuses, and so what is refused here:
 - JSON numbers outside what crosses the engine's wire (msgpack carries 64-bit
   integers) or that are not finite; written with a fraction or an exponent
   too (``1e30``): JSON, and so the OpenAPI document, does not tell it from
-  the integer it equals, so neither may the rule;
+  the integer it equals, so neither may the rule; and ``jsonb`` keeps a number
+  as a decimal and gives ``1e20`` back as ``100000000000000000000``, an
+  integer a shard loading it could not carry;
 - JSON nested deeper than ``JSON_DEPTH_MAX`` or larger, encoded, than
   ``SLOT_METADATA_BYTES_MAX`` (limits, not PostgreSQL's: see ``limits``).
 
@@ -32,10 +34,12 @@ from engine.core.limits import JSON_DEPTH_MAX, SLOT_METADATA_BYTES_MAX
 
 NUL_MESSAGE: Final = "must not contain the character U+0000"
 UNICODE_MESSAGE: Final = "must be valid Unicode (no lone surrogates)"
-# What msgpack carries across the engine's wire as a signed integer.
-INT_MIN: Final = -(2**63)
-INT_MAX: Final = 2**63 - 1
-NUMBER_MESSAGE: Final = f"numbers must be between {INT_MIN} and {INT_MAX}"
+# Metadata numbers lie strictly between -2**63 and 2**63. Strictly: the float
+# -2**63 is written -9.223372036854776e18, which jsonb keeps as the decimal
+# -9223372036854776000, past what a shard loading it can carry; and JSON does
+# not tell a float from the integer it equals, so the integer -2**63 goes too.
+NUMBER_BOUND: Final = 2**63
+NUMBER_MESSAGE: Final = "numbers must lie strictly between -2**63 and 2**63"
 
 _json_encode = msgspec.json.Encoder().encode
 _astuple = msgspec.structs.astuple
@@ -66,10 +70,10 @@ def json_problem(value: Any, path: str, depth: int = 1) -> tuple[str, str] | Non
     if value is None or isinstance(value, bool):
         return None
     if isinstance(value, int | float):
-        if INT_MIN <= value <= INT_MAX:
-            return None
         if isinstance(value, float) and not math.isfinite(value):
             return path, "numbers must be finite"
+        if -NUMBER_BOUND < value < NUMBER_BOUND:
+            return None
         return path, NUMBER_MESSAGE
     if isinstance(value, dict):
         if depth > JSON_DEPTH_MAX:

@@ -9,6 +9,7 @@ from engine.core.states import BookingStatus, QueueStatus
 from engine.shell.clock import SystemClock
 from engine.shell.owner import OwnerState
 from tests.persistence.helpers import (
+    HOUR_MS,
     Driver,
     booking_row,
     create_slot,
@@ -149,6 +150,38 @@ async def test_idempotency_keys_survive_a_restart(
     assert isinstance(reused, p.Failure) and reused.code == "IdempotencyKeyReused"
     assert await db.fetchval("SELECT count(*) FROM bookings") == 1
     await successor.close()
+
+
+async def test_metadata_numbers_load_back_as_stored_and_a_float_jsonb_would_widen_is_refused(
+    database_url: str, redis_namespace: str
+) -> None:
+    owner = make_owner(database_url, redis_namespace)
+    await owner.start()
+    now_ms = SystemClock().now_ms()
+    edges = {"top": 9.223372036854775e18, "low": -9.223372036854775e18, "tiny": 5e-324, "e": 1e16}
+    kept, widened = slot_on(0, 1, "kept"), slot_on(0, 1, "widened")
+    try:
+        created, refused = await Driver(owner).run(
+            create_slot(kept, now_ms, metadata=edges),
+            # jsonb would give it back as 100000000000000000000, which no shard could load.
+            create_slot(widened, now_ms + 2 * HOUR_MS, metadata={"n": 1e20}),
+        )
+    finally:
+        await owner.close()
+    assert created.status == 201
+    assert isinstance(refused, p.Failure) and refused.details == {
+        "metadata.n": "numbers must be between -9223372036854775808 and 9223372036854775807"
+    }
+
+    successor = make_owner(database_url, redis_namespace)
+    try:
+        await successor.start()
+        found = await Driver(successor).one(p.GetSlot(request_id=request_id(), slot_id=kept))
+    finally:
+        await successor.close()
+    assert isinstance(found, p.SlotResult)
+    # By value (1e16 comes back as the integer 10000000000000000).
+    assert {k: float(v) for k, v in found.slot.metadata_dict().items()} == edges
 
 
 async def test_the_owner_of_shard_0_purges_audit_rows_past_their_retention(

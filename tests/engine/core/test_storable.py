@@ -11,6 +11,7 @@ from engine.core import protocol as p
 from engine.core.limits import JSON_DEPTH_MAX, SLOT_METADATA_BYTES_MAX
 from engine.core.storable import (
     NUL_MESSAGE,
+    NUMBER_MESSAGE,
     UNICODE_MESSAGE,
     command_problems,
     json_problem,
@@ -38,15 +39,29 @@ def test_json_problems_name_the_member_at_fault() -> None:
     assert json_problem({"a": [1, 2.5, True, None, "x"]}, "metadata") is None
     assert json_problem({"a": [1, {"b": "x\x00"}]}, "metadata") == ("metadata.a[1].b", NUL_MESSAGE)
     assert json_problem({"a\x00": 1}, "metadata") == ("metadata", f"keys {NUL_MESSAGE}")
+    assert json_problem({"big": 2**63 - 1, "small": -(2**63) + 1}, "metadata") is None
     assert json_problem({"big": 2**63}, "metadata") is not None
-    assert json_problem({"small": -(2**63)}, "metadata") is None
+    assert json_problem({"small": -(2**63)}, "metadata") is not None
     # The same numbers however written: JSON does not tell 1e30 from 10**30.
     assert json_problem({"big": 1e30}, "metadata") is not None
     assert json_problem({"big": float(2**63)}, "metadata") is not None
-    assert json_problem({"small": float(-(2**63)), "half": 0.5}, "metadata") is None
+    assert json_problem({"small": float(-(2**63))}, "metadata") is not None
+    assert json_problem({"half": 0.5}, "metadata") is None
     assert json_problem({"inf": float("inf")}, "metadata") is not None
     assert json_problem({"nan": float("nan")}, "metadata") is not None
     assert json_problem({"raw": b"bytes"}, "metadata") is not None
+
+
+def test_floats_are_held_to_the_range_of_the_integers_jsonb_turns_them_into() -> None:
+    # jsonb writes 1e20 back as the integer 100000000000000000000: past 64 bits, a
+    # shard loading it could not carry it across its wire.
+    for storable in (0.1, -0.0, 5e-324, 1e16, 9.223372036854775e18, -9.223372036854775e18):
+        assert json_problem({"f": storable}, "metadata") is None, storable
+    for unstorable in (1e20, -1e20, 2.0**63, -(2.0**63), 1e300):
+        assert json_problem({"f": unstorable}, "metadata") == (
+            "metadata.f",
+            NUMBER_MESSAGE,
+        ), unstorable
 
 
 def test_depth_is_bounded_at_the_limit() -> None:
