@@ -24,10 +24,13 @@ from the first failure, no longer: then the batch fails, as
 ``ShardUnavailable`` when an attempt may have been applied (its outcome is
 unknown) and as the failure that applied nothing otherwise
 (``errors.may_have_applied`` tells them apart).
+A command the wire cannot carry is answered 422 alone, and its batch leaves
+without it.
 
 It must never: build or change a command's request id on a retry; wait without
-a limit; queue without a limit (``Overloaded`` instead); import Ray (transports
-map their failures onto ``engine.shell.errors``).
+a limit; queue without a limit (``Overloaded`` instead); let one command fail
+the others of its batch; import Ray (transports map their failures onto
+``engine.shell.errors``).
 """
 
 import asyncio
@@ -40,7 +43,7 @@ from typing import Final
 import msgspec
 
 from engine.core import limits, routing
-from engine.core.errors import NotFound
+from engine.core.errors import NotFound, ValidationFailed
 from engine.core.protocol import (
     READ_ONLY_COMMANDS,
     AnyCommand,
@@ -60,6 +63,7 @@ from engine.core.protocol import (
     Reserve,
     UpdateSlot,
 )
+from engine.core.storable import command_problems
 from engine.shell.errors import (
     Overloaded,
     ShardBusy,
@@ -335,12 +339,20 @@ class EngineClient:
         mixed: bool,
     ) -> None:
         try:
+            # Encoded once: a resend carries exactly these bytes, so the same request ids.
+            try:
+                data = self._codec.encode_batch(commands)
+            except Exception:
+                # A command msgpack cannot carry (a lone surrogate, an integer past 64
+                # bits) is refused alone; the others of the batch leave without it.
+                commands, futures = self._refuse_unencodable(commands, futures)
+                if not commands:
+                    return
+                data = self._codec.encode_batch(commands)
             size = len(commands)
             self._batches_sent += 1
             self._commands_sent += size
             self._batch_size_max = max(self._batch_size_max, size)
-            # Encoded once: a resend carries exactly these bytes, so the same request ids.
-            data = self._codec.encode_batch(commands)
             on_early = self._early_answers(futures) if mixed else None
             reply = await self._call_with_retries(lane.shard, data, on_early)
             results = self._codec.decode_reply(reply)
@@ -365,6 +377,31 @@ class EngineClient:
             if lane.commands:
                 # On the next iteration, so the callers this reply just woke can join.
                 self._schedule_flush(lane)
+
+    def _refuse_unencodable(
+        self, commands: list[AnyCommand], futures: list[asyncio.Future[AnyResult]]
+    ) -> tuple[list[AnyCommand], list[asyncio.Future[AnyResult]]]:
+        """Answer each command that cannot be encoded with a 422; the others, to send."""
+        kept: list[AnyCommand] = []
+        kept_futures: list[asyncio.Future[AnyResult]] = []
+        for command, future in zip(commands, futures, strict=True):
+            try:
+                self._codec.encode_batch([command])
+            except Exception as exc:
+                problems = command_problems(command) or {"command": f"cannot be encoded: {exc}"}
+                if not future.done():
+                    future.set_result(
+                        Failure(
+                            status=ValidationFailed.status,
+                            code=ValidationFailed.code,
+                            message=f"cannot be stored: {', '.join(problems)}",
+                            details=problems,
+                        )
+                    )
+            else:
+                kept.append(command)
+                kept_futures.append(future)
+        return kept, kept_futures
 
     def _early_answers(self, futures: list[asyncio.Future[AnyResult]]) -> Callable[[bytes], None]:
         """What resolves the futures of a batch's answers that arrive ahead of its reply."""

@@ -251,6 +251,31 @@ async def test_an_id_the_engine_never_issued_is_not_found_without_a_call(
     assert faulty.sent == []
 
 
+async def test_a_command_the_wire_cannot_carry_is_refused_alone(faulty: FaultyTransport) -> None:
+    engine = engine_over(faulty)
+    slot_id = await engine.slot(capacity=5)
+    shard = shard_for(p.GetSlot(request_id="r", slot_id=slot_id), SHARDS)
+    faulty.sent.clear()
+
+    # Sent in one turn of the loop, so all of them leave in one batch.
+    surrogate, too_big, held, read = await asyncio.gather(
+        engine.reserve(slot_id, "ann\ud800"),
+        engine.client.execute(
+            p.ListSlots(request_id=engine.ids.next(), after=(2**70, "x")), shard=shard
+        ),
+        engine.reserve(slot_id, "bob"),
+        engine.run(p.GetSlot, slot_id=slot_id),
+    )
+
+    assert isinstance(surrogate, p.Failure) and surrogate.status == 422, surrogate
+    assert surrogate.details == {"userId": "must be valid Unicode (no lone surrogates)"}
+    assert isinstance(too_big, p.Failure) and too_big.status == 422, too_big
+    assert isinstance(held, p.BookingResult) and held.status == 201
+    assert isinstance(read, p.SlotResult) and read.slot.held_count == 1
+    assert len(faulty.sent) == 1
+    assert engine.client.statistics().failed_batches == 0
+
+
 async def test_commands_spanning_shards_need_an_explicit_shard(faulty: FaultyTransport) -> None:
     engine = engine_over(faulty)
     slot_id = await engine.slot(capacity=2)
