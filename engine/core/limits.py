@@ -46,6 +46,11 @@ SLOT_METADATA_BYTES_MAX: Final = 4_096
 JSON_DEPTH_MAX: Final = 32
 ID_CHARS_MAX: Final = 128
 CANCEL_REASON_CHARS_MAX: Final = 500
+# The longest string a shard stores from a command (a cancellation's reason: up to
+# CANCEL_REASON_CHARS_MAX): a btree index row holds at most ~2.7 kB, and a user id
+# and an idempotency key share one (4 bytes a character at worst). Room above the
+# API's own limits (ids 128 characters, an admin actor "admin:" and one, keys 200).
+COMMAND_TEXT_CHARS_MAX: Final = 256
 
 # -- idempotency and retries -----------------------------------------------
 # Client Idempotency-Keys are kept at least 24 h (API.md).

@@ -19,7 +19,10 @@ What PostgreSQL refuses, and so what is refused here:
   as a decimal and gives ``1e20`` back as ``100000000000000000000``, an
   integer a shard loading it could not carry;
 - JSON nested deeper than ``JSON_DEPTH_MAX`` or larger, encoded, than
-  ``SLOT_METADATA_BYTES_MAX`` (limits, not PostgreSQL's: see ``limits``).
+  ``SLOT_METADATA_BYTES_MAX`` (limits, not PostgreSQL's: see ``limits``);
+- a command's text longer than ``COMMAND_TEXT_CHARS_MAX`` (a reason, than
+  ``CANCEL_REASON_CHARS_MAX``): ids, users and keys go into indexes, whose
+  rows PostgreSQL holds to about 2.7 kB.
 
 Pure functions, no I/O; each answers the first problem it finds as
 ``(path, message)`` so that callers can name the field.
@@ -30,7 +33,12 @@ from typing import Any, Final
 
 import msgspec
 
-from engine.core.limits import JSON_DEPTH_MAX, SLOT_METADATA_BYTES_MAX
+from engine.core.limits import (
+    CANCEL_REASON_CHARS_MAX,
+    COMMAND_TEXT_CHARS_MAX,
+    JSON_DEPTH_MAX,
+    SLOT_METADATA_BYTES_MAX,
+)
 
 NUL_MESSAGE: Final = "must not contain the character U+0000"
 UNICODE_MESSAGE: Final = "must be valid Unicode (no lone surrogates)"
@@ -40,6 +48,9 @@ UNICODE_MESSAGE: Final = "must be valid Unicode (no lone surrogates)"
 # not tell a float from the integer it equals, so the integer -2**63 goes too.
 NUMBER_BOUND: Final = 2**63
 NUMBER_MESSAGE: Final = "numbers must lie strictly between -2**63 and 2**63"
+
+# A command's text fields, by name, that may be longer than COMMAND_TEXT_CHARS_MAX.
+_TEXT_CHARS_MAX: Final = {"reason": CANCEL_REASON_CHARS_MAX}
 
 _json_encode = msgspec.json.Encoder().encode
 _astuple = msgspec.structs.astuple
@@ -119,7 +130,10 @@ def command_problems(command: msgspec.Struct) -> dict[str, str] | None:
     values = _astuple(command)
     for value in values:
         kind = type(value)
-        if (kind is str and ("\x00" in value or not value.isascii())) or kind is dict:
+        if (
+            kind is str
+            and ("\x00" in value or not value.isascii() or len(value) > COMMAND_TEXT_CHARS_MAX)
+        ) or kind is dict:
             break
     else:
         return None
@@ -127,7 +141,10 @@ def command_problems(command: msgspec.Struct) -> dict[str, str] | None:
     for name, value in zip(command.__struct_fields__, values, strict=True):
         found: tuple[str, str] | None = None
         if type(value) is str:
-            message = text_problem(value)
+            chars_max = _TEXT_CHARS_MAX.get(name, COMMAND_TEXT_CHARS_MAX)
+            message = text_problem(value) or (
+                f"must be at most {chars_max} characters" if len(value) > chars_max else None
+            )
             if message is not None:
                 found = _camel(name), message
         elif type(value) is dict:

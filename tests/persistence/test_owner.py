@@ -1,6 +1,7 @@
 """A shard owner against real PostgreSQL and Redis: durable replies, recovery, leases."""
 
 import asyncio
+import hashlib
 
 import asyncpg
 
@@ -182,6 +183,34 @@ async def test_metadata_numbers_load_back_as_stored_and_a_float_jsonb_would_wide
     assert isinstance(found, p.SlotResult)
     # By value (1e16 comes back as the integer 10000000000000000).
     assert {k: float(v) for k, v in found.slot.metadata_dict().items()} == edges
+
+
+async def test_text_too_long_for_an_index_is_refused_alone_and_the_flush_commits(
+    database_url: str, redis_namespace: str, db: asyncpg.Connection
+) -> None:
+    # Incompressible, and past the ~2.7 kB an index row holds (idempotency_records_pkey,
+    # slots_by_resource): once one of them failed the whole flush with a 503 for all.
+    too_long = "".join(hashlib.sha256(bytes([n])).hexdigest() for n in range(100))
+    owner = make_owner(database_url, redis_namespace)
+    await owner.start()
+    now_ms = SystemClock().now_ms()
+    slot_id = slot_on(0, 1)
+    try:
+        drive = Driver(owner)
+        assert (await drive.one(create_slot(slot_id, now_ms, capacity=3))).status == 201
+        keyed, resource, held = await drive.run(
+            p.Reserve(
+                request_id=request_id(), slot_id=slot_id, user_id="ann", idempotency_key=too_long
+            ),
+            create_slot(slot_on(0, 1), now_ms + 2 * HOUR_MS, resource_id=too_long),
+            p.Reserve(request_id=request_id(), slot_id=slot_id, user_id="bob"),
+        )
+    finally:
+        await owner.close()
+    assert isinstance(keyed, p.Failure) and list(keyed.details) == ["idempotencyKey"], keyed
+    assert isinstance(resource, p.Failure) and list(resource.details) == ["resourceId"]
+    assert isinstance(held, p.BookingResult) and held.status == 201, held
+    assert await db.fetchval("SELECT count(*) FROM bookings WHERE slot_id = $1", slot_id) == 1
 
 
 async def test_the_owner_of_shard_0_purges_audit_rows_past_their_retention(

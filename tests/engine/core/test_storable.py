@@ -8,7 +8,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from engine.core import protocol as p
-from engine.core.limits import JSON_DEPTH_MAX, SLOT_METADATA_BYTES_MAX
+from engine.core.limits import (
+    CANCEL_REASON_CHARS_MAX,
+    COMMAND_TEXT_CHARS_MAX,
+    JSON_DEPTH_MAX,
+    SLOT_METADATA_BYTES_MAX,
+)
 from engine.core.storable import (
     NUL_MESSAGE,
     NUMBER_MESSAGE,
@@ -90,6 +95,26 @@ def test_command_problems_name_every_unstorable_field_in_camel_case() -> None:
     assert command_problems(dirty) == {"userId": NUL_MESSAGE, "idempotencyKey": UNICODE_MESSAGE}
 
 
+def test_command_text_is_bounded_by_what_an_index_row_holds() -> None:
+    longest = "x" * COMMAND_TEXT_CHARS_MAX
+    fits = p.Reserve(request_id="r1", slot_id="0000abcd-sx", user_id=longest, idempotency_key="k")
+    assert command_problems(fits) is None
+    too_long = p.Reserve(
+        request_id="r1", slot_id="0000abcd-sx", user_id="ann", idempotency_key=longest + "x"
+    )
+    assert command_problems(too_long) == {
+        "idempotencyKey": f"must be at most {COMMAND_TEXT_CHARS_MAX} characters"
+    }
+    # A reason is not indexed: it may be as long as the API lets it be, and no longer.
+    reason = "r" * CANCEL_REASON_CHARS_MAX
+    cancel = p.Cancel(request_id="r2", booking_id="0000abcd-bx", user_id="ann", reason=reason)
+    assert command_problems(cancel) is None
+    longer = p.Cancel(request_id="r2", booking_id="0000abcd-bx", user_id="ann", reason=reason + "r")
+    assert command_problems(longer) == {
+        "reason": f"must be at most {CANCEL_REASON_CHARS_MAX} characters"
+    }
+
+
 @given(st.text())
 def test_a_text_is_storable_exactly_when_postgresql_could_encode_it(value: str) -> None:
     storable = "\x00" not in value
@@ -129,6 +154,7 @@ def test_the_shard_refuses_an_unstorable_cancel_alone_and_unchanged(h: Harness) 
         {"metadata": {"k": "x" * SLOT_METADATA_BYTES_MAX}},
         {"metadata": _nested(JSON_DEPTH_MAX + 1)},
         {"actor": "admin:\ud800"},
+        {"resource_id": "r" * (COMMAND_TEXT_CHARS_MAX + 1)},
     ],
 )
 def test_the_shard_refuses_a_slot_it_could_not_store(h: Harness, fields: dict[str, Any]) -> None:
