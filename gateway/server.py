@@ -29,8 +29,8 @@ from typing import Any, Final, Literal
 import msgspec
 import redis.asyncio as aioredis
 from aiohttp import web
+from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.retry import Retry
 
 from config.domains import load_policies
 from config.settings import ConfigError, Settings
@@ -65,6 +65,25 @@ LISTEN_BACKLOG: Final = 4096
 # Redis calls of the gateway (rate limits, idempotency keys) fail fast: a request
 # must not hang on them (each call is bounded by the same limit in its own code).
 REDIS_TIMEOUT_S: Final = REDIS_CALL_TIMEOUT_MS / 1000
+# Redis calls one gateway process may have in flight at once (rate limits,
+# idempotency records, live-connection places). redis-py's asyncio pool refuses
+# a call past its size at once (MaxConnectionsError; 100 by default), which a
+# burst of a few hundred WebSocket connects or keyed requests reaches: past this
+# many a call waits for a connection instead, within the call's own timeout.
+REDIS_CONNECTIONS_MAX: Final = 256
+
+
+def gateway_redis(url: str) -> aioredis.Redis:
+    """The gateway's client for its short Redis calls: bounded, not retried, pooled."""
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url,
+        max_connections=REDIS_CONNECTIONS_MAX,
+        timeout=REDIS_TIMEOUT_S,
+        socket_timeout=REDIS_TIMEOUT_S,
+        socket_connect_timeout=REDIS_TIMEOUT_S,
+        retry=Retry(NoBackoff(), 0),
+    )
+    return aioredis.Redis.from_pool(pool)
 
 
 @dataclass(frozen=True)
@@ -165,12 +184,7 @@ def build_app(
         # Set on startup, before the first request is served (aiohttp's pattern).
         app[ENGINE_KEY] = client
         app[TRANSPORT_KEY] = transport
-        redis_client = aioredis.Redis.from_url(
-            storage.redis_url,
-            socket_timeout=REDIS_TIMEOUT_S,
-            socket_connect_timeout=REDIS_TIMEOUT_S,
-            retry=Retry(NoBackoff(), 0),
-        )
+        redis_client = gateway_redis(storage.redis_url)
         app[LIMITER_KEY] = RateLimiter(redis_client, limits, namespace=storage.namespace)
         app[KEYS_KEY] = KeyRegistry(redis_client, storage.namespace)
         # The live updates' pub/sub connection blocks on reads: no socket timeout

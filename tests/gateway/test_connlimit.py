@@ -38,6 +38,7 @@ from gateway.connlimit import (
 )
 from gateway.openapi import build_document
 from gateway.realtime import EventBus, LiveConnections, add_realtime
+from gateway.server import REDIS_CONNECTIONS_MAX, gateway_redis
 from tests.conftest import REDIS_URL
 from tests.gateway.conftest import SECRET, Token
 from tests.gateway.test_api import Client, _slot
@@ -249,6 +250,23 @@ async def test_a_closed_connection_frees_its_place_at_once(
     async with asyncio.timeout(ANSWER_LIMIT_S):
         while one.limiter.statistics().held or other.limiter.statistics().held:
             await asyncio.sleep(0.02)
+
+
+async def test_a_burst_of_users_connecting_to_one_gateway_all_get_places(
+    redis_namespace: str,
+) -> None:
+    """More places asked at once than redis-py's pool holds by default (100): they wait
+    for a connection of the gateway's client instead of being refused (it was a 503)."""
+    client = gateway_redis(REDIS_URL)
+    limiter = ConnectionLimiter(client, CAP, namespace=redis_namespace)
+    users = [f"user-{n}" for n in range(3 * REDIS_CONNECTIONS_MAX // 2)]
+    try:
+        places = await asyncio.gather(*(limiter.take(user) for user in users))
+        assert all(isinstance(place, Place) for place in places)
+        await asyncio.gather(*(limiter.give_back(place) for place in places))
+    finally:
+        await limiter.close()
+        await client.aclose()
 
 
 async def test_concurrent_connections_of_one_user_never_pass_the_cap(
