@@ -14,6 +14,7 @@ COMPILED_MODULES = [
     "engine/core/timer_wheel.py",
     "engine/core/waiting_line.py",
     "engine/core/states.py",
+    "engine/core/storable.py",
 ]
 
 ext_modules = []

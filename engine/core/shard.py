@@ -35,7 +35,8 @@ are also asserted where counts change):
   * every RESERVED booking has a hold timer at its ``expires_at_ms``.
 """
 
-import hashlib
+import os
+import random
 import secrets
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Iterator
@@ -117,9 +118,9 @@ from engine.core.timer_wheel import TimerWheel
 from engine.core.waiting_line import WaitingLine, describe_wait
 
 SYSTEM: Final = "system"
-# A booking id's unique part: 128 bits, from a counter keyed with 256 random bits.
+# A booking id's unique part: 128 random bits, drawn for this many bookings at a time.
 BOOKING_ID_UNIQUE_BYTES: Final = 16
-BOOKING_ID_KEY_BYTES: Final = 32
+BOOKING_IDS_PER_DRAW: Final = 256
 
 TimerKey = tuple[str, ...]
 IdempotencyScope = tuple[str, str, str]
@@ -290,15 +291,17 @@ class ShardCore:
         self.shard_id = shard_id
         self.shard_count = shard_count
         self._policies = dict(policies)
-        # The unique part of a booking id: a counter under a keyed hash with a
-        # random key per incarnation. Unique across restarts and shards (128
-        # bits), and unguessable: knowing one's own booking ids tells nothing
-        # of the next one. (``id_seed`` fixes the key, so that replays name
-        # bookings alike; ``new_unique`` replaces the scheme, for tests.)
-        self._id_key = (
-            secrets.token_bytes(BOOKING_ID_KEY_BYTES) if id_seed is None else id_seed.encode()
+        # The unique part of a booking id: 128 random bits from the operating
+        # system's generator, drawn a block of BOOKING_IDS_PER_DRAW at a time (a
+        # system call per block, not per booking). Unique across restarts and
+        # shards, and unguessable: one's own booking ids tell nothing of the
+        # next. (``id_seed`` draws from a seeded generator instead, so that
+        # replays name bookings alike; ``new_unique`` replaces the scheme, for tests.)
+        self._draw_random: Callable[[int], bytes] = (
+            os.urandom if id_seed is None else random.Random(id_seed).randbytes
         )
-        self._ids_issued = 0
+        self._id_block = b""
+        self._id_block_at = 0
         self._new_unique = new_unique
         # Names this incarnation in slot views and queue moves: after a restart,
         # live subscribers see another epoch and read their state afresh.
@@ -1017,12 +1020,12 @@ class ShardCore:
         if user_id in slot.active_by_user:
             raise InvariantViolation(f"slot {slot.id}: second hold for {user_id}")
         if self._new_unique is None:
-            self._ids_issued += 1
-            unique = hashlib.blake2b(
-                self._ids_issued.to_bytes(8, "little"),
-                key=self._id_key,
-                digest_size=BOOKING_ID_UNIQUE_BYTES,
-            ).hexdigest()
+            at = self._id_block_at
+            if at >= len(self._id_block):
+                self._id_block = self._draw_random(BOOKING_ID_UNIQUE_BYTES * BOOKING_IDS_PER_DRAW)
+                at = 0
+            self._id_block_at = at + BOOKING_ID_UNIQUE_BYTES
+            unique = self._id_block[at : at + BOOKING_ID_UNIQUE_BYTES].hex()
         else:
             unique = self._new_unique()
         booking = _Booking(
