@@ -1,7 +1,7 @@
 """Process settings, read once from the environment (12-factor).
 
 This module owns the names, defaults and bounds of every environment
-variable the server reads (API.md, "Running and configuration"). Bounds come
+variable the server reads (docs/api.md, "Settings"). Bounds come
 from ``engine.core.limits``; a bad value raises ``ConfigError`` with one line
 naming the variable, so a misconfigured server refuses to start instead of
 failing deep inside a request. It never touches the network and never reads
@@ -75,7 +75,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     database_url: str | None = None
     redis_url: str | None = None
     ray_address: str | None = None
-    # None: the server keeps a random secret per data dir (see API.md).
+    # None: the server keeps a random secret per data dir (see docs/api.md).
     jwt_secret: str | None = None
     hold_ttl_seconds: int = limits.HOLD_TTL_DEFAULT_S
     claim_ttl_seconds: int = limits.CLAIM_TTL_DEFAULT_S

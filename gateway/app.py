@@ -1,11 +1,11 @@
-"""The aiohttp application: routes of API.md over the engine's coalescer.
+"""The aiohttp application: routes of docs/api.md over the engine's coalescer.
 
 Every handler does the same four things: authenticate (``gateway.auth``),
 decode its body or query (msgspec: decoding is validation), turn the request
 into one engine command with a fresh request id, and render the engine's
 result or refusal. It never decides a booking rule: the shards do.
 
-Errors always have API.md's shape (``{"error", "message", "details",
+Errors always have docs/api.md's shape (``{"error", "message", "details",
 "retryAfter"}``); every response carries ``X-Request-Id`` (the client's, or a
 new one) and the security headers.
 """
@@ -92,7 +92,7 @@ B = TypeVar("B", s.ReserveBody, s.CancelBody, s.ActingBody)
 
 
 class ApiError(Exception):
-    """An answer other than success, in API.md's error shape."""
+    """An answer other than success, in docs/api.md's error shape."""
 
     def __init__(
         self,
@@ -151,7 +151,7 @@ def serving_app() -> web.Application | None:
 @web.middleware
 async def request_context(request: web.Request, handler: Handler) -> web.StreamResponse:
     """CORS preflights, X-Request-Id and the security headers, every failure in
-    API.md's shape, the observer told of every answer, one log line a request.
+    docs/api.md's shape, the observer told of every answer, one log line a request.
 
     One middleware, not one per concern: every layer costs a call and a
     coroutine per request, and a layer was a measurable share of a cheap request.
@@ -304,7 +304,7 @@ def principal(request: web.Request) -> Principal:
 
 
 async def limit(request: web.Request, endpoint: str, user_id: str) -> None:
-    """API.md's per-user, per-endpoint rate limit: 429 with Retry-After past it."""
+    """docs/api.md's per-user, per-endpoint rate limit: 429 with Retry-After past it."""
     limiter = request.app.get(LIMITER_KEY)
     if limiter is None:
         return
@@ -924,7 +924,7 @@ def create_app(
     keys: KeyRegistry | None = None,
     domains: Sequence[str] = (),
 ) -> web.Application:
-    """The routes of API.md. ``engine`` may come later: set ``app[ENGINE_KEY]`` on startup.
+    """The routes of docs/api.md. ``engine`` may come later: set ``app[ENGINE_KEY]`` on startup.
 
     Without a ``limiter`` nothing is rate limited (tests of other concerns).
     ``cors_origins`` are the browser origins allowed to call the API ("*": any).

@@ -1,4 +1,4 @@
-"""Bearer tokens: who is calling, and in which role (API.md, "Authentication").
+"""Bearer tokens: who is calling, and in which role (docs/api.md, "Authentication").
 
 This module owns JWT verification, the signing secret kept in the data dir,
 the ``SLOTENGINE_JWT_*`` settings, and the role rules (``require_role``,
@@ -53,7 +53,7 @@ ROLES: Final[tuple[Role, ...]] = get_args(Role)
 ROLE_DEFAULT: Final[Role] = "user"
 _ROLE_BY_NAME: Final[dict[str, Role]] = {role: role for role in ROLES}
 
-# -- the environment (API.md, "Running and configuration") ---------------------
+# -- the environment (docs/api.md, "Settings") -----------------------------------
 ENV_SECRET: Final = "SLOTENGINE_JWT_SECRET"
 ENV_PUBLIC_KEY_FILE: Final = "SLOTENGINE_JWT_PUBLIC_KEY_FILE"
 ENV_JWKS_FILE: Final = "SLOTENGINE_JWT_JWKS_FILE"

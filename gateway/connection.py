@@ -4,7 +4,7 @@ reaches a route, and the answers aiohttp would otherwise render itself.
 ``GatewayProtocol`` is aiohttp's protocol with these changes:
 
 - A request the HTTP parser refuses (a stray byte in a header or the query, a
-  line past 8190 bytes, garbage) is answered in API.md's error shape, with the
+  line past 8190 bytes, garbage) is answered in docs/api.md's error shape, with the
   security headers and an ``X-Request-Id``. aiohttp puts the offending bytes in
   its message (a bearer token among them), then logs it with a traceback and
   echoes it in a text answer: here neither the answer nor the log carries a
@@ -64,7 +64,7 @@ class HeaderTimeout(Exception):
 
 
 class GatewayProtocol(RequestHandler):
-    """aiohttp's HTTP protocol, answering every refusal in API.md's shape, with read timeouts.
+    """aiohttp's HTTP protocol, answering every refusal in docs/api.md's shape, with read timeouts.
 
     It reads aiohttp's own protocol state (``_upgraded``, ``_payload_parser``,
     ``_messages``, ``_waiter``, ``_force_close``): the header timeout must tell
@@ -161,7 +161,7 @@ class GatewayProtocol(RequestHandler):
         message: str | None = None,
     ) -> web.StreamResponse:
         """The answer to a request the parser refused (or to a failure that escaped the
-        middleware): API.md's shape, then the connection closes.
+        middleware): docs/api.md's shape, then the connection closes.
 
         ``message`` and ``exc`` are never shown or logged as they are: aiohttp's
         parser quotes the request's bytes in them.
@@ -253,7 +253,7 @@ _CODES: Final = {500: "InternalError"}
 
 
 def _code(status: int) -> str:
-    """API.md's error code of a status: "Request Timeout" is RequestTimeout."""
+    """docs/api.md's error code of a status: "Request Timeout" is RequestTimeout."""
     code = _CODES.get(status)
     if code is not None:
         return code

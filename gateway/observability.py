@@ -1,4 +1,4 @@
-"""Operations endpoints: ``GET /health`` and ``GET /metrics`` (API.md, "Operations").
+"""Operations endpoints: ``GET /health`` and ``GET /metrics`` (docs/api.md, "Operations").
 
 Wiring (after ``create_app``, before the app starts)::
 

@@ -3,7 +3,7 @@
 The request and response bodies come from ``gateway.schemas`` through
 ``msgspec.json.schema_components``, so the document cannot drift from what the
 server accepts and answers. The operations are listed once, in ``OPERATIONS``,
-next to their statuses and error codes as API.md gives them.
+next to their statuses and error codes as docs/api.md gives them.
 """
 
 import html

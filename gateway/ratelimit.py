@@ -1,6 +1,6 @@
 """Per-user, per-endpoint rate limits, shared by every gateway through Redis.
 
-API.md, "Rate limits": reserve 10/min, queue join 20/min, position 100/min,
+docs/api.md, "Rate limits": reserve 10/min, queue join 20/min, position 100/min,
 cancel 5/min, over a rolling window; every authenticated request to the
 endpoint counts; a refusal is 429 ``RateLimited`` with ``Retry-After`` =
 seconds until the next request would be allowed.

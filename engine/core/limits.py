@@ -53,7 +53,7 @@ CANCEL_REASON_CHARS_MAX: Final = 500
 COMMAND_TEXT_CHARS_MAX: Final = 256
 
 # -- idempotency and retries -----------------------------------------------
-# Client Idempotency-Keys are kept at least 24 h (API.md).
+# Client Idempotency-Keys are kept at least 24 h (docs/api.md).
 IDEMPOTENCY_RETENTION_MS: Final = 24 * 3_600_000
 IDEMPOTENCY_KEY_CHARS_MAX: Final = 200
 # A key record costs ~600 B in a shard's memory (measured), so this bounds it

@@ -14,7 +14,7 @@ A WAITING entry can also EXPIRE (inactivity, the slot ended or was deleted).
 Leaving the queue deletes the entry rather than moving it.
 
 A slot's status is never stored: ``slot_status`` derives it from the blocked
-flag, the clock and the counts, in the precedence API.md gives.
+flag, the clock and the counts, in the precedence docs/api.md gives.
 """
 
 import enum
@@ -119,7 +119,7 @@ class SlotStatus(enum.StrEnum):
 def slot_status(
     *, blocked: bool, ended: bool, capacity: int, confirmed: int, held: int
 ) -> SlotStatus:
-    """API.md's precedence: BLOCKED, EXPIRED, BOOKED, RESERVED, AVAILABLE."""
+    """docs/api.md's precedence: BLOCKED, EXPIRED, BOOKED, RESERVED, AVAILABLE."""
     if blocked:
         return SlotStatus.BLOCKED
     if ended:

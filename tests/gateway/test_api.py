@@ -1,4 +1,4 @@
-"""The HTTP API of API.md over durable in-process shards (real PostgreSQL and Redis)."""
+"""The HTTP API of docs/api.md over durable in-process shards (real PostgreSQL and Redis)."""
 
 from datetime import UTC, datetime, timedelta
 from typing import Any

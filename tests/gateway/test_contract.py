@@ -1,10 +1,10 @@
-"""API.md, endpoint by endpoint, over the real gateway (HTTP on a socket).
+"""docs/api.md, endpoint by endpoint, over the real gateway (HTTP on a socket).
 
 Every endpoint of the contract answers its success path and each error code
-API.md lists for it, with the documented body shape; every route refuses
+docs/api.md lists for it, with the documented body shape; every route refuses
 missing and bad tokens; users never see each other's bookings or queue
 entries. The engine is the durable in-process one on the test PostgreSQL and
-Redis, with API.md's default rate limits (``tests/gateway/conftest.py``).
+Redis, with docs/api.md's default rate limits (``tests/gateway/conftest.py``).
 
 The ``host`` fixture is overridden here only to add one domain to the test
 policies: ``strict`` (users may cancel until 48 h before the start, refund
@@ -136,7 +136,7 @@ async def _json(response: ClientResponse, status: int) -> Any:
 
 
 async def _error(response: ClientResponse, status: int, code: str) -> dict[str, Any]:
-    """An error answer: exact status and code, API.md's shape, a request id."""
+    """An error answer: exact status and code, docs/api.md's shape, a request id."""
     body: dict[str, Any] = await _json(response, status)
     assert response.content_type == "application/json"
     assert set(body) <= ERROR_KEYS and {"error", "message"} <= set(body), body
@@ -812,7 +812,7 @@ async def test_an_idempotency_key_with_another_body_is_409_on_the_same_shard(
 async def test_an_idempotency_key_with_another_body_is_409_whichever_shard_the_slot_is_on(
     api: Client, token: Token
 ) -> None:
-    """API.md scopes keys per user and endpoint: the shard holding the slot is not part of it."""
+    """docs/api.md scopes keys per user and endpoint: the slot's shard is not part of it."""
     slot = await _create(api, token, capacity=2, resource=_resource_on_shard(0, "idem"))
     other = await _create(api, token, capacity=2, resource=_resource_on_shard(1, "idem"))
     headers = {**token("ann"), "Idempotency-Key": "cross-shard"}
@@ -1354,7 +1354,7 @@ def _bad_authorization(kind: str) -> dict[str, str]:
 
 
 def _routes(slot_id: str, booking_id: str) -> list[tuple[str, str, Any]]:
-    """Every /api route of API.md but the live ones, with a body that would succeed."""
+    """Every /api route of docs/api.md but the live ones, with a body that would succeed."""
     return [
         ("POST", "/api/admin/slots", _slot_body()),
         ("GET", "/api/slots", None),
@@ -1519,7 +1519,7 @@ async def test_a_service_acts_for_the_user_named_in_the_body(api: Client, token:
 
 # -- rate limits -----------------------------------------------------------------------------
 
-# API.md's defaults: requests per minute, per user and endpoint.
+# docs/api.md's defaults: requests per minute, per user and endpoint.
 LIMITS = {"reserve": 10, "queue_join": 20, "cancel": 5, "position": 100}
 
 
@@ -1556,7 +1556,7 @@ async def test_past_its_limit_an_endpoint_answers_429_with_retry_after(
 
 
 async def test_refused_requests_count_against_the_reserve_limit(api: Client, token: Token) -> None:
-    """API.md: every authenticated request to the endpoint counts, invalid bodies included."""
+    """docs/api.md: every authenticated request to the endpoint counts, invalid bodies included."""
     slot = await _create(api, token, capacity=1)
     headers = {**token("eve"), "Content-Type": "application/json"}
     for data in [b"{not json"] * 5 + [b'{"slotId": ""}'] * 5:

@@ -117,7 +117,7 @@ def any_body(schema: Schema) -> st.SearchStrategy[bytes]:
 
 
 def assert_error_shape(status: int, body: Any) -> None:
-    """API.md's error answer for a client's mistake: a 4xx, never a 5xx."""
+    """docs/api.md's error answer for a client's mistake: a 4xx, never a 5xx."""
     assert 400 <= status < 500, (status, body)
     assert isinstance(body, dict) and set(body) <= ERROR_KEYS, body
     assert isinstance(body["error"], str) and body["error"], body

@@ -1,4 +1,4 @@
-"""GET /health and GET /metrics (API.md, "Operations") over real PostgreSQL and Redis."""
+"""GET /health and GET /metrics (docs/api.md, "Operations") over real PostgreSQL and Redis."""
 
 import asyncio
 import socket

@@ -79,7 +79,7 @@ class _Like:
 
 
 _RFC3339_UTC = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{1,6})?Z")
-# API.md: timestamps are RFC 3339 strings, answered in UTC.
+# docs/api.md: timestamps are RFC 3339 strings, answered in UTC.
 TIME = _Like(
     "an RFC 3339 UTC time", lambda v: isinstance(v, str) and bool(_RFC3339_UTC.fullmatch(v))
 )
@@ -274,7 +274,7 @@ def _queue_entry(
     notified: bool = False,
     slot: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """A QueueEntry as API.md describes it (the wait estimate only while WAITING)."""
+    """A QueueEntry as docs/api.md describes it (the wait estimate only while WAITING)."""
     waiting = status == "WAITING"
     return {
         "slotId": slot_id,
@@ -446,7 +446,7 @@ async def _reserve_confirm_cancel_and_offer(api: Client) -> FirstFlow:
 async def test_reserve_confirm_cancel_offers_the_next_queued_user(gateway: Gateway) -> None:
     api = await gateway()
     flow = await _reserve_confirm_cancel_and_offer(api)
-    # Once bob is offered nobody is WAITING: API.md counts WAITING entries only in
+    # Once bob is offered nobody is WAITING: docs/api.md counts WAITING entries only in
     # totalInQueue, and the position poll above said 0.
     assert flow.notified == {
         "type": "queue.position",

@@ -6,7 +6,7 @@ It learns each change from the shard's events and checks every event as it
 applies it (legal transitions only, final states stay final, offers go to the
 head of the line, one active booking or queue entry per user and slot, no
 hold outlives its deadline), and it predicts the outcome of the next command
-from the rules in API.md. It never reads the shard's private state: only
+from the rules in docs/api.md. It never reads the shard's private state: only
 results, events, views and ``statistics()``.
 
 ``ShardHarness`` drives a ``ShardCore`` with a ``ManualClock``: it predicts
@@ -71,7 +71,7 @@ from engine.core.records import SlotView
 from engine.core.routing import shard_of
 from engine.core.shard import ShardCore
 
-# Booking statuses and the moves API.md allows, written out independently of
+# Booking statuses and the moves docs/api.md allows, written out independently of
 # engine/core/states.py so that a wrong table there is caught here.
 PENDING: Final = "PENDING"
 RESERVED: Final = "RESERVED"
@@ -619,7 +619,7 @@ class ShardModel:
     # -- predictions -----------------------------------------------------------
 
     def predict(self, command: AnyCommand) -> Expected:
-        """The outcome API.md (and the shard's documented check order) gives."""
+        """The outcome docs/api.md (and the shard's documented check order) gives."""
         now_ms = self.now_ms
         if isinstance(command, CreateSlot):
             if shard_of(command.slot_id, self.shard_count) != self.shard_id:
