@@ -285,7 +285,7 @@ async def _check(
     grace_ms = (
         HOLD_GRACE_DEFAULT_MS if args.hold_grace_seconds is None else args.hold_grace_seconds * 1000
     )
-    from persistence.store import deployment_namespace
+    from persistence.migrate import deployment_namespace
 
     connection = await asyncpg.connect(database_url, timeout=CONNECT_TIMEOUT_S)
     try:

@@ -107,8 +107,7 @@ async def storage_for(settings: Settings) -> StorageSettings:
     import asyncpg
 
     from persistence.embedded import resolve_services
-    from persistence.migrate import migrate
-    from persistence.store import deployment_namespace
+    from persistence.migrate import deployment_namespace, migrate
 
     database_url, redis_url = await asyncio.to_thread(
         resolve_services, settings.database_url, settings.redis_url, settings.data_dir

@@ -5,7 +5,8 @@ transaction and is recorded in ``schema_migrations`` with a checksum, so
 re-running is safe (applied files are skipped) and an applied file that was
 edited afterwards is refused rather than silently diverging. A session-level
 advisory lock serialises concurrent starts (several gateways, ``slotengine
-migrate`` during a deploy).
+migrate`` during a deploy). Beside the schema it names the deployment the
+database holds (``deployment_namespace``), read once at every start.
 """
 
 import hashlib
@@ -22,6 +23,8 @@ MIGRATIONS_DIR: Final = Path(__file__).resolve().parent / "migrations"
 # An arbitrary constant shared by every process that migrates this schema.
 MIGRATION_LOCK_KEY: Final = 0x510E_E461
 _NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
+# The first part of every deployment's key prefix in Redis.
+NAMESPACE_PREFIX: Final = "slotengine"
 
 
 class MigrationError(RuntimeError):
@@ -107,3 +110,25 @@ async def migrate_url(url: str) -> list[str]:
         return await migrate(connection)
     finally:
         await connection.close()
+
+
+async def deployment_namespace(connection: asyncpg.Connection) -> str:
+    """The prefix of the Redis keys of the deployment this database holds: its
+    shard leases and fencing counters, rate limits, idempotency keys and event
+    channels (``slotengine:<12 hex digits>``).
+
+    Who may write a shard is decided per database (its fence rows), so the keys
+    that coordinate it are per database too: two deployments sharing one Redis
+    (staging beside production, a bench beside a test run) never contend for
+    each other's leases or see each other's events. The digest is of the
+    cluster's system identifier and the database's name: the same for every
+    process of a deployment, across restarts and after a standby is promoted
+    (it keeps the identifier), and different for a copy restored elsewhere.
+    """
+    row = await connection.fetchrow(
+        "SELECT (SELECT system_identifier FROM pg_control_system()) AS system,"
+        " current_database() AS database"
+    )
+    assert row is not None
+    identity = f"{row['system']}/{row['database']}".encode()
+    return f"{NAMESPACE_PREFIX}:{hashlib.sha256(identity).hexdigest()[:12]}"

@@ -5,7 +5,6 @@ transaction discipline described on each. Nothing here decides a business
 rule: the rows are what the engine's events say.
 """
 
-import hashlib
 import zlib
 from dataclasses import dataclass
 from typing import Any, Final
@@ -17,9 +16,6 @@ from engine.core import limits
 from engine.core.protocol import KeyRecord, OutcomeRecord
 from engine.core.records import Booking, QueueEntry, SlotView, StoredSlot
 from persistence.rows import FlushRows, SlotRow
-
-# The first part of every deployment's key prefix in Redis.
-NAMESPACE_PREFIX: Final = "slotengine"
 
 # Final bookings and ended slots come back into memory for as long as the
 # engine would have kept them there.
@@ -66,28 +62,6 @@ class Codecs:
         self.result_of_key = msgspec.msgpack.Decoder(KeyRecord)
         self.metadata = msgspec.msgpack.Decoder(dict[str, Any])
         self.json = msgspec.json.Encoder()
-
-
-async def deployment_namespace(connection: asyncpg.Connection) -> str:
-    """The prefix of the Redis keys of the deployment this database holds: its
-    shard leases and fencing counters, rate limits, idempotency keys and event
-    channels (``slotengine:<12 hex digits>``).
-
-    Who may write a shard is decided per database (its fence rows), so the keys
-    that coordinate it are per database too: two deployments sharing one Redis
-    (staging beside production, a bench beside a test run) never contend for
-    each other's leases or see each other's events. The digest is of the
-    cluster's system identifier and the database's name: the same for every
-    process of a deployment, across restarts and after a standby is promoted
-    (it keeps the identifier), and different for a copy restored elsewhere.
-    """
-    row = await connection.fetchrow(
-        "SELECT (SELECT system_identifier FROM pg_control_system()) AS system,"
-        " current_database() AS database"
-    )
-    assert row is not None
-    identity = f"{row['system']}/{row['database']}".encode()
-    return f"{NAMESPACE_PREFIX}:{hashlib.sha256(identity).hexdigest()[:12]}"
 
 
 async def fence_token(connection: asyncpg.Connection, shard: int) -> int:

@@ -19,8 +19,7 @@ import pytest
 import redis
 
 from engine.cli import main
-from persistence.migrate import MIGRATIONS_DIR
-from persistence.store import deployment_namespace
+from persistence.migrate import MIGRATIONS_DIR, deployment_namespace
 from tests.persistence.conftest import DATABASE_URL, REDIS_URL, with_database
 from tests.persistence.test_reconcile import plant_clean_state, set_fence
 from tests.persistence.test_schema import add_booking, add_slot

@@ -12,7 +12,7 @@ from engine.shell.errors import ShardUnavailable
 from engine.shell.inproc import OwnedInProcessHost
 from engine.shell.owner import OwnerState
 from gateway.server import storage_for
-from persistence.store import NAMESPACE_PREFIX, deployment_namespace
+from persistence.migrate import NAMESPACE_PREFIX, deployment_namespace
 from tests.conftest import (
     DATABASE_URL,
     REDIS_URL,
