@@ -609,8 +609,7 @@ async def list_slots(request: web.Request) -> web.StreamResponse:
     principal(request)
     query = request.query
     problems: dict[str, str] = {}
-    limit = _int_param(query, "limit", limits.LIST_LIMIT_DEFAULT, problems)
-    limit = max(1, min(limit, limits.LIST_LIMIT_MAX))
+    limit = _limit_param(query, problems)
     from_ms = _time_param(query, "from", problems)
     to_ms = _time_param(query, "to", problems)
     status: SlotStatus | None = None
@@ -737,13 +736,7 @@ async def my_bookings(request: web.Request) -> web.StreamResponse:
     who = principal(request)
     user_id = acting_user(who, user_param(request))
     problems: dict[str, str] = {}
-    limit = max(
-        1,
-        min(
-            _int_param(request.query, "limit", limits.LIST_LIMIT_DEFAULT, problems),
-            limits.LIST_LIMIT_MAX,
-        ),
-    )
+    limit = _limit_param(request.query, problems)
     status: BookingStatus | None = None
     if "status" in request.query:
         try:
@@ -881,6 +874,16 @@ def _int_param(query: Any, name: str, default: int, problems: dict[str, str]) ->
     except ValueError:
         problems[name] = "an integer"
         return default
+
+
+def _limit_param(query: Any, problems: dict[str, str]) -> int:
+    """A listing's page size: below 1 a bad filter like any other, above the
+    maximum capped (a client asking for everything gets the largest page)."""
+    limit = _int_param(query, "limit", limits.LIST_LIMIT_DEFAULT, problems)
+    if limit < 1:
+        problems["limit"] = "an integer of at least 1"
+        return limits.LIST_LIMIT_DEFAULT
+    return min(limit, limits.LIST_LIMIT_MAX)
 
 
 def _time_param(query: Any, name: str, problems: dict[str, str]) -> int | None:

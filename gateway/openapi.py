@@ -77,8 +77,9 @@ _USER_QUERY: Query = (
 _PAGE_QUERY: tuple[Query, ...] = (
     (
         "limit",
-        {"type": "integer"},
-        f"page size, taken as 1 below 1 and {limits.LIST_LIMIT_MAX} above it",
+        {"type": "integer", "minimum": 1},
+        f"page size, at least 1 (a ValidationError below), taken as {limits.LIST_LIMIT_MAX}"
+        " above it",
     ),
     ("cursor", {"type": "string", "pattern": s.CURSOR_PATTERN}, "nextCursor of the previous page"),
 )

@@ -607,6 +607,19 @@ async def test_list_slots_refuses_bad_filters_with_422(api: Client, token: Token
         assert field in problem["details"], (params, problem)
 
 
+@pytest.mark.parametrize("path", ["/api/slots", "/api/bookings/my"])
+async def test_a_limit_below_1_is_a_bad_filter_and_one_above_the_maximum_is_capped(
+    api: Client, token: Token, path: str
+) -> None:
+    for raw in ("0", "-5"):
+        response = await api.get(path, params={"limit": raw}, headers=token("ann"))
+        problem = await _error(response, 422, "ValidationError")
+        assert set(problem["details"]) == {"limit"}, (raw, problem)
+    # (test_list_slots_caps_the_limit shows a full capped page)
+    page = await _json(await api.get(path, params={"limit": "100000"}, headers=token("ann")), 200)
+    assert page["items"] == [] and page["nextCursor"] is None
+
+
 # -- bookings: reserve ---------------------------------------------------------------------
 
 
