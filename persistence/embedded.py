@@ -13,7 +13,9 @@ Layout of the data directory::
 
 Both servers outlive the process that started them: a later start on the
 same directory finds them running and reuses them, so restarting the gateway
-costs nothing. ``stop_postgres`` and ``stop_redis`` stop them.
+costs nothing. ``stop_postgres`` and ``stop_redis`` stop them, ``stop_services``
+both; ``services_status`` says what runs under a data directory without
+starting anything (``slotengine services status|stop``).
 
 PostgreSQL comes from the ``pgserver`` package (its own bundled binaries). It
 listens on a Unix socket only, inside ``pgdata`` (or, when that path is too
@@ -59,6 +61,7 @@ import time
 import warnings
 from collections.abc import Callable, Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, TypeVar
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
@@ -71,12 +74,15 @@ __all__ = [
     "POSTGRES_SUBDIR",
     "REDIS_SUBDIR",
     "EmbeddedServiceError",
+    "ServiceStatus",
     "create_database",
     "resolve_services",
+    "services_status",
     "start_postgres",
     "start_redis",
     "stop_postgres",
     "stop_redis",
+    "stop_services",
 ]
 
 DATABASE_DEFAULT: Final = "slotengine"
@@ -124,6 +130,50 @@ def resolve_services(
     if not redis_url:
         redis_url = start_redis(data_dir / REDIS_SUBDIR)
     return database_url, redis_url
+
+
+@dataclass(frozen=True)
+class ServiceStatus:
+    """One embedded service under a data directory, as found: nothing is started."""
+
+    name: str  # "postgresql" or "redis"
+    directory: Path
+    pid: int | None  # None: not running
+    url: str | None  # how to reach it; None when not running
+
+    @property
+    def running(self) -> bool:
+        return self.pid is not None
+
+
+def services_status(data_dir: Path) -> list[ServiceStatus]:
+    """The embedded PostgreSQL and Redis under ``data_dir``: running or not, pid, URL."""
+    postgres_dir = (data_dir / POSTGRES_SUBDIR).resolve()
+    pgdata = _pgdata(postgres_dir)
+    pid = _postmaster_pid(pgdata)
+    postgres = ServiceStatus(
+        "postgresql", postgres_dir, pid, None if pid is None else _postgres_url(pgdata)
+    )
+    redis_dir = (data_dir / REDIS_SUBDIR).resolve()
+    running = _running_redis(redis_dir)
+    redis_status = ServiceStatus(
+        "redis",
+        redis_dir,
+        None if running is None else running[0],
+        None if running is None else _redis_url(running[1]),
+    )
+    return [postgres, redis_status]
+
+
+def stop_services(data_dir: Path) -> list[str]:
+    """Stop the embedded Redis and PostgreSQL under ``data_dir``; the names of those
+    that were running. Stopping what does not run does nothing."""
+    stopped = []
+    if stop_redis(data_dir / REDIS_SUBDIR):
+        stopped.append("redis")
+    if stop_postgres(data_dir / POSTGRES_SUBDIR):
+        stopped.append("postgresql")
+    return stopped
 
 
 # -- PostgreSQL ---------------------------------------------------------------
@@ -240,6 +290,20 @@ def _postmaster_pid(pgdata: Path) -> int | None:
     if command_line is not None and str(pgdata) not in command_line:
         return None  # a stale pid file whose pid now belongs to another process
     return pid
+
+
+def _postgres_url(pgdata: Path, database: str = DATABASE_DEFAULT) -> str | None:
+    """The URL pgserver gives for ``database`` on the server running on ``pgdata``,
+    read from its ``postmaster.pid`` (lines 4 to 6: port, socket directory, address)."""
+    try:
+        lines = (pgdata / "postmaster.pid").read_text().split("\n")
+        port, socket_dir, host = (line.strip() for line in lines[3:6])
+    except (OSError, ValueError):
+        return None
+    name = quote(database, safe="")
+    if socket_dir:
+        return f"postgresql://postgres:@/{name}?host={socket_dir}"
+    return f"postgresql://postgres:@{host}:{port}/{name}" if host and port else None
 
 
 @contextlib.contextmanager
