@@ -111,7 +111,41 @@ def build_parser() -> argparse.ArgumentParser:
         help="gateway processes sharing the port; with --engine inproc the shards then run "
         "in one engine process of their own",
     )
+    serve_parser.add_argument(
+        "--stop-services-on-exit",
+        action="store_true",
+        help="stop the embedded PostgreSQL and Redis when the server exits (by default they "
+        "keep running, so a restart is instant; `slotengine services stop` stops them)",
+    )
     serve_parser.set_defaults(run=_serve)
+
+    services_parser = commands.add_parser(
+        "services",
+        help="see or stop the embedded PostgreSQL and Redis under SLOTENGINE_DATA_DIR",
+        description="The embedded PostgreSQL and Redis that `serve` starts under "
+        "SLOTENGINE_DATA_DIR (default ./.slotengine) when no DATABASE_URL / REDIS_URL is "
+        "set keep running after it exits. Nothing here starts them.",
+    )
+    services = services_parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+    status_parser = services.add_parser(
+        "status",
+        help="each service, its pid and URL, running or not (exit 0 either way)",
+        description="Each embedded service under the data directory: running or stopped, "
+        "its pid and the URL it answers on. Exit 0 whether or not they run.",
+    )
+    status_parser.add_argument(
+        "--json", action="store_true", help="print the status as JSON instead of a table"
+    )
+    status_parser.set_defaults(run=_services_status)
+    stop_parser = services.add_parser(
+        "stop",
+        help="stop both (exit 0, also when nothing runs)",
+        description="Stop the embedded Redis and PostgreSQL under the data directory "
+        "(PostgreSQL with a fast shutdown: open transactions roll back). Stop the server "
+        "first: a server still running on them answers 503 until they are back. Exit 0 "
+        "when nothing runs any more, also when nothing ran; 1 when a service did not stop.",
+    )
+    stop_parser.set_defaults(run=_services_stop)
 
     token_parser = commands.add_parser(
         "token",
@@ -133,10 +167,80 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         serve(
             _settings(),
-            ServeOptions(host=args.host, port=args.port, engine=args.engine, workers=args.workers),
+            ServeOptions(
+                host=args.host,
+                port=args.port,
+                engine=args.engine,
+                workers=args.workers,
+                stop_services_on_exit=args.stop_services_on_exit,
+            ),
         )
     except (_Unusable, ConfigError) as error:
         return _fail("serve", error, EXIT_UNUSABLE)
+    return EXIT_OK
+
+
+def _services_status(args: argparse.Namespace) -> int:
+    from persistence.embedded import services_status
+
+    try:
+        data_dir = _settings().data_dir.resolve()
+    except _Unusable as error:
+        return _fail("services status", error, EXIT_UNUSABLE)
+    found = services_status(data_dir)
+    if args.json:
+        import msgspec
+
+        document = {
+            "data_dir": str(data_dir),
+            "services": [
+                {
+                    "name": service.name,
+                    "running": service.running,
+                    "pid": service.pid,
+                    "url": service.url,
+                    "directory": str(service.directory),
+                }
+                for service in found
+            ],
+        }
+        print(msgspec.json.encode(document).decode())
+        return EXIT_OK
+    print(f"data directory {data_dir}")
+    rows = [("SERVICE", "STATE", "PID", "URL")] + [
+        (
+            service.name,
+            "running" if service.running else "stopped",
+            "-" if service.pid is None else str(service.pid),
+            service.url or "-",
+        )
+        for service in found
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    for row in rows:
+        print(
+            "  ".join(
+                [*(cell.ljust(width) for cell, width in zip(row, widths, strict=False)), row[3]]
+            )
+        )
+    return EXIT_OK
+
+
+def _services_stop(args: argparse.Namespace) -> int:
+    from persistence.embedded import EmbeddedServiceError, stop_services
+
+    try:
+        data_dir = _settings().data_dir.resolve()
+    except _Unusable as error:
+        return _fail("services stop", error, EXIT_UNUSABLE)
+    try:
+        stopped = stop_services(data_dir)
+    except EmbeddedServiceError as error:
+        return _fail("services stop", error, EXIT_FAILED)
+    for name in stopped:
+        print(f"stopped the embedded {name} in {data_dir}")
+    if not stopped:
+        print(f"nothing to stop: no embedded service runs in {data_dir}")
     return EXIT_OK
 
 

@@ -9,10 +9,14 @@ actors; with ``--engine inproc`` the shards run in one engine process of their
 own, which the workers reach over a Unix socket (``engine.shell.local_engine``),
 and which this process restarts if it dies.
 
+The embedded services outlive the server (a restart reuses them at once)
+unless ``stop_services_on_exit`` is set; it says so when it starts them.
+
 Bad settings fail before anything starts, with one line naming the setting.
 """
 
 import asyncio
+import functools
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -92,6 +96,8 @@ class ServeOptions:
     port: int
     engine: EngineKind
     workers: int
+    # Stop the embedded PostgreSQL and Redis (those with no URL configured) on exit.
+    stop_services_on_exit: bool = False
 
 
 def check_options(options: ServeOptions) -> None:
@@ -101,16 +107,64 @@ def check_options(options: ServeOptions) -> None:
         raise ConfigError("--port: must be between 0 and 65535")
 
 
-async def storage_for(settings: Settings) -> StorageSettings:
+def resolve_storage_urls(settings: Settings, *, stop_on_exit: bool) -> tuple[str, str]:
+    """The (database URL, Redis URL): configured, else the embedded services, started
+    if they are not running, with one line saying how long they live and what stops them."""
+    from persistence.embedded import resolve_services
+
+    urls = resolve_services(settings.database_url, settings.redis_url, settings.data_dir)
+    embedded = " and ".join(
+        name
+        for name, url in (("PostgreSQL", settings.database_url), ("Redis", settings.redis_url))
+        if not url
+    )
+    if embedded and stop_on_exit:
+        logger.info(
+            "embedded %s in %s: stopped when the server exits (--stop-services-on-exit)",
+            embedded,
+            settings.data_dir.resolve(),
+        )
+    elif embedded:
+        logger.info(
+            "embedded %s in %s: left running when the server exits, so a restart reuses "
+            "them; `slotengine services stop` stops them (`slotengine services status` "
+            "shows them)",
+            embedded,
+            settings.data_dir.resolve(),
+        )
+    return urls
+
+
+def stop_embedded_services(settings: Settings) -> None:
+    """Stop the embedded services ``settings`` leave to the server (no URL configured)."""
+    from persistence.embedded import (
+        POSTGRES_SUBDIR,
+        REDIS_SUBDIR,
+        EmbeddedServiceError,
+        stop_postgres,
+        stop_redis,
+    )
+
+    try:
+        if not settings.redis_url:
+            stop_redis(settings.data_dir / REDIS_SUBDIR)
+        if not settings.database_url:
+            stop_postgres(settings.data_dir / POSTGRES_SUBDIR)
+    except EmbeddedServiceError as error:
+        logger.error("the embedded services did not stop: %s", error)
+
+
+async def storage_for(
+    settings: Settings, *, stop_services_on_exit: bool = False
+) -> StorageSettings:
     """The services to use (configured, else embedded), with the schema brought up to
     date, and the prefix of the deployment's keys in Redis."""
     import asyncpg
 
-    from persistence.embedded import resolve_services
     from persistence.migrate import deployment_namespace, migrate
 
     database_url, redis_url = await asyncio.to_thread(
-        resolve_services, settings.database_url, settings.redis_url, settings.data_dir
+        functools.partial(resolve_storage_urls, settings, stop_on_exit=stop_services_on_exit)
     )
     connection = await asyncpg.connect(database_url)
     try:
@@ -135,16 +189,19 @@ def build_app(
     limits: RateLimits,
     engine_kind: EngineKind,
     engine_socket: str | None = None,
+    stop_services_on_exit: bool = False,
 ) -> web.Application:
     """The application with its engine started on startup and stopped on cleanup.
 
     ``engine_socket``: the in-process shards are an engine process's, reached
     on this Unix socket, instead of this process's own.
+    ``stop_services_on_exit``: only changes what the start says about the
+    embedded services; the caller stops them.
     """
     verifier = Verifier(auth)
 
     async def engine_context(app: web.Application) -> AsyncIterator[None]:
-        storage = await storage_for(settings)
+        storage = await storage_for(settings, stop_services_on_exit=stop_services_on_exit)
         app[OBSERVABILITY_KEY].configure(
             database_url=storage.database_url, redis_url=storage.redis_url
         )
@@ -237,13 +294,17 @@ def serve(settings: Settings, options: ServeOptions) -> None:
     try:
         _serve_workers(settings, auth, limits, options)
     finally:
+        if options.stop_services_on_exit:
+            stop_embedded_services(settings)
         log_writer.stop()
 
 
 def _serve_workers(
     settings: Settings, auth: AuthSettings, limits: RateLimits, options: ServeOptions
 ) -> None:
-    settings = _shared_by_workers(settings, options.engine)
+    settings = _shared_by_workers(
+        settings, options.engine, stop_services_on_exit=options.stop_services_on_exit
+    )
     # SIGINT and SIGTERM stop the parent, which stops its workers. Explicitly:
     # a process started in the background by a shell inherits SIGINT ignored,
     # and Python then installs no KeyboardInterrupt for it; SIGTERM (what
@@ -347,7 +408,9 @@ def stop_workers(processes: list[Any], timeout_s: float) -> None:
             process.join()
 
 
-def _shared_by_workers(settings: Settings, engine_kind: EngineKind) -> Settings:
+def _shared_by_workers(
+    settings: Settings, engine_kind: EngineKind, *, stop_services_on_exit: bool
+) -> Settings:
     """What several workers must share, settled once before they start.
 
     Left to themselves, each worker would start its own embedded services and
@@ -355,11 +418,7 @@ def _shared_by_workers(settings: Settings, engine_kind: EngineKind) -> Settings:
     services and starts the local Ray (when none is configured and the Ray
     engine is asked for), and the workers connect to those.
     """
-    from persistence.embedded import resolve_services
-
-    database_url, redis_url = resolve_services(
-        settings.database_url, settings.redis_url, settings.data_dir
-    )
+    database_url, redis_url = resolve_storage_urls(settings, stop_on_exit=stop_services_on_exit)
     ray_address = settings.ray_address
     if ray_address is None and engine_kind == "ray":
         import ray
@@ -384,23 +443,37 @@ def _run_worker(
     from engine.shell.gc_tuning import tune_gc
 
     log_writer = configure_logging(settings.log_level)
-    app = build_app(settings, auth, limits, options.engine, engine_socket)
+    app = build_app(
+        settings,
+        auth,
+        limits,
+        options.engine,
+        engine_socket,
+        options.stop_services_on_exit,
+    )
     # Each live connection is some hundred tracked objects: with the default
     # thresholds a full collection stalls a busy gateway for most of a second.
     tune_gc()
-    serve_app(
-        app,
-        host=options.host,
-        port=options.port,
-        read_timeouts=ReadTimeouts(
-            header_s=settings.header_timeout_seconds, body_s=settings.body_timeout_seconds
-        ),
-        reuse_port=options.workers > 1,
-        backlog=LISTEN_BACKLOG,
-        shutdown_timeout_s=SHUTDOWN_TIMEOUT_S,
-        loop_factory=uvloop.new_event_loop,
-    )
-    log_writer.stop()
+    try:
+        serve_app(
+            app,
+            host=options.host,
+            port=options.port,
+            read_timeouts=ReadTimeouts(
+                header_s=settings.header_timeout_seconds, body_s=settings.body_timeout_seconds
+            ),
+            reuse_port=options.workers > 1,
+            backlog=LISTEN_BACKLOG,
+            shutdown_timeout_s=SHUTDOWN_TIMEOUT_S,
+            loop_factory=uvloop.new_event_loop,
+        )
+    finally:
+        # Only a single server stops anything here: the workers of `--workers N`
+        # are handed the URLs the parent resolved, and the parent stops them.
+        if options.stop_services_on_exit and not (settings.database_url and settings.redis_url):
+            _stop_local_ray()  # its shard actors first: they hold connections and leases
+            stop_embedded_services(settings)
+        log_writer.stop()
 
 
 def _run_engine(settings: Settings, engine_socket: str) -> None:
