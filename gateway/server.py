@@ -16,6 +16,7 @@ Bad settings fail before anything starts, with one line naming the setting.
 """
 
 import asyncio
+import errno
 import functools
 import logging
 import multiprocessing
@@ -23,6 +24,7 @@ import multiprocessing.connection
 import os
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import time
@@ -105,6 +107,44 @@ def check_options(options: ServeOptions) -> None:
         raise ConfigError("--workers: must be at least 1")
     if not 0 <= options.port <= 65_535:
         raise ConfigError("--port: must be between 0 and 65535")
+
+
+def check_address_free(options: ServeOptions) -> None:
+    """Refuse, before anything starts, an address the gateway could not listen on.
+
+    Starting the services and the engine first costs seconds, and the bind
+    error would then come as a traceback. Bound as the gateway binds
+    (``SO_REUSEADDR``, and ``SO_REUSEPORT`` with several workers), and
+    released at once: a port taken between this check and the gateway's own
+    bind still fails there.
+    """
+    if options.port == 0:
+        return  # any free port
+    address = f"{options.host}:{options.port}"
+    try:
+        candidates = socket.getaddrinfo(
+            options.host or None, options.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except socket.gaierror as error:
+        raise ConfigError(f"--host: cannot resolve {options.host!r} ({error.strerror})") from None
+    for family, kind, protocol, _, where in candidates:
+        with socket.socket(family, kind, protocol) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if options.workers > 1:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if family == socket.AF_INET6:
+                probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                probe.bind(where)
+            except OSError as error:
+                if error.errno == errno.EADDRINUSE:
+                    raise ConfigError(
+                        f"--port: {address} is already in use (another server?); "
+                        "choose another with --port"
+                    ) from None
+                raise ConfigError(
+                    f"--host: cannot listen on {address} ({error.strerror})"
+                ) from None
 
 
 def resolve_storage_urls(settings: Settings, *, stop_on_exit: bool) -> tuple[str, str]:
@@ -284,6 +324,7 @@ def build_app(
 def serve(settings: Settings, options: ServeOptions) -> None:
     """Run until interrupted. Raises ConfigError before starting anything on bad settings."""
     check_options(options)
+    check_address_free(options)
     auth = auth_settings_from_env(os.environ, settings.data_dir)
     limits = rate_limits_from_env(os.environ)
     load_policies(settings)  # bad domain files fail here, not at the first request
