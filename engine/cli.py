@@ -246,14 +246,27 @@ def _services_stop(args: argparse.Namespace) -> int:
 
 def _token(args: argparse.Namespace) -> int:
     from config.settings import ConfigError
-    from gateway.auth import issue_token, load_or_create_secret
+    from gateway.auth import issue_token, load_or_create_secret_file
 
     try:
         settings = _settings()
-        secret = settings.jwt_secret or load_or_create_secret(settings.data_dir)
-        print(issue_token(secret, args.sub, args.role, args.ttl))
+        if settings.jwt_secret:
+            secret, source = settings.jwt_secret, "signed with SLOTENGINE_JWT_SECRET"
+        else:
+            # A server verifies it only with the same secret: say which, on stderr
+            # (stdout is the token alone).
+            found = load_or_create_secret_file(settings.data_dir)
+            secret, source = found.secret, f"signed with the secret in {found.path}"
+            if found.created:
+                source += (
+                    " (generated now: a server accepts it only if it runs with"
+                    f" SLOTENGINE_DATA_DIR={found.path.parent} and no SLOTENGINE_JWT_SECRET)"
+                )
+        token = issue_token(secret, args.sub, args.role, args.ttl)
     except (_Unusable, ConfigError, ValueError) as error:
         return _fail("token", error, EXIT_UNUSABLE)
+    print(token)
+    print(f"slotengine token: {source}", file=sys.stderr)
     return EXIT_OK
 
 

@@ -325,9 +325,15 @@ def serve(settings: Settings, options: ServeOptions) -> None:
     """Run until interrupted. Raises ConfigError before starting anything on bad settings."""
     check_options(options)
     check_address_free(options)
-    auth = auth_settings_from_env(os.environ, settings.data_dir)
-    limits = rate_limits_from_env(os.environ)
-    load_policies(settings)  # bad domain files fail here, not at the first request
+    # In the server's log format: which token secret it verifies with, or that
+    # it generated one (the processes that serve configure their own logs).
+    start_logs = configure_logging(settings.log_level)
+    try:
+        auth = auth_settings_from_env(os.environ, settings.data_dir)
+        limits = rate_limits_from_env(os.environ)
+        load_policies(settings)  # bad domain files fail here, not at the first request
+    finally:
+        start_logs.stop()
     if options.workers == 1:
         _run_worker(settings, auth, limits, options)
         return

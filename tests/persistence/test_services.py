@@ -192,12 +192,15 @@ def test_serve_leaves_the_services_running_and_says_what_stops_them_unless_asked
 ) -> None:
     log = serve_until_healthy_then_interrupt("--workers", workers)
     assert log.count("`slotengine services stop` stops them") == 1
+    # In a fresh data directory, the token secret too is new: said once, in the log.
+    assert log.count("held no signing secret: generated a new one there") == 1
     found = status(capsys)
     assert all(service["running"] for service in found.values())
     pids = [service["pid"] for service in found.values()]
 
     log = serve_until_healthy_then_interrupt("--workers", workers, "--stop-services-on-exit")
     assert "stopped when the server exits" in log
+    assert log.count("HS256 tokens are verified with the secret in") == 1
     assert all(gone(pid) for pid in pids)  # type: ignore[arg-type]
     found = status(capsys)
     assert not any(service["running"] for service in found.values())
