@@ -167,12 +167,21 @@ def services_status(data_dir: Path) -> list[ServiceStatus]:
 
 def stop_services(data_dir: Path) -> list[str]:
     """Stop the embedded Redis and PostgreSQL under ``data_dir``; the names of those
-    that were running. Stopping what does not run does nothing."""
-    stopped = []
-    if stop_redis(data_dir / REDIS_SUBDIR):
-        stopped.append("redis")
-    if stop_postgres(data_dir / POSTGRES_SUBDIR):
-        stopped.append("postgresql")
+    that were running. Stopping what does not run does nothing. One that does not
+    stop does not keep the other running: both are tried, then the first error raised."""
+    stopped: list[str] = []
+    errors: list[EmbeddedServiceError] = []
+    for name, stop, subdir in (
+        ("redis", stop_redis, REDIS_SUBDIR),
+        ("postgresql", stop_postgres, POSTGRES_SUBDIR),
+    ):
+        try:
+            if stop(data_dir / subdir):
+                stopped.append(name)
+        except EmbeddedServiceError as error:
+            errors.append(error)
+    if errors:
+        raise errors[0]
     return stopped
 
 
