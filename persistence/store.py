@@ -320,12 +320,3 @@ def _key_writes(keys: list[KeyRecord], codecs: Codecs) -> list[tuple[Any, ...]]:
         (k.user_id, k.command, k.key, k.at_ms, k.fingerprint, codecs.encoder.encode(k))
         for k in latest.values()
     ]
-
-
-async def purge_request_outcomes(connection: asyncpg.Connection, shard: int, now_ms: int) -> None:
-    await connection.execute(
-        "DELETE FROM request_outcomes WHERE shard = $1 AND at_ms < $2",
-        shard,
-        now_ms - limits.REQUEST_OUTCOMES_RETENTION_MS,
-        timeout=limits.DATABASE_STATEMENT_TIMEOUT_MS / 1000,
-    )

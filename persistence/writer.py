@@ -27,7 +27,6 @@ import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import Final
 
 import asyncpg
 import msgspec
@@ -35,12 +34,9 @@ import msgspec
 from engine.core import limits
 from engine.core.protocol import AnyEvent, KeyRecord, OutcomeRecord
 from persistence.rows import FlushRows
-from persistence.store import Codecs, FenceRejected, purge_request_outcomes, write_flush
+from persistence.store import Codecs, FenceRejected, write_flush
 
 logger = logging.getLogger(__name__)
-
-# Purge this shard's expired request outcomes every so many flushes.
-_PURGE_EVERY_FLUSHES: Final = 1_000
 
 
 class StorageUnavailable(Exception):
@@ -73,7 +69,6 @@ class ShardWriter:
         group_commit: bool = True,
         flush_events_max: int = limits.WRITER_FLUSH_EVENTS_MAX,
         on_committed: Callable[[list[AnyEvent]], None] | None = None,
-        clock_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000,
     ) -> None:
         self._connection = connection
         self._shard = shard
@@ -85,7 +80,6 @@ class ShardWriter:
         # A pause before each flush, for tests that need a late flush (a paused zombie).
         self._before_flush = before_flush
         self._fence_check = fence_check
-        self._clock_ms = clock_ms
         self._codecs = Codecs()
         self._pending = FlushRows(shard)
         # Without group commit (the benches' baseline) every hand-off is a flush of its own.
@@ -244,13 +238,6 @@ class ShardWriter:
                 future = waiters.popleft()[1]
                 if not future.done():
                     future.set_result(None)
-            if self._flushes % _PURGE_EVERY_FLUSHES == 0:
-                try:
-                    await purge_request_outcomes(self._connection, self._shard, self._clock_ms())
-                except Exception as exc:
-                    logger.warning(
-                        "shard %d: purge of request outcomes failed: %r", self._shard, exc
-                    )
 
     async def _flush(self, rows: FlushRows) -> None:
         if self._before_flush is not None:

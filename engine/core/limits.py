@@ -158,9 +158,9 @@ WRITER_FLUSH_TIMEOUT_MS: Final = 2_000
 # Opening a connection to PostgreSQL: the server answers in milliseconds, or it
 # is down and the shard answers 503 meanwhile anyway.
 DATABASE_CONNECT_TIMEOUT_MS: Final = 2_000
-# Any other statement of a shard owner (the fence token, the purge of old
-# request outcomes, a transaction's BEGIN and ROLLBACK): each is a short
-# statement, and one that hangs must fail while a client still waits.
+# Any other statement of a shard owner (the fence token, a transaction's BEGIN
+# and ROLLBACK): each is a short statement, and one that hangs must fail while
+# a client still waits.
 DATABASE_STATEMENT_TIMEOUT_MS: Final = 2_000
 # Loading a shard (its slots, bookings, queues, outcomes and keys) takes seconds
 # for a large one; meanwhile the shard answers 503 at once, so this only ends a

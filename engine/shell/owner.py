@@ -50,9 +50,9 @@ from engine.core.shard import ShardCore
 from engine.shell.errors import ShardFailed, ShardUnreachable
 from engine.shell.events import EventPublisher, PublisherStatistics
 from engine.shell.lease import Renewal, ShardLease
+from engine.shell.maintenance import MAINTENANCE_EVERY_DEFAULT_S, run_periodically
 from engine.shell.runtime import RuntimeStatistics, ShardRuntime, service_unavailable
 from persistence.migrate import migrate_url
-from persistence.reconcile import RECONCILE_INTERVAL_DEFAULT_S, run_periodically
 from persistence.store import ShardSnapshot, StaleToken, fence_token, take_over
 from persistence.writer import ShardWriter, StorageUnavailable, WriterStatistics
 
@@ -86,7 +86,7 @@ class StorageSettings(msgspec.Struct, frozen=True, kw_only=True):
     publish_events: bool = True
     # The owner of shard 0 (one process in the whole engine, by its lease) runs
     # the reconciliation report and the retention purge this often; 0 turns it off.
-    maintenance_every_s: float = RECONCILE_INTERVAL_DEFAULT_S
+    maintenance_every_s: float = MAINTENANCE_EVERY_DEFAULT_S
 
 
 class OwnerStatistics(msgspec.Struct, frozen=True, kw_only=True):

@@ -212,17 +212,25 @@ async def test_text_too_long_for_an_index_is_refused_alone_and_the_flush_commits
     assert await db.fetchval("SELECT count(*) FROM bookings WHERE slot_id = $1", slot_id) == 1
 
 
-async def test_the_owner_of_shard_0_purges_audit_rows_past_their_retention(
+async def test_the_owner_of_shard_0_purges_audit_rows_and_request_outcomes_past_their_retention(
     database_url: str, redis_namespace: str, db: asyncpg.Connection
 ) -> None:
     await db.execute(
         "INSERT INTO audit_log (at_ms, shard, request_id, actor, entity, entity_id, slot_id,"
         " trigger) VALUES (1, 0, 'old', 'system', 'slot', 's', 's', 'created')"
     )
+    # Old outcomes of every shard, not only its own: the one purge of request outcomes.
+    await db.execute(
+        "INSERT INTO request_outcomes (shard, at_ms, requests, outcomes)"
+        " VALUES (0, 1, 1, '\\x00'), (3, 1, 1, '\\x00')"
+    )
     owner = make_owner(database_url, redis_namespace, maintenance_every_s=0.2)
     await owner.start()
     async with asyncio.timeout(30):
-        while await db.fetchval("SELECT count(*) FROM audit_log WHERE request_id = 'old'"):
+        while await db.fetchval(
+            "SELECT (SELECT count(*) FROM audit_log WHERE request_id = 'old')"
+            " + (SELECT count(*) FROM request_outcomes WHERE at_ms = 1)"
+        ):
             await asyncio.sleep(0.05)
     await owner.close()
 

@@ -4,7 +4,6 @@ made otherwise), repairs only what is safe, and a clean database gives nothing.
 """
 
 import asyncio
-import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -12,17 +11,9 @@ from typing import Any
 import asyncpg
 import pytest
 
-from engine.core import limits
-from persistence.reconcile import (
-    REPAIR_ACTOR,
-    REPAIR_TRIGGER,
-    Finding,
-    PurgeReport,
-    ReconcileReport,
-    purge,
-    reconcile,
-    run_periodically,
-)
+from persistence.checks import Finding, ReconcileReport, iso_utc
+from persistence.reconcile import reconcile
+from persistence.repairs import REPAIR_ACTOR, REPAIR_TRIGGER
 from tests.persistence.test_schema import (
     HOLD_MS,
     HOUR_MS,
@@ -148,7 +139,8 @@ async def test_active_bookings_on_a_deleted_slot(db: asyncpg.Connection) -> None
         ("booking_without_slot", "s-1", "b-held"),
     ]
     assert finding(report, "b-held").shard == 2
-    assert "deleted" in finding(report, "b-held").detail
+    # Times read as ISO 8601 UTC (NOW_MS is 2027-01-15T08:00:00Z).
+    assert finding(report, "b-held").detail.endswith("was deleted at 2027-01-15T07:59:59.995Z")
     assert report.violations_left == 2
 
     report = await check(db, repair=True, owned_shards=set())
@@ -251,6 +243,9 @@ async def test_holds_past_their_deadline_are_found(db: asyncpg.Connection) -> No
     report = await check(db)
     assert kinds(report) == [("hold_past_deadline", "s-1", "b-stale")]
     assert finding(report, "b-stale").shard == 1
+    assert finding(report, "b-stale").detail == (
+        "RESERVED 60 s past its deadline 2027-01-15T07:58:59.999Z"
+    )
     # Without a grace, the late one counts too.
     assert len((await check(db, hold_grace_ms=0)).findings) == 2
 
@@ -468,111 +463,7 @@ async def test_past_the_listing_limit_findings_are_counted(db: asyncpg.Connectio
     assert await counts(db, "s-1") == (0, 3)
 
 
-# -- purge ----------------------------------------------------------------------------------
-
-
-async def test_purge_removes_only_rows_past_their_retention(db: asyncpg.Connection) -> None:
-    retention = 90 * 86_400_000
-    for n in range(5):
-        await add_audit(db, NOW_MS - retention - n - 1, f"old-{n}")
-    await add_audit(db, NOW_MS - retention, "kept-at-the-edge")
-    await add_audit(db, NOW_MS, "kept")
-    for n, age_ms in enumerate(
-        [limits.IDEMPOTENCY_RETENTION_MS + 1, limits.IDEMPOTENCY_RETENTION_MS + 50, 0]
-        + [limits.IDEMPOTENCY_RETENTION_MS] * 2
-    ):
-        await db.execute(
-            "INSERT INTO idempotency_records VALUES (0, $1, 'reserve', 'k', $2, '\\x00', '\\x00')",
-            f"u-{n}",
-            NOW_MS - age_ms,
-        )
-    for age_ms in [limits.REQUEST_OUTCOMES_RETENTION_MS + 1] * 3 + [0, 1]:
-        await db.execute(
-            "INSERT INTO request_outcomes (shard, at_ms, requests, outcomes)"
-            " VALUES (0, $1, 1, '\\x00')",
-            NOW_MS - age_ms,
-        )
-
-    report = await purge(db, now_ms=NOW_MS, audit_retention_ms=retention, batch_rows=2)
-    assert report == PurgeReport(
-        audit_rows=5, idempotency_records=2, request_outcomes=3, complete=True
-    )
-    assert [
-        r["entity_id"] for r in await db.fetch("SELECT entity_id FROM audit_log ORDER BY id")
-    ] == [
-        "kept-at-the-edge",
-        "kept",
-    ]
-    assert await db.fetchval("SELECT count(*) FROM idempotency_records") == 3
-    assert (
-        await db.fetchval("SELECT min(at_ms) FROM idempotency_records")
-        == NOW_MS - limits.IDEMPOTENCY_RETENTION_MS
-    )
-    assert await db.fetchval("SELECT count(*) FROM request_outcomes") == 2
-    assert await purge(db, now_ms=NOW_MS, audit_retention_ms=retention) == PurgeReport(
-        audit_rows=0, idempotency_records=0, request_outcomes=0, complete=True
-    )
-    # The audit log is still append-only afterwards.
-    with pytest.raises(asyncpg.InsufficientPrivilegeError):
-        await db.execute("DELETE FROM audit_log")
-
-
-async def test_a_purge_stops_after_its_batches_and_says_so(db: asyncpg.Connection) -> None:
-    for n in range(5):
-        await add_audit(db, NOW_MS - 10 - n, f"old-{n}")
-    report = await purge(db, now_ms=NOW_MS, audit_retention_ms=1, batch_rows=2, batches_max=2)
-    assert (report.audit_rows, report.complete) == (4, False)
-    report = await purge(db, now_ms=NOW_MS, audit_retention_ms=1, batch_rows=2, batches_max=2)
-    assert (report.audit_rows, report.complete) == (1, True)
-    assert await db.fetchval("SELECT count(*) FROM audit_log") == 0
-
-
-# -- the periodic job --------------------------------------------------------------------------
-
-
-async def test_the_periodic_job_reports_purges_survives_failures_and_stops_when_cancelled(
-    db: asyncpg.Connection, database_url: str, caplog: pytest.LogCaptureFixture
-) -> None:
-    await plant_holds(db, shard=0)
-    await add_audit(db, NOW_MS - 100 * 86_400_000, "old")
-    attempts = 0
-
-    async def connect() -> asyncpg.Connection:
-        nonlocal attempts
-        attempts += 1
-        if attempts == 1:
-            raise OSError("the database is down")
-        return await asyncpg.connect(database_url)
-
-    rounds: list[tuple[ReconcileReport, PurgeReport]] = []
-    two_rounds = asyncio.Event()
-
-    def on_round(report: ReconcileReport, purged: PurgeReport) -> None:
-        rounds.append((report, purged))
-        if len(rounds) == 2:
-            two_rounds.set()
-
-    caplog.set_level(logging.INFO, logger="persistence.reconcile")
-    job = asyncio.create_task(
-        run_periodically(
-            connect, 0.02, hold_grace_ms=GRACE_MS, clock_ms=lambda: NOW_MS, on_round=on_round
-        )
-    )
-    await asyncio.wait_for(two_rounds.wait(), timeout=30)
-    job.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await job
-    assert job.cancelled()
-
-    assert attempts >= 3
-    assert any("round failed" in r.message and r.exc_info for r in caplog.records)
-    (first, purged), (second, _) = rounds[:2]
-    assert kinds(first) == kinds(second) == [("hold_past_deadline", "s-1", "b-stale")]
-    assert purged.audit_rows == 1
-    warnings = [r for r in caplog.records if getattr(r, "reconcile", None)]
-    assert warnings
-    assert all(r.levelno == logging.WARNING for r in warnings)
-    assert warnings[0].reconcile["kind"] == "hold_past_deadline"  # type: ignore[attr-defined]
-    assert warnings[0].reconcile["booking_id"] == "b-stale"  # type: ignore[attr-defined]
-    # Report only: the hold is still there.
-    assert (await status(db, "b-stale"))[0] == "RESERVED"
+def test_instants_are_printed_as_iso_8601_utc() -> None:
+    assert iso_utc(0) == "1970-01-01T00:00:00.000Z"
+    assert iso_utc(NOW_MS) == "2027-01-15T08:00:00.000Z"
+    assert iso_utc(NOW_MS - 1) == "2027-01-15T07:59:59.999Z"
