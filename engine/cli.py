@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 if TYPE_CHECKING:
     from config.settings import Settings
-    from persistence.reconcile import ReconcileReport
+    from persistence.checks import ReconcileReport
 
 EXIT_OK: Final = 0
 EXIT_FAILED: Final = 1
@@ -372,6 +372,8 @@ def _migrate(args: argparse.Namespace) -> int:
 def _reconcile(args: argparse.Namespace) -> int:
     import msgspec
 
+    from persistence.checks import iso_utc
+
     try:
         database_url, redis_url = _service_urls(_settings(), need_redis=True)
     except _Unusable as error:
@@ -385,7 +387,11 @@ def _reconcile(args: argparse.Namespace) -> int:
             EXIT_UNUSABLE,
         )
     if args.json:
-        document = {"violations_left": report.violations_left, **msgspec.to_builtins(report)}
+        document = {
+            "violations_left": report.violations_left,
+            "at": iso_utc(report.at_ms),
+            **msgspec.to_builtins(report),
+        }
         print(msgspec.json.encode(document).decode())
     else:
         _print_table(report)
@@ -397,7 +403,8 @@ async def _check(
 ) -> "ReconcileReport":
     import asyncpg
 
-    from persistence.reconcile import HOLD_GRACE_DEFAULT_MS, reconcile, wall_clock_ms
+    from persistence.checks import HOLD_GRACE_DEFAULT_MS
+    from persistence.reconcile import reconcile, wall_clock_ms
 
     grace_ms = (
         HOLD_GRACE_DEFAULT_MS if args.hold_grace_seconds is None else args.hold_grace_seconds * 1000
@@ -464,6 +471,9 @@ class _LeaseOwners:
 
 
 def _print_table(report: "ReconcileReport") -> None:
+    from persistence.checks import iso_utc
+
+    print(f"checked at {iso_utc(report.at_ms)}")
     columns = ("KIND", "SHARD", "SLOT", "BOOKING", "USER", "REPAIRED", "DETAIL")
     rows = [
         (

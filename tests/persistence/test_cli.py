@@ -7,9 +7,11 @@ set per test); one runs ``python -m engine.cli`` to check the entry point.
 import asyncio
 import json
 import os
+import re
 import secrets
 import subprocess
 import sys
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
@@ -19,6 +21,7 @@ import pytest
 import redis
 
 from engine.cli import main
+from persistence.checks import iso_utc
 from persistence.migrate import MIGRATIONS_DIR, deployment_namespace
 from tests.persistence.conftest import DATABASE_URL, REDIS_URL, with_database
 from tests.persistence.test_reconcile import plant_clean_state, set_fence
@@ -31,6 +34,7 @@ REPO = Path(__file__).resolve().parents[2]
 UNREACHABLE_REDIS = "redis://127.0.0.1:1/0"
 # The command runs on the wall clock: a deadline long gone (September 2020).
 PAST_MS = 1_600_000_000_000
+ISO_UTC = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
 
 
 @pytest.fixture
@@ -212,7 +216,9 @@ def test_a_clean_database_exits_0(
 ) -> None:
     on_db(database_url, plant_clean_state)
     assert main(["reconcile"]) == 0
-    assert capsys.readouterr().out.strip() == "no violations"
+    checked, summary = capsys.readouterr().out.splitlines()
+    assert summary == "no violations"
+    assert ISO_UTC.fullmatch(checked.removeprefix("checked at ")), checked
     status, document = reconcile_json(capsys, "--repair")
     assert (status, document["violations_left"], document["findings"]) == (0, 0, [])
 
@@ -228,8 +234,13 @@ def test_a_violation_exits_1_and_is_listed(
     on_db(database_url, plant)
     assert main(["reconcile"]) == 1
     out = capsys.readouterr().out.splitlines()
-    assert out[0].split() == ["KIND", "SHARD", "SLOT", "BOOKING", "USER", "REPAIRED", "DETAIL"]
-    assert out[1].split()[:6] == ["booking_without_slot", "0", "s-1", "b-1", "alice", "no"]
+    assert out[0].startswith("checked at ")
+    assert out[1].split() == ["KIND", "SHARD", "SLOT", "BOOKING", "USER", "REPAIRED", "DETAIL"]
+    assert out[2].split()[:6] == ["booking_without_slot", "0", "s-1", "b-1", "alice", "no"]
+    # Times for people: ISO 8601 UTC, not epoch milliseconds.
+    assert out[2].endswith(
+        "CONFIRMED booking, but its slot was deleted at 1970-01-01T00:00:00.001Z"
+    )
     assert out[-1] == "1 violation left"
     # Not something a repair may fix.
     status, document = reconcile_json(capsys, "--repair")
@@ -265,7 +276,7 @@ def test_repair_fixes_what_is_repairable(
     assert out.splitlines()[-1] == "no violations (2 repaired)"
     assert hold_status(database_url) == "EXPIRED"
     assert main(["reconcile", *args]) == 0
-    assert capsys.readouterr().out.strip() == "no violations"
+    assert capsys.readouterr().out.splitlines()[-1] == "no violations"
 
 
 def test_a_hold_of_an_owned_shard_is_not_repaired(
@@ -340,3 +351,18 @@ def test_the_hold_grace_is_an_option(
     capsys.readouterr()
     with pytest.raises(SystemExit):
         main(["reconcile", "--hold-grace-seconds", "-1"])
+
+
+def test_json_keeps_epoch_milliseconds_beside_an_iso_8601_time(
+    env: pytest.MonkeyPatch, database_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    on_db(database_url, plant_stale_hold)
+    before_ms = time.time_ns() // 1_000_000
+    status, document = reconcile_json(capsys)
+    at_ms = document["at_ms"]
+    assert isinstance(at_ms, int) and at_ms >= before_ms
+    assert document["at"] == iso_utc(at_ms)
+    assert ISO_UTC.fullmatch(str(document["at"]))
+    (only,) = document["findings"]  # type: ignore[misc]
+    assert status == 1 and only["kind"] == "hold_past_deadline"
+    assert only["detail"].endswith("past its deadline 2020-09-13T12:26:40.000Z")
