@@ -49,10 +49,10 @@ from gateway.idempotency import KeyRegistry
 from gateway.ratelimit import RateLimiter, RateLimits
 from persistence.embedded import create_database
 from persistence.migrate import migrate_url
-from persistence.reconcile import reconcile, wall_clock_ms
 from tests.conftest import REDIS_URL
 from tests.engine.shell.conftest import POLICIES
 from tests.gateway.conftest import SECRET
+from tests.support.integrity import assert_consistent
 from tests.support.services import PrivatePostgres, PrivateRedis
 
 pytest_plugins = ["tests.support.fixtures"]
@@ -287,6 +287,7 @@ async def test_engine_process_killed_in_flight_requests_answer_fast_and_retries_
                 assert reused.status == 409, reused
                 assert reused.body["error"] == "IdempotencyKeyReused"
             assert (await reserve(api, slot_id, "late-lou", key="key-late")).status == 201
+            await assert_consistent(db)
     finally:
         await transport.close()
         for engine in engines:
@@ -387,8 +388,7 @@ async def test_changes_answer_fast_while_postgres_is_frozen_and_the_truth_surviv
                 await db.fetchval("SELECT status FROM bookings WHERE id = $1", carol_booking)
                 == "CONFIRMED"
             )
-            report = await reconcile(db, now_ms=wall_clock_ms(), repair=False)
-            assert report.findings == [] and report.violations_left == 0, report
+            await assert_consistent(db)
         finally:
             await db.close()
     finally:
@@ -537,5 +537,6 @@ async def test_a_shard_actor_killed_mid_batch_answers_fast_and_a_retry_learns_th
                 assert answer.body["booking"]["id"] == booking_id
             reused = await reserve(api, other_slot, "kim", key="key-kim")
             assert reused.status == 409, reused
+            await assert_consistent(db)
     finally:
         kill_shard_actors(shard_count=1, name_prefix=prefix)

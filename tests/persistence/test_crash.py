@@ -27,6 +27,7 @@ from engine.shell.owner import StorageSettings
 from engine.shell.ray_actor import RayShardTransport, kill_shard_actors
 from tests.engine.shell.conftest import DAY_MS, HOUR_MS, policy
 from tests.persistence.conftest import REDIS_URL
+from tests.support.integrity import assert_consistent
 
 pytestmark = pytest.mark.ray
 
@@ -191,26 +192,8 @@ async def test_sigkilled_shard_actors_lose_no_acknowledged_change(
             ):
                 lost.append((booking_id, acked.status.value, acked.version, row and dict(row)))
         assert lost == []
-
-        over = await db.fetch(
-            """
-            SELECT s.id, s.capacity, count(b.id) AS active
-              FROM slots s JOIN bookings b ON b.slot_id = s.id
-             WHERE b.status IN ('RESERVED', 'CONFIRMED')
-             GROUP BY s.id, s.capacity HAVING count(b.id) > s.capacity
-            """
-        )
-        assert over == []
-        drift = await db.fetch(
-            """
-            SELECT s.id FROM slots s
-             WHERE s.confirmed_count <> (SELECT count(*) FROM bookings b
-                                          WHERE b.slot_id = s.id AND b.status = 'CONFIRMED')
-                OR s.held_count <> (SELECT count(*) FROM bookings b
-                                     WHERE b.slot_id = s.id AND b.status = 'RESERVED')
-            """
-        )
-        assert drift == []
+        # Nothing contradicts the engine's invariants (no slot over capacity, no drift).
+        await assert_consistent(db)
 
         # The hold acknowledged before the first kill expires after it, not before its time.
         async with asyncio.timeout(60):
@@ -230,13 +213,12 @@ async def test_sigkilled_shard_actors_lose_no_acknowledged_change(
         # The engine's memory agrees with itself and with the database.
         for shard in range(SHARDS):
             await transport.check_invariants(shard, timeout_ms=60_000)
+        engine_counts = {}
         for slot_id in [*slots, expiring_slot]:
             view = await client.execute(p.GetSlot(request_id=ids.next(), slot_id=slot_id))
             assert isinstance(view, p.SlotResult)
-            counts = await db.fetchrow(
-                "SELECT confirmed_count, held_count FROM slots WHERE id = $1", slot_id
-            )
-            assert (view.slot.current_bookings, view.slot.held_count) == tuple(counts)
+            engine_counts[slot_id] = (view.slot.current_bookings, view.slot.held_count)
+        await assert_consistent(db, engine_counts=engine_counts)
     finally:
         kill_shard_actors(shard_count=SHARDS, name_prefix=prefix)
 

@@ -26,6 +26,7 @@ from engine.shell.owner import OwnerState
 from persistence.embedded import create_database
 from persistence.migrate import migrate_url
 from tests.persistence.helpers import Driver, create_slot, make_owner, request_id, slot_on
+from tests.support.integrity import assert_consistent
 from tests.support.services import PrivatePostgres
 
 pytest_plugins = ["tests.support.fixtures"]
@@ -34,6 +35,13 @@ LEASE_TTL_MS = 1_500
 LEASE_MARGIN_MS = 300
 LEASE_RENEW_MS = 300
 HOLD_MS = 3_000
+
+
+async def slot_counts(drive: Driver, slot_id: str) -> dict[str, tuple[int, int]]:
+    """The slot's (confirmed, held) as its owner answers them."""
+    view = await drive.one(p.GetSlot(request_id=request_id(), slot_id=slot_id))
+    assert isinstance(view, p.SlotResult), view
+    return {slot_id: (view.slot.current_bookings, view.slot.held_count)}
 
 
 class Gate:
@@ -123,6 +131,8 @@ async def test_a_paused_owner_whose_lease_lapsed_cannot_write_after_a_takeover(
         # A stopped serving for good: it answers nothing any more.
         with pytest.raises(Exception, match="stopped"):
             await a.one(p.GetSlot(request_id=request_id(), slot_id=slot_id))
+        # The database keeps the engine's invariants, and agrees with B's memory.
+        await assert_consistent(db, engine_counts=await slot_counts(b, slot_id))
     else:
         # The negative control: without the fence the zombie's write lands and
         # the client holds a confirmation the database no longer has.
@@ -188,7 +198,10 @@ async def test_a_flush_that_timed_out_and_commits_after_the_reload_is_fenced_off
         assert isinstance(view, p.SlotResult) and view.slot.held_count == 0
         held = await drive.one(p.Reserve(request_id=request_id(), slot_id=slot_id, user_id="amy"))
         assert isinstance(held, p.BookingResult) and held.status == 201, held
-        assert await db.fetchval("SELECT held_count FROM slots WHERE id = $1", slot_id) == 1
+        counts = await slot_counts(drive, slot_id)
+        assert counts == {slot_id: (0, 1)}
+        # Full on disk as in memory: the database agrees with the owner's counts.
+        await assert_consistent(db, engine_counts=counts)
     finally:
         if frozen is not None:
             os.kill(frozen, signal.SIGCONT)
