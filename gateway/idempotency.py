@@ -1,7 +1,7 @@
 """Client ``Idempotency-Key``s across shards: one fingerprint per (user, endpoint, key).
 
 The shard that runs a command keeps its key's first outcome and replays it
-(``engine/core/shard.py``, durable with the shard's state). But one user's
+(``engine/core/remembered.py``, durable with the shard's state). But one user's
 requests with one key may name slots or bookings on different shards, and a
 shard only knows its own keys. So before a keyed command goes to its shard,
 the gateway records the request's fingerprint under
@@ -30,8 +30,8 @@ import redis.asyncio as aioredis
 import redis.exceptions
 
 from engine.core import limits
+from engine.core.fingerprint import fingerprint as shard_fingerprint
 from engine.core.protocol import AnyCommand
-from engine.core.shard import fingerprint as shard_fingerprint
 
 RECORD_TTL_S: Final = limits.IDEMPOTENCY_RETENTION_MS // 1000
 _CALL_TIMEOUT_S: Final = limits.REDIS_CALL_TIMEOUT_MS / 1000
@@ -93,5 +93,5 @@ class KeyRegistry:
 
 
 def fingerprint(command: AnyCommand) -> str:
-    """The shard's fingerprint of the request (``engine.core.shard``), hashed short for Redis."""
+    """The request's fingerprint (``engine.core.fingerprint``), hashed short for Redis."""
     return hashlib.blake2b(shard_fingerprint(command), digest_size=16).hexdigest()

@@ -24,39 +24,42 @@ batch retried after an actor failure returns its first results instead of
 applying twice. Client idempotency keys are remembered per (user, command,
 key) with a fingerprint of the command for 24 h.
 
-Invariants, per slot (``check_invariants`` verifies them all; the cheap ones
-are also asserted where counts change):
-  * 0 <= held, 0 <= confirmed, confirmed + held <= capacity;
-  * ``active_by_user`` holds exactly the slot's RESERVED and CONFIRMED
-    bookings, one per user, and the counts agree with it;
-  * the waiting line holds exactly the WAITING entries; each NOTIFIED entry
-    points at a RESERVED hold offered from the queue;
-  * if the slot takes holds, it has no free capacity or nobody waits;
-  * every RESERVED booking has a hold timer at its ``expires_at_ms``.
+What lives beside this module, each owning one part of the shard:
+  * ``engine/core/remembered.py``: the request-outcome and idempotency memory;
+  * ``engine/core/fingerprint.py``: what "the same request" is for a key;
+  * ``engine/core/slot_state.py``: a slot's mutable state and count check;
+  * ``engine/core/slot_admin.py``: the slots' index and the rules of creating,
+    changing, deleting and listing them;
+  * ``engine/core/views.py``: the slot and queue views replies carry;
+  * ``engine/core/invariants.py``: every invariant, checked in full.
+This module keeps the single writer's command dispatch and what every command
+shares: the booking and queue handlers, the timers, and the steps they all
+call (holds, expiries, cancellations, offers, transitions, events). It is
+longer than the ~600 lines a module should be because those steps are one
+unit: they change the same indexes (bookings, a slot's counts, its line) and
+emit their events in the order replies and subscribers rely on, and each one
+calls the others. Spread over modules they would either reach into this
+class's private state from outside or cost an extra indirection on every
+command of the compiled hot path.
 """
 
 import os
 import random
 import secrets
-from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Final, TypeVar, cast
 
 import msgspec
-from sortedcontainers import SortedList
 
 from engine.core import errors
 from engine.core.errors import EngineError, InvariantViolation, require
+from engine.core.fingerprint import fingerprint
+from engine.core.invariants import check_invariants
 from engine.core.limits import (
     ENDED_SLOT_RETENTION_MS,
     FINAL_BOOKING_RETENTION_MS,
-    IDEMPOTENCY_RECORDS_MAX,
     IDEMPOTENCY_RETENTION_MS,
     LIST_LIMIT_MAX,
-    REQUEST_OUTCOMES_MAX,
-    REQUEST_OUTCOMES_RETENTION_MS,
-    SLOT_CAPACITY_MAX,
-    SLOT_DURATION_MAX_MS,
 )
 from engine.core.policy import DomainPolicy
 from engine.core.protocol import (
@@ -91,16 +94,10 @@ from engine.core.protocol import (
     SlotResult,
     UpdateSlot,
 )
-from engine.core.records import (
-    Booking,
-    QueueEntry,
-    QueueView,
-    ShardStatistics,
-    SlotView,
-    StoredSlot,
-    pack_metadata,
-)
-from engine.core.routing import shard_of
+from engine.core.records import Booking, QueueEntry, ShardStatistics, SlotView, StoredSlot
+from engine.core.remembered import RequestMemory
+from engine.core.slot_admin import SlotDirectory
+from engine.core.slot_state import SlotState, TimerKey
 from engine.core.states import (
     BOOKING_FINAL,
     SLOT_TAKES_HOLDS,
@@ -108,137 +105,25 @@ from engine.core.states import (
     BookingStatus,
     QueueEvent,
     QueueStatus,
-    SlotStatus,
     next_booking_status,
     next_queue_status,
-    slot_status,
 )
 from engine.core.storable import command_problems
 from engine.core.timer_wheel import TimerWheel
-from engine.core.waiting_line import WaitingLine, describe_wait
+from engine.core.views import queue_view, slot_view, wait_per_place_ms
 
 SYSTEM: Final = "system"
 # A booking id's unique part: 128 random bits, drawn for this many bookings at a time.
 BOOKING_ID_UNIQUE_BYTES: Final = 16
 BOOKING_IDS_PER_DRAW: Final = 256
 
-TimerKey = tuple[str, ...]
-IdempotencyScope = tuple[str, str, str]
 _R = TypeVar("_R", Booking, QueueEntry)
-
-
-class _Slot:
-    """A slot's mutable state. Only ``ShardCore`` touches it."""
-
-    __slots__ = (
-        "active_by_user",
-        "advance_booking_ms",
-        "blocked",
-        "capacity",
-        "claim_ttl_ms",
-        "confirmed",
-        "dirty",
-        "domain",
-        "end_ms",
-        "ended",
-        "entries",
-        "held",
-        "hold_ttl_ms",
-        "id",
-        "idle",
-        "last_view",
-        "line",
-        "metadata",
-        "policy",
-        "queue_enabled",
-        "queue_full",
-        "queue_full_at",
-        "queue_inactivity_ms",
-        "queue_size_max",
-        "resource_id",
-        "revision",
-        "start_ms",
-        "version",
-        "view",
-        "view_ended",
-    )
-
-    def __init__(self, stored: StoredSlot, policy: DomainPolicy) -> None:
-        self.id = stored.id
-        self.resource_id = stored.resource_id
-        self.domain = stored.domain
-        self.policy = policy
-        # The policy's numbers the hot paths read, as native fields: a compiled
-        # build reads these directly, where the policy's are generic lookups.
-        self.hold_ttl_ms = policy.hold_ttl_ms
-        self.claim_ttl_ms = policy.claim_ttl_ms
-        self.queue_enabled = policy.queue_enabled
-        self.queue_size_max = policy.queue_size_max
-        self.queue_inactivity_ms = policy.queue_inactivity_ms
-        self.advance_booking_ms = policy.advance_booking_ms
-        self.start_ms = stored.start_ms
-        self.end_ms = stored.end_ms
-        self.capacity = stored.capacity
-        self.blocked = stored.blocked
-        self.metadata = stored.metadata
-        self.version = stored.version
-        # Every change of this slot in this incarnation counts one (ShardCore._changed).
-        self.revision = 0
-        self.confirmed = 0
-        self.held = 0
-        # user id -> that user's RESERVED or CONFIRMED booking of this slot
-        self.active_by_user: dict[str, Booking] = {}
-        self.line = WaitingLine()
-        # user id -> that user's latest queue entry, whatever its status
-        self.entries: dict[str, QueueEntry] = {}
-        # The waiting users, least recently seen first: one timer per slot, at
-        # the front user's inactivity deadline, serves them all.
-        self.idle: OrderedDict[str, None] = OrderedDict()
-        self.ended = False
-        # The last view built, shared until the slot changes (ShardCore._changed
-        # drops it) or the clock crosses its end (view_ended no longer matches).
-        self.view: SlotView | None = None
-        self.view_ended = False
-        # The last view built, kept after a change: while the slot's settings
-        # (its version) stay the same, the next view copies it with new counts.
-        self.last_view: SlotView | None = None
-        # Changed since the shard last reported its counts (ShardCore.drain_events).
-        self.dirty = False
-        # The last QueueFull refusal and the line length it reported.
-        self.queue_full: Failure | None = None
-        self.queue_full_at = -1
-
-    @property
-    def available(self) -> int:
-        # Never negative: check_counts keeps confirmed + held <= capacity.
-        return self.capacity - self.confirmed - self.held
-
-    def status(self, now_ms: int) -> SlotStatus:
-        return slot_status(
-            blocked=self.blocked,
-            ended=self.ended or now_ms >= self.end_ms,
-            capacity=self.capacity,
-            confirmed=self.confirmed,
-            held=self.held,
-        )
-
-    def check_counts(self) -> None:
-        # Formatted only on failure: this runs on every change of a count.
-        if not (
-            self.held >= 0 and self.confirmed >= 0 and self.confirmed + self.held <= self.capacity
-        ):
-            raise InvariantViolation(
-                f"slot {self.id}: confirmed {self.confirmed} + held {self.held}"
-                f" exceeds capacity {self.capacity}"
-            )
 
 
 _READ_ONLY: Final[frozenset[type[Any]]] = frozenset(READ_ONLY_COMMANDS)
 # The records and results the core builds, bound once for the same reason.
 _BookingResult: Final = BookingResult
 _QueueResult: Final = QueueResult
-_QueueView: Final = QueueView
-_SlotView: Final = SlotView
 _BookingChanged: Final = BookingChanged
 _QueueChanged: Final = QueueChanged
 _QueueMoved: Final = QueueMoved
@@ -267,12 +152,6 @@ _DELETE_SLOT: Final = DeleteSlot
 # Bound once: a compiled build reads a Final as a constant, where
 # ``msgspec.structs.replace`` would be two attribute lookups per call.
 _replace: Final = msgspec.structs.replace
-
-
-def fingerprint(command: AnyCommand) -> bytes:
-    """The request a command stands for: all of it but its request id and idempotency key."""
-    neutral = msgspec.structs.replace(command, request_id="", idempotency_key=None)
-    return msgspec.msgpack.encode(neutral)
 
 
 class ShardCore:
@@ -307,34 +186,23 @@ class ShardCore:
         # live subscribers see another epoch and read their state afresh.
         self._epoch = secrets.token_hex(6)
         self._now_ms = now_ms
-        self._slots: dict[str, _Slot] = {}
-        self._slots_by_resource: dict[str, set[str]] = {}
-        self._slot_order: SortedList[tuple[int, str]] = SortedList()
+        self._timers: TimerWheel[TimerKey] = TimerWheel(now_ms)
+        self._directory = SlotDirectory(
+            shard_id=shard_id, shard_count=shard_count, policies=self._policies, timers=self._timers
+        )
+        # The directory's own dict, read on every command without going through it.
+        self._slots = self._directory.slots
         self._bookings: dict[str, Booking] = {}
         self._bookings_by_user: dict[str, set[str]] = {}
-        self._timers: TimerWheel[TimerKey] = TimerWheel(now_ms)
-        # request id -> first result, and (when, request id) oldest first for pruning
-        self._outcomes: dict[str, AnyResult] = {}
-        # The same request ids grouped by the millisecond they were remembered
-        # in, oldest first: a command appends to the current group, and only a
-        # new millisecond (once per batch, not per command) prunes.
-        self._outcome_groups: deque[tuple[int, list[str]]] = deque()
-        self._outcome_group: list[str] = []
-        self._outcome_group_ms = -1
-        # (user, command, key) -> (when, fingerprint, first result), and the same
-        # oldest first: every record has the same retention, so the oldest
-        # expires first and pruning never scans.
-        self._idempotency: dict[IdempotencyScope, tuple[int, bytes, AnyResult]] = {}
-        self._idempotency_order: deque[tuple[int, IdempotencyScope]] = deque()
+        self._memory = RequestMemory()
+        # request id -> first result: the memory's own dict, read on every change.
+        self._outcomes = self._memory.outcomes
         self._events: list[AnyEvent] = []
         # Set by a read that a live watch follows (``watch=True``), cleared by
         # the host once it has told its event publisher to publish again.
         self.watched = False
-        # What was remembered since the last drain_remembered, for storage.
-        self._outcome_log: list[OutcomeRecord] = []
-        self._key_log: list[KeyRecord] = []
         # The slots changed since the last drain, each once, in order of first change.
-        self._dirty_slots: list[_Slot] = []
+        self._dirty_slots: list[SlotState] = []
         self._commands_total = 0
         self._failures_total = 0
         self._replays_total = 0
@@ -378,14 +246,14 @@ class ShardCore:
             result = self._execute_with_key(command, key, now_ms)
         else:
             result = self._decide(command, now_ms)
-        self._remember_outcome(request_id, result, now_ms)
+        self._memory.remember_outcome(request_id, result, now_ms)
         return result
 
     def _execute_with_key(self, command: AnyCommand, key: str, now_ms: int) -> AnyResult:
         """The client's Idempotency-Key: the first outcome per (user, command, key) stands."""
         scope = (getattr(command, "user_id", ""), type(command).__name__, key)
         request_fingerprint = fingerprint(command)
-        stored = self._idempotency.get(scope)
+        stored = self._memory.keys.get(scope)
         if stored is not None and stored[0] + IDEMPOTENCY_RETENTION_MS > now_ms:
             if stored[1] != request_fingerprint:
                 return self._refusal(
@@ -397,7 +265,7 @@ class ShardCore:
             return stored[2]
         result = self._decide(command, now_ms)
         if result.status < 500:
-            self._remember_idempotency(scope, request_fingerprint, result, now_ms)
+            self._memory.remember_key(scope, request_fingerprint, result, now_ms)
         return result
 
     def _decide(self, command: AnyCommand, now_ms: int) -> AnyResult:
@@ -472,7 +340,7 @@ class ShardCore:
                             at_ms=now_ms,
                             request_id="",
                             actor=SYSTEM,
-                            slot=self._slot_view(slot, now_ms),
+                            slot=slot_view(slot, now_ms, self._epoch),
                             change="counts",
                         )
                     )
@@ -482,9 +350,7 @@ class ShardCore:
 
     def drain_remembered(self) -> tuple[list[OutcomeRecord], list[KeyRecord]]:
         """Request outcomes and idempotency records remembered since the last call."""
-        outcomes, self._outcome_log = self._outcome_log, []
-        keys, self._key_log = self._key_log, []
-        return outcomes, keys
+        return self._memory.drain()
 
     def restore(
         self,
@@ -512,11 +378,7 @@ class ShardCore:
         )
         now_ms = self._now_ms
         for stored in slots:
-            require(
-                shard_of(stored.id, self.shard_count) == self.shard_id, f"{stored.id} misrouted"
-            )
-            policy = self._policies.get(stored.domain, self._policies["default"])
-            self._add_slot(stored, policy)
+            self._directory.restore(stored)
         for stored_booking in bookings:
             booking = _copy(stored_booking)
             slot = self._slots.get(booking.slot_id)
@@ -571,15 +433,7 @@ class ShardCore:
                 self._timers.schedule(
                     ("idle", slot.id), first.last_seen_ms + slot.queue_inactivity_ms
                 )
-        for outcome in sorted(outcomes, key=lambda o: o.at_ms):
-            self._remember_outcome(outcome.request_id, outcome.result, outcome.at_ms)
-        for key in sorted(keys, key=lambda k: k.at_ms):
-            self._remember_idempotency(
-                (key.user_id, key.command, key.key), key.fingerprint, key.result, key.at_ms
-            )
-        # Storage has all of this already.
-        self._outcome_log = []
-        self._key_log = []
+        self._memory.restore(outcomes, keys)
 
     def statistics(self) -> ShardStatistics:
         slots = self._slots.values()
@@ -591,7 +445,7 @@ class ShardCore:
             confirmed=sum(s.confirmed for s in slots),
             waiting=sum(len(s.line) for s in slots),
             timers=len(self._timers),
-            idempotency_records=len(self._idempotency),
+            idempotency_records=len(self._memory.keys),
             request_outcomes=len(self._outcomes),
             commands_total=self._commands_total,
             failures_total=self._failures_total,
@@ -605,37 +459,8 @@ class ShardCore:
     # == slots ==================================================================
 
     def _create_slot(self, command: CreateSlot, now_ms: int) -> AnyResult:
-        if shard_of(command.slot_id, self.shard_count) != self.shard_id:
-            raise errors.ValidationFailed(
-                "slot id does not belong to this shard", {"slotId": "misrouted"}
-            )
-        if command.slot_id in self._slots:
-            raise errors.Conflict("a slot with this id exists")
-        policy = self._policies.get(command.domain)
-        if policy is None:
-            raise errors.ValidationFailed(
-                f"unknown domain {command.domain!r}", {"domain": "unknown domain"}
-            )
-        if not command.resource_id:
-            raise errors.ValidationFailed("resourceId is empty", {"resourceId": "empty"})
-        self._check_slot_shape(command.start_ms, command.end_ms, command.capacity, now_ms)
-        self._check_overlap(command.resource_id, command.start_ms, command.end_ms, None)
-
-        slot = self._add_slot(
-            StoredSlot(
-                id=command.slot_id,
-                resource_id=command.resource_id,
-                domain=command.domain,
-                start_ms=command.start_ms,
-                end_ms=command.end_ms,
-                capacity=command.capacity,
-                blocked=command.blocked,
-                metadata=pack_metadata(command.metadata),
-                version=1,
-            ),
-            policy,
-        )
-        view = self._slot_view(slot, now_ms)
+        slot = self._directory.create(command, now_ms)
+        view = slot_view(slot, now_ms, self._epoch)
         self._emit(
             _SlotChanged(
                 at_ms=now_ms,
@@ -647,65 +472,24 @@ class ShardCore:
         )
         return _SlotResult(status=201, slot=view)
 
-    def _add_slot(self, stored: StoredSlot, policy: DomainPolicy) -> _Slot:
-        slot = _Slot(stored, policy)
-        self._slots[slot.id] = slot
-        self._slots_by_resource.setdefault(slot.resource_id, set()).add(slot.id)
-        self._slot_order.add((slot.start_ms, slot.id))
-        self._timers.schedule(("end", slot.id), slot.end_ms)
-        return slot
-
     def _update_slot(self, command: UpdateSlot, now_ms: int) -> AnyResult:
-        slot = self._slot_or_404(command.slot_id)
-        if slot.ended:
-            raise errors.SlotNotReservable("the slot has ended and can no longer change")
-        start_ms = slot.start_ms if command.start_ms is None else command.start_ms
-        end_ms = slot.end_ms if command.end_ms is None else command.end_ms
-        capacity = slot.capacity if command.capacity is None else command.capacity
-        self._check_slot_shape(start_ms, end_ms, capacity, now_ms)
-        if capacity < slot.confirmed + slot.held:
-            raise errors.CapacityBelowBookings(
-                f"capacity {capacity} is below the {slot.confirmed} confirmed bookings"
-                f" and {slot.held} holds",
-                {"currentBookings": slot.confirmed, "heldCount": slot.held},
-            )
-        if (start_ms, end_ms) != (slot.start_ms, slot.end_ms):
-            self._check_overlap(slot.resource_id, start_ms, end_ms, slot.id)
-
-        if start_ms != slot.start_ms:
-            self._slot_order.remove((slot.start_ms, slot.id))
-            self._slot_order.add((start_ms, slot.id))
-            slot.start_ms = start_ms
-        if end_ms != slot.end_ms:
-            slot.end_ms = end_ms
-            self._timers.schedule(("end", slot.id), end_ms)
-        slot.capacity = capacity
-        if command.metadata is not None:
-            slot.metadata = pack_metadata(command.metadata)
-        if command.blocked is not None:
-            slot.blocked = command.blocked
-        slot.version += 1
+        slot = self._directory.update(command, now_ms)
         self._changed(slot)
         self._emit(
             _SlotChanged(
                 at_ms=now_ms,
                 request_id=command.request_id,
                 actor=command.actor,
-                slot=self._slot_view(slot, now_ms),
+                slot=slot_view(slot, now_ms, self._epoch),
                 change="updated",
             )
         )
         # Raised capacity or an unblock frees room for the waiting line.
         self._offer_free_capacity(slot, now_ms, command.request_id, command.actor)
-        return _SlotResult(status=200, slot=self._slot_view(slot, now_ms))
+        return _SlotResult(status=200, slot=slot_view(slot, now_ms, self._epoch))
 
     def _delete_slot(self, command: DeleteSlot, now_ms: int) -> AnyResult:
-        slot = self._slot_or_404(command.slot_id)
-        if slot.active_by_user and not command.force:
-            raise errors.SlotHasBookings(
-                "the slot has active bookings; delete with force=true to cancel them",
-                {"currentBookings": slot.confirmed, "heldCount": slot.held},
-            )
+        slot = self._directory.deletable(command.slot_id, command.force)
         request_id, actor = command.request_id, command.actor
         for booking in list(slot.active_by_user.values()):
             if booking.status is BookingStatus.RESERVED:
@@ -716,8 +500,8 @@ class ShardCore:
                 )
         self._expire_waiting(slot, now_ms, "slot_deleted", request_id, actor)
         self._timers.cancel(("end", slot.id))
-        view = self._slot_view(slot, now_ms)
-        self._drop_slot(slot)
+        view = slot_view(slot, now_ms, self._epoch)
+        self._directory.drop(slot)
         self._emit(
             _SlotChanged(
                 at_ms=now_ms, request_id=request_id, actor=actor, slot=view, change="deleted"
@@ -728,35 +512,12 @@ class ShardCore:
     def _get_slot(self, command: GetSlot, now_ms: int) -> AnyResult:
         if command.watch:
             self.watched = True
-        return _SlotResult(
-            status=200, slot=self._slot_view(self._slot_or_404(command.slot_id), now_ms)
-        )
+        slot = self._directory.get(command.slot_id)
+        return _SlotResult(status=200, slot=slot_view(slot, now_ms, self._epoch))
 
     def _list_slots(self, command: ListSlots, now_ms: int) -> AnyResult:
-        limit = max(1, min(command.limit, LIST_LIMIT_MAX))
-        if command.after is not None:
-            start_index = self._slot_order.bisect_right(command.after)
-        elif command.from_ms is not None:
-            start_index = self._slot_order.bisect_left((command.from_ms, ""))
-        else:
-            start_index = 0
-        items: list[SlotView] = []
-        for start_ms, slot_id in self._slot_order.islice(start_index):
-            if command.to_ms is not None and start_ms >= command.to_ms:
-                break
-            if command.from_ms is not None and start_ms < command.from_ms:
-                continue
-            slot = self._slots[slot_id]
-            if command.resource_id is not None and slot.resource_id != command.resource_id:
-                continue
-            status = slot.status(now_ms)
-            if command.status is not None and status != command.status:
-                continue
-            if command.available_only and not (status in SLOT_TAKES_HOLDS and slot.available):
-                continue
-            items.append(self._slot_view(slot, now_ms))
-            if len(items) >= limit:
-                break
+        epoch = self._epoch
+        items = [slot_view(slot, now_ms, epoch) for slot in self._directory.page(command, now_ms)]
         return SlotPage(status=200, items=items)
 
     # == bookings ===============================================================
@@ -776,11 +537,15 @@ class ShardCore:
         entry = slot.entries.get(user_id)
         if entry is not None and entry.status is QueueStatus.WAITING:
             self._touch(slot, entry, now_ms)
-            return _QueueResult(status=200, entry=self._queue_view(slot, entry, now_ms))
+            return _QueueResult(
+                status=200, entry=queue_view(slot, entry, now_ms, self._epoch, self._bookings)
+            )
         if slot.line.size >= slot.queue_size_max:
             return self._queue_full(slot)
         entry = self._join(slot, user_id, now_ms, command.request_id)
-        return _QueueResult(status=202, entry=self._queue_view(slot, entry, now_ms))
+        return _QueueResult(
+            status=202, entry=queue_view(slot, entry, now_ms, self._epoch, self._bookings)
+        )
 
     def _confirm(self, command: Confirm, now_ms: int) -> AnyResult:
         user_id = command.user_id
@@ -878,7 +643,9 @@ class ShardCore:
         if entry is not None and entry.status in (QueueStatus.WAITING, QueueStatus.NOTIFIED):
             if entry.status is QueueStatus.WAITING:
                 self._touch(slot, entry, now_ms)
-            return _QueueResult(status=200, entry=self._queue_view(slot, entry, now_ms))
+            return _QueueResult(
+                status=200, entry=queue_view(slot, entry, now_ms, self._epoch, self._bookings)
+            )
         if existing is not None:
             raise errors.AlreadyHeld("you already hold this slot: confirm your hold instead")
         if not slot.queue_enabled:
@@ -890,10 +657,12 @@ class ShardCore:
         if slot.line.size >= slot.queue_size_max:
             return self._queue_full(slot)
         entry = self._join(slot, user_id, now_ms, command.request_id)
-        return _QueueResult(status=201, entry=self._queue_view(slot, entry, now_ms))
+        return _QueueResult(
+            status=201, entry=queue_view(slot, entry, now_ms, self._epoch, self._bookings)
+        )
 
     def _leave_queue(self, command: LeaveQueue, now_ms: int) -> AnyResult:
-        slot = self._slot_or_404(command.slot_id)
+        slot = self._directory.get(command.slot_id)
         user_id = command.user_id
         entry = slot.entries.get(user_id)
         if entry is None or entry.status not in (QueueStatus.WAITING, QueueStatus.NOTIFIED):
@@ -921,13 +690,15 @@ class ShardCore:
     def _queue_position(self, command: QueuePosition, now_ms: int) -> AnyResult:
         if command.watch:
             self.watched = True
-        slot = self._slot_or_404(command.slot_id)
+        slot = self._directory.get(command.slot_id)
         entry = slot.entries.get(command.user_id)
         if entry is None:
             raise errors.NotFound("you have not joined this slot's queue")
         if entry.status is QueueStatus.WAITING:
             self._touch(slot, entry, now_ms)
-        return _QueueResult(status=200, entry=self._queue_view(slot, entry, now_ms))
+        return _QueueResult(
+            status=200, entry=queue_view(slot, entry, now_ms, self._epoch, self._bookings)
+        )
 
     # == timers =================================================================
 
@@ -1000,13 +771,13 @@ class ShardCore:
     def _on_forget_slot(self, key: TimerKey, now_ms: int) -> None:
         slot = self._slots.get(key[1])
         if slot is not None and slot.ended:
-            self._drop_slot(slot)
+            self._directory.drop(slot)
 
     # == shared steps ===========================================================
 
     def _take_hold(
         self,
-        slot: _Slot,
+        slot: SlotState,
         user_id: str,
         now_ms: int,
         ttl_ms: int,
@@ -1054,7 +825,13 @@ class ShardCore:
         return held
 
     def _expire_hold(
-        self, slot: _Slot, booking: Booking, now_ms: int, trigger: str, request_id: str, actor: str
+        self,
+        slot: SlotState,
+        booking: Booking,
+        now_ms: int,
+        trigger: str,
+        request_id: str,
+        actor: str,
     ) -> None:
         to_status = next_booking_status(booking.status, BookingEvent.EXPIRE)
         self._timers.cancel(("hold", booking.id))
@@ -1075,7 +852,7 @@ class ShardCore:
 
     def _cancel_booking(
         self,
-        slot: _Slot,
+        slot: SlotState,
         booking: Booking,
         now_ms: int,
         reason: str | None,
@@ -1097,7 +874,9 @@ class ShardCore:
         self._changed(slot)
         return cancelled
 
-    def _offer_free_capacity(self, slot: _Slot, now_ms: int, request_id: str, actor: str) -> None:
+    def _offer_free_capacity(
+        self, slot: SlotState, now_ms: int, request_id: str, actor: str
+    ) -> None:
         """Give freed capacity to the head of the line, one hold per free place."""
         while slot.line and slot.available > 0 and slot.status(now_ms) in SLOT_TAKES_HOLDS:
             user_id = slot.line.pop_head(now_ms)
@@ -1122,7 +901,7 @@ class ShardCore:
                 offer_expires_at_ms=booking.expires_at_ms,
             )
 
-    def _join(self, slot: _Slot, user_id: str, now_ms: int, request_id: str) -> QueueEntry:
+    def _join(self, slot: SlotState, user_id: str, now_ms: int, request_id: str) -> QueueEntry:
         seq = slot.line.push(user_id)
         entry = _QueueEntry(
             slot_id=slot.id,
@@ -1150,7 +929,7 @@ class ShardCore:
         return entry
 
     def _remove_from_line(
-        self, slot: _Slot, entry: QueueEntry, now_ms: int, request_id: str, actor: str
+        self, slot: SlotState, entry: QueueEntry, now_ms: int, request_id: str, actor: str
     ) -> None:
         slot.line.remove(entry.user_id, now_ms)
         del slot.idle[entry.user_id]
@@ -1158,7 +937,7 @@ class ShardCore:
         self._changed(slot)
 
     def _moved(
-        self, slot: _Slot, entry: QueueEntry, now_ms: int, request_id: str, actor: str
+        self, slot: SlotState, entry: QueueEntry, now_ms: int, request_id: str, actor: str
     ) -> None:
         """The line moved: ``entry`` just left it (departure number ``line.departures``)."""
         self._emit(
@@ -1171,12 +950,12 @@ class ShardCore:
                 total_in_queue=slot.line.size,
                 epoch=self._epoch,
                 departures=slot.line.departures,
-                wait_per_place_ms=self._wait_per_place_ms(slot, now_ms),
+                wait_per_place_ms=wait_per_place_ms(slot, now_ms),
             )
         )
 
     def _expire_waiting(
-        self, slot: _Slot, now_ms: int, trigger: str, request_id: str, actor: str
+        self, slot: SlotState, now_ms: int, trigger: str, request_id: str, actor: str
     ) -> None:
         for user_id in list(slot.line):
             entry = slot.entries[user_id]
@@ -1184,7 +963,7 @@ class ShardCore:
             entry.ended_at_ms = now_ms
             self._queue_transition(entry, QueueEvent.EXPIRE, "expired", now_ms, request_id, actor)
 
-    def _touch(self, slot: _Slot, entry: QueueEntry, now_ms: int) -> None:
+    def _touch(self, slot: SlotState, entry: QueueEntry, now_ms: int) -> None:
         """A waiting user showed up: the inactivity timeout starts over."""
         entry.last_seen_ms = now_ms
         slot.idle.move_to_end(entry.user_id)
@@ -1244,17 +1023,7 @@ class ShardCore:
             )
         )
 
-    def _drop_slot(self, slot: _Slot) -> None:
-        self._timers.cancel(("idle", slot.id))
-        del self._slots[slot.id]
-        self._slot_order.remove((slot.start_ms, slot.id))
-        resource_slots = self._slots_by_resource[slot.resource_id]
-        resource_slots.discard(slot.id)
-        if not resource_slots:
-            del self._slots_by_resource[slot.resource_id]
-        slot.dirty = False
-
-    def _changed(self, slot: _Slot) -> None:
+    def _changed(self, slot: SlotState) -> None:
         """Every change to a slot's counts, line or settings passes here."""
         slot.view = None
         slot.revision += 1
@@ -1268,12 +1037,6 @@ class ShardCore:
 
     # == checks =================================================================
 
-    def _slot_or_404(self, slot_id: str) -> _Slot:
-        slot = self._slots.get(slot_id)
-        if slot is None:
-            raise errors.NotFound("no such slot")
-        return slot
-
     def _booking_or_404(self, booking_id: str, user_id: str, as_admin: bool) -> Booking:
         booking = self._bookings.get(booking_id)
         # Another user's booking answers exactly like a missing one.
@@ -1283,16 +1046,16 @@ class ShardCore:
 
     def _open_slot_for(
         self, slot_id: str, user_id: str, now_ms: int
-    ) -> tuple[_Slot, Booking | None]:
+    ) -> tuple[SlotState, Booking | None]:
         """The checks reserve and join share, in API order; returns the user's active hold."""
-        slot = self._slot_or_404(slot_id)
+        slot = self._directory.get(slot_id)
         self._check_reservable(slot, now_ms)
         existing = slot.active_by_user.get(user_id)
         if existing is not None and existing.status is BookingStatus.CONFIRMED:
             raise errors.AlreadyBooked("you already have a confirmed booking for this slot")
         return slot, existing
 
-    def _check_reservable(self, slot: _Slot, now_ms: int) -> None:
+    def _check_reservable(self, slot: SlotState, now_ms: int) -> None:
         if slot.blocked or slot.ended or now_ms >= slot.end_ms:
             status = slot.status(now_ms)
             raise errors.SlotNotReservable(
@@ -1304,7 +1067,7 @@ class ShardCore:
                 {"bookableFromMs": slot.start_ms - slot.advance_booking_ms},
             )
 
-    def _queue_full(self, slot: _Slot) -> Failure:
+    def _queue_full(self, slot: SlotState) -> Failure:
         # A storm refuses thousands alike: the slot keeps its last refusal and
         # hands it out again while the line is as long as it said.
         size = slot.line.size
@@ -1321,251 +1084,17 @@ class ShardCore:
         slot.queue_full_at = size
         return failure
 
-    def _check_slot_shape(self, start_ms: int, end_ms: int, capacity: int, now_ms: int) -> None:
-        problems: dict[str, str] = {}
-        if not 1 <= capacity <= SLOT_CAPACITY_MAX:
-            problems["capacity"] = f"must be between 1 and {SLOT_CAPACITY_MAX}"
-        if end_ms <= start_ms:
-            problems["endTime"] = "must be after startTime"
-        elif end_ms - start_ms > SLOT_DURATION_MAX_MS:
-            problems["endTime"] = "the slot is longer than the longest allowed"
-        elif end_ms <= now_ms:
-            problems["endTime"] = "is in the past"
-        if problems:
-            raise errors.ValidationFailed("invalid slot", problems)
-
-    def _check_overlap(
-        self, resource_id: str, start_ms: int, end_ms: int, ignore_id: str | None
-    ) -> None:
-        for other_id in self._slots_by_resource.get(resource_id, ()):
-            other = self._slots[other_id]
-            if other_id != ignore_id and other.start_ms < end_ms and start_ms < other.end_ms:
-                raise errors.SlotOverlap(
-                    "the resource already has a slot in this time window",
-                    {"conflictingSlotId": other_id},
-                )
-
-    # == views ==================================================================
-
-    def _slot_view(self, slot: _Slot, now_ms: int) -> SlotView:
-        ended = now_ms >= slot.end_ms
-        view = slot.view
-        if view is not None and slot.view_ended is ended:
-            return view
-        settings = slot.last_view
-        if settings is None or settings.version != slot.version:
-            # The settings part, built once per version of the slot: a view then
-            # copies it with the counts of the moment, and the settings' boxed
-            # numbers carry over. The counts here are never seen.
-            settings = _SlotView(
-                id=slot.id,
-                resource_id=slot.resource_id,
-                domain=slot.domain,
-                start_ms=slot.start_ms,
-                end_ms=slot.end_ms,
-                capacity=slot.capacity,
-                current_bookings=0,
-                held_count=0,
-                available=0,
-                status=SlotStatus.AVAILABLE,
-                queue_length=0,
-                blocked=slot.blocked,
-                metadata=slot.metadata,
-                version=slot.version,
-                epoch=self._epoch,
-            )
-        view = _replace(
-            settings,
-            current_bookings=slot.confirmed,
-            held_count=slot.held,
-            available=slot.capacity - slot.confirmed - slot.held,
-            status=slot.status(now_ms),
-            queue_length=slot.line.size,
-            revision=slot.revision,
-            departures=slot.line.departures,
-        )
-        slot.view = slot.last_view = view
-        slot.view_ended = ended
-        return view
-
-    def _wait_per_place_ms(self, slot: _Slot, now_ms: int) -> int:
-        return slot.line.estimated_wait_ms(1, now_ms, _prior_ms(slot)) if slot.line.size else 0
-
-    def _queue_view(self, slot: _Slot, entry: QueueEntry, now_ms: int) -> QueueView:
-        # Each of the entry's fields read once: every read is a lookup when compiled.
-        status = entry.status
-        user_id = entry.user_id
-        booking_id = entry.booking_id
-        line = slot.line
-        position: int | None = None
-        wait_s: int | None = None
-        if status is QueueStatus.WAITING:
-            position = line.position(user_id)
-            if position is not None:
-                wait_s = -(-line.estimated_wait_ms(position, now_ms, _prior_ms(slot)) // 1000)
-        offer_expires_at_ms = None
-        if status is QueueStatus.NOTIFIED and booking_id is not None:
-            offer_expires_at_ms = self._bookings[booking_id].expires_at_ms
-        return _QueueView(
-            slot_id=slot.id,
-            user_id=user_id,
-            status=status,
-            seq=entry.seq,
-            position=position,
-            total_in_queue=line.size,
-            estimated_wait_seconds=wait_s,
-            estimated_wait_time=describe_wait(wait_s),
-            joined_at_ms=entry.joined_at_ms,
-            notified_at_ms=entry.notified_at_ms,
-            booking_id=booking_id,
-            offer_expires_at_ms=offer_expires_at_ms,
-            slot=self._slot_view(slot, now_ms),
-        )
-
-    # == remembered outcomes ====================================================
-
-    def _remember_outcome(self, request_id: str, result: AnyResult, now_ms: int) -> None:
-        self._outcomes[request_id] = result
-        self._outcome_log.append(_OutcomeRecord(request_id, now_ms, result))
-        if now_ms == self._outcome_group_ms:
-            self._outcome_group.append(request_id)
-            return
-        self._forget_outcomes(now_ms)
-        self._outcome_group_ms = now_ms
-        self._outcome_group = [request_id]
-        self._outcome_groups.append((now_ms, self._outcome_group))
-
-    def _forget_outcomes(self, now_ms: int) -> None:
-        """Drop the outcomes past their retention, and the oldest beyond the cap.
-
-        Whole milliseconds go at a time, so the cap can be exceeded by the
-        commands of one millisecond until the next one starts.
-        """
-        groups = self._outcome_groups
-        outcomes = self._outcomes
-        oldest_allowed_ms = now_ms - REQUEST_OUTCOMES_RETENTION_MS
-        while groups and (groups[0][0] < oldest_allowed_ms or len(outcomes) > REQUEST_OUTCOMES_MAX):
-            for request_id in groups.popleft()[1]:
-                # Present unless storage handed the same request id over twice.
-                if request_id in outcomes:
-                    del outcomes[request_id]
-
-    def _remember_idempotency(
-        self, scope: IdempotencyScope, fingerprint: bytes, result: AnyResult, now_ms: int
-    ) -> None:
-        records = self._idempotency
-        records[scope] = (now_ms, fingerprint, result)
-        self._key_log.append(KeyRecord(scope[0], scope[1], scope[2], now_ms, fingerprint, result))
-        order = self._idempotency_order
-        order.append((now_ms, scope))
-        expired_before_ms = now_ms - IDEMPOTENCY_RETENTION_MS
-        while len(order) > IDEMPOTENCY_RECORDS_MAX or order[0][0] <= expired_before_ms:
-            at_ms, old = order.popleft()
-            record = records.get(old)
-            # A key re-used after its retention has a newer record: keep that one.
-            if record is not None and record[0] == at_ms:
-                del records[old]
-
-    # == invariants =============================================================
+    # == invariants ===========================================================
 
     def check_invariants(self, now_ms: int) -> None:
-        """Verify every invariant of the module docstring (O(state))."""
-        self._timers.check()
-        holds_seen = 0
-        for slot in self._slots.values():
-            slot.check_counts()
-            slot.line.check()
-            confirmed = held = 0
-            for user_id, booking in slot.active_by_user.items():
-                require(booking.user_id == user_id, f"{booking.id} indexed under another user")
-                require(booking.slot_id == slot.id, f"{booking.id} indexed under another slot")
-                require(self._bookings.get(booking.id) is booking, f"{booking.id} not stored")
-                if booking.status is BookingStatus.RESERVED:
-                    held += 1
-                    require(
-                        self._timers.deadline_of(("hold", booking.id)) == booking.expires_at_ms,
-                        f"hold {booking.id} has no timer at its deadline",
-                    )
-                    require(booking.expires_at_ms > now_ms, f"hold {booking.id} is overdue")
-                else:
-                    require(
-                        booking.status is BookingStatus.CONFIRMED,
-                        f"{booking.id} is {booking.status} but counted as active",
-                    )
-                    confirmed += 1
-            holds_seen += held
-            require(
-                (confirmed, held) == (slot.confirmed, slot.held),
-                f"slot {slot.id}: counts {slot.confirmed}/{slot.held}"
-                f" but bookings say {confirmed}/{held}",
-            )
-            waiting = {u for u, e in slot.entries.items() if e.status is QueueStatus.WAITING}
-            require(waiting == set(slot.line), f"slot {slot.id}: line and entries disagree")
-            require(waiting == set(slot.idle), f"slot {slot.id}: idle order and line disagree")
-            seen = [slot.entries[u].last_seen_ms for u in slot.idle]
-            require(seen == sorted(seen), f"slot {slot.id}: idle order is not by last seen")
-            if seen:
-                idle_timer_ms = self._timers.deadline_of(("idle", slot.id))
-                require(
-                    idle_timer_ms is not None
-                    and idle_timer_ms <= seen[0] + slot.queue_inactivity_ms,
-                    f"slot {slot.id}: no idle timer by the front user's deadline",
-                )
-            require(
-                len(list(slot.line)) <= slot.queue_size_max,
-                f"slot {slot.id}: line over its size",
-            )
-            for user_id, entry in slot.entries.items():
-                if entry.status is QueueStatus.NOTIFIED:
-                    offered = slot.active_by_user.get(user_id)
-                    require(
-                        offered is not None
-                        and offered.id == entry.booking_id
-                        and offered.status is BookingStatus.RESERVED
-                        and offered.via_queue,
-                        f"slot {slot.id}: NOTIFIED {user_id} has no offered hold",
-                    )
-                if entry.status is QueueStatus.WAITING:
-                    require(
-                        user_id not in slot.active_by_user,
-                        f"slot {slot.id}: {user_id} waits while holding",
-                    )
-            if slot.status(now_ms) in SLOT_TAKES_HOLDS:
-                require(
-                    slot.available == 0 or not slot.line.size,
-                    f"slot {slot.id}: free capacity while users wait",
-                )
-            if slot.ended:
-                require(
-                    not slot.active_by_user and not slot.line.size, f"ended slot {slot.id} active"
-                )
-        for booking in self._bookings.values():
-            if booking.status in BOOKING_FINAL or booking.status is BookingStatus.CONFIRMED:
-                continue
-            require(
-                booking.status is BookingStatus.RESERVED, f"{booking.id} stuck in {booking.status}"
-            )
-            owner = self._slots.get(booking.slot_id)
-            require(
-                owner is not None and owner.active_by_user.get(booking.user_id) is booking,
-                f"hold {booking.id} not indexed by its slot",
-            )
-        require(
-            holds_seen
-            == sum(1 for b in self._bookings.values() if b.status is BookingStatus.RESERVED),
-            "holds outside any slot",
-        )
+        """Verify every invariant (``engine/core/invariants.py``); O(state)."""
+        check_invariants(self._slots, self._bookings, self._timers, now_ms)
 
     def slots(self) -> Iterator[SlotView]:
         now_ms = self._now_ms
-        return (self._slot_view(slot, now_ms) for slot in self._slots.values())
+        return (slot_view(slot, now_ms, self._epoch) for slot in self._slots.values())
 
 
 def _copy(record: _R) -> _R:
     """A detached copy: replies and events must not change with later commands."""
     return _replace(record)
-
-
-def _prior_ms(slot: _Slot) -> int:
-    """The wait per place before the line has moved: one hold TTL shared by the capacity."""
-    return slot.hold_ttl_ms // max(1, slot.capacity)
