@@ -6,7 +6,9 @@ transaction as the reload), restores a ``ShardCore`` from what it loaded, and
 serves batches through a ``ShardRuntime`` whose events go to a
 ``ShardWriter`` (write-behind, group commit). A renewal task keeps the lease.
 
-States: STARTING -> SERVING <-> REBUILDING, and STOPPED for good.
+States: STARTING -> SERVING <-> REBUILDING, and STOPPED for good; the table of
+allowed transitions is ``engine/shell/owner_states.py``, and the owner moves
+only along it.
 - A flush that fails (PostgreSQL down or frozen past the flush timeout, a
   safety net of the database refused it): the waiting replies get 503 with
   their outcome unknown (a flush that timed out may still commit), the
@@ -31,7 +33,6 @@ import contextlib
 import logging
 import secrets
 from collections.abc import Awaitable, Callable
-from enum import Enum
 from typing import Final
 
 import asyncpg
@@ -51,6 +52,12 @@ from engine.shell.errors import ShardFailed, ShardUnreachable
 from engine.shell.events import EventPublisher, PublisherStatistics
 from engine.shell.lease import Renewal, ShardLease
 from engine.shell.maintenance import MAINTENANCE_EVERY_DEFAULT_S, run_periodically
+from engine.shell.owner_states import (
+    OwnerEvent,
+    OwnerState,
+    OwnerTransitionRefused,
+    next_owner_state,
+)
 from engine.shell.runtime import RuntimeStatistics, ShardRuntime, service_unavailable
 from persistence.migrate import migrate_url
 from persistence.store import ShardSnapshot, StaleToken, fence_token, take_over
@@ -61,13 +68,6 @@ logger = logging.getLogger(__name__)
 _REDIS_ERRORS: Final = (redis.exceptions.RedisError, OSError, asyncio.TimeoutError)
 _READ_ONLY: Final = frozenset(READ_ONLY_COMMANDS)
 _DATABASE_ERRORS: Final = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
-
-
-class OwnerState(Enum):
-    STARTING = "starting"
-    SERVING = "serving"
-    REBUILDING = "rebuilding"
-    STOPPED = "stopped"
 
 
 class StorageSettings(msgspec.Struct, frozen=True, kw_only=True):
@@ -217,7 +217,7 @@ class ShardOwner:
         if self._lease is not None and self.state is not OwnerState.STOPPED:
             with contextlib.suppress(*_REDIS_ERRORS):
                 await self._lease.release()
-        self.state = OwnerState.STOPPED
+        self._take(OwnerEvent.CLOSE)
         if self._connection is not None:
             with contextlib.suppress(*_DATABASE_ERRORS):
                 await self._connection.close()
@@ -315,6 +315,8 @@ class ShardOwner:
         self._serve(snapshot, connection)
 
     def _serve(self, snapshot: ShardSnapshot, connection: asyncpg.Connection) -> None:
+        # Refused, before anything is built, once the owner has stopped.
+        next_owner_state(self.state, OwnerEvent.LOADED)
         core = ShardCore(
             shard_id=self.shard_id,
             shard_count=self._shard_count,
@@ -354,7 +356,7 @@ class ShardOwner:
         self._runtime = runtime
         writer.start()
         runtime.start()
-        self.state = OwnerState.SERVING
+        self._take(OwnerEvent.LOADED)
         logger.info(
             "shard %d served by %s with token %d: %d slots, %d bookings, %d queue entries",
             self.shard_id,
@@ -398,10 +400,9 @@ class ShardOwner:
         self._begin_rebuild(f"the core raised {exc!r}")
 
     def _begin_rebuild(self, why: str) -> None:
-        if self.state is OwnerState.STOPPED or self.state is OwnerState.REBUILDING:
+        if not self._take(OwnerEvent.REBUILD):
             return
         logger.error("shard %d: %s; reloading from PostgreSQL", self.shard_id, why)
-        self.state = OwnerState.REBUILDING
         self._drop_state()
         self._rebuilds += 1
         self._rebuilder = asyncio.get_running_loop().create_task(
@@ -439,6 +440,9 @@ class ShardOwner:
                 # The database itself holds contradicting records: nothing to serve.
                 self._stop(f"stored state breaks an invariant: {exc}")
                 return
+            except OwnerTransitionRefused:
+                # The owner stopped while the reload ran: it never serves again.
+                return
             await asyncio.sleep(self._storage.rebuild_retry_ms / 1000)
 
     async def _lease_free_or_mine(self) -> bool:
@@ -453,10 +457,9 @@ class ShardOwner:
         self._stop(f"fenced off: {exc}")
 
     def _stop(self, reason: str) -> None:
-        if self.state is OwnerState.STOPPED:
+        if not self._take(OwnerEvent.STOP):
             return
         logger.critical("shard %d owner %s stops: %s", self.shard_id, self.owner, reason)
-        self.state = OwnerState.STOPPED
         self._stop_reason = reason
         self._drop_state()
         if self._lease is not None:
@@ -467,6 +470,15 @@ class ShardOwner:
             self._maintenance.cancel()
         if self._on_stopped is not None:
             self._on_stopped(reason)
+
+    def _take(self, event: OwnerEvent) -> bool:
+        """Move along the owner's table (``OwnerTransitionRefused`` off it); False for a
+        late event, which changes nothing."""
+        following = next_owner_state(self.state, event)
+        if following is None:
+            return False
+        self.state = following
+        return True
 
     # -- the lease ----------------------------------------------------------------
 

@@ -4,12 +4,16 @@ import asyncio
 import hashlib
 
 import asyncpg
+import pytest
 
 from engine.core import protocol as p
 from engine.core.states import BookingStatus, QueueStatus
 from engine.core.storable import NUMBER_MESSAGE
 from engine.shell.clock import SystemClock
+from engine.shell.errors import ShardFailed
 from engine.shell.owner import OwnerState
+from engine.shell.owner_states import OwnerTransitionRefused
+from persistence.store import ShardSnapshot
 from tests.persistence.helpers import (
     HOUR_MS,
     Driver,
@@ -274,3 +278,27 @@ async def test_a_read_beside_a_change_is_answered_before_the_change_commits(
     runtime = owner.runtime
     assert runtime is not None and runtime.statistics().reads_answered_early == 1
     await owner.close()
+
+
+async def test_a_load_that_completes_after_the_owner_stopped_never_serves(
+    database_url: str, redis_namespace: str, db: asyncpg.Connection
+) -> None:
+    owner = make_owner(database_url, redis_namespace)
+    await owner.start()
+    assert owner.state is OwnerState.SERVING
+    token = owner.statistics().token
+    assert token is not None
+    await owner.close()
+    assert owner.state is OwnerState.STOPPED
+
+    # A reload that was under way when the owner stopped hands its snapshot over
+    # late: the owner's table has no edge from STOPPED, so nothing is served.
+    late = ShardSnapshot(
+        shard=0, token=token, slots=[], bookings=[], entries=[], outcomes=[], keys=[]
+    )
+    closed_runtime = owner.runtime
+    with pytest.raises(OwnerTransitionRefused):
+        owner._serve(late, db)
+    assert owner.state is OwnerState.STOPPED and owner.runtime is closed_runtime
+    with pytest.raises(ShardFailed):
+        await Driver(owner).one(p.ListSlots(request_id=request_id()))
