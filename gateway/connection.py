@@ -225,7 +225,7 @@ class GatewayProtocol(RequestHandler):
 
     def _request_id(self, request: web.BaseRequest) -> str:
         """The id the middleware gave the request, or a new one (it never reached it)."""
-        from gateway.app import REQUEST_ID_KEY
+        from gateway.http import REQUEST_ID_KEY
 
         request_id: str | None = request.get(REQUEST_ID_KEY)
         return request_id if request_id is not None else self._ids.next()
@@ -237,7 +237,7 @@ class GatewayProtocol(RequestHandler):
         message: str,
         headers: Mapping[str, str] | None = None,
     ) -> web.Response:
-        from gateway.app import SECURITY_HEADERS, ApiError, error_response
+        from gateway.http import SECURITY_HEADERS, ApiError, error_response
 
         response = error_response(ApiError(status, _code(status), message))
         for name, value in (headers or {}).items():
@@ -295,7 +295,7 @@ class GatewayRunner(web.AppRunner):
         self._read_timeouts = read_timeouts
 
     async def _make_server(self) -> web.Server:
-        from gateway.app import IDS_KEY
+        from gateway.http import IDS_KEY
 
         made = await super()._make_server()  # starts the application up and freezes it
         return GatewayServer(
@@ -313,7 +313,7 @@ async def read_body(request: web.BaseRequest) -> bytes:
     A body that could not be decoded (bad chunked encoding or compression) is
     400, never a failure of ours.
     """
-    from gateway.app import ApiError
+    from gateway.http import ApiError
 
     protocol = request.protocol
     timeout_s = (

@@ -43,15 +43,18 @@ from config.settings import ConfigError, Settings
 from engine.core.limits import REDIS_CALL_TIMEOUT_MS
 from engine.shell.coalescer import EngineClient
 from engine.shell.owner import StorageSettings
-from gateway.app import ENGINE_KEY, KEYS_KEY, LIMITER_KEY, TRANSPORT_KEY, create_app
+from gateway.app import create_app
 from gateway.auth import AuthSettings, Verifier, auth_settings_from_env
 from gateway.connection import ReadTimeouts, serve_app
 from gateway.connlimit import ConnectionLimiter
+from gateway.http import ENGINE_KEY, KEYS_KEY, LIMITER_KEY, TRANSPORT_KEY
 from gateway.idempotency import KeyRegistry
+from gateway.live.bus import EventBus
+from gateway.live.endpoints import LIVE_KEY, LiveConnections
 from gateway.logs import configure_logging
-from gateway.observability import OBSERVABILITY_KEY, add_observability
+from gateway.observability.endpoints import add_observability
+from gateway.observability.health import OBSERVABILITY_KEY
 from gateway.ratelimit import RateLimiter, RateLimits, rate_limits_from_env
-from gateway.realtime import LIVE_KEY, EventBus, LiveConnections
 
 logger = logging.getLogger("slotengine.server")
 

@@ -10,7 +10,7 @@ import redis.asyncio as aioredis
 
 from engine.core import protocol as p
 from engine.shell.events import EventPublisher, shard_channel, slot_key, user_key
-from gateway.realtime import EventBus
+from gateway.live.bus import EventBus
 from tests.conftest import REDIS_URL
 from tests.support.services import PrivateRedis
 

@@ -22,9 +22,10 @@ from aiohttp.test_utils import TestServer
 
 from engine.shell.coalescer import EngineClient
 from engine.shell.inproc import InProcessHost
-from gateway.app import SECURITY_HEADERS, create_app
+from gateway.app import create_app
 from gateway.auth import AuthSettings, Verifier, issue_token
 from gateway.connection import GatewayRunner, ReadTimeouts
+from gateway.http import SECURITY_HEADERS
 from tests.engine.shell.conftest import POLICIES
 from tests.gateway.conftest import SECRET
 from tests.gateway.test_serve import Served

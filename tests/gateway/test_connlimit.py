@@ -36,8 +36,9 @@ from gateway.connlimit import (
     Place,
     TooManyConnections,
 )
+from gateway.live.bus import EventBus
+from gateway.live.endpoints import LiveConnections, add_realtime
 from gateway.openapi import build_document
-from gateway.realtime import EventBus, LiveConnections, add_realtime
 from gateway.server import REDIS_CONNECTIONS_MAX, gateway_redis
 from tests.conftest import REDIS_URL
 from tests.gateway.conftest import SECRET, Token

@@ -38,8 +38,9 @@ from engine.core.routing import shard_of_resource
 from engine.shell.coalescer import EngineClient
 from engine.shell.inproc import OwnedInProcessHost
 from engine.shell.owner import StorageSettings
-from gateway.app import BODY_BYTES_MAX, create_app
+from gateway.app import create_app
 from gateway.auth import AuthSettings, Verifier, issue_token
+from gateway.http import BODY_BYTES_MAX
 from tests.conftest import REDIS_URL
 from tests.engine.shell.conftest import HOUR_MS, POLICIES, policy, wait_until
 from tests.gateway.conftest import SECRET, SHARDS, Token

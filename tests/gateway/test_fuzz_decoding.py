@@ -30,15 +30,10 @@ from engine.shell.coalescer import EngineClient
 from engine.shell.inproc import InProcessHost
 from engine.shell.runtime import RuntimeStatistics
 from gateway import schemas as s
-from gateway.app import (
-    BODY_BYTES_MAX,
-    ApiError,
-    create_app,
-    decode_json,
-    error_response,
-    validation_error,
-)
+from gateway.app import create_app
 from gateway.auth import AuthSettings, Verifier, issue_token
+from gateway.handling import decode_json
+from gateway.http import BODY_BYTES_MAX, ApiError, error_response, validation_error
 from tests.engine.shell.conftest import POLICIES, SHARDS
 from tests.gateway.conftest import SECRET
 from tests.support.fuzz import (

@@ -19,12 +19,8 @@ from engine.shell.inproc import OwnedInProcessHost
 from engine.shell.runtime import RuntimeStatistics
 from gateway.app import create_app
 from gateway.auth import AuthSettings, Verifier
-from gateway.observability import (
-    METRICS_KEY,
-    add_observability,
-    observe_database,
-    observe_redis,
-)
+from gateway.observability.endpoints import add_observability
+from gateway.observability.metrics import METRICS_KEY, observe_database, observe_redis
 from tests.conftest import REDIS_URL
 from tests.gateway.conftest import SECRET, Token
 

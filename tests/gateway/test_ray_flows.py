@@ -33,7 +33,8 @@ from engine.shell.owner import StorageSettings
 from engine.shell.ray_actor import RayShardTransport, kill_shard_actors
 from gateway.app import create_app
 from gateway.auth import AuthSettings, Role, Verifier, issue_token
-from gateway.realtime import EventBus, LiveConnections, add_realtime
+from gateway.live.bus import EventBus
+from gateway.live.endpoints import LiveConnections, add_realtime
 from tests.conftest import REDIS_URL
 from tests.engine.shell.conftest import POLICIES, SHORT_HOLD_MS, policy
 from tests.gateway.conftest import SECRET

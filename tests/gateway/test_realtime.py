@@ -22,7 +22,8 @@ from engine.shell.events import PublisherStatistics
 from engine.shell.inproc import OwnedInProcessHost
 from gateway.app import create_app
 from gateway.auth import AuthSettings, Verifier, issue_token
-from gateway.realtime import CLOSE_TRY_AGAIN_LATER, EventBus, LiveConnections, add_realtime
+from gateway.live.bus import EventBus
+from gateway.live.endpoints import CLOSE_TRY_AGAIN_LATER, LiveConnections, add_realtime
 from tests.conftest import REDIS_URL
 from tests.gateway.conftest import SECRET, Token
 from tests.gateway.test_api import Client, _slot

@@ -18,7 +18,8 @@ from engine.core.routing import make_slot_id
 from engine.shell.coalescer import EngineClient, RequestIds
 from engine.shell.inproc import InProcessHost
 from engine.shell.runtime import MemoryEventSink
-from gateway.realtime import BookingWatch, Outbox, QueueWatch
+from gateway.live.outbox import Outbox
+from gateway.live.watches import BookingWatch, QueueWatch
 from tests.engine.shell.conftest import DAY_MS, POLICIES
 
 

@@ -48,7 +48,8 @@ from engine.core.storable import command_problems
 from engine.shell.coalescer import EngineClient, RequestIds
 from engine.shell.owner import StorageSettings
 from gateway import schemas as s
-from gateway.app import ApiError, decode_json, idempotency_key
+from gateway.handling import decode_json, idempotency_key
+from gateway.http import ApiError
 from tests.conftest import REDIS_URL
 from tests.engine.shell.conftest import POLICIES, SHARDS
 from tests.support.fuzz import FUZZ, metadata, texts, to_bytes

@@ -1,0 +1,323 @@
+"""The live endpoints: ``WS /ws/queue/{slotId}``, ``WS /ws/bookings`` and the SSE stream.
+
+It owns admitting a live connection (this process's cap, the user's place in
+``gateway/connlimit.py``, 429 ``TooManyConnections``, 503 while Redis or the
+bus is away), its life (subscribe, snapshot, upgrade, heartbeat, close on a
+slow consumer or on shutdown), the SSE framing, and ``add_realtime``, which
+``gateway.app.create_app`` calls. It never changes engine state and never
+decides what a message says (the watches do).
+"""
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from typing import Final
+
+from aiohttp import WSMsgType, web
+
+from engine.core import limits
+from engine.core.routing import shard_of
+from engine.shell.events import shard_channel, slot_key, user_key
+from gateway.auth import acting_user
+from gateway.connlimit import (
+    ConnectionLimiter,
+    ConnectionLimiterUnavailable,
+    Place,
+    TooManyConnections,
+)
+from gateway.handling import user_param
+from gateway.http import ENGINE_KEY, IDS_KEY, ApiError, principal, stamp_headers
+from gateway.live.bus import HEARTBEAT_S, BusUnavailable, EventBus
+from gateway.live.outbox import OUTBOX_MESSAGES_MAX, Outbox
+from gateway.live.watches import BookingWatch, QueueWatch
+
+# Live connections per gateway process; past this, new ones get 503.
+CONNECTIONS_MAX: Final = 50_000
+# A client sends nothing but control frames: anything bigger is refused.
+CLIENT_MESSAGE_BYTES_MAX: Final = 4_096
+
+CLOSE_GOING_AWAY: Final = 1001
+CLOSE_TRY_AGAIN_LATER: Final = 1013
+
+
+class LiveConnections:
+    """The bus and the count of live connections of one gateway process.
+
+    ``limiter``: the places of each user's live connections, shared with every
+    other gateway; None counts only this process's connections.
+    """
+
+    def __init__(
+        self,
+        bus: EventBus,
+        *,
+        limiter: ConnectionLimiter | None = None,
+        connections_max: int = CONNECTIONS_MAX,
+        outbox_messages_max: int = OUTBOX_MESSAGES_MAX,
+        heartbeat_s: float = HEARTBEAT_S,
+    ) -> None:
+        self.bus = bus
+        self.limiter = limiter
+        self.heartbeat_s = heartbeat_s
+        self.connections_max = connections_max
+        self.outbox_messages_max = outbox_messages_max
+        self.slow_consumers_closed = 0
+        # Every live connection's outbox and, for WebSockets, the socket: closed on shutdown.
+        self.connections: dict[Outbox, web.WebSocketResponse | None] = {}
+
+    @property
+    def open(self) -> int:
+        return len(self.connections)
+
+    async def close_all(self) -> None:
+        """Going away: close every connection (clients reconnect to another gateway)."""
+        for outbox, ws in list(self.connections.items()):
+            outbox.close()
+            if ws is not None:
+                with contextlib.suppress(Exception):
+                    await ws.close(code=CLOSE_GOING_AWAY, message=b"server shutdown")
+        if self.limiter is not None:
+            # The connections give their places back as they end; any left lapse.
+            await self.limiter.close()
+
+
+LIVE_KEY: Final = web.AppKey("live", LiveConnections)
+LIVE_ROUTES_KEY: Final = web.AppKey("live_routes", bool)
+
+AnyWatch = QueueWatch | BookingWatch
+
+
+def _unavailable(message: str) -> ApiError:
+    return ApiError(503, "ServiceUnavailable", message, retry_after_s=limits.RETRY_AFTER_S)
+
+
+# What a connection listens to: (shard channel, key) pairs.
+Interests = list[tuple[str, str]]
+
+
+async def _opened(
+    request: web.Request, interests: Interests, watch: AnyWatch, live: LiveConnections
+) -> Interests:
+    """Subscribe, then read the snapshot: the HTTP error if either fails."""
+    subscribed: Interests = []
+    try:
+        for channel, key in interests:
+            await live.bus.subscribe(channel, key, watch)
+            subscribed.append((channel, key))
+        await watch.start()
+    except BusUnavailable as exc:
+        await _closed(live, subscribed, watch)
+        raise _unavailable(str(exc)) from None
+    except LookupError:
+        await _closed(live, subscribed, watch)
+        raise ApiError(404, "NotFound", "no such slot") from None
+    except BaseException:
+        await _closed(live, subscribed, watch)
+        raise
+    return subscribed
+
+
+@contextlib.asynccontextmanager
+async def _watching(
+    request: web.Request,
+    live: LiveConnections,
+    interests: Interests,
+    watch: AnyWatch,
+    outbox: Outbox,
+    ws: web.WebSocketResponse | None,
+) -> AsyncIterator[None]:
+    """One live connection, counted, subscribed and holding its first state, until it ends."""
+    live.connections[outbox] = ws
+    place: Place | None = None
+    try:
+        # First: a user at the cap costs no subscription and no snapshot.
+        place = await _take_place(live, watch.user_id)
+        subscribed = await _opened(request, interests, watch, live)
+        try:
+            yield
+        finally:
+            await _closed(live, subscribed, watch)
+    finally:
+        del live.connections[outbox]
+        if live.limiter is not None:
+            await live.limiter.give_back(place)
+
+
+async def _take_place(live: LiveConnections, user_id: str) -> Place | None:
+    if live.limiter is None:
+        return None
+    try:
+        return await live.limiter.take(user_id)
+    except TooManyConnections as exc:
+        raise ApiError(
+            429,
+            "TooManyConnections",
+            f"at most {exc.limit} live connections per user are open; close one first",
+            details={"limit": exc.limit},
+            retry_after_s=exc.retry_after_s,
+        ) from None
+    except ConnectionLimiterUnavailable:
+        raise _unavailable("live updates are unavailable: Redis is unreachable") from None
+
+
+async def _closed(live: LiveConnections, interests: Interests, watch: AnyWatch) -> None:
+    for channel, key in interests:
+        await live.bus.unsubscribe(channel, key, watch)
+    await watch.close()
+
+
+def _admit(request: web.Request) -> LiveConnections:
+    live = request.app.get(LIVE_KEY)
+    if live is None:
+        raise _unavailable("live updates are not running")
+    if live.open >= live.connections_max:
+        raise _unavailable("too many live connections on this gateway; try another")
+    return live
+
+
+async def _serve_websocket(
+    request: web.Request, interests: Interests, make_watch: Callable[[Outbox], AnyWatch]
+) -> web.StreamResponse:
+    live = _admit(request)
+    ws = web.WebSocketResponse(
+        heartbeat=live.heartbeat_s, compress=False, max_msg_size=CLIENT_MESSAGE_BYTES_MAX
+    )
+    if not ws.can_prepare(request).ok:
+        raise ApiError(400, "BadRequest", "this route takes a WebSocket upgrade")
+
+    async def send(data: bytes) -> None:
+        await ws.send_frame(data, WSMsgType.TEXT)
+
+    outbox = Outbox(send, live.outbox_messages_max)
+    async with _watching(request, live, interests, make_watch(outbox), outbox, ws):
+        stamp_headers(request, ws)
+        await ws.prepare(request)
+        sender = asyncio.get_running_loop().create_task(_send_all(outbox, ws, live))
+        try:
+            # Reading stays in the handler's task (aiohttp's rule); clients send
+            # nothing but control frames, which aiohttp answers itself.
+            async for message in ws:
+                if message.type is WSMsgType.ERROR:
+                    break
+        finally:
+            outbox.close()
+            sender.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sender
+    return ws
+
+
+async def _send_all(outbox: Outbox, ws: web.WebSocketResponse, live: LiveConnections) -> None:
+    # A peer gone away ends the sending; the handler's read loop ends too.
+    with contextlib.suppress(ConnectionError, RuntimeError):
+        await outbox.run()
+    if outbox.overflowed:
+        live.slow_consumers_closed += 1
+        await ws.close(code=CLOSE_TRY_AGAIN_LATER, message=b"too slow: reconnect to resume")
+
+
+def _sse_frame(data: bytes) -> bytes:
+    if not data:
+        return b": heartbeat\n\n"
+    # msgspec writes the tag first: {"type":"queue.position",...}
+    kind = data[9 : data.index(b'"', 9)]
+    return b"event: " + kind + b"\ndata: " + data + b"\n\n"
+
+
+async def _serve_events(
+    request: web.Request, interests: Interests, make_watch: Callable[[Outbox], AnyWatch]
+) -> web.StreamResponse:
+    live = _admit(request)
+    response = web.StreamResponse(
+        headers={
+            "Content-Type": "text/event-stream",
+            "Cache-Control": "no-store",
+            "X-Accel-Buffering": "no",
+        }
+    )
+
+    async def send(data: bytes) -> None:
+        await response.write(_sse_frame(data))
+
+    outbox = Outbox(send, live.outbox_messages_max)
+    async with _watching(request, live, interests, make_watch(outbox), outbox, None):
+        stamp_headers(request, response)
+        await response.prepare(request)
+        await response.write(b"retry: 2000\n\n")
+        beat = asyncio.get_running_loop().create_task(_heartbeats(outbox, live.heartbeat_s))
+        try:
+            with contextlib.suppress(ConnectionError):  # the client went away
+                await outbox.run()
+        finally:
+            beat.cancel()
+        if outbox.overflowed:
+            live.slow_consumers_closed += 1
+    return response
+
+
+async def _heartbeats(outbox: Outbox, every_s: float) -> None:
+    while True:
+        await asyncio.sleep(every_s)
+        outbox.put(b"")
+
+
+def _queue_watch(request: web.Request) -> tuple[Interests, Callable[[Outbox], AnyWatch]]:
+    who = principal(request)
+    user_id = acting_user(who, user_param(request))
+    slot_id = request.match_info["slot_id"]
+    app = request.app
+    shard = shard_of(slot_id, app[ENGINE_KEY].shard_count)
+    if shard is None:
+        raise ApiError(404, "NotFound", "no such slot")
+    namespace = _admit(request).bus.namespace
+    return [(shard_channel(namespace, shard), slot_key(slot_id))], lambda outbox: QueueWatch(
+        app[ENGINE_KEY], app[IDS_KEY], slot_id, user_id, outbox
+    )
+
+
+async def ws_queue(request: web.Request) -> web.StreamResponse:
+    interests, make_watch = _queue_watch(request)
+    return await _serve_websocket(request, interests, make_watch)
+
+
+async def sse_queue(request: web.Request) -> web.StreamResponse:
+    interests, make_watch = _queue_watch(request)
+    return await _serve_events(request, interests, make_watch)
+
+
+async def ws_bookings(request: web.Request) -> web.StreamResponse:
+    who = principal(request)
+    user_id = acting_user(who, user_param(request))
+    app = request.app
+    namespace = _admit(request).bus.namespace
+    return await _serve_websocket(
+        request,
+        [
+            (shard_channel(namespace, shard), user_key(user_id))
+            for shard in range(app[ENGINE_KEY].shard_count)
+        ],
+        lambda outbox: BookingWatch(app[ENGINE_KEY], app[IDS_KEY], user_id, outbox),
+    )
+
+
+def add_realtime(app: web.Application, live: LiveConnections | None = None) -> None:
+    """The live routes (``create_app`` adds them) and, when given, the bus serving them.
+
+    ``live`` may come later: set ``app[LIVE_KEY]`` on startup. Until then the
+    live routes answer 503.
+    """
+    if live is not None:
+        app[LIVE_KEY] = live
+    if LIVE_ROUTES_KEY in app:
+        return
+    app[LIVE_ROUTES_KEY] = True
+
+    async def close_connections(app: web.Application) -> None:
+        running = app.get(LIVE_KEY)
+        if running is not None:
+            await running.close_all()
+
+    app.on_shutdown.append(close_connections)
+    app.router.add_get("/ws/queue/{slot_id}", ws_queue)
+    app.router.add_get("/ws/bookings", ws_bookings)
+    app.router.add_get("/api/slots/{slot_id}/queue/events", sse_queue)

@@ -1,0 +1,284 @@
+"""The engine's statistics, as ``/health`` and ``/metrics`` read them.
+
+It owns ``EngineSampler`` (each shard's runtime and owner statistics, fetched
+on demand and shared by concurrent callers, reused for
+``STATISTICS_MAX_AGE_S``; the longest queues, scanned at most every
+``QUEUE_SCAN_EVERY_S``) and the engine's series it renders as a collector.
+It only reads the engine (statistics and ``ListSlots``), never changes it,
+and ``collect`` never waits.
+"""
+
+import asyncio
+import contextlib
+import heapq
+import logging
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any, Final, Protocol, cast
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from engine.core import limits
+from engine.core import protocol as p
+from engine.shell.coalescer import EngineClient, RequestIds
+from engine.shell.owner import OwnerStatistics
+from engine.shell.runtime import RuntimeStatistics
+
+logger = logging.getLogger("slotengine.gateway.observability")
+
+# Each health check, and each shard's statistics, answers within this or counts as down.
+CHECK_TIMEOUT_S: Final = 1.0
+# Engine statistics are reused for this long by /metrics and /health.
+STATISTICS_MAX_AGE_S: Final = 1.0
+QUEUE_TOP_N: Final = 20
+QUEUE_SCAN_EVERY_S: Final = 15.0
+QUEUE_SCAN_SLOTS_MAX: Final = 2_000
+QUEUE_SCAN_TIMEOUT_S: Final = 2.0
+
+
+class _StatisticsSource(Protocol):
+    @property
+    def shard_count(self) -> int: ...
+
+    async def statistics(self, shard: int, timeout_ms: int) -> RuntimeStatistics: ...
+
+
+@dataclass(frozen=True, slots=True)
+class ShardSample:
+    """What one shard answered (``runtime`` None: it did not answer in time)."""
+
+    shard: int
+    runtime: RuntimeStatistics | None
+    # None when the host does not report its owners (or the call failed: see owner_failed).
+    owner: OwnerStatistics | None
+    owner_failed: bool
+
+    @property
+    def serving(self) -> bool:
+        if self.runtime is None:
+            return False
+        return self.owner is None or self.owner.state == "serving"
+
+    @property
+    def background_ok(self) -> bool:
+        runtime = self.runtime
+        if runtime is None or not self.serving or runtime.failed or self.owner_failed:
+            return False
+        deadline_ms = runtime.core.next_deadline_ms
+        armed_ms = runtime.timer_deadline_ms
+        if deadline_ms is not None and (armed_ms is None or armed_ms > deadline_ms):
+            return False
+        if self.owner is None:
+            return True
+        writer = self.owner.writer
+        return (
+            writer is not None
+            and not writer.failed
+            and not writer.fenced
+            and writer.pending_events < limits.WRITER_PENDING_EVENTS_MAX
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class EngineSample:
+    at: float
+    shards: tuple[ShardSample, ...]
+
+    @property
+    def engine_up(self) -> bool:
+        return bool(self.shards) and all(shard.serving for shard in self.shards)
+
+    @property
+    def queue_up(self) -> bool:
+        return bool(self.shards) and all(shard.background_ok for shard in self.shards)
+
+
+async def _owner_statistics(transport: Any, shard: int) -> OwnerStatistics | None:
+    fetch = getattr(transport, "owner_statistics", None)
+    if callable(fetch):
+        return cast(OwnerStatistics | None, await fetch(shard, int(CHECK_TIMEOUT_S * 1000)))
+    owner = getattr(transport, "owner", None)
+    if callable(owner):
+        statistics = owner(shard).statistics()
+        return statistics if isinstance(statistics, OwnerStatistics) else None
+    return None
+
+
+async def _sample_shard(transport: _StatisticsSource, shard: int) -> ShardSample:
+    runtime: RuntimeStatistics | None = None
+    owner: OwnerStatistics | None = None
+    owner_failed = False
+    try:
+        async with asyncio.timeout(CHECK_TIMEOUT_S):
+            runtime_answer, owner_answer = await asyncio.gather(
+                transport.statistics(shard, int(CHECK_TIMEOUT_S * 1000)),
+                _owner_statistics(transport, shard),
+                return_exceptions=True,
+            )
+    except TimeoutError:
+        logger.debug("shard %d: no statistics within %.1f s", shard, CHECK_TIMEOUT_S)
+        return ShardSample(shard=shard, runtime=None, owner=None, owner_failed=True)
+    if isinstance(runtime_answer, RuntimeStatistics):
+        runtime = runtime_answer
+    elif isinstance(runtime_answer, BaseException):
+        logger.debug("shard %d: statistics failed: %r", shard, runtime_answer)
+    if isinstance(owner_answer, BaseException):
+        owner_failed = True
+        logger.debug("shard %d: owner statistics failed: %r", shard, owner_answer)
+    else:
+        owner = owner_answer
+    return ShardSample(shard=shard, runtime=runtime, owner=owner, owner_failed=owner_failed)
+
+
+class EngineSampler:
+    """The engine's statistics, fetched on demand and reused for a short while.
+
+    Concurrent callers share one fetch. It is also the collector of the
+    engine's series: ``collect`` renders the last values and never waits.
+    """
+
+    def __init__(
+        self,
+        engine: Callable[[], EngineClient | None],
+        transport: Callable[[], Any],
+    ) -> None:
+        self._engine = engine
+        self._transport = transport
+        self._ids = RequestIds()
+        self._sample: EngineSample | None = None
+        self._fetching: asyncio.Task[EngineSample] | None = None
+        self._expirations: dict[int, int] = {}
+        self._waiting: dict[int, int] = {}
+        self._queues: dict[int, list[tuple[int, str]]] = {}
+        self._queues_at: float | None = None
+        self._scanning: asyncio.Task[None] | None = None
+
+    async def sample(self, max_age_s: float = STATISTICS_MAX_AGE_S) -> EngineSample:
+        loop = asyncio.get_running_loop()
+        current = self._sample
+        if current is not None and loop.time() - current.at < max_age_s:
+            return current
+        if self._fetching is None or self._fetching.done():
+            self._fetching = loop.create_task(self._fetch(), name="engine-statistics")
+        return await asyncio.shield(self._fetching)
+
+    async def refresh_for_scrape(self) -> None:
+        """Statistics no older than ``STATISTICS_MAX_AGE_S``, and the longest queues."""
+        sample = await self.sample()
+        loop = asyncio.get_running_loop()
+        if self._queues_at is not None and loop.time() - self._queues_at < QUEUE_SCAN_EVERY_S:
+            return
+        if self._scanning is None or self._scanning.done():
+            self._scanning = loop.create_task(self._scan_queues(sample), name="queue-scan")
+        await asyncio.shield(self._scanning)
+
+    async def close(self) -> None:
+        for task in (self._fetching, self._scanning):
+            if task is not None and not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+
+    async def _fetch(self) -> EngineSample:
+        loop = asyncio.get_running_loop()
+        transport = cast(_StatisticsSource | None, self._transport())
+        if transport is None:
+            sample = EngineSample(at=loop.time(), shards=())
+        else:
+            shards = await asyncio.gather(
+                *(_sample_shard(transport, shard) for shard in range(transport.shard_count))
+            )
+            sample = EngineSample(at=loop.time(), shards=tuple(shards))
+        for shard in sample.shards:
+            if shard.runtime is not None:
+                self._expirations[shard.shard] = shard.runtime.core.expirations_total
+                self._waiting[shard.shard] = shard.runtime.core.waiting
+        self._sample = sample
+        return sample
+
+    async def _scan_queues(self, sample: EngineSample) -> None:
+        engine = self._engine()
+        loop = asyncio.get_running_loop()
+        if engine is None:
+            return
+        busy = [
+            sampled.shard
+            for sampled in sample.shards
+            if sampled.runtime is not None and sampled.runtime.core.waiting > 0
+        ]
+        for sampled in sample.shards:
+            if sampled.runtime is not None and sampled.runtime.core.waiting == 0:
+                self._queues[sampled.shard] = []
+        answers = await asyncio.gather(
+            *(self._scan_shard(engine, shard) for shard in busy), return_exceptions=True
+        )
+        for shard, answer in zip(busy, answers, strict=True):
+            if isinstance(answer, BaseException):
+                logger.debug("shard %d: queue scan failed: %r", shard, answer)
+            else:
+                self._queues[shard] = answer
+        self._queues_at = loop.time()
+
+    async def _scan_shard(self, engine: EngineClient, shard: int) -> list[tuple[int, str]]:
+        found: list[tuple[int, str]] = []
+        after: tuple[int, str] | None = None
+        scanned = 0
+        async with asyncio.timeout(QUEUE_SCAN_TIMEOUT_S):
+            while scanned < QUEUE_SCAN_SLOTS_MAX:
+                page = await engine.execute(
+                    p.ListSlots(
+                        request_id=self._ids.next(), limit=limits.LIST_LIMIT_MAX, after=after
+                    ),
+                    shard=shard,
+                )
+                if not isinstance(page, p.SlotPage):
+                    raise RuntimeError(f"ListSlots answered {page!r}")
+                found.extend((v.queue_length, v.id) for v in page.items if v.queue_length > 0)
+                scanned += len(page.items)
+                if len(page.items) < limits.LIST_LIMIT_MAX:
+                    break
+                last = page.items[-1]
+                after = (last.start_ms, last.id)
+        return heapq.nlargest(QUEUE_TOP_N, found)
+
+    # -- the collector ----------------------------------------------------------
+
+    def describe(self) -> Iterable[Metric]:
+        return list(self._families())
+
+    def collect(self) -> Iterable[Metric]:
+        return list(self._families())
+
+    def _families(self) -> Iterator[Metric]:
+        expirations = CounterMetricFamily(
+            "booking_expirations",
+            "Holds the engine expired (per shard; restarts when a shard's owner reloads).",
+            labels=["shard"],
+        )
+        for shard, total in sorted(self._expirations.items()):
+            expirations.add_metric([str(shard)], total)
+        yield expirations
+        waiting = GaugeMetricFamily(
+            "queue_waiting", "WAITING queue entries per shard.", labels=["shard"]
+        )
+        for shard, count in sorted(self._waiting.items()):
+            waiting.add_metric([str(shard)], count)
+        yield waiting
+        lengths = GaugeMetricFamily(
+            "queue_length",
+            f"WAITING entries of the {QUEUE_TOP_N} longest queues (see queue_waiting for all).",
+            labels=["slot_id"],
+        )
+        longest = heapq.nlargest(
+            QUEUE_TOP_N, (entry for entries in self._queues.values() for entry in entries)
+        )
+        for length, slot_id in longest:
+            lengths.add_metric([slot_id], length)
+        yield lengths
+        up = GaugeMetricFamily(
+            "engine_shard_up", "1 when the shard answered its last statistics.", labels=["shard"]
+        )
+        if self._sample is not None:
+            for sampled in self._sample.shards:
+                up.add_metric([str(sampled.shard)], 1 if sampled.runtime is not None else 0)
+        yield up
