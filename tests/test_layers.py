@@ -48,6 +48,10 @@ def test_every_import_contract_is_kept() -> None:
         ("gateway/auth.py", "import persistence.store", "The gateway imports nothing"),
         ("config/settings.py", "import bench", "Nothing imports bench"),
         ("gateway/app.py", "import bench.core", "Nothing imports bench"),
+        ("gateway/http.py", "import gateway.live.endpoints", "The gateway's layers"),
+        ("gateway/handling.py", "import gateway.routes.slots", "The gateway's layers"),
+        ("gateway/live/bus.py", "import gateway.observability.metrics", "The gateway's layers"),
+        ("gateway/routes/queue.py", "import gateway.app", "The gateway's layers"),
     ],
 )
 def test_a_forbidden_import_breaks_its_contract(
