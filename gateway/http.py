@@ -55,6 +55,11 @@ CORS_REQUEST_HEADERS: Final = "Authorization, Content-Type, Idempotency-Key, X-R
 CORS_EXPOSED_HEADERS: Final = "X-Request-Id, Retry-After"
 CORS_MAX_AGE_S: Final = 600
 
+# RFC 6750: every 401 names the scheme; one whose token was presented and
+# refused says so (a client then knows to get a new token, not to add one).
+BEARER_CHALLENGE: Final = "Bearer"
+REFUSED_TOKEN_CHALLENGE: Final = 'Bearer error="invalid_token"'
+
 ENGINE_KEY: Final = web.AppKey("engine", EngineClient)
 VERIFIER_KEY: Final = web.AppKey("verifier", Verifier)
 IDS_KEY: Final = web.AppKey("ids", RequestIds)
@@ -128,6 +133,8 @@ def error_response(error: ApiError) -> web.Response:
     )
     if error.retry_after_s is not None:
         response.headers["Retry-After"] = str(error.retry_after_s)
+    if error.status == 401:
+        response.headers["WWW-Authenticate"] = BEARER_CHALLENGE
     response[ERROR_CODE] = error.code
     return response
 
@@ -215,6 +222,8 @@ async def _answer(request: web.Request, handler: Handler, request_id: str) -> we
         response = error_response(validation_error(error))
     except AuthError as error:
         response = error_response(ApiError(401, "Unauthorized", str(error)))
+        if isinstance(error, TokenRefused):
+            response.headers["WWW-Authenticate"] = REFUSED_TOKEN_CHALLENGE
     except Forbidden as error:
         response = error_response(ApiError(403, "Forbidden", str(error)))
     except web.HTTPRequestEntityTooLarge:
@@ -286,13 +295,24 @@ def stamp_headers(request: web.Request, response: web.StreamResponse) -> None:
         response.headers["Vary"] = "Origin"
 
 
+class TokenRefused(AuthError):
+    """A token was presented and refused: 401 with ``error="invalid_token"``."""
+
+
 def principal(request: web.Request) -> Principal:
+    """The caller a request's token names; ``AuthError`` without a token, or
+    ``TokenRefused`` when the token it presents is not valid."""
     # Browsers cannot set headers on WebSocket and EventSource requests.
     streaming = request.path.startswith("/ws") or request.path.endswith("/queue/events")
     token = request.query.get("token") if streaming else None
     if token is None:
         token = bearer_token(request.headers.get("Authorization"))
-    return request.app[VERIFIER_KEY].verify(token)
+    try:
+        return request.app[VERIFIER_KEY].verify(token)
+    except AuthError as error:
+        if not token:  # an empty ?token= presents none
+            raise
+        raise TokenRefused(str(error)) from None
 
 
 async def limit(request: web.Request, endpoint: str, user_id: str) -> None:

@@ -198,3 +198,39 @@ def test_anything_shaped_like_a_token_is_masked_in_every_record_written() -> Non
     assert "ValueError: bad line" in lines[1]["exc"] and "redacted" in lines[1]["exc"]
     assert "redacted" in lines[2]["request_id"] and lines[2]["status"] == 400
     assert lines[3]["msg"] == "no token in this one"
+
+
+def _expired() -> str:
+    return issue_token(SECRET, "ann", "user", 60, now_s=1_000_000_000)
+
+
+@pytest.mark.parametrize(
+    ("path", "headers", "challenge"),
+    [
+        # No credentials: the scheme alone (RFC 6750, section 3).
+        ("/api/bookings/my", {}, "Bearer"),
+        ("/api/bookings/my", {"Authorization": "Basic YW5uOnB3"}, "Bearer"),
+        ("/ws/bookings", {}, "Bearer"),
+        # A token presented and refused: invalid_token.
+        (
+            "/api/bookings/my",
+            {"Authorization": "Bearer not.a.token"},
+            'Bearer error="invalid_token"',
+        ),
+        ("/api/slots", {"Authorization": f"Bearer {_expired()}"}, 'Bearer error="invalid_token"'),
+        ("/ws/bookings?token=not.a.token", {}, 'Bearer error="invalid_token"'),
+    ],
+)
+async def test_every_401_names_the_bearer_scheme_and_says_when_the_token_was_refused(
+    edge: Client, path: str, headers: dict[str, str], challenge: str
+) -> None:
+    response = await edge.get(path, headers=headers)
+    assert response.status == 401
+    assert (await response.json())["error"] == "Unauthorized"
+    assert response.headers.getall("WWW-Authenticate") == [challenge]
+
+
+async def test_an_answer_other_than_401_carries_no_challenge(edge: Client) -> None:
+    response = await edge.get("/api/slots/nope", headers=_auth())
+    assert response.status == 404
+    assert "WWW-Authenticate" not in response.headers
