@@ -77,12 +77,38 @@ def decode_json(raw: bytes, content_type: str, schema: type[T], *, optional: boo
         # msgspec reports a schema error before it sees that the JSON is cut off:
         # malformed JSON is 400 whatever it starts with.
         try:
-            msgspec.json.decode(raw)
+            document = msgspec.json.decode(raw)
         except msgspec.DecodeError:
             raise ApiError(400, "BadRequest", "malformed JSON") from None
-        raise validation_error(error) from None
+        raise _every_missing_field(validation_error(error), schema, document) from None
     except msgspec.DecodeError:
         raise ApiError(400, "BadRequest", "malformed JSON") from None
+
+
+_MISSING_FIELD: Final = "Object missing required field `{}`"
+
+
+def _every_missing_field(problem: ApiError, schema: type[Any], document: Any) -> ApiError:
+    """``problem``, naming every required field the body lacks, not only the first.
+
+    msgspec names one missing field, and only once every field the body has
+    decoded: the others it would name are exactly the schema's required fields
+    absent from the document. Each is named as msgspec names the first.
+    """
+    if len(problem.details) != 1 or not isinstance(document, dict):
+        return problem
+    ((field, message),) = problem.details.items()
+    if message != _MISSING_FIELD.format(field) or not issubclass(schema, msgspec.Struct):
+        return problem  # not a missing field, or one nested deeper (named by its path)
+    missing = {
+        info.encode_name: _MISSING_FIELD.format(info.encode_name)
+        for info in msgspec.structs.fields(schema)
+        if info.required and info.encode_name not in document
+    }
+    if len(missing) < 2:
+        return problem
+    text = "; ".join(f"{name}: {message}" for name, message in missing.items())
+    return ApiError(422, "ValidationError", text, missing)
 
 
 async def execute(request: web.Request, command: p.AnyCommand) -> p.AnyResult:

@@ -314,3 +314,23 @@ async def test_a_body_without_a_json_content_type_is_400(
         skip_auto_headers=["Content-Type"],
     )
     await _error(response, 400, "BadRequest")
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "missing"),
+    [
+        ("/api/admin/slots", {}, ["resourceId", "startTime", "endTime", "capacity"]),
+        ("/api/admin/slots", {"resourceId": "room-1", "capacity": 2}, ["startTime", "endTime"]),
+        ("/api/bookings/reserve", {}, ["slotId"]),
+    ],
+)
+async def test_a_422_names_every_missing_required_field(
+    api: Client, token: Token, path: str, body: dict[str, Any], missing: list[str]
+) -> None:
+    error = await _error(
+        await api.post(path, json=body, headers=_admin(token)), 422, "ValidationError"
+    )
+    assert list(error["details"]) == missing
+    for field in missing:
+        assert error["details"][field] == f"Object missing required field `{field}`"
+        assert f"{field}: " in error["message"]
