@@ -52,6 +52,12 @@ def test_every_import_contract_is_kept() -> None:
         ("gateway/handling.py", "import gateway.routes.slots", "The gateway's layers"),
         ("gateway/live/bus.py", "import gateway.observability.metrics", "The gateway's layers"),
         ("gateway/routes/queue.py", "import gateway.app", "The gateway's layers"),
+        ("gateway/live/bus.py", "import gateway.live.watches", "The live updates' layers"),
+        (
+            "gateway/observability/sampler.py",
+            "import gateway.observability.metrics",
+            "The operations endpoints' layers",
+        ),
     ],
 )
 def test_a_forbidden_import_breaks_its_contract(

@@ -50,6 +50,6 @@ a connection takes a place in its user's record in Redis before it subscribes
 or upgrades, and gives it back when it ends (``gateway/connlimit.py``). Past
 the cap the request is answered 429 ``TooManyConnections``.
 
-This module never changes engine state: it reads snapshots and forwards
+This package never changes engine state: it reads snapshots and forwards
 committed events.
 """

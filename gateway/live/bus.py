@@ -22,8 +22,9 @@ from engine.core import protocol as p
 
 logger = logging.getLogger("slotengine.realtime")
 
-# The interval of WebSocket pings and SSE comments, and how long the bus waits
-# for a message before it checks its connection.
+# WebSocket ping / SSE comment interval (a WebSocket that misses a pong is
+# closed), and how long the bus waits for a message before it checks its
+# connection.
 HEARTBEAT_S: Final = 20.0
 # How long a new connection waits for Redis to confirm its subscription.
 SUBSCRIBE_TIMEOUT_S: Final = 2.0
