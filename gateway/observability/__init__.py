@@ -8,7 +8,8 @@ the services and ``/health``), ``endpoints`` (``/metrics`` and
 ``gateway.http`` and never on the routes or the live updates; none of them
 ever changes engine state.
 
-Wiring (after ``create_app``, before the app starts)::
+Wiring (``gateway.observability.endpoints.add_observability``, after
+``create_app``, before the app starts)::
 
     app = create_app(engine, verifier)
     add_observability(
