@@ -37,7 +37,7 @@ from urllib.parse import urlsplit
 import asyncpg
 
 from bench._database import create_run_database, drop_database
-from gateway.auth import issue_token
+from gateway.auth.issue import issue_token
 
 if TYPE_CHECKING:
     import aiohttp

@@ -246,7 +246,8 @@ def _services_stop(args: argparse.Namespace) -> int:
 
 def _token(args: argparse.Namespace) -> int:
     from config.settings import ConfigError
-    from gateway.auth import issue_token, load_or_create_secret_file
+    from gateway.auth.issue import issue_token
+    from gateway.auth.secret import load_or_create_secret_file
 
     try:
         settings = _settings()

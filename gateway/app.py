@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from aiohttp import web
 
 from engine.shell.coalescer import EngineClient, RequestIds
-from gateway.auth import Verifier
+from gateway.auth.verify import Verifier
 from gateway.http import (
     BODY_BYTES_MAX,
     CORS_ORIGINS_KEY,

@@ -27,7 +27,7 @@ from engine.core import protocol as p
 from engine.core.storable import text_problem
 from engine.shell.errors import ShellError
 from gateway import schemas as s
-from gateway.auth import Principal, acting_user
+from gateway.auth.principal import Principal, acting_user
 from gateway.connection import read_body
 from gateway.http import (
     BODY_BYTES_MAX,

@@ -30,7 +30,8 @@ from engine.core.storable import NUL_MESSAGE
 from engine.shell.coalescer import EngineClient, RequestIds
 from engine.shell.errors import ShellError, may_have_applied
 from gateway import schemas as s
-from gateway.auth import AuthError, Forbidden, Principal, Verifier, bearer_token
+from gateway.auth.principal import AuthError, Forbidden, Principal, bearer_token
+from gateway.auth.verify import Verifier
 from gateway.idempotency import KeyRegistry, KeyRegistryUnavailable
 from gateway.ratelimit import RateLimiter, RateLimiterUnavailable
 

@@ -44,7 +44,9 @@ from engine.core.limits import REDIS_CALL_TIMEOUT_MS
 from engine.shell.coalescer import EngineClient
 from engine.shell.owner import StorageSettings
 from gateway.app import create_app
-from gateway.auth import AuthSettings, Verifier, auth_settings_from_env
+from gateway.auth.environment import auth_settings_from_env
+from gateway.auth.settings import AuthSettings
+from gateway.auth.verify import Verifier
 from gateway.connection import ReadTimeouts, serve_app
 from gateway.connlimit import ConnectionLimiter
 from gateway.http import ENGINE_KEY, KEYS_KEY, LIMITER_KEY, TRANSPORT_KEY

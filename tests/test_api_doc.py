@@ -18,7 +18,7 @@ import pytest
 from config.settings import load_settings
 from engine.cli import build_parser
 from engine.core.errors import ERRORS_BY_CODE
-from gateway.auth import AuthSettings
+from gateway.auth.settings import AuthSettings
 from gateway.connection import _code
 from gateway.openapi import build_document
 from gateway.ratelimit import RateLimits
@@ -141,7 +141,7 @@ def read_settings() -> set[str]:
     """Every environment variable the server reads (string literals shaped like one)."""
     names: set[str] = set()
     pattern = re.compile(r"^(?:SLOTENGINE_[A-Z_]*[A-Z]|DATABASE_URL|REDIS_URL|RAY_ADDRESS)$")
-    sources = ("config/settings.py", "gateway/auth.py", "gateway/ratelimit.py")
+    sources = ("config/settings.py", "gateway/auth/settings.py", "gateway/ratelimit.py")
     for path in (ROOT / source for source in sources):
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if (

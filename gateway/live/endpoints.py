@@ -18,7 +18,7 @@ from aiohttp import WSMsgType, web
 from engine.core import limits
 from engine.core.routing import shard_of
 from engine.shell.events import shard_channel, slot_key, user_key
-from gateway.auth import acting_user
+from gateway.auth.principal import acting_user
 from gateway.connlimit import (
     ConnectionLimiter,
     ConnectionLimiterUnavailable,

@@ -12,7 +12,7 @@ from aiohttp import web
 from engine.core import protocol as p
 from engine.core.states import BookingStatus
 from gateway import schemas as s
-from gateway.auth import acting_user
+from gateway.auth.principal import acting_user
 from gateway.handling import (
     cursor_param,
     decode_body,

@@ -9,7 +9,7 @@ from aiohttp import web
 
 from engine.core import protocol as p
 from gateway import schemas as s
-from gateway.auth import acting_user
+from gateway.auth.principal import acting_user
 from gateway.handling import (
     idempotency_key,
     limited_body,

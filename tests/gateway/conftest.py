@@ -15,7 +15,9 @@ from engine.shell.coalescer import EngineClient
 from engine.shell.inproc import OwnedInProcessHost
 from engine.shell.owner import StorageSettings
 from gateway.app import create_app
-from gateway.auth import AuthSettings, Verifier, issue_token
+from gateway.auth.issue import issue_token
+from gateway.auth.settings import AuthSettings
+from gateway.auth.verify import Verifier
 from gateway.idempotency import KeyRegistry
 from gateway.ratelimit import RateLimiter, RateLimits
 from tests.conftest import REDIS_URL

@@ -25,7 +25,19 @@ from hypothesis import strategies as st
 from jwt.algorithms import ECAlgorithm, HMACAlgorithm, RSAAlgorithm
 
 from config.settings import ConfigError
-from gateway.auth import (
+from gateway.auth.environment import auth_settings_from_env
+from gateway.auth.issue import issue_token
+from gateway.auth.keys import Key
+from gateway.auth.principal import (
+    AuthError,
+    Forbidden,
+    Principal,
+    acting_user,
+    bearer_token,
+    require_role,
+)
+from gateway.auth.secret import SECRET_FILE_NAME, load_or_create_secret
+from gateway.auth.settings import (
     ENV_ALGORITHMS,
     ENV_AUDIENCE,
     ENV_ISSUER,
@@ -33,23 +45,10 @@ from gateway.auth import (
     ENV_LEEWAY_SECONDS,
     ENV_PUBLIC_KEY_FILE,
     ENV_SECRET,
-    SECRET_FILE_NAME,
-    TOKEN_CHARS_MAX,
     TOKEN_TTL_MAX_S,
-    AuthError,
     AuthSettings,
-    Forbidden,
-    Principal,
-    Verifier,
-    _Key,
-    acting_user,
-    auth_settings_from_env,
-    bearer_token,
-    decode_base64url_segment,
-    issue_token,
-    load_or_create_secret,
-    require_role,
 )
+from gateway.auth.verify import TOKEN_CHARS_MAX, Verifier, decode_base64url_segment
 
 SECRET = "unit-test-secret-0123456789abcdef0123456789"
 OTHER_SECRET = "another-secret-0123456789abcdef0123456789ab"
@@ -374,13 +373,13 @@ def test_hs256_signed_with_the_public_key_pem_is_rejected(
 
 def test_a_key_never_pairs_a_public_key_with_hmac_or_a_secret_with_rsa(keys: Keys) -> None:
     with pytest.raises(RuntimeError):
-        _Key(keys.rsa_key.public_key(), ("HS256",), None)
+        Key(keys.rsa_key.public_key(), ("HS256",), None)
     with pytest.raises(RuntimeError):
-        _Key(keys.rsa_key.public_key(), ("RS256", "HS256"), None)
+        Key(keys.rsa_key.public_key(), ("RS256", "HS256"), None)
     with pytest.raises(RuntimeError):
-        _Key(SECRET.encode(), ("RS256",), None)
+        Key(SECRET.encode(), ("RS256",), None)
     with pytest.raises(RuntimeError):
-        _Key(SECRET.encode(), (), None)
+        Key(SECRET.encode(), (), None)
 
 
 def test_a_valid_es256_token_from_a_pem_public_key(tmp_path: Path, keys: Keys) -> None:
@@ -839,7 +838,7 @@ def test_a_remembered_token_still_expires_and_a_changed_one_is_checked_afresh(
     flipped = signature[:-2] + ("A" if signature[-2] != "A" else "B") + signature[-1]
     with pytest.raises(AuthError, match="signature"):
         hs256.verify(f"{header}.{payload}.{flipped}")
-    monkeypatch.setattr("gateway.auth.time.time", lambda: first.expires_at_s + 1.0)
+    monkeypatch.setattr("gateway.auth.verify.time.time", lambda: first.expires_at_s + 1.0)
     with pytest.raises(AuthError, match="expired"):
         hs256.verify(token)
 

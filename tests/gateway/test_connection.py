@@ -23,7 +23,9 @@ from aiohttp.test_utils import TestServer
 from engine.shell.coalescer import EngineClient
 from engine.shell.inproc import InProcessHost
 from gateway.app import create_app
-from gateway.auth import AuthSettings, Verifier, issue_token
+from gateway.auth.issue import issue_token
+from gateway.auth.settings import AuthSettings
+from gateway.auth.verify import Verifier
 from gateway.connection import GatewayRunner, ReadTimeouts
 from gateway.http import SECURITY_HEADERS
 from tests.engine.shell.conftest import POLICIES

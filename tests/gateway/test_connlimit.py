@@ -29,7 +29,9 @@ from redis.backoff import NoBackoff
 from engine.shell.coalescer import EngineClient
 from engine.shell.inproc import OwnedInProcessHost
 from gateway.app import create_app
-from gateway.auth import AuthSettings, Verifier, issue_token
+from gateway.auth.issue import issue_token
+from gateway.auth.settings import AuthSettings
+from gateway.auth.verify import Verifier
 from gateway.connlimit import (
     ConnectionLimiter,
     ConnectionLimiterUnavailable,

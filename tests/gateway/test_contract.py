@@ -39,7 +39,9 @@ from engine.shell.coalescer import EngineClient
 from engine.shell.inproc import OwnedInProcessHost
 from engine.shell.owner import StorageSettings
 from gateway.app import create_app
-from gateway.auth import AuthSettings, Verifier, issue_token
+from gateway.auth.issue import issue_token
+from gateway.auth.settings import AuthSettings
+from gateway.auth.verify import Verifier
 from gateway.http import BODY_BYTES_MAX
 from tests.conftest import REDIS_URL
 from tests.engine.shell.conftest import HOUR_MS, POLICIES, policy, wait_until

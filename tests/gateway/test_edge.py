@@ -13,7 +13,9 @@ from aiohttp.test_utils import TestClient, TestServer
 from engine.shell.coalescer import EngineClient
 from engine.shell.inproc import InProcessHost
 from gateway.app import create_app
-from gateway.auth import AuthSettings, Verifier, issue_token
+from gateway.auth.issue import issue_token
+from gateway.auth.settings import AuthSettings
+from gateway.auth.verify import Verifier
 from gateway.logs import JsonFormatter, configure_logging
 from tests.engine.shell.conftest import POLICIES
 from tests.gateway.conftest import SECRET

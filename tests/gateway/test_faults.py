@@ -44,7 +44,9 @@ from engine.shell.inproc import OwnedInProcessHost
 from engine.shell.local_engine import LocalEngineTransport
 from engine.shell.owner import StorageSettings
 from gateway.app import create_app
-from gateway.auth import AuthSettings, Verifier, issue_token
+from gateway.auth.issue import issue_token
+from gateway.auth.settings import AuthSettings
+from gateway.auth.verify import Verifier
 from gateway.idempotency import KeyRegistry
 from gateway.ratelimit import RateLimiter, RateLimits
 from persistence.embedded import create_database

@@ -31,7 +31,9 @@ from engine.shell.inproc import InProcessHost
 from engine.shell.runtime import RuntimeStatistics
 from gateway import schemas as s
 from gateway.app import create_app
-from gateway.auth import AuthSettings, Verifier, issue_token
+from gateway.auth.issue import issue_token
+from gateway.auth.settings import AuthSettings
+from gateway.auth.verify import Verifier
 from gateway.handling import decode_json
 from gateway.http import BODY_BYTES_MAX, ApiError, error_response, validation_error
 from tests.engine.shell.conftest import POLICIES, SHARDS

@@ -18,14 +18,10 @@ from aiohttp.test_utils import TestClient
 from config.settings import ConfigError
 from engine.core.limits import JSON_DEPTH_MAX, SLOT_METADATA_BYTES_MAX
 from engine.core.storable import NUL_MESSAGE
-from gateway.auth import (
-    ENV_LIFETIME_MAX_SECONDS,
-    TOKEN_TTL_MAX_S,
-    AuthError,
-    AuthSettings,
-    Verifier,
-    auth_settings_from_env,
-)
+from gateway.auth.environment import auth_settings_from_env
+from gateway.auth.principal import AuthError
+from gateway.auth.settings import ENV_LIFETIME_MAX_SECONDS, TOKEN_TTL_MAX_S, AuthSettings
+from gateway.auth.verify import Verifier
 from tests.gateway.conftest import SECRET, Token
 from tests.gateway.test_contract import _admin, _error, _json, _slot_body
 

@@ -18,7 +18,8 @@ from engine.shell.errors import ShardUnavailable
 from engine.shell.inproc import OwnedInProcessHost
 from engine.shell.runtime import RuntimeStatistics
 from gateway.app import create_app
-from gateway.auth import AuthSettings, Verifier
+from gateway.auth.settings import AuthSettings
+from gateway.auth.verify import Verifier
 from gateway.observability.endpoints import add_observability
 from gateway.observability.metrics import METRICS_KEY, observe_database, observe_redis
 from tests.conftest import REDIS_URL

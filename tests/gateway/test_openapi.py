@@ -7,7 +7,8 @@ import jsonschema_rs
 from aiohttp.test_utils import TestClient, TestServer
 
 from gateway.app import create_app
-from gateway.auth import AuthSettings, Verifier
+from gateway.auth.settings import AuthSettings
+from gateway.auth.verify import Verifier
 from gateway.openapi import build_document
 from tests.gateway.conftest import SECRET, Token
 from tests.gateway.test_api import _slot

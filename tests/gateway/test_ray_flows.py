@@ -32,7 +32,10 @@ from engine.shell.coalescer import EngineClient
 from engine.shell.owner import StorageSettings
 from engine.shell.ray_actor import RayShardTransport, kill_shard_actors
 from gateway.app import create_app
-from gateway.auth import AuthSettings, Role, Verifier, issue_token
+from gateway.auth.issue import issue_token
+from gateway.auth.principal import Role
+from gateway.auth.settings import AuthSettings
+from gateway.auth.verify import Verifier
 from gateway.live.bus import EventBus
 from gateway.live.endpoints import LiveConnections, add_realtime
 from tests.conftest import REDIS_URL

@@ -21,7 +21,9 @@ from engine.shell.coalescer import EngineClient
 from engine.shell.events import PublisherStatistics
 from engine.shell.inproc import OwnedInProcessHost
 from gateway.app import create_app
-from gateway.auth import AuthSettings, Verifier, issue_token
+from gateway.auth.issue import issue_token
+from gateway.auth.settings import AuthSettings
+from gateway.auth.verify import Verifier
 from gateway.live.bus import EventBus
 from gateway.live.endpoints import CLOSE_TRY_AGAIN_LATER, LiveConnections, add_realtime
 from tests.conftest import REDIS_URL

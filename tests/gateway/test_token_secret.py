@@ -14,7 +14,8 @@ import jwt
 import pytest
 
 from engine.cli import main
-from gateway.auth import SECRET_FILE_NAME, auth_settings_from_env, load_or_create_secret
+from gateway.auth.environment import auth_settings_from_env
+from gateway.auth.secret import SECRET_FILE_NAME, load_or_create_secret
 
 SECRET = "s" * 32
 

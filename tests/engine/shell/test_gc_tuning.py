@@ -48,7 +48,7 @@ def test_a_gateway_worker_serves_with_the_tuned_collector() -> None:
         import gc, json
         from config.settings import Settings
         from gateway import server
-        from gateway.auth import AuthSettings
+        from gateway.auth.settings import AuthSettings
         from gateway.ratelimit import RateLimits
 
         class Logs:
