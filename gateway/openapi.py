@@ -1,12 +1,12 @@
-"""``/openapi.json`` (OpenAPI 3.1) and ``/docs``, generated from the schemas that validate requests.
+"""``/openapi.json`` (OpenAPI 3.1), generated from the schemas that validate requests.
 
 The request and response bodies come from ``gateway.schemas`` through
 ``msgspec.json.schema_components``, so the document cannot drift from what the
 server accepts and answers. The operations are listed once, in ``OPERATIONS``,
-next to their statuses and error codes as docs/api.md gives them.
+next to their statuses and error codes as docs/api.md gives them. ``/docs``,
+the explorer of this document, is ``gateway.explorer``'s.
 """
 
-import html
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, get_args
@@ -16,6 +16,7 @@ from aiohttp import web
 
 from engine.core import limits
 from gateway import schemas as s
+from gateway.explorer import add_docs
 from gateway.schemas import (
     BookingUpdatedMessage,
     QueueOfferMessage,
@@ -419,39 +420,12 @@ def _path_parameters(path: str) -> list[str]:
     return [part[1:-1] for part in path.split("/") if part.startswith("{")]
 
 
-def render_docs(document: dict[str, Any]) -> str:
-    """A self-contained page (no scripts, no outside assets) listing every operation."""
-    rows = []
-    for path, methods in document["paths"].items():
-        for method, operation in methods.items():
-            statuses = ", ".join(operation["responses"])
-            rows.append(
-                f"<tr><td><code>{method.upper()}</code></td><td><code>{html.escape(path)}"
-                f"</code></td><td>{html.escape(operation['summary'])}</td>"
-                f"<td>{html.escape(operation['description'])}</td><td>{statuses}</td></tr>"
-            )
-    return (
-        "<!doctype html><html><head><meta charset='utf-8'><title>slotengine API</title>"
-        "<style>body{font-family:sans-serif;margin:2em}td,th{padding:4px 10px;"
-        "border-bottom:1px solid #ddd;text-align:left}</style></head><body>"
-        f"<h1>slotengine API {html.escape(document['info']['version'])}</h1>"
-        "<p>The machine-readable document is <a href='/openapi.json'>/openapi.json</a>.</p>"
-        "<table><tr><th>method</th><th>path</th><th>what</th><th>who</th><th>statuses</th></tr>"
-        + "".join(rows)
-        + "</table></body></html>"
-    )
-
-
 def add_openapi(app: web.Application, domains: Sequence[str] = ()) -> None:
     document = build_document(domains)
     body = msgspec.json.encode(document)
-    page = render_docs(document)
 
     async def openapi(_: web.Request) -> web.Response:
         return web.Response(body=body, content_type="application/json")
 
-    async def docs(_: web.Request) -> web.Response:
-        return web.Response(text=page, content_type="text/html")
-
     app.router.add_get("/openapi.json", openapi)
-    app.router.add_get("/docs", docs)
+    add_docs(app, document)

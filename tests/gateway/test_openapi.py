@@ -220,3 +220,77 @@ async def test_every_refusal_of_a_bad_input_is_documented(api: Client, token: To
             headers={**token("ann"), "Idempotency-Key": value},
         )
         assert response.status == (404 if valid else 422)
+
+
+# -- /docs: the explorer, from the installed package's assets -----------------------
+_REFERENCE = re.compile(r"""(?:src|href)=['"]([^'"]+)['"]""")
+# What each asset must be served as, by its name's ending.
+_ASSET_TYPES = {".js": "text/javascript", ".css": "text/css", ".png": "image/png"}
+
+
+async def _docs_page(api: Client) -> tuple[str, list[str]]:
+    page = await api.get("/docs")
+    assert page.status == 200 and page.content_type == "text/html"
+    text = await page.text()
+    return text, _REFERENCE.findall(text)
+
+
+async def test_docs_references_only_assets_of_this_origin(api: Client) -> None:
+    text, references = await _docs_page(api)
+    assets = [ref for ref in references if ref.startswith("/docs/assets/")]
+    assert {ref.split("?")[0].rsplit("/", 1)[1] for ref in assets} >= {
+        "swagger-ui-bundle.js",
+        "swagger-ui.css",
+        "docs.js",
+    }
+    # Every reference is a path of this origin: no scheme, no other host.
+    assert all(ref.startswith("/") and not ref.startswith("//") for ref in references), references
+    assert "http://" not in text and "https://" not in text
+    # No script of the page is inline: each names its source.
+    assert re.findall(r"<script(?![^>]*\bsrc=)", text) == []
+    # Without JavaScript, the routes and the document are still there.
+    noscript = text.split("<noscript>", 1)[1].split("</noscript>", 1)[0]
+    assert "/api/bookings/reserve" in noscript and "/openapi.json" in noscript
+
+
+async def test_docs_keeps_scripts_to_this_origin(api: Client) -> None:
+    page = await api.get("/docs")
+    policy = dict(
+        directive.strip().split(" ", 1)
+        for directive in page.headers["Content-Security-Policy"].split(";")
+    )
+    assert policy["script-src"] == "'self'" and policy["connect-src"] == "'self'"
+    assert policy["style-src"] == "'self'"
+    assert policy["default-src"] == "'none'" and policy["frame-ancestors"] == "'none'"
+    assert page.headers["X-Content-Type-Options"] == "nosniff"
+
+
+async def test_every_asset_of_docs_is_served_with_its_type_and_may_be_cached(api: Client) -> None:
+    _, references = await _docs_page(api)
+    assets = [ref for ref in references if ref.startswith("/docs/assets/")]
+    assert assets
+    for reference in assets:
+        response = await api.get(reference)
+        body = await response.read()
+        name = reference.split("?")[0]
+        assert response.status == 200, reference
+        assert response.content_type == _ASSET_TYPES[name[name.rindex(".") :]], reference
+        assert body, reference
+        assert response.headers["Cache-Control"] == "public, max-age=86400", reference
+        assert response.headers["X-Content-Type-Options"] == "nosniff", reference
+        # The page names the asset by its digest: a changed asset is a new URL.
+        assert reference.endswith("?v=" + response.headers["ETag"].strip('"')), reference
+        again = await api.get(reference, headers={"If-None-Match": response.headers["ETag"]})
+        assert again.status == 304 and await again.read() == b"", reference
+    start = await api.get("/docs/assets/docs.js")
+    script = await start.text()
+    # The explorer loads this origin's document, and calls no validator elsewhere.
+    assert 'url: "/openapi.json"' in script and "validatorUrl: null" in script
+    assert "//" not in script  # no URL of another origin, absolute or scheme-relative
+
+
+async def test_a_file_that_is_not_an_asset_is_not_served(api: Client) -> None:
+    for name in ("index.html", "swagger-ui-bundle.js.map", "..%2F__init__.py", "LICENSE"):
+        response = await api.get(f"/docs/assets/{name}")
+        assert response.status == 404, name
+        assert (await response.json())["error"] == "NotFound", name
