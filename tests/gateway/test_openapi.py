@@ -9,6 +9,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from gateway.app import create_app
 from gateway.auth.settings import AuthSettings
 from gateway.auth.verify import Verifier
+from gateway.explorer import load_assets, render_docs
 from gateway.openapi import build_document
 from tests.gateway.conftest import SECRET, Token
 from tests.gateway.test_api import _slot
@@ -294,3 +295,12 @@ async def test_a_file_that_is_not_an_asset_is_not_served(api: Client) -> None:
         response = await api.get(f"/docs/assets/{name}")
         assert response.status == 404, name
         assert (await response.json())["error"] == "NotFound", name
+
+
+def test_without_the_package_docs_is_the_route_table_alone() -> None:
+    document = build_document()
+    with_explorer = render_docs(document, load_assets())
+    alone = render_docs(document, None)
+    assert "<script" in with_explorer and "/docs/assets/" in with_explorer
+    assert "<script" not in alone and "/docs/assets/" not in alone
+    assert "/api/bookings/reserve" in alone and "href='/openapi.json'" in alone
