@@ -31,9 +31,11 @@ def discover_scenarios() -> dict[str, ModuleType]:
     return scenarios
 
 
-def build_parser(scenarios: dict[str, ModuleType]) -> argparse.ArgumentParser:
+def build_parser(
+    scenarios: dict[str, ModuleType], prog: str = "python -m bench"
+) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m bench",
+        prog=prog,
         description="Load scenarios; each prints its result as one JSON object on the last line.",
     )
     commands = parser.add_subparsers(dest="scenario", required=True, metavar="SCENARIO")
@@ -45,9 +47,10 @@ def build_parser(scenarios: dict[str, ModuleType]) -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, prog: str = "python -m bench") -> int:
+    """Run the scenario ``argv`` names; ``prog`` is the command shown in usage and help."""
     scenarios = discover_scenarios()
-    args = build_parser(scenarios).parse_args(argv)
+    args = build_parser(scenarios, prog).parse_args(argv)
     module: ModuleType = args.scenario_module
     entry: Callable[[argparse.Namespace], Any] = getattr(module, "run", None) or module.main
     watch = MachineWatch()

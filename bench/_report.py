@@ -5,7 +5,8 @@ count, p50, p90, p99, max, outcomes; then every other figure), and links the
 plots beside it: ``<scenario>-latency.png`` (each operation's latency
 distribution, as the share of requests answered within a time) and
 ``<scenario>-throughput.png`` (answers per second over the run, by operation).
-matplotlib draws them (headless, Agg).
+matplotlib draws them (headless, Agg); it is an optional extra (``bench``),
+and without it the summary is written alone, saying how to get the plots.
 """
 
 import argparse
@@ -15,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from bench._http import Latencies
+
+PLOTS_NEED_MATPLOTLIB = "No plots: they need matplotlib (`pip install -e '.[bench]'`)."
 
 
 def add_report_argument(parser: argparse.ArgumentParser) -> None:
@@ -29,19 +32,27 @@ def _save(plt: Any, figure: Any, path: Path, written: list[Path]) -> str:
     return path.name
 
 
+def _pyplot() -> Any:
+    """matplotlib's pyplot on the headless backend, or None without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot
+    except ImportError:
+        return None
+    return matplotlib.pyplot
+
+
 def write_report(
     directory: Path, scenario: str, result: dict[str, Any], latencies: Latencies | None
 ) -> list[Path]:
     """Writes the report; returns the files written."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     directory.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     plots: list[str] = []
-    if latencies is not None and latencies.samples:
+    if plt is not None and latencies is not None and latencies.samples:
         figure, axes = plt.subplots(figsize=(8, 4.5))
         for operation, samples in sorted(latencies.samples.items()):
             ordered = sorted(samples)
@@ -94,6 +105,8 @@ def write_report(
         lines.append(f"| {key} | {shown.replace('|', '/')} |")
     lines.append("")
     lines += [f"![{name}]({name})" for name in plots]
+    if plt is None:
+        lines.append(PLOTS_NEED_MATPLOTLIB)
     path = directory / f"{scenario}.md"
     path.write_text("\n".join(lines) + "\n")
     written.append(path)

@@ -29,15 +29,14 @@ import collections
 import math
 import random
 import secrets
-import sys
 import time
 from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
-from tqdm import tqdm
 
 from bench import _http as h
+from bench._progress import Progress, progress_bar
 from bench._report import add_report_argument, write_report
 from bench._wire import Connection, WireError
 
@@ -112,7 +111,7 @@ class Mixed:
         self.ledger = h.Ledger()
         self.measuring_since: float | None = None
         self.skipped = 0
-        self.progress: tqdm[Any] | None = None
+        self.progress: Progress | None = None
 
     def take_user(self) -> User | None:
         users = self.idle_users
@@ -338,10 +337,9 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
             server_cpu_before = h.cpu_seconds(target.server_pids())
             wall_before = time.perf_counter()
             planned = sent_by(args.warmup_seconds + args.seconds, args.rate, args.warmup_seconds)
-            mixed.progress = tqdm(
-                total=None if args.clients else planned,
-                desc="mixed", unit="req", file=sys.stderr, mininterval=0.5,
-            )  # fmt: skip
+            mixed.progress = progress_bar(
+                total=None if args.clients else planned, desc="mixed", unit="req", mininterval=0.5
+            )
             with h.load_generator_collector():
                 if args.clients:
                     await _closed_loop(mixed, args.clients, args.warmup_seconds, args.seconds)

@@ -16,16 +16,15 @@ p99 <= 200 ms.
 import argparse
 import asyncio
 import secrets
-import sys
 import time
 from datetime import timedelta
 from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
-from tqdm import tqdm
 
 from bench import _http as h
+from bench._progress import progress_bar
 from bench._report import add_report_argument, write_report
 from bench._wire import Connection, WireError
 
@@ -97,10 +96,9 @@ async def _storm(
         elif outcome == "202" and body is not None:
             places.append(body["queue"]["position"])
 
-    progress = tqdm(
-        total=len(users), desc=f"storm {round_no + 1}", unit="req", file=sys.stderr,
-        mininterval=0.2,
-    )  # fmt: skip
+    progress = progress_bar(
+        total=len(users), desc=f"storm {round_no + 1}", unit="req", mininterval=0.2
+    )
     tasks = [asyncio.create_task(user(name)) for name in users]
     # Everyone has read the slot (their connections are open) before the storm.
     await all_ready.wait()

@@ -17,15 +17,14 @@ Targets on the 2-core machine: p99 <= 1 s, gateway memory <= 1.5 GB.
 import argparse
 import asyncio
 import secrets
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-from tqdm import tqdm
 
 from bench import _http as h
+from bench._progress import progress_bar
 from bench._report import add_report_argument, write_report
 
 P99_TARGET_MS = 1_000.0
@@ -121,9 +120,7 @@ async def _measure(
         listeners.append(asyncio.create_task(subscriber.listen()))
         progress.update()
 
-    progress = tqdm(
-        total=len(subscribers), desc="subscribing", unit="ws", file=sys.stderr, mininterval=0.5
-    )
+    progress = progress_bar(total=len(subscribers), desc="subscribing", unit="ws", mininterval=0.5)
     connect_started = time.perf_counter()
     results = await asyncio.gather(*(connect(s) for s in subscribers), return_exceptions=True)
     failed_connects = sum(isinstance(r, BaseException) for r in results)

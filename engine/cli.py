@@ -45,11 +45,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_arguments(demo_parser)
     demo_parser.set_defaults(run=demo.main)
 
+    # Listed here for the help; main() hands everything after `bench` to the bench's
+    # own parser (its --help included), which argparse's REMAINDER would refuse.
     bench_parser = commands.add_parser(
         "bench", help="load scenarios (the same as python -m bench)", add_help=False
     )
     bench_parser.add_argument("bench_args", nargs=argparse.REMAINDER)
-    bench_parser.set_defaults(run=_bench)
+    bench_parser.set_defaults(run=lambda args: _bench(args.bench_args))
 
     migrate_parser = commands.add_parser(
         "migrate",
@@ -278,10 +280,10 @@ def _non_negative(raw: str) -> int:
     return value
 
 
-def _bench(args: argparse.Namespace) -> int:
+def _bench(bench_args: Sequence[str]) -> int:
     from bench.__main__ import main as bench_main
 
-    result: int = bench_main(args.bench_args)
+    result: int = bench_main(bench_args, prog="slotengine bench")
     return result
 
 
@@ -506,7 +508,10 @@ def _print_table(report: "ReconcileReport") -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    if arguments[:1] == ["bench"]:
+        return _bench(arguments[1:])
+    args = build_parser().parse_args(arguments)
     result: int = args.run(args)
     return result
 
