@@ -157,7 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     token_parser.add_argument("--sub", required=True, help="the user id (sub claim)")
     token_parser.add_argument("--role", choices=("user", "admin", "service"), default="user")
-    token_parser.add_argument("--ttl", type=int, default=3600, help="seconds until it expires")
+    token_parser.add_argument(
+        "--ttl", type=int, default=3600, help="seconds until it expires [3600; 1 to 366 days]"
+    )
     token_parser.set_defaults(run=_token)
     return parser
 
@@ -250,7 +252,15 @@ def _token(args: argparse.Namespace) -> int:
     from config.settings import ConfigError
     from gateway.auth.issue import issue_token
     from gateway.auth.secret import load_or_create_secret_file
+    from gateway.auth.settings import TOKEN_TTL_MAX_S
 
+    if not 1 <= args.ttl <= TOKEN_TTL_MAX_S:
+        return _fail(
+            "token",
+            f"--ttl: expected seconds from 1 to {TOKEN_TTL_MAX_S} "
+            f"({TOKEN_TTL_MAX_S // 86_400} days), got {args.ttl}",
+            EXIT_UNUSABLE,
+        )
     try:
         settings = _settings()
         if settings.jwt_secret:
