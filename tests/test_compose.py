@@ -1,6 +1,8 @@
-"""docker-compose.yml parses (docker-compose config) and holds the production-like stack."""
+"""docker-compose.yml parses (docker-compose config) and holds the production-like stack;
+``.env.example`` lists every variable it reads."""
 
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -52,3 +54,39 @@ def test_the_compose_file_refuses_to_start_without_a_jwt_secret() -> None:
         check=False,
     )
     assert done.returncode != 0 and "SLOTENGINE_JWT_SECRET" in done.stderr
+
+
+ENV_EXAMPLE = ROOT / ".env.example"
+# ${NAME}, ${NAME:-default}, ${NAME:?message}, ${NAME-default}, $NAME ($$ escapes a dollar).
+COMPOSE_VARIABLE = re.compile(r"(?<!\$)\$(?:\{([A-Za-z_][A-Za-z0-9_]*)|([A-Za-z_][A-Za-z0-9_]*))")
+
+
+def compose_variables(text: str) -> set[str]:
+    """The environment variables a compose file reads (interpolates)."""
+    return {braced or bare for braced, bare in COMPOSE_VARIABLE.findall(text)}
+
+
+def example_variables(text: str) -> dict[str, str]:
+    """NAME=value lines of an env file; comments and blank lines skipped."""
+    found: dict[str, str] = {}
+    for line in text.splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            name, separator, value = line.partition("=")
+            assert separator, f"not NAME=value: {line!r}"
+            assert name not in found, f"{name} twice"
+            found[name.strip()] = value
+    return found
+
+
+def test_the_env_example_lists_every_variable_the_compose_file_reads() -> None:
+    read = compose_variables((ROOT / "docker-compose.yml").read_text())
+    listed = example_variables(ENV_EXAMPLE.read_text())
+    assert read, "the compose file reads no variable: the pattern is broken"
+    assert set(listed) == read
+    # Safe defaults: no published secret (empty: the stack refuses to start).
+    assert listed["SLOTENGINE_JWT_SECRET"] == ""
+
+
+def test_the_variable_pattern_finds_every_form() -> None:
+    text = "a: ${ONE}\nb: ${TWO:-x}\nc: ${THREE:?set it}\nd: $FOUR\ne: $${NOT_ONE} $$NOT_TWO\n"
+    assert compose_variables(text) == {"ONE", "TWO", "THREE", "FOUR"}
