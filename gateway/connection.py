@@ -41,6 +41,8 @@ from engine.shell.coalescer import RequestIds
 logger = logging.getLogger("slotengine.gateway")
 access_logger = logging.getLogger("slotengine.access")
 
+# What stops a server gracefully: the event loop owns both.
+STOP_SIGNALS: Final = (signal.SIGINT, signal.SIGTERM)
 # How long an idle keep-alive connection stays open: web.run_app's default, kept.
 KEEPALIVE_TIMEOUT_S: Final = 75.0
 # aiohttp's parser's limit on a request line and on each header.
@@ -356,6 +358,10 @@ def serve_app(
 ) -> None:
     """Serve ``app`` with GatewayProtocol until SIGINT or SIGTERM, then stop gracefully.
 
+    The event loop handles both signals, from before the application's startup
+    to the end of its cleanup, and logs which one stopped it; the handlers a
+    startup installs (Ray's) are replaced when it is done.
+
     What ``web.run_app`` does (it has no way to take another protocol): the
     application's startup, the listening socket, and on a stop signal its
     shutdown and cleanup within ``shutdown_timeout_s``.
@@ -375,8 +381,21 @@ async def _serve(
 ) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for stop_signal in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(stop_signal, stop.set)
+
+    def on_stop_signal(stop_signal: signal.Signals) -> None:
+        if not stop.is_set():
+            logger.info(
+                "%s received: stopping gracefully (requests in flight finish, the engine "
+                "flushes what it acknowledged)",
+                stop_signal.name,
+            )
+        stop.set()
+
+    def own_stop_signals() -> None:
+        for stop_signal in STOP_SIGNALS:
+            loop.add_signal_handler(stop_signal, on_stop_signal, stop_signal)
+
+    own_stop_signals()
     runner = GatewayRunner(
         app,
         read_timeouts,
@@ -385,6 +404,9 @@ async def _serve(
         access_log=None,
     )
     await runner.setup()
+    # Again after the application's startup: starting Ray installs handlers of its
+    # own for both (SIGTERM's dumps a stack trace and aborts the process).
+    own_stop_signals()
     try:
         site = web.TCPSite(runner, host, port, backlog=backlog, reuse_port=reuse_port)
         await site.start()

@@ -16,6 +16,7 @@ Bad settings fail before anything starts, with one line naming the setting.
 """
 
 import asyncio
+import contextlib
 import errno
 import functools
 import logging
@@ -28,7 +29,7 @@ import socket
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
@@ -47,7 +48,7 @@ from gateway.app import create_app
 from gateway.auth.environment import auth_settings_from_env
 from gateway.auth.settings import AuthSettings
 from gateway.auth.verify import Verifier
-from gateway.connection import ReadTimeouts, serve_app
+from gateway.connection import STOP_SIGNALS, ReadTimeouts, serve_app
 from gateway.connlimit import ConnectionLimiter
 from gateway.http import ENGINE_KEY, KEYS_KEY, LIMITER_KEY, TRANSPORT_KEY
 from gateway.idempotency import KeyRegistry
@@ -67,8 +68,6 @@ SHUTDOWN_TIMEOUT_S: Final = 10.0
 # A worker's graceful stop: aiohttp's shutdown, then the engine's wait for
 # batches in flight (each up to SHUTDOWN_TIMEOUT_S), with a margin.
 WORKERS_STOP_TIMEOUT_S: Final = 2 * SHUTDOWN_TIMEOUT_S + 5.0
-# What stops `serve --workers N` gracefully.
-STOP_SIGNALS: Final = (signal.SIGINT, signal.SIGTERM)
 # Connections the kernel may hold for accept() (capped by net.core.somaxconn): a
 # burst of a thousand users connecting at once must not find the queue full (a
 # dropped SYN is retried after a second).
@@ -269,12 +268,13 @@ def build_app(
             from engine.shell.ray_actor import RayShardTransport
 
             if not ray.is_initialized():
-                ray.init(
-                    address=settings.ray_address,
-                    namespace=RAY_NAMESPACE,
-                    log_to_driver=False,
-                    include_dashboard=False,
-                )
+                with _stop_signals_kept():
+                    ray.init(
+                        address=settings.ray_address,
+                        namespace=RAY_NAMESPACE,
+                        log_to_driver=False,
+                        include_dashboard=False,
+                    )
             transport = await RayShardTransport.connect(
                 shard_count=settings.shards,
                 policies=policies,
@@ -383,9 +383,13 @@ def _serve_workers(
                 process.join()
         else:
             _supervise(engines, processes, settings, engine_socket)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interrupt:
         for stop_signal in STOP_SIGNALS:
             signal.signal(stop_signal, signal.SIG_IGN)  # stopping already
+        logger.info(
+            "%s received: stopping the workers gracefully, then the engine",
+            interrupt.args[0] if interrupt.args else "SIGINT",
+        )
         # The workers first: their requests in flight still reach the engine.
         stop_workers([p for p in processes if p.pid is not None], WORKERS_STOP_TIMEOUT_S)
     finally:
@@ -424,6 +428,23 @@ def _start_engine(engines: list[Any], settings: Settings, engine_socket: str) ->
     engines.append(engine)
     engine.start()
     logger.info("engine process %d serves the shards on %s", engine.pid, engine_socket)
+
+
+@contextlib.contextmanager
+def _stop_signals_kept() -> Iterator[None]:
+    """Whatever handles SIGINT and SIGTERM before the block handles them after it.
+
+    ``ray.init`` installs handlers of its own (SIGTERM's dumps a stack trace and
+    aborts): the server's graceful stop must stay the one that runs, also while
+    the rest of the start goes on.
+    """
+    kept = {stop_signal: signal.getsignal(stop_signal) for stop_signal in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for stop_signal, handler in kept.items():
+            if handler is not None:  # None: not installed from Python, nothing to restore
+                signal.signal(stop_signal, handler)
 
 
 def _interrupt(signum: int, frame: object) -> None:

@@ -211,7 +211,7 @@ async def test_serve_with_two_workers_shares_the_port_and_the_shard_actors(
 
 
 def _stop_cleanly(served: Served, stop_signal: signal.Signals, log_path: Path) -> None:
-    """Send ``stop_signal``; serve must exit 0 within a minute."""
+    """Send ``stop_signal``; serve must say so and exit 0 within a minute."""
     assert served.process is not None
     served.process.send_signal(stop_signal)
     try:
@@ -227,6 +227,53 @@ def _stop_cleanly(served: Served, stop_signal: signal.Signals, log_path: Path) -
     served.output = log_path.read_text(errors="replace")
     assert stopped, f"serve did not stop on {stop_signal.name}:\n{served.output[-6000:]}"
     assert served.process.returncode == 0, served.output[-3000:]
+    assert f"{stop_signal.name} received: stopping" in served.output, served.output[-3000:]
+    assert "SIGTERM received at" not in served.output  # Ray's handler: a stack dump, then abort
+
+
+@pytest.mark.parametrize(
+    ("engine", "workers", "stop_signal", "started"),
+    [
+        pytest.param("ray", 1, signal.SIGTERM, [], marks=pytest.mark.ray, id="ray-SIGTERM"),
+        pytest.param(
+            "ray", 1, signal.SIGINT, AS_A_BACKGROUND_JOB, marks=pytest.mark.ray,
+            id="ray-SIGINT-in-background",
+        ),
+        pytest.param("inproc", 1, signal.SIGTERM, [], id="inproc-SIGTERM"),
+        pytest.param("inproc", 2, signal.SIGINT, [], id="inproc-engine-process-SIGINT"),
+    ],
+)  # fmt: skip
+async def test_serve_stops_gracefully_on_sigterm_and_sigint_with_every_engine(
+    database_url: str,
+    tmp_path: Path,
+    engine: str,
+    workers: int,
+    stop_signal: signal.Signals,
+    started: list[str],
+) -> None:
+    """Each engine drains and stops as its normal shutdown does: one line naming the
+    signal, exit status 0 (the Ray engine's own handler used to abort it: exit 15)."""
+    served = Served(database_url, tmp_path)
+    served.env.pop("RAY_ADDRESS", None)
+    log_path = tmp_path / "serve.log"
+    with log_path.open("w") as log:
+        served.process = subprocess.Popen(
+            [*started, sys.executable, "-m", "engine.cli", "serve", "--engine", engine,
+             "--workers", str(workers), "--port", str(served.port)],
+            cwd=ROOT, env=served.env, stdout=log, stderr=subprocess.STDOUT, text=True,
+            start_new_session=True,
+        )  # fmt: skip
+    try:
+        async with aiohttp.ClientSession() as session, asyncio.timeout(180):
+            while True:
+                try:
+                    async with session.get(f"{served.base}/api/slots") as probe:
+                        if probe.status == 401:
+                            break
+                except aiohttp.ClientConnectionError:
+                    await asyncio.sleep(0.5)
+    finally:
+        _stop_cleanly(served, stop_signal, log_path)
 
 
 async def test_inproc_workers_share_one_engine_process_which_is_restarted_when_it_dies(
