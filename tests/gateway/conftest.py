@@ -49,12 +49,18 @@ async def host(database_url: str, redis_namespace: str) -> AsyncIterator[OwnedIn
 
 
 @pytest.fixture
+def rate_limits() -> RateLimits:
+    """docs/api.md's defaults; a test parametrizes ``rate_limits`` to set its own."""
+    return RateLimits()
+
+
+@pytest.fixture
 async def api(
-    host: OwnedInProcessHost, redis_namespace: str
+    host: OwnedInProcessHost, redis_namespace: str, rate_limits: RateLimits
 ) -> AsyncIterator[TestClient[Any, Any]]:
     verifier = Verifier(AuthSettings(secret=SECRET))
     redis_client = aioredis.Redis.from_url(REDIS_URL)
-    limiter = RateLimiter(redis_client, RateLimits(), namespace=redis_namespace)
+    limiter = RateLimiter(redis_client, rate_limits, namespace=redis_namespace)
     keys = KeyRegistry(redis_client, redis_namespace)
     app = create_app(EngineClient(host), verifier, limiter, keys=keys)
     async with TestClient(TestServer(app)) as client:

@@ -43,6 +43,7 @@ from gateway.auth.issue import issue_token
 from gateway.auth.settings import AuthSettings
 from gateway.auth.verify import Verifier
 from gateway.http import BODY_BYTES_MAX
+from gateway.ratelimit import RateLimits
 from tests.conftest import REDIS_URL
 from tests.engine.shell.conftest import HOUR_MS, POLICIES, policy, wait_until
 from tests.gateway.conftest import SECRET, SHARDS, Token
@@ -1537,11 +1538,24 @@ async def test_a_service_acts_for_the_user_named_in_the_body(api: Client, token:
 
 # docs/api.md's defaults: requests per minute, per user and endpoint.
 LIMITS = {"reserve": 10, "queue_join": 20, "cancel": 5, "position": 100}
+# The limits' window in the test below: a day, so that no budget comes back while
+# its requests run, however slow the machine (a minute's window let 101 position
+# requests on a loaded machine earn a request back: 404 instead of 429).
+TEST_WINDOW_S = 86_400
 
 
+def test_the_default_limits_are_the_documented_ones() -> None:
+    defaults = RateLimits()
+    assert defaults.period_s == 60
+    assert {endpoint: defaults.limit(endpoint) for endpoint in LIMITS} == LIMITS
+
+
+@pytest.mark.parametrize(
+    "rate_limits", [RateLimits(period_s=TEST_WINDOW_S, **LIMITS)], ids=["day-window"]
+)
 @pytest.mark.parametrize("endpoint", list(LIMITS))
 async def test_past_its_limit_an_endpoint_answers_429_with_retry_after(
-    api: Client, token: Token, endpoint: str
+    api: Client, token: Token, endpoint: str, rate_limits: RateLimits
 ) -> None:
     slot = await _create(api, token, capacity=1)
     await _hold(api, token, slot["id"], "holder")
@@ -1566,7 +1580,7 @@ async def test_past_its_limit_an_endpoint_answers_429_with_retry_after(
     refused = await send("eve")
     body = await _error(refused, 429, "RateLimited")
     # Seconds until the next request is allowed: at most one emission interval.
-    assert 1 <= body["retryAfter"] <= -(-60 // limit), body
+    assert 1 <= body["retryAfter"] <= -(-rate_limits.period_s // limit), body
     # Another user has a budget of their own.
     assert (await send("zed")).status != 429
 
