@@ -12,6 +12,7 @@ import sys
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -363,24 +364,38 @@ async def test_inproc_workers_share_one_engine_process_which_is_restarted_when_i
     assert not Path(socket_path).parent.exists()
 
 
-def _stubborn() -> None:
-    """A worker whose shutdown hangs: it ignores SIGTERM."""
+# How long a spawned worker may take to start on a slow, loaded machine: it is
+# waited for by its own word, and this only bounds a worker that never starts.
+WORKER_START_DEADLINE_S = 120.0
+
+
+def _stubborn(ready: Any) -> None:
+    """A worker whose shutdown hangs: it ignores SIGTERM, then says it is ready."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    ready.set()
     time.sleep(600)
 
 
-def _obliging() -> None:
+def _obliging(ready: Any) -> None:
+    ready.set()
     time.sleep(600)
 
 
 def test_stopping_workers_kills_one_that_hangs_and_waits_for_no_one_longer() -> None:
     context = multiprocessing.get_context("spawn")
-    workers = [context.Process(target=_stubborn), context.Process(target=_obliging)]
+    ready = [context.Event(), context.Event()]
+    workers = [
+        context.Process(target=_stubborn, args=(ready[0],)),
+        context.Process(target=_obliging, args=(ready[1],)),
+    ]
     for worker in workers:
         worker.start()
     try:
-        # Only once a worker runs its target does it ignore SIGTERM.
-        time.sleep(2)
+        # Stopped only once both run their targets (the stubborn one ignoring SIGTERM):
+        # a fixed pause was too short on a loaded machine, and SIGTERM then found it
+        # still starting.
+        for started in ready:
+            assert started.wait(WORKER_START_DEADLINE_S), "a worker did not start"
         stop_workers(workers, timeout_s=1.0)
         assert [worker.is_alive() for worker in workers] == [False, False]
         assert workers[0].exitcode == -signal.SIGKILL
