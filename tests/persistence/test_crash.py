@@ -10,10 +10,13 @@ hold acknowledged before a kill still expires, never early, after it.
 """
 
 import asyncio
+import functools
 import os
 import random
 import signal
 import uuid
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import asyncpg
 import pytest
@@ -22,7 +25,7 @@ from engine.core import protocol as p
 from engine.core.routing import make_slot_id
 from engine.core.states import BookingStatus
 from engine.shell.coalescer import EngineClient, RequestIds
-from engine.shell.errors import ShellError
+from engine.shell.errors import ShardUnavailable, ShellError
 from engine.shell.owner import StorageSettings
 from engine.shell.ray_actor import RayShardTransport, kill_shard_actors
 from tests.engine.shell.conftest import DAY_MS, HOUR_MS, policy
@@ -37,6 +40,18 @@ USERS = 60
 CAPACITY = 10
 KILLS = 3
 EXPIRING_HOLD_MS = 4_000
+# A killed actor's restart (a new process, its lease, its reload) takes as long as
+# the machine is slow: the test's own calls wait for it, bounded by a count of
+# resends and a deadline generous for a loaded machine, never by its usual speed.
+# The client resends a batch up to 8 times (backoff 0.1 s doubling: ~25 s in all)
+# within the patience; a direct call to an actor is tried again every pause.
+CLIENT_RETRIES_MAX = 8
+CLIENT_PATIENCE_MS = 60_000
+RESTART_ATTEMPTS_MAX = 240
+RESTART_PAUSE_S = 0.5
+RESTART_DEADLINE_S = 120.0
+
+_T = TypeVar("_T")
 POLICIES = {
     "default": policy(),
     "expiring": policy("expiring", hold_ttl_ms=EXPIRING_HOLD_MS),
@@ -95,8 +110,23 @@ async def _user(
             await asyncio.sleep(0.05)
 
 
+async def _while_restarting(call: Callable[[], Awaitable[_T]]) -> _T:
+    """``call()``, made again while its shard actor is restarting (``ShardUnavailable``):
+    at most ``RESTART_ATTEMPTS_MAX`` times, within ``RESTART_DEADLINE_S``."""
+    async with asyncio.timeout(RESTART_DEADLINE_S):
+        for _ in range(RESTART_ATTEMPTS_MAX - 1):
+            try:
+                return await call()
+            except ShardUnavailable:
+                await asyncio.sleep(RESTART_PAUSE_S)
+        return await call()
+
+
 async def _kill(transport: RayShardTransport, shard: int) -> int:
-    identity = await transport.identity(shard, timeout_ms=60_000)
+    # The shard may still be restarting from an earlier kill: its new process is killed.
+    identity = await _while_restarting(
+        functools.partial(transport.identity, shard, timeout_ms=60_000)
+    )
     os.kill(identity.pid, signal.SIGKILL)
     return identity.pid
 
@@ -115,7 +145,9 @@ async def test_sigkilled_shard_actors_lose_no_acknowledged_change(
         storage=storage,
         timeout_ms=60_000,
     )
-    client = EngineClient(transport, retries_max=8)
+    client = EngineClient(
+        transport, retries_max=CLIENT_RETRIES_MAX, unavailable_patience_ms=CLIENT_PATIENCE_MS
+    )
     ids = RequestIds()
     try:
         start_ms = _now_ms() + DAY_MS
@@ -212,7 +244,9 @@ async def test_sigkilled_shard_actors_lose_no_acknowledged_change(
 
         # The engine's memory agrees with itself and with the database.
         for shard in range(SHARDS):
-            await transport.check_invariants(shard, timeout_ms=60_000)
+            await _while_restarting(
+                functools.partial(transport.check_invariants, shard, timeout_ms=60_000)
+            )
         engine_counts = {}
         for slot_id in [*slots, expiring_slot]:
             view = await client.execute(p.GetSlot(request_id=ids.next(), slot_id=slot_id))
