@@ -111,8 +111,9 @@ async def _user(
 
 
 async def _while_restarting(call: Callable[[], Awaitable[_T]]) -> _T:
-    """``call()``, made again while its shard actor is restarting (``ShardUnavailable``):
-    at most ``RESTART_ATTEMPTS_MAX`` times, within ``RESTART_DEADLINE_S``."""
+    """``call()``, made again while a shard actor is restarting or its owner could not
+    start yet (``ShardUnavailable``): at most ``RESTART_ATTEMPTS_MAX`` times, within
+    ``RESTART_DEADLINE_S``."""
     async with asyncio.timeout(RESTART_DEADLINE_S):
         for _ in range(RESTART_ATTEMPTS_MAX - 1):
             try:
@@ -138,12 +139,18 @@ async def test_sigkilled_shard_actors_lose_no_acknowledged_change(
     storage = StorageSettings(
         database_url=database_url, redis_url=REDIS_URL, namespace=redis_namespace
     )
-    transport = await RayShardTransport.connect(
-        shard_count=SHARDS,
-        policies=POLICIES,
-        name_prefix=prefix,
-        storage=storage,
-        timeout_ms=60_000,
+    # On a loaded machine a new owner's first Redis call (its lease) can time out:
+    # its start fails (ShardUnreachable), and connecting again (the same named
+    # actors) starts it again.
+    transport = await _while_restarting(
+        functools.partial(
+            RayShardTransport.connect,
+            shard_count=SHARDS,
+            policies=POLICIES,
+            name_prefix=prefix,
+            storage=storage,
+            timeout_ms=60_000,
+        )
     )
     client = EngineClient(
         transport, retries_max=CLIENT_RETRIES_MAX, unavailable_patience_ms=CLIENT_PATIENCE_MS
