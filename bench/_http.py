@@ -135,7 +135,7 @@ async def target(args: argparse.Namespace, run_name: str) -> AsyncIterator[Targe
         yield Target(args.url.rstrip("/"), secret, os.environ.get("DATABASE_URL"))
         return
     from config.settings import load_settings
-    from persistence.embedded import resolve_services
+    from persistence.services import resolve_services
 
     settings = load_settings()
     database_url, redis_url = await asyncio.to_thread(

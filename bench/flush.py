@@ -135,8 +135,8 @@ async def _replay(
 ) -> dict[str, Any]:
     from bench._database import create_run_database, drop_database
     from config.settings import load_settings
-    from persistence.embedded import resolve_services
     from persistence.migrate import MIGRATIONS_DIR, migrate
+    from persistence.services import resolve_services
     from persistence.store import Codecs, write_flush
 
     settings = load_settings()

@@ -411,8 +411,8 @@ async def _bench_storage(settings: Any, prefix: str) -> Any:
     """A fresh database of the bench's own on the configured (or embedded) server."""
     from bench._database import create_run_database
     from engine.shell.owner import StorageSettings
-    from persistence.embedded import resolve_services
     from persistence.migrate import migrate_url
+    from persistence.services import resolve_services
 
     # In a thread: starting an embedded service runs an event loop of its own.
     database_url, redis_url = await asyncio.to_thread(

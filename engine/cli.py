@@ -185,7 +185,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _services_status(args: argparse.Namespace) -> int:
-    from persistence.embedded import services_status
+    from persistence.services import services_status
 
     try:
         data_dir = _settings().data_dir.resolve()
@@ -231,7 +231,7 @@ def _services_status(args: argparse.Namespace) -> int:
 
 
 def _services_stop(args: argparse.Namespace) -> int:
-    from persistence.embedded import EmbeddedServiceError, stop_services
+    from persistence.services import EmbeddedServiceError, stop_services
 
     try:
         data_dir = _settings().data_dir.resolve()
@@ -330,7 +330,7 @@ def _service_urls(settings: "Settings", *, need_redis: bool) -> tuple[str, str |
     if database_url is not None and (redis_url is not None or not need_redis):
         return database_url, redis_url
     try:
-        from persistence.embedded import EmbeddedServiceError, resolve_services
+        from persistence.services import EmbeddedServiceError, resolve_services
     except ImportError:
         if database_url is None:
             raise _Unusable("DATABASE_URL is not set") from None

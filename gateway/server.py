@@ -154,7 +154,7 @@ def check_address_free(options: ServeOptions) -> None:
 def resolve_storage_urls(settings: Settings, *, stop_on_exit: bool) -> tuple[str, str]:
     """The (database URL, Redis URL): configured, else the embedded services, started
     if they are not running, with one line saying how long they live and what stops them."""
-    from persistence.embedded import resolve_services
+    from persistence.services import resolve_services
 
     urls = resolve_services(settings.database_url, settings.redis_url, settings.data_dir)
     embedded = " and ".join(
@@ -181,7 +181,7 @@ def resolve_storage_urls(settings: Settings, *, stop_on_exit: bool) -> tuple[str
 
 def stop_embedded_services(settings: Settings) -> None:
     """Stop the embedded services ``settings`` leave to the server (no URL configured)."""
-    from persistence.embedded import (
+    from persistence.services import (
         POSTGRES_SUBDIR,
         REDIS_SUBDIR,
         EmbeddedServiceError,

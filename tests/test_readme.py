@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from persistence.embedded import POSTGRES_SUBDIR, REDIS_SUBDIR, stop_postgres, stop_redis
+from persistence.services import POSTGRES_SUBDIR, REDIS_SUBDIR, stop_postgres, stop_redis
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 QUICK_START_PORT = 8080

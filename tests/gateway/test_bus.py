@@ -11,8 +11,8 @@ import redis.asyncio as aioredis
 from engine.core import protocol as p
 from engine.shell.events import EventPublisher, shard_channel, slot_key, user_key
 from gateway.live.bus import EventBus
+from persistence.services import PrivateRedis
 from tests.conftest import REDIS_URL
-from tests.support.services import PrivateRedis
 
 pytest_plugins = ["tests.support.fixtures"]
 

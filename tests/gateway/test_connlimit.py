@@ -42,11 +42,11 @@ from gateway.live.bus import EventBus
 from gateway.live.endpoints import LiveConnections, add_realtime
 from gateway.openapi import build_document
 from gateway.server import REDIS_CONNECTIONS_MAX, gateway_redis
+from persistence.services import PrivateRedis
 from tests.conftest import REDIS_URL
 from tests.gateway.conftest import SECRET, Token
 from tests.gateway.test_api import Client, _slot
 from tests.gateway.test_serve import ROOT, Served, _stop_cleanly
-from tests.support.services import PrivateRedis
 
 pytest_plugins = ["tests.support.fixtures"]
 

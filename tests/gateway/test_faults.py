@@ -49,13 +49,12 @@ from gateway.auth.settings import AuthSettings
 from gateway.auth.verify import Verifier
 from gateway.idempotency import KeyRegistry
 from gateway.ratelimit import RateLimiter, RateLimits
-from persistence.embedded import create_database
 from persistence.migrate import migrate_url
+from persistence.services import PrivatePostgres, PrivateRedis, create_database
 from tests.conftest import REDIS_URL
 from tests.engine.shell.conftest import POLICIES
 from tests.gateway.conftest import SECRET
 from tests.support.integrity import assert_consistent
-from tests.support.services import PrivatePostgres, PrivateRedis
 
 pytest_plugins = ["tests.support.fixtures"]
 

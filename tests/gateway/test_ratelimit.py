@@ -20,8 +20,8 @@ from gateway.ratelimit import (
     RateLimits,
     rate_limits_from_env,
 )
+from persistence.services import PrivateRedis
 from tests.conftest import REDIS_URL
-from tests.support.services import PrivateRedis
 
 pytest_plugins = ["tests.support.fixtures"]
 

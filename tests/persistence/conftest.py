@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from persistence.embedded import stop_services
+from persistence.services import stop_services
 from tests.conftest import DATABASE_URL, REDIS_URL, with_database
 
 __all__ = ["DATABASE_URL", "REDIS_URL", "with_database"]

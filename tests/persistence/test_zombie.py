@@ -23,11 +23,10 @@ from engine.core import protocol as p
 from engine.core.states import BookingStatus
 from engine.shell.clock import SystemClock
 from engine.shell.owner import OwnerState
-from persistence.embedded import create_database
 from persistence.migrate import migrate_url
+from persistence.services import PrivatePostgres, create_database
 from tests.persistence.helpers import Driver, create_slot, make_owner, request_id, slot_on
 from tests.support.integrity import assert_consistent
-from tests.support.services import PrivatePostgres
 
 pytest_plugins = ["tests.support.fixtures"]
 

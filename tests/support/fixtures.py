@@ -1,4 +1,8 @@
-"""Fixtures for private, disposable PostgreSQL and Redis servers (see ``services``).
+"""Fixtures for private, disposable PostgreSQL and Redis servers.
+
+The servers are ``persistence.services``' ``PrivatePostgres`` and
+``PrivateRedis``: starting, stopping, killing, freezing and restarting them is
+that package's code; these fixtures only open and close them.
 
 Import the ones a test module needs, or list them in a conftest::
 
@@ -15,7 +19,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.support.services import PrivatePostgres, PrivateRedis
+from persistence.services import PrivatePostgres, PrivateRedis
 
 __all__ = [
     "private_postgres",

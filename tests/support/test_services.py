@@ -12,7 +12,7 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
-from tests.support.services import (
+from persistence.services import (
     PostgresStopMode,
     PrivatePostgres,
     PrivateRedis,
