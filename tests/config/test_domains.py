@@ -19,11 +19,10 @@ from config.domains import (
 from config.settings import ConfigError, Settings, load_settings
 from engine.core import limits
 from engine.core.policy import DomainPolicy
+from tests.support.domain import DAY_MS, HOUR_MS
 
 SHIPPED_DIR = Path(config.__file__).resolve().parent / "domains"
 SHIPPED_DOMAINS = {"default", "medical", "restaurant", "seats", "technicians"}
-HOUR_MS = 3_600_000
-DAY_MS = 86_400_000
 
 
 def settings_for(directory: Path, **environ: str) -> Settings:

@@ -21,7 +21,7 @@ from gateway.auth.verify import Verifier
 from gateway.idempotency import KeyRegistry
 from gateway.ratelimit import RateLimiter, RateLimits
 from tests.conftest import REDIS_URL
-from tests.engine.shell.conftest import POLICIES
+from tests.support.domain import POLICIES
 
 SECRET = "test-secret-0123456789abcdef0123456789abcdef"
 SHARDS = 2

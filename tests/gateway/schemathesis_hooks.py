@@ -23,9 +23,8 @@ from schemathesis import Case, HookContext
 
 from engine.core.limits import SLOT_DURATION_MAX_MS
 from gateway.schemas import rfc3339, to_ms
+from tests.support.domain import DAY_MS, HOUR_MS
 
-HOUR_MS = 3_600_000
-DAY_MS = 24 * HOUR_MS
 START_AHEAD_MIN_MS = DAY_MS
 START_AHEAD_SPREAD_MS = 13 * DAY_MS
 _moved = itertools.count()

@@ -28,9 +28,9 @@ from gateway.auth.settings import AuthSettings
 from gateway.auth.verify import Verifier
 from gateway.connection import GatewayRunner, ReadTimeouts
 from gateway.http import SECURITY_HEADERS
-from tests.engine.shell.conftest import POLICIES
 from tests.gateway.conftest import SECRET
 from tests.gateway.test_serve import Served
+from tests.support.domain import POLICIES
 
 TOKEN = issue_token(SECRET, "ann", "user", 600)
 # A string found nowhere but in the requests sent: an answer must not echo it.

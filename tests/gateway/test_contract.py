@@ -45,9 +45,10 @@ from gateway.auth.verify import Verifier
 from gateway.http import BODY_BYTES_MAX
 from gateway.ratelimit import RateLimits
 from tests.conftest import REDIS_URL
-from tests.engine.shell.conftest import HOUR_MS, POLICIES, policy, wait_until
+from tests.engine.shell.conftest import wait_until
 from tests.gateway.conftest import SECRET, SHARDS, Token
 from tests.gateway.test_api import Client, _window
+from tests.support.domain import HOUR_MS, POLICIES, policy
 
 STRICT_REFUND = 50
 CONTRACT_POLICIES = {

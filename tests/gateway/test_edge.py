@@ -17,8 +17,8 @@ from gateway.auth.issue import issue_token
 from gateway.auth.settings import AuthSettings
 from gateway.auth.verify import Verifier
 from gateway.logs import JsonFormatter, configure_logging
-from tests.engine.shell.conftest import POLICIES
 from tests.gateway.conftest import SECRET
+from tests.support.domain import POLICIES
 
 ORIGIN = "https://app.example.com"
 Client = TestClient[Any, Any]

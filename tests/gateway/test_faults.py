@@ -52,8 +52,8 @@ from gateway.ratelimit import RateLimiter, RateLimits
 from persistence.migrate import migrate_url
 from persistence.services import PrivatePostgres, PrivateRedis, create_database
 from tests.conftest import REDIS_URL
-from tests.engine.shell.conftest import POLICIES
 from tests.gateway.conftest import SECRET
+from tests.support.domain import POLICIES
 from tests.support.integrity import assert_consistent
 
 pytest_plugins = ["tests.support.fixtures"]
@@ -205,7 +205,7 @@ from engine.shell.inproc import OwnedInProcessHost
 from engine.shell.local_engine import serve_engine
 from engine.shell.owner import StorageSettings
 import persistence.writer
-from tests.engine.shell.conftest import POLICIES
+from tests.support.domain import POLICIES
 
 path, settings, doomed = sys.argv[1], sys.argv[2], sys.argv[3]
 if doomed:

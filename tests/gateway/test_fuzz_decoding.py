@@ -36,8 +36,9 @@ from gateway.auth.settings import AuthSettings
 from gateway.auth.verify import Verifier
 from gateway.handling import decode_json
 from gateway.http import BODY_BYTES_MAX, ApiError, error_response, validation_error
-from tests.engine.shell.conftest import POLICIES, SHARDS
+from tests.engine.shell.conftest import SHARDS
 from tests.gateway.conftest import SECRET
+from tests.support.domain import POLICIES
 from tests.support.fuzz import (
     EDGE_INTEGERS,
     FUZZ,

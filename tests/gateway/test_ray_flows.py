@@ -39,8 +39,8 @@ from gateway.auth.verify import Verifier
 from gateway.live.bus import EventBus
 from gateway.live.endpoints import LiveConnections, add_realtime
 from tests.conftest import REDIS_URL
-from tests.engine.shell.conftest import POLICIES, SHORT_HOLD_MS, policy
 from tests.gateway.conftest import SECRET
+from tests.support.domain import POLICIES, SHORT_HOLD_MS, policy
 
 pytestmark = pytest.mark.ray
 

@@ -20,7 +20,7 @@ from engine.shell.inproc import InProcessHost
 from engine.shell.runtime import MemoryEventSink
 from gateway.live.outbox import Outbox
 from gateway.live.watches import BookingWatch, QueueWatch
-from tests.engine.shell.conftest import DAY_MS, POLICIES
+from tests.support.domain import DAY_MS, POLICIES
 
 
 class Collected:

@@ -11,10 +11,9 @@ from engine.core.protocol import AnyCommand, AnyResult, BatchCodec, CreateSlot
 from engine.core.routing import make_slot_id, shard_of
 from engine.shell.clock import SystemClock
 from engine.shell.owner import ShardOwner, StorageSettings
-from tests.engine.shell.conftest import SHORT_HOLD_MS, policy
 from tests.persistence.conftest import REDIS_URL
+from tests.support.domain import HOUR_MS, SHORT_HOLD_MS, policy
 
-HOUR_MS = 3_600_000
 _ids = itertools.count(1)
 
 

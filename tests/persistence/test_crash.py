@@ -28,8 +28,8 @@ from engine.shell.coalescer import EngineClient, RequestIds
 from engine.shell.errors import ShardUnavailable, ShellError
 from engine.shell.owner import StorageSettings
 from engine.shell.ray_actor import RayShardTransport, kill_shard_actors
-from tests.engine.shell.conftest import DAY_MS, HOUR_MS, policy
 from tests.persistence.conftest import REDIS_URL
+from tests.support.domain import DAY_MS, HOUR_MS, policy
 from tests.support.integrity import assert_consistent
 
 pytestmark = pytest.mark.ray

@@ -41,9 +41,9 @@ from engine.shell.clock import SystemClock
 from engine.shell.owner import OwnerState, ShardOwner, StorageSettings
 from persistence.migrate import migrate_url
 from persistence.services import PostgresStopMode, PrivatePostgres, PrivateRedis, create_database
-from tests.engine.shell.conftest import policy
 from tests.persistence.conftest import REDIS_URL
 from tests.persistence.helpers import Driver, create_slot, policies, request_id, slot_on
+from tests.support.domain import policy
 from tests.support.integrity import assert_consistent
 
 pytest_plugins = ["tests.support.fixtures"]

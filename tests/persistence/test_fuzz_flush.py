@@ -51,14 +51,13 @@ from gateway import schemas as s
 from gateway.handling import decode_json, idempotency_key
 from gateway.http import ApiError
 from tests.conftest import REDIS_URL
-from tests.engine.shell.conftest import POLICIES, SHARDS
+from tests.engine.shell.conftest import SHARDS
+from tests.support.domain import DAY_MS, HOUR_MS, POLICIES
 from tests.support.fuzz import FUZZ, metadata, texts, to_bytes
 
 T = TypeVar("T")
 
 ROOT: Final = Path(__file__).resolve().parents[2]
-HOUR_MS: Final = 3_600_000
-DAY_MS: Final = 24 * HOUR_MS
 # Starting durable shards (a Ray actor's process, an engine process) and loading them.
 START_LIMIT_S: Final = 120.0
 CALL_LIMIT_S: Final = 60.0
@@ -74,7 +73,8 @@ import msgspec
 from engine.shell.inproc import OwnedInProcessHost
 from engine.shell.local_engine import serve_engine
 from engine.shell.owner import StorageSettings
-from tests.engine.shell.conftest import POLICIES, SHARDS
+from tests.engine.shell.conftest import SHARDS
+from tests.support.domain import POLICIES
 
 async def main():
     storage = msgspec.json.decode(sys.argv[2], type=StorageSettings)

@@ -15,7 +15,6 @@ from engine.shell.owner import OwnerState
 from engine.shell.owner_states import OwnerTransitionRefused
 from persistence.store import ShardSnapshot
 from tests.persistence.helpers import (
-    HOUR_MS,
     Driver,
     booking_row,
     create_slot,
@@ -23,6 +22,7 @@ from tests.persistence.helpers import (
     request_id,
     slot_on,
 )
+from tests.support.domain import HOUR_MS
 
 
 async def test_acknowledged_changes_are_in_the_database_and_come_back_after_a_restart(

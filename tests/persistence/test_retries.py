@@ -19,9 +19,9 @@ from engine.core.routing import make_slot_id
 from engine.shell.clock import SystemClock
 from engine.shell.owner import StorageSettings
 from engine.shell.ray_actor import RayShardTransport, kill_shard_actors
-from tests.engine.shell.conftest import POLICIES
 from tests.persistence.conftest import REDIS_URL
 from tests.persistence.helpers import Driver, create_slot, make_owner, request_id, slot_on
+from tests.support.domain import POLICIES
 
 
 async def _count(db: asyncpg.Connection, slot_id: str) -> int:

@@ -16,9 +16,9 @@ import asyncpg
 import pytest
 
 from persistence.migrate import MIGRATIONS_DIR, MigrationError, migrate
+from tests.support.domain import HOUR_MS
 
 NOW_MS = 1_800_000_000_000
-HOUR_MS = 3_600_000
 HOLD_MS = 120_000
 
 

@@ -9,7 +9,8 @@ from engine.core.clock import ManualClock
 from engine.core.shard import ShardCore
 from persistence.store import take_over
 from persistence.writer import ShardWriter
-from tests.persistence.helpers import HOUR_MS, create_slot, policies, request_id, slot_on
+from tests.persistence.helpers import create_slot, policies, request_id, slot_on
+from tests.support.domain import HOUR_MS
 
 NOW_MS = 1_900_000_000_000
 

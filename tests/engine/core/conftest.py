@@ -11,26 +11,16 @@ from engine.core.clock import ManualClock
 from engine.core.policy import DomainPolicy
 from engine.core.routing import make_slot_id
 from engine.core.shard import ShardCore
+from tests.support import domain
+from tests.support.domain import HOUR_MS, MINUTE_MS
 
 START_MS = 1_800_000_000_000
-MINUTE_MS = 60_000
-HOUR_MS = 3_600_000
 
 
 def policy(name: str = "default", **overrides: Any) -> DomainPolicy:
-    values: dict[str, Any] = {
-        "name": name,
-        "hold_ttl_ms": 2 * MINUTE_MS,
-        "claim_ttl_ms": MINUTE_MS,
-        "queue_enabled": True,
-        "queue_size_max": 3,
-        "queue_inactivity_ms": 4 * HOUR_MS,
-        "advance_booking_ms": 365 * 24 * HOUR_MS,
-        "cancel_allowed_until_ms": 0,
-        "refund_percentage": 100,
-    }
-    values.update(overrides)
-    return DomainPolicy(**values)
+    """``tests.support.domain.policy`` with the core tests' tighter defaults: offers
+    last a minute, three may wait in a queue."""
+    return domain.policy(name, **{"claim_ttl_ms": MINUTE_MS, "queue_size_max": 3, **overrides})
 
 
 class Harness:

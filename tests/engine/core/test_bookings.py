@@ -16,7 +16,8 @@ from engine.core.states import (
     BookingStatus,
     next_booking_status,
 )
-from tests.engine.core.conftest import HOUR_MS, MINUTE_MS, START_MS, Harness, policy
+from tests.engine.core.conftest import START_MS, Harness, policy
+from tests.support.domain import HOUR_MS, MINUTE_MS
 
 
 def test_the_table_is_the_contract() -> None:

@@ -2,7 +2,8 @@
 
 from engine.core import limits
 from engine.core import protocol as p
-from tests.engine.core.conftest import HOUR_MS, Harness
+from tests.engine.core.conftest import Harness
+from tests.support.domain import HOUR_MS
 
 
 def test_same_key_same_request_replays_the_first_outcome(h: Harness) -> None:

@@ -34,7 +34,6 @@ from hypothesis.stateful import (
 )
 
 from engine.core.errors import InvariantViolation
-from engine.core.policy import DomainPolicy
 from engine.core.protocol import (
     AnyCommand,
     BookingResult,
@@ -57,42 +56,32 @@ from engine.core.protocol import (
 from engine.core.routing import make_slot_id
 from engine.core.states import BookingStatus, SlotStatus
 from tests.engine.core.model import ModelMismatch, MSlot, ShardHarness, pick
+from tests.support.domain import policy
 
 START_MS = 1_700_000_000_000
-DAY_MS = 86_400_000
 
 POLICIES = {
-    "default": DomainPolicy(
-        name="default",
-        hold_ttl_ms=1_000,
-        claim_ttl_ms=700,
-        queue_enabled=True,
-        queue_size_max=3,
-        queue_inactivity_ms=4_000,
-        advance_booking_ms=365 * DAY_MS,
-        cancel_allowed_until_ms=0,
-        refund_percentage=100,
+    "default": policy(
+        hold_ttl_ms=1_000, claim_ttl_ms=700, queue_size_max=3, queue_inactivity_ms=4_000
     ),
     # Books only 20 s ahead, cancels up to 3 s before the start for half back.
-    "strict": DomainPolicy(
-        name="strict",
+    "strict": policy(
+        "strict",
         hold_ttl_ms=1_500,
         claim_ttl_ms=500,
-        queue_enabled=True,
         queue_size_max=2,
         queue_inactivity_ms=3_000,
         advance_booking_ms=20_000,
         cancel_allowed_until_ms=3_000,
         refund_percentage=50,
     ),
-    "noqueue": DomainPolicy(
-        name="noqueue",
+    "noqueue": policy(
+        "noqueue",
         hold_ttl_ms=800,
         claim_ttl_ms=800,
         queue_enabled=False,
         queue_size_max=3,
         queue_inactivity_ms=4_000,
-        advance_booking_ms=365 * DAY_MS,
         cancel_allowed_until_ms=1_000,
         refund_percentage=0,
     ),

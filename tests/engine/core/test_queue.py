@@ -2,7 +2,8 @@
 
 from engine.core import protocol as p
 from engine.core.states import QueueStatus
-from tests.engine.core.conftest import HOUR_MS, MINUTE_MS, START_MS, Harness
+from tests.engine.core.conftest import START_MS, Harness
+from tests.support.domain import HOUR_MS, MINUTE_MS
 
 
 def full_slot(h: Harness, capacity: int = 1, **fields: object) -> tuple[str, list[str]]:

@@ -27,7 +27,6 @@ from dataclasses import dataclass, field
 import msgspec
 import pytest
 
-from engine.core.policy import DomainPolicy
 from engine.core.protocol import (
     AnyCommand,
     BookingChanged,
@@ -58,6 +57,7 @@ from tests.engine.core.model import (
     Outcome,
     ShardHarness,
 )
+from tests.support.domain import DAY_MS, HOUR_MS, MINUTE_MS, SECOND_MS, policy
 
 DEFAULT_SEED = 20_261_121
 COMMANDS = 200_000
@@ -67,50 +67,33 @@ RESOURCES = 24
 FULL_CHECK_EVERY = 500
 BOOKING_AUDIT_EVERY = 25_000
 START_MS = 1_800_000_000_000
-SECOND_MS = 1_000
-MINUTE_MS = 60 * SECOND_MS
-HOUR_MS = 60 * MINUTE_MS
-DAY_MS = 24 * HOUR_MS
 
 POLICIES = {
-    "default": DomainPolicy(
-        name="default",
-        hold_ttl_ms=120 * SECOND_MS,
-        claim_ttl_ms=60 * SECOND_MS,
-        queue_enabled=True,
-        queue_size_max=25,
-        queue_inactivity_ms=4 * HOUR_MS,
-        advance_booking_ms=365 * DAY_MS,
-        cancel_allowed_until_ms=0,
-        refund_percentage=100,
-    ),
-    "medical": DomainPolicy(
-        name="medical",
+    "default": policy(hold_ttl_ms=120 * SECOND_MS, claim_ttl_ms=60 * SECOND_MS, queue_size_max=25),
+    "medical": policy(
+        "medical",
         hold_ttl_ms=60 * SECOND_MS,
         claim_ttl_ms=30 * SECOND_MS,
-        queue_enabled=True,
         queue_size_max=8,
         queue_inactivity_ms=20 * MINUTE_MS,
         advance_booking_ms=4 * HOUR_MS,
         cancel_allowed_until_ms=2 * HOUR_MS,
         refund_percentage=80,
     ),
-    "seats": DomainPolicy(
-        name="seats",
+    "seats": policy(
+        "seats",
         hold_ttl_ms=300 * SECOND_MS,
         claim_ttl_ms=120 * SECOND_MS,
         queue_enabled=False,
         queue_size_max=100,
-        queue_inactivity_ms=4 * HOUR_MS,
         advance_booking_ms=30 * DAY_MS,
         cancel_allowed_until_ms=30 * MINUTE_MS,
         refund_percentage=0,
     ),
-    "restaurant": DomainPolicy(
-        name="restaurant",
+    "restaurant": policy(
+        "restaurant",
         hold_ttl_ms=90 * SECOND_MS,
         claim_ttl_ms=45 * SECOND_MS,
-        queue_enabled=True,
         queue_size_max=50,
         queue_inactivity_ms=30 * MINUTE_MS,
         advance_booking_ms=2 * DAY_MS,

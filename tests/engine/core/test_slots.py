@@ -5,7 +5,8 @@ import msgspec
 from engine.core import protocol as p
 from engine.core.records import ShardStatistics
 from engine.core.states import SlotStatus
-from tests.engine.core.conftest import HOUR_MS, MINUTE_MS, START_MS, Harness
+from tests.engine.core.conftest import START_MS, Harness
+from tests.support.domain import HOUR_MS, MINUTE_MS
 
 
 def test_a_new_slot_is_available_with_its_counts(h: Harness) -> None:

@@ -1,4 +1,5 @@
-"""Fixtures for the shell: policies, a real local Ray started once, and hosts of both kinds.
+"""Fixtures for the shell: a real local Ray started once, and hosts of both kinds
+(the domain policies are ``tests.support.domain``'s).
 
 The behaviour tests take the ``host`` fixture, which runs them over the
 in-process host, over the same host behind the engine socket
@@ -15,44 +16,15 @@ from typing import Any
 import pytest
 
 from engine.core import protocol as p
-from engine.core.policy import DomainPolicy
 from engine.core.routing import make_slot_id
 from engine.shell.coalescer import EngineClient, RequestIds
 from engine.shell.inproc import InProcessHost
 from engine.shell.runtime import MemoryEventSink
 from engine.shell.transport import ShardTransport
+from tests.support.domain import DAY_MS, HOUR_MS, POLICIES
 
-MINUTE_MS = 60_000
-HOUR_MS = 3_600_000
-DAY_MS = 24 * HOUR_MS
 SHARDS = 2
-# Short enough to watch a hold lapse through the real clock, long enough that
-# a slow machine still confirms within it when a test wants to.
-SHORT_HOLD_MS = 300
 WAIT_LIMIT_S = 20.0
-
-
-def policy(name: str = "default", **overrides: Any) -> DomainPolicy:
-    values: dict[str, Any] = {
-        "name": name,
-        "hold_ttl_ms": 2 * MINUTE_MS,
-        "claim_ttl_ms": 2 * MINUTE_MS,
-        "queue_enabled": True,
-        "queue_size_max": 100,
-        "queue_inactivity_ms": 4 * HOUR_MS,
-        "advance_booking_ms": 365 * DAY_MS,
-        "cancel_allowed_until_ms": 0,
-        "refund_percentage": 100,
-    }
-    values.update(overrides)
-    return DomainPolicy(**values)
-
-
-POLICIES: dict[str, DomainPolicy] = {
-    "default": policy(),
-    "short": policy("short", hold_ttl_ms=SHORT_HOLD_MS, claim_ttl_ms=SHORT_HOLD_MS),
-    "noqueue": policy("noqueue", queue_enabled=False),
-}
 
 
 class Engine:

@@ -18,7 +18,8 @@ from engine.shell.errors import (
 )
 from engine.shell.inproc import InProcessHost
 from engine.shell.runtime import RuntimeStatistics
-from tests.engine.shell.conftest import POLICIES, SHARDS, WAIT_LIMIT_S, Engine
+from tests.engine.shell.conftest import SHARDS, WAIT_LIMIT_S, Engine
+from tests.support.domain import POLICIES
 
 
 class FaultyTransport:

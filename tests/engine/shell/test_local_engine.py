@@ -25,7 +25,8 @@ from engine.shell.local_engine import (
     _Framer,
 )
 from engine.shell.runtime import RuntimeStatistics
-from tests.engine.shell.conftest import POLICIES, SHARDS, WAIT_LIMIT_S, Engine, HeldSink
+from tests.engine.shell.conftest import SHARDS, WAIT_LIMIT_S, Engine, HeldSink
+from tests.support.domain import POLICIES
 
 ROOT = Path(__file__).resolve().parents[3]
 # An engine process: in-process shards served on the socket named by argv[1].
@@ -33,7 +34,8 @@ ENGINE_PROCESS = """
 import asyncio, sys
 from engine.shell.inproc import InProcessHost
 from engine.shell.local_engine import LocalEngineServer
-from tests.engine.shell.conftest import POLICIES, SHARDS
+from tests.engine.shell.conftest import SHARDS
+from tests.support.domain import POLICIES
 
 async def main():
     await LocalEngineServer(InProcessHost(shard_count=SHARDS, policies=POLICIES)).start(sys.argv[1])

@@ -25,7 +25,8 @@ from engine.shell.ray_actor import (
     spawn_shard_actors,
     wait_shards_ready,
 )
-from tests.engine.shell.conftest import POLICIES, WAIT_LIMIT_S, Engine, wait_until
+from tests.engine.shell.conftest import WAIT_LIMIT_S, Engine, wait_until
+from tests.support.domain import POLICIES
 
 pytestmark = pytest.mark.ray
 

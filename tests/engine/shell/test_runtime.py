@@ -15,7 +15,8 @@ from engine.core.states import BookingStatus
 from engine.shell.clock import SystemClock
 from engine.shell.errors import BatchRejected, ShardFailed
 from engine.shell.runtime import MemoryEventSink, ShardRuntime
-from tests.engine.shell.conftest import DAY_MS, HOUR_MS, POLICIES, WAIT_LIMIT_S, HeldSink
+from tests.engine.shell.conftest import WAIT_LIMIT_S, HeldSink
+from tests.support.domain import DAY_MS, HOUR_MS, POLICIES
 
 
 class Shard:
