@@ -14,7 +14,7 @@ from engine.shell.owner_states import (
     OwnerTransitionRefused,
     next_owner_state,
 )
-from tests.engine.shell.conftest import policy
+from tests.support.domain import policy
 
 EVERY_PAIR = list(itertools.product(OwnerState, OwnerEvent))
 REFUSED = [
