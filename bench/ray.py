@@ -25,10 +25,10 @@ import uuid
 from typing import Any
 
 from engine.core import protocol as p
-from engine.core.limits import PARTIAL_BATCHES_IN_FLIGHT_MAX
 from engine.core.routing import make_slot_id
 from engine.shell.coalescer import EngineClient, RequestIds
 from engine.shell.errors import ShellError
+from engine.shell.limits import PARTIAL_BATCHES_IN_FLIGHT_MAX
 
 DAY_MS = 86_400_000
 HOUR_MS = 3_600_000

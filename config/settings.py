@@ -1,8 +1,9 @@
 """Process settings, read once from the environment (12-factor).
 
 This module owns the names, defaults and bounds of every environment
-variable the server reads (docs/api.md, "Settings"). Bounds come
-from ``engine.core.limits``; a bad value raises ``ConfigError`` with one line
+variable the server reads (docs/api.md, "Settings"). The bounds of a
+domain rule come from ``engine.core.limits``, the deployment's own (the shard
+count, timeouts) are here; a bad value raises ``ConfigError`` with one line
 naming the variable, so a misconfigured server refuses to start instead of
 failing deep inside a request. It never touches the network and never reads
 the domain files (``config.domains`` does).
@@ -26,6 +27,10 @@ Durability = Literal["commit", "relaxed"]
 DURABILITY_MODES: Final[tuple[str, ...]] = get_args(Durability)
 LogLevel = Literal["debug", "info", "warning", "error"]
 LOG_LEVELS: Final[tuple[str, ...]] = get_args(LogLevel)
+# Shards of a deployment: the default, and at most (each is an actor or an
+# owner with its own lease, connection and writer).
+SHARDS_DEFAULT: Final = 4
+SHARDS_MAX: Final = 1_024
 # Browser origins allowed to call the API, at most this many.
 CORS_ORIGINS_MAX: Final = 64
 # Live connections (WebSocket and SSE) one user may hold across the deployment:
@@ -80,7 +85,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     hold_ttl_seconds: int = limits.HOLD_TTL_DEFAULT_S
     claim_ttl_seconds: int = limits.CLAIM_TTL_DEFAULT_S
     queue_max: int = limits.QUEUE_SIZE_DEFAULT
-    shards: int = limits.SHARDS_DEFAULT
+    shards: int = SHARDS_DEFAULT
     durability: Durability = "commit"
     queue_inactivity_seconds: int = limits.QUEUE_INACTIVITY_DEFAULT_S
     domains_dir: Path = DOMAINS_DIR_DEFAULT
@@ -136,8 +141,8 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         ),
         shards=env.read_or(
             "SLOTENGINE_SHARDS",
-            _integer(1, limits.SHARDS_MAX),
-            limits.SHARDS_DEFAULT,
+            _integer(1, SHARDS_MAX),
+            SHARDS_DEFAULT,
         ),
         durability=env.read_or("SLOTENGINE_DURABILITY", _durability, "commit"),
         queue_inactivity_seconds=env.read_or(

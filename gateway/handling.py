@@ -24,6 +24,7 @@ from aiohttp import web
 
 from engine.core import limits
 from engine.core import protocol as p
+from engine.core.limits import require_relation
 from engine.core.storable import text_problem
 from engine.shell.errors import ShellError
 from gateway import schemas as s
@@ -86,6 +87,13 @@ def decode_json(raw: bytes, content_type: str, schema: type[T], *, optional: boo
 
 
 _MISSING_FIELD: Final = "Object missing required field `{}`"
+# A page of a list when the request names no ``limit`` (docs/api.md); a larger
+# one is capped at the core's LIST_LIMIT_MAX.
+LIST_LIMIT_DEFAULT: Final = 50
+require_relation(
+    1 <= LIST_LIMIT_DEFAULT <= limits.LIST_LIMIT_MAX,
+    "1 <= LIST_LIMIT_DEFAULT <= LIST_LIMIT_MAX: the default page is one the API serves",
+)
 
 
 def _every_missing_field(problem: ApiError, schema: type[Any], document: Any) -> ApiError:
@@ -280,10 +288,10 @@ def int_param(query: Any, name: str, default: int, problems: dict[str, str]) -> 
 def limit_param(query: Any, problems: dict[str, str]) -> int:
     """A listing's page size: below 1 a bad filter like any other, above the
     maximum capped (a client asking for everything gets the largest page)."""
-    limit = int_param(query, "limit", limits.LIST_LIMIT_DEFAULT, problems)
+    limit = int_param(query, "limit", LIST_LIMIT_DEFAULT, problems)
     if limit < 1:
         problems["limit"] = "an integer of at least 1"
-        return limits.LIST_LIMIT_DEFAULT
+        return LIST_LIMIT_DEFAULT
     return min(limit, limits.LIST_LIMIT_MAX)
 
 

@@ -24,9 +24,9 @@ from typing import Any, Final, Protocol
 import msgspec
 from aiohttp import web
 
-from engine.core import limits
 from engine.core import protocol as p
 from engine.core.storable import NUL_MESSAGE
+from engine.shell import limits
 from engine.shell.coalescer import EngineClient, RequestIds
 from engine.shell.errors import ShellError, may_have_applied
 from gateway import schemas as s

@@ -32,9 +32,10 @@ import redis.exceptions
 from engine.core import limits
 from engine.core.fingerprint import fingerprint as shard_fingerprint
 from engine.core.protocol import AnyCommand
+from engine.shell import limits as shell_limits
 
 RECORD_TTL_S: Final = limits.IDEMPOTENCY_RETENTION_MS // 1000
-_CALL_TIMEOUT_S: Final = limits.REDIS_CALL_TIMEOUT_MS / 1000
+_CALL_TIMEOUT_S: Final = shell_limits.REDIS_CALL_TIMEOUT_MS / 1000
 
 # KEYS[1] the record; ARGV[1] the fingerprint, ARGV[2] the TTL in seconds.
 # Answers 1 created, 2 the same request again, 0 another request.

@@ -69,7 +69,7 @@ import redis.exceptions
 from redis.asyncio.connection import AbstractConnection
 
 from config.settings import ConfigError
-from engine.core import limits
+from engine.shell import limits as shell_limits
 
 ENDPOINTS: Final[tuple[str, ...]] = ("reserve", "queue_join", "position", "cancel")
 # Endpoints admitted without a check while Redis is unreachable (see above).
@@ -278,7 +278,7 @@ class RateLimiter:
         for endpoint, _, _ in batch:
             args.extend(self._shape[endpoint])
         try:
-            async with asyncio.timeout(limits.REDIS_CALL_TIMEOUT_MS / 1000):
+            async with asyncio.timeout(shell_limits.REDIS_CALL_TIMEOUT_MS / 1000):
                 reply = await self._evaluate([key for _, key, _ in batch], args)
         except (
             redis.exceptions.ConnectionError,

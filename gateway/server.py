@@ -41,8 +41,8 @@ from redis.backoff import NoBackoff
 
 from config.domains import load_policies
 from config.settings import ConfigError, Settings
-from engine.core.limits import REDIS_CALL_TIMEOUT_MS
 from engine.shell.coalescer import EngineClient
+from engine.shell.limits import REDIS_CALL_TIMEOUT_MS
 from engine.shell.owner import StorageSettings
 from gateway.app import create_app
 from gateway.auth.environment import auth_settings_from_env

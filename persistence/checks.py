@@ -50,11 +50,19 @@ from typing import Final, Literal, TypeAlias, get_args
 import asyncpg
 import msgspec
 
-# -- defaults (this module's own; engine.core.limits holds the engine's) --------
+from engine.core.limits import require_relation
+from persistence.limits import LEASE_TTL_MS, WRITER_FLUSH_TIMEOUT_MS
+
+# -- defaults (this module's own; persistence/limits.py holds storage's) --------
 # A live owner expires a hold within a second of its deadline and commits it
-# within a flush (at most limits.WRITER_FLUSH_TIMEOUT_MS); an owner that lost
-# Redis stops within limits.LEASE_TTL_MS. A minute is past both with room.
+# within a flush (at most WRITER_FLUSH_TIMEOUT_MS); an owner that lost Redis
+# stops within LEASE_TTL_MS. A minute is past both with room.
 HOLD_GRACE_DEFAULT_MS: Final = 60_000
+require_relation(
+    HOLD_GRACE_DEFAULT_MS > LEASE_TTL_MS + WRITER_FLUSH_TIMEOUT_MS + 1_000,
+    "HOLD_GRACE_DEFAULT_MS > LEASE_TTL_MS + WRITER_FLUSH_TIMEOUT_MS + 1 s: a hold a"
+    " live or lapsing owner is still expiring is not reported as stale",
+)
 # Findings listed per check; the report still counts every one found.
 FINDINGS_PER_CHECK_MAX: Final = 1_000
 

@@ -17,7 +17,7 @@ from typing import Final
 
 import asyncpg
 
-from engine.core import limits
+from persistence import limits
 
 MIGRATIONS_DIR: Final = Path(__file__).resolve().parent / "migrations"
 # An arbitrary constant shared by every process that migrates this schema.

@@ -15,6 +15,7 @@ import msgspec
 from engine.core import limits
 from engine.core.protocol import KeyRecord, OutcomeRecord
 from engine.core.records import Booking, QueueEntry, SlotView, StoredSlot
+from persistence import limits as storage_limits
 from persistence.rows import FlushRows, SlotRow
 
 # Final bookings and ended slots come back into memory for as long as the
@@ -69,7 +70,7 @@ async def fence_token(connection: asyncpg.Connection, shard: int) -> int:
     token = await connection.fetchval(
         "SELECT token FROM shard_fences WHERE shard = $1",
         shard,
-        timeout=limits.DATABASE_STATEMENT_TIMEOUT_MS / 1000,
+        timeout=storage_limits.DATABASE_STATEMENT_TIMEOUT_MS / 1000,
     )
     return int(token or 0)
 
@@ -81,7 +82,7 @@ async def take_over(
     owner: str,
     now_ms: int,
     *,
-    timeout_s: float = limits.SHARD_LOAD_TIMEOUT_MS / 1000,
+    timeout_s: float = storage_limits.SHARD_LOAD_TIMEOUT_MS / 1000,
 ) -> ShardSnapshot:
     """Write ``token`` to the shard's fence and load the shard, in one transaction.
 

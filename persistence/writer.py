@@ -31,8 +31,8 @@ from collections.abc import Awaitable, Callable
 import asyncpg
 import msgspec
 
-from engine.core import limits
 from engine.core.protocol import AnyEvent, KeyRecord, OutcomeRecord
+from persistence import limits
 from persistence.rows import FlushRows
 from persistence.store import Codecs, FenceRejected, write_flush
 

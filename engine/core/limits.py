@@ -1,11 +1,37 @@
-"""Every limit of the engine, in one place, with its unit last in the name.
+"""The core's limits: every bound of a business rule, with its unit last in the name.
 
-A limit is a promise about the worst case: each queue, batch, buffer, table
-and wait in the engine is bounded by one of these. Settings may narrow a
+A limit is a promise about the worst case: each queue, table and wait in the
+core is bounded by one of these. Settings and domain files may narrow a
 default (the domain's queue size, the hold TTL) but never go past a ``*_MAX``.
+
+The other layers keep their limits beside their code: the shell's (batching,
+actors, leases, Redis calls) in ``engine/shell/limits.py``, persistence's (the
+writer, database timeouts, the lease TTL) in ``persistence/limits.py``, the
+gateway's in its modules (``gateway/handling.py``, ``gateway/http.py``, ...),
+and the bounds of a setting in ``config/settings.py``.
+
+The relations between limits that the code relies on are checked when the
+module is imported (``check``), each with its reason; ``require_relation`` is the one
+helper every layer's limits use for that (this module is the lowest one they
+may all import). A broken relation raises ``LimitRelationBroken`` even under
+``python -O``, which strips ``assert``.
+
+This module must never import anything outside the core.
 """
 
-from typing import Final
+from collections.abc import Mapping
+from typing import Any, Final
+
+
+class LimitRelationBroken(AssertionError):
+    """Two limits contradict what the code relies on; the message says which and why."""
+
+
+def require_relation(holds: bool, why: str) -> None:
+    """Refuse a broken relation between limits (not stripped by ``python -O``)."""
+    if not holds:
+        raise LimitRelationBroken(f"limits: {why}")
+
 
 # -- time ------------------------------------------------------------------
 # One tick of the timer wheel. Deadlines are whole milliseconds, so a 1 ms tick
@@ -65,6 +91,10 @@ IDEMPOTENCY_RECORDS_MAX: Final = 200_000
 REQUEST_OUTCOMES_RETENTION_MS: Final = 10 * 60_000
 REQUEST_OUTCOMES_MAX: Final = 200_000
 
+# -- listing -----------------------------------------------------------------
+# A page of a list, at most (the gateway's default page is smaller).
+LIST_LIMIT_MAX: Final = 200
+
 # -- memory of finished work -------------------------------------------------
 # Final bookings (EXPIRED, CANCELLED, COMPLETED) stay readable in memory this
 # long, then only the database has them.
@@ -72,121 +102,56 @@ FINAL_BOOKING_RETENTION_MS: Final = 24 * 3_600_000
 # An ended slot stays in memory this long after its end time.
 ENDED_SLOT_RETENTION_MS: Final = 24 * 3_600_000
 
-# -- batching across the actor boundary --------------------------------------
-# Measured: batches of 256 reach ~270k ops/s on 2 cores; larger batches add
-# latency without adding throughput.
-BATCH_COMMANDS_MAX: Final = 256
-# Several batches in flight per shard keep the actor busy while the previous
-# reply travels back.
-BATCHES_IN_FLIGHT_MAX: Final = 4
-# Ray's max_pending_calls on a shard actor: callers fail fast past this.
-SHARD_PENDING_CALLS_MAX: Final = 64
-SHARDS_DEFAULT: Final = 4
-SHARDS_MAX: Final = 1_024
-# Retries of a batch whose actor died mid-call, and the first pause between them
-# (it doubles): a connection that broke and came back at once is resent within
-# milliseconds, and several resends fit in SHARD_UNAVAILABLE_PATIENCE_MS.
-BATCH_RETRIES_MAX: Final = 5
-BATCH_RETRY_BACKOFF_MS: Final = 100
-# How long a caller keeps resending a batch whose shard cannot be reached (its
-# engine process or actor died, restarts, or is still starting) before it
-# answers 503: about a second, so that a client learns of the fault at once and
-# comes back with its Idempotency-Key, instead of waiting out a restart (an
-# engine process's lasts as long as its leases take to lapse). Counted from the
-# first failure; every resend's own timeout ends with it too.
-SHARD_UNAVAILABLE_PATIENCE_MS: Final = 1_000
-# Every wait on an actor call has a limit.
-ACTOR_CALL_TIMEOUT_MS: Final = 30_000
+# PostgreSQL's largest btree index row (8 kB pages), which a user id and an
+# idempotency key share (COMMAND_TEXT_CHARS_MAX above).
+_BTREE_ROW_BYTES_MAX: Final = 2_704
+# UTF-8 takes at most 4 bytes a character.
+_UTF8_BYTES_PER_CHAR_MAX: Final = 4
+# What the gateway puts before an administrator's id as a command's actor.
+_ADMIN_ACTOR_PREFIX: Final = "admin:"
 
-# -- listing -----------------------------------------------------------------
-LIST_LIMIT_DEFAULT: Final = 50
-LIST_LIMIT_MAX: Final = 200
 
-# -- the caller-side coalescer ------------------------------------------------
-# Commands waiting on the caller's side for one shard: four rounds of full
-# batches in flight. A shard that far behind will not catch up by queueing
-# more; the caller sheds load (503) instead.
-PENDING_COMMANDS_PER_SHARD_MAX: Final = 4 * BATCHES_IN_FLIGHT_MAX * BATCH_COMMANDS_MAX
-# A batch that is not full leaves only while fewer than this many batches are
-# in flight to its shard; otherwise it waits for a reply and grows. Full batches
-# still pipeline up to BATCHES_IN_FLIGHT_MAX. Measured with bench/ray.py on 2
-# cores (1,000 callers, 4 shards): 1 gave batches of ~180 commands and the
-# lowest p99; 4 gave batches of ~45 and about a quarter fewer operations/s.
-PARTIAL_BATCHES_IN_FLIGHT_MAX: Final = 1
-# A batch of reads alone waits only for the changes of the slots it reads, not
-# for every change in flight: a shard remembers the latest hand-off of each
-# changed slot; once it remembers this many, those already durable are
-# forgotten.
-SLOT_MARKS_PRUNE_AT: Final = 4_096
-# Backpressure (PendingCallsLimitExceeded) clears within a call or two, so its
-# backoff starts short; it doubles up to the cap and stops at the call timeout.
-BUSY_BACKOFF_FIRST_MS: Final = 2
-BUSY_BACKOFF_MAX_MS: Final = 100
+def check(v: Mapping[str, Any]) -> None:
+    """Refuse limits ``v`` (a module's names) whose relations the code relies on break."""
+    require_relation(
+        v["HOLD_TTL_MIN_S"] <= v["HOLD_TTL_DEFAULT_S"] <= v["HOLD_TTL_MAX_S"],
+        "HOLD_TTL_DEFAULT_S within [HOLD_TTL_MIN_S, HOLD_TTL_MAX_S]: settings use the"
+        " default when unset and refuse a value outside these bounds",
+    )
+    require_relation(
+        v["HOLD_TTL_MIN_S"] <= v["CLAIM_TTL_DEFAULT_S"] <= v["HOLD_TTL_MAX_S"],
+        "CLAIM_TTL_DEFAULT_S within [HOLD_TTL_MIN_S, HOLD_TTL_MAX_S]: a claim is a hold,"
+        " and settings refuse a value outside these bounds",
+    )
+    require_relation(
+        1 <= v["QUEUE_SIZE_DEFAULT"] <= v["QUEUE_SIZE_MAX"],
+        "QUEUE_SIZE_DEFAULT within [1, QUEUE_SIZE_MAX]: settings refuse a size outside it",
+    )
+    require_relation(
+        1 <= v["QUEUE_INACTIVITY_DEFAULT_S"] <= v["QUEUE_INACTIVITY_MAX_S"],
+        "QUEUE_INACTIVITY_DEFAULT_S within [1, QUEUE_INACTIVITY_MAX_S]: settings refuse"
+        " a value outside it",
+    )
+    require_relation(
+        1 <= v["ADVANCE_BOOKING_DAYS_DEFAULT"] <= v["ADVANCE_BOOKING_DAYS_MAX"],
+        "ADVANCE_BOOKING_DAYS_DEFAULT within [1, ADVANCE_BOOKING_DAYS_MAX]: domain files"
+        " refuse a value outside it",
+    )
+    require_relation(
+        v["COMMAND_TEXT_CHARS_MAX"]
+        >= max(v["ID_CHARS_MAX"] + len(_ADMIN_ACTOR_PREFIX), v["IDEMPOTENCY_KEY_CHARS_MAX"]),
+        "COMMAND_TEXT_CHARS_MAX >= every text the API admits into a command (an id, an"
+        " admin actor, an Idempotency-Key): else a valid request fails at its shard",
+    )
+    require_relation(
+        2 * _UTF8_BYTES_PER_CHAR_MAX * v["COMMAND_TEXT_CHARS_MAX"] <= _BTREE_ROW_BYTES_MAX,
+        "a user id and an idempotency key of COMMAND_TEXT_CHARS_MAX each fit one btree"
+        " index row: else one value fails the whole group commit",
+    )
+    require_relation(
+        v["TIMER_WHEEL_BUCKETS"] & (v["TIMER_WHEEL_BUCKETS"] - 1) == 0,
+        "TIMER_WHEEL_BUCKETS is a power of two: the wheel indexes a level by bits",
+    )
 
-# -- shard actors -------------------------------------------------------------
-# Ray returns a result inline only up to 100 KiB (max_direct_call_object_size);
-# past that it goes through the object store and a call costs about 2.5 times
-# as much (measured). A full batch of queue answers is ~125 KiB of msgpack and
-# compresses about tenfold, so replies above this size travel compressed.
-REPLY_COMPRESS_ABOVE_BYTES: Final = 64 * 1024
-# Until storage takes the events, an actor keeps only the latest few for
-# inspection: an event holds copies of a booking and a slot (~1 KiB each).
-ACTOR_RECENT_EVENTS_MAX: Final = 10_000
-# A shard allocates a few objects per command and keeps hundreds of thousands
-# alive (bookings, timers, remembered outcomes). With CPython's default
-# threshold of 700 the collector took more than a tenth of a busy shard's time
-# (measured); collecting young objects every 10,000 allocations costs about 3%
-# and still reclaims cycles promptly.
-GC_GEN0_THRESHOLD: Final = 10_000
-# A shard that broke an invariant answers ShardFailed for this long before its
-# process exits, so the failing call's answer reaches the caller first.
-FATAL_EXIT_DELAY_MS: Final = 1_000
 
-# -- storage: write-behind, leases -------------------------------------------
-# Events handed to a shard's writer and not yet committed. Past this the shard
-# refuses new changes (503) until the database catches up: a slow database
-# slows the engine down instead of growing its memory.
-WRITER_PENDING_EVENTS_MAX: Final = 50_000
-# One flush (one transaction) carries at most this many events; more pending
-# go in the next one. Busy shards reach 400-600 events a flush at 1,000 callers.
-WRITER_FLUSH_EVENTS_MAX: Final = 5_000
-# One flush (a transaction) may take this long before it counts as failed, and
-# its waiting changes get 503 (their outcome unknown: it may have committed).
-# A full flush commits in tens of milliseconds; a client that booked waits for
-# its flush, so this is what a stalled PostgreSQL adds to an answer at most.
-WRITER_FLUSH_TIMEOUT_MS: Final = 2_000
-# Opening a connection to PostgreSQL: the server answers in milliseconds, or it
-# is down and the shard answers 503 meanwhile anyway.
-DATABASE_CONNECT_TIMEOUT_MS: Final = 2_000
-# Any other statement of a shard owner (the fence token, a transaction's BEGIN
-# and ROLLBACK): each is a short statement, and one that hangs must fail while
-# a client still waits.
-DATABASE_STATEMENT_TIMEOUT_MS: Final = 2_000
-# Loading a shard (its slots, bookings, queues, outcomes and keys) takes seconds
-# for a large one; meanwhile the shard answers 503 at once, so this only ends a
-# load that hangs, and the owner tries again.
-SHARD_LOAD_TIMEOUT_MS: Final = 60_000
-# Every Redis call (a lease, a fencing token, a publish, a rate limit, an
-# idempotency record): Redis answers in a millisecond, so one that has not
-# answered in half a second is down or frozen, and the request that needs it
-# gets 503 instead of a hang. Well within a lease renewal period.
-REDIS_CALL_TIMEOUT_MS: Final = 500
-# A shard owner's lease in Redis, its renewal period, and the margin for clock
-# drift: an owner that could not renew stops taking changes this long before
-# its lease would lapse.
-LEASE_TTL_MS: Final = 10_000
-LEASE_RENEW_EVERY_MS: Final = 2_000
-LEASE_DRIFT_MARGIN_MS: Final = 2_000
-# How long a starting owner waits for a lease another owner still holds.
-LEASE_ACQUIRE_TIMEOUT_MS: Final = 60_000
-# Pause between attempts to rebuild a shard whose storage failed.
-REBUILD_RETRY_MS: Final = 500
-# Clients told to come back after a 503 wait this many seconds.
-RETRY_AFTER_S: Final = 1
-
-# -- the shard runtime --------------------------------------------------------
-# The in-memory sink serves tests and runs without storage: it keeps the most
-# recent events only, so a long run cannot grow it without bound.
-MEMORY_SINK_EVENTS_MAX: Final = 100_000
-# Pending ``wait_for`` calls on the in-memory sink; each is checked per publish.
-MEMORY_SINK_WAITERS_MAX: Final = 1_024
+check(globals())

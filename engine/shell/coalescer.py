@@ -42,7 +42,7 @@ from typing import Final
 
 import msgspec
 
-from engine.core import limits, routing
+from engine.core import routing
 from engine.core.errors import NotFound, ValidationFailed
 from engine.core.protocol import (
     READ_ONLY_COMMANDS,
@@ -64,6 +64,7 @@ from engine.core.protocol import (
     UpdateSlot,
 )
 from engine.core.storable import command_problems
+from engine.shell import limits
 from engine.shell.errors import (
     Overloaded,
     ShardBusy,

@@ -39,8 +39,8 @@ import msgspec
 import redis.asyncio as aioredis
 import redis.exceptions
 
-from engine.core import limits
 from engine.core.protocol import AnyEvent, BookingChanged, QueueChanged, QueueMoved, SlotChanged
+from engine.shell import limits
 
 logger = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ still collected, later.
 
 import gc
 
-from engine.core import limits
+from engine.shell import limits
 
 
 def tune_gc() -> None:

@@ -29,7 +29,8 @@ from typing import Final, TypeVar
 
 import redis.asyncio as aioredis
 
-from engine.core import limits
+from engine.shell import limits
+from persistence import limits as storage_limits
 
 _ACQUIRE: Final = """
 local holder = redis.call('GET', KEYS[1])
@@ -106,7 +107,7 @@ class ShardLease:
         shard: int,
         owner: str,
         namespace: str = "slotengine",
-        ttl_ms: int = limits.LEASE_TTL_MS,
+        ttl_ms: int = storage_limits.LEASE_TTL_MS,
         margin_ms: int = limits.LEASE_DRIFT_MARGIN_MS,
     ) -> None:
         if not 0 < margin_ms < ttl_ms:

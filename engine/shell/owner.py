@@ -42,12 +42,12 @@ import redis.exceptions
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from engine.core import limits
 from engine.core.clock import Clock
 from engine.core.errors import InvariantViolation
 from engine.core.policy import DomainPolicy
 from engine.core.protocol import READ_ONLY_COMMANDS, BatchCodec
 from engine.core.shard import ShardCore
+from engine.shell import limits
 from engine.shell.errors import ShardFailed, ShardUnreachable
 from engine.shell.events import EventPublisher, PublisherStatistics
 from engine.shell.lease import Renewal, ShardLease
@@ -59,6 +59,7 @@ from engine.shell.owner_states import (
     next_owner_state,
 )
 from engine.shell.runtime import RuntimeStatistics, ShardRuntime, service_unavailable
+from persistence import limits as storage_limits
 from persistence.migrate import migrate_url
 from persistence.store import ShardSnapshot, StaleToken, fence_token, take_over
 from persistence.writer import ShardWriter, StorageUnavailable, WriterStatistics
@@ -77,7 +78,7 @@ class StorageSettings(msgspec.Struct, frozen=True, kw_only=True):
     # Off only for the benches' commit-per-command baseline.
     group_commit: bool = True
     namespace: str = "slotengine"
-    lease_ttl_ms: int = limits.LEASE_TTL_MS
+    lease_ttl_ms: int = storage_limits.LEASE_TTL_MS
     lease_renew_every_ms: int = limits.LEASE_RENEW_EVERY_MS
     lease_margin_ms: int = limits.LEASE_DRIFT_MARGIN_MS
     lease_acquire_timeout_ms: int = limits.LEASE_ACQUIRE_TIMEOUT_MS
@@ -195,7 +196,8 @@ class ShardOwner:
         async def connect() -> asyncpg.Connection:
             # Its statements are bounded by the round's own timeout.
             return await asyncpg.connect(
-                self._storage.database_url, timeout=limits.DATABASE_CONNECT_TIMEOUT_MS / 1000
+                self._storage.database_url,
+                timeout=storage_limits.DATABASE_CONNECT_TIMEOUT_MS / 1000,
             )
 
         await run_periodically(connect, every_s)
@@ -374,8 +376,8 @@ class ShardOwner:
             # the load by its own, anything else (a BEGIN, a ROLLBACK) by this one.
             connection = await asyncpg.connect(
                 self._storage.database_url,
-                timeout=limits.DATABASE_CONNECT_TIMEOUT_MS / 1000,
-                command_timeout=limits.DATABASE_STATEMENT_TIMEOUT_MS / 1000,
+                timeout=storage_limits.DATABASE_CONNECT_TIMEOUT_MS / 1000,
+                command_timeout=storage_limits.DATABASE_STATEMENT_TIMEOUT_MS / 1000,
             )
             self._connection = connection
         return connection

@@ -28,9 +28,9 @@ import msgspec
 import ray
 import ray.exceptions
 
-from engine.core import limits
 from engine.core.errors import InvariantViolation
 from engine.core.policy import DomainPolicy
+from engine.shell import limits
 from engine.shell.clock import SystemClock
 from engine.shell.errors import (
     ShardBusy,

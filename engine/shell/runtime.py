@@ -24,7 +24,6 @@ from typing import Final, Protocol
 
 import msgspec
 
-from engine.core import limits
 from engine.core.clock import Clock
 from engine.core.errors import ServiceUnavailable, require
 from engine.core.policy import DomainPolicy
@@ -47,6 +46,7 @@ from engine.core.protocol import (
 )
 from engine.core.records import ShardStatistics
 from engine.core.shard import ShardCore
+from engine.shell import limits
 from engine.shell.errors import BatchRejected, ShardFailed
 
 logger = logging.getLogger(__name__)

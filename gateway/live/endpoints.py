@@ -15,8 +15,8 @@ from typing import Final
 
 from aiohttp import WSMsgType, web
 
-from engine.core import limits
 from engine.core.routing import shard_of
+from engine.shell import limits
 from engine.shell.events import shard_channel, slot_key, user_key
 from gateway.auth.principal import acting_user
 from gateway.connlimit import (

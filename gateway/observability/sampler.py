@@ -23,6 +23,7 @@ from engine.core import protocol as p
 from engine.shell.coalescer import EngineClient, RequestIds
 from engine.shell.owner import OwnerStatistics
 from engine.shell.runtime import RuntimeStatistics
+from persistence import limits as storage_limits
 
 logger = logging.getLogger("slotengine.gateway.observability")
 
@@ -75,7 +76,7 @@ class ShardSample:
             writer is not None
             and not writer.failed
             and not writer.fenced
-            and writer.pending_events < limits.WRITER_PENDING_EVENTS_MAX
+            and writer.pending_events < storage_limits.WRITER_PENDING_EVENTS_MAX
         )
 
 

@@ -10,6 +10,8 @@ from config.settings import (
     DOMAINS_DIR_DEFAULT,
     HEADER_TIMEOUT_DEFAULT_S,
     READ_TIMEOUT_MAX_S,
+    SHARDS_DEFAULT,
+    SHARDS_MAX,
     ConfigError,
     Settings,
     load_settings,
@@ -29,7 +31,7 @@ def test_defaults_follow_the_api_contract() -> None:
     assert settings.hold_ttl_seconds == 120
     assert settings.claim_ttl_seconds == 120
     assert settings.queue_max == 100
-    assert settings.shards == limits.SHARDS_DEFAULT
+    assert settings.shards == SHARDS_DEFAULT
     assert settings.durability == "commit"
     assert settings.queue_inactivity_seconds == 14_400
     assert settings.domains_dir == PACKAGE_DOMAINS_DIR == DOMAINS_DIR_DEFAULT
@@ -133,7 +135,7 @@ def test_values_are_trimmed_and_durability_ignores_case() -> None:
         ("SLOTENGINE_HOLD_TTL_SECONDS", limits.HOLD_TTL_MIN_S, limits.HOLD_TTL_MAX_S),
         ("SLOTENGINE_CLAIM_TTL_SECONDS", limits.HOLD_TTL_MIN_S, limits.HOLD_TTL_MAX_S),
         ("SLOTENGINE_QUEUE_MAX", 1, limits.QUEUE_SIZE_MAX),
-        ("SLOTENGINE_SHARDS", 1, limits.SHARDS_MAX),
+        ("SLOTENGINE_SHARDS", 1, SHARDS_MAX),
         ("SLOTENGINE_QUEUE_INACTIVITY_SECONDS", 1, limits.QUEUE_INACTIVITY_MAX_S),
     ],
 )

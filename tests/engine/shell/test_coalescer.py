@@ -5,8 +5,8 @@ from typing import Any
 
 import pytest
 
-from engine.core import limits
 from engine.core import protocol as p
+from engine.shell import limits
 from engine.shell.coalescer import EngineClient, shard_for
 from engine.shell.errors import (
     Overloaded,

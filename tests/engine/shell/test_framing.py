@@ -2,8 +2,8 @@
 
 import pytest
 
-from engine.core.limits import REPLY_COMPRESS_ABOVE_BYTES
 from engine.shell.errors import ShardFailed
+from engine.shell.limits import REPLY_COMPRESS_ABOVE_BYTES
 from engine.shell.ray_actor import frame_reply, unframe_reply
 
 

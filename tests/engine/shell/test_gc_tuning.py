@@ -9,7 +9,7 @@ import subprocess
 import sys
 import textwrap
 
-from engine.core import limits
+from engine.shell import limits
 
 
 def _run(script: str) -> dict[str, object]:

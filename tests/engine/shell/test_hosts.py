@@ -3,9 +3,9 @@
 import asyncio
 from typing import Any
 
-from engine.core import limits
 from engine.core import protocol as p
 from engine.core.states import BookingStatus, QueueStatus
+from engine.shell import limits
 from engine.shell.coalescer import EngineClient, shard_for
 from engine.shell.runtime import RuntimeStatistics
 from tests.engine.shell.conftest import WAIT_LIMIT_S, Engine, wait_until

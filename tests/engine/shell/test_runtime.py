@@ -7,11 +7,11 @@ from typing import Any
 
 import pytest
 
-from engine.core import limits
 from engine.core import protocol as p
 from engine.core.errors import InvariantViolation
 from engine.core.routing import make_slot_id
 from engine.core.states import BookingStatus
+from engine.shell import limits
 from engine.shell.clock import SystemClock
 from engine.shell.errors import BatchRejected, ShardFailed
 from engine.shell.runtime import MemoryEventSink, ShardRuntime

@@ -1,0 +1,196 @@
+"""The shell's limits: batching across the actor boundary, the coalescer, the shard
+actors, the lease, Redis calls, rebuilds and the in-memory sink.
+
+Each value bounds a worst case of hosting shards: a batch, the commands waiting
+for a shard, a wait on an actor call or on Redis, the memory of an actor. The
+relations between them (and with the core's and persistence's limits they
+depend on) that the code relies on are checked at import (``check``, through
+the core's ``require_relation``).
+
+``REDIS_CALL_TIMEOUT_MS`` and ``RETRY_AFTER_S`` serve the gateway too: they are
+here, the lowest layer both the shell and the gateway import. The lease's TTL
+is persistence's (``persistence/limits.py``): its checks reason about it too.
+
+This module must never import anything but the core's and persistence's limits.
+"""
+
+from collections.abc import Mapping
+from typing import Any, Final
+
+# Limits of other layers that the relations below involve (``check`` reads them
+# from this module's names).
+from engine.core.limits import (
+    REQUEST_OUTCOMES_RETENTION_MS,  # noqa: F401
+    require_relation,
+)
+from persistence.limits import LEASE_TTL_MS  # noqa: F401
+
+# -- batching across the actor boundary --------------------------------------
+# Measured: batches of 256 reach ~270k ops/s on 2 cores; larger batches add
+# latency without adding throughput.
+BATCH_COMMANDS_MAX: Final = 256
+# Several batches in flight per shard keep the actor busy while the previous
+# reply travels back.
+BATCHES_IN_FLIGHT_MAX: Final = 4
+# Ray's max_pending_calls on a shard actor: callers fail fast past this.
+SHARD_PENDING_CALLS_MAX: Final = 64
+# Retries of a batch whose actor died mid-call, and the first pause between them
+# (it doubles): a connection that broke and came back at once is resent within
+# milliseconds, and several resends fit in SHARD_UNAVAILABLE_PATIENCE_MS.
+BATCH_RETRIES_MAX: Final = 5
+BATCH_RETRY_BACKOFF_MS: Final = 100
+# How long a caller keeps resending a batch whose shard cannot be reached (its
+# engine process or actor died, restarts, or is still starting) before it
+# answers 503: about a second, so that a client learns of the fault at once and
+# comes back with its Idempotency-Key, instead of waiting out a restart (an
+# engine process's lasts as long as its leases take to lapse). Counted from the
+# first failure; every resend's own timeout ends with it too.
+SHARD_UNAVAILABLE_PATIENCE_MS: Final = 1_000
+# Every wait on an actor call has a limit.
+ACTOR_CALL_TIMEOUT_MS: Final = 30_000
+
+# -- the caller-side coalescer ------------------------------------------------
+# Commands waiting on the caller's side for one shard: four rounds of full
+# batches in flight. A shard that far behind will not catch up by queueing
+# more; the caller sheds load (503) instead.
+PENDING_COMMANDS_PER_SHARD_MAX: Final = 4 * BATCHES_IN_FLIGHT_MAX * BATCH_COMMANDS_MAX
+# A batch that is not full leaves only while fewer than this many batches are
+# in flight to its shard; otherwise it waits for a reply and grows. Full batches
+# still pipeline up to BATCHES_IN_FLIGHT_MAX. Measured with bench/ray.py on 2
+# cores (1,000 callers, 4 shards): 1 gave batches of ~180 commands and the
+# lowest p99; 4 gave batches of ~45 and about a quarter fewer operations/s.
+PARTIAL_BATCHES_IN_FLIGHT_MAX: Final = 1
+# A batch of reads alone waits only for the changes of the slots it reads, not
+# for every change in flight: a shard remembers the latest hand-off of each
+# changed slot; once it remembers this many, those already durable are
+# forgotten.
+SLOT_MARKS_PRUNE_AT: Final = 4_096
+# Backpressure (PendingCallsLimitExceeded) clears within a call or two, so its
+# backoff starts short; it doubles up to the cap and stops at the call timeout.
+BUSY_BACKOFF_FIRST_MS: Final = 2
+BUSY_BACKOFF_MAX_MS: Final = 100
+
+# -- shard actors -------------------------------------------------------------
+# Ray returns a result inline only up to 100 KiB (max_direct_call_object_size);
+# past that it goes through the object store and a call costs about 2.5 times
+# as much (measured). A full batch of queue answers is ~125 KiB of msgpack and
+# compresses about tenfold, so replies above this size travel compressed.
+REPLY_COMPRESS_ABOVE_BYTES: Final = 64 * 1024
+# Until storage takes the events, an actor keeps only the latest few for
+# inspection: an event holds copies of a booking and a slot (~1 KiB each).
+ACTOR_RECENT_EVENTS_MAX: Final = 10_000
+# A shard allocates a few objects per command and keeps hundreds of thousands
+# alive (bookings, timers, remembered outcomes). With CPython's default
+# threshold of 700 the collector took more than a tenth of a busy shard's time
+# (measured); collecting young objects every 10,000 allocations costs about 3%
+# and still reclaims cycles promptly.
+GC_GEN0_THRESHOLD: Final = 10_000
+# A shard that broke an invariant answers ShardFailed for this long before its
+# process exits, so the failing call's answer reaches the caller first.
+FATAL_EXIT_DELAY_MS: Final = 1_000
+
+# -- Redis, leases, rebuilds ----------------------------------------------------
+# Every Redis call (a lease, a fencing token, a publish, a rate limit, an
+# idempotency record): Redis answers in a millisecond, so one that has not
+# answered in half a second is down or frozen, and the request that needs it
+# gets 503 instead of a hang. Well within a lease renewal period. Shared with
+# the gateway (rate limits, idempotency records, its Redis clients).
+REDIS_CALL_TIMEOUT_MS: Final = 500
+# A shard owner's lease renewal period, and the margin for clock drift: an owner
+# that could not renew stops taking changes this long before its lease
+# (LEASE_TTL_MS, persistence/limits.py) would lapse.
+LEASE_RENEW_EVERY_MS: Final = 2_000
+LEASE_DRIFT_MARGIN_MS: Final = 2_000
+# How long a starting owner waits for a lease another owner still holds.
+LEASE_ACQUIRE_TIMEOUT_MS: Final = 60_000
+# Pause between attempts to rebuild a shard whose storage failed.
+REBUILD_RETRY_MS: Final = 500
+# Clients told to come back after a 503 wait this many seconds. Shared with the
+# gateway (gateway/http.py, gateway/live/endpoints.py).
+RETRY_AFTER_S: Final = 1
+
+# -- the shard runtime --------------------------------------------------------
+# The in-memory sink serves tests and runs without storage: it keeps the most
+# recent events only, so a long run cannot grow it without bound.
+MEMORY_SINK_EVENTS_MAX: Final = 100_000
+# Pending ``wait_for`` calls on the in-memory sink; each is checked per publish.
+MEMORY_SINK_WAITERS_MAX: Final = 1_024
+
+# Not a relation here, on purpose: a flush may outlast its owner's lease. The
+# fence in PostgreSQL, not timing, refuses a late flush (docs/durability.md), so
+# WRITER_FLUSH_TIMEOUT_MS need not fit inside the lease.
+
+
+def check(v: Mapping[str, Any]) -> None:
+    """Refuse limits ``v`` (a module's names) whose relations the code relies on break."""
+    require_relation(
+        0 < v["LEASE_DRIFT_MARGIN_MS"] < v["LEASE_TTL_MS"],
+        "0 < LEASE_DRIFT_MARGIN_MS < LEASE_TTL_MS: an owner stops taking changes a"
+        " margin before its lease could lapse, and ShardLease refuses any other margin",
+    )
+    require_relation(
+        v["REDIS_CALL_TIMEOUT_MS"] < v["LEASE_RENEW_EVERY_MS"],
+        "REDIS_CALL_TIMEOUT_MS < LEASE_RENEW_EVERY_MS: a hung renewal must not outlast"
+        " a renewal period",
+    )
+    require_relation(
+        v["LEASE_RENEW_EVERY_MS"] + 2 * v["REDIS_CALL_TIMEOUT_MS"]
+        < v["LEASE_TTL_MS"] - v["LEASE_DRIFT_MARGIN_MS"],
+        "LEASE_RENEW_EVERY_MS + 2 * REDIS_CALL_TIMEOUT_MS < LEASE_TTL_MS -"
+        " LEASE_DRIFT_MARGIN_MS: the next renewal (sent a period after the last one"
+        " answered, each answer within the timeout) confirms the lease before the"
+        " owner's write gate would shut",
+    )
+    require_relation(
+        v["LEASE_ACQUIRE_TIMEOUT_MS"] > v["LEASE_TTL_MS"],
+        "LEASE_ACQUIRE_TIMEOUT_MS > LEASE_TTL_MS: a replacement owner waits out a dead"
+        " owner's lease instead of giving up before it lapses",
+    )
+    require_relation(
+        v["SHARD_UNAVAILABLE_PATIENCE_MS"] < v["ACTOR_CALL_TIMEOUT_MS"],
+        "SHARD_UNAVAILABLE_PATIENCE_MS < ACTOR_CALL_TIMEOUT_MS: a resend's timeout is what"
+        " is left of the patience, which must not outlast the limit of any call",
+    )
+    require_relation(
+        0 < v["BATCH_RETRY_BACKOFF_MS"] < v["SHARD_UNAVAILABLE_PATIENCE_MS"]
+        and v["BATCH_RETRIES_MAX"] >= 1,
+        "0 < BATCH_RETRY_BACKOFF_MS < SHARD_UNAVAILABLE_PATIENCE_MS, BATCH_RETRIES_MAX >= 1:"
+        " a batch whose actor died is resent at least once",
+    )
+    require_relation(
+        v["BATCH_RETRY_BACKOFF_MS"] * (2 ** v["BATCH_RETRIES_MAX"] - 1) / 2
+        >= v["SHARD_UNAVAILABLE_PATIENCE_MS"],
+        "BATCH_RETRY_BACKOFF_MS * (2**BATCH_RETRIES_MAX - 1) / 2 >="
+        " SHARD_UNAVAILABLE_PATIENCE_MS: even at the shortest jitter (half) the count of"
+        " resends does not end them before the patience does",
+    )
+    require_relation(
+        v["REQUEST_OUTCOMES_RETENTION_MS"]
+        > v["ACTOR_CALL_TIMEOUT_MS"] + v["SHARD_UNAVAILABLE_PATIENCE_MS"],
+        "REQUEST_OUTCOMES_RETENTION_MS > ACTOR_CALL_TIMEOUT_MS +"
+        " SHARD_UNAVAILABLE_PATIENCE_MS: a shard remembers a request id longer than"
+        " the latest resend of its batch, so a resend never applies twice",
+    )
+    require_relation(
+        1 <= v["PARTIAL_BATCHES_IN_FLIGHT_MAX"] <= v["BATCHES_IN_FLIGHT_MAX"],
+        "1 <= PARTIAL_BATCHES_IN_FLIGHT_MAX <= BATCHES_IN_FLIGHT_MAX: at 0 a batch that"
+        " is not full would never leave",
+    )
+    require_relation(
+        v["BATCHES_IN_FLIGHT_MAX"] <= v["SHARD_PENDING_CALLS_MAX"],
+        "BATCHES_IN_FLIGHT_MAX <= SHARD_PENDING_CALLS_MAX: one caller's batches in"
+        " flight must not trip the actor's backpressure by themselves",
+    )
+    require_relation(
+        v["PENDING_COMMANDS_PER_SHARD_MAX"] >= v["BATCHES_IN_FLIGHT_MAX"] * v["BATCH_COMMANDS_MAX"],
+        "PENDING_COMMANDS_PER_SHARD_MAX >= BATCHES_IN_FLIGHT_MAX * BATCH_COMMANDS_MAX:"
+        " the commands waiting for a shard fill every batch it may have in flight",
+    )
+    require_relation(
+        0 < v["BUSY_BACKOFF_FIRST_MS"] <= v["BUSY_BACKOFF_MAX_MS"],
+        "0 < BUSY_BACKOFF_FIRST_MS <= BUSY_BACKOFF_MAX_MS: the backoff doubles from its"
+        " first pause (a 0 would spin) up to its cap",
+    )
+
+
+check(globals())
