@@ -451,7 +451,9 @@ class _LeaseOwners:
     def __init__(self, redis_url: str | None, namespace: str) -> None:
         import redis.asyncio as aioredis
 
-        self._namespace = namespace
+        from config.redis_keys import RedisKeys
+
+        self._keys = RedisKeys(namespace)
         self._client: aioredis.Redis | None = None
         self._warned = False
         if redis_url is not None:
@@ -467,7 +469,7 @@ class _LeaseOwners:
         if self._client is None:
             return True
         try:
-            return bool(await self._client.exists(f"{self._namespace}:shard:{shard}:owner"))
+            return bool(await self._client.exists(self._keys.shard_owner(shard)))
         except (RedisError, OSError) as error:
             if not self._warned:
                 self._warned = True

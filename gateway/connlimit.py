@@ -9,7 +9,8 @@ gateway of the deployment, so the cap holds however the connections spread.
 
 Theory of operation
 -------------------
-A user's record is a sorted set ``{namespace}:live:{user}``: one member per
+A user's record is a sorted set ``{namespace}:live:{user}``
+(``config/redis_keys.py``): one member per
 place (the holding gateway process's random id and a counter), scored with
 the time the place lapses, in Redis's clock (``TIME``), so gateways with skewed
 clocks agree. Taking a place is one script, atomic across gateways: drop the
@@ -43,6 +44,8 @@ from typing import Final
 import msgspec
 import redis.asyncio as aioredis
 import redis.exceptions
+
+from config.redis_keys import NAMESPACE_DEFAULT, RedisKeys
 
 logger = logging.getLogger("slotengine.connlimit")
 
@@ -141,7 +144,7 @@ class ConnectionLimiter:
         client: "aioredis.Redis",
         per_user_max: int,
         *,
-        namespace: str = "slotengine",
+        namespace: str = NAMESPACE_DEFAULT,
         lease_ms: int = LEASE_MS,
         renew_every_s: float = RENEW_EVERY_S,
     ) -> None:
@@ -153,7 +156,7 @@ class ConnectionLimiter:
         self.lease_ms = lease_ms
         self.renew_every_s = renew_every_s
         self._client = client
-        self._prefix = f"{namespace}:live"
+        self._keys = RedisKeys(namespace)
         self._take = client.register_script(_TAKE)
         self._renew = client.register_script(_RENEW)
         # Distinct from any other process's places, also across restarts.
@@ -170,7 +173,7 @@ class ConnectionLimiter:
 
     def record(self, user_id: str) -> str:
         """The Redis key of ``user_id``'s record (the user id last: no two users share one)."""
-        return f"{self._prefix}:{user_id}"
+        return self._keys.live_connections(user_id)
 
     def statistics(self) -> ConnectionLimiterStatistics:
         return ConnectionLimiterStatistics(

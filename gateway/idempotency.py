@@ -5,7 +5,8 @@ The shard that runs a command keeps its key's first outcome and replays it
 requests with one key may name slots or bookings on different shards, and a
 shard only knows its own keys. So before a keyed command goes to its shard,
 the gateway records the request's fingerprint under
-``{namespace}:idem:{endpoint}:{len(user)}:{user}:{key}`` in Redis (one script: set if
+``{namespace}:idem:{endpoint}:{len(user)}:{user}:{key}`` in Redis
+(``config/redis_keys.py``; one script: set if
 absent, else compare, atomically, shared by every gateway), and answers
 ``IdempotencyKeyReused`` when the key already stands for another request.
 
@@ -29,6 +30,7 @@ from typing import Final
 import redis.asyncio as aioredis
 import redis.exceptions
 
+from config.redis_keys import NAMESPACE_DEFAULT, RedisKeys
 from engine.core import limits
 from engine.core.fingerprint import fingerprint as shard_fingerprint
 from engine.core.protocol import AnyCommand
@@ -63,15 +65,13 @@ class KeyRegistryUnavailable(Exception):
 
 
 class KeyRegistry:
-    def __init__(self, client: "aioredis.Redis", namespace: str = "slotengine") -> None:
-        self._prefix = f"{namespace}:idem"
+    def __init__(self, client: "aioredis.Redis", namespace: str = NAMESPACE_DEFAULT) -> None:
+        self._keys = RedisKeys(namespace)
         self._script = client.register_script(_CLAIM)
         self._client = client
 
     def _record(self, endpoint: str, user_id: str, key: str) -> str:
-        # User ids and keys may both contain ":": the user's length in front
-        # keeps (user "x:y", key "k") and (user "x", key "y:k") apart.
-        return f"{self._prefix}:{endpoint}:{len(user_id)}:{user_id}:{key}"
+        return self._keys.idempotency(endpoint, user_id, key)
 
     async def claim(self, endpoint: str, user_id: str, key: str, command: AnyCommand) -> Claim:
         """Record ``command`` as what ``key`` stands for, or compare with what it does."""

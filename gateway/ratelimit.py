@@ -19,7 +19,8 @@ One script call (``EVALSHA``) decides a batch of checks: the script reads
 the clock, decides and writes each new ``TAT`` in one atomic step, so
 concurrent requests on several gateways cannot both take the last unit of
 budget. The clock is Redis's (``TIME``), never the gateway's, so gateways
-with skewed clocks agree. Keys are ``{namespace}:rl:{endpoint}:{user}`` and expire when
+with skewed clocks agree. Keys are ``{namespace}:rl:{endpoint}:{user}``
+(``config/redis_keys.py``) and expire when
 ``TAT`` is reached (``SET ... PX``): an idle user's key is then worth nothing
 and vanishes. Times are integer microseconds, written with ``%d`` because Lua
 would print a large number in ``%.14g``. Needs Redis 5 or later (a script that
@@ -68,6 +69,7 @@ import redis.asyncio as aioredis
 import redis.exceptions
 from redis.asyncio.connection import AbstractConnection
 
+from config.redis_keys import NAMESPACE_DEFAULT, RedisKeys
 from config.settings import ConfigError
 from engine.shell import limits as shell_limits
 
@@ -205,10 +207,10 @@ class RateLimiter:
     check that waits, on a connection of its own from ``client``'s pool."""
 
     def __init__(
-        self, client: "aioredis.Redis", limits: RateLimits, namespace: str = "slotengine"
+        self, client: "aioredis.Redis", limits: RateLimits, namespace: str = NAMESPACE_DEFAULT
     ) -> None:
         self.limits = limits
-        self._prefix = f"{namespace}:rl"
+        self._keys = RedisKeys(namespace)
         self._pool = client.connection_pool
         self._sha = hashlib.sha1(_GCRA.encode()).hexdigest()
         self._connection: AbstractConnection | None = None
@@ -232,7 +234,7 @@ class RateLimiter:
         return self._calls
 
     def key(self, endpoint: str, user_id: str) -> str:
-        return f"{self._prefix}:{endpoint}:{user_id}"
+        return self._keys.rate_limit(endpoint, user_id)
 
     async def check(self, endpoint: str, user_id: str) -> Decision:
         """Count one request of ``user_id`` to ``endpoint`` and say whether it may pass.

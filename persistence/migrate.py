@@ -17,14 +17,13 @@ from typing import Final
 
 import asyncpg
 
+from config.redis_keys import namespace_for_database
 from persistence import limits
 
 MIGRATIONS_DIR: Final = Path(__file__).resolve().parent / "migrations"
 # An arbitrary constant shared by every process that migrates this schema.
 MIGRATION_LOCK_KEY: Final = 0x510E_E461
 _NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
-# The first part of every deployment's key prefix in Redis.
-NAMESPACE_PREFIX: Final = "slotengine"
 
 
 class MigrationError(RuntimeError):
@@ -131,4 +130,4 @@ async def deployment_namespace(connection: asyncpg.Connection) -> str:
     )
     assert row is not None
     identity = f"{row['system']}/{row['database']}".encode()
-    return f"{NAMESPACE_PREFIX}:{hashlib.sha256(identity).hexdigest()[:12]}"
+    return namespace_for_database(hashlib.sha256(identity).hexdigest()[:12])

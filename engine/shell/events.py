@@ -4,7 +4,8 @@ A shard's writer hands over each flush's events once they are committed, so a
 subscriber never sees a change that could still be lost. A flush goes out as
 one message on the shard's channel (``{ns}:events:shard:{n}``): a msgpack pair
 ``(keys, events)``, where ``keys[i]`` names who ``events[i]`` concerns
-(``s:<slot id>``, and ``u:<user id>`` for bookings). The events are encoded
+(``s:<slot id>``, and ``u:<user id>`` for bookings; the channel and these
+topics are named in ``config/redis_keys.py``). The events are encoded
 in one call; a gateway subscribes to the shards its connections need, reads
 the events as raw slices and decodes only those whose keys someone watches.
 
@@ -39,6 +40,7 @@ import msgspec
 import redis.asyncio as aioredis
 import redis.exceptions
 
+from config.redis_keys import RedisKeys, slot_topic, user_topic
 from engine.core.protocol import AnyEvent, BookingChanged, QueueChanged, QueueMoved, SlotChanged
 from engine.shell import limits
 
@@ -50,30 +52,18 @@ PENDING_FLUSHES_MAX: Final = 1_000
 MESSAGE_EVENTS_MAX: Final = 1_000
 
 
-def shard_channel(namespace: str, shard: int) -> str:
-    return f"{namespace}:events:shard:{shard}"
-
-
-def slot_key(slot_id: str) -> str:
-    return f"s:{slot_id}"
-
-
-def user_key(user_id: str) -> str:
-    return f"u:{user_id}"
-
-
 def keys_of(event: AnyEvent) -> tuple[str, ...]:
     """Who an event concerns: its slot, and for a booking also its user."""
     kind = type(event)
     if kind is BookingChanged:
         booking = event.booking  # type: ignore[union-attr]
-        return (slot_key(booking.slot_id), user_key(booking.user_id))
+        return (slot_topic(booking.slot_id), user_topic(booking.user_id))
     if kind is QueueChanged:
-        return (slot_key(event.entry.slot_id),)  # type: ignore[union-attr]
+        return (slot_topic(event.entry.slot_id),)  # type: ignore[union-attr]
     if kind is QueueMoved:
-        return (slot_key(event.slot_id),)  # type: ignore[union-attr]
+        return (slot_topic(event.slot_id),)  # type: ignore[union-attr]
     if kind is SlotChanged:
-        return (slot_key(event.slot.id),)  # type: ignore[union-attr]
+        return (slot_topic(event.slot.id),)  # type: ignore[union-attr]
     return ()
 
 
@@ -87,7 +77,7 @@ class PublisherStatistics(msgspec.Struct, frozen=True, kw_only=True):
 class EventPublisher:
     def __init__(self, client: "aioredis.Redis", namespace: str, shard: int) -> None:
         self._client = client
-        self._channel = shard_channel(namespace, shard)
+        self._channel = RedisKeys(namespace).shard_events(shard)
         self._encode = msgspec.msgpack.Encoder().encode
         self._pending: deque[list[AnyEvent]] = deque()
         self._wake = asyncio.Event()

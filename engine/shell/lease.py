@@ -1,7 +1,8 @@
 """A shard owner's lease in Redis, and the fencing token that comes with it.
 
-``acquire`` sets ``shard:{n}:owner`` to this owner's id with ``SET NX PX`` and,
-in the same script, takes the next value of ``shard:{n}:token``: a counter that
+``acquire`` sets ``{ns}:shard:{n}:owner`` to this owner's id with ``SET NX PX``
+and, in the same script, takes the next value of ``{ns}:shard:{n}:token``
+(both named in ``config/redis_keys.py``): a counter that
 only grows, raised past a floor when the caller knows of a newer token (Redis
 lost its data, the database kept the fence). ``renew`` extends the lease only
 while this owner still holds it. Both are Lua scripts, so each is one atomic
@@ -29,6 +30,7 @@ from typing import Final, TypeVar
 
 import redis.asyncio as aioredis
 
+from config.redis_keys import NAMESPACE_DEFAULT, RedisKeys
 from engine.shell import limits
 from persistence import limits as storage_limits
 
@@ -106,7 +108,7 @@ class ShardLease:
         *,
         shard: int,
         owner: str,
-        namespace: str = "slotengine",
+        namespace: str = NAMESPACE_DEFAULT,
         ttl_ms: int = storage_limits.LEASE_TTL_MS,
         margin_ms: int = limits.LEASE_DRIFT_MARGIN_MS,
     ) -> None:
@@ -117,8 +119,9 @@ class ShardLease:
         self.owner = owner
         self.ttl_ms = ttl_ms
         self.margin_ms = margin_ms
-        self._owner_key = f"{namespace}:shard:{shard}:owner"
-        self._token_key = f"{namespace}:shard:{shard}:token"
+        keys = RedisKeys(namespace)
+        self._owner_key = keys.shard_owner(shard)
+        self._token_key = keys.shard_token(shard)
         self._acquire = client.register_script(_ACQUIRE)
         self._renew = client.register_script(_RENEW)
         self._advance = client.register_script(_ADVANCE)

@@ -42,6 +42,7 @@ import redis.exceptions
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
+from config.redis_keys import NAMESPACE_DEFAULT, RedisKeys
 from engine.core.clock import Clock
 from engine.core.errors import InvariantViolation
 from engine.core.policy import DomainPolicy
@@ -77,7 +78,7 @@ class StorageSettings(msgspec.Struct, frozen=True, kw_only=True):
     relaxed: bool = False
     # Off only for the benches' commit-per-command baseline.
     group_commit: bool = True
-    namespace: str = "slotengine"
+    namespace: str = NAMESPACE_DEFAULT
     lease_ttl_ms: int = storage_limits.LEASE_TTL_MS
     lease_renew_every_ms: int = limits.LEASE_RENEW_EVERY_MS
     lease_margin_ms: int = limits.LEASE_DRIFT_MARGIN_MS
@@ -450,7 +451,9 @@ class ShardOwner:
     async def _lease_free_or_mine(self) -> bool:
         assert self._redis is not None
         try:
-            holder = await self._redis.get(f"{self._storage.namespace}:shard:{self.shard_id}:owner")
+            holder = await self._redis.get(
+                RedisKeys(self._storage.namespace).shard_owner(self.shard_id)
+            )
         except _REDIS_ERRORS:
             return True  # unknown yet: keep trying
         return holder is None or holder in (self.owner, self.owner.encode())

@@ -18,6 +18,7 @@ import msgspec
 import redis.asyncio as aioredis
 import redis.exceptions
 
+from config.redis_keys import RedisKeys
 from engine.core import protocol as p
 
 logger = logging.getLogger("slotengine.realtime")
@@ -76,6 +77,8 @@ class EventBus:
     def __init__(self, client: "aioredis.Redis", namespace: str) -> None:
         self._client = client
         self.namespace = namespace
+        # The names of the deployment's channels (config/redis_keys.py).
+        self.keys = RedisKeys(namespace)
         self._message = msgspec.msgpack.Decoder(tuple[list[list[str]], list[msgspec.Raw]])
         self._decoder = msgspec.msgpack.Decoder(p.AnyEvent)
         self._listeners: dict[str, dict[Listener, int]] = {}
@@ -194,7 +197,7 @@ class EventBus:
     async def _connect(self) -> None:
         self._pubsub = self._client.pubsub(ignore_subscribe_messages=True)
         # A channel of its own keeps the connection subscribed when no watch needs any.
-        channels = [f"{self.namespace}:events:bus", *self._channel_refs]
+        channels = [self.keys.bus_channel, *self._channel_refs]
         for channel in self._channel_refs:
             if channel not in self._confirmed or self._confirmed[channel].done():
                 self._confirmed[channel] = asyncio.get_running_loop().create_future()

@@ -15,9 +15,9 @@ from typing import Final
 
 from aiohttp import WSMsgType, web
 
+from config.redis_keys import slot_topic, user_topic
 from engine.core.routing import shard_of
 from engine.shell import limits
-from engine.shell.events import shard_channel, slot_key, user_key
 from gateway.auth.principal import acting_user
 from gateway.connlimit import (
     ConnectionLimiter,
@@ -269,8 +269,8 @@ def _queue_watch(request: web.Request) -> tuple[Interests, Callable[[Outbox], An
     shard = shard_of(slot_id, app[ENGINE_KEY].shard_count)
     if shard is None:
         raise ApiError(404, "NotFound", "no such slot")
-    namespace = _admit(request).bus.namespace
-    return [(shard_channel(namespace, shard), slot_key(slot_id))], lambda outbox: QueueWatch(
+    keys = _admit(request).bus.keys
+    return [(keys.shard_events(shard), slot_topic(slot_id))], lambda outbox: QueueWatch(
         app[ENGINE_KEY], app[IDS_KEY], slot_id, user_id, outbox
     )
 
@@ -289,11 +289,11 @@ async def ws_bookings(request: web.Request) -> web.StreamResponse:
     who = principal(request)
     user_id = acting_user(who, user_param(request))
     app = request.app
-    namespace = _admit(request).bus.namespace
+    keys = _admit(request).bus.keys
     return await _serve_websocket(
         request,
         [
-            (shard_channel(namespace, shard), user_key(user_id))
+            (keys.shard_events(shard), user_topic(user_id))
             for shard in range(app[ENGINE_KEY].shard_count)
         ],
         lambda outbox: BookingWatch(app[ENGINE_KEY], app[IDS_KEY], user_id, outbox),

@@ -8,8 +8,9 @@ from collections.abc import AsyncIterator, Callable
 
 import redis.asyncio as aioredis
 
+from config.redis_keys import RedisKeys, slot_topic, user_topic
 from engine.core import protocol as p
-from engine.shell.events import EventPublisher, shard_channel, slot_key, user_key
+from engine.shell.events import EventPublisher
 from gateway.live.bus import EventBus
 from persistence.services import PrivateRedis
 from tests.conftest import REDIS_URL
@@ -68,9 +69,10 @@ async def test_only_watched_keys_are_delivered_in_the_order_published(
     redis_namespace: str,
 ) -> None:
     watched, other = Recorder(), Recorder()
+    channel = RedisKeys(redis_namespace).shard_events(1)
     async with _bus_and_publisher(redis_namespace, shard=1) as (bus, publisher):
-        await bus.subscribe(shard_channel(redis_namespace, 1), slot_key("s-watched"), watched)
-        await bus.subscribe(shard_channel(redis_namespace, 1), user_key("nobody"), other)
+        await bus.subscribe(channel, slot_topic("s-watched"), watched)
+        await bus.subscribe(channel, user_topic("nobody"), other)
         publisher.committed([_moved("s-watched", 1), _moved("s-unwatched", 1)])
         publisher.committed([_moved("s-watched", 2), _moved("s-watched", 3)])
         await watched.wait_for(lambda: len(watched.events) == 3)
@@ -78,8 +80,8 @@ async def test_only_watched_keys_are_delivered_in_the_order_published(
         assert other.events == []
         stats = bus.statistics()
         assert stats.events_received == 4 and stats.events_delivered == 3
-        await bus.unsubscribe(shard_channel(redis_namespace, 1), slot_key("s-watched"), watched)
-        await bus.unsubscribe(shard_channel(redis_namespace, 1), user_key("nobody"), other)
+        await bus.unsubscribe(channel, slot_topic("s-watched"), watched)
+        await bus.unsubscribe(channel, user_topic("nobody"), other)
         assert bus.statistics().channels == 0
 
 
@@ -90,9 +92,9 @@ async def test_after_losing_redis_the_bus_reconnects_and_every_watch_resyncs(
     bus = EventBus(client, "ns")
     await bus.start()
     watch = Recorder()
-    channel = shard_channel("ns", 0)
+    channel = RedisKeys("ns").shard_events(0)
     try:
-        await bus.subscribe(channel, slot_key("s1"), watch)
+        await bus.subscribe(channel, slot_topic("s1"), watch)
         await private_redis.astop()
         await private_redis.astart()
         await watch.wait_for(lambda: watch.resyncs >= 1)
@@ -145,11 +147,11 @@ async def test_after_a_reconnection_watches_resync_only_once_subscribed_again(
     client = aioredis.Redis.from_url(private_redis.url, socket_connect_timeout=0.5)
     bus = EventBus(client, "ns")
     await bus.start()
-    channel = shard_channel("ns", 3)
+    channel = RedisKeys("ns").shard_events(3)
     probe_client = aioredis.Redis.from_url(private_redis.url)
     watch = SubscribedCheck(probe_client, channel)
     try:
-        await bus.subscribe(channel, slot_key("s1"), watch)
+        await bus.subscribe(channel, slot_topic("s1"), watch)
         await private_redis.astop()
         await asyncio.sleep(0.3)  # the bus notices and retries meanwhile
         await private_redis.astart()
@@ -171,7 +173,7 @@ async def test_a_shard_nobody_listens_to_stops_publishing_until_a_watch_asks(
     redis_namespace: str,
 ) -> None:
     watch = Recorder()
-    channel = shard_channel(redis_namespace, 2)
+    channel = RedisKeys(redis_namespace).shard_events(2)
     async with _bus_and_publisher(redis_namespace, shard=2) as (bus, publisher):
         publisher.committed([_moved("s1", 1)])
         await _until(lambda: not publisher.statistics().publishing)
@@ -179,7 +181,7 @@ async def test_a_shard_nobody_listens_to_stops_publishing_until_a_watch_asks(
         publisher.committed([_moved("s1", 2), _moved("s1", 3)])
         assert publisher.statistics().unwatched == 2
         # A watch subscribes, then its snapshot read turns publishing on.
-        await bus.subscribe(channel, slot_key("s1"), watch)
+        await bus.subscribe(channel, slot_topic("s1"), watch)
         publisher.committed([_moved("s1", 4)])
         assert publisher.statistics().unwatched == 3  # not asked yet: still off
         publisher.watched()
@@ -191,7 +193,7 @@ async def test_a_shard_nobody_listens_to_stops_publishing_until_a_watch_asks(
         await watch.wait_for(lambda: len(watch.events) == 2)
         assert publisher.statistics().publishing
         # The last watch leaves: the next flush reaches nobody, and it stops again.
-        await bus.unsubscribe(channel, slot_key("s1"), watch)
+        await bus.unsubscribe(channel, slot_topic("s1"), watch)
         publisher.committed([_moved("s1", 7)])
         await _until(lambda: not publisher.statistics().publishing)
         assert publisher.statistics().dropped == 0

@@ -7,12 +7,13 @@ from collections.abc import AsyncIterator
 import asyncpg
 import pytest
 
+from config.redis_keys import NAMESPACE_DEFAULT
 from config.settings import Settings
 from engine.shell.errors import ShardUnavailable
 from engine.shell.inproc import OwnedInProcessHost
 from engine.shell.owner import OwnerState
 from gateway.server import storage_for
-from persistence.migrate import NAMESPACE_PREFIX, deployment_namespace
+from persistence.migrate import deployment_namespace
 from tests.conftest import (
     DATABASE_URL,
     REDIS_URL,
@@ -51,7 +52,7 @@ async def test_a_database_names_one_namespace_and_another_database_another(
     assert first != other
     for namespace in (first, other):
         prefix, digest = namespace.split(":")
-        assert prefix == NAMESPACE_PREFIX and len(digest) == 12
+        assert prefix == NAMESPACE_DEFAULT and len(digest) == 12
         int(digest, 16)
 
 
