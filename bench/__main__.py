@@ -5,6 +5,10 @@ A scenario is any public module of the ``bench`` package with
 may return a dict or an exit status). Its module docstring's first line is its
 help. The result dict is printed as one JSON object, the last line of output,
 with the machine's speed during the run under ``machine`` (``bench._machine``).
+
+Like every module of ``bench``, it must never be imported by the engine, the
+gateway, persistence or config (an import contract holds it; ``slotengine
+bench`` hands its arguments over when that command runs).
 """
 
 import argparse

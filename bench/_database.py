@@ -1,5 +1,9 @@
 """A database of a bench run's own: created on the configured (or embedded) server,
-named after the run, and dropped at its end unless it is to be kept."""
+named after the run, and dropped at its end unless it is to be kept.
+
+It must never be handed a database it did not create for the run:
+``drop_database`` drops what it is given (``WITH (FORCE)``).
+"""
 
 from typing import Final
 from urllib.parse import urlsplit, urlunsplit

@@ -12,6 +12,9 @@ The check after a scenario reads PostgreSQL, the source of truth: no slot
 holds more than its capacity, no user has two active bookings of one slot, and
 every hold or confirmation a client was given is there with the acknowledged
 status or a later one (``lost_acks``).
+
+It must never drive a server off this machine (``--url`` takes loopback only),
+nor leave a run's database behind unless ``--keep-database`` asks.
 """
 
 import argparse

@@ -22,6 +22,9 @@ carries, under ``machine``:
   distribution's interpreter serves about a sixth more requests than pyenv's
   build, and the calibration runs faster under it too, so compare
   calibrations only between runs on the same interpreter.
+
+It must never take a calibration while the scenario runs (only just before and
+just after it), so that it measures the machine and not the run.
 """
 
 import os

@@ -7,6 +7,8 @@ distribution, as the share of requests answered within a time) and
 ``<scenario>-throughput.png`` (answers per second over the run, by operation).
 matplotlib draws them (headless, Agg); it is an optional extra (``bench``),
 and without it the summary is written alone, saying how to get the plots.
+
+It must never need matplotlib for the summary.
 """
 
 import argparse

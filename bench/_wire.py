@@ -8,6 +8,9 @@ pre-assembled buffer and parses answers by hand (status line, Content-Length,
 body), about a tenth of that. It speaks only what the gateway answers: HTTP/1.1
 with Content-Length bodies (no chunked encoding, no compression), one request
 at a time per connection.
+
+It must never be pointed at a server other than the gateway: it speaks only
+what the gateway answers.
 """
 
 import asyncio

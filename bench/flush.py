@@ -15,6 +15,9 @@ from the SQL files in DIR, alternating flush by flush: both schemas then see
 the same machine at the same moments, so their ratio holds even while the
 machine's speed drifts (a replay into two copies of one schema agrees within
 about 1%).
+
+It must never write to the configured deployment's own database: each schema
+gets a database of the run's own.
 """
 
 import argparse

@@ -21,6 +21,9 @@ hold and confirmation present with its status or a later one.
 Targets at 5,000/s offered on the 2-core machine: >= 99% achieved, p99 within
 reserve 200 ms, queue join 100 ms, confirm 300 ms, position 50 ms, cancel
 200 ms, 0 errors, 0 violations.
+
+It must never drive a server off this machine, nor leave the database of the
+run behind unless ``--keep-database`` asks.
 """
 
 import argparse

@@ -9,6 +9,8 @@ command) for the baseline, in the same run and on the same actors.
 
 It owns its own Ray (unless ``RAY_ADDRESS`` names a cluster), its own shard
 actors under a fresh name, and kills both at the end.
+
+It must never touch another run's or a deployment's shard actors.
 """
 
 import argparse

@@ -11,6 +11,9 @@ acknowledged hold present).
 
 Target on the 2-core machine: 100 holds, 100 queued, 800 QueueFull, 0 errors,
 p99 <= 200 ms.
+
+It must never drive a server off this machine, nor leave the database of the
+run behind unless ``--keep-database`` asks.
 """
 
 import argparse

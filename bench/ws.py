@@ -12,6 +12,9 @@ gateway's memory is its processes' resident size with every subscriber
 connected.
 
 Targets on the 2-core machine: p99 <= 1 s, gateway memory <= 1.5 GB.
+
+It must never drive a server off this machine, nor leave the database of the
+run behind unless ``--keep-database`` asks.
 """
 
 import argparse

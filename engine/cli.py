@@ -8,6 +8,9 @@ are thin wrappers kept here: settings, service URLs, printing, exit status.
 Exit status: 0 success; 1 the task ran and failed (a migration refused, or
 ``reconcile`` left violations); 2 the task could not run (bad settings, no
 database, the database unreachable or not migrated).
+
+It must never import a subcommand's module before that subcommand is chosen,
+nor hold a command's work beyond those thin storage wrappers.
 """
 
 import argparse

@@ -6,6 +6,9 @@ rest find the queue full. Some holders confirm, one lets the hold lapse, and
 the real timer wheel expires it and offers the place to the head of the queue.
 It runs the same shard code as the server, on the real clock, with short TTLs
 so the expiry is seen within seconds.
+
+It must never need PostgreSQL, Redis or a server: its shards keep their state
+in memory (in this process, or as Ray actors with ``--engine ray``).
 """
 
 import argparse

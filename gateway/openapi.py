@@ -5,6 +5,9 @@ The request and response bodies come from ``gateway.schemas`` through
 server accepts and answers. The operations are listed once, in ``OPERATIONS``,
 next to their statuses and error codes as docs/api.md gives them. ``/docs``,
 the explorer of this document, is ``gateway.explorer``'s.
+
+It must never describe a body by hand nor serve ``/docs``: the schemas describe
+the bodies, ``gateway.explorer`` serves the explorer.
 """
 
 from collections.abc import Iterable, Sequence

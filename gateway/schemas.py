@@ -4,6 +4,9 @@ Field names are camelCase on the wire (``rename="camel"``); times are RFC 3339
 strings, answered in UTC with millisecond precision when it is not zero, and
 required to carry an offset on input. The same structs generate the OpenAPI
 document, so what validates a request is what the document describes.
+
+It must never call the engine or hold state: a struct says what a body looks
+like, the shards decide what it may do.
 """
 
 import functools

@@ -13,6 +13,9 @@ The embedded services outlive the server (a restart reuses them at once)
 unless ``stop_services_on_exit`` is set; it says so when it starts them.
 
 Bad settings fail before anything starts, with one line naming the setting.
+
+It must never handle a request itself: every route is the app's
+(``gateway.app``, ``gateway.observability``, ``gateway.openapi``).
 """
 
 import asyncio

@@ -7,6 +7,9 @@ edited afterwards is refused rather than silently diverging. A session-level
 advisory lock serialises concurrent starts (several gateways, ``slotengine
 migrate`` during a deploy). Beside the schema it names the deployment the
 database holds (``deployment_namespace``), read once at every start.
+
+It must never apply an edited migration, apply one twice, or undo one: there
+are no down migrations.
 """
 
 import hashlib

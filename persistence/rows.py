@@ -5,6 +5,9 @@ by the writer and the tests' model of storage. Folding keeps the last state
 of every record a flush touched: a booking held, confirmed and cancelled
 within one flush is written once, as CANCELLED. Every transition still gets
 its own audit row.
+
+It must never do I/O nor decide a business rule: the rows are what the events
+say.
 """
 
 from dataclasses import dataclass, field

@@ -5,6 +5,9 @@ subclasses with a stable machine-readable ``code`` and the HTTP status the
 API answers with; the core turns them into ``Failure`` results and leaves its
 state unchanged. A broken invariant is not an expected outcome: it raises
 ``InvariantViolation``, which crashes the shard so it rebuilds from storage.
+
+It must never import anything but ``typing``, so that every other module may
+import it.
 """
 
 from typing import Any, ClassVar

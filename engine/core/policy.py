@@ -2,6 +2,9 @@
 
 ``config.domains`` reads the TOML files and settings and produces these; the
 core only ever sees a finished ``DomainPolicy``.
+
+It must never read a file, a setting or the environment (``config.domains``
+does): the core stays pure.
 """
 
 import msgspec

@@ -26,6 +26,9 @@ What PostgreSQL refuses, and so what is refused here:
 
 Pure functions, no I/O; each answers the first problem it finds as
 ``(path, message)`` so that callers can name the field.
+
+It must never change a value (it only answers whether one is storable) nor
+import anything of the core but its limits.
 """
 
 import math

@@ -16,6 +16,9 @@ actually advances, not from a guess.
 Invariants: ``_seq_of`` and ``_user_of`` are inverse maps of the same users;
 the sorted list holds exactly their sequence numbers; sequence numbers only
 grow.
+
+It must never let a later joiner overtake an earlier one, nor scan the line to
+answer a position.
 """
 
 from bisect import bisect_left

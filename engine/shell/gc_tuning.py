@@ -10,6 +10,8 @@ generation's threshold to ``GC_GEN0_THRESHOLD`` makes collections fewer and
 larger, and full ones as much rarer; freezing what exists at start keeps the
 imported modules and loaded state out of every later scan. Cyclic garbage is
 still collected, later.
+
+It must never disable the collector: cyclic garbage is still collected, later.
 """
 
 import gc

@@ -22,6 +22,9 @@ matches by id. A call of ``OP_BATCH_EARLY`` may get one partial reply
 the reads of a batch that waits for its changes to commit, whose answers are
 durable already, leave without that wait. The socket is made readable by its
 owner only (mode 0600).
+
+It must never serve beyond this machine (a Unix socket, readable by its owner
+only) nor decide a rule: the shards it hosts do.
 """
 
 import asyncio
