@@ -13,7 +13,7 @@ queue size and inactivity from the environment, queue enabled, cancellation
 until the slot starts with a full refund, booking up to 365 days ahead).
 
 Any bad file raises ``ConfigError`` naming the file and the field path
-(``at `$.queueSettings.maxSize```). Nothing here is read per request: the
+(``at `$.queueSettings.maxSize```). It must never be read per request: the
 server loads the policies once, at start.
 """
 

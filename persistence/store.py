@@ -1,7 +1,7 @@
 """The SQL a shard owner runs: taking a shard over (fence + reload) and writing a flush.
 
 Every function takes an open asyncpg connection and runs inside the caller's
-transaction discipline described on each. Nothing here decides a business
+transaction discipline described on each. It must never decide a business
 rule: the rows are what the engine's events say.
 """
 
