@@ -44,6 +44,7 @@ from redis.backoff import NoBackoff
 
 from config.domains import load_policies
 from config.settings import ConfigError, Settings
+from engine.shell.actor_identity import RAY_NAMESPACE
 from engine.shell.coalescer import EngineClient
 from engine.shell.limits import REDIS_CALL_TIMEOUT_MS
 from engine.shell.owner import StorageSettings
@@ -65,8 +66,6 @@ from gateway.ratelimit import RateLimiter, RateLimits, rate_limits_from_env
 logger = logging.getLogger("slotengine.server")
 
 EngineKind = Literal["ray", "inproc"]
-# Ray namespace of the shard actors every gateway of one deployment shares.
-RAY_NAMESPACE: Final = "slotengine"
 SHUTDOWN_TIMEOUT_S: Final = 10.0
 # A worker's graceful stop: aiohttp's shutdown, then the engine's wait for
 # batches in flight (each up to SHUTDOWN_TIMEOUT_S), with a margin.

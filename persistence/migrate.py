@@ -6,7 +6,9 @@ re-running is safe (applied files are skipped) and an applied file that was
 edited afterwards is refused rather than silently diverging. A session-level
 advisory lock serialises concurrent starts (several gateways, ``slotengine
 migrate`` during a deploy). Beside the schema it names the deployment the
-database holds (``deployment_namespace``), read once at every start.
+database holds (``deployment_namespace``), read once at every start, from the
+database's fingerprint (``database_fingerprint``), by which a shard actor shows
+which database it serves.
 
 It must never apply an edited migration, apply one twice, or undo one: there
 are no down migrations.
@@ -127,10 +129,28 @@ async def deployment_namespace(connection: asyncpg.Connection) -> str:
     process of a deployment, across restarts and after a standby is promoted
     (it keeps the identifier), and different for a copy restored elsewhere.
     """
+    return namespace_for_database(await database_fingerprint(connection))
+
+
+async def database_fingerprint(connection: asyncpg.Connection) -> str:
+    """12 hex digits naming the database ``connection`` is connected to: a digest
+    of the cluster's system identifier and the database's name (see
+    ``deployment_namespace``). Two URLs of one database (another host name, a
+    socket) give the same fingerprint; two databases never do."""
     row = await connection.fetchrow(
         "SELECT (SELECT system_identifier FROM pg_control_system()) AS system,"
         " current_database() AS database"
     )
     assert row is not None
     identity = f"{row['system']}/{row['database']}".encode()
-    return namespace_for_database(hashlib.sha256(identity).hexdigest()[:12])
+    return hashlib.sha256(identity).hexdigest()[:12]
+
+
+async def database_fingerprint_of(url: str) -> str:
+    """``database_fingerprint`` of the database ``url`` names, on a connection of its
+    own, bounded like every connect of a shard owner."""
+    connection = await asyncpg.connect(url, timeout=limits.DATABASE_CONNECT_TIMEOUT_MS / 1000)
+    try:
+        return await database_fingerprint(connection)
+    finally:
+        await connection.close()

@@ -88,6 +88,15 @@ GC_GEN0_THRESHOLD: Final = 10_000
 # A shard that broke an invariant answers ShardFailed for this long before its
 # process exits, so the failing call's answer reaches the caller first.
 FATAL_EXIT_DELAY_MS: Final = 1_000
+# Ending actors for good (a failed start removing what it created, `slotengine
+# cluster stop|reset`): Ray kills a process at once, even a stopped one, and
+# reports it dead within a second or two; past this the caller says which did
+# not end. While waiting, the actor is asked again this often.
+ACTOR_END_TIMEOUT_MS: Final = 20_000
+ACTOR_DEATH_POLL_MS: Final = 50
+# A graceful stop (`slotengine cluster stop`): the owner's last flush (the
+# writer's close waits up to 10 s) and its lease's release, with a margin.
+ACTOR_STOP_TIMEOUT_MS: Final = 15_000
 
 # -- Redis, leases, rebuilds ----------------------------------------------------
 # Every Redis call (a lease, a fencing token, a publish, a rate limit, an

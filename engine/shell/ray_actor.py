@@ -1,20 +1,30 @@
 """Shards as Ray actors: the actor class, spawning and finding them, and their transport.
 
 ``ShardActor`` wraps one ``ShardRuntime``: one Ray actor (one OS process) owns
-one shard and all of its slots. Actors are named ``<prefix>-<n>``, detached
-(a restarted gateway finds them again), restart without limit after a crash,
-reserve no CPU (a shard is mostly idle between batches), and bound their
-pending calls so callers get backpressure instead of an unbounded queue.
+one shard and all of its slots. Actors are named ``<prefix>-<n>``, the prefix
+naming the deployment (``engine.shell.actor_identity``), detached (a restarted
+gateway finds them again), restart without limit after a crash, reserve no
+CPU (a shard is mostly idle between batches), and bound their pending calls so
+callers get backpressure instead of an unbounded queue.
+
+An actor found by name proves it is this deployment's before it is used: its
+identity carries the shard layout, the deployment namespace it was started
+with and the fingerprint of the database it reaches itself
+(``persistence.migrate.database_fingerprint``); a mismatch fails the start
+with one line naming both. A start that fails removes the actors it created
+(never those it found), so it leaves nothing behind for the next start.
 
 ``RayShardTransport`` is the caller's adapter: it maps Ray's exceptions onto
 ``engine.shell.errors`` here and nowhere else.
 
 This module must never mutate shard state outside the actor's default
-concurrency group (its one event loop), and must not build msgspec codecs at
-module level (Ray pickles the class with its module globals).
+concurrency group (its one event loop), must not build msgspec codecs at
+module level (Ray pickles the class with its module globals), and must never
+end, on a failed start, an actor that start did not create.
 """
 
 import asyncio
+import contextlib
 import functools
 import logging
 import os
@@ -24,13 +34,20 @@ import zlib
 from collections.abc import Callable
 from typing import Any, Final, cast
 
-import msgspec
 import ray
 import ray.exceptions
 
 from engine.core.errors import InvariantViolation
 from engine.core.policy import DomainPolicy
 from engine.shell import limits
+from engine.shell.actor_identity import (
+    SHARD_ACTOR_PREFIX,
+    DeploymentMismatch,
+    ShardIdentity,
+    actor_name,
+    check_identities,
+    deployment_prefix,
+)
 from engine.shell.clock import SystemClock
 from engine.shell.errors import (
     ShardBusy,
@@ -43,10 +60,12 @@ from engine.shell.errors import (
 from engine.shell.gc_tuning import tune_gc
 from engine.shell.owner import OwnerStatistics, ShardOwner, StorageSettings
 from engine.shell.runtime import MemoryEventSink, RuntimeStatistics, ShardRuntime
+from persistence.migrate import database_fingerprint_of
+
+__all__ = ["SHARD_ACTOR_PREFIX", "DeploymentMismatch", "ShardIdentity", "actor_name"]
 
 logger = logging.getLogger(__name__)
 
-SHARD_ACTOR_PREFIX: Final = "slotengine-shard"
 # zlib's fastest level: ~0.6 us per command of a full batch, a fraction of the
 # object store's cost.
 REPLY_COMPRESS_LEVEL: Final = 1
@@ -54,14 +73,6 @@ _REPLY_RAW: Final = b"\x00"
 _REPLY_ZLIB: Final = b"\x01"
 # Exit status of a shard that stopped on a broken invariant: not 0, so Ray restarts it.
 FATAL_EXIT_STATUS: Final = 70
-
-
-class ShardIdentity(msgspec.Struct, frozen=True, kw_only=True):
-    shard_id: int
-    shard_count: int
-    pid: int
-    # True when Ray rebuilt this actor after its process died.
-    restarted: bool
 
 
 def _exit_after_failure(exc: BaseException) -> None:
@@ -102,6 +113,11 @@ class ShardActor:
     ) -> None:
         self._shard_id = shard_id
         self._shard_count = shard_count
+        self._storage = storage
+        # The fingerprint of the database this actor reaches, once measured.
+        self._database: str | None = None
+        # Stopped by the operator (``stop``): it never starts again.
+        self._stopped = False
         tune_gc()
         context = ray.get_runtime_context()
         with warnings.catch_warnings():
@@ -143,6 +159,8 @@ class ShardActor:
         still under way after ``wait_ms``: a batch does not wait out a start that
         waits for a lease or a database, its caller answers 503 meanwhile.
         """
+        if self._stopped:
+            raise ShardUnavailable(f"shard {self._shard_id} was stopped")
         owner = self._owner
         if owner is None:
             assert self._runtime is not None
@@ -160,15 +178,51 @@ class ShardActor:
             self._starting = None
             raise ShardUnreachable(f"shard {self._shard_id} could not start: {exc!r}") from exc
 
-    async def ready(self) -> ShardIdentity:
-        """Start serving (idempotent) and say who this actor is."""
-        await self._started()
+    async def identify(self) -> ShardIdentity:
+        """Say who this actor is, without starting it: a caller checks that it is
+        its own deployment's before it lets it take a lease or serve."""
+        storage = self._storage
+        if storage is not None and self._database is None:
+            try:
+                self._database = await database_fingerprint_of(storage.database_url)
+            except Exception as exc:
+                raise ShardUnavailable(
+                    f"shard {self._shard_id} cannot reach its database: {exc!r}"
+                ) from exc
         return ShardIdentity(
             shard_id=self._shard_id,
             shard_count=self._shard_count,
             pid=os.getpid(),
             restarted=self._restarted,
+            deployment=None if storage is None else storage.namespace,
+            database=self._database,
         )
+
+    async def ready(self) -> ShardIdentity:
+        """Start serving (idempotent) and say who this actor is."""
+        await self._started()
+        return await self.identify()
+
+    async def stop(self) -> OwnerStatistics | None:
+        """Stop for good, gracefully: flush what is pending and release the lease.
+
+        Every later call is refused (``ShardUnavailable``); the caller then ends
+        the actor (``ray.kill`` without restart). Returns the owner's last
+        statistics (its writer's pending events, whether it failed), None for an
+        in-memory shard.
+        """
+        self._stopped = True
+        starting, self._starting = self._starting, None
+        if starting is not None and not starting.done():
+            starting.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await starting
+        if self._owner is None:
+            if self._runtime is not None:
+                self._runtime.close()
+            return None
+        await self._owner.close()
+        return self._owner.statistics()
 
     async def execute_batch(self, data: bytes) -> bytes:
         """The encoded reply behind a one-byte frame header (see ``unframe_reply``)."""
@@ -225,10 +279,6 @@ def _remote_class() -> Any:
     return ray.remote(ShardActor)
 
 
-def actor_name(shard: int, name_prefix: str = SHARD_ACTOR_PREFIX) -> str:
-    return f"{name_prefix}-{shard}"
-
-
 def spawn_shard_actor(
     shard: int,
     *,
@@ -239,22 +289,52 @@ def spawn_shard_actor(
     storage: StorageSettings | None = None,
 ) -> Any:
     """The handle of shard ``shard``'s actor, created unless it already exists."""
-    return (
-        _remote_class()
-        .options(
-            name=actor_name(shard, name_prefix),
-            namespace=namespace,
-            lifetime="detached",
-            get_if_exists=True,
-            num_cpus=0,
-            max_restarts=-1,
-            max_pending_calls=limits.SHARD_PENDING_CALLS_MAX,
-            # Per-call task events feed Ray's dashboard, not us: thousands of batch calls a
-            # second would cost both ends and the GCS about 5% (measured).
-            enable_task_events=False,
-        )
-        .remote(shard, shard_count, policies, storage)
+    handle, _ = find_or_create_shard_actor(
+        shard,
+        shard_count=shard_count,
+        policies=policies,
+        namespace=namespace,
+        name_prefix=name_prefix,
+        storage=storage,
     )
+    return handle
+
+
+def find_or_create_shard_actor(
+    shard: int,
+    *,
+    shard_count: int,
+    policies: dict[str, DomainPolicy],
+    namespace: str | None = None,
+    name_prefix: str = SHARD_ACTOR_PREFIX,
+    storage: StorageSettings | None = None,
+) -> tuple[Any, bool]:
+    """(handle, created): the actor found under the shard's name, else a new one
+    (Ray's ``get_if_exists``, telling which it was)."""
+    name = actor_name(shard, name_prefix)
+    try:
+        return ray.get_actor(name, namespace=namespace), False
+    except ValueError:
+        pass
+    try:
+        created = (
+            _remote_class()
+            .options(
+                name=name,
+                namespace=namespace,
+                lifetime="detached",
+                num_cpus=0,
+                max_restarts=-1,
+                max_pending_calls=limits.SHARD_PENDING_CALLS_MAX,
+                # Per-call task events feed Ray's dashboard, not us: thousands of batch
+                # calls a second would cost both ends and the GCS about 5% (measured).
+                enable_task_events=False,
+            )
+            .remote(shard, shard_count, policies, storage)
+        )
+    except ValueError:  # ActorAlreadyExistsError: another start created it meanwhile
+        return ray.get_actor(name, namespace=namespace), False
+    return created, True
 
 
 def spawn_shard_actors(
@@ -278,19 +358,51 @@ def spawn_shard_actors(
     ]
 
 
-async def wait_shards_ready(handles: list[Any], *, timeout_ms: int) -> list[ShardIdentity]:
-    """Wait for every actor to serve; fail if one was created for another shard layout."""
+async def wait_shards_ready(
+    handles: list[Any],
+    *,
+    timeout_ms: int,
+    deployment: str | None = None,
+    database: str | None = None,
+    name_prefix: str = SHARD_ACTOR_PREFIX,
+) -> list[ShardIdentity]:
+    """Wait for every actor to serve; fail if one was created for another shard layout.
+
+    Given ``deployment``, every actor first proves, before it is started, that it
+    was started with that deployment namespace and reaches the database whose
+    fingerprint is ``database``: else ``DeploymentMismatch``, naming both.
+    """
     async with asyncio.timeout(timeout_ms / 1000):
+        if deployment is not None:
+            found = await asyncio.gather(*(h.identify.remote() for h in handles))
+            check_identities(found, deployment, database, name_prefix)
         identities = cast(
             list[ShardIdentity], await asyncio.gather(*(h.ready.remote() for h in handles))
         )
-    for shard, identity in enumerate(identities):
-        if identity.shard_id != shard or identity.shard_count != len(handles):
-            raise ShardFailed(
-                f"actor for shard {shard} serves shard {identity.shard_id} of "
-                f"{identity.shard_count}, expected {shard} of {len(handles)}"
-            )
+    check_identities(identities, deployment, database, name_prefix)
     return identities
+
+
+async def end_shard_actors(handles: list[Any], *, timeout_ms: int) -> None:
+    """End the actors for good, whatever their state, and return once Ray has them
+    dead (their names free for new actors); ``TimeoutError`` past ``timeout_ms``."""
+    for handle in handles:
+        ray.kill(handle, no_restart=True)
+
+    async def dead(handle: Any) -> None:
+        # Ray kills asynchronously: a call may still be answered by the process, or
+        # find the actor unavailable, until Ray reports it dead.
+        while True:
+            try:
+                await handle.identify.remote()
+            except ray.exceptions.ActorDiedError:
+                return
+            except (ray.exceptions.RayError, ShellError):
+                pass
+            await asyncio.sleep(limits.ACTOR_DEATH_POLL_MS / 1000)
+
+    async with asyncio.timeout(timeout_ms / 1000):
+        await asyncio.gather(*(dead(handle) for handle in handles))
 
 
 def kill_shard_actors(
@@ -336,19 +448,56 @@ class RayShardTransport:
         shard_count: int,
         policies: dict[str, DomainPolicy],
         namespace: str | None = None,
-        name_prefix: str = SHARD_ACTOR_PREFIX,
+        name_prefix: str | None = None,
         timeout_ms: int = limits.ACTOR_CALL_TIMEOUT_MS,
         storage: StorageSettings | None = None,
     ) -> "RayShardTransport":
-        """Spawn (or find) every shard actor and wait until all serve."""
-        handles = spawn_shard_actors(
-            shard_count=shard_count,
-            policies=policies,
-            namespace=namespace,
-            name_prefix=name_prefix,
-            storage=storage,
-        )
-        await wait_shards_ready(handles, timeout_ms=timeout_ms)
+        """Find or spawn every shard actor, check that each is this deployment's, and
+        wait until all serve.
+
+        The names are the deployment's (``deployment_prefix(storage.namespace)``)
+        unless ``name_prefix`` is given. A start that fails removes the actors it
+        created, and leaves those it found (another start's, which it must not
+        stop) to ``slotengine cluster reset``.
+        """
+        if name_prefix is None:
+            name_prefix = (
+                SHARD_ACTOR_PREFIX if storage is None else deployment_prefix(storage.namespace)
+            )
+        database = None
+        if storage is not None:
+            # Before any actor exists: a database this process cannot reach fails here.
+            database = await database_fingerprint_of(storage.database_url)
+        handles: list[Any] = []
+        created: list[Any] = []
+        try:
+            for shard in range(shard_count):
+                handle, new = find_or_create_shard_actor(
+                    shard,
+                    shard_count=shard_count,
+                    policies=policies,
+                    namespace=namespace,
+                    name_prefix=name_prefix,
+                    storage=storage,
+                )
+                handles.append(handle)
+                if new:
+                    created.append(handle)
+            await wait_shards_ready(
+                handles,
+                timeout_ms=timeout_ms,
+                deployment=None if storage is None else storage.namespace,
+                database=database,
+                name_prefix=name_prefix,
+            )
+        except BaseException:
+            if created:
+                logger.error("the start failed: removing the %d actors it created", len(created))
+                try:
+                    await end_shard_actors(created, timeout_ms=limits.ACTOR_END_TIMEOUT_MS)
+                except Exception:
+                    logger.exception("the actors this start created did not all end")
+            raise
         return cls(
             handles,
             policies=policies,

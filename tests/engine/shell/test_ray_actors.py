@@ -62,12 +62,20 @@ async def test_spawning_again_finds_the_same_named_actor(
 async def test_an_actor_from_another_shard_layout_is_refused(
     own_shards: tuple[str, RayShardTransport],
 ) -> None:
-    prefix, _ = own_shards
+    import ray
+
+    prefix, transport = own_shards
+    before = await transport.identity(0, TIMEOUT_MS)
     # Shard 0 exists for a layout of one shard; a layout of two must not adopt it.
-    handles = spawn_shard_actors(shard_count=2, policies=POLICIES, name_prefix=prefix)
     try:
         with pytest.raises(ShardFailed, match="expected 0 of 2"):
-            await wait_shards_ready(handles, timeout_ms=TIMEOUT_MS)
+            await RayShardTransport.connect(
+                shard_count=2, policies=POLICIES, name_prefix=prefix, timeout_ms=TIMEOUT_MS
+            )
+        # The failed start removed the actor it created (shard 1), not the one it found.
+        with pytest.raises(ValueError):
+            ray.get_actor(f"{prefix}-1")
+        assert await transport.identity(0, TIMEOUT_MS) == before
     finally:
         kill_shard_actors(shard_count=2, name_prefix=prefix)
 
