@@ -152,6 +152,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     stop_parser.set_defaults(run=_services_stop)
 
+    from engine import cluster
+
+    cluster_parser = commands.add_parser(
+        "cluster",
+        help="see, stop or remove the deployment's shard actors on a running Ray cluster",
+        description="The deployment's shard actors on the Ray cluster at --address or "
+        "RAY_ADDRESS (never started here); the deployment is named by its database "
+        "(DATABASE_URL). Exit 2 when the cluster or the database cannot be reached.",
+    )
+    cluster.add_arguments(cluster_parser)
+    cluster_parser.set_defaults(run=_cluster)
+
     token_parser = commands.add_parser(
         "token",
         help="print a JWT signed with the configured secret (development and tests)",
@@ -249,6 +261,19 @@ def _services_stop(args: argparse.Namespace) -> int:
     if not stopped:
         print(f"nothing to stop: no embedded service runs in {data_dir}")
     return EXIT_OK
+
+
+def _cluster(args: argparse.Namespace) -> int:
+    from engine.cluster import ClusterUnusable, run
+
+    command = f"cluster {args.action}"
+    try:
+        settings = _settings()
+        database_url, redis_url = _service_urls(settings, need_redis=True)
+        done = run(args, settings=settings, database_url=database_url, redis_url=redis_url)
+    except (_Unusable, ClusterUnusable) as error:
+        return _fail(command, error, EXIT_UNUSABLE)
+    return EXIT_OK if done else EXIT_FAILED
 
 
 def _token(args: argparse.Namespace) -> int:

@@ -1,0 +1,248 @@
+"""``slotengine cluster``: see, stop and remove a deployment's shard actors on Ray.
+
+It attaches to the running Ray cluster that ``--address`` or ``RAY_ADDRESS``
+names, names the deployment by its database (``DATABASE_URL``, else the
+embedded PostgreSQL, like every command: ``deployment_namespace`` in
+``persistence/migrate.py``), and hands the work to ``engine.shell.cluster``.
+Here are only the arguments, attaching, printing and the outcome.
+
+- ``status [--json]``: the Ray nodes; each shard's actor (state, node, pid,
+  restarts, its owner's state), lease holder with its age and fencing tokens.
+- ``stop``: each actor flushes and releases its lease, then is ended for good.
+- ``reset``: every actor of the deployment is ended, whatever its state.
+
+It must never start a Ray cluster (no address: it refuses), and never import
+Ray before a verb runs.
+"""
+
+import argparse
+import asyncio
+import logging
+import re
+import socket
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from config.settings import Settings
+    from engine.shell.cluster import ClusterStatus, ShardEnd
+
+# How long naming the deployment waits for the database, and attaching for the
+# cluster's first answer.
+CONNECT_TIMEOUT_S = 10.0
+
+
+class ClusterUnusable(Exception):
+    """The command cannot run (no cluster, no database); one line for the operator."""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--address",
+        default=None,
+        help="the Ray cluster to attach to, e.g. 10.0.0.2:6379 [RAY_ADDRESS]",
+    )
+    verbs = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+    status = verbs.add_parser(
+        "status",
+        parents=[common],
+        help="the Ray nodes, the deployment's shard actors, their leases and fences",
+        description="The Ray nodes; for each shard, its actor (Ray's state, node, pid, "
+        "restarts, its owner's state), the lease holder in Redis with its age, the fencing "
+        "counter in Redis and the fence token in PostgreSQL, each where reachable. Exit 0.",
+    )
+    status.add_argument(
+        "--json", action="store_true", help="print the status as JSON instead of tables"
+    )
+    verbs.add_parser(
+        "stop",
+        parents=[common],
+        help="stop the deployment's shard actors gracefully (flush, release the lease, end)",
+        description="Ask each shard actor to flush what it holds and release its lease, then "
+        "end it for good. Stop the gateways first: a running gateway starts the actors again "
+        "at its next request. Exit 0 every actor stopped with its changes flushed (also when "
+        "none ran), 1 otherwise (those that did not stop keep running: `slotengine cluster "
+        "reset` ends them).",
+    )
+    verbs.add_parser(
+        "reset",
+        parents=[common],
+        help="end every shard actor of the deployment, whatever its state",
+        description="End every shard actor of the deployment for good, also one that is "
+        "wedged, restarting or left by a failed start, without a flush (changes it "
+        "acknowledged are committed already, unless SLOTENGINE_DURABILITY=relaxed). Exit 0 "
+        "none is left, 1 one would not end.",
+    )
+
+
+def run(
+    args: argparse.Namespace, *, settings: "Settings", database_url: str, redis_url: str | None
+) -> bool:
+    """Attach, do the verb, print what it found or did; True when all of it was done.
+
+    Raises ``ClusterUnusable`` when it cannot start.
+    """
+    address = args.address or settings.ray_address
+    if not address:
+        raise ClusterUnusable(
+            "no Ray cluster to attach to: set RAY_ADDRESS or pass --address"
+            " (this command never starts one)"
+        )
+    deployment = asyncio.run(_deployment(database_url))
+    _attach(address)
+    import ray
+
+    try:
+        return asyncio.run(_verb(args, settings, deployment, database_url, redis_url))
+    finally:
+        ray.shutdown()
+
+
+async def _deployment(database_url: str) -> str:
+    import asyncpg
+
+    from persistence.migrate import deployment_namespace
+
+    try:
+        connection = await asyncpg.connect(database_url, timeout=CONNECT_TIMEOUT_S)
+        try:
+            return await deployment_namespace(connection)
+        finally:
+            await connection.close()
+    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
+        raise ClusterUnusable(
+            f"cannot name the deployment: its database does not answer"
+            f" ({type(error).__name__}: {error})"
+        ) from None
+
+
+def _attach(address: str) -> None:
+    import ray
+
+    from engine.shell.actor_identity import RAY_NAMESPACE
+
+    # Ray waits minutes for a GCS that does not answer: ask its port first.
+    found = re.fullmatch(r"(?:ray://)?\[?([^\]/]+?)\]?:(\d+)/?", address)
+    if found is not None:
+        try:
+            with socket.create_connection(
+                (found.group(1), int(found.group(2))), timeout=CONNECT_TIMEOUT_S
+            ):
+                pass
+        except OSError as error:
+            raise ClusterUnusable(
+                f"cannot attach to the Ray cluster at {address}: {error.strerror or error}"
+            ) from None
+    try:
+        ray.init(
+            address=address,
+            namespace=RAY_NAMESPACE,
+            log_to_driver=False,
+            logging_level=logging.WARNING,
+        )
+    except (ConnectionError, RuntimeError, ValueError) as error:
+        raise ClusterUnusable(f"cannot attach to the Ray cluster at {address}: {error}") from None
+
+
+async def _verb(
+    args: argparse.Namespace,
+    settings: "Settings",
+    deployment: str,
+    database_url: str,
+    redis_url: str | None,
+) -> bool:
+    from engine.shell import cluster
+    from engine.shell.actor_identity import RAY_NAMESPACE, deployment_prefix
+
+    prefix = deployment_prefix(deployment)
+    if args.action == "status":
+        status = await cluster.cluster_status(
+            deployment=deployment,
+            name_prefix=prefix,
+            database_url=database_url,
+            redis_url=redis_url,
+            shard_count=settings.shards,
+        )
+        if args.json:
+            import msgspec
+
+            print(msgspec.json.encode(status).decode())
+        else:
+            _print_status(status)
+        return True
+    if args.action == "stop":
+        ends = await cluster.stop_actors(prefix)
+    else:
+        ends = await cluster.remove_actors(prefix)
+    if not ends:
+        print(f"no shard actor of {deployment} runs (Ray namespace {RAY_NAMESPACE})")
+        return True
+    for end in ends:
+        print(_said(end, args.action))
+    return all(end.ended and end.flushed is not False for end in ends)
+
+
+def _said(end: "ShardEnd", action: str) -> str:
+    if not end.ended and end.error is not None:
+        return (
+            f"{end.name}: not stopped ({end.error}); it keeps running:"
+            " `slotengine cluster reset` ends it without a flush"
+        )
+    if not end.ended:
+        return f"{end.name}: asked to end, but Ray has not reported it dead"
+    if action == "reset":
+        return f"{end.name}: removed"
+    if end.flushed is False:
+        return f"{end.name}: stopped, but its last flush failed or left changes unwritten"
+    return f"{end.name}: stopped (flushed, lease released)"
+
+
+def _print_status(status: "ClusterStatus") -> None:
+    print(
+        f"deployment {status.deployment}: actors {status.actor_prefix}-<shard>"
+        f" in Ray namespace {status.ray_namespace}"
+    )
+    _table(
+        ("NODE", "ADDRESS", "STATE", "CPUS"),
+        [
+            (node.node_id[:12], node.address, "alive" if node.alive else "dead", f"{node.cpus:g}")
+            for node in status.nodes
+        ],
+    )
+    print()
+    rows = []
+    for shard in status.shards:
+        actor, lease, fence = shard.actor, shard.lease, shard.fence
+        rows.append(
+            (
+                str(shard.shard),
+                "-" if actor is None else actor.state,
+                "-" if actor is None else (actor.node_address or "-"),
+                "-" if actor is None or actor.pid is None else str(actor.pid),
+                "-" if actor is None else str(actor.restarts),
+                "-" if actor is None else (actor.owner_state or "no answer"),
+                "-" if lease is None else lease.holder,
+                "-" if lease is None else f"{lease.age_ms / 1000:.1f}s",
+                _or_dash(shard.redis_token),
+                "-" if fence is None else str(fence.token),
+            )
+        )
+    _table(
+        ("SHARD", "ACTOR", "NODE", "PID", "RESTARTS", "OWNER", "LEASE HOLDER", "AGE",
+         "REDIS TOKEN", "FENCE TOKEN"),
+        rows,
+    )  # fmt: skip
+    for line in status.unreachable:
+        print(f"unreachable: {line}")
+
+
+def _or_dash(value: Any) -> str:
+    return "-" if value is None else str(value)
+
+
+def _table(header: tuple[str, ...], rows: Sequence[tuple[str, ...]]) -> None:
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        cells = (cell.ljust(width) for cell, width in zip(row, widths, strict=True))
+        print("  ".join(cells).rstrip())
