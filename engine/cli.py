@@ -181,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _serve(args: argparse.Namespace) -> int:
     from config.settings import ConfigError
-    from gateway.server import ServeOptions, serve
+    from gateway.server import EngineStartFailed, ServeOptions, serve
 
     try:
         serve(
@@ -194,7 +194,7 @@ def _serve(args: argparse.Namespace) -> int:
                 stop_services_on_exit=args.stop_services_on_exit,
             ),
         )
-    except (_Unusable, ConfigError) as error:
+    except (_Unusable, ConfigError, EngineStartFailed) as error:
         return _fail("serve", error, EXIT_UNUSABLE)
     return EXIT_OK
 
@@ -264,12 +264,12 @@ def _services_stop(args: argparse.Namespace) -> int:
 
 
 def _cluster(args: argparse.Namespace) -> int:
-    from engine.cluster import ClusterUnusable, run
+    from engine.cluster import ClusterUnusable, run, service_urls
 
     command = f"cluster {args.action}"
     try:
         settings = _settings()
-        database_url, redis_url = _service_urls(settings, need_redis=True)
+        database_url, redis_url = service_urls(settings)
         done = run(args, settings=settings, database_url=database_url, redis_url=redis_url)
     except (_Unusable, ClusterUnusable) as error:
         return _fail(command, error, EXIT_UNUSABLE)

@@ -2,8 +2,8 @@
 
 It attaches to the running Ray cluster that ``--address`` or ``RAY_ADDRESS``
 names, names the deployment by its database (``DATABASE_URL``, else the
-embedded PostgreSQL, like every command: ``deployment_namespace`` in
-``persistence/migrate.py``), and hands the work to ``engine.shell.cluster``.
+embedded PostgreSQL if it runs, like every command: ``deployment_namespace``
+in ``persistence/migrate.py``), and hands the work to ``engine.shell.cluster``.
 Here are only the arguments, attaching, printing and the outcome.
 
 - ``status [--json]``: the Ray nodes; each shard's actor (state, node, pid,
@@ -11,8 +11,8 @@ Here are only the arguments, attaching, printing and the outcome.
 - ``stop``: each actor flushes and releases its lease, then is ended for good.
 - ``reset``: every actor of the deployment is ended, whatever its state.
 
-It must never start a Ray cluster (no address: it refuses), and never import
-Ray before a verb runs.
+It must never start a Ray cluster (no address: it refuses) or the embedded
+services, and never import Ray before a verb runs.
 """
 
 import argparse
@@ -74,6 +74,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "acknowledged are committed already, unless SLOTENGINE_DURABILITY=relaxed). Exit 0 "
         "none is left, 1 one would not end.",
     )
+
+
+def service_urls(settings: "Settings") -> tuple[str, str | None]:
+    """(database URL, Redis URL): the configured ones, else those of the embedded
+    services if they run; never started here. Redis may be missing (None)."""
+    database_url, redis_url = settings.database_url, settings.redis_url
+    if database_url is None or redis_url is None:
+        from persistence.services import services_status
+
+        running = {s.name: s.url for s in services_status(settings.data_dir) if s.running}
+        database_url = database_url or running.get("postgresql")
+        redis_url = redis_url or running.get("redis")
+    if database_url is None:
+        raise ClusterUnusable(
+            "DATABASE_URL is not set and no embedded PostgreSQL runs under"
+            f" {settings.data_dir.resolve()}: the deployment is named by its database"
+        )
+    return database_url, redis_url
 
 
 def run(

@@ -12,7 +12,9 @@ and which this process restarts if it dies.
 The embedded services outlive the server (a restart reuses them at once)
 unless ``stop_services_on_exit`` is set; it says so when it starts them.
 
-Bad settings fail before anything starts, with one line naming the setting.
+Bad settings fail before anything starts, with one line naming the setting;
+shard actors that are not the deployment's, or cannot start, fail the start
+with one line too (``EngineStartFailed``).
 
 It must never handle a request itself: every route is the app's
 (``gateway.app``, ``gateway.observability``, ``gateway.openapi``).
@@ -46,6 +48,7 @@ from config.domains import load_policies
 from config.settings import ConfigError, Settings
 from engine.shell.actor_identity import RAY_NAMESPACE
 from engine.shell.coalescer import EngineClient
+from engine.shell.errors import ShellError
 from engine.shell.limits import REDIS_CALL_TIMEOUT_MS
 from engine.shell.owner import StorageSettings
 from gateway.app import create_app
@@ -96,6 +99,11 @@ def gateway_redis(url: str) -> aioredis.Redis:
         retry=Retry(NoBackoff(), 0),
     )
     return aioredis.Redis.from_pool(pool)
+
+
+class EngineStartFailed(Exception):
+    """The engine did not start (its shard actors are another deployment's, or
+    could not start); the message is one line for the operator."""
 
 
 @dataclass(frozen=True)
@@ -277,12 +285,18 @@ def build_app(
                         log_to_driver=False,
                         include_dashboard=False,
                     )
-            transport = await RayShardTransport.connect(
-                shard_count=settings.shards,
-                policies=policies,
-                namespace=RAY_NAMESPACE,
-                storage=storage,
-            )
+            try:
+                # The deployment's own actors: named after it, and proving it.
+                transport = await RayShardTransport.connect(
+                    shard_count=settings.shards,
+                    policies=policies,
+                    namespace=RAY_NAMESPACE,
+                    storage=storage,
+                )
+            except ShellError as error:
+                # An actor's own failure arrives wrapped in Ray's, with its traceback.
+                cause = getattr(error, "cause", None) or error
+                raise EngineStartFailed(f"the shard actors did not start: {cause}") from error
         client = EngineClient(transport)
         # Set on startup, before the first request is served (aiohttp's pattern).
         app[ENGINE_KEY] = client

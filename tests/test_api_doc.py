@@ -199,6 +199,24 @@ def test_every_command_is_documented() -> None:
     assert not missing, f"commands missing from docs/api.md: {missing}"
 
 
+def test_every_verb_of_a_command_is_documented() -> None:
+    """``slotengine services stop``, ``slotengine cluster reset``: each verb by its full name."""
+    text = _doc()
+    verbs = [
+        f"slotengine {name} {verb}"
+        for name, command in _subparsers(build_parser()).choices.items()
+        if any(isinstance(a, argparse._SubParsersAction) for a in command._actions)
+        for verb in _subparsers(command).choices
+    ]
+    assert "slotengine cluster reset" in verbs
+    missing = sorted(verb for verb in verbs if f"`{verb}" not in text)
+    assert not missing, f"verbs missing from docs/api.md: {missing}"
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> argparse._SubParsersAction:
+    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+
+
 def test_the_checks_see_what_they_compare() -> None:
     """Each side is read as intended: a check of two empty sets would pass on anything."""
     assert ("POST", "/api/bookings/reserve") in served_routes()

@@ -300,3 +300,44 @@ async def test_cluster_reset_removes_a_wedged_actor(deployments: list[Deployment
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
+
+
+async def test_serve_refuses_another_deployments_actor_with_one_line(
+    deployments: list[Deployment], tmp_path: Path
+) -> None:
+    import ray
+
+    ours, theirs = deployments
+    spawn_shard_actor(
+        0,
+        shard_count=1,
+        policies=POLICIES,
+        namespace=RAY_NAMESPACE,
+        name_prefix=ours.prefix,
+        storage=theirs.storage,
+    )
+    env = {
+        **os.environ,
+        "RAY_ADDRESS": ray.get_runtime_context().gcs_address,
+        "DATABASE_URL": ours.database_url,
+        "REDIS_URL": REDIS_URL,
+        "SLOTENGINE_SHARDS": "1",
+        "SLOTENGINE_DATA_DIR": str(tmp_path),
+    }
+    served = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "engine.cli", "serve", "--port", "0"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+    assert served.returncode == 2, served.stderr[-3000:]
+    (said,) = [line for line in served.stderr.splitlines() if "slotengine serve:" in line]
+    assert said.startswith("slotengine serve: the shard actors did not start: the shard actor")
+    assert f"not this start's deployment {ours.namespace}" in said
+    assert f"serves deployment {theirs.namespace}" in said
+    assert "Traceback" not in served.stderr
