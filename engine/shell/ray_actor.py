@@ -287,37 +287,17 @@ def spawn_shard_actor(
     namespace: str | None = None,
     name_prefix: str = SHARD_ACTOR_PREFIX,
     storage: StorageSettings | None = None,
+    on_created: Callable[[Any], None] | None = None,
 ) -> Any:
-    """The handle of shard ``shard``'s actor, created unless it already exists."""
-    handle, _ = find_or_create_shard_actor(
-        shard,
-        shard_count=shard_count,
-        policies=policies,
-        namespace=namespace,
-        name_prefix=name_prefix,
-        storage=storage,
-    )
-    return handle
-
-
-def find_or_create_shard_actor(
-    shard: int,
-    *,
-    shard_count: int,
-    policies: dict[str, DomainPolicy],
-    namespace: str | None = None,
-    name_prefix: str = SHARD_ACTOR_PREFIX,
-    storage: StorageSettings | None = None,
-) -> tuple[Any, bool]:
-    """(handle, created): the actor found under the shard's name, else a new one
-    (Ray's ``get_if_exists``, telling which it was)."""
+    """The handle of shard ``shard``'s actor, created unless it already exists (Ray's
+    ``get_if_exists``, telling ``on_created`` when it was created here)."""
     name = actor_name(shard, name_prefix)
     try:
-        return ray.get_actor(name, namespace=namespace), False
+        return ray.get_actor(name, namespace=namespace)
     except ValueError:
         pass
     try:
-        created = (
+        handle = (
             _remote_class()
             .options(
                 name=name,
@@ -333,8 +313,10 @@ def find_or_create_shard_actor(
             .remote(shard, shard_count, policies, storage)
         )
     except ValueError:  # ActorAlreadyExistsError: another start created it meanwhile
-        return ray.get_actor(name, namespace=namespace), False
-    return created, True
+        return ray.get_actor(name, namespace=namespace)
+    if on_created is not None:
+        on_created(handle)
+    return handle
 
 
 def spawn_shard_actors(
@@ -344,6 +326,7 @@ def spawn_shard_actors(
     namespace: str | None = None,
     name_prefix: str = SHARD_ACTOR_PREFIX,
     storage: StorageSettings | None = None,
+    on_created: Callable[[Any], None] | None = None,
 ) -> list[Any]:
     return [
         spawn_shard_actor(
@@ -353,6 +336,7 @@ def spawn_shard_actors(
             namespace=namespace,
             name_prefix=name_prefix,
             storage=storage,
+            on_created=on_created,
         )
         for shard in range(shard_count)
     ]
@@ -468,21 +452,16 @@ class RayShardTransport:
         if storage is not None:
             # Before any actor exists: a database this process cannot reach fails here.
             database = await database_fingerprint_of(storage.database_url)
-        handles: list[Any] = []
         created: list[Any] = []
         try:
-            for shard in range(shard_count):
-                handle, new = find_or_create_shard_actor(
-                    shard,
-                    shard_count=shard_count,
-                    policies=policies,
-                    namespace=namespace,
-                    name_prefix=name_prefix,
-                    storage=storage,
-                )
-                handles.append(handle)
-                if new:
-                    created.append(handle)
+            handles = spawn_shard_actors(
+                shard_count=shard_count,
+                policies=policies,
+                namespace=namespace,
+                name_prefix=name_prefix,
+                storage=storage,
+                on_created=created.append,
+            )
             await wait_shards_ready(
                 handles,
                 timeout_ms=timeout_ms,

@@ -203,27 +203,30 @@ async def test_a_failed_start_leaves_no_actor_and_the_next_start_serves(
 # -- slotengine cluster ---------------------------------------------------------------
 
 
-def _cluster(
-    *args: str, deployment: Deployment, shards: int = 2
-) -> subprocess.CompletedProcess[str]:
+def _slotengine(*args: str, deployment: Deployment, **env: str) -> subprocess.CompletedProcess[str]:
+    """``slotengine ARGS`` attached to the session's Ray cluster, on ``deployment``'s database."""
     import ray
 
-    env = {
-        **os.environ,
-        "RAY_ADDRESS": ray.get_runtime_context().gcs_address,
-        "DATABASE_URL": deployment.database_url,
-        "REDIS_URL": REDIS_URL,
-        "SLOTENGINE_SHARDS": str(shards),
-    }
     return subprocess.run(
-        [sys.executable, "-m", "engine.cli", "cluster", *args],
+        [sys.executable, "-m", "engine.cli", *args],
         cwd=ROOT,
-        env=env,
+        env={
+            **os.environ,
+            "RAY_ADDRESS": ray.get_runtime_context().gcs_address,
+            "DATABASE_URL": deployment.database_url,
+            "REDIS_URL": REDIS_URL,
+            "SLOTENGINE_SHARDS": "2",
+            **env,
+        },
         capture_output=True,
         text=True,
         timeout=120,
         check=False,
     )
+
+
+def _cluster(*args: str, deployment: Deployment) -> subprocess.CompletedProcess[str]:
+    return _slotengine("cluster", *args, deployment=deployment)
 
 
 async def _lease_holders(deployment: Deployment, shards: int) -> list[bytes | None]:
@@ -305,7 +308,6 @@ async def test_cluster_reset_removes_a_wedged_actor(deployments: list[Deployment
 async def test_serve_refuses_another_deployments_actor_with_one_line(
     deployments: list[Deployment], tmp_path: Path
 ) -> None:
-    import ray
 
     ours, theirs = deployments
     spawn_shard_actor(
@@ -316,23 +318,14 @@ async def test_serve_refuses_another_deployments_actor_with_one_line(
         name_prefix=ours.prefix,
         storage=theirs.storage,
     )
-    env = {
-        **os.environ,
-        "RAY_ADDRESS": ray.get_runtime_context().gcs_address,
-        "DATABASE_URL": ours.database_url,
-        "REDIS_URL": REDIS_URL,
-        "SLOTENGINE_SHARDS": "1",
-        "SLOTENGINE_DATA_DIR": str(tmp_path),
-    }
     served = await asyncio.to_thread(
-        subprocess.run,
-        [sys.executable, "-m", "engine.cli", "serve", "--port", "0"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
+        _slotengine,
+        "serve",
+        "--port",
+        "0",
+        deployment=ours,
+        SLOTENGINE_SHARDS="1",
+        SLOTENGINE_DATA_DIR=str(tmp_path),
     )
 
     assert served.returncode == 2, served.stderr[-3000:]
