@@ -280,7 +280,9 @@ def build_app(
             if not ray.is_initialized():
                 with _stop_signals_kept():
                     ray.init(
-                        address=settings.ray_address,
+                        # "local": a Ray of its own, never one already on the machine
+                        # (another deployment's, or a test run's).
+                        address=settings.ray_address or "local",
                         namespace=RAY_NAMESPACE,
                         log_to_driver=False,
                         include_dashboard=False,
@@ -512,7 +514,9 @@ def _shared_by_workers(
     if ray_address is None and engine_kind == "ray":
         import ray
 
-        ray.init(namespace=RAY_NAMESPACE, log_to_driver=False, include_dashboard=False)
+        ray.init(
+            address="local", namespace=RAY_NAMESPACE, log_to_driver=False, include_dashboard=False
+        )
         ray_address = str(ray.get_runtime_context().gcs_address)
         logger.info("started a local Ray at %s for the workers", ray_address)
     return msgspec.structs.replace(
