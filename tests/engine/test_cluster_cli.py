@@ -1,0 +1,109 @@
+"""``slotengine cluster`` without a cluster: what it refuses, and its status table.
+
+The verbs against real actors are in ``tests/engine/shell/test_ray_deployments.py``.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from engine.cluster import _print_status
+from engine.shell.cluster import (
+    ActorStatus,
+    ClusterStatus,
+    FenceStatus,
+    LeaseStatus,
+    NodeStatus,
+    ShardStatus,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _cluster(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "engine.cli", "cluster", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize("verb", ["status", "stop", "reset"])
+def test_without_a_cluster_or_a_database_it_refuses_in_one_line(
+    verb: str, database_url: str, tmp_path: Path
+) -> None:
+    env = {
+        name: value
+        for name, value in os.environ.items()
+        if name not in ("RAY_ADDRESS", "DATABASE_URL", "REDIS_URL")
+    }
+    env["SLOTENGINE_DATA_DIR"] = str(tmp_path)  # no embedded service runs there
+
+    no_database = _cluster(verb, env=env)
+    assert no_database.returncode == 2
+    assert no_database.stderr.strip() == (
+        f"slotengine cluster {verb}: DATABASE_URL is not set and no embedded PostgreSQL runs"
+        f" under {tmp_path.resolve()}: the deployment is named by its database"
+    )
+    assert not (tmp_path / "postgres").exists(), "it started the embedded PostgreSQL"
+
+    no_cluster = _cluster(verb, env={**env, "DATABASE_URL": database_url})
+    assert no_cluster.returncode == 2
+    assert no_cluster.stderr.strip() == (
+        f"slotengine cluster {verb}: no Ray cluster to attach to: set RAY_ADDRESS or pass"
+        " --address (this command never starts one)"
+    )
+
+
+def test_the_status_table_shows_each_shard_and_what_could_not_be_read(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    status = ClusterStatus(
+        deployment="slotengine:4f2a9c1b3d7e",
+        ray_namespace="slotengine",
+        actor_prefix="slotengine-4f2a9c1b3d7e-shard",
+        nodes=[NodeStatus(node_id="ab" * 28, address="10.0.0.2", alive=True, cpus=2.0)],
+        shards=[
+            ShardStatus(
+                shard=0,
+                actor=ActorStatus(
+                    name="slotengine-4f2a9c1b3d7e-shard-0",
+                    state="ALIVE",
+                    node_id="ab" * 28,
+                    node_address="10.0.0.2",
+                    pid=4242,
+                    restarts=1,
+                    owner_state="serving",
+                    owner_token=7,
+                ),
+                lease=LeaseStatus(holder="a1b2/c3", age_ms=1_500, expires_in_ms=8_500),
+                redis_token=7,
+                fence=FenceStatus(token=7, owner="a1b2/c3", updated_at="2026-12-07T10:00:00Z"),
+            ),
+            ShardStatus(shard=1, actor=None, lease=None, redis_token=None, fence=None),
+        ],
+        unreachable=["redis: ConnectionError: refused"],
+    )
+
+    _print_status(status)
+
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == (
+        "deployment slotengine:4f2a9c1b3d7e: actors slotengine-4f2a9c1b3d7e-shard-<shard>"
+        " in Ray namespace slotengine"
+    )
+    assert lines[1].split() == ["NODE", "ADDRESS", "STATE", "CPUS"]
+    assert lines[2].split() == ["ab" * 6, "10.0.0.2", "alive", "2"]
+    shard_rows = [line.split() for line in lines[4:7]]
+    assert shard_rows[1] == [
+        "0", "ALIVE", "10.0.0.2", "4242", "1", "serving", "a1b2/c3", "1.5s", "7", "7",
+    ]  # fmt: skip
+    assert shard_rows[2] == ["1", *["-"] * 9]
+    assert lines[-1] == "unreachable: redis: ConnectionError: refused"
