@@ -141,10 +141,12 @@ async def cluster_status(
         for node in ray.nodes()  # type: ignore[no-untyped-call]
     ]
     addresses = {node.node_id: node.address for node in nodes}
-    actors = {
-        shard: await _actor_status(name, handle, addresses)
-        for shard, name, handle in deployment_actors(name_prefix, namespace)
-    }
+    found = deployment_actors(name_prefix, namespace)
+    # Asked all at once: wedged actors cost one question's timeout, not one each.
+    answers = await asyncio.gather(
+        *(_actor_status(name, handle, addresses) for _, name, handle in found)
+    )
+    actors = {shard: answer for (shard, _, _), answer in zip(found, answers, strict=True)}
     unreachable: list[str] = []
     fences = await _fences(database_url, unreachable)
     shards = sorted({*range(shard_count), *actors, *fences})
