@@ -88,14 +88,19 @@ REDIS_TIMEOUT_S: Final = REDIS_CALL_TIMEOUT_MS / 1000
 REDIS_CONNECTIONS_MAX: Final = 256
 
 
-def gateway_redis(url: str) -> aioredis.Redis:
-    """The gateway's client for its short Redis calls: bounded, not retried, pooled."""
+def gateway_redis(url: str, *, timeout_s: float = REDIS_TIMEOUT_S) -> aioredis.Redis:
+    """The gateway's client for its short Redis calls: bounded, not retried, pooled.
+
+    ``timeout_s`` bounds each wait (for a pooled connection, a connect, an
+    answer); the gateway keeps the default, tests whose machine may be slow
+    set a longer one.
+    """
     pool = aioredis.BlockingConnectionPool.from_url(
         url,
         max_connections=REDIS_CONNECTIONS_MAX,
-        timeout=REDIS_TIMEOUT_S,
-        socket_timeout=REDIS_TIMEOUT_S,
-        socket_connect_timeout=REDIS_TIMEOUT_S,
+        timeout=timeout_s,
+        socket_timeout=timeout_s,
+        socket_connect_timeout=timeout_s,
         retry=Retry(NoBackoff(), 0),
     )
     return aioredis.Redis.from_pool(pool)
