@@ -280,9 +280,10 @@ def build_app(
         else:
             import ray
 
-            from engine.shell.ray_actor import RayShardTransport
+            from engine.shell.ray_actor import RayShardTransport, default_ray_health_checks
 
             if not ray.is_initialized():
+                default_ray_health_checks()
                 with _stop_signals_kept():
                     ray.init(
                         # "local": a Ray of its own, never one already on the machine
@@ -519,6 +520,9 @@ def _shared_by_workers(
     if ray_address is None and engine_kind == "ray":
         import ray
 
+        from engine.shell.ray_actor import default_ray_health_checks
+
+        default_ray_health_checks()
         ray.init(
             address="local", namespace=RAY_NAMESPACE, log_to_driver=False, include_dashboard=False
         )

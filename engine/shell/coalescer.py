@@ -22,8 +22,11 @@ from the shard is waited out with backoff; every wait is bounded by a timeout.
 A shard that cannot be reached is resent to for ``SHARD_UNAVAILABLE_PATIENCE_MS``
 from the first failure, no longer: then the batch fails, as
 ``ShardUnavailable`` when an attempt may have been applied (its outcome is
-unknown) and as the failure that applied nothing otherwise
-(``errors.may_have_applied`` tells them apart).
+unknown; a resend that timed out at the end of the patience counts so too) and
+as the failure that applied nothing otherwise (``errors.may_have_applied``
+tells them apart). A shard whose host gives no sign of life fails its call as
+``ShardUnavailable`` (the Ray transport probes it), so a lost node costs a
+caller at most ``SHARD_SILENT_ANSWER_MS``.
 A command the wire cannot carry is answered 422 alone, and its batch leaves
 without it.
 
@@ -68,6 +71,7 @@ from engine.shell import limits
 from engine.shell.errors import (
     Overloaded,
     ShardBusy,
+    ShardCallTimeout,
     ShardFailed,
     ShardUnavailable,
     ShellError,
@@ -452,6 +456,14 @@ class EngineClient:
                 self._retries += 1
                 await asyncio.sleep(backoff_s)
                 timeout_ms = max(1, int((patience_deadline - loop.time()) * 1000))
+            except ShardCallTimeout as exc:
+                if patience_deadline is None:
+                    raise
+                # A resend's timeout is what was left of the patience: it ran out.
+                raise ShardUnavailable(
+                    f"shard {shard}: unreachable for {self._unavailable_patience_ms} ms"
+                    " after a failure (the batch may have been applied)"
+                ) from exc
             except ShardBusy as exc:
                 deadline = busy_deadline
                 if patience_deadline is not None:

@@ -48,6 +48,37 @@ BATCH_RETRY_BACKOFF_MS: Final = 100
 SHARD_UNAVAILABLE_PATIENCE_MS: Final = 1_000
 # Every wait on an actor call has a limit.
 ACTOR_CALL_TIMEOUT_MS: Final = 30_000
+# A call to an actor on a lost node (a machine gone, a network cut: no connection
+# refused) is not failed by Ray until its health checks declare the node dead. So a
+# call still unanswered after ACTOR_PROBE_AFTER_MS is followed by a probe of the
+# actor (a method with a thread of its own, answered even while the shard's event
+# loop works); a probe unanswered within ACTOR_PROBE_TIMEOUT_MS fails the call as
+# ShardUnavailable, and the coalescer resends within its patience. A batch answers
+# in milliseconds and a probe of a live process too, even on a loaded machine, so
+# half a second each is two orders of magnitude above the usual; a probe that
+# answers keeps a slow call (a slow flush, a long start) waiting as before.
+ACTOR_PROBE_AFTER_MS: Final = 500
+ACTOR_PROBE_TIMEOUT_MS: Final = 500
+# The longest a caller waits for a shard whose actor gives no sign of life before
+# its 503: the probe's verdict, then the patience of the resends, then a margin
+# for the resends' backoff and a loaded event loop.
+SHARD_SILENT_ANSWER_MS: Final = (
+    ACTOR_PROBE_AFTER_MS + ACTOR_PROBE_TIMEOUT_MS + SHARD_UNAVAILABLE_PATIENCE_MS + 500
+)
+# Ray's own detection of a lost node, set where the engine starts a Ray head
+# (gateway/server.py, docker-compose.yml; docs/operations.md "Ray cluster"): the
+# GCS checks each raylet every period, a check fails after its timeout, and a node
+# whose checks fail this many times in a row is dead, its actors restarted
+# elsewhere. A silent node is found within threshold * (timeout + period), a node
+# whose processes are gone (connection refused) within threshold * period; Ray's
+# defaults (3 s, 10 s, 5) take 15 s and 65 s. A raylet must then stay unanswering
+# for 1.5 s to be declared dead.
+RAY_HEALTH_CHECK_PERIOD_MS: Final = 500
+RAY_HEALTH_CHECK_TIMEOUT_MS: Final = 500
+RAY_HEALTH_CHECK_FAILURE_THRESHOLD: Final = 3
+# How soon a lost node's shards must be served elsewhere: its detection, then the
+# restart of its actors (a process, the lease, the load) in what is left.
+NODE_FAILOVER_MS: Final = 5_000
 
 # -- the caller-side coalescer ------------------------------------------------
 # Commands waiting on the caller's side for one shard: four rounds of full
@@ -159,6 +190,20 @@ def check(v: Mapping[str, Any]) -> None:
         v["SHARD_UNAVAILABLE_PATIENCE_MS"] < v["ACTOR_CALL_TIMEOUT_MS"],
         "SHARD_UNAVAILABLE_PATIENCE_MS < ACTOR_CALL_TIMEOUT_MS: a resend's timeout is what"
         " is left of the patience, which must not outlast the limit of any call",
+    )
+    require_relation(
+        v["SHARD_SILENT_ANSWER_MS"] < v["ACTOR_CALL_TIMEOUT_MS"],
+        "SHARD_SILENT_ANSWER_MS < ACTOR_CALL_TIMEOUT_MS: a silent actor is given up on"
+        " (probe, then the resends' patience) well before a call's own limit",
+    )
+    require_relation(
+        v["RAY_HEALTH_CHECK_FAILURE_THRESHOLD"]
+        * (v["RAY_HEALTH_CHECK_TIMEOUT_MS"] + v["RAY_HEALTH_CHECK_PERIOD_MS"])
+        <= v["NODE_FAILOVER_MS"] * 3 // 5,
+        "RAY_HEALTH_CHECK_FAILURE_THRESHOLD * (RAY_HEALTH_CHECK_TIMEOUT_MS +"
+        " RAY_HEALTH_CHECK_PERIOD_MS) <= NODE_FAILOVER_MS * 3 / 5: Ray finds a silent"
+        " node in three fifths of the failover time, leaving the rest (2 s) to restart"
+        " its shards elsewhere",
     )
     require_relation(
         0 < v["BATCH_RETRY_BACKOFF_MS"] < v["SHARD_UNAVAILABLE_PATIENCE_MS"]

@@ -15,7 +15,9 @@ with one line naming both. A start that fails removes the actors it created
 (never those it found), so it leaves nothing behind for the next start.
 
 ``RayShardTransport`` is the caller's adapter: it maps Ray's exceptions onto
-``engine.shell.errors`` here and nowhere else.
+``engine.shell.errors`` here and nowhere else, and probes an actor whose call
+is slow to answer, so that a call to an actor on a lost node fails within a
+second instead of waiting for Ray's failure detection.
 
 This module must never mutate shard state outside the actor's default
 concurrency group (its one event loop), must not build msgspec codecs at
@@ -35,6 +37,7 @@ from collections.abc import Callable
 from typing import Any, Final, cast
 
 import ray
+import ray._private.state
 import ray.exceptions
 
 from engine.core.errors import InvariantViolation
@@ -73,6 +76,27 @@ _REPLY_RAW: Final = b"\x00"
 _REPLY_ZLIB: Final = b"\x01"
 # Exit status of a shard that stopped on a broken invariant: not 0, so Ray restarts it.
 FATAL_EXIT_STATUS: Final = 70
+# The concurrency group of the liveness probe: a thread and event loop of its own in
+# the actor, so that a probe is answered while the shard's loop is busy.
+_PROBE_GROUP: Final = "liveness"
+
+
+def ray_health_check_config() -> dict[str, int]:
+    """Ray's system config that finds a lost node within ``limits.NODE_FAILOVER_MS``
+    (read by the head's GCS: ``_system_config``, or ``RAY_<name>`` in its environment)."""
+    return {
+        "health_check_period_ms": limits.RAY_HEALTH_CHECK_PERIOD_MS,
+        "health_check_timeout_ms": limits.RAY_HEALTH_CHECK_TIMEOUT_MS,
+        "health_check_failure_threshold": limits.RAY_HEALTH_CHECK_FAILURE_THRESHOLD,
+    }
+
+
+def default_ray_health_checks() -> None:
+    """Put ``ray_health_check_config`` in this process's environment where the
+    operator set nothing, so that a Ray this process starts (``ray.init`` without
+    an address) inherits it; a Ray it joins keeps its head's own."""
+    for name, value in ray_health_check_config().items():
+        os.environ.setdefault(f"RAY_{name}", str(value))
 
 
 def _exit_after_failure(exc: BaseException) -> None:
@@ -100,8 +124,11 @@ class ShardActor:
     """One shard in a Ray actor. Every method runs on the actor's single event loop.
 
     Without ``storage`` the shard lives in memory only (tests, benches). With
-    it, a ``ShardOwner`` takes the shard's lease and loads it from PostgreSQL
-    on the first call, and every change is committed before its reply.
+    it, a ``ShardOwner`` takes the shard's lease and loads it from PostgreSQL on
+    ``ready`` (its creator calls it once the actor proved its identity), or at
+    once when Ray re-created the actor after a crash (no call needed: the
+    shard's timers expire its holds and offers on time), and every change is
+    committed before its reply.
     """
 
     def __init__(
@@ -151,6 +178,40 @@ class ShardActor:
                 succeeds=f"{actor_id}/",
                 on_stopped=_exit_after_stop,
             )
+            if self._restarted:
+                # Re-created by Ray after its process died: it was proven this
+                # deployment's before (a fresh actor starts on ``ready``, once its
+                # creator checked ``identify``), and its shard's timers must run
+                # whether or not anything calls it. Ray runs an async actor's
+                # constructor on the actor's event loop: the start runs there next.
+                asyncio.get_running_loop().call_soon(self._start_owner)
+
+    def _start_owner(self) -> "asyncio.Task[None]":
+        """The owner's start, begun unless one is under way or done already."""
+        starting = self._starting
+        if starting is None:
+            assert self._owner is not None
+            starting = asyncio.get_running_loop().create_task(self._owner.start())
+            starting.add_done_callback(self._after_start)
+            self._starting = starting
+        return starting
+
+    def _after_start(self, starting: "asyncio.Task[None]") -> None:
+        # A start that failed (the database, Redis or the lease unavailable) is tried
+        # again by itself: no call may come to a restarted shard for a long time, and
+        # its timers must run all the same.
+        if starting.cancelled() or starting.exception() is None:
+            return
+        logger.warning(
+            "shard %d could not start: %r; trying again", self._shard_id, starting.exception()
+        )
+        if self._starting is starting:
+            self._starting = None
+            asyncio.get_running_loop().call_later(limits.REBUILD_RETRY_MS / 1000, self._start_again)
+
+    def _start_again(self) -> None:
+        if not self._stopped:
+            self._start_owner()
 
     async def _started(self, wait_ms: int | None = None) -> None:
         """Start the shard's owner (once), and wait for it: up to ``wait_ms`` if given.
@@ -166,16 +227,15 @@ class ShardActor:
             assert self._runtime is not None
             self._runtime.start()
             return
-        if self._starting is None:
-            self._starting = asyncio.get_running_loop().create_task(owner.start())
-        starting = self._starting
+        starting = self._start_owner()
         try:
             async with asyncio.timeout(None if wait_ms is None else wait_ms / 1000):
                 await asyncio.shield(starting)
         except Exception as exc:
             if not starting.done():
                 raise ShardUnreachable(f"shard {self._shard_id} is still starting") from None
-            self._starting = None
+            if self._starting is starting:
+                self._starting = None
             raise ShardUnreachable(f"shard {self._shard_id} could not start: {exc!r}") from exc
 
     async def identify(self) -> ShardIdentity:
@@ -239,6 +299,11 @@ class ShardActor:
         assert self._runtime is not None
         return frame_reply(await self._runtime.execute_batch(data))
 
+    @ray.method(concurrency_group=_PROBE_GROUP)
+    async def alive(self) -> None:
+        """Answers at once, on a thread of its own: the caller's sign of life (the
+        process runs and can be reached), whatever the shard's loop is doing."""
+
     async def statistics(self) -> RuntimeStatistics:
         runtime = self._runtime if self._owner is None else self._owner.runtime
         if runtime is None:
@@ -276,7 +341,9 @@ def unframe_reply(framed: bytes) -> bytes:
 
 @functools.cache
 def _remote_class() -> Any:
-    return ray.remote(ShardActor)
+    # Ray's stubs leave out the actor options of the decorator form.
+    remote: Any = ray.remote
+    return remote(concurrency_groups={_PROBE_GROUP: 1})(ShardActor)
 
 
 def spawn_shard_actor(
@@ -407,6 +474,64 @@ def kill_shard_actors(
     return killed
 
 
+async def _answer_while_alive(shard: int, handle: Any, ref: Any) -> Any:
+    """The answer of the call ``ref``, as long as its actor shows signs of life.
+
+    Ray fails a call to an actor on a lost node only once its health checks find
+    the node dead (seconds, or a minute with Ray's defaults): a call unanswered for
+    ``ACTOR_PROBE_AFTER_MS`` is followed by a probe, and one that goes unanswered
+    for ``ACTOR_PROBE_TIMEOUT_MS`` fails the call as ``ShardUnavailable`` (it may
+    have been applied: the coalescer resends the same batch, which the shard
+    applies once), unless Ray already knows the actor's process is gone (it
+    restarts the actor): then Ray answers the call itself, as before probes
+    existed, and the coalescer's resends start from that answer. While the probes
+    answer, the call is waited for.
+    """
+    answer = asyncio.ensure_future(ref)
+    try:
+        while True:
+            done, _ = await asyncio.wait((answer,), timeout=limits.ACTOR_PROBE_AFTER_MS / 1000)
+            if done:
+                return answer.result()
+            if not await _shows_life(handle) and not await _known_gone(handle):
+                raise ShardUnavailable(
+                    f"shard {shard}: its actor gave no sign of life in"
+                    f" {limits.ACTOR_PROBE_TIMEOUT_MS} ms (its node may be lost)"
+                )
+    finally:
+        if not answer.done():
+            answer.cancel()
+
+
+async def _shows_life(handle: Any) -> bool:
+    """Whether the actor answers a probe within ``ACTOR_PROBE_TIMEOUT_MS``."""
+    try:
+        async with asyncio.timeout(limits.ACTOR_PROBE_TIMEOUT_MS / 1000):
+            await handle.alive.remote()
+    except (ray.exceptions.PendingCallsLimitExceeded, AttributeError):
+        # No verdict (calls fill its queue here; an actor of an earlier release has
+        # no probe): the call waits on.
+        return True
+    except (TimeoutError, ray.exceptions.RayActorError):
+        return False
+    return True
+
+
+async def _known_gone(handle: Any) -> bool:
+    """Whether Ray's GCS knows the actor's process is gone (restarting, dead): Ray
+    fails a call in flight to it by itself, within about a second. False when the
+    GCS holds it alive, or cannot say within ``ACTOR_PROBE_TIMEOUT_MS``."""
+    try:
+        # The GCS's actor table, without the dashboard's state API (the engine runs
+        # Ray without a dashboard); a blocking call, so in a thread.
+        actor_id = handle._actor_id.hex()
+        async with asyncio.timeout(limits.ACTOR_PROBE_TIMEOUT_MS / 1000):
+            info = await asyncio.to_thread(ray._private.state.actors, actor_id)
+    except Exception:
+        return False
+    return isinstance(info, dict) and info.get("State") not in (None, "ALIVE")
+
+
 class RayShardTransport:
     """Calls shard actors through their handles; Ray's failures become ``ShellError``s."""
 
@@ -520,9 +645,10 @@ class RayShardTransport:
 
     async def _call(self, shard: int, method: str, *args: Any, timeout_ms: int) -> Any:
         try:
-            ref = getattr(self._handles[shard], method).remote(*args)
+            handle = self._handles[shard]
+            ref = getattr(handle, method).remote(*args)
             async with asyncio.timeout(timeout_ms / 1000):
-                return await ref
+                return await _answer_while_alive(shard, handle, ref)
         except ray.exceptions.PendingCallsLimitExceeded as exc:
             raise ShardBusy(f"shard {shard}: too many pending calls") from exc
         except TimeoutError as exc:

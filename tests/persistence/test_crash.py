@@ -22,6 +22,7 @@ import asyncpg
 import pytest
 
 from engine.core import protocol as p
+from engine.core.policy import DomainPolicy
 from engine.core.routing import make_slot_id
 from engine.core.states import BookingStatus
 from engine.shell.coalescer import EngineClient, RequestIds
@@ -123,6 +124,25 @@ async def _while_restarting(call: Callable[[], Awaitable[_T]]) -> _T:
         return await call()
 
 
+async def connect_owned_shards(
+    shard_count: int, policies: dict[str, DomainPolicy], prefix: str, storage: StorageSettings
+) -> RayShardTransport:
+    """The named shard actors, with storage, once all serve."""
+    # On a loaded machine a new owner's first Redis call (its lease) can time out:
+    # its start fails (ShardUnreachable), and connecting again (the same named
+    # actors) waits for it again.
+    return await _while_restarting(
+        functools.partial(
+            RayShardTransport.connect,
+            shard_count=shard_count,
+            policies=policies,
+            name_prefix=prefix,
+            storage=storage,
+            timeout_ms=60_000,
+        )
+    )
+
+
 async def _kill(transport: RayShardTransport, shard: int) -> int:
     # The shard may still be restarting from an earlier kill: its new process is killed.
     identity = await _while_restarting(
@@ -139,19 +159,7 @@ async def test_sigkilled_shard_actors_lose_no_acknowledged_change(
     storage = StorageSettings(
         database_url=database_url, redis_url=REDIS_URL, namespace=redis_namespace
     )
-    # On a loaded machine a new owner's first Redis call (its lease) can time out:
-    # its start fails (ShardUnreachable), and connecting again (the same named
-    # actors) starts it again.
-    transport = await _while_restarting(
-        functools.partial(
-            RayShardTransport.connect,
-            shard_count=SHARDS,
-            policies=POLICIES,
-            name_prefix=prefix,
-            storage=storage,
-            timeout_ms=60_000,
-        )
-    )
+    transport = await connect_owned_shards(SHARDS, POLICIES, prefix, storage)
     client = EngineClient(
         transport, retries_max=CLIENT_RETRIES_MAX, unavailable_patience_ms=CLIENT_PATIENCE_MS
     )
@@ -235,8 +243,8 @@ async def test_sigkilled_shard_actors_lose_no_acknowledged_change(
         await assert_consistent(db)
 
         # The hold acknowledged before the first kill expires after it, not before its time.
-        # A restarted actor starts its owner (the reload, the timers) at its first call,
-        # which the load may not have made on a slow machine: each is called now.
+        # A restarted actor starts its owner (the reload, the timers) as soon as it is
+        # created; waiting here until each serves bounds the wait below by the restart.
         for shard in range(SHARDS):
             await _while_restarting(functools.partial(transport.identity, shard, timeout_ms=60_000))
         async with asyncio.timeout(RESTART_DEADLINE_S):
