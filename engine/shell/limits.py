@@ -53,7 +53,8 @@ ACTOR_CALL_TIMEOUT_MS: Final = 30_000
 # call still unanswered after ACTOR_PROBE_AFTER_MS is followed by a probe of the
 # actor (a method with a thread of its own, answered even while the shard's event
 # loop works); a probe unanswered within ACTOR_PROBE_TIMEOUT_MS fails the call as
-# ShardUnavailable, and the coalescer resends within its patience. A batch answers
+# ShardUnavailable (unless Ray knows the process is gone and restarts it: then Ray
+# fails the call itself), and the coalescer resends within its patience. A batch answers
 # in milliseconds and a probe of a live process too, even on a loaded machine, so
 # half a second each is two orders of magnitude above the usual; a probe that
 # answers keeps a slow call (a slow flush, a long start) waiting as before.
@@ -66,7 +67,7 @@ SHARD_SILENT_ANSWER_MS: Final = (
     ACTOR_PROBE_AFTER_MS + ACTOR_PROBE_TIMEOUT_MS + SHARD_UNAVAILABLE_PATIENCE_MS + 500
 )
 # Ray's own detection of a lost node, set where the engine starts a Ray head
-# (gateway/server.py, docker-compose.yml; docs/operations.md "Ray cluster"): the
+# (gateway/server.py, docker-compose.yml; docs/operations.md "Ray's health checks"): the
 # GCS checks each raylet every period, a check fails after its timeout, and a node
 # whose checks fail this many times in a row is dead, its actors restarted
 # elsewhere. A silent node is found within threshold * (timeout + period), a node
