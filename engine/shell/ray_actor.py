@@ -549,6 +549,10 @@ class RayShardTransport:
         self._namespace = namespace
         self._name_prefix = name_prefix
         self._storage = storage
+        # Shards whose actor gave no sign of life at their latest call: their
+        # abandoned calls stay pending in Ray until it finds the node dead, and fill
+        # the handle's max_pending_calls; a full queue then means silence, not load.
+        self._silent: set[int] = set()
 
     @classmethod
     async def connect(
@@ -647,9 +651,20 @@ class RayShardTransport:
         try:
             handle = self._handles[shard]
             ref = getattr(handle, method).remote(*args)
-            async with asyncio.timeout(timeout_ms / 1000):
-                return await _answer_while_alive(shard, handle, ref)
+            try:
+                async with asyncio.timeout(timeout_ms / 1000):
+                    answer = await _answer_while_alive(shard, handle, ref)
+            except ShardUnavailable:
+                self._silent.add(shard)
+                raise
+            self._silent.discard(shard)
+            return answer
         except ray.exceptions.PendingCallsLimitExceeded as exc:
+            if shard in self._silent:
+                # Waiting as for backpressure would outlast the caller's bound.
+                raise ShardUnreachable(
+                    f"shard {shard}: calls to its silent actor fill the queue"
+                ) from exc
             raise ShardBusy(f"shard {shard}: too many pending calls") from exc
         except TimeoutError as exc:
             raise ShardCallTimeout(f"shard {shard}: no answer in {timeout_ms} ms") from exc

@@ -38,7 +38,10 @@ REPO = Path(__file__).resolve().parents[3]
 # The scenario's own limit: two cluster starts on a loaded machine take ~20 s.
 SCENARIO_TIMEOUT_S = 150
 # Requests sent to the lost shard, one after another, each bounded by a deadline.
-REQUESTS = 3
+REQUESTS = 5
+# Each request to the silent actor leaves about four calls pending in Ray (the
+# batch, its resend, their probes): the later requests find its queue full.
+PENDING_CALLS_MAX = 8
 REQUEST_DEADLINE_S = 60.0
 # A loaded machine may add seconds to the engine's bound, never the old 14 s or more.
 MARGIN_S = 3.0
@@ -46,6 +49,7 @@ MARGIN_S = 3.0
 # then the actor restarts on the head (a process start on a loaded machine).
 FAILOVER_WITHIN_S = 20.0
 SERVE_ATTEMPTS_MAX = 100
+PLACEMENT_TRIES_MAX = 20
 # Ray's health_check_initial_delay_ms (its default, which the engine keeps), and a margin.
 HEALTH_CHECK_INITIAL_DELAY_S = 5.5
 
@@ -68,7 +72,9 @@ def test_callers_of_a_shard_on_a_lost_node_get_503_within_the_bound() -> None:
     # Ray's default health checks: Ray itself would not fail these calls for a minute.
     measured = _run("silent")
     bound_s = limits.SHARD_SILENT_ANSWER_MS / 1000 + MARGIN_S
-    assert measured["errors"] == ["ShardUnavailable"] * REQUESTS, measured
+    # ShardUnavailable (the outcome unknown), or ShardUnreachable (nothing sent: the
+    # queue was full): both 503 with retryAfter at the gateway.
+    assert set(measured["errors"]) == {"ShardUnavailable", "ShardUnreachable"}, measured
     assert max(measured["elapsed_s"]) < bound_s, measured
 
 
@@ -91,7 +97,9 @@ def test_with_the_engines_health_checks_the_shard_is_served_again_elsewhere() ->
 async def _silent(worker: Any, joined_at: float) -> dict[str, Any]:
     from engine.shell.errors import ShellError
 
-    client, transport = await _shard_on(worker, soft=False)
+    # A short queue: the calls abandoned to the silent actor fill it within a few
+    # requests, as many requests would fill the engine's.
+    client, transport = await _shard_on(worker, soft=False, pending_calls_max=PENDING_CALLS_MAX)
     _freeze(worker, (await transport.identity(0, timeout_ms=30_000)).pid)
     elapsed, errors = [], []
     for _ in range(REQUESTS):
@@ -156,27 +164,41 @@ async def _failover(worker: Any, joined_at: float) -> dict[str, Any]:
     }
 
 
-async def _shard_on(worker: Any, *, soft: bool) -> tuple[Any, Any]:
+async def _shard_on(
+    worker: Any, *, soft: bool, pending_calls_max: int = limits.SHARD_PENDING_CALLS_MAX
+) -> tuple[Any, Any]:
     """One in-memory shard actor placed on ``worker``'s node, its transport and client."""
+    import ray
+    import ray._private.state
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     from engine.shell import ray_actor
     from engine.shell.coalescer import EngineClient
     from tests.support.domain import POLICIES
 
-    prefix = f"node-loss-{uuid.uuid4().hex[:8]}"
-    handle = (
-        ray_actor._remote_class()
-        .options(
-            name=ray_actor.actor_name(0, prefix),
-            num_cpus=0,
-            max_restarts=-1,
-            max_pending_calls=limits.SHARD_PENDING_CALLS_MAX,
-            scheduling_strategy=NodeAffinitySchedulingStrategy(worker.node_id, soft=soft),
+    # A soft affinity falls back to another node while the scheduler does not know
+    # the new node yet: placed again (a count of tries) until it is on the node.
+    for _ in range(PLACEMENT_TRIES_MAX):
+        prefix = f"node-loss-{uuid.uuid4().hex[:8]}"
+        handle = (
+            ray_actor._remote_class()
+            .options(
+                name=ray_actor.actor_name(0, prefix),
+                num_cpus=0,
+                max_restarts=-1,
+                max_pending_calls=pending_calls_max,
+                scheduling_strategy=NodeAffinitySchedulingStrategy(worker.node_id, soft=soft),
+            )
+            .remote(0, 1, POLICIES, None)
         )
-        .remote(0, 1, POLICIES, None)
-    )
-    await ray_actor.wait_shards_ready([handle], timeout_ms=60_000)
+        await ray_actor.wait_shards_ready([handle], timeout_ms=60_000)
+        actor = ray._private.state.actors(handle._actor_id.hex())
+        if actor["Address"]["NodeID"] == worker.node_id:
+            break
+        ray.kill(handle, no_restart=True)
+        await asyncio.sleep(0.5)
+    else:
+        raise AssertionError(f"the shard actor never landed on node {worker.node_id}")
     transport = ray_actor.RayShardTransport([handle], policies=POLICIES, name_prefix=prefix)
     return EngineClient(transport), transport
 
