@@ -13,6 +13,7 @@ in memory (in this process, or as Ray actors with ``--engine ray``).
 
 import argparse
 import asyncio
+import os
 import time
 import uuid
 from collections.abc import Sequence
@@ -29,6 +30,8 @@ from engine.shell.transport import ShardTransport
 HOUR_MS = 3_600_000
 # How often the demo looks at a user's queue entry while waiting for an offer.
 POLL_INTERVAL_S = 0.05
+# The Ray namespace of the demo's shard actors (``--engine ray``).
+DEMO_NAMESPACE = "slotengine-demo"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -207,7 +210,14 @@ async def _run(args: argparse.Namespace) -> None:
 
         from engine.shell.ray_actor import RayShardTransport, kill_shard_actors
 
-        ray.init(include_dashboard=False, log_to_driver=False, namespace="slotengine-demo")
+        ray.init(
+            # A Ray of its own, never one already on the machine (another
+            # deployment's, a test run's), unless RAY_ADDRESS names one to use.
+            address=os.environ.get("RAY_ADDRESS") or "local",
+            include_dashboard=False,
+            log_to_driver=False,
+            namespace=DEMO_NAMESPACE,
+        )
         transport = await RayShardTransport.connect(shard_count=args.shards, policies=policies)
         try:
             await Scenario(EngineClient(transport), args).play()
