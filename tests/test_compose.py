@@ -1,17 +1,21 @@
 """docker-compose.yml parses (docker-compose config) and holds the production-like stack;
-``.env.example`` lists every variable it reads."""
+its Ray nodes and gateways find each other; ``.env.example`` lists every variable it reads."""
 
 import os
 import re
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
+
+from engine.shell import limits
 
 ROOT = Path(__file__).resolve().parents[1]
-SERVICES = {"postgres", "redis", "migrate", "ray-head", "ray-worker", "gateway-1", "gateway-2",
-            "nginx", "prometheus"}  # fmt: skip
+SERVICES = {"postgres", "redis", "migrate", "ray-head", "ray-worker-1", "ray-worker-2",
+            "gateway-1", "gateway-2", "nginx", "prometheus"}  # fmt: skip
 
 
 def _compose(*args: str) -> subprocess.CompletedProcess[str]:
@@ -90,3 +94,65 @@ def test_the_env_example_lists_every_variable_the_compose_file_reads() -> None:
 def test_the_variable_pattern_finds_every_form() -> None:
     text = "a: ${ONE}\nb: ${TWO:-x}\nc: ${THREE:?set it}\nd: $FOUR\ne: $${NOT_ONE} $$NOT_TWO\n"
     assert compose_variables(text) == {"ONE", "TWO", "THREE", "FOUR"}
+
+
+def _services() -> dict[str, dict[str, Any]]:
+    """The compose file's services, its anchors and merge keys resolved (no docker needed)."""
+    services: dict[str, dict[str, Any]] = yaml.safe_load((ROOT / "docker-compose.yml").read_text())[
+        "services"
+    ]
+    return services
+
+
+def _flag(command: list[str], name: str) -> str | None:
+    values = [part.split("=", 1)[1] for part in command if part.startswith(f"{name}=")]
+    assert len(values) <= 1, command
+    return values[0] if values else None
+
+
+def test_the_ray_head_has_two_workers_joining_its_gcs() -> None:
+    services = _services()
+    head = services["ray-head"]["command"]
+    assert head[:3] == ["ray", "start", "--head"]
+    gcs_port = _flag(head, "--port")
+    workers = sorted(
+        name
+        for name, service in services.items()
+        if service.get("command", [])[:2] == ["ray", "start"] and name != "ray-head"
+    )
+    assert workers == ["ray-worker-1", "ray-worker-2"]
+    for name in workers:
+        assert _flag(services[name]["command"], "--address") == f"ray-head:{gcs_port}", name
+        assert "--block" in services[name]["command"]
+        assert "ray-head" in services[name]["depends_on"]
+
+
+def test_the_gateways_attach_through_the_client_server_the_head_opens() -> None:
+    """A gateway container is no Ray node: it reaches the cluster in Ray Client's
+    form, at the port the head's client server listens on (not the GCS's)."""
+    services = _services()
+    client_port = _flag(services["ray-head"]["command"], "--ray-client-server-port")
+    assert client_port is not None, "the head opens no Ray Client server"
+    gateways = [name for name in services if name.startswith("gateway")]
+    assert gateways == ["gateway-1", "gateway-2"]
+    for name in gateways:
+        gateway = services[name]
+        assert gateway["environment"]["RAY_ADDRESS"] == f"ray://ray-head:{client_port}", name
+        assert gateway["command"][:2] == ["slotengine", "serve"]
+        assert gateway["command"][gateway["command"].index("--engine") + 1] == "ray"
+        assert {"ray-head", "ray-worker-1", "ray-worker-2"} <= set(gateway["depends_on"])
+    # The Ray nodes join by --address; a RAY_ADDRESS in their environment would be
+    # read by the engine's code running there instead.
+    for name in ("ray-head", "ray-worker-1", "ray-worker-2", "migrate"):
+        assert "RAY_ADDRESS" not in services[name]["environment"], name
+
+
+def test_the_head_sets_the_engines_ray_health_checks() -> None:
+    """The GCS reads them where the head starts: the engine's values, so that a
+    lost worker's shard actors restart within the failover bound."""
+    environment = _services()["ray-head"]["environment"]
+    assert environment["RAY_health_check_period_ms"] == str(limits.RAY_HEALTH_CHECK_PERIOD_MS)
+    assert environment["RAY_health_check_timeout_ms"] == str(limits.RAY_HEALTH_CHECK_TIMEOUT_MS)
+    assert environment["RAY_health_check_failure_threshold"] == str(
+        limits.RAY_HEALTH_CHECK_FAILURE_THRESHOLD
+    )
