@@ -33,7 +33,7 @@ async def test_serve_reserves_through_ray_client(
     database_url: str, tmp_path: Path, ray_head: RayHead
 ) -> None:
     served = Served(database_url, tmp_path)
-    served.env.update(ray_head.env)
+    served.env.update(ray_head.ray_env)
     served.env["RAY_ADDRESS"] = ray_head.client_address
     log_path = tmp_path / "serve.log"
     with log_path.open("w") as log:

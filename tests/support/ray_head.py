@@ -20,6 +20,7 @@ from pathlib import Path
 
 RAY = str(Path(sys.executable).with_name("ray"))
 STOP_WAIT_S = 10.0
+READY_WAIT_S = 60.0
 
 
 def free_port() -> int:
@@ -44,12 +45,17 @@ class RayHead:
         self.client_port = free_port()
         self.gcs_address = f"127.0.0.1:{self.gcs_port}"
         self.client_address = f"ray://127.0.0.1:{self.client_port}"
-        self.env = {
-            **{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
+        # What a process needs to see this head as the machine's cluster (its own
+        # settings, DATABASE_URL and the like, are the caller's).
+        self.ray_env = {
             "RAY_TMPDIR": str(self.tmpdir),
             # Ray enables token auth when ~/.ray/auth_token exists; a client then needs
             # the token. The compose stack's containers have none: neither here.
             "RAY_AUTH_MODE": "disabled",
+        }
+        self.env = {
+            **{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
+            **self.ray_env,
         }
         self.leader: subprocess.Popen[bytes] | None = None
 
@@ -66,7 +72,18 @@ class RayHead:
         if returncode != 0:
             self.stop()
             raise RuntimeError(f"ray start --head failed ({returncode})")
-        return self
+        # `ray start` may return before the client server listens.
+        deadline = time.monotonic() + READY_WAIT_S
+        while True:
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection(("127.0.0.1", self.client_port), timeout=1),
+            ):
+                return self
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError("the head's Ray Client server does not listen")
+            time.sleep(0.2)
 
     def actor_names(self) -> list[str]:
         """The names of every actor (alive or dead) the head's GCS has seen."""
