@@ -141,6 +141,8 @@ def test_the_gateways_attach_through_the_client_server_the_head_opens() -> None:
         assert gateway["command"][:2] == ["slotengine", "serve"]
         assert gateway["command"][gateway["command"].index("--engine") + 1] == "ray"
         assert {"ray-head", "ray-worker-1", "ray-worker-2"} <= set(gateway["depends_on"])
+        # depends_on waits for the head's container, not its client server.
+        assert gateway["restart"] == "on-failure", name
     # The Ray nodes join by --address; a RAY_ADDRESS in their environment would be
     # read by the engine's code running there instead.
     for name in ("ray-head", "ray-worker-1", "ray-worker-2", "migrate"):
