@@ -97,3 +97,4 @@ async def test_serve_reserves_through_ray_client(
             served.process.wait()
     output = log_path.read_text(errors="replace")
     assert served.process.returncode == 0, output[-3000:]
+    assert "SIGTERM received" in output, output[-3000:]
