@@ -70,6 +70,7 @@ def test_each_limit_has_one_home() -> None:
         (shell_limits, "BATCH_RETRIES_MAX", 0, "is resent at least once"),
         (shell_limits, "BATCH_RETRIES_MAX", 4, "the count of resends"),
         (shell_limits, "ACTOR_CALL_TIMEOUT_MS", 600_000, "REQUEST_OUTCOMES_RETENTION_MS >"),
+        (shell_limits, "ACTOR_START_TIMEOUT_MS", 60_000, "a start outlasts a shard's load"),
         (shell_limits, "REQUEST_OUTCOMES_RETENTION_MS", 30_000, "REQUEST_OUTCOMES_RETENTION_MS"),
         (shell_limits, "PARTIAL_BATCHES_IN_FLIGHT_MAX", 0, "would never leave"),
         (shell_limits, "PARTIAL_BATCHES_IN_FLIGHT_MAX", 5, "would never leave"),

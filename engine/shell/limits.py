@@ -23,7 +23,7 @@ from engine.core.limits import (
     REQUEST_OUTCOMES_RETENTION_MS,  # noqa: F401
     require_relation,
 )
-from persistence.limits import LEASE_TTL_MS  # noqa: F401
+from persistence.limits import LEASE_TTL_MS, SHARD_LOAD_TIMEOUT_MS  # noqa: F401
 
 # -- batching across the actor boundary --------------------------------------
 # Measured: batches of 256 reach ~270k ops/s on 2 cores; larger batches add
@@ -48,6 +48,12 @@ BATCH_RETRY_BACKOFF_MS: Final = 100
 SHARD_UNAVAILABLE_PATIENCE_MS: Final = 1_000
 # Every wait on an actor call has a limit.
 ACTOR_CALL_TIMEOUT_MS: Final = 30_000
+# A start waits this long for every shard actor's first answer: a new worker
+# process (Ray's and the engine's imports) and its owner's load of the shard (up to
+# SHARD_LOAD_TIMEOUT_MS). Seconds on an idle machine; on two cores loaded to a load
+# average of 10, more than ACTOR_CALL_TIMEOUT_MS (measured), and a start that gives
+# up then only starts again slower.
+ACTOR_START_TIMEOUT_MS: Final = 120_000
 # A call to an actor on a lost node (a machine gone, a network cut: no connection
 # refused) is not failed by Ray until its health checks declare the node dead. So a
 # call still unanswered after ACTOR_PROBE_AFTER_MS is followed by a probe of the
@@ -245,6 +251,11 @@ def check(v: Mapping[str, Any]) -> None:
         0 < v["BUSY_BACKOFF_FIRST_MS"] <= v["BUSY_BACKOFF_MAX_MS"],
         "0 < BUSY_BACKOFF_FIRST_MS <= BUSY_BACKOFF_MAX_MS: the backoff doubles from its"
         " first pause (a 0 would spin) up to its cap",
+    )
+    require_relation(
+        v["ACTOR_START_TIMEOUT_MS"] > v["SHARD_LOAD_TIMEOUT_MS"] + v["ACTOR_CALL_TIMEOUT_MS"],
+        "ACTOR_START_TIMEOUT_MS > SHARD_LOAD_TIMEOUT_MS + ACTOR_CALL_TIMEOUT_MS: a start"
+        " outlasts a shard's load plus a new process's start",
     )
 
 

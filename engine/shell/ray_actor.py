@@ -562,7 +562,7 @@ class RayShardTransport:
         policies: dict[str, DomainPolicy],
         namespace: str | None = None,
         name_prefix: str | None = None,
-        timeout_ms: int = limits.ACTOR_CALL_TIMEOUT_MS,
+        timeout_ms: int = limits.ACTOR_START_TIMEOUT_MS,
         storage: StorageSettings | None = None,
     ) -> "RayShardTransport":
         """Find or spawn every shard actor, check that each is this deployment's, and
