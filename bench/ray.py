@@ -290,7 +290,7 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
     settings = load_settings()
     policies = load_policies(settings)
     prefix = f"bench-{uuid.uuid4().hex[:8]}"
-    storage = await _bench_storage(settings, prefix) if args.durable else None
+    storage = await _bench_storage(settings, prefix, args.shards) if args.durable else None
     transport = await RayShardTransport.connect(
         shard_count=args.shards, policies=policies, name_prefix=prefix, storage=storage
     )
@@ -409,11 +409,14 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
 # named after the run and dropped at its end (--keep-database keeps it).
 
 
-async def _bench_storage(settings: Any, prefix: str) -> Any:
+async def _bench_storage(settings: Any, prefix: str, shards: int) -> Any:
     """A fresh database of the bench's own on the configured (or embedded) server."""
+    import asyncpg
+
     from bench._database import create_run_database
     from engine.shell.owner import StorageSettings
     from persistence.migrate import migrate_url
+    from persistence.partitioning import establish_partitions
     from persistence.services import resolve_services
 
     # In a thread: starting an embedded service runs an event loop of its own.
@@ -422,6 +425,12 @@ async def _bench_storage(settings: Any, prefix: str) -> Any:
     )
     bench_url = await create_run_database(database_url, prefix)
     await migrate_url(bench_url)
+    # One partition per shard: the clients' default routing, with nothing to look up.
+    connection = await asyncpg.connect(bench_url)
+    try:
+        await establish_partitions(connection, partitions=shards, shard_count=shards)
+    finally:
+        await connection.close()
     return StorageSettings(
         database_url=bench_url,
         redis_url=redis_url,

@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 import msgspec
 
 from engine.core import limits
+from engine.core.routing import PARTITIONS_MAX
 
 Durability = Literal["commit", "relaxed"]
 DURABILITY_MODES: Final[tuple[str, ...]] = get_args(Durability)
@@ -86,6 +87,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     claim_ttl_seconds: int = limits.CLAIM_TTL_DEFAULT_S
     queue_max: int = limits.QUEUE_SIZE_DEFAULT
     shards: int = SHARDS_DEFAULT
+    # P, the number of partitions, for a database created by this start; None:
+    # PARTITIONS_DEFAULT. A database keeps the P it was created with, and a start
+    # that asks for another is refused (persistence/partitioning.py).
+    partitions: int | None = None
     durability: Durability = "commit"
     queue_inactivity_seconds: int = limits.QUEUE_INACTIVITY_DEFAULT_S
     domains_dir: Path = DOMAINS_DIR_DEFAULT
@@ -144,6 +149,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
             _integer(1, SHARDS_MAX),
             SHARDS_DEFAULT,
         ),
+        partitions=env.read_or("SLOTENGINE_PARTITIONS", _integer(1, PARTITIONS_MAX), None),
         durability=env.read_or("SLOTENGINE_DURABILITY", _durability, "commit"),
         queue_inactivity_seconds=env.read_or(
             "SLOTENGINE_QUEUE_INACTIVITY_SECONDS",

@@ -46,6 +46,7 @@ from redis.backoff import NoBackoff
 
 from config.domains import load_policies
 from config.settings import ConfigError, Settings
+from engine.core.routing import PartitionMap
 from engine.shell.actor_identity import RAY_NAMESPACE
 from engine.shell.coalescer import EngineClient
 from engine.shell.errors import ShellError
@@ -218,9 +219,20 @@ async def storage_for(
 ) -> StorageSettings:
     """The services to use (configured, else embedded), with the schema brought up to
     date, and the prefix of the deployment's keys in Redis."""
+    storage, _ = await storage_and_partitions(settings, stop_services_on_exit=stop_services_on_exit)
+    return storage
+
+
+async def storage_and_partitions(
+    settings: Settings, *, stop_services_on_exit: bool = False
+) -> tuple[StorageSettings, PartitionMap]:
+    """``storage_for``, and the database's partition map for ``settings.shards``
+    shards (created at the first start, re-spread when the shard count changed).
+    Raises ``EngineStartFailed`` when the database's partitions cannot serve them."""
     import asyncpg
 
     from persistence.migrate import deployment_namespace, migrate
+    from persistence.partitioning import PartitioningError, establish_partitions
 
     database_url, redis_url = await asyncio.to_thread(
         functools.partial(resolve_storage_urls, settings, stop_on_exit=stop_services_on_exit)
@@ -229,17 +241,32 @@ async def storage_for(
     try:
         applied = await migrate(connection)
         namespace = await deployment_namespace(connection)
+        try:
+            partition_map, moved = await establish_partitions(
+                connection, partitions=settings.partitions, shard_count=settings.shards
+            )
+        except PartitioningError as error:
+            raise EngineStartFailed(str(error)) from error
     finally:
         await connection.close()
     if applied:
         logger.info("applied migrations %s", applied)
     logger.info("the deployment's keys in Redis start with %s:", namespace)
-    return StorageSettings(
+    if moved:
+        logger.warning(
+            "the shard count changed: %d of %d partitions moved to serve %d shards",
+            len(moved),
+            partition_map.partitions,
+            settings.shards,
+        )
+    storage = StorageSettings(
         database_url=database_url,
         redis_url=redis_url,
         relaxed=settings.durability == "relaxed",
         namespace=namespace,
+        partitions=partition_map.partitions,
     )
+    return storage, partition_map
 
 
 def build_app(
@@ -260,7 +287,9 @@ def build_app(
     verifier = Verifier(auth)
 
     async def engine_context(app: web.Application) -> AsyncIterator[None]:
-        storage = await storage_for(settings, stop_services_on_exit=stop_services_on_exit)
+        storage, partition_map = await storage_and_partitions(
+            settings, stop_services_on_exit=stop_services_on_exit
+        )
         app[OBSERVABILITY_KEY].configure(
             database_url=storage.database_url, redis_url=storage.redis_url
         )
@@ -305,7 +334,7 @@ def build_app(
                 # An actor's own failure arrives wrapped in Ray's, with its traceback.
                 cause = getattr(error, "cause", None) or error
                 raise EngineStartFailed(f"the shard actors did not start: {cause}") from error
-        client = EngineClient(transport)
+        client = EngineClient(transport, partition_map=partition_map)
         # Set on startup, before the first request is served (aiohttp's pattern).
         app[ENGINE_KEY] = client
         app[TRANSPORT_KEY] = transport

@@ -202,7 +202,9 @@ async def _check_counts(
              WHERE status IN ('RESERVED', 'CONFIRMED')
              GROUP BY slot_id
         ), compared AS (
-            SELECT s.id, s.shard, s.capacity, s.confirmed_count, s.held_count,
+            SELECT s.id,
+                   (SELECT pm.shard FROM partitions pm WHERE pm.partition = s.partition) AS shard,
+                   s.capacity, s.confirmed_count, s.held_count,
                    coalesce(a.confirmed, 0) AS confirmed, coalesce(a.held, 0) AS held
               FROM slots s LEFT JOIN actual a ON a.slot_id = s.id
         ), odd AS (
@@ -254,7 +256,8 @@ async def _check_bookings_without_slot(
 ) -> None:
     rows = await connection.fetch(
         """
-        SELECT b.id, b.slot_id, b.user_id, b.status, s.shard, s.deleted_at_ms,
+        SELECT b.id, b.slot_id, b.user_id, b.status, s.deleted_at_ms,
+               (SELECT pm.shard FROM partitions pm WHERE pm.partition = s.partition) AS shard,
                s.id IS NULL AS missing, count(*) OVER () AS total
           FROM bookings b LEFT JOIN slots s ON s.id = b.slot_id
          WHERE b.status IN ('RESERVED', 'CONFIRMED')
@@ -293,7 +296,8 @@ async def _check_holds(
     # Holds on deleted slots are already reported as bookings without a slot.
     rows = await connection.fetch(
         """
-        SELECT b.id, b.slot_id, b.user_id, b.expires_at_ms, s.shard,
+        SELECT b.id, b.slot_id, b.user_id, b.expires_at_ms,
+               (SELECT pm.shard FROM partitions pm WHERE pm.partition = s.partition) AS shard,
                count(*) OVER () AS total
           FROM bookings b JOIN slots s ON s.id = b.slot_id
          WHERE b.status = 'RESERVED' AND b.expires_at_ms < $1 AND s.deleted_at_ms IS NULL
@@ -327,7 +331,8 @@ async def _check_notified_entries(
 ) -> None:
     rows = await connection.fetch(
         """
-        SELECT q.slot_id, q.user_id, q.booking_id, s.shard,
+        SELECT q.slot_id, q.user_id, q.booking_id,
+               (SELECT pm.shard FROM partitions pm WHERE pm.partition = s.partition) AS shard,
                b.id AS found_id, b.status, b.via_queue, b.user_id AS booking_user,
                b.slot_id AS booking_slot, count(*) OVER () AS total
           FROM queue_entries q
@@ -372,7 +377,9 @@ async def _check_engine_counts(
     limit: int,
 ) -> None:
     rows = await connection.fetch(
-        "SELECT id, shard, confirmed_count, held_count FROM slots WHERE id = ANY($1::text[])",
+        "SELECT s.id, (SELECT pm.shard FROM partitions pm WHERE pm.partition = s.partition)"
+        " AS shard, s.confirmed_count, s.held_count FROM slots s"
+        " WHERE s.id = ANY($1::text[])",
         list(engine_counts),
     )
     stored = {row["id"]: row for row in rows}

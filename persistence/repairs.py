@@ -93,8 +93,9 @@ async def _repair_counters(
                 # after the lock, so it sees every booking committed before, and a
                 # flush committing after adds its change to the recomputed value.
                 was = await connection.fetchrow(
-                    "SELECT shard, confirmed_count, held_count FROM slots"
-                    " WHERE id = $1 FOR NO KEY UPDATE",
+                    "SELECT (SELECT pm.shard FROM partitions pm WHERE pm.partition = s.partition)"
+                    " AS shard, s.confirmed_count, s.held_count FROM slots s"
+                    " WHERE s.id = $1 FOR NO KEY UPDATE OF s",
                     finding.slot_id,
                 )
                 if was is None:
@@ -207,7 +208,8 @@ async def _expire_holds(
                 UPDATE bookings b
                    SET status = 'EXPIRED', version = b.version + 1, updated_at_ms = $2
                   FROM slots s
-                 WHERE b.id = ANY($1::text[]) AND s.id = b.slot_id AND s.shard = $3
+                 WHERE b.id = ANY($1::text[]) AND s.id = b.slot_id
+                   AND s.partition IN (SELECT partition FROM partitions WHERE shard = $3)
                    AND b.status = 'RESERVED' AND NOT b.via_queue
                    AND (s.deleted_at_ms IS NOT NULL
                         OR (b.expires_at_ms < $4

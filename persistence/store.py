@@ -1,4 +1,5 @@
-"""The SQL a shard owner runs: taking a shard over (fence + reload) and writing a flush.
+"""The SQL a shard owner runs: taking a shard over (fence + reload of its partitions) and
+writing a flush.
 
 Every function takes an open asyncpg connection and runs inside the caller's
 transaction discipline described on each. It must never decide a business
@@ -15,6 +16,7 @@ import msgspec
 from engine.core import limits
 from engine.core.protocol import KeyRecord, OutcomeRecord
 from engine.core.records import Booking, QueueEntry, SlotView, StoredSlot
+from engine.core.routing import PartitionSet
 from persistence import limits as storage_limits
 from persistence.rows import FlushRows, SlotRow
 
@@ -40,13 +42,27 @@ class StaleToken(Exception):
 
 
 class FenceRejected(Exception):
-    """A flush carried a token older than the fence row's: another owner took over."""
+    """A flush carried a token older than the fence row's (another owner took over), or
+    the generation of a partition set that has changed since (a partition moved)."""
+
+
+class PartitionsMoved(FenceRejected):
+    """Only the generation moved on: the owner still owns the shard, but a partition
+    left or joined it since it loaded, so it reloads them (nothing was written)."""
+
+
+class NotPartitioned(Exception):
+    """The database has no partition map yet (``persistence.partitioning`` creates it)."""
 
 
 @dataclass
 class ShardSnapshot:
     shard: int
     token: int
+    # The partitions loaded, and the generation of that set at the load: a
+    # flush carries it, and is refused once a partition has moved.
+    partitions: PartitionSet
+    generation: int
     slots: list[StoredSlot]
     bookings: list[Booking]
     entries: list[QueueEntry]
@@ -84,24 +100,29 @@ async def take_over(
     *,
     timeout_s: float = storage_limits.SHARD_LOAD_TIMEOUT_MS / 1000,
 ) -> ShardSnapshot:
-    """Write ``token`` to the shard's fence and load the shard, in one transaction.
+    """Write ``token`` to the shard's fence and load the partitions the map gives the
+    shard, in one transaction.
 
     The fence moves only to a newer token, or stays with the same token and
     owner. Holding the fence row's lock while loading means a late flush of a
     previous owner (or of this owner's state before a reload, which had an
     older token) either committed before (and is loaded) or runs after and is
     rejected: it can never land unseen between the takeover and this owner's
-    first write. Each statement may take ``timeout_s``.
+    first write. A move of a partition raises the generation under the same
+    lock, so it either happened before (and the partitions read here are the
+    new ones) or waits for this load and then fences it off. Each statement
+    may take ``timeout_s``. Raises ``NotPartitioned`` for a database without
+    a partition map.
     """
     async with connection.transaction():
-        accepted = await connection.fetchval(
+        accepted = await connection.fetchrow(
             """
             INSERT INTO shard_fences AS f (shard, token, owner) VALUES ($1, $2, $3)
             ON CONFLICT (shard) DO UPDATE SET token = EXCLUDED.token, owner = EXCLUDED.owner,
                                               updated_at = now()
              WHERE f.token < EXCLUDED.token
                 OR (f.token = EXCLUDED.token AND f.owner = EXCLUDED.owner)
-            RETURNING token
+            RETURNING token, generation
             """,
             shard,
             token,
@@ -110,13 +131,29 @@ async def take_over(
         )
         if accepted is None:
             raise StaleToken(await fence_token(connection, shard))
-        return await _load(connection, shard, token, now_ms, timeout_s)
+        count = await connection.fetchval("SELECT partitions FROM partition_map")
+        if count is None:
+            raise NotPartitioned("the database has no partition map yet")
+        owned = await connection.fetch(
+            "SELECT partition FROM partitions WHERE shard = $1", shard, timeout=timeout_s
+        )
+        partitions = PartitionSet(count, frozenset(row["partition"] for row in owned))
+        return await _load(
+            connection, shard, token, accepted["generation"], partitions, now_ms, timeout_s
+        )
 
 
 async def _load(
-    connection: asyncpg.Connection, shard: int, token: int, now_ms: int, timeout_s: float
+    connection: asyncpg.Connection,
+    shard: int,
+    token: int,
+    generation: int,
+    partitions: PartitionSet,
+    now_ms: int,
+    timeout_s: float,
 ) -> ShardSnapshot:
     codecs = Codecs()
+    owned = sorted(partitions.owned)
     ended_cutoff_ms = now_ms - limits.ENDED_SLOT_RETENTION_MS
     final_cutoff_ms = now_ms - limits.FINAL_BOOKING_RETENTION_MS
     slot_rows = await connection.fetch(
@@ -124,9 +161,9 @@ async def _load(
         SELECT id, resource_id, domain, start_ms, end_ms, capacity, blocked,
                metadata::text AS metadata, version
           FROM slots
-         WHERE shard = $1 AND deleted_at_ms IS NULL AND end_ms > $2
+         WHERE partition = ANY($1::int[]) AND deleted_at_ms IS NULL AND end_ms > $2
         """,
-        shard,
+        owned,
         ended_cutoff_ms,
         timeout=timeout_s,
     )
@@ -148,10 +185,10 @@ async def _load(
         f"""
         SELECT {", ".join("b." + c.strip() for c in _BOOKING_COLUMNS.split(","))}
           FROM bookings b JOIN slots s ON s.id = b.slot_id
-         WHERE s.shard = $1 AND s.deleted_at_ms IS NULL AND s.end_ms > $2
+         WHERE s.partition = ANY($1::int[]) AND s.deleted_at_ms IS NULL AND s.end_ms > $2
            AND (b.status IN ('RESERVED', 'CONFIRMED') OR b.updated_at_ms > $3)
         """,
-        shard,
+        owned,
         ended_cutoff_ms,
         final_cutoff_ms,
         timeout=timeout_s,
@@ -161,9 +198,9 @@ async def _load(
         f"""
         SELECT {", ".join("q." + c.strip() for c in _ENTRY_COLUMNS.split(","))}
           FROM queue_entries q JOIN slots s ON s.id = q.slot_id
-         WHERE s.shard = $1 AND s.deleted_at_ms IS NULL AND s.end_ms > $2
+         WHERE s.partition = ANY($1::int[]) AND s.deleted_at_ms IS NULL AND s.end_ms > $2
         """,
-        shard,
+        owned,
         ended_cutoff_ms,
         timeout=timeout_s,
     )
@@ -207,10 +244,13 @@ async def _load(
         )
         for row in key_rows
     ]
-    return ShardSnapshot(shard, token, slots, bookings, entries, outcomes, keys)
+    return ShardSnapshot(
+        shard, token, partitions, generation, slots, bookings, entries, outcomes, keys
+    )
 
 
 FENCED_SQLSTATE: Final = "SLF01"
+PARTITIONS_MOVED_SQLSTATE: Final = "SLF02"
 OUTCOMES_COMPRESS_LEVEL: Final = 1
 
 
@@ -221,11 +261,13 @@ async def write_flush(
     owner: str,
     codecs: Codecs,
     *,
+    generation: int = 0,
     fence_check: bool = True,
 ) -> None:
     """Write one flush: one call of ``write_shard_flush``, one round trip, one transaction.
 
-    Raises ``FenceRejected`` when the fence has moved past ``token``.
+    Raises ``FenceRejected`` when the fence has moved past ``token``, or past
+    ``generation`` (the partition set the owner loaded has changed).
     ``fence_check=False`` exists only so a test can show what the fence
     prevents; nothing else may pass it.
     """
@@ -235,10 +277,11 @@ async def write_flush(
     try:
         await connection.execute(
             "SELECT write_shard_flush($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13,"
-            " $14, $15)",
+            " $14, $15, $16)",
             rows.shard,
             token,
             owner,
+            generation,
             fence_check,
             [_slot_write(row.view, row, codecs) for row in rows.slots.values()],
             [_booking_write(b, at_ms) for b, at_ms in changed],
@@ -257,8 +300,11 @@ async def write_flush(
             _key_writes(rows.keys, codecs),
         )
     except asyncpg.PostgresError as exc:
-        if getattr(exc, "sqlstate", None) == FENCED_SQLSTATE:
+        sqlstate = getattr(exc, "sqlstate", None)
+        if sqlstate == FENCED_SQLSTATE:
             raise FenceRejected(str(exc)) from exc
+        if sqlstate == PARTITIONS_MOVED_SQLSTATE:
+            raise PartitionsMoved(str(exc)) from exc
         raise
 
 

@@ -61,6 +61,7 @@ class ShardWriter:
         shard: int,
         token: int,
         owner: str,
+        generation: int = 0,
         relaxed: bool = False,
         on_failed: Callable[[BaseException], None] | None = None,
         on_fenced: Callable[[BaseException], None] | None = None,
@@ -74,6 +75,8 @@ class ShardWriter:
         self._shard = shard
         self._token = token
         self._owner = owner
+        # The generation of the partition set the owner loaded (see write_flush).
+        self._generation = generation
         self._relaxed = relaxed
         self._on_failed = on_failed
         self._on_fenced = on_fenced
@@ -251,6 +254,7 @@ class ShardWriter:
                 self._token,
                 self._owner,
                 self._codecs,
+                generation=self._generation,
                 fence_check=self._fence_check,
             )
         self._commit_ns_total += time.perf_counter_ns() - started_ns

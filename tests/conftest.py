@@ -15,6 +15,7 @@ import os
 import secrets
 import shutil
 import tempfile
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from urllib.parse import urlsplit, urlunsplit
@@ -27,6 +28,8 @@ from persistence.migrate import load_migrations, migrate
 
 DATABASE_URL = os.environ.get("DATABASE_URL") or "postgresql://postgres@127.0.0.1:5432/test"
 REDIS_URL = os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379/0"
+# How long a template of another schema is kept (see _ensure_template).
+TEMPLATE_KEPT_S = 86_400
 
 
 def with_database(url: str, database: str) -> str:
@@ -50,15 +53,21 @@ async def _ensure_template() -> str:
                 await migrate(connection)
             finally:
                 await connection.close()
+            await admin.execute(f"COMMENT ON DATABASE \"{building}\" IS '{int(time.time())}'")
             try:
                 await admin.execute(f'ALTER DATABASE "{building}" RENAME TO "{name}"')
             except asyncpg.DuplicateDatabaseError:
                 await admin.execute(f'DROP DATABASE "{building}"')
-        # Templates of older schemas are of no further use.
+        # Templates of other schemas are of no further use once nobody can be using
+        # them: a run of another revision on the same server (a branch beside main)
+        # keeps its own for a day. A template's comment is when it was built.
         for stale in await admin.fetch(
             "SELECT datname FROM pg_database WHERE datname LIKE 'slotengine\\_tpl\\_%'"
-            " AND datname <> $1 AND datname NOT LIKE '%\\_build\\_%'",
+            " AND datname <> $1 AND datname NOT LIKE '%\\_build\\_%'"
+            " AND shobj_description(oid, 'pg_database') ~ '^[0-9]+$'"
+            " AND shobj_description(oid, 'pg_database')::bigint < $2",
             name,
+            int(time.time()) - TEMPLATE_KEPT_S,
         ):
             with contextlib.suppress(asyncpg.PostgresError):
                 await admin.execute(f'DROP DATABASE "{stale["datname"]}"')
@@ -76,7 +85,12 @@ async def _create_database(template: str) -> str:
     name = f"slotengine_t_{secrets.token_hex(5)}"
     admin = await asyncpg.connect(with_database(DATABASE_URL, "postgres"))
     try:
-        await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
+        try:
+            await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
+        except asyncpg.InvalidCatalogNameError:
+            # Dropped by a run of an older revision on the same server: build it again.
+            await _ensure_template()
+            await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
     finally:
         await admin.close()
     return name

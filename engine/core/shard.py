@@ -102,6 +102,7 @@ from engine.core.protocol import (
 )
 from engine.core.records import Booking, QueueEntry, ShardStatistics, SlotView, StoredSlot
 from engine.core.remembered import RequestMemory
+from engine.core.routing import PartitionSet
 from engine.core.slot_admin import SlotDirectory
 from engine.core.slot_state import SlotState, TimerKey
 from engine.core.states import (
@@ -170,11 +171,17 @@ class ShardCore:
         now_ms: int,
         id_seed: str | None = None,
         new_unique: Callable[[], str] | None = None,
+        partitions: PartitionSet | None = None,
     ) -> None:
+        """``partitions``: the ones this shard serves (by default partition
+        ``shard_id`` of ``shard_count``, one per shard)."""
         require(0 <= shard_id < shard_count, "shard id out of range")
         require("default" in policies, "the default domain must exist")
         self.shard_id = shard_id
         self.shard_count = shard_count
+        self.partitions = (
+            PartitionSet.single(shard_id, shard_count) if partitions is None else partitions
+        )
         self._policies = dict(policies)
         # The unique part of a booking id: 128 random bits from the operating
         # system's generator, drawn a block of BOOKING_IDS_PER_DRAW at a time (a
@@ -194,7 +201,7 @@ class ShardCore:
         self._now_ms = now_ms
         self._timers: TimerWheel[TimerKey] = TimerWheel(now_ms)
         self._directory = SlotDirectory(
-            shard_id=shard_id, shard_count=shard_count, policies=self._policies, timers=self._timers
+            partitions=self.partitions, policies=self._policies, timers=self._timers
         )
         # The directory's own dict, read on every command without going through it.
         self._slots = self._directory.slots

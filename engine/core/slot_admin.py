@@ -19,7 +19,7 @@ from engine.core.limits import LIST_LIMIT_MAX, SLOT_CAPACITY_MAX, SLOT_DURATION_
 from engine.core.policy import DomainPolicy
 from engine.core.protocol import CreateSlot, ListSlots, UpdateSlot
 from engine.core.records import StoredSlot, pack_metadata
-from engine.core.routing import shard_of
+from engine.core.routing import PartitionSet
 from engine.core.slot_state import SlotState, TimerKey
 from engine.core.states import SLOT_TAKES_HOLDS
 from engine.core.timer_wheel import TimerWheel
@@ -29,13 +29,11 @@ class SlotDirectory:
     def __init__(
         self,
         *,
-        shard_id: int,
-        shard_count: int,
+        partitions: PartitionSet,
         policies: dict[str, DomainPolicy],
         timers: TimerWheel[TimerKey],
     ) -> None:
-        self._shard_id = shard_id
-        self._shard_count = shard_count
+        self._partitions = partitions
         self._policies = policies
         self._timers = timers
         self.slots: dict[str, SlotState] = {}
@@ -50,13 +48,11 @@ class SlotDirectory:
 
     def restore(self, stored: StoredSlot) -> SlotState:
         """A stored slot back in the directory; one of an unknown domain follows the default's."""
-        errors.require(
-            shard_of(stored.id, self._shard_count) == self._shard_id, f"{stored.id} misrouted"
-        )
+        errors.require(self._partitions.owns(stored.id), f"{stored.id} misrouted")
         return self._add(stored, self._policies.get(stored.domain, self._policies["default"]))
 
     def create(self, command: CreateSlot, now_ms: int) -> SlotState:
-        if shard_of(command.slot_id, self._shard_count) != self._shard_id:
+        if not self._partitions.owns(command.slot_id):
             raise errors.ValidationFailed(
                 "slot id does not belong to this shard", {"slotId": "misrouted"}
             )

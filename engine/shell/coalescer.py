@@ -110,14 +110,15 @@ class RequestIds:
         return f"{self._prefix}-{next(self._counter):x}"
 
 
-def shard_for(command: AnyCommand, shard_count: int) -> int | None:
-    """The shard that owns ``command``, or None when its id was never issued by the engine."""
+def shard_for(command: AnyCommand, partition_map: routing.PartitionMap) -> int | None:
+    """The shard that serves ``command``'s partition, or None when its id was never
+    issued by the engine."""
     field = _ROUTING_FIELD.get(type(command))
     if field is not None:
         entity_id: str = getattr(command, field)
-        return routing.shard_of(entity_id, shard_count)
+        return partition_map.shard_of(entity_id)
     if isinstance(command, ListSlots) and command.resource_id is not None:
-        return routing.shard_of_resource(command.resource_id, shard_count)
+        return partition_map.shard_of_resource(command.resource_id)
     raise ValueError(f"{type(command).__name__} spans shards: pass shard= explicitly")
 
 
@@ -176,6 +177,7 @@ class EngineClient:
         self,
         transport: ShardTransport,
         *,
+        partition_map: routing.PartitionMap | None = None,
         coalesce: bool = True,
         partial_batches_in_flight_max: int = limits.PARTIAL_BATCHES_IN_FLIGHT_MAX,
         pending_commands_max: int = limits.PENDING_COMMANDS_PER_SHARD_MAX,
@@ -186,6 +188,18 @@ class EngineClient:
     ) -> None:
         self._transport = transport
         self._shard_count = transport.shard_count
+        # Which shard serves each partition: the database's map (None: one
+        # partition per shard, as in a core built without one).
+        self._partition_map = (
+            routing.PartitionMap.spread(self._shard_count, self._shard_count)
+            if partition_map is None
+            else partition_map
+        )
+        if self._partition_map.shard_count > self._shard_count:
+            raise ValueError(
+                f"the partition map names {self._partition_map.shard_count} shards,"
+                f" the transport has {self._shard_count}"
+            )
         self._coalesce = coalesce
         self._batch_max = limits.BATCH_COMMANDS_MAX if coalesce else 1
         self._in_flight_max = (
@@ -213,6 +227,17 @@ class EngineClient:
     def shard_count(self) -> int:
         return self._shard_count
 
+    @property
+    def partition_map(self) -> routing.PartitionMap:
+        return self._partition_map
+
+    def shard_of(self, entity_id: str) -> int | None:
+        """The shard serving a slot or booking id, None for an id the engine never issued."""
+        return self._partition_map.shard_of(entity_id)
+
+    def shard_of_resource(self, resource_id: str) -> int:
+        return self._partition_map.shard_of_resource(resource_id)
+
     async def execute(self, command: AnyCommand, *, shard: int | None = None) -> AnyResult:
         """The command's result. Raises a ``ShellError`` if the batch could not be delivered.
 
@@ -221,7 +246,7 @@ class EngineClient:
         every future it carries.
         """
         if shard is None:
-            shard = shard_for(command, self._shard_count)
+            shard = shard_for(command, self._partition_map)
             if shard is None:
                 return Failure(status=NotFound.status, code=NotFound.code, message="unknown id")
         lane = self._lanes[shard]

@@ -62,7 +62,15 @@ from engine.shell.owner_states import (
 from engine.shell.runtime import RuntimeStatistics, ShardRuntime, service_unavailable
 from persistence import limits as storage_limits
 from persistence.migrate import migrate_url
-from persistence.store import ShardSnapshot, StaleToken, fence_token, take_over
+from persistence.partitioning import PartitioningError, ensure_partition_map
+from persistence.store import (
+    NotPartitioned,
+    PartitionsMoved,
+    ShardSnapshot,
+    StaleToken,
+    fence_token,
+    take_over,
+)
 from persistence.writer import ShardWriter, StorageUnavailable, WriterStatistics
 
 logger = logging.getLogger(__name__)
@@ -89,6 +97,9 @@ class StorageSettings(msgspec.Struct, frozen=True, kw_only=True):
     # The owner of shard 0 (one process in the whole engine, by its lease) runs
     # the reconciliation report and the retention purge this often; 0 turns it off.
     maintenance_every_s: float = MAINTENANCE_EVERY_DEFAULT_S
+    # P for a database that has no partition map yet (None: PARTITIONS_DEFAULT);
+    # a start normally records it first (persistence/partitioning.py).
+    partitions: int | None = None
 
 
 class OwnerStatistics(msgspec.Struct, frozen=True, kw_only=True):
@@ -102,6 +113,10 @@ class OwnerStatistics(msgspec.Struct, frozen=True, kw_only=True):
     writer: WriterStatistics | None
     runtime: RuntimeStatistics | None
     events: PublisherStatistics | None = None
+    # The partitions the owner serves (None until its first load), and the
+    # generation of that set its flushes carry.
+    partitions: int | None = None
+    partitions_generation: int | None = None
 
 
 class ShardOwner:
@@ -143,6 +158,8 @@ class ShardOwner:
         self._publisher: EventPublisher | None = None
         self._rebuilds = 0
         self._stop_reason: str | None = None
+        # What the last load read: how many partitions, and their generation.
+        self._loaded: tuple[int, int] | None = None
 
     # -- lifecycle --------------------------------------------------------------
 
@@ -248,6 +265,7 @@ class ShardOwner:
         raise ShardFailed(f"shard {self.shard_id} stopped: {self._stop_reason}")
 
     def statistics(self) -> OwnerStatistics:
+        loaded = self._loaded
         return OwnerStatistics(
             shard_id=self.shard_id,
             owner=self.owner,
@@ -259,6 +277,8 @@ class ShardOwner:
             writer=self._writer.statistics() if self._writer is not None else None,
             runtime=self._runtime.statistics() if self._runtime is not None else None,
             events=self._publisher.statistics() if self._publisher is not None else None,
+            partitions=loaded[0] if loaded is not None else None,
+            partitions_generation=loaded[1] if loaded is not None else None,
         )
 
     def check_invariants(self) -> None:
@@ -304,6 +324,11 @@ class ShardOwner:
 
     async def _load(self, token: int) -> None:
         connection = await self._connect()
+        # A database nobody has started on yet gets its partitions here (a start
+        # normally creates them first, with SLOTENGINE_PARTITIONS).
+        await ensure_partition_map(
+            connection, partitions=self._storage.partitions, shard_count=self._shard_count
+        )
         try:
             snapshot = await take_over(
                 connection, self.shard_id, token, self.owner, self._clock.now_ms()
@@ -325,6 +350,7 @@ class ShardOwner:
             shard_count=self._shard_count,
             policies=self._policies,
             now_ms=self._clock.now_ms(),
+            partitions=snapshot.partitions,
         )
         core.restore(
             slots=snapshot.slots,
@@ -338,6 +364,7 @@ class ShardOwner:
             shard=self.shard_id,
             token=snapshot.token,
             owner=self.owner,
+            generation=snapshot.generation,
             relaxed=self._storage.relaxed,
             on_failed=self._on_storage_failed,
             on_fenced=self._on_fenced,
@@ -357,14 +384,18 @@ class ShardOwner:
         )
         self._writer = writer
         self._runtime = runtime
+        self._loaded = (len(snapshot.partitions.owned), snapshot.generation)
         writer.start()
         runtime.start()
         self._take(OwnerEvent.LOADED)
         logger.info(
-            "shard %d served by %s with token %d: %d slots, %d bookings, %d queue entries",
+            "shard %d served by %s with token %d: %d partitions (generation %d), %d slots,"
+            " %d bookings, %d queue entries",
             self.shard_id,
             self.owner,
             snapshot.token,
+            len(snapshot.partitions.owned),
+            snapshot.generation,
             len(snapshot.slots),
             len(snapshot.bookings),
             len(snapshot.entries),
@@ -439,6 +470,8 @@ class ShardOwner:
                     with contextlib.suppress(Exception):
                         self._connection.terminate()
                     self._connection = None
+            except (PartitioningError, NotPartitioned) as exc:
+                logger.warning("shard %d: reload failed: %s", self.shard_id, exc)
             except InvariantViolation as exc:
                 # The database itself holds contradicting records: nothing to serve.
                 self._stop(f"stored state breaks an invariant: {exc}")
@@ -459,6 +492,10 @@ class ShardOwner:
         return holder is None or holder in (self.owner, self.owner.encode())
 
     def _on_fenced(self, exc: BaseException) -> None:
+        if isinstance(exc, PartitionsMoved):
+            # Still this shard's owner: it reloads the partitions the map gives it now.
+            self._on_storage_failed(exc)
+            return
         self._stop(f"fenced off: {exc}")
 
     def _stop(self, reason: str) -> None:

@@ -16,7 +16,6 @@ from typing import Final
 from aiohttp import WSMsgType, web
 
 from config.redis_keys import slot_topic, user_topic
-from engine.core.routing import shard_of
 from engine.shell import limits
 from gateway.auth.principal import acting_user
 from gateway.connlimit import (
@@ -266,7 +265,7 @@ def _queue_watch(request: web.Request) -> tuple[Interests, Callable[[Outbox], An
     user_id = acting_user(who, user_param(request))
     slot_id = request.match_info["slot_id"]
     app = request.app
-    shard = shard_of(slot_id, app[ENGINE_KEY].shard_count)
+    shard = app[ENGINE_KEY].shard_of(slot_id)
     if shard is None:
         raise ApiError(404, "NotFound", "no such slot")
     keys = _admit(request).bus.keys

@@ -9,7 +9,6 @@ routes do) and must never be imported by ``gateway.http`` or
 from aiohttp import web
 
 from engine.core import protocol as p
-from engine.core.routing import shard_of_resource
 from engine.core.states import SlotStatus
 from gateway import schemas as s
 from gateway.handling import (
@@ -52,9 +51,7 @@ async def list_slots(request: web.Request) -> web.StreamResponse:
     engine = request.app[ENGINE_KEY]
     resource_id = query.get("resourceId")
     shards = (
-        [shard_of_resource(resource_id, engine.shard_count)]
-        if resource_id
-        else list(range(engine.shard_count))
+        [engine.shard_of_resource(resource_id)] if resource_id else list(range(engine.shard_count))
     )
     commands = {
         shard: p.ListSlots(

@@ -298,7 +298,7 @@ async def test_the_embedded_database_refuses_overlapping_slots_too(data_dir: Pat
     connection = await asyncpg.connect(database_url)
     try:
         insert = (
-            "INSERT INTO slots (id, shard, resource_id, domain, start_ms, end_ms, capacity,"
+            "INSERT INTO slots (id, partition, resource_id, domain, start_ms, end_ms, capacity,"
             " created_at_ms, updated_at_ms) VALUES ($1, 0, $2, 'default', $3, $4, 1, 0, 0)"
         )
         await connection.execute(insert, "a", "dr-who", 1_000, 2_000)

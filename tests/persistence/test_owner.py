@@ -7,6 +7,7 @@ import asyncpg
 import pytest
 
 from engine.core import protocol as p
+from engine.core.routing import PartitionSet
 from engine.core.states import BookingStatus, QueueStatus
 from engine.core.storable import NUMBER_MESSAGE
 from engine.shell.clock import SystemClock
@@ -294,7 +295,15 @@ async def test_a_load_that_completes_after_the_owner_stopped_never_serves(
     # A reload that was under way when the owner stopped hands its snapshot over
     # late: the owner's table has no edge from STOPPED, so nothing is served.
     late = ShardSnapshot(
-        shard=0, token=token, slots=[], bookings=[], entries=[], outcomes=[], keys=[]
+        shard=0,
+        token=token,
+        partitions=PartitionSet.single(0, 1),
+        generation=0,
+        slots=[],
+        bookings=[],
+        entries=[],
+        outcomes=[],
+        keys=[],
     )
     closed_runtime = owner.runtime
     with pytest.raises(OwnerTransitionRefused):

@@ -16,6 +16,7 @@ import asyncpg
 import pytest
 
 from persistence.migrate import MIGRATIONS_DIR, MigrationError, migrate
+from persistence.partitioning import ensure_partition_map
 from tests.support.domain import HOUR_MS
 
 NOW_MS = 1_800_000_000_000
@@ -36,9 +37,11 @@ async def add_slot(
     shard: int = 0,
     deleted_at_ms: int | None = None,
 ) -> None:
+    """A slot in partition ``shard``, which the map (spread over 4 shards) gives that shard."""
+    await ensure_partition_map(db, partitions=None, shard_count=4)
     await db.execute(
         """
-        INSERT INTO slots (id, shard, resource_id, domain, start_ms, end_ms, capacity,
+        INSERT INTO slots (id, partition, resource_id, domain, start_ms, end_ms, capacity,
                            created_at_ms, updated_at_ms, deleted_at_ms)
         VALUES ($1, $2, $3, 'default', $4, $5, $6, $7, $7, $8)
         """,
@@ -180,7 +183,7 @@ async def test_an_overlapping_slot_of_the_same_resource_is_refused_at_commit(
     await add_slot(db, "s-1", resource="room", start_ms=NOW_MS, end_ms=NOW_MS + HOUR_MS)
     info = await commit_fails(
         db,
-        f"""INSERT INTO slots (id, shard, resource_id, domain, start_ms, end_ms, capacity,
+        f"""INSERT INTO slots (id, partition, resource_id, domain, start_ms, end_ms, capacity,
                                created_at_ms, updated_at_ms)
             VALUES ('s-2', 0, 'room', 'default', {NOW_MS + HOUR_MS // 2},
                     {NOW_MS + 2 * HOUR_MS}, 1, {NOW_MS}, {NOW_MS})""",

@@ -7,6 +7,7 @@ import asyncpg
 from engine.core import protocol as p
 from engine.core.clock import ManualClock
 from engine.core.shard import ShardCore
+from persistence.partitioning import ensure_partition_map
 from persistence.store import take_over
 from persistence.writer import ShardWriter
 from tests.persistence.helpers import create_slot, policies, request_id, slot_on
@@ -17,6 +18,7 @@ NOW_MS = 1_900_000_000_000
 
 async def _writer(database_url: str, **options: object) -> tuple[ShardWriter, asyncpg.Connection]:
     connection = await asyncpg.connect(database_url)
+    await ensure_partition_map(connection, partitions=None, shard_count=1)
     await take_over(connection, 0, 1, "owner", NOW_MS)
     writer = ShardWriter(connection, shard=0, token=1, owner="owner", **options)  # type: ignore[arg-type]
     writer.start()

@@ -57,6 +57,54 @@ class Gate:
             await self.open.wait()
 
 
+async def hold_then_freeze(
+    zombie: Driver, gate: Gate, slot_id: str
+) -> "tuple[p.BookingResult, asyncio.Task[p.AnyResult]]":
+    """The start of a zombie scenario: ann holds the one place of a new slot; the
+    zombie applies her confirmation in memory, then freezes before its flush."""
+    await zombie.one(create_slot(slot_id, SystemClock().now_ms(), capacity=1))
+    held = await zombie.one(p.Reserve(request_id=request_id(), slot_id=slot_id, user_id="ann"))
+    assert isinstance(held, p.BookingResult) and held.status == 201
+    gate.open.clear()
+    late_reply = asyncio.create_task(
+        zombie.one(p.Confirm(request_id=request_id(), booking_id=held.booking.id, user_id="ann"))
+    )
+    await asyncio.wait_for(gate.waiting.wait(), 10)
+    return held, late_reply
+
+
+async def wake_the_zombie(
+    db: asyncpg.Connection,
+    successor: Driver,
+    gate: Gate,
+    late_reply: "asyncio.Task[p.AnyResult]",
+    booking_id: str,
+) -> tuple[p.AnyResult, bool, int]:
+    """The end of a zombie scenario: the successor holds ``booking_id`` as a hold;
+    the zombie's late confirmation goes out, then the hold lapses under the
+    successor. Returns the zombie's reply, whether it acknowledged the
+    confirmation, and how many acknowledgements the database lost (0 or 1)."""
+    seen = await successor.one(
+        p.GetBooking(request_id=request_id(), booking_id=booking_id, user_id="ann")
+    )
+    assert isinstance(seen, p.BookingResult), seen
+    assert seen.booking.status is BookingStatus.RESERVED
+    # The zombie wakes up and its late flush goes out.
+    gate.open.set()
+    reply = await asyncio.wait_for(late_reply, 10)
+    # The successor's hold timer runs its course: the hold it knows of lapses.
+    async with asyncio.timeout(20):
+        while await db.fetchval("SELECT status FROM bookings WHERE id = $1", booking_id) not in (
+            "EXPIRED",
+        ):
+            await asyncio.sleep(0.05)
+    acknowledged = (
+        isinstance(reply, p.BookingResult) and reply.booking.status is BookingStatus.CONFIRMED
+    )
+    stored = await db.fetchval("SELECT status FROM bookings WHERE id = $1", booking_id)
+    return reply, acknowledged, int(acknowledged and stored != "CONFIRMED")
+
+
 @pytest.mark.parametrize("fence_check", [True, False], ids=["fenced", "fence-disabled"])
 async def test_a_paused_owner_whose_lease_lapsed_cannot_write_after_a_takeover(
     fence_check: bool, database_url: str, redis_namespace: str, db: asyncpg.Connection
@@ -79,16 +127,7 @@ async def test_a_paused_owner_whose_lease_lapsed_cannot_write_after_a_takeover(
     await zombie.start()
     a = Driver(zombie)
     slot_id = slot_on(0, 1)
-    await a.one(create_slot(slot_id, SystemClock().now_ms(), capacity=1))
-    held = await a.one(p.Reserve(request_id=request_id(), slot_id=slot_id, user_id="ann"))
-    assert isinstance(held, p.BookingResult) and held.status == 201
-
-    # A applies the confirmation in memory, then freezes before its flush.
-    gate.open.clear()
-    late_reply = asyncio.create_task(
-        a.one(p.Confirm(request_id=request_id(), booking_id=held.booking.id, user_id="ann"))
-    )
-    await asyncio.wait_for(gate.waiting.wait(), 10)
+    held, late_reply = await hold_then_freeze(a, gate, slot_id)
     zombie.pause_lease_renewal()
     await asyncio.sleep((LEASE_TTL_MS + 200) / 1000)
 
@@ -99,28 +138,9 @@ async def test_a_paused_owner_whose_lease_lapsed_cannot_write_after_a_takeover(
     await successor.start()
     assert successor.statistics().token == 2
     b = Driver(successor)
-    seen_by_b = await b.one(
-        p.GetBooking(request_id=request_id(), booking_id=held.booking.id, user_id="ann")
+    reply, acknowledged_confirmation, lost_acknowledgements = await wake_the_zombie(
+        db, b, gate, late_reply, held.booking.id
     )
-    assert isinstance(seen_by_b, p.BookingResult)
-    assert seen_by_b.booking.status is BookingStatus.RESERVED
-
-    # A wakes up and its late flush goes out.
-    gate.open.set()
-    reply = await asyncio.wait_for(late_reply, 10)
-
-    # B's hold timer runs its course: the hold it knows of lapses.
-    async with asyncio.timeout(20):
-        while await db.fetchval(
-            "SELECT status FROM bookings WHERE id = $1", held.booking.id
-        ) not in ("EXPIRED",):
-            await asyncio.sleep(0.05)
-
-    acknowledged_confirmation = (
-        isinstance(reply, p.BookingResult) and reply.booking.status is BookingStatus.CONFIRMED
-    )
-    stored = await db.fetchval("SELECT status FROM bookings WHERE id = $1", held.booking.id)
-    lost_acknowledgements = int(acknowledged_confirmation and stored != "CONFIRMED")
 
     if fence_check:
         assert isinstance(reply, p.Failure) and reply.status == 503, reply

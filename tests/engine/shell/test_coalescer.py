@@ -6,6 +6,7 @@ from typing import Any
 import pytest
 
 from engine.core import protocol as p
+from engine.core.routing import PartitionMap
 from engine.shell import limits
 from engine.shell.coalescer import EngineClient, shard_for
 from engine.shell.errors import (
@@ -101,7 +102,9 @@ async def test_a_reply_lost_after_applying_is_resent_and_applied_once(
     assert engine.client.statistics().retries == 1
     slot = await engine.view(slot_id)
     assert slot.held_count == 1
-    shard = shard_for(p.GetSlot(request_id="x", slot_id=slot_id), SHARDS)
+    shard = shard_for(
+        p.GetSlot(request_id="x", slot_id=slot_id), PartitionMap.spread(SHARDS, SHARDS)
+    )
     assert shard is not None
     assert (await faulty.statistics(shard, 10_000)).core.replays_total == 1
 
@@ -228,7 +231,9 @@ async def test_calls_in_flight_per_shard_are_bounded(faulty: FaultyTransport) ->
     async with asyncio.timeout(WAIT_LIMIT_S):
         while faulty.calls_waiting < limits.SHARD_PENDING_CALLS_MAX:
             await asyncio.sleep(0)
-    shard = shard_for(p.GetSlot(request_id="x", slot_id=slot_id), SHARDS)
+    shard = shard_for(
+        p.GetSlot(request_id="x", slot_id=slot_id), PartitionMap.spread(SHARDS, SHARDS)
+    )
     assert shard is not None
     stats = engine.client.statistics()
     assert stats.batches_in_flight[shard] == limits.SHARD_PENDING_CALLS_MAX
@@ -255,7 +260,9 @@ async def test_an_id_the_engine_never_issued_is_not_found_without_a_call(
 async def test_a_command_the_wire_cannot_carry_is_refused_alone(faulty: FaultyTransport) -> None:
     engine = engine_over(faulty)
     slot_id = await engine.slot(capacity=5)
-    shard = shard_for(p.GetSlot(request_id="r", slot_id=slot_id), SHARDS)
+    shard = shard_for(
+        p.GetSlot(request_id="r", slot_id=slot_id), PartitionMap.spread(SHARDS, SHARDS)
+    )
     faulty.sent.clear()
 
     # Sent in one turn of the loop, so all of them leave in one batch.

@@ -6,7 +6,7 @@ from typing import Any
 from engine.core import protocol as p
 from engine.core.states import BookingStatus, QueueStatus
 from engine.shell import limits
-from engine.shell.coalescer import EngineClient, shard_for
+from engine.shell.coalescer import EngineClient
 from engine.shell.runtime import RuntimeStatistics
 from tests.engine.shell.conftest import WAIT_LIMIT_S, Engine, wait_until
 
@@ -120,7 +120,7 @@ async def test_a_batch_sent_twice_applies_once(engine: Engine) -> None:
         for n in range(3)
     ]
     data = codec.encode_batch(commands)
-    shard = shard_for(commands[0], engine.transport.shard_count)
+    shard = engine.client.shard_of(slot_id)
     assert shard is not None
     before = await engine.transport.statistics(shard, timeout_ms=10_000)
 
@@ -138,7 +138,7 @@ async def test_a_batch_sent_twice_applies_once(engine: Engine) -> None:
 async def test_statistics_describe_batches_events_and_the_core(engine: Engine) -> None:
     slot_id = await engine.slot(capacity=2)
     await asyncio.gather(*(engine.reserve(slot_id, f"user-{n}") for n in range(4)))
-    shard = shard_for(p.GetSlot(request_id="x", slot_id=slot_id), engine.transport.shard_count)
+    shard = engine.client.shard_of(slot_id)
     assert shard is not None
 
     stats = await engine.transport.statistics(shard, timeout_ms=10_000)

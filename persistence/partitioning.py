@@ -1,0 +1,152 @@
+"""The partition map in PostgreSQL: P, recorded once, and which shard serves each partition.
+
+A slot's partition is ``routing key % P`` (``engine/core/routing.py``); P is
+chosen when the database is created (``SLOTENGINE_PARTITIONS``, default
+``PARTITIONS_DEFAULT``) and never changes, so a start that asks for another P
+is refused. The map (the ``partitions`` rows, versioned by ``partition_map``)
+says which shard serves each partition. Moving a partition raises the fence
+generation of every shard whose set changes, in the transaction that moves
+it (see ``0003_partitions.sql``): the shard that lost it can no longer commit
+anything, and the shard that gained it reloads before it serves it.
+
+This module owns those rows and that transaction. It must never read or
+write a partition's data (``persistence/store.py`` loads and flushes it), nor
+decide on its own that a partition should move: starts and operators do.
+"""
+
+from collections.abc import Mapping
+
+import asyncpg
+
+from engine.core.routing import PARTITIONS_DEFAULT, PARTITIONS_MAX, PartitionMap
+
+
+class PartitioningError(RuntimeError):
+    """The database's partitions cannot serve what was asked (one line, for the operator)."""
+
+
+async def load_partition_map(connection: asyncpg.Connection) -> PartitionMap | None:
+    """The stored map, or None for a database that has none yet."""
+    version = await connection.fetchval("SELECT version FROM partition_map")
+    if version is None:
+        return None
+    owners = await connection.fetch("SELECT shard FROM partitions ORDER BY partition")
+    return PartitionMap(tuple(row["shard"] for row in owners), version)
+
+
+async def ensure_partition_map(
+    connection: asyncpg.Connection, *, partitions: int | None, shard_count: int
+) -> PartitionMap:
+    """The stored map; a database without one gets P = ``partitions`` (or the
+    default) spread over ``shard_count`` shards. Refuses a ``partitions`` other
+    than the recorded P. Never moves a partition."""
+    async with connection.transaction():
+        return await _ensure(connection, partitions=partitions, shard_count=shard_count)
+
+
+async def establish_partitions(
+    connection: asyncpg.Connection, *, partitions: int | None, shard_count: int
+) -> tuple[PartitionMap, dict[int, tuple[int, int]]]:
+    """At a start: the map for ``shard_count`` shards, and the partitions it moved.
+
+    As ``ensure_partition_map``; then, when the stored map names other shards
+    than ``0..shard_count-1`` (the deployment's shard count changed), the
+    fewest partitions move so that every shard serves its share. Raises
+    ``PartitioningError`` for a P other than the recorded one, or more shards
+    than partitions.
+    """
+    async with connection.transaction():
+        current = await _ensure(connection, partitions=partitions, shard_count=shard_count)
+        if shard_count > current.partitions:
+            raise PartitioningError(
+                f"{shard_count} shards cannot share the database's {current.partitions}"
+                " partitions: lower SLOTENGINE_SHARDS"
+            )
+        if set(current.owners) == set(range(shard_count)):
+            return current, {}
+        target = current.respread(shard_count)
+        moved = current.moved(target)
+        return await _reassign(connection, {p: to for p, (_, to) in moved.items()}), moved
+
+
+async def move_partitions(connection: asyncpg.Connection, moves: Mapping[int, int]) -> PartitionMap:
+    """Serve each partition of ``moves`` by its shard from now on; returns the new map.
+
+    One transaction: the fence generation of every shard that loses or gains
+    a partition goes up (waiting for a flush of it in progress), so the loser
+    can never commit again with what it loaded, and the gainer reloads before
+    it serves what it gained.
+    """
+    async with connection.transaction():
+        await connection.execute("SELECT 1 FROM partition_map FOR UPDATE")
+        return await _reassign(connection, moves)
+
+
+async def _ensure(
+    connection: asyncpg.Connection, *, partitions: int | None, shard_count: int
+) -> PartitionMap:
+    recorded = await connection.fetchval("SELECT partitions FROM partition_map FOR UPDATE")
+    if recorded is None:
+        count = PARTITIONS_DEFAULT if partitions is None else partitions
+        if not 1 <= count <= PARTITIONS_MAX:
+            raise PartitioningError(
+                f"SLOTENGINE_PARTITIONS={count} is out of range (1..{PARTITIONS_MAX})"
+            )
+        if shard_count > count:
+            raise PartitioningError(
+                f"{shard_count} shards cannot share {count} partitions: raise"
+                " SLOTENGINE_PARTITIONS or lower SLOTENGINE_SHARDS"
+            )
+        spread = PartitionMap.spread(count, shard_count)
+        inserted = await connection.fetchval(
+            "INSERT INTO partition_map (partitions) VALUES ($1)"
+            " ON CONFLICT (singleton) DO NOTHING RETURNING partitions",
+            count,
+        )
+        if inserted is not None:
+            await connection.executemany(
+                "INSERT INTO partitions (partition, shard) VALUES ($1, $2)",
+                list(enumerate(spread.owners)),
+            )
+        recorded = await connection.fetchval("SELECT partitions FROM partition_map FOR UPDATE")
+    if partitions is not None and partitions != recorded:
+        raise PartitioningError(
+            f"the database was created with {recorded} partitions, not"
+            f" SLOTENGINE_PARTITIONS={partitions}: P never changes (unset it)"
+        )
+    stored = await load_partition_map(connection)
+    assert stored is not None
+    return stored
+
+
+async def _reassign(connection: asyncpg.Connection, moves: Mapping[int, int]) -> PartitionMap:
+    """Within the caller's transaction, holding the map row's lock."""
+    rows = await connection.fetch(
+        "SELECT partition, shard FROM partitions WHERE partition = ANY($1::int[])", list(moves)
+    )
+    if len(rows) != len(moves):
+        raise PartitioningError("a move names a partition the database does not have")
+    changed = {row["partition"]: (row["shard"], moves[row["partition"]]) for row in rows}
+    changed = {p: shards for p, shards in changed.items() if shards[0] != shards[1]}
+    if changed:
+        touched = sorted({shard for pair in changed.values() for shard in pair})
+        # Movers hold the map row's lock, so they never wait for each other here; a
+        # flush holds one fence row, so this waits for at most the flushes in progress.
+        await connection.execute(
+            "UPDATE shard_fences SET generation = generation + 1, updated_at = now()"
+            " WHERE shard = ANY($1::int[])",
+            touched,
+        )
+        await connection.execute(
+            "UPDATE partitions p SET shard = m.shard, moved_at = now()"
+            " FROM unnest($1::int[], $2::int[]) AS m (partition, shard)"
+            " WHERE p.partition = m.partition",
+            list(changed),
+            [to for _, to in changed.values()],
+        )
+        await connection.execute(
+            "UPDATE partition_map SET version = version + 1, updated_at = now()"
+        )
+    stored = await load_partition_map(connection)
+    assert stored is not None
+    return stored
