@@ -19,6 +19,12 @@ of the database, so every waiting reply fails with ``StorageUnavailable`` and
 that takes longer than ``WRITER_FLUSH_TIMEOUT_MS`` counts as failed, though it
 may still commit: what waited on it is in doubt, not refused. A flush
 refused by the fence calls ``on_fenced``: another owner took over.
+
+Its statistics say how far behind it is: ``flush_lag_ms``, the age of the
+oldest change handed over and not yet committed (0 when everything is), which
+grows without bound while a flush hangs and stays 0 on an idle shard; and
+``last_flush_ago_ms``, the time since the last commit, which tells an idle
+writer (nothing pending) from one that commits nothing (changes pending).
 """
 
 import asyncio
@@ -51,6 +57,10 @@ class WriterStatistics(msgspec.Struct, frozen=True, kw_only=True):
     failed: bool
     fenced: bool
     commit_ns_total: int
+    # The age of the oldest change handed over and not committed yet; 0 when none is.
+    flush_lag_ms: int = 0
+    # Since the last flush committed; None before the first.
+    last_flush_ago_ms: int | None = None
 
 
 class ShardWriter:
@@ -90,7 +100,13 @@ class ShardWriter:
         self._events_per_flush_limit = flush_events_max
         # Told each flush's events once they are committed (the real-time fan-out).
         self._on_committed = on_committed
-        self._handoffs: deque[tuple[FlushRows, int]] = deque()
+        # (rows, the position they reach, when their first change was handed over).
+        self._handoffs: deque[tuple[FlushRows, int, int]] = deque()
+        # Monotonic ns of the first hand-off to _pending, of the rows being flushed
+        # (None: nothing there), and of the last commit.
+        self._pending_since: int | None = None
+        self._flushing_since: int | None = None
+        self._committed_at: int | None = None
         # Events are numbered as they are published; everything up to _durable is committed.
         self._published = 0
         self._durable = 0
@@ -116,10 +132,13 @@ class ShardWriter:
         ):
             # A flush of its own for what is pending: no group commit (the benches'
             # baseline), or the group is as big as one transaction may be.
-            self._handoffs.append((pending, self._published))
+            self._handoffs.append((pending, self._published, self._since_pending()))
             self._pending = FlushRows(self._shard)
+            self._pending_since = None
         self._pending.add(events)
         self._published += 1
+        if self._pending_since is None:
+            self._pending_since = time.monotonic_ns()
         self._wake.set()
 
     def remember(self, outcomes: list[OutcomeRecord], keys: list[KeyRecord]) -> None:
@@ -127,7 +146,13 @@ class ShardWriter:
             return
         self._pending.remember(outcomes, keys)
         self._published += 1
+        if self._pending_since is None:
+            self._pending_since = time.monotonic_ns()
         self._wake.set()
+
+    def _since_pending(self) -> int:
+        since = self._pending_since
+        return time.monotonic_ns() if since is None else since
 
     @property
     def position(self) -> int:
@@ -195,14 +220,24 @@ class ShardWriter:
         self._fail_waiters(StorageUnavailable("the shard's writer stopped"))
 
     def statistics(self) -> WriterStatistics:
+        now = time.monotonic_ns()
+        # In hand-off order: the rows being flushed, those queued, then _pending.
+        oldest = self._flushing_since
+        if oldest is None and self._handoffs:
+            oldest = self._handoffs[0][2]
+        if oldest is None:
+            oldest = self._pending_since
+        committed = self._committed_at
         return WriterStatistics(
             flushes=self._flushes,
             events_written=self._events_written,
             flush_events_max=self._flush_events_max,
-            pending_events=self._pending.events + sum(r.events for r, _ in self._handoffs),
+            pending_events=self._pending.events + sum(r.events for r, _, _ in self._handoffs),
             failed=self._error is not None,
             fenced=self._fenced,
             commit_ns_total=self._commit_ns_total,
+            flush_lag_ms=0 if oldest is None else (now - oldest) // 1_000_000,
+            last_flush_ago_ms=None if committed is None else (now - committed) // 1_000_000,
         )
 
     # -- the flusher ----------------------------------------------------------------
@@ -210,14 +245,16 @@ class ShardWriter:
     async def _run(self) -> None:
         while not self._closed:
             if self._handoffs:
-                rows, upto = self._handoffs.popleft()
+                rows, upto, since = self._handoffs.popleft()
             elif self._pending.empty():
                 self._wake.clear()
                 await self._wake.wait()
                 continue
             else:
                 rows, self._pending = self._pending, FlushRows(self._shard)
-                upto = self._published
+                upto, since = self._published, self._since_pending()
+                self._pending_since = None
+            self._flushing_since = since
             try:
                 await self._flush(rows)
             except FenceRejected as exc:
@@ -230,6 +267,8 @@ class ShardWriter:
                 logger.error("shard %d: flush failed: %r", self._shard, exc)
                 self._stop(exc, self._on_failed)
                 return
+            self._flushing_since = None
+            self._committed_at = time.monotonic_ns()
             self._durable = upto
             if self._on_committed is not None and rows.raw:
                 self._on_committed(rows.raw)
@@ -263,6 +302,7 @@ class ShardWriter:
         self._error = exc
         self._pending = FlushRows(self._shard)
         self._handoffs.clear()
+        self._pending_since = self._flushing_since = None
         self._fail_waiters(StorageUnavailable(str(exc)))
         if callback is not None:
             callback(exc)

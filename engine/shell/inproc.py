@@ -7,7 +7,7 @@ reference to a core), so that what passes here also passes over Ray.
 """
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from engine.core.clock import Clock
 from engine.core.errors import InvariantViolation
@@ -61,9 +61,11 @@ class InProcessHost:
         reply, position, early = runtime.apply(data, early=on_early is not None)
         if early is not None and on_early is not None:
             on_early(early)
+        if position <= runtime.sink.durable_position:
+            return reply
         try:
             async with asyncio.timeout(timeout_ms / 1000):
-                await runtime.sink.wait_durable(position)
+                await runtime.wait_durable(position, runtime.last_batch_size)
         except TimeoutError as exc:
             raise ShardCallTimeout(f"shard {shard}: events not durable in {timeout_ms} ms") from exc
         return reply
@@ -96,7 +98,10 @@ class OwnedInProcessHost:
         policies: dict[str, DomainPolicy],
         storage: StorageSettings,
         clock: Clock | None = None,
+        before_flush: Callable[[int], Awaitable[None]] | None = None,
     ) -> None:
+        """``before_flush(shard)`` runs before each of a shard's flushes (tests: a
+        writer held back)."""
         if shard_count < 1:
             raise ValueError("shard_count must be at least 1")
         shared_clock = clock if clock is not None else SystemClock()
@@ -107,6 +112,7 @@ class OwnedInProcessHost:
                 policies=policies,
                 clock=shared_clock,
                 storage=storage,
+                before_flush=None if before_flush is None else _bound(before_flush, shard),
             )
             for shard in range(shard_count)
         ]
@@ -148,3 +154,7 @@ class OwnedInProcessHost:
 
     async def close(self) -> None:
         await asyncio.gather(*(owner.close() for owner in self._owners))
+
+
+def _bound(hook: Callable[[int], Awaitable[None]], shard: int) -> Callable[[], Awaitable[None]]:
+    return lambda: hook(shard)

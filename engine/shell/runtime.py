@@ -192,6 +192,10 @@ class RuntimeStatistics(msgspec.Struct, frozen=True, kw_only=True):
     timer_deadline_ms: int | None
     failed: bool
     core: ShardStatistics
+    # Batches applied whose replies wait for their changes to commit, and their
+    # commands: what the shard is working on now (applying itself never waits).
+    in_flight_batches: int = 0
+    in_flight_commands: int = 0
 
 
 class ShardRuntime:
@@ -242,6 +246,9 @@ class ShardRuntime:
         self._slot_marks_prune_at = limits.SLOT_MARKS_PRUNE_AT
         self._reads_unheld = 0
         self._reads_answered_early = 0
+        self._last_batch_size = 0
+        self._in_flight_batches = 0
+        self._in_flight_commands = 0
 
     @classmethod
     def create(
@@ -308,8 +315,26 @@ class ShardRuntime:
         reply, position, early = self.apply(data, early=on_early is not None)
         if early is not None and on_early is not None:
             on_early(early)
-        await self._sink.wait_durable(position)
+        await self.wait_durable(position, self._last_batch_size)
         return reply
+
+    @property
+    def last_batch_size(self) -> int:
+        """The commands of the batch ``apply`` took last (read it before any await)."""
+        return self._last_batch_size
+
+    async def wait_durable(self, position: int, commands: int) -> None:
+        """``sink.wait_durable(position)`` for a batch of ``commands`` that ``apply``
+        took, counted in flight until it returns."""
+        if position <= self._sink.durable_position:
+            return
+        self._in_flight_batches += 1
+        self._in_flight_commands += commands
+        try:
+            await self._sink.wait_durable(position)
+        finally:
+            self._in_flight_batches -= 1
+            self._in_flight_commands -= commands
 
     def apply(self, data: bytes, *, early: bool = False) -> tuple[bytes, int, bytes | None]:
         """The single-writer section: decode, apply every command, hand off events, encode.
@@ -358,6 +383,7 @@ class ShardRuntime:
         self._rearm()
         self._batches += 1
         self._commands += size
+        self._last_batch_size = size
         if size:
             self._batch_size_histogram[size.bit_length() - 1] += 1
             self._batch_size_max = max(self._batch_size_max, size)
@@ -384,6 +410,8 @@ class ShardRuntime:
             timer_deadline_ms=self._timer_deadline_ms,
             failed=self._fatal is not None,
             core=self._core.statistics(),
+            in_flight_batches=self._in_flight_batches,
+            in_flight_commands=self._in_flight_commands,
         )
 
     def check_invariants(self) -> None:

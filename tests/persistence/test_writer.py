@@ -119,3 +119,43 @@ async def test_a_wait_for_a_position_needs_only_the_hand_offs_up_to_it(
     assert await db.fetchval("SELECT count(*) FROM bookings") == 4
     await writer.close()
     await connection.close()
+
+
+async def test_the_flush_lag_is_the_age_of_the_oldest_uncommitted_change(
+    database_url: str, db: asyncpg.Connection
+) -> None:
+    gate = asyncio.Event()
+
+    async def held() -> None:
+        await gate.wait()
+
+    writer, connection = await _writer(database_url, before_flush=held)
+    idle = writer.statistics()
+    assert (idle.flush_lag_ms, idle.last_flush_ago_ms, idle.pending_events) == (0, None, 0)
+    events, _ = _changes(3)
+    writer.publish(events[:2])  # its flush hangs: a frozen database, as the writer sees it
+    done = asyncio.ensure_future(writer.wait_durable())
+    await asyncio.sleep(0.2)
+    writer.publish(events[2:])  # waits behind it, younger
+    first = writer.statistics()
+    await asyncio.sleep(0.3)
+    second = writer.statistics()
+    # The lag is the older change's age, and it grows while nothing commits.
+    assert first.flush_lag_ms >= 200 and second.flush_lag_ms >= first.flush_lag_ms + 300
+    # Queued behind the flush (the rows being flushed are not counted as pending).
+    assert second.pending_events > 0 and second.last_flush_ago_ms is None
+    gate.set()
+    await asyncio.wait_for(done, 10)
+    await asyncio.wait_for(writer.wait_durable(), 10)
+    committed = writer.statistics()
+    assert (committed.flush_lag_ms, committed.pending_events) == (0, 0)
+    assert committed.last_flush_ago_ms is not None and committed.last_flush_ago_ms < 5_000
+    # Idle: nothing is behind, however long since the last commit.
+    await asyncio.sleep(0.2)
+    quiet = writer.statistics()
+    assert quiet.flush_lag_ms == 0
+    assert quiet.last_flush_ago_ms is not None
+    assert quiet.last_flush_ago_ms >= committed.last_flush_ago_ms + 200
+    assert await db.fetchval("SELECT count(*) FROM bookings") == 3
+    await writer.close()
+    await connection.close()
