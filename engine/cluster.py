@@ -7,7 +7,9 @@ in ``persistence/migrate.py``), and hands the work to ``engine.shell.cluster``.
 Here are only the arguments, attaching, printing and the outcome.
 
 - ``status [--json]``: the Ray nodes; each shard's actor (state, node, pid,
-  restarts, its owner's state), lease holder with its age and fencing tokens.
+  restarts, its owner's state, commands in flight, uncommitted events, flush
+  lag, time since its last commit), lease holder with its age and fencing
+  tokens (docs/operations.md, "Reading the cluster status").
 - ``stop``: each actor flushes and releases its lease, then is ended for good.
 - ``reset``: every actor of the deployment is ended, whatever its state.
 
@@ -49,8 +51,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         parents=[common],
         help="the Ray nodes, the deployment's shard actors, their leases and fences",
         description="The Ray nodes; for each shard, its actor (Ray's state, node, pid, "
-        "restarts, its owner's state), the lease holder in Redis with its age, the fencing "
-        "counter in Redis and the fence token in PostgreSQL, each where reachable. Exit 0.",
+        "restarts, its owner's state, commands in flight, events not committed yet, flush "
+        "lag: the age of the oldest uncommitted change, and the time since its last commit), "
+        "the lease holder in Redis with its age, the fencing counter in Redis and the fence "
+        "token in PostgreSQL, each where reachable. Exit 0.",
     )
     status.add_argument(
         "--json", action="store_true", help="print the status as JSON instead of tables"
@@ -240,15 +244,19 @@ def _print_status(status: "ClusterStatus") -> None:
                 "-" if actor is None or actor.pid is None else str(actor.pid),
                 "-" if actor is None else str(actor.restarts),
                 "-" if actor is None else (actor.owner_state or "no answer"),
+                "-" if actor is None else _or_dash(actor.in_flight_commands),
+                "-" if actor is None else _or_dash(actor.pending_events),
+                "-" if actor is None else _seconds(actor.flush_lag_ms),
+                "-" if actor is None else _seconds(actor.last_flush_ago_ms),
                 "-" if lease is None else lease.holder,
-                "-" if lease is None else f"{lease.age_ms / 1000:.1f}s",
+                "-" if lease is None else _seconds(lease.age_ms),
                 _or_dash(shard.redis_token),
                 "-" if fence is None else str(fence.token),
             )
         )
     _table(
-        ("SHARD", "ACTOR", "NODE", "PID", "RESTARTS", "OWNER", "LEASE HOLDER", "AGE",
-         "REDIS TOKEN", "FENCE TOKEN"),
+        ("SHARD", "ACTOR", "NODE", "PID", "RESTARTS", "OWNER", "IN FLIGHT", "PENDING",
+         "FLUSH LAG", "LAST FLUSH", "LEASE HOLDER", "AGE", "REDIS TOKEN", "FENCE TOKEN"),
         rows,
     )  # fmt: skip
     for line in status.unreachable:
@@ -257,6 +265,10 @@ def _print_status(status: "ClusterStatus") -> None:
 
 def _or_dash(value: Any) -> str:
     return "-" if value is None else str(value)
+
+
+def _seconds(ms: int | None) -> str:
+    return "-" if ms is None else f"{ms / 1000:.1f}s"
 
 
 def _table(header: tuple[str, ...], rows: Sequence[tuple[str, ...]]) -> None:

@@ -3,9 +3,11 @@
 The work behind ``slotengine cluster status|stop|reset``: find the
 deployment's actors by their names (``engine.shell.actor_identity``) in the
 Ray namespace; report the Ray nodes and, for each shard, its actor (state in
-Ray's actor table, node, pid, restarts, its owner's own state), its lease in
-Redis (holder, age, time left, the fencing counter) and its fence row in
-PostgreSQL, each where reachable; stop the actors gracefully (each flushes
+Ray's actor table, node, pid, restarts; what its owner says of itself: state,
+token, its lease's validity, commands in flight, the writer's backlog and
+flush lag), its lease in Redis (holder, age, time left, the fencing counter)
+and its fence row in PostgreSQL (token, owner, age of its last write), each
+where reachable; stop the actors gracefully (each flushes
 and releases its lease, then is ended for good), or remove them whatever
 their state.
 
@@ -48,6 +50,13 @@ class NodeStatus(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class ActorStatus(msgspec.Struct, frozen=True, kw_only=True):
+    """One shard actor: where Ray runs it, and what its owner says of itself.
+
+    Its facts are the actor's as a whole (today it serves one shard). Those
+    from ``owner_token`` on are its own answer, None when it did not answer
+    (or has no storage, or no writer while it starts or reloads).
+    """
+
     name: str
     # Ray's actor state: ALIVE, RESTARTING, PENDING_CREATION, DEPENDENCIES_UNREADY, DEAD.
     state: str
@@ -58,7 +67,21 @@ class ActorStatus(msgspec.Struct, frozen=True, kw_only=True):
     # The shard owner's state (starting, serving, rebuilding, stopped), "in-memory"
     # for a shard without storage, None when the actor did not answer.
     owner_state: str | None
-    owner_token: int | None
+    owner_token: int | None = None
+    # How much longer the owner may take changes on its lease, by its own clock
+    # (renewed every 2 s; 0: it refuses changes until Redis answers again).
+    lease_valid_for_ms: int | None = None
+    # Reloads from PostgreSQL after a failed flush or a lapsed lease, since it started.
+    rebuilds: int | None = None
+    # Batches applied whose replies wait for their commit, and their commands.
+    in_flight_batches: int | None = None
+    in_flight_commands: int | None = None
+    # Events handed to the writer and not committed yet.
+    pending_events: int | None = None
+    # The age of the oldest change not committed yet (0: everything is committed).
+    flush_lag_ms: int | None = None
+    # Since its writer's last commit (None: none yet).
+    last_flush_ago_ms: int | None = None
 
 
 class LeaseStatus(msgspec.Struct, frozen=True, kw_only=True):
@@ -71,8 +94,10 @@ class LeaseStatus(msgspec.Struct, frozen=True, kw_only=True):
 class FenceStatus(msgspec.Struct, frozen=True, kw_only=True):
     token: int
     owner: str
-    # When it last moved or was written with (ISO 8601 UTC).
+    # When it last moved or was written with (ISO 8601 UTC): every flush writes it.
     updated_at: str
+    # Since then, by PostgreSQL's clock: the age of the shard's last commit.
+    age_ms: int
 
 
 class ShardStatus(msgspec.Struct, frozen=True, kw_only=True):
@@ -245,15 +270,12 @@ async def _actor_status(name: str, handle: Any, addresses: dict[str, str]) -> Ac
     address = entry.get("Address") or {}
     node_id = address.get("NodeID") or None
     owner_state: str | None = None
-    owner_token: int | None = None
+    statistics: OwnerStatistics | None = None
     if entry.get("State") == "ALIVE":
         with contextlib.suppress(TimeoutError, ray.exceptions.RayError):
             async with asyncio.timeout(OWNER_QUESTION_TIMEOUT_MS / 1000):
                 statistics = await handle.owner_statistics.remote()
-            if statistics is None:
-                owner_state = "in-memory"
-            else:
-                owner_state, owner_token = statistics.state, statistics.token
+            owner_state = "in-memory" if statistics is None else statistics.state
     return ActorStatus(
         name=name,
         state=str(entry.get("State", "UNKNOWN")),
@@ -262,8 +284,25 @@ async def _actor_status(name: str, handle: Any, addresses: dict[str, str]) -> Ac
         pid=entry.get("Pid") or None,
         restarts=int(entry.get("NumRestarts", 0)),
         owner_state=owner_state,
-        owner_token=owner_token,
+        **owner_facts(statistics),
     )
+
+
+def owner_facts(statistics: OwnerStatistics | None) -> dict[str, Any]:
+    """The fields of ``ActorStatus`` an owner's statistics give (None: unknown)."""
+    if statistics is None:
+        return {}
+    runtime, writer = statistics.runtime, statistics.writer
+    return {
+        "owner_token": statistics.token,
+        "lease_valid_for_ms": statistics.lease_valid_for_ms,
+        "rebuilds": statistics.rebuilds,
+        "in_flight_batches": None if runtime is None else runtime.in_flight_batches,
+        "in_flight_commands": None if runtime is None else runtime.in_flight_commands,
+        "pending_events": None if writer is None else writer.pending_events,
+        "flush_lag_ms": None if writer is None else writer.flush_lag_ms,
+        "last_flush_ago_ms": None if writer is None else writer.last_flush_ago_ms,
+    }
 
 
 async def _fences(database_url: str, unreachable: list[str]) -> dict[int, FenceStatus]:
@@ -273,7 +312,9 @@ async def _fences(database_url: str, unreachable: list[str]) -> dict[int, FenceS
         )
         try:
             rows = await connection.fetch(
-                "SELECT shard, token, owner, updated_at FROM shard_fences ORDER BY shard",
+                "SELECT shard, token, owner, updated_at,"
+                " (extract(epoch FROM now() - updated_at) * 1000)::bigint AS age_ms"
+                " FROM shard_fences ORDER BY shard",
                 timeout=storage_limits.DATABASE_STATEMENT_TIMEOUT_MS / 1000,
             )
         finally:
@@ -286,6 +327,7 @@ async def _fences(database_url: str, unreachable: list[str]) -> dict[int, FenceS
             token=int(row["token"]),
             owner=row["owner"],
             updated_at=row["updated_at"].astimezone(UTC).isoformat(timespec="milliseconds"),
+            age_ms=max(0, int(row["age_ms"])),
         )
         for row in rows
     }

@@ -53,6 +53,16 @@ never in prometheus-client's global one, so several apps in one process
   WAITING queue entries this gateway answered (reserve, join, position) in the
   last ``WAIT_WINDOW_S`` seconds; 0 when it answered none.
 - ``engine_shard_up{shard}``: 1 when the shard answered its last statistics.
+- Per shard actor, from what its owner says of itself (label ``shard`` only;
+  left out for a shard that did not answer):
+  ``engine_shard_owner_state{shard,state}`` (1 for the owner's state, 0 for
+  the other states of ``OwnerState``), ``engine_shard_in_flight_commands``
+  (applied, their replies waiting for the commit),
+  ``engine_shard_lease_valid_seconds``, ``engine_shard_fence_token``,
+  ``engine_shard_rebuilds_total``, ``engine_shard_pending_events``,
+  ``engine_shard_flush_lag_seconds`` (the age of the oldest change not
+  committed yet, 0 when none) and ``engine_shard_last_flush_age_seconds``
+  (since the writer's last commit; absent before the first).
 - ``http_request_duration_seconds{endpoint,method,status}``: ``endpoint`` is
   the route's template (``/api/bookings/{booking_id}/confirm``), ``unmatched``
   for requests no route takes. WebSocket and event-stream answers are not
@@ -62,7 +72,7 @@ never in prometheus-client's global one, so several apps in one process
   ``observe_redis(operation)`` / ``observe_database(query_type)``, whose
   labels must be constant strings.
 
-The engine's series (expirations, queue sizes, shard up) are the engine's,
+The engine's series (expirations, queue sizes, shard up, the actors' facts) are the engine's,
 not this gateway's: every gateway of a deployment reports the same values, so
 aggregate them with ``max by (shard)`` (or ``max by (slot_id)``), not ``sum``.
 They are fetched before a scrape is rendered (awaited, never blocking the
@@ -84,5 +94,8 @@ keeps its last values and reads ``engine_shard_up 0``.
 engine is down (nothing can be booked), 503 ``degraded`` when only Redis or
 the queue is down (reads go on; new changes may be refused). A 503 carries
 ``retryAfter`` and ``Retry-After``. A component whose URL is not configured
-reads ``down``.
+reads ``down``. Either answer lists ``shards``: a line per shard actor (its
+owner's state and token, lease validity, commands in flight, pending events,
+flush lag, time since its last commit), from the same sample as the verdict,
+which it never changes.
 """

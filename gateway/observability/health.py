@@ -3,8 +3,10 @@
 It owns the probes (one kept database connection, one Redis client), the
 ``Observability`` of an app (``app[OBSERVABILITY_KEY]``: the metrics, the
 sampler and the probes, closed with the app) and the health answer (200
-``healthy``, 503 ``unhealthy`` or ``degraded``). It never changes engine
-state and never writes to a store: a probe only reads.
+``healthy``, 503 ``unhealthy`` or ``degraded``, with a line per shard actor
+from the same engine sample: its owner's state, lease, commands in flight,
+flush lag). It never changes engine state and never writes to a store: a
+probe only reads. The shards' lines never change the verdict.
 """
 
 import asyncio
@@ -17,7 +19,7 @@ import redis.asyncio as aioredis
 from aiohttp import web
 
 from gateway.observability.metrics import Metrics
-from gateway.observability.sampler import CHECK_TIMEOUT_S, EngineSampler
+from gateway.observability.sampler import CHECK_TIMEOUT_S, EngineSampler, ShardSample
 
 logger = logging.getLogger("slotengine.gateway.observability")
 
@@ -149,6 +151,10 @@ class Observability:
         self._redis.use(redis_url)
 
     async def components(self) -> dict[str, str]:
+        return (await self.report())[0]
+
+    async def report(self) -> tuple[dict[str, str], list[dict[str, Any]]]:
+        """The components' verdicts, and a line per shard actor."""
         database, redis_up, sample = await asyncio.gather(
             self._database.check(), self._redis.check(), self.sampler.sample()
         )
@@ -166,7 +172,7 @@ class Observability:
             elif self._last is not None:
                 logger.info("health: every component is up again")
             self._last = components
-        return components
+        return components, [shard_line(shard) for shard in sample.shards]
 
     async def close(self) -> None:
         await self.sampler.close()
@@ -174,19 +180,37 @@ class Observability:
         await self._redis.close()
 
 
+def shard_line(sampled: ShardSample) -> dict[str, Any]:
+    """One shard actor on ``/health`` (docs/api.md): null where it did not say."""
+    runtime, owner = sampled.runtime, sampled.owner
+    writer = owner.writer if owner is not None else None
+    return {
+        "shard": sampled.shard,
+        "up": runtime is not None,
+        "state": sampled.state,
+        "token": owner.token if owner is not None else None,
+        "leaseValidMs": owner.lease_valid_for_ms if owner is not None else None,
+        "inFlight": runtime.in_flight_commands if runtime is not None else None,
+        "pendingEvents": writer.pending_events if writer is not None else None,
+        "flushLagMs": writer.flush_lag_ms if writer is not None else None,
+        "lastFlushAgoMs": writer.last_flush_ago_ms if writer is not None else None,
+    }
+
+
 OBSERVABILITY_KEY: Final = web.AppKey("observability", Observability)
 
 
 async def health_handler(request: web.Request) -> web.StreamResponse:
-    components = await request.app[OBSERVABILITY_KEY].components()
+    components, shards = await request.app[OBSERVABILITY_KEY].report()
     down = sorted(name for name, state in components.items() if state == "down")
     if not down:
-        return web.json_response({"status": "healthy", "components": components})
+        return web.json_response({"status": "healthy", "components": components, "shards": shards})
     status = "unhealthy" if CRITICAL_COMPONENTS.intersection(down) else "degraded"
     response = web.json_response(
         {
             "status": status,
             "components": components,
+            "shards": shards,
             "error": "ServiceUnavailable",
             "message": f"{', '.join(down)} down",
             "details": {},

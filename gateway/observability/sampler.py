@@ -3,9 +3,12 @@
 It owns ``EngineSampler`` (each shard's runtime and owner statistics, fetched
 on demand and shared by concurrent callers, reused for
 ``STATISTICS_MAX_AGE_S``; the longest queues, scanned at most every
-``QUEUE_SCAN_EVERY_S``) and the engine's series it renders as a collector.
-It only reads the engine (statistics and ``ListSlots``), never changes it,
-and ``collect`` never waits.
+``QUEUE_SCAN_EVERY_S``) and the engine's series it renders as a collector:
+per shard actor (label ``shard``, one value per actor, never per slot) its
+owner's state, lease, fence token, rebuilds, commands in flight and its
+writer's backlog and flush lag. It only reads the engine (statistics and
+``ListSlots``), never changes it, adds nothing to the request path, and
+``collect`` never waits.
 """
 
 import asyncio
@@ -22,6 +25,7 @@ from engine.core import limits
 from engine.core import protocol as p
 from engine.shell.coalescer import EngineClient, RequestIds
 from engine.shell.owner import OwnerStatistics
+from engine.shell.owner_states import OwnerState
 from engine.shell.runtime import RuntimeStatistics
 from persistence import limits as storage_limits
 
@@ -35,6 +39,8 @@ QUEUE_TOP_N: Final = 20
 QUEUE_SCAN_EVERY_S: Final = 15.0
 QUEUE_SCAN_SLOTS_MAX: Final = 2_000
 QUEUE_SCAN_TIMEOUT_S: Final = 2.0
+# The values of engine_shard_owner_state's ``state`` label: a fixed set.
+OWNER_STATES: Final = tuple(state.value for state in OwnerState)
 
 
 class _StatisticsSource(Protocol):
@@ -59,6 +65,16 @@ class ShardSample:
         if self.runtime is None:
             return False
         return self.owner is None or self.owner.state == "serving"
+
+    @property
+    def state(self) -> str:
+        """The owner's state; ``in-memory`` for a shard without storage that
+        answered, ``unknown`` for one that did not say."""
+        if self.owner is not None:
+            return self.owner.state
+        if self.runtime is not None and not self.owner_failed:
+            return "in-memory"
+        return "unknown"
 
     @property
     def background_ok(self) -> bool:
@@ -283,3 +299,70 @@ class EngineSampler:
             for sampled in self._sample.shards:
                 up.add_metric([str(sampled.shard)], 1 if sampled.runtime is not None else 0)
         yield up
+        yield from self._actor_families()
+
+    def _actor_families(self) -> Iterator[Metric]:
+        """What each shard actor said of itself at the last sample; a shard that did
+        not answer is left out (``engine_shard_up`` reads 0)."""
+        shards = self._sample.shards if self._sample is not None else ()
+        in_flight = GaugeMetricFamily(
+            "engine_shard_in_flight_commands",
+            "Commands the shard applied whose replies wait for their commit.",
+            labels=["shard"],
+        )
+        states = GaugeMetricFamily(
+            "engine_shard_owner_state",
+            f"1 for the shard owner's state ({', '.join(OWNER_STATES)}), 0 for the others.",
+            labels=["shard", "state"],
+        )
+        lease = GaugeMetricFamily(
+            "engine_shard_lease_valid_seconds",
+            "How much longer the owner may take changes on its lease, by its own clock "
+            "(0: it refuses changes until Redis answers).",
+            labels=["shard"],
+        )
+        token = GaugeMetricFamily(
+            "engine_shard_fence_token", "The fencing token the owner writes with.", labels=["shard"]
+        )
+        rebuilds = CounterMetricFamily(
+            "engine_shard_rebuilds",
+            "Reloads of the shard from PostgreSQL by its current owner (failed flush, lapsed "
+            "lease).",
+            labels=["shard"],
+        )
+        pending = GaugeMetricFamily(
+            "engine_shard_pending_events",
+            "Events handed to the shard's writer and not committed yet.",
+            labels=["shard"],
+        )
+        lag = GaugeMetricFamily(
+            "engine_shard_flush_lag_seconds",
+            "Age of the shard's oldest change not committed to PostgreSQL yet (0: none).",
+            labels=["shard"],
+        )
+        last_flush = GaugeMetricFamily(
+            "engine_shard_last_flush_age_seconds",
+            "Time since the shard's writer last committed a flush.",
+            labels=["shard"],
+        )
+        for sampled in shards:
+            label = str(sampled.shard)
+            if sampled.runtime is not None:
+                in_flight.add_metric([label], sampled.runtime.in_flight_commands)
+            owner = sampled.owner
+            if owner is None:
+                continue
+            for state in OWNER_STATES:
+                states.add_metric([label, state], 1 if owner.state == state else 0)
+            lease.add_metric([label], owner.lease_valid_for_ms / 1000)
+            if owner.token is not None:
+                token.add_metric([label], owner.token)
+            rebuilds.add_metric([label], owner.rebuilds)
+            writer = owner.writer
+            if writer is None:
+                continue
+            pending.add_metric([label], writer.pending_events)
+            lag.add_metric([label], writer.flush_lag_ms / 1000)
+            if writer.last_flush_ago_ms is not None:
+                last_flush.add_metric([label], writer.last_flush_ago_ms / 1000)
+        yield from (in_flight, states, lease, token, rebuilds, pending, lag, last_flush)

@@ -82,10 +82,19 @@ def test_the_status_table_shows_each_shard_and_what_could_not_be_read(
                     restarts=1,
                     owner_state="serving",
                     owner_token=7,
+                    lease_valid_for_ms=7_800,
+                    rebuilds=0,
+                    in_flight_batches=2,
+                    in_flight_commands=5,
+                    pending_events=12,
+                    flush_lag_ms=3_250,
+                    last_flush_ago_ms=4_000,
                 ),
                 lease=LeaseStatus(holder="a1b2/c3", age_ms=1_500, expires_in_ms=8_500),
                 redis_token=7,
-                fence=FenceStatus(token=7, owner="a1b2/c3", updated_at="2026-12-07T10:00:00Z"),
+                fence=FenceStatus(
+                    token=7, owner="a1b2/c3", updated_at="2026-12-07T10:00:00Z", age_ms=4_000
+                ),
             ),
             ShardStatus(shard=1, actor=None, lease=None, redis_token=None, fence=None),
         ],
@@ -102,8 +111,14 @@ def test_the_status_table_shows_each_shard_and_what_could_not_be_read(
     assert lines[1].split() == ["NODE", "ADDRESS", "STATE", "CPUS"]
     assert lines[2].split() == ["ab" * 6, "10.0.0.2", "alive", "2"]
     shard_rows = [line.split() for line in lines[4:7]]
-    assert shard_rows[1] == [
-        "0", "ALIVE", "10.0.0.2", "4242", "1", "serving", "a1b2/c3", "1.5s", "7", "7",
+    assert shard_rows[0] == [
+        "SHARD", "ACTOR", "NODE", "PID", "RESTARTS", "OWNER", "IN", "FLIGHT", "PENDING",
+        "FLUSH", "LAG", "LAST", "FLUSH", "LEASE", "HOLDER", "AGE", "REDIS", "TOKEN", "FENCE",
+        "TOKEN",
     ]  # fmt: skip
-    assert shard_rows[2] == ["1", *["-"] * 9]
+    assert shard_rows[1] == [
+        "0", "ALIVE", "10.0.0.2", "4242", "1", "serving", "5", "12", "3.2s", "4.0s", "a1b2/c3",
+        "1.5s", "7", "7",
+    ]  # fmt: skip
+    assert shard_rows[2] == ["1", *["-"] * 13]
     assert lines[-1] == "unreachable: redis: ConnectionError: refused"

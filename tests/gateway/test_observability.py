@@ -16,6 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from engine.shell.coalescer import EngineClient
 from engine.shell.errors import ShardUnavailable
 from engine.shell.inproc import OwnedInProcessHost
+from engine.shell.owner import StorageSettings
 from engine.shell.runtime import RuntimeStatistics
 from gateway.app import create_app
 from gateway.auth.settings import AuthSettings
@@ -23,7 +24,8 @@ from gateway.auth.verify import Verifier
 from gateway.observability.endpoints import add_observability
 from gateway.observability.metrics import METRICS_KEY, observe_database, observe_redis
 from tests.conftest import REDIS_URL
-from tests.gateway.conftest import SECRET, Token
+from tests.gateway.conftest import SECRET, SHARDS, Token
+from tests.support.domain import POLICIES
 
 Client = TestClient[Any, Any]
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -39,6 +41,21 @@ METRIC_NAMES = (
     "redis_operation_duration_seconds",
     "database_query_duration_seconds",
 )
+# What each shard actor says of itself (label ``shard``; owner_state also ``state``).
+ACTOR_METRIC_NAMES = (
+    "engine_shard_in_flight_commands",
+    "engine_shard_owner_state",
+    "engine_shard_lease_valid_seconds",
+    "engine_shard_fence_token",
+    "engine_shard_rebuilds_total",
+    "engine_shard_pending_events",
+    "engine_shard_flush_lag_seconds",
+    "engine_shard_last_flush_age_seconds",
+)
+SHARD_LINE_KEYS = {
+    "shard", "up", "state", "token", "leaseValidMs", "inFlight", "pendingEvents", "flushLagMs",
+    "lastFlushAgoMs",
+}  # fmt: skip
 WAIT_LIMIT_S = 10.0
 
 
@@ -220,7 +237,16 @@ async def test_expirations_come_from_the_engine(observed: Client, token: Token) 
 async def test_health_is_healthy_on_real_services(observed: Client) -> None:
     response = await observed.get("/health")
     assert response.status == 200
-    assert await response.json() == {
+    body = await response.json()
+    shards = body.pop("shards")
+    assert [line["shard"] for line in shards] == list(range(SHARDS))
+    for line in shards:
+        assert set(line) == SHARD_LINE_KEYS
+        assert (line["up"], line["state"], line["inFlight"], line["flushLagMs"]) == (
+            True, "serving", 0, 0,
+        )  # fmt: skip
+        assert line["token"] > 0 and line["leaseValidMs"] > 0 and line["pendingEvents"] == 0
+    assert body == {
         "status": "healthy",
         "components": {"database": "up", "redis": "up", "engine": "up", "queue": "up"},
     }
@@ -290,3 +316,104 @@ async def test_health_reports_the_engine_and_the_queue(
         body = await response.json()
     assert response.status == 503 and body["status"] == "degraded"
     assert body["components"] == {"database": "up", "redis": "up", "engine": "up", "queue": "down"}
+
+
+def _by_shard(samples: Samples, name: str) -> dict[str, float]:
+    found = {dict(labels)["shard"]: value for (n, labels), value in samples.items() if n == name}
+    assert set(found) <= {str(shard) for shard in range(SHARDS)}, found
+    return found
+
+
+async def test_a_writer_held_back_shows_its_commands_in_flight_and_a_growing_flush_lag(
+    database_url: str, redis_namespace: str, token: Token
+) -> None:
+    frozen = False
+    thawed = asyncio.Event()
+
+    async def before_flush(shard: int) -> None:
+        # A PostgreSQL that takes no commit, as the writer meets it.
+        if frozen:
+            await thawed.wait()
+
+    storage = StorageSettings(
+        database_url=database_url, redis_url=REDIS_URL, namespace=redis_namespace
+    )
+    host = OwnedInProcessHost(
+        shard_count=SHARDS, policies=POLICIES, storage=storage, before_flush=before_flush
+    )
+    await host.start()
+    reserving: asyncio.Future[Any] | None = None
+    try:
+        async with _observed(host, database_url=database_url, redis_url=REDIS_URL) as client:
+            slot = await _slot(client, token)
+            samples = await _scrape(client)
+            names = {name for name, _ in samples}
+            assert {name.removesuffix("_total") for name in ACTOR_METRIC_NAMES} <= {
+                name.removesuffix("_total") for name in names
+            }
+            every = {str(shard) for shard in range(SHARDS)}
+            for name in ACTOR_METRIC_NAMES:
+                shown = set(_by_shard(samples, name))
+                # A shard's last flush is shown once it has flushed (the slot's shard has).
+                assert shown == every or (name.endswith("last_flush_age_seconds") and shown), name
+            assert _by_shard(samples, "engine_shard_flush_lag_seconds") == dict.fromkeys(every, 0)
+            assert _by_shard(samples, "engine_shard_in_flight_commands") == dict.fromkeys(every, 0)
+            for shard in every:
+                assert _value(samples, "engine_shard_owner_state", shard=shard, state="serving")
+                assert not _value(
+                    samples, "engine_shard_owner_state", shard=shard, state="rebuilding"
+                )
+            assert all(_by_shard(samples, "engine_shard_fence_token").values())
+
+            frozen = True
+            reserving = asyncio.ensure_future(
+                client.post(
+                    "/api/bookings/reserve", json={"slotId": slot["id"]}, headers=token("ann")
+                )
+            )
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + WAIT_LIMIT_S
+            while True:
+                samples = await _scrape(client)
+                busy = [
+                    shard
+                    for shard, count in _by_shard(
+                        samples, "engine_shard_in_flight_commands"
+                    ).items()
+                    if count > 0
+                ]
+                if busy:
+                    break
+                assert loop.time() < deadline, "the held reserve was never in flight"
+                await asyncio.sleep(0.1)
+            (shard,) = busy
+            first_lag = _value(samples, "engine_shard_flush_lag_seconds", shard=shard)
+            await asyncio.sleep(1.5)  # past the sampler's reuse of a sample
+            samples = await _scrape(client)
+            second_lag = _value(samples, "engine_shard_flush_lag_seconds", shard=shard)
+            assert second_lag >= first_lag + 1.0, (first_lag, second_lag)
+            assert _value(samples, "engine_shard_in_flight_commands", shard=shard) == 1
+            health = await client.get("/health")
+            report = await health.json()
+            # Readiness keeps its meaning: a writer behind is reported, not failed.
+            assert health.status == 200, report
+            line = report["shards"][int(shard)]
+            assert set(line) == SHARD_LINE_KEYS
+            assert line["inFlight"] == 1 and line["flushLagMs"] >= second_lag * 1000
+            assert line["state"] == "serving"
+
+            thawed.set()
+            response = await asyncio.wait_for(reserving, WAIT_LIMIT_S)
+            assert response.status == 201, await response.text()
+            await asyncio.sleep(1.1)
+            samples = await _scrape(client)
+            assert _value(samples, "engine_shard_flush_lag_seconds", shard=shard) == 0
+            assert _value(samples, "engine_shard_in_flight_commands", shard=shard) == 0
+            health = await client.get("/health")
+            line = (await health.json())["shards"][int(shard)]
+            assert (line["inFlight"], line["flushLagMs"]) == (0, 0)
+    finally:
+        thawed.set()
+        if reserving is not None and not reserving.done():
+            reserving.cancel()
+        await host.close()

@@ -16,6 +16,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.server import stop_workers
 from tests.conftest import REDIS_URL
@@ -40,6 +41,54 @@ def _slotengine(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[
         timeout=60,
         check=False,
     )
+
+
+# The series each shard actor reports on /metrics, one per shard (owner_state: per state).
+ACTOR_SERIES = (
+    "engine_shard_in_flight_commands",
+    "engine_shard_owner_state",
+    "engine_shard_lease_valid_seconds",
+    "engine_shard_fence_token",
+    "engine_shard_rebuilds_total",
+    "engine_shard_pending_events",
+    "engine_shard_flush_lag_seconds",
+)
+
+
+async def _check_shard_actor_facts(session: aiohttp.ClientSession, base: str) -> None:
+    """/health has a line per shard actor and /metrics the same facts, labelled by
+    shard only; a quiet engine has nothing in flight and no flush lag."""
+    async with session.get(f"{base}/health") as health:
+        report = await health.json()
+        assert health.status == 200, report
+    shards = report["shards"]
+    assert [line["shard"] for line in shards] == [0, 1], shards
+    for line in shards:
+        assert (line["up"], line["state"], line["inFlight"], line["flushLagMs"]) == (
+            True, "serving", 0, 0,
+        ), line  # fmt: skip
+        assert line["token"] > 0 and line["leaseValidMs"] > 0, line
+    async with session.get(f"{base}/metrics") as metrics:
+        assert metrics.status == 200
+        text = await metrics.text()
+    samples = [
+        sample for family in text_string_to_metric_families(text) for sample in family.samples
+    ]
+    for name in ACTOR_SERIES:
+        found = [sample for sample in samples if sample.name == name]
+        assert {sample.labels["shard"] for sample in found} == {"0", "1"}, name
+        extra = {"state"} if name == "engine_shard_owner_state" else set()
+        assert all(set(sample.labels) == {"shard", *extra} for sample in found), name
+        if name in ("engine_shard_in_flight_commands", "engine_shard_flush_lag_seconds"):
+            assert all(sample.value == 0 for sample in found), found
+    serving = [
+        sample.labels["shard"]
+        for sample in samples
+        if sample.name == "engine_shard_owner_state"
+        and sample.labels["state"] == "serving"
+        and sample.value == 1
+    ]
+    assert sorted(serving) == ["0", "1"]
 
 
 class Served:
@@ -121,10 +170,12 @@ async def test_serve_answers_tokens_from_slotengine_token_and_stops_on_sigint(
             async with session.get(f"{served.base}/health") as health:
                 report = await health.json()
                 assert health.status == 200, report
+                assert len(report.pop("shards")) == 2
                 assert report == {
                     "status": "healthy",
                     "components": {"database": "up", "redis": "up", "engine": "up", "queue": "up"},
                 }
+            await _check_shard_actor_facts(session, served.base)
             async with session.get(f"{served.base}/metrics") as metrics:
                 text = await metrics.text()
                 assert 'endpoint="/api/admin/slots"' in text
@@ -207,6 +258,8 @@ async def test_serve_with_two_workers_shares_the_port_and_the_shard_actors(
                     headers={"Authorization": f"Bearer {user}"},
                 ) as read:
                     assert read.status == 200
+            # The shard actors' own facts, asked through a worker.
+            await _check_shard_actor_facts(session, served.base)
     finally:
         _stop_cleanly(served, stop_signal, log_path)
 
@@ -357,6 +410,8 @@ async def test_inproc_workers_share_one_engine_process_which_is_restarted_when_i
             assert len(engine_pids()) == 2 and engine_pids()[1] != first
             async with session.get(f"{served.base}/health") as health:
                 assert health.status == 200, await health.text()
+            # The engine process's shards, through the socket.
+            await _check_shard_actor_facts(session, served.base)
     finally:
         _stop_cleanly(served, signal.SIGTERM, log_path)
     # The engine socket's directory goes with the engine.

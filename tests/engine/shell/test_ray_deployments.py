@@ -266,6 +266,15 @@ async def test_cluster_status_shows_the_actors_and_stop_flushes_and_ends_them(
         assert actor["node_id"] in nodes
         assert shard["lease"]["holder"] == shard["fence"]["owner"]
         assert shard["fence"]["token"] == actor["owner_token"] == shard["redis_token"]
+        # What the actor says of itself: nothing waits for a commit, nothing is behind.
+        assert (actor["in_flight_batches"], actor["in_flight_commands"]) == (0, 0)
+        assert (actor["pending_events"], actor["flush_lag_ms"], actor["rebuilds"]) == (0, 0, 0)
+        assert actor["lease_valid_for_ms"] > 0
+        assert 0 <= shard["fence"]["age_ms"] < 600_000
+    # The hold's shard committed it (after its reply: relaxed durability); the status
+    # is asked seconds later.
+    flushed = [shard["actor"]["last_flush_ago_ms"] for shard in status["shards"]]
+    assert any(type(ago) is int and 0 <= ago < 600_000 for ago in flushed), flushed
 
     stopped = await asyncio.to_thread(_cluster, "stop", deployment=deployment)
     assert stopped.returncode == 0, stopped.stdout + stopped.stderr
