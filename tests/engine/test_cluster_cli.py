@@ -1,8 +1,10 @@
-"""``slotengine cluster`` without a cluster: what it refuses, and its status table.
+"""``slotengine cluster`` without a cluster: what it refuses, its status table, and
+the facts an actor's owner gives its status (a real owner on PostgreSQL and Redis).
 
 The verbs against real actors are in ``tests/engine/shell/test_ray_deployments.py``.
 """
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -11,6 +13,8 @@ from pathlib import Path
 import pytest
 
 from engine.cluster import _print_status
+from engine.core import protocol as p
+from engine.shell.clock import SystemClock
 from engine.shell.cluster import (
     ActorStatus,
     ClusterStatus,
@@ -18,7 +22,9 @@ from engine.shell.cluster import (
     LeaseStatus,
     NodeStatus,
     ShardStatus,
+    owner_facts,
 )
+from tests.persistence.helpers import Driver, create_slot, make_owner, request_id, slot_on
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -122,3 +128,50 @@ def test_the_status_table_shows_each_shard_and_what_could_not_be_read(
     ]  # fmt: skip
     assert shard_rows[2] == ["1", *["-"] * 13]
     assert lines[-1] == "unreachable: redis: ConnectionError: refused"
+
+
+async def test_an_actor_whose_writer_is_held_shows_its_commands_in_flight_and_a_growing_lag(
+    database_url: str, redis_namespace: str
+) -> None:
+    flush_may_start = asyncio.Event()
+    flush_may_start.set()
+
+    async def gate() -> None:  # a PostgreSQL that takes no commit, as the writer meets it
+        await flush_may_start.wait()
+
+    owner = make_owner(database_url, redis_namespace, before_flush=gate)
+    await owner.start()
+    try:
+        drive = Driver(owner)
+        slot_id = slot_on(0, 1)
+        await drive.run(create_slot(slot_id, SystemClock().now_ms()))
+        quiet = owner_facts(owner.statistics())
+        assert (quiet["in_flight_commands"], quiet["flush_lag_ms"]) == (0, 0)
+        assert quiet["last_flush_ago_ms"] is not None and quiet["lease_valid_for_ms"] > 0
+        assert quiet["owner_token"] == owner.statistics().token and quiet["rebuilds"] == 0
+
+        flush_may_start.clear()
+        reserves = [
+            p.Reserve(request_id=request_id(), slot_id=slot_id, user_id=user)
+            for user in ("ann", "bob")
+        ]
+        batch = asyncio.ensure_future(drive.run(*reserves))
+        await asyncio.sleep(0.2)
+        first = owner_facts(owner.statistics())
+        await asyncio.sleep(0.5)
+        second = owner_facts(owner.statistics())
+        assert (second["in_flight_batches"], second["in_flight_commands"]) == (1, 2)
+        assert first["flush_lag_ms"] >= 200
+        assert second["flush_lag_ms"] >= first["flush_lag_ms"] + 500
+        assert second["last_flush_ago_ms"] >= quiet["last_flush_ago_ms"] + 700
+
+        flush_may_start.set()
+        assert [result.status for result in await asyncio.wait_for(batch, 10)] == [201, 201]
+        done = owner_facts(owner.statistics())
+        assert (done["in_flight_commands"], done["flush_lag_ms"], done["pending_events"]) == (
+            0, 0, 0,
+        )  # fmt: skip
+        assert done["last_flush_ago_ms"] < second["last_flush_ago_ms"]
+    finally:
+        flush_may_start.set()
+        await owner.close()
