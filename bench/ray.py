@@ -218,29 +218,34 @@ class Caller:
         self._window.record(time.perf_counter_ns() - started_ns, (type(command), answer))
 
 
+async def create_slot(
+    client: EngineClient, ids: RequestIds, resource: str, *, capacity: int, domain: str = "default"
+) -> str:
+    """A new slot of ``resource`` (its shard is the resource's), an hour long, tomorrow."""
+    slot_id = make_slot_id(resource, uuid.uuid4().hex)
+    start_ms = int(time.time() * 1000) + DAY_MS
+    result = await client.execute(
+        p.CreateSlot(
+            request_id=ids.next(),
+            slot_id=slot_id,
+            resource_id=resource,
+            domain=domain,
+            start_ms=start_ms,
+            end_ms=start_ms + HOUR_MS,
+            capacity=capacity,
+        )
+    )
+    if result.status != 201:
+        raise RuntimeError(f"could not create a bench slot: {result}")
+    return slot_id
+
+
 async def _create_slots(client: EngineClient, count: int, capacity: int) -> list[str]:
     ids = RequestIds()
-    start_ms = int(time.time() * 1000) + DAY_MS
-
-    async def create(n: int) -> str:
-        resource = f"bench-room-{n}-{uuid.uuid4().hex[:8]}"
-        slot_id = make_slot_id(resource, uuid.uuid4().hex)
-        result = await client.execute(
-            p.CreateSlot(
-                request_id=ids.next(),
-                slot_id=slot_id,
-                resource_id=resource,
-                domain="default",
-                start_ms=start_ms,
-                end_ms=start_ms + HOUR_MS,
-                capacity=capacity,
-            )
-        )
-        if result.status != 201:
-            raise RuntimeError(f"could not create a bench slot: {result}")
-        return slot_id
-
-    return list(await asyncio.gather(*(create(n) for n in range(count))))
+    resources = [f"bench-room-{n}-{uuid.uuid4().hex[:8]}" for n in range(count)]
+    return list(
+        await asyncio.gather(*(create_slot(client, ids, r, capacity=capacity) for r in resources))
+    )
 
 
 async def drive(

@@ -23,6 +23,15 @@ def test_the_ray_scenario_is_found() -> None:
     assert "ray" in scenarios
 
 
+def test_the_failover_scenario_is_found_with_its_options() -> None:
+    # Its short run, on a cluster of several nodes, is tests/engine/shell/test_failover.py.
+    scenarios = dispatcher.discover_scenarios()
+    args = dispatcher.build_parser(scenarios).parse_args(["failover", "--loss=freeze"])
+
+    assert args.scenario_module is scenarios["failover"]
+    assert (args.loss, args.nodes, args.shards) == ("freeze", 2, 4)
+
+
 def test_the_result_is_the_last_line_as_one_json_object(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

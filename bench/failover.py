@@ -1,0 +1,600 @@
+"""Failover after a lost Ray node: durable shard actors on several nodes, one node lost under load.
+
+It starts a Ray cluster of its own on this machine (``ray.cluster_utils.Cluster``:
+a head and ``--nodes`` worker nodes, the head with the engine's health-check
+settings, ``ray_health_check_config``), a database of the run's own (on
+``DATABASE_URL``'s server or the embedded one, dropped at the end unless
+``--keep-database``) and ``--shards`` shard actors that write behind to it and
+hold Redis leases, wherever Ray places them. Callers reserve, confirm, cancel,
+join and leave queues, keeping a ledger of every change they were acknowledged;
+one prober per shard reads a slot of its shard every ``PROBE_EVERY_S``. Shortly
+before the loss, every shard gets holds of a short TTL (``--hold-ms``) that
+nobody confirms and, behind each, a queue join whose offer nobody claims. Then
+the worker node hosting the most shards is lost: its processes killed
+(``--loss kill``, ``Cluster.remove_node``) or frozen (``--loss freeze``: SIGSTOP,
+a machine that went silent, found only by Ray's health checks).
+
+It reports, per shard, its node and how long after the loss it answered a
+prober again (``unavailable_s``; ``p50`` and ``max`` over the lost node's
+shards), the requests that failed with 503 (every ``ShellError``: the gateway
+answers each with 503 and ``retryAfter``), the acknowledged changes missing from
+PostgreSQL (``lost_acks``: a booking not at its acknowledged status or a later
+one, or an acknowledged change whose request has no audit row), the invariant
+violations (no slot over capacity, no user with two active bookings, and the
+reconciliation checks of ``persistence.checks``), and whether the holds and
+offers acknowledged before the loss expired on time: never before their
+deadline, and within ``--on-time-ms`` after it.
+
+It must never touch a Ray cluster, shard actors or a database it did not start
+(``RAY_ADDRESS`` is ignored), and it stops all of them, frozen processes
+included, at its end.
+"""
+
+import argparse
+import asyncio
+import contextlib
+import os
+import random
+import shutil
+import signal
+import statistics
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from engine.core import protocol as p
+from engine.core.routing import shard_of, shard_of_resource
+from engine.shell.coalescer import EngineClient, RequestIds
+from engine.shell.errors import ShellError
+from engine.shell.limits import NODE_FAILOVER_MS
+
+# The domain of the holds and offers left to expire (its TTLs are --hold-ms, --claim-ms).
+EXPIRING_DOMAIN: Final = "failover-expiring"
+PROBE_EVERY_S: Final = 0.05
+# Ray checks a node's health only once it has been up for its initial delay (5 s,
+# Ray's default, which the engine keeps): the loss waits for it, and a margin.
+HEALTH_CHECK_INITIAL_DELAY_S: Final = 5.5
+# A caller pauses after a 503 before its next request, as a client honouring
+# retryAfter would, if for less.
+PAUSE_AFTER_503_S: Final = 0.05
+# The run's own bounds, generous for a loaded machine.
+SHARDS_START_TIMEOUT_MS: Final = 180_000
+DRAIN_TIMEOUT_S: Final = 60.0
+EXPIRY_DEADLINE_S: Final = 90.0
+POLL_S: Final = 0.2
+TARGET_FAILOVER_S: Final = NODE_FAILOVER_MS / 1000
+# The answers that acknowledge a change (each leaves an audit row under its request
+# id); a Reserve or JoinQueue answered 200 found the hold or the place already there.
+CHANGES: Final = {
+    p.Reserve: (201, 202),
+    p.JoinQueue: (201, 202),
+    p.Confirm: (200,),
+    p.Cancel: (200,),
+    p.LeaveQueue: (204,),
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--nodes", type=int, default=2, help="worker nodes (default 2)")
+    parser.add_argument("--shards", type=int, default=4, help="shard actors (default 4)")
+    parser.add_argument(
+        "--concurrency", type=int, default=100, help="concurrent callers (default 100)"
+    )
+    parser.add_argument(
+        "--slots-per-shard", type=int, default=8, help="load slots on each shard (default 8)"
+    )
+    parser.add_argument("--capacity", type=int, default=2, help="load slots' capacity (default 2)")
+    parser.add_argument(
+        "--expiring-per-shard",
+        type=int,
+        default=2,
+        help="holds (each with a queue join behind it) left to expire on each shard (default 2)",
+    )
+    parser.add_argument(
+        "--hold-ms", type=int, default=8_000, help="TTL of the holds left to expire (default 8000)"
+    )
+    parser.add_argument(
+        "--claim-ms", type=int, default=4_000, help="TTL of their queue offers (default 4000)"
+    )
+    parser.add_argument(
+        "--on-time-ms",
+        type=int,
+        default=1_000,
+        help="an expiry later than this after its deadline counts as late (default 1000)",
+    )
+    parser.add_argument(
+        "--before-seconds", type=float, default=3.0, help="load before the loss (default 3)"
+    )
+    parser.add_argument(
+        "--after-seconds", type=float, default=12.0, help="load after the loss (default 12)"
+    )
+    parser.add_argument(
+        "--loss",
+        choices=("kill", "freeze"),
+        default="kill",
+        help="kill the node's processes (default) or freeze them (SIGSTOP: a silent machine)",
+    )
+    parser.add_argument("--seed", type=int, default=1, help="seed of the callers' choices")
+    parser.add_argument(
+        "--keep-database",
+        action="store_true",
+        help="keep the run's database (slotengine_bench_<run>) for inspection",
+    )
+
+
+# -- the client side: a ledger, callers, probers ------------------------------------
+
+
+@dataclass
+class Ledger:
+    """What the clients were told: every acknowledged change, and every 503."""
+
+    # Booking id -> the latest status a client was acknowledged.
+    bookings: dict[str, str] = field(default_factory=dict)
+    # Request id of every acknowledged change -> "<command> <status>".
+    changes: dict[str, str] = field(default_factory=dict)
+    answered: int = 0
+    unavailable: int = 0
+    unavailable_by_shard: dict[int, int] = field(default_factory=dict)
+    # Per shard: when (monotonic seconds) each 503 was given.
+    failed_at: dict[int, list[float]] = field(default_factory=dict)
+
+    def record(self, command: p.AnyCommand, result: p.AnyResult) -> None:
+        self.answered += 1
+        if isinstance(result, p.Failure):
+            if result.status == 503:
+                self.unavailable += 1
+            return
+        if result.status in CHANGES.get(type(command), ()):
+            self.changes[command.request_id] = f"{type(command).__name__} {result.status}"
+        if isinstance(result, p.BookingResult):
+            self.bookings[result.booking.id] = result.booking.status.value
+
+    def failed(self, shard: int | None) -> None:
+        self.unavailable += 1
+        if shard is not None:
+            self.unavailable_by_shard[shard] = self.unavailable_by_shard.get(shard, 0) + 1
+            self.failed_at.setdefault(shard, []).append(time.monotonic())
+
+
+class Load:
+    """Callers and probers on one client, until ``stop``."""
+
+    def __init__(self, client: EngineClient, ledger: Ledger, shard_count: int) -> None:
+        self.client = client
+        self.ledger = ledger
+        self.shard_count = shard_count
+        self.ids = RequestIds()
+        self.stopping = asyncio.Event()
+        # Per shard: (sent, answered, served) of every probe, monotonic seconds.
+        self.probes: dict[int, list[tuple[float, float, bool]]] = {}
+
+    async def execute(self, command: p.AnyCommand, routed_by: str) -> p.AnyResult | None:
+        """The result, recorded; None (and a 503 counted) when the engine did not answer."""
+        try:
+            result = await self.client.execute(command)
+        except ShellError:
+            self.ledger.failed(shard_of(routed_by, self.shard_count))
+            return None
+        self.ledger.record(command, result)
+        return result
+
+    async def caller(self, user: str, slots: list[str], seed: float) -> None:
+        rng = random.Random(seed)
+        ids = self.ids
+        while not self.stopping.is_set():
+            slot_id = rng.choice(slots)
+            held = await self.execute(
+                p.Reserve(request_id=ids.next(), slot_id=slot_id, user_id=user), slot_id
+            )
+            booking_id: str | None = None
+            if isinstance(held, p.BookingResult) and held.status == 201:
+                booking_id = held.booking.id
+            elif isinstance(held, p.QueueResult):
+                if rng.random() < 0.5:
+                    await self.execute(
+                        p.LeaveQueue(request_id=ids.next(), slot_id=slot_id, user_id=user), slot_id
+                    )
+                continue
+            elif held is None:
+                await asyncio.sleep(PAUSE_AFTER_503_S)
+                continue
+            else:
+                # Refused (the queue full, already booked): a moment before the next try.
+                await asyncio.sleep(PROBE_EVERY_S)
+                continue
+            confirmed = await self.execute(
+                p.Confirm(request_id=ids.next(), booking_id=booking_id, user_id=user), booking_id
+            )
+            if isinstance(confirmed, p.BookingResult) and rng.random() < 0.7:
+                await self.execute(
+                    p.Cancel(request_id=ids.next(), booking_id=booking_id, user_id=user),
+                    booking_id,
+                )
+
+    async def prober(self, shard: int, slot_id: str) -> None:
+        samples = self.probes.setdefault(shard, [])
+        while not self.stopping.is_set():
+            sent = time.monotonic()
+            try:
+                result = await self.client.execute(
+                    p.GetSlot(request_id=self.ids.next(), slot_id=slot_id)
+                )
+                served = isinstance(result, p.SlotResult)
+            except ShellError:
+                served = False
+            samples.append((sent, time.monotonic(), served))
+            await asyncio.sleep(PROBE_EVERY_S)
+
+    def unavailable_s(self, shard: int, lost_at: float) -> float | None:
+        """The longest the shard went without serving a probe, across the loss: from
+        the last probe served before ``lost_at`` (or the latest answer before a gap
+        after it) to the next one served. None: it never served again."""
+        answers = sorted(answered for _, answered, served in self.probes.get(shard, []) if served)
+        before = [at for at in answers if at < lost_at]
+        after = [at for at in answers if at >= lost_at]
+        if not after:
+            return None
+        previous = before[-1] if before else lost_at
+        longest = 0.0
+        for at in after:
+            longest = max(longest, at - previous)
+            previous = at
+        return round(longest, 3)
+
+
+# -- the cluster -------------------------------------------------------------------
+
+
+def resource_on(shard: int, shard_count: int, stem: str) -> str:
+    """A resource id (and so its slots) routed to ``shard``."""
+    n = 0
+    while True:
+        resource = f"{stem}-{n}-{uuid.uuid4().hex[:6]}"
+        if shard_of_resource(resource, shard_count) == shard:
+            return resource
+        n += 1
+
+
+def actor_node(handle: Any) -> str:
+    """The id of the node the actor runs on now, as Ray's GCS has it."""
+    import ray._private.state
+
+    info = ray._private.state.actors(handle._actor_id.hex())
+    return str(info["Address"]["NodeID"])
+
+
+@dataclass
+class Expiring:
+    """The holds and queue joins left to expire, acknowledged before the loss."""
+
+    holds: dict[str, int] = field(default_factory=dict)  # booking id -> expires_at_ms
+    waiters: list[tuple[str, str]] = field(default_factory=list)  # (slot id, user id)
+
+
+async def leave_to_expire(load: Load, slots: list[str]) -> Expiring:
+    """On each slot (capacity 1): a hold nobody confirms, and a queue join behind it."""
+    expiring = Expiring()
+
+    async def one(n: int, slot_id: str) -> None:
+        hold = await load.execute(
+            p.Reserve(request_id=load.ids.next(), slot_id=slot_id, user_id=f"keeper-{n}"),
+            slot_id,
+        )
+        if not isinstance(hold, p.BookingResult) or hold.status != 201:
+            raise RuntimeError(f"a hold to leave to expire was refused: {hold}")
+        expiring.holds[hold.booking.id] = hold.booking.expires_at_ms
+        waiter = f"waiter-{n}"
+        joined = await load.execute(
+            p.JoinQueue(request_id=load.ids.next(), slot_id=slot_id, user_id=waiter), slot_id
+        )
+        if not isinstance(joined, p.QueueResult):
+            raise RuntimeError(f"a queue join to leave to expire was refused: {joined}")
+        expiring.waiters.append((slot_id, waiter))
+
+    await asyncio.gather(*(one(n, slot_id) for n, slot_id in enumerate(slots)))
+    return expiring
+
+
+def lose_node(cluster: Any, node: Any, loss: str, actor_pids: list[int], frozen: list[int]) -> None:
+    """Kill ``node``'s processes, or freeze them and its actors' (their pids into ``frozen``)."""
+    if loss == "kill":
+        cluster.remove_node(node, allow_graceful=False)
+        return
+    pids = actor_pids + [
+        info.process.pid for infos in node.all_processes.values() for info in infos
+    ]
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGSTOP)
+            frozen.append(pid)
+
+
+# -- the checks ----------------------------------------------------------------------
+
+
+async def check_changes(database_url: str, ledger: Ledger) -> list[str]:
+    """Acknowledged changes whose request left no audit row: lost (their request ids)."""
+    import asyncpg
+
+    connection = await asyncpg.connect(database_url)
+    try:
+        found = {
+            row["request_id"]
+            for row in await connection.fetch(
+                "SELECT DISTINCT request_id FROM audit_log WHERE request_id = ANY($1::text[])",
+                list(ledger.changes),
+            )
+        }
+    finally:
+        await connection.close()
+    return [request_id for request_id in ledger.changes if request_id not in found]
+
+
+async def check_expiries(
+    database_url: str, expiring: Expiring, on_time_ms: int, deadline_s: float
+) -> dict[str, Any]:
+    """Wait (up to ``deadline_s``) until every hold and offer left to expire has expired;
+    how late each was after its deadline, from the audit log."""
+    import asyncpg
+
+    connection = await asyncpg.connect(database_url)
+    try:
+        deadline = time.monotonic() + deadline_s
+        while True:
+            offers = {
+                row["booking_id"]
+                for row in await connection.fetch(
+                    "SELECT booking_id FROM queue_entries"
+                    " WHERE (slot_id, user_id) IN (SELECT * FROM unnest($1::text[], $2::text[]))"
+                    " AND booking_id IS NOT NULL",
+                    [slot for slot, _ in expiring.waiters],
+                    [user for _, user in expiring.waiters],
+                )
+            }
+            bookings = list(expiring.holds) + sorted(offers)
+            rows = await connection.fetch(
+                "SELECT b.id, b.status, b.expires_at_ms, a.at_ms FROM bookings b"
+                " LEFT JOIN audit_log a ON a.entity_id = b.id AND a.to_status = 'EXPIRED'"
+                " WHERE b.id = ANY($1::text[])",
+                bookings,
+            )
+            done = len(offers) == len(expiring.waiters) and all(
+                row["status"] == "EXPIRED" for row in rows
+            )
+            if done or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(POLL_S)
+    finally:
+        await connection.close()
+    lateness = {row["id"]: row["at_ms"] - row["expires_at_ms"] for row in rows if row["at_ms"]}
+    hold_late = [lateness[b] for b in expiring.holds if b in lateness]
+    offer_late = [lateness[b] for b in offers if b in lateness]
+    return {
+        "holds_left_to_expire": len(expiring.holds),
+        "holds_expired": len(hold_late),
+        "offers_expected": len(expiring.waiters),
+        "offers_made": len(offers),
+        "offers_expired": len(offer_late),
+        "expired_early": sum(1 for ms in [*hold_late, *offer_late] if ms < 0),
+        "expired_late": sum(1 for ms in [*hold_late, *offer_late] if ms > on_time_ms),
+        "hold_lateness_max_ms": max(hold_late, default=None),
+        "offer_lateness_max_ms": max(offer_late, default=None),
+    }
+
+
+async def check_database(database_url: str, ledger: Ledger) -> dict[str, Any]:
+    """Lost acknowledged changes and invariant violations as PostgreSQL has them."""
+    import asyncpg
+
+    from bench import _http
+    from persistence.checks import VIOLATION_KINDS, check
+    from persistence.reconcile import wall_clock_ms
+
+    bookings = _http.Ledger(acknowledged=dict(ledger.bookings))
+    found = await _http.check_database(database_url, bookings)
+    unaudited = await check_changes(database_url, ledger)
+    connection = await asyncpg.connect(database_url)
+    try:
+        report = await check(connection, now_ms=wall_clock_ms())
+    finally:
+        await connection.close()
+    reconcile = {kind: n for kind, n in report.found.items() if n and kind in VIOLATION_KINDS}
+    return {
+        "acknowledged_changes": len(ledger.changes),
+        "acknowledged_bookings": found["acknowledged_bookings"],
+        "lost_acks": found["lost_acks"] + len(unaudited),
+        "lost_ack_examples": found["lost_ack_examples"]
+        + [f"{r} {ledger.changes[r]}" for r in unaudited[:5]],
+        "violations": found["invariant_violations"] + sum(reconcile.values()),
+        "slots_over_capacity": found["slots_over_capacity"],
+        "users_with_two_active_bookings": found["users_with_two_active_bookings"],
+        "reconcile_findings": reconcile,
+    }
+
+
+# -- the run -------------------------------------------------------------------------
+
+
+async def scenario(args: argparse.Namespace, cluster: Any, workers: list[Any]) -> dict[str, Any]:
+    import msgspec
+
+    from bench.ray import _bench_storage, _drop_database, create_slot
+    from config.domains import load_policies
+    from config.settings import load_settings
+    from engine.shell.ray_actor import RayShardTransport
+
+    settings = load_settings()
+    policies = dict(load_policies(settings))
+    policies[EXPIRING_DOMAIN] = msgspec.structs.replace(
+        policies["default"],
+        name=EXPIRING_DOMAIN,
+        hold_ttl_ms=args.hold_ms,
+        claim_ttl_ms=args.claim_ms,
+    )
+    prefix = f"failover-{uuid.uuid4().hex[:8]}"
+    storage = await _bench_storage(settings, prefix)
+    frozen: list[int] = []
+    try:
+        transport = await RayShardTransport.connect(
+            shard_count=args.shards,
+            policies=policies,
+            name_prefix=prefix,
+            storage=storage,
+            timeout_ms=SHARDS_START_TIMEOUT_MS,
+        )
+        nodes_before = [actor_node(transport.handle(n)) for n in range(args.shards)]
+        pids = [(await transport.identity(n, 30_000)).pid for n in range(args.shards)]
+        worker_ids = [w.node_id for w in workers]
+        hosted = {w: [n for n, node in enumerate(nodes_before) if node == w] for w in worker_ids}
+        lost_id = max(worker_ids, key=lambda w: len(hosted[w]))
+        lost_shards = hosted[lost_id]
+        if not lost_shards:
+            raise RuntimeError(f"no shard actor on a worker node: {nodes_before}")
+        lost_node = workers[worker_ids.index(lost_id)]
+
+        client = EngineClient(transport)
+        ledger = Ledger()
+        load = Load(client, ledger, args.shards)
+        setup = RequestIds()
+        load_slots: list[str] = []
+        expiring_slots: list[str] = []
+        for shard in range(args.shards):
+            for _ in range(args.slots_per_shard):
+                resource = resource_on(shard, args.shards, "failover-room")
+                load_slots.append(
+                    await create_slot(client, setup, resource, capacity=args.capacity)
+                )
+            for _ in range(args.expiring_per_shard):
+                resource = resource_on(shard, args.shards, "failover-expiring")
+                expiring_slots.append(
+                    await create_slot(client, setup, resource, capacity=1, domain=EXPIRING_DOMAIN)
+                )
+        rng = random.Random(args.seed)
+        tasks = [
+            asyncio.create_task(load.caller(f"user-{n}", load_slots, rng.random()))
+            for n in range(args.concurrency)
+        ]
+        tasks += [
+            asyncio.create_task(load.prober(shard, load_slots[shard * args.slots_per_shard]))
+            for shard in range(args.shards)
+        ]
+        try:
+            await asyncio.sleep(args.before_seconds)
+            expiring = await leave_to_expire(load, expiring_slots)
+            # The node is checked by Ray only after its initial delay.
+            await asyncio.sleep(
+                max(0.0, HEALTH_CHECK_INITIAL_DELAY_S - (time.monotonic() - args.joined_at))
+            )
+            acknowledged_before = len(ledger.changes)
+            lost_at = time.monotonic()
+            await asyncio.to_thread(
+                lose_node,
+                cluster,
+                lost_node,
+                args.loss,
+                [pids[n] for n in lost_shards],
+                frozen,
+            )
+            await asyncio.sleep(args.after_seconds)
+        finally:
+            load.stopping.set()
+            async with asyncio.timeout(DRAIN_TIMEOUT_S):
+                await asyncio.gather(*tasks, return_exceptions=True)
+            await client.wait_idle(DRAIN_TIMEOUT_S)
+        nodes_after = [actor_node(transport.handle(n)) for n in range(args.shards)]
+        unavailable = {n: load.unavailable_s(n, lost_at) for n in range(args.shards)}
+        expiries = await check_expiries(
+            storage.database_url, expiring, args.on_time_ms, EXPIRY_DEADLINE_S
+        )
+        checked = await check_database(storage.database_url, ledger)
+    finally:
+        for pid in frozen:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        if not args.keep_database:
+            await _drop_database(storage.database_url)
+        with contextlib.suppress(Exception):
+            from engine.shell.ray_actor import kill_shard_actors
+
+            kill_shard_actors(shard_count=args.shards, name_prefix=prefix)
+
+    lost_unavailable = [unavailable[n] for n in lost_shards]
+    measured = [s for s in lost_unavailable if s is not None]
+    worst = None if len(measured) < len(lost_unavailable) else max(measured, default=None)
+    node_names = {cluster.head_node.node_id: "head"} | {
+        w: f"worker-{i}" for i, w in enumerate(worker_ids)
+    }
+    result: dict[str, Any] = {
+        "scenario": "failover",
+        "loss": args.loss,
+        "nodes": args.nodes,
+        "shards": args.shards,
+        "concurrency": args.concurrency,
+        "placement": [node_names.get(node, node[:8]) for node in nodes_before],
+        "nodes_hosting_shards": len(set(nodes_before)),
+        "lost_node": node_names[lost_id],
+        "lost_shards": lost_shards,
+        "placement_after": [node_names.get(node, node[:8]) for node in nodes_after],
+        "moved": all(nodes_after[n] != lost_id for n in lost_shards),
+        "unavailable_s": {str(n): unavailable[n] for n in range(args.shards)},
+        "unavailable_p50_s": round(statistics.median(measured), 3) if measured else None,
+        "unavailable_max_s": worst,
+        "unavailable_others_max_s": max(
+            (s or 0.0 for n, s in unavailable.items() if n not in lost_shards), default=None
+        ),
+        "requests_answered": ledger.answered,
+        "requests_503": ledger.unavailable,
+        "requests_503_by_shard": {
+            str(n): c for n, c in sorted(ledger.unavailable_by_shard.items())
+        },
+        # When the callers' last 503 of each shard came, after the loss.
+        "last_503_s": {
+            str(n): round(max(at) - lost_at, 3) for n, at in sorted(ledger.failed_at.items())
+        },
+        "acknowledged_before_loss": acknowledged_before,
+        **checked,
+        **expiries,
+        "database": storage.database_url.rsplit("/", 1)[-1] if args.keep_database else None,
+    }
+    result["meets_target"] = (
+        worst is not None
+        and worst <= TARGET_FAILOVER_S
+        and result["lost_acks"] == 0
+        and result["violations"] == 0
+        and result["expired_early"] == 0
+        and result["holds_expired"] == result["holds_left_to_expire"]
+        and result["offers_expired"] == result["offers_expected"]
+    )
+    return result
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from engine.shell.ray_actor import ray_health_check_config
+
+    # Short: Ray's Unix socket paths must fit in 107 bytes.
+    temp_dir = tempfile.mkdtemp(prefix="rf-", dir="/tmp")
+    node_args: dict[str, Any] = {"num_cpus": 1, "temp_dir": temp_dir}
+    cluster: Any = Cluster(
+        initialize_head=True,
+        head_node_args={
+            **node_args,
+            "include_dashboard": False,
+            "_system_config": ray_health_check_config(),
+        },
+    )
+    try:
+        workers = [cluster.add_node(**node_args) for _ in range(args.nodes)]
+        cluster.wait_for_nodes()
+        args.joined_at = time.monotonic()
+        ray.init(address=cluster.address, namespace="slotengine-bench", log_to_driver=False)
+        return asyncio.run(scenario(args, cluster, workers))
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+        shutil.rmtree(temp_dir, ignore_errors=True)
