@@ -78,6 +78,12 @@ CHANGES: Final = {
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--nodes", type=int, default=2, help="worker nodes (default 2)")
+    parser.add_argument(
+        "--node-cpus",
+        type=int,
+        default=1,
+        help="CPUs each node declares (default 1; the shard actors reserve none)",
+    )
     parser.add_argument("--shards", type=int, default=4, help="shard actors (default 4)")
     parser.add_argument(
         "--concurrency", type=int, default=100, help="concurrent callers (default 100)"
@@ -144,8 +150,6 @@ class Ledger:
     def record(self, command: p.AnyCommand, result: p.AnyResult) -> None:
         self.answered += 1
         if isinstance(result, p.Failure):
-            if result.status == 503:
-                self.unavailable += 1
             return
         if result.status in CHANGES.get(type(command), ()):
             self.changes[command.request_id] = f"{type(command).__name__} {result.status}"
@@ -160,7 +164,7 @@ class Ledger:
 
 
 class Load:
-    """Callers and probers on one client, until ``stop``."""
+    """Callers and probers on one client, until ``stopping`` is set."""
 
     def __init__(self, client: EngineClient, ledger: Ledger, shard_count: int) -> None:
         self.client = client
@@ -172,13 +176,19 @@ class Load:
         self.probes: dict[int, list[tuple[float, float, bool]]] = {}
 
     async def execute(self, command: p.AnyCommand, routed_by: str) -> p.AnyResult | None:
-        """The result, recorded; None (and a 503 counted) when the engine did not answer."""
+        """The result, recorded; None (and a 503 counted) when the engine did not answer.
+
+        Every ``ShellError`` is a 503 with ``retryAfter`` at the gateway
+        (``gateway.http.engine_unavailable``), as is a shard's own 503.
+        """
         try:
             result = await self.client.execute(command)
         except ShellError:
             self.ledger.failed(shard_of(routed_by, self.shard_count))
             return None
         self.ledger.record(command, result)
+        if isinstance(result, p.Failure) and result.status == 503:
+            self.ledger.failed(shard_of(routed_by, self.shard_count))
         return result
 
     async def caller(self, user: str, slots: list[str], seed: float) -> None:
@@ -218,13 +228,10 @@ class Load:
         samples = self.probes.setdefault(shard, [])
         while not self.stopping.is_set():
             sent = time.monotonic()
-            try:
-                result = await self.client.execute(
-                    p.GetSlot(request_id=self.ids.next(), slot_id=slot_id)
-                )
-                served = isinstance(result, p.SlotResult)
-            except ShellError:
-                served = False
+            result = await self.execute(
+                p.GetSlot(request_id=self.ids.next(), slot_id=slot_id), slot_id
+            )
+            served = isinstance(result, p.SlotResult)
             samples.append((sent, time.monotonic(), served))
             await asyncio.sleep(PROBE_EVERY_S)
 
@@ -531,6 +538,7 @@ async def scenario(args: argparse.Namespace, cluster: Any, workers: list[Any]) -
         "scenario": "failover",
         "loss": args.loss,
         "nodes": args.nodes,
+        "node_cpus": args.node_cpus,
         "shards": args.shards,
         "concurrency": args.concurrency,
         "placement": [node_names.get(node, node[:8]) for node in nodes_before],
@@ -579,7 +587,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     # Short: Ray's Unix socket paths must fit in 107 bytes.
     temp_dir = tempfile.mkdtemp(prefix="rf-", dir="/tmp")
-    node_args: dict[str, Any] = {"num_cpus": 1, "temp_dir": temp_dir}
+    node_args: dict[str, Any] = {"num_cpus": args.node_cpus, "temp_dir": temp_dir}
     cluster: Any = Cluster(
         initialize_head=True,
         head_node_args={
