@@ -319,6 +319,39 @@ def lose_node(cluster: Any, node: Any, loss: str, actor_pids: list[int], frozen:
             frozen.append(pid)
 
 
+async def watch_recovery(
+    node_id: str, handles: list[Any], lost_at: float, marks: dict[str, float]
+) -> None:
+    """Into ``marks``: when (seconds after ``lost_at``) Ray's GCS had the node dead, and
+    when the last actor of ``handles`` was alive again on another node (the detection
+    and the restarts apart)."""
+    import ray
+    import ray._private.state
+
+    restarted: dict[int, float] = {}
+
+    def look() -> None:
+        if "node_dead_s" not in marks and any(
+            n["NodeID"] == node_id and not n["Alive"]
+            for n in ray.nodes()  # type: ignore[no-untyped-call]
+        ):
+            marks["node_dead_s"] = round(time.monotonic() - lost_at, 3)
+        for n, handle in enumerate(handles):
+            info = ray._private.state.actors(handle._actor_id.hex())
+            if (
+                n not in restarted
+                and info.get("State") == "ALIVE"
+                and info["Address"]["NodeID"] != node_id
+            ):
+                restarted[n] = time.monotonic() - lost_at
+        if len(restarted) == len(handles):
+            marks["actors_alive_max_s"] = round(max(restarted.values()), 3)
+
+    while "node_dead_s" not in marks or "actors_alive_max_s" not in marks:
+        await asyncio.to_thread(look)
+        await asyncio.sleep(POLL_S / 2)
+
+
 # -- the checks ----------------------------------------------------------------------
 
 
@@ -496,6 +529,7 @@ async def scenario(args: argparse.Namespace, cluster: Any, workers: list[Any]) -
                 max(0.0, HEALTH_CHECK_INITIAL_DELAY_S - (time.monotonic() - args.joined_at))
             )
             acknowledged_before = len(ledger.changes)
+            recovery: dict[str, float] = {}
             lost_at = time.monotonic()
             await asyncio.to_thread(
                 lose_node,
@@ -505,12 +539,20 @@ async def scenario(args: argparse.Namespace, cluster: Any, workers: list[Any]) -
                 [pids[n] for n in lost_shards],
                 frozen,
             )
+            watched = asyncio.create_task(
+                watch_recovery(
+                    lost_id, [transport.handle(n) for n in lost_shards], lost_at, recovery
+                )
+            )
             await asyncio.sleep(args.after_seconds)
         finally:
             load.stopping.set()
             async with asyncio.timeout(DRAIN_TIMEOUT_S):
                 await asyncio.gather(*tasks, return_exceptions=True)
             await client.wait_idle(DRAIN_TIMEOUT_S)
+        watched.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watched
         nodes_after = [actor_node(transport.handle(n)) for n in range(args.shards)]
         unavailable = {n: load.unavailable_s(n, lost_at) for n in range(args.shards)}
         expiries = await check_expiries(
@@ -548,6 +590,9 @@ async def scenario(args: argparse.Namespace, cluster: Any, workers: list[Any]) -
         "placement_after": [node_names.get(node, node[:8]) for node in nodes_after],
         "moved": all(nodes_after[n] != lost_id for n in lost_shards),
         "unavailable_s": {str(n): unavailable[n] for n in range(args.shards)},
+        # Ray's part: its GCS had the node dead, then every lost actor alive elsewhere.
+        "node_dead_after_s": recovery.get("node_dead_s"),
+        "actors_alive_after_s": recovery.get("actors_alive_max_s"),
         "unavailable_p50_s": round(statistics.median(measured), 3) if measured else None,
         "unavailable_max_s": worst,
         "unavailable_others_max_s": max(

@@ -44,6 +44,8 @@ SCENARIO_TIMEOUT_S = 240
 SHARDS = 6
 # A loaded machine restarts a lost actor in seconds, not the half minute allowed.
 SERVED_AGAIN_WITHIN_S = 30.0
+# The engine's health checks find a killed node in 1.5 s; Ray's defaults, in 15 s.
+NODE_DEAD_WITHIN_S = 10.0
 # An expiry due while its shard was being restarted comes late by that restart.
 EXPIRY_LATE_AT_MOST_MS = 30_000
 
@@ -118,7 +120,11 @@ def test_a_node_lost_under_load_loses_nothing_and_its_shards_serve_again() -> No
         # The shard actors landed on several nodes, and the lost worker hosted some.
         assert measured["nodes_hosting_shards"] >= 2, measured["placement"]
         assert measured["lost_shards"], measured
-        # They serve again, elsewhere, and the load reached them before and after.
+        # Ray found the node dead with the engine's health checks, not its defaults';
+        # the shards serve again, elsewhere, and the load reached them before and after.
+        dead_after_s = measured["node_dead_after_s"]
+        assert dead_after_s is not None and dead_after_s < NODE_DEAD_WITHIN_S, measured
+        assert measured["actors_alive_after_s"] is not None, measured
         assert measured["moved"], measured
         assert measured["unavailable_max_s"] is not None, measured
         assert measured["unavailable_max_s"] < SERVED_AGAIN_WITHIN_S, measured
