@@ -9,7 +9,8 @@ hold Redis leases, wherever Ray places them. Callers reserve, confirm, cancel,
 join and leave queues, keeping a ledger of every change they were acknowledged;
 one prober per shard reads a slot of its shard every ``PROBE_EVERY_S``. Shortly
 before the loss, every shard gets holds of a short TTL (``--hold-ms``) that
-nobody confirms and, behind each, a queue join whose offer nobody claims. Then
+nobody confirms and, behind each, a queue join whose offer nobody claims, and
+one more such pair whose hold is due within the outage (``--due-hold-ms``). Then
 the worker node hosting the most shards is lost: its processes killed
 (``--loss kill``, ``Cluster.remove_node``) or frozen (``--loss freeze``: SIGSTOP,
 a machine that went silent, found only by Ray's health checks).
@@ -23,7 +24,8 @@ one, or an acknowledged change whose request has no audit row), the invariant
 violations (no slot over capacity, no user with two active bookings, and the
 reconciliation checks of ``persistence.checks``), and whether the holds and
 offers acknowledged before the loss expired on time: never before their
-deadline, and within ``--on-time-ms`` after it.
+deadline, and within ``--on-time-ms`` after it (plus their shard's outage, for
+the holds due within it).
 
 It must never touch a Ray cluster, shard actors or a database it did not start
 (``RAY_ADDRESS`` is ignored), and it stops all of them, frozen processes
@@ -52,6 +54,9 @@ from engine.shell.limits import NODE_FAILOVER_MS
 
 # The domain of the holds and offers left to expire (its TTLs are --hold-ms, --claim-ms).
 EXPIRING_DOMAIN: Final = "failover-expiring"
+# The domain of the holds made just before the loss whose deadline falls within it
+# (--due-hold-ms): on a lost shard they expire once its new owner has loaded it.
+DUE_DOMAIN: Final = "failover-due"
 PROBE_EVERY_S: Final = 0.05
 # Ray checks a node's health only once it has been up for its initial delay (5 s,
 # Ray's default, which the engine keeps): the loss waits for it, and a margin.
@@ -103,6 +108,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--claim-ms", type=int, default=4_000, help="TTL of their queue offers (default 4000)"
+    )
+    parser.add_argument(
+        "--due-hold-ms",
+        type=int,
+        default=1_000,
+        help="TTL of one hold on each shard made just before the loss, due during the"
+        " lost shards' outage (default 1000)",
     )
     parser.add_argument(
         "--on-time-ms",
@@ -281,19 +293,20 @@ class Expiring:
     waiters: list[tuple[str, str]] = field(default_factory=list)  # (slot id, user id)
 
 
-async def leave_to_expire(load: Load, slots: list[str]) -> Expiring:
-    """On each slot (capacity 1): a hold nobody confirms, and a queue join behind it."""
+async def leave_to_expire(load: Load, slots: list[str], tag: str = "") -> Expiring:
+    """On each slot (capacity 1): a hold nobody confirms, and a queue join behind it
+    (by users ``keeper-<tag><n>`` and ``waiter-<tag><n>``)."""
     expiring = Expiring()
 
     async def one(n: int, slot_id: str) -> None:
         hold = await load.execute(
-            p.Reserve(request_id=load.ids.next(), slot_id=slot_id, user_id=f"keeper-{n}"),
+            p.Reserve(request_id=load.ids.next(), slot_id=slot_id, user_id=f"keeper-{tag}{n}"),
             slot_id,
         )
         if not isinstance(hold, p.BookingResult) or hold.status != 201:
             raise RuntimeError(f"a hold to leave to expire was refused: {hold}")
         expiring.holds[hold.booking.id] = hold.booking.expires_at_ms
-        waiter = f"waiter-{n}"
+        waiter = f"waiter-{tag}{n}"
         joined = await load.execute(
             p.JoinQueue(request_id=load.ids.next(), slot_id=slot_id, user_id=waiter), slot_id
         )
@@ -374,10 +387,16 @@ async def check_changes(database_url: str, ledger: Ledger) -> list[str]:
 
 
 async def check_expiries(
-    database_url: str, expiring: Expiring, on_time_ms: int, deadline_s: float
+    database_url: str,
+    expiring: Expiring,
+    on_time_ms: int,
+    deadline_s: float,
+    outage_ms: dict[int, int] | None = None,
+    shard_count: int = 0,
 ) -> dict[str, Any]:
     """Wait (up to ``deadline_s``) until every hold and offer left to expire has expired;
-    how late each was after its deadline, from the audit log."""
+    how late each was after its deadline, from the audit log. An expiry is late past
+    ``on_time_ms``, plus its shard's ``outage_ms`` when its deadline fell within it."""
     import asyncpg
 
     connection = await asyncpg.connect(database_url)
@@ -412,6 +431,12 @@ async def check_expiries(
     lateness = {row["id"]: row["at_ms"] - row["expires_at_ms"] for row in rows if row["at_ms"]}
     hold_late = [lateness[b] for b in expiring.holds if b in lateness]
     offer_late = [lateness[b] for b in offers if b in lateness]
+    outage_ms = outage_ms or {}
+
+    def allowed_ms(booking_id: str) -> int:
+        shard = shard_of(booking_id, shard_count) if shard_count else None
+        return on_time_ms + (outage_ms.get(shard, 0) if shard is not None else 0)
+
     return {
         "holds_left_to_expire": len(expiring.holds),
         "holds_expired": len(hold_late),
@@ -419,7 +444,7 @@ async def check_expiries(
         "offers_made": len(offers),
         "offers_expired": len(offer_late),
         "expired_early": sum(1 for ms in [*hold_late, *offer_late] if ms < 0),
-        "expired_late": sum(1 for ms in [*hold_late, *offer_late] if ms > on_time_ms),
+        "expired_late": sum(1 for b, ms in lateness.items() if ms > allowed_ms(b)),
         "hold_lateness_max_ms": max(hold_late, default=None),
         "offer_lateness_max_ms": max(offer_late, default=None),
     }
@@ -468,12 +493,10 @@ async def scenario(args: argparse.Namespace, cluster: Any, workers: list[Any]) -
 
     settings = load_settings()
     policies = dict(load_policies(settings))
-    policies[EXPIRING_DOMAIN] = msgspec.structs.replace(
-        policies["default"],
-        name=EXPIRING_DOMAIN,
-        hold_ttl_ms=args.hold_ms,
-        claim_ttl_ms=args.claim_ms,
-    )
+    for name, hold_ms in ((EXPIRING_DOMAIN, args.hold_ms), (DUE_DOMAIN, args.due_hold_ms)):
+        policies[name] = msgspec.structs.replace(
+            policies["default"], name=name, hold_ttl_ms=hold_ms, claim_ttl_ms=args.claim_ms
+        )
     prefix = f"failover-{uuid.uuid4().hex[:8]}"
     storage = await _bench_storage(settings, prefix)
     frozen: list[int] = []
@@ -501,6 +524,7 @@ async def scenario(args: argparse.Namespace, cluster: Any, workers: list[Any]) -
         setup = RequestIds()
         load_slots: list[str] = []
         expiring_slots: list[str] = []
+        due_slots: list[str] = []
         for shard in range(args.shards):
             for _ in range(args.slots_per_shard):
                 resource = resource_on(shard, args.shards, "failover-room")
@@ -512,6 +536,10 @@ async def scenario(args: argparse.Namespace, cluster: Any, workers: list[Any]) -
                 expiring_slots.append(
                     await create_slot(client, setup, resource, capacity=1, domain=EXPIRING_DOMAIN)
                 )
+            resource = resource_on(shard, args.shards, "failover-due")
+            due_slots.append(
+                await create_slot(client, setup, resource, capacity=1, domain=DUE_DOMAIN)
+            )
         rng = random.Random(args.seed)
         tasks = [
             asyncio.create_task(load.caller(f"user-{n}", load_slots, rng.random()))
@@ -528,6 +556,7 @@ async def scenario(args: argparse.Namespace, cluster: Any, workers: list[Any]) -
             await asyncio.sleep(
                 max(0.0, HEALTH_CHECK_INITIAL_DELAY_S - (time.monotonic() - args.joined_at))
             )
+            due = await leave_to_expire(load, due_slots, "due-")
             acknowledged_before = len(ledger.changes)
             recovery: dict[str, float] = {}
             lost_at = time.monotonic()
@@ -557,6 +586,14 @@ async def scenario(args: argparse.Namespace, cluster: Any, workers: list[Any]) -
         unavailable = {n: load.unavailable_s(n, lost_at) for n in range(args.shards)}
         expiries = await check_expiries(
             storage.database_url, expiring, args.on_time_ms, EXPIRY_DEADLINE_S
+        )
+        due_expiries = await check_expiries(
+            storage.database_url,
+            due,
+            args.on_time_ms,
+            EXPIRY_DEADLINE_S,
+            outage_ms={n: int((s or 0.0) * 1000) for n, s in unavailable.items()},
+            shard_count=args.shards,
         )
         checked = await check_database(storage.database_url, ledger)
     finally:
@@ -610,6 +647,8 @@ async def scenario(args: argparse.Namespace, cluster: Any, workers: list[Any]) -
         "acknowledged_before_loss": acknowledged_before,
         **checked,
         **expiries,
+        # The holds due within the outage, and the offers made when they expired.
+        **{f"due_{key}": value for key, value in due_expiries.items()},
         "database": storage.database_url.rsplit("/", 1)[-1] if args.keep_database else None,
     }
     result["meets_target"] = (
@@ -617,9 +656,12 @@ async def scenario(args: argparse.Namespace, cluster: Any, workers: list[Any]) -
         and worst <= TARGET_FAILOVER_S
         and result["lost_acks"] == 0
         and result["violations"] == 0
-        and result["expired_early"] == 0
-        and result["holds_expired"] == result["holds_left_to_expire"]
-        and result["offers_expired"] == result["offers_expected"]
+        and all(
+            result[f"{due}expired_early"] == result[f"{due}expired_late"] == 0
+            and result[f"{due}holds_expired"] == result[f"{due}holds_left_to_expire"]
+            and result[f"{due}offers_expired"] == result[f"{due}offers_expected"]
+            for due in ("", "due_")
+        )
     )
     return result
 
