@@ -87,7 +87,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--node-cpus",
         type=int,
         default=1,
-        help="CPUs each node declares (default 1; the shard actors reserve none)",
+        help="CPUs each node declares (default 1; the shard actors reserve none, but a"
+        " raylet starts at most that many worker processes at once)",
     )
     parser.add_argument("--shards", type=int, default=4, help="shard actors (default 4)")
     parser.add_argument(
