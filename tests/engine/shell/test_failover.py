@@ -30,6 +30,7 @@ from typing import Any
 import asyncpg
 import pytest
 
+from bench._database import drop_database
 from bench.failover import Ledger, check_changes, check_database
 from tests.conftest import DATABASE_URL, REDIS_URL, with_database
 from tests.support.integrity import assert_consistent
@@ -69,14 +70,6 @@ def _run_bench() -> dict[str, Any]:
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return dict(json.loads(done.stdout.strip().splitlines()[-1]))
-
-
-async def _drop(database: str) -> None:
-    admin = await asyncpg.connect(with_database(DATABASE_URL, "postgres"))
-    try:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
-    finally:
-        await admin.close()
 
 
 async def _check_kept(database_url: str, measured: dict[str, Any]) -> None:
@@ -149,4 +142,4 @@ def test_a_node_lost_under_load_loses_nothing_and_its_shards_serve_again() -> No
 
         asyncio.run(_check_kept(with_database(DATABASE_URL, database), measured))
     finally:
-        asyncio.run(_drop(database))
+        asyncio.run(drop_database(with_database(DATABASE_URL, database)))
