@@ -499,7 +499,7 @@ async def scenario(args: argparse.Namespace, cluster: Any, workers: list[Any]) -
             policies["default"], name=name, hold_ttl_ms=hold_ms, claim_ttl_ms=args.claim_ms
         )
     prefix = f"failover-{uuid.uuid4().hex[:8]}"
-    storage = await _bench_storage(settings, prefix)
+    storage = await _bench_storage(settings, prefix, args.shards)
     frozen: list[int] = []
     try:
         transport = await RayShardTransport.connect(
