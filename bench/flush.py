@@ -139,6 +139,7 @@ async def _replay(
     from bench._database import create_run_database, drop_database
     from config.settings import load_settings
     from persistence.migrate import MIGRATIONS_DIR, migrate
+    from persistence.partitioning import ensure_partition_map
     from persistence.services import resolve_services
     from persistence.store import Codecs, write_flush
 
@@ -161,6 +162,8 @@ async def _replay(
             await connection.execute(
                 "INSERT INTO shard_fences (shard, token, owner) VALUES (0, 1, 'bench')"
             )
+            if await connection.fetchval("SELECT to_regclass('partition_map') IS NOT NULL"):
+                await ensure_partition_map(connection, partitions=None, shard_count=1)
         pids = {
             name: await c.fetchval("SELECT pg_backend_pid()") for name, c in connections.items()
         }

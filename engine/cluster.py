@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from config.settings import Settings
-    from engine.shell.cluster import ClusterStatus, ShardEnd
+    from engine.shell.cluster import ClusterStatus, ShardEnd, ShardStatus
 
 # How long naming the deployment waits for the database, and attaching for the
 # cluster's first answer.
@@ -225,6 +225,8 @@ def _print_status(status: "ClusterStatus") -> None:
         f"deployment {status.deployment}: actors {status.actor_prefix}-<shard>"
         f" in Ray namespace {status.ray_namespace}"
     )
+    if status.partitions is not None:
+        print(f"{status.partitions} partitions, map version {status.partition_map_version}")
     _table(
         ("NODE", "ADDRESS", "STATE", "CPUS"),
         [
@@ -244,6 +246,7 @@ def _print_status(status: "ClusterStatus") -> None:
                 "-" if actor is None or actor.pid is None else str(actor.pid),
                 "-" if actor is None else str(actor.restarts),
                 "-" if actor is None else (actor.owner_state or "no answer"),
+                _partitions(shard),
                 "-" if actor is None else _or_dash(actor.in_flight_commands),
                 "-" if actor is None else _or_dash(actor.pending_events),
                 "-" if actor is None else _seconds(actor.flush_lag_ms),
@@ -251,16 +254,28 @@ def _print_status(status: "ClusterStatus") -> None:
                 "-" if lease is None else lease.holder,
                 "-" if lease is None else _seconds(lease.age_ms),
                 _or_dash(shard.redis_token),
-                "-" if fence is None else str(fence.token),
+                "-" if fence is None else f"{fence.token}/{fence.generation}",
             )
         )
     _table(
-        ("SHARD", "ACTOR", "NODE", "PID", "RESTARTS", "OWNER", "IN FLIGHT", "PENDING",
-         "FLUSH LAG", "LAST FLUSH", "LEASE HOLDER", "AGE", "REDIS TOKEN", "FENCE TOKEN"),
+        ("SHARD", "ACTOR", "NODE", "PID", "RESTARTS", "OWNER", "PARTITIONS", "IN FLIGHT",
+         "PENDING", "FLUSH LAG", "LAST FLUSH", "LEASE HOLDER", "AGE", "REDIS TOKEN",
+         "FENCE TOKEN/GEN"),
         rows,
     )  # fmt: skip
     for line in status.unreachable:
         print(f"unreachable: {line}")
+
+
+def _partitions(shard: "ShardStatus") -> str:
+    """The map's count for the shard; "loaded/mapped" while its owner has not caught up."""
+    mapped, actor = shard.partitions, shard.actor
+    loaded = None if actor is None else actor.partitions
+    if mapped is None:
+        return _or_dash(loaded)
+    if loaded is None or loaded == mapped:
+        return str(mapped)
+    return f"{loaded}/{mapped}"
 
 
 def _or_dash(value: Any) -> str:

@@ -31,11 +31,13 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from config.redis_keys import RedisKeys
+from engine.core.routing import PartitionMap
 from engine.shell import limits
 from engine.shell.actor_identity import RAY_NAMESPACE, shard_of
 from engine.shell.owner import OwnerStatistics
 from engine.shell.ray_actor import end_shard_actors
 from persistence import limits as storage_limits
+from persistence.partitioning import load_partition_map
 
 # An actor that does not say how its owner is within this long is reported as
 # not answering: the status must not hang on a wedged actor.
@@ -82,6 +84,10 @@ class ActorStatus(msgspec.Struct, frozen=True, kw_only=True):
     flush_lag_ms: int | None = None
     # Since its writer's last commit (None: none yet).
     last_flush_ago_ms: int | None = None
+    # The partitions its owner loaded, and the generation of that set: behind the
+    # map's count (ShardStatus.partitions) until it has reloaded after a move.
+    partitions: int | None = None
+    partitions_generation: int | None = None
 
 
 class LeaseStatus(msgspec.Struct, frozen=True, kw_only=True):
@@ -98,6 +104,8 @@ class FenceStatus(msgspec.Struct, frozen=True, kw_only=True):
     updated_at: str
     # Since then, by PostgreSQL's clock: the age of the shard's last commit.
     age_ms: int
+    # Raised whenever a partition leaves or joins the shard: a flush must carry it.
+    generation: int = 0
 
 
 class ShardStatus(msgspec.Struct, frozen=True, kw_only=True):
@@ -107,6 +115,8 @@ class ShardStatus(msgspec.Struct, frozen=True, kw_only=True):
     # The fencing counter in Redis: the token the next owner builds on.
     redis_token: int | None
     fence: FenceStatus | None
+    # The partitions the stored map gives the shard (None: PostgreSQL unread).
+    partitions: int | None = None
 
 
 class ClusterStatus(msgspec.Struct, frozen=True, kw_only=True):
@@ -117,6 +127,9 @@ class ClusterStatus(msgspec.Struct, frozen=True, kw_only=True):
     shards: list[ShardStatus]
     # What could not be read, one line each ("redis: ...", "postgresql: ...").
     unreachable: list[str]
+    # P, and the version of the stored partition map (None: none yet, or unread).
+    partitions: int | None = None
+    partition_map_version: int | None = None
 
 
 class ShardEnd(msgspec.Struct, frozen=True, kw_only=True):
@@ -173,8 +186,9 @@ async def cluster_status(
     )
     actors = {shard: answer for (shard, _, _), answer in zip(found, answers, strict=True)}
     unreachable: list[str] = []
-    fences = await _fences(database_url, unreachable)
-    shards = sorted({*range(shard_count), *actors, *fences})
+    fences, stored_map = await _fences(database_url, unreachable)
+    owned = stored_map.counts() if stored_map is not None else {}
+    shards = sorted({*range(shard_count), *actors, *fences, *owned})
     leases = await _leases(redis_url, deployment, shards, unreachable)
     return ClusterStatus(
         deployment=deployment,
@@ -188,10 +202,13 @@ async def cluster_status(
                 lease=leases.get(shard, (None, None))[0],
                 redis_token=leases.get(shard, (None, None))[1],
                 fence=fences.get(shard),
+                partitions=None if stored_map is None else owned.get(shard, 0),
             )
             for shard in shards
         ],
         unreachable=unreachable,
+        partitions=None if stored_map is None else stored_map.partitions,
+        partition_map_version=None if stored_map is None else stored_map.version,
     )
 
 
@@ -302,17 +319,23 @@ def owner_facts(statistics: OwnerStatistics | None) -> dict[str, Any]:
         "pending_events": None if writer is None else writer.pending_events,
         "flush_lag_ms": None if writer is None else writer.flush_lag_ms,
         "last_flush_ago_ms": None if writer is None else writer.last_flush_ago_ms,
+        "partitions": statistics.partitions,
+        "partitions_generation": statistics.partitions_generation,
     }
 
 
-async def _fences(database_url: str, unreachable: list[str]) -> dict[int, FenceStatus]:
+async def _fences(
+    database_url: str, unreachable: list[str]
+) -> tuple[dict[int, FenceStatus], PartitionMap | None]:
+    """Each shard's fence row, and the stored partition map."""
     try:
         connection = await asyncpg.connect(
             database_url, timeout=storage_limits.DATABASE_CONNECT_TIMEOUT_MS / 1000
         )
         try:
+            stored_map = await load_partition_map(connection)
             rows = await connection.fetch(
-                "SELECT shard, token, owner, updated_at,"
+                "SELECT shard, token, owner, generation, updated_at,"
                 " (extract(epoch FROM now() - updated_at) * 1000)::bigint AS age_ms"
                 " FROM shard_fences ORDER BY shard",
                 timeout=storage_limits.DATABASE_STATEMENT_TIMEOUT_MS / 1000,
@@ -321,16 +344,18 @@ async def _fences(database_url: str, unreachable: list[str]) -> dict[int, FenceS
             await connection.close()
     except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
         unreachable.append(f"postgresql: {type(error).__name__}: {error}")
-        return {}
-    return {
+        return {}, None
+    fences = {
         row["shard"]: FenceStatus(
             token=int(row["token"]),
             owner=row["owner"],
             updated_at=row["updated_at"].astimezone(UTC).isoformat(timespec="milliseconds"),
             age_ms=max(0, int(row["age_ms"])),
+            generation=int(row["generation"]),
         )
         for row in rows
     }
+    return fences, stored_map
 
 
 async def _leases(

@@ -59,7 +59,7 @@ never in prometheus-client's global one, so several apps in one process
   the other states of ``OwnerState``), ``engine_shard_in_flight_commands``
   (applied, their replies waiting for the commit),
   ``engine_shard_lease_valid_seconds``, ``engine_shard_fence_token``,
-  ``engine_shard_rebuilds_total``, ``engine_shard_pending_events``,
+  ``engine_shard_rebuilds_total``, ``engine_shard_partitions``, ``engine_shard_pending_events``,
   ``engine_shard_flush_lag_seconds`` (the age of the oldest change not
   committed yet, 0 when none) and ``engine_shard_last_flush_age_seconds``
   (since the writer's last commit; absent before the first).

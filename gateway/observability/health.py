@@ -190,6 +190,7 @@ def shard_line(sampled: ShardSample) -> dict[str, Any]:
         "state": sampled.state,
         "token": owner.token if owner is not None else None,
         "leaseValidMs": owner.lease_valid_for_ms if owner is not None else None,
+        "partitions": owner.partitions if owner is not None else None,
         "inFlight": runtime.in_flight_commands if runtime is not None else None,
         "pendingEvents": writer.pending_events if writer is not None else None,
         "flushLagMs": writer.flush_lag_ms if writer is not None else None,

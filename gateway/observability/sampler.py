@@ -345,6 +345,11 @@ class EngineSampler:
             "Time since the shard's writer last committed a flush.",
             labels=["shard"],
         )
+        partitions = GaugeMetricFamily(
+            "engine_shard_partitions",
+            "Partitions the shard's owner loaded and serves.",
+            labels=["shard"],
+        )
         for sampled in shards:
             label = str(sampled.shard)
             if sampled.runtime is not None:
@@ -358,6 +363,8 @@ class EngineSampler:
             if owner.token is not None:
                 token.add_metric([label], owner.token)
             rebuilds.add_metric([label], owner.rebuilds)
+            if owner.partitions is not None:
+                partitions.add_metric([label], owner.partitions)
             writer = owner.writer
             if writer is None:
                 continue
@@ -365,4 +372,4 @@ class EngineSampler:
             lag.add_metric([label], writer.flush_lag_ms / 1000)
             if writer.last_flush_ago_ms is not None:
                 last_flush.add_metric([label], writer.last_flush_ago_ms / 1000)
-        yield from (in_flight, states, lease, token, rebuilds, pending, lag, last_flush)
+        yield from (in_flight, states, lease, token, rebuilds, partitions, pending, lag, last_flush)

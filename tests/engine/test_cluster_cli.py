@@ -95,16 +95,26 @@ def test_the_status_table_shows_each_shard_and_what_could_not_be_read(
                     pending_events=12,
                     flush_lag_ms=3_250,
                     last_flush_ago_ms=4_000,
+                    partitions=512,
+                    partitions_generation=3,
                 ),
                 lease=LeaseStatus(holder="a1b2/c3", age_ms=1_500, expires_in_ms=8_500),
                 redis_token=7,
                 fence=FenceStatus(
-                    token=7, owner="a1b2/c3", updated_at="2026-12-07T10:00:00Z", age_ms=4_000
+                    token=7,
+                    owner="a1b2/c3",
+                    updated_at="2026-12-07T10:00:00Z",
+                    age_ms=4_000,
+                    generation=4,
                 ),
+                # A partition moved here; the owner has not reloaded yet.
+                partitions=513,
             ),
             ShardStatus(shard=1, actor=None, lease=None, redis_token=None, fence=None),
         ],
         unreachable=["redis: ConnectionError: refused"],
+        partitions=1024,
+        partition_map_version=9,
     )
 
     _print_status(status)
@@ -114,19 +124,20 @@ def test_the_status_table_shows_each_shard_and_what_could_not_be_read(
         "deployment slotengine:4f2a9c1b3d7e: actors slotengine-4f2a9c1b3d7e-shard-<shard>"
         " in Ray namespace slotengine"
     )
-    assert lines[1].split() == ["NODE", "ADDRESS", "STATE", "CPUS"]
-    assert lines[2].split() == ["ab" * 6, "10.0.0.2", "alive", "2"]
-    shard_rows = [line.split() for line in lines[4:7]]
+    assert lines[1] == "1024 partitions, map version 9"
+    assert lines[2].split() == ["NODE", "ADDRESS", "STATE", "CPUS"]
+    assert lines[3].split() == ["ab" * 6, "10.0.0.2", "alive", "2"]
+    shard_rows = [line.split() for line in lines[5:8]]
     assert shard_rows[0] == [
-        "SHARD", "ACTOR", "NODE", "PID", "RESTARTS", "OWNER", "IN", "FLIGHT", "PENDING",
-        "FLUSH", "LAG", "LAST", "FLUSH", "LEASE", "HOLDER", "AGE", "REDIS", "TOKEN", "FENCE",
-        "TOKEN",
+        "SHARD", "ACTOR", "NODE", "PID", "RESTARTS", "OWNER", "PARTITIONS", "IN", "FLIGHT",
+        "PENDING", "FLUSH", "LAG", "LAST", "FLUSH", "LEASE", "HOLDER", "AGE", "REDIS", "TOKEN",
+        "FENCE", "TOKEN/GEN",
     ]  # fmt: skip
     assert shard_rows[1] == [
-        "0", "ALIVE", "10.0.0.2", "4242", "1", "serving", "5", "12", "3.2s", "4.0s", "a1b2/c3",
-        "1.5s", "7", "7",
+        "0", "ALIVE", "10.0.0.2", "4242", "1", "serving", "512/513", "5", "12", "3.2s", "4.0s",
+        "a1b2/c3", "1.5s", "7", "7/4",
     ]  # fmt: skip
-    assert shard_rows[2] == ["1", *["-"] * 13]
+    assert shard_rows[2] == ["1", *["-"] * 14]
     assert lines[-1] == "unreachable: redis: ConnectionError: refused"
 
 

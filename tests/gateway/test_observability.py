@@ -48,13 +48,14 @@ ACTOR_METRIC_NAMES = (
     "engine_shard_lease_valid_seconds",
     "engine_shard_fence_token",
     "engine_shard_rebuilds_total",
+    "engine_shard_partitions",
     "engine_shard_pending_events",
     "engine_shard_flush_lag_seconds",
     "engine_shard_last_flush_age_seconds",
 )
 SHARD_LINE_KEYS = {
-    "shard", "up", "state", "token", "leaseValidMs", "inFlight", "pendingEvents", "flushLagMs",
-    "lastFlushAgoMs",
+    "shard", "up", "state", "token", "leaseValidMs", "partitions", "inFlight", "pendingEvents",
+    "flushLagMs", "lastFlushAgoMs",
 }  # fmt: skip
 WAIT_LIMIT_S = 10.0
 

@@ -18,6 +18,7 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from engine.core.routing import PARTITIONS_DEFAULT
 from gateway.server import stop_workers
 from tests.conftest import REDIS_URL
 
@@ -50,6 +51,7 @@ ACTOR_SERIES = (
     "engine_shard_lease_valid_seconds",
     "engine_shard_fence_token",
     "engine_shard_rebuilds_total",
+    "engine_shard_partitions",
     "engine_shard_pending_events",
     "engine_shard_flush_lag_seconds",
 )
@@ -68,6 +70,8 @@ async def _check_shard_actor_facts(session: aiohttp.ClientSession, base: str) ->
             True, "serving", 0, 0,
         ), line  # fmt: skip
         assert line["token"] > 0 and line["leaseValidMs"] > 0, line
+    # Every partition of a new database, served: each shard its half.
+    assert [line["partitions"] for line in shards] == [PARTITIONS_DEFAULT // 2] * 2, shards
     async with session.get(f"{base}/metrics") as metrics:
         assert metrics.status == 200
         text = await metrics.text()

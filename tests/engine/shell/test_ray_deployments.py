@@ -21,6 +21,7 @@ import msgspec
 import pytest
 import redis.asyncio as aioredis
 
+from engine.core.routing import PARTITIONS_DEFAULT
 from engine.shell.actor_identity import RAY_NAMESPACE, actor_name, deployment_prefix
 from engine.shell.cluster import deployment_actors, remove_actors
 from engine.shell.coalescer import EngineClient
@@ -271,6 +272,10 @@ async def test_cluster_status_shows_the_actors_and_stop_flushes_and_ends_them(
         assert (actor["pending_events"], actor["flush_lag_ms"], actor["rebuilds"]) == (0, 0, 0)
         assert actor["lease_valid_for_ms"] > 0
         assert 0 <= shard["fence"]["age_ms"] < 600_000
+        # The map's share of the partitions, all of them loaded, at the fence's generation.
+        assert shard["partitions"] == actor["partitions"] == status["partitions"] // 2
+        assert shard["fence"]["generation"] == actor["partitions_generation"]
+    assert status["partitions"] == PARTITIONS_DEFAULT and status["partition_map_version"] >= 1
     # The hold's shard committed it (after its reply: relaxed durability); the status
     # is asked seconds later.
     flushed = [shard["actor"]["last_flush_ago_ms"] for shard in status["shards"]]
