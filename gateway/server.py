@@ -334,7 +334,13 @@ def build_app(
                 # An actor's own failure arrives wrapped in Ray's, with its traceback.
                 cause = getattr(error, "cause", None) or error
                 raise EngineStartFailed(f"the shard actors did not start: {cause}") from error
-        client = EngineClient(transport, partition_map=partition_map)
+        from persistence.partitioning import read_partition_map
+
+        client = EngineClient(
+            transport,
+            partition_map=partition_map,
+            map_source=functools.partial(read_partition_map, storage.database_url),
+        )
         # Set on startup, before the first request is served (aiohttp's pattern).
         app[ENGINE_KEY] = client
         app[TRANSPORT_KEY] = transport

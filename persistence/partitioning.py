@@ -14,11 +14,13 @@ write a partition's data (``persistence/store.py`` loads and flushes it), nor
 decide on its own that a partition should move: starts and operators do.
 """
 
+import asyncio
 from collections.abc import Mapping
 
 import asyncpg
 
 from engine.core.routing import PARTITIONS_DEFAULT, PARTITIONS_MAX, PartitionMap
+from persistence import limits
 
 
 class PartitioningError(RuntimeError):
@@ -32,6 +34,22 @@ async def load_partition_map(connection: asyncpg.Connection) -> PartitionMap | N
         return None
     owners = await connection.fetch("SELECT shard FROM partitions ORDER BY partition")
     return PartitionMap(tuple(row["shard"] for row in owners), version)
+
+
+async def read_partition_map(database_url: str) -> PartitionMap:
+    """The stored map, on a connection of its own, every wait bounded as a shard
+    owner's (a gateway asks when a shard says a partition has moved)."""
+    connection = await asyncpg.connect(
+        database_url, timeout=limits.DATABASE_CONNECT_TIMEOUT_MS / 1000
+    )
+    try:
+        async with asyncio.timeout(limits.DATABASE_STATEMENT_TIMEOUT_MS / 1000):
+            stored = await load_partition_map(connection)
+    finally:
+        await connection.close()
+    if stored is None:
+        raise PartitioningError("the database has no partition map")
+    return stored
 
 
 async def ensure_partition_map(

@@ -153,6 +153,23 @@ READ_ONLY_COMMANDS: tuple[type[Command], ...] = (
     QueuePosition,
 )
 
+# The field naming the slot or booking a command is about: its id routes the
+# command to its partition (``engine/core/routing.py``). ``ListSlots`` routes by
+# its resource when it names one; ``ListBookings`` spans every shard.
+ROUTING_FIELD: Final[dict[type[Command], str]] = {
+    CreateSlot: "slot_id",
+    UpdateSlot: "slot_id",
+    DeleteSlot: "slot_id",
+    GetSlot: "slot_id",
+    Reserve: "slot_id",
+    JoinQueue: "slot_id",
+    LeaveQueue: "slot_id",
+    QueuePosition: "slot_id",
+    Confirm: "booking_id",
+    Cancel: "booking_id",
+    GetBooking: "booking_id",
+}
+
 # -- results -------------------------------------------------------------------
 
 
@@ -204,6 +221,21 @@ OUTCOME_UNKNOWN: Final = "unknown"
 def outcome_unknown(details: dict[str, Any]) -> bool:
     """Whether a refusal's ``details`` say that its change may have been applied."""
     return details.get(OUTCOME_DETAIL) == OUTCOME_UNKNOWN
+
+
+# A 503 from a shard that does not serve the command's partition (the caller's
+# partition map is older than the shard's) names the partition in its details:
+# {"partitionNotServed": p}. Nothing was applied or remembered; the caller reads
+# the map again and sends the command where it now goes.
+NOT_SERVED_DETAIL: Final = "partitionNotServed"
+
+
+def not_served(result: "AnyResult") -> int | None:
+    """The partition a shard said it does not serve, or None."""
+    if type(result) is not Failure:
+        return None
+    partition = result.details.get(NOT_SERVED_DETAIL)
+    return partition if type(partition) is int else None
 
 
 AnyResult = SlotResult | SlotPage | BookingResult | BookingPage | QueueResult | Done | Failure

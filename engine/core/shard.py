@@ -69,7 +69,9 @@ from engine.core.limits import (
 )
 from engine.core.policy import DomainPolicy
 from engine.core.protocol import (
+    NOT_SERVED_DETAIL,
     READ_ONLY_COMMANDS,
+    ROUTING_FIELD,
     AnyCommand,
     AnyEvent,
     AnyResult,
@@ -102,7 +104,7 @@ from engine.core.protocol import (
 )
 from engine.core.records import Booking, QueueEntry, ShardStatistics, SlotView, StoredSlot
 from engine.core.remembered import RequestMemory
-from engine.core.routing import PartitionSet
+from engine.core.routing import PartitionSet, partition_of, partition_of_resource
 from engine.core.slot_admin import SlotDirectory
 from engine.core.slot_state import SlotState, TimerKey
 from engine.core.states import (
@@ -259,6 +261,8 @@ class ShardCore:
             result = self._execute_with_key(command, key, now_ms)
         else:
             result = self._decide(command, now_ms)
+        if type(result) is _Failure and NOT_SERVED_DETAIL in result.details:
+            return result  # applied nothing: a resend to the right shard must not replay it
         self._memory.remember_outcome(request_id, result, now_ms)
         return result
 
@@ -317,8 +321,29 @@ class ShardCore:
             if kind is _DELETE_SLOT:
                 return self._delete_slot(cast(DeleteSlot, command), now_ms)
         except EngineError as refused:
-            return self._refusal(refused)
+            return self._not_served(command) or self._refusal(refused)
         raise TypeError(f"not a command: {kind.__name__}")
+
+    def _not_served(self, command: AnyCommand) -> Failure | None:
+        """A 503 for a command about a partition this shard does not serve (its
+        sender's partition map is older than this shard's), else None. Asked only
+        on the way to a refusal, so the commands served pay nothing for it."""
+        field = ROUTING_FIELD.get(type(command))
+        if field is not None:
+            partition = partition_of(getattr(command, field), self.partitions.partitions)
+        elif type(command) is ListSlots and command.resource_id is not None:
+            partition = partition_of_resource(command.resource_id, self.partitions.partitions)
+        else:
+            return None
+        if partition is None or partition in self.partitions.owned:
+            return None
+        self._failures_total += 1
+        return _Failure(
+            status=errors.ServiceUnavailable.status,
+            code=errors.ServiceUnavailable.code,
+            message=f"partition {partition} is not served by shard {self.shard_id}",
+            details={NOT_SERVED_DETAIL: partition},
+        )
 
     def _refusal(self, refused: EngineError) -> Failure:
         return self._refuse(type(refused), refused.message, refused.details)
@@ -529,6 +554,10 @@ class ShardCore:
         return _SlotResult(status=200, slot=slot_view(slot, now_ms, self._epoch))
 
     def _list_slots(self, command: ListSlots, now_ms: int) -> AnyResult:
+        if command.resource_id is not None:
+            not_served = self._not_served(command)
+            if not_served is not None:
+                return not_served
         epoch = self._epoch
         items = [slot_view(slot, now_ms, epoch) for slot in self._directory.page(command, now_ms)]
         return SlotPage(status=200, items=items)

@@ -38,33 +38,24 @@ the others of its batch; import Ray (transports map their failures onto
 
 import asyncio
 import itertools
+import logging
 import random
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Final
 
 import msgspec
 
-from engine.core import routing
+from engine.core import protocol, routing
 from engine.core.errors import NotFound, ValidationFailed
 from engine.core.protocol import (
     READ_ONLY_COMMANDS,
+    ROUTING_FIELD,
     AnyCommand,
     AnyResult,
     BatchCodec,
-    Cancel,
-    Confirm,
-    CreateSlot,
-    DeleteSlot,
     Failure,
-    GetBooking,
-    GetSlot,
-    JoinQueue,
-    LeaveQueue,
     ListSlots,
-    QueuePosition,
-    Reserve,
-    UpdateSlot,
 )
 from engine.core.storable import command_problems
 from engine.shell import limits
@@ -74,26 +65,16 @@ from engine.shell.errors import (
     ShardCallTimeout,
     ShardFailed,
     ShardUnavailable,
+    ShardUnreachable,
     ShellError,
     may_have_applied,
 )
 from engine.shell.transport import ShardTransport
 
+logger = logging.getLogger(__name__)
+
 # The field that names the owning entity, per command type. List commands span
 # slots and need an explicit shard (ListSlots by resource routes itself).
-_ROUTING_FIELD: Final[dict[type, str]] = {
-    CreateSlot: "slot_id",
-    UpdateSlot: "slot_id",
-    DeleteSlot: "slot_id",
-    GetSlot: "slot_id",
-    Reserve: "slot_id",
-    JoinQueue: "slot_id",
-    LeaveQueue: "slot_id",
-    QueuePosition: "slot_id",
-    Confirm: "booking_id",
-    Cancel: "booking_id",
-    GetBooking: "booking_id",
-}
 
 
 _READS: Final = frozenset(READ_ONLY_COMMANDS)
@@ -113,7 +94,7 @@ class RequestIds:
 def shard_for(command: AnyCommand, partition_map: routing.PartitionMap) -> int | None:
     """The shard that serves ``command``'s partition, or None when its id was never
     issued by the engine."""
-    field = _ROUTING_FIELD.get(type(command))
+    field = ROUTING_FIELD.get(type(command))
     if field is not None:
         entity_id: str = getattr(command, field)
         return partition_map.shard_of(entity_id)
@@ -137,6 +118,10 @@ class ClientStatistics(msgspec.Struct, frozen=True, kw_only=True):
     answered_early: int
     pending_commands: tuple[int, ...]
     batches_in_flight: tuple[int, ...]
+    # Commands a shard refused as not serving their partition, sent again where
+    # the map read afresh says; and those reads of the stored map.
+    redirected: int = 0
+    map_reads: int = 0
 
 
 class _Lane:
@@ -178,6 +163,7 @@ class EngineClient:
         transport: ShardTransport,
         *,
         partition_map: routing.PartitionMap | None = None,
+        map_source: Callable[[], Awaitable[routing.PartitionMap]] | None = None,
         coalesce: bool = True,
         partial_batches_in_flight_max: int = limits.PARTIAL_BATCHES_IN_FLIGHT_MAX,
         pending_commands_max: int = limits.PENDING_COMMANDS_PER_SHARD_MAX,
@@ -200,6 +186,12 @@ class EngineClient:
                 f"the partition map names {self._partition_map.shard_count} shards,"
                 f" the transport has {self._shard_count}"
             )
+        # Reads the stored map again when a shard says it does not serve a
+        # partition (None: the map never changes under this client).
+        self._map_source = map_source
+        self._map_reading: asyncio.Task[None] | None = None
+        self._map_reads = 0
+        self._redirected = 0
         self._coalesce = coalesce
         self._batch_max = limits.BATCH_COMMANDS_MAX if coalesce else 1
         self._in_flight_max = (
@@ -243,8 +235,62 @@ class EngineClient:
 
         The wait is bounded: each attempt of the batch carrying this command has
         a timeout and the attempts are limited, and the batch always resolves
-        every future it carries.
+        every future it carries. A shard that does not serve the command's
+        partition (it moved) applied nothing: the command follows the stored map
+        for ``unavailable_patience_ms``, then ``ShardUnreachable``.
         """
+        result = await self._execute_once(command, shard)
+        if protocol.not_served(result) is not None:
+            # Only a command that routes by an id or a resource is ever refused so,
+            # and routing it again is what its caller would do.
+            return await self._follow_the_map(command, result)
+        return result
+
+    async def _follow_the_map(self, command: AnyCommand, refused: AnyResult) -> AnyResult:
+        deadline = asyncio.get_running_loop().time() + self._unavailable_patience_ms / 1000
+        while True:
+            partition = protocol.not_served(refused)
+            if partition is None:
+                return refused
+            self._redirected += 1
+            if asyncio.get_running_loop().time() >= deadline:
+                raise ShardUnreachable(
+                    f"partition {partition} is moving: not served where the map says"
+                )
+            await self._read_map()
+            await asyncio.sleep(self._retry_backoff_ms / 1000)
+            refused = await self._execute_once(command, None)
+
+    async def _read_map(self) -> None:
+        """One read of the stored map at a time, shared by every command that asks."""
+        if self._map_source is None:
+            return
+        reading = self._map_reading
+        if reading is None or reading.done():
+            reading = self._map_reading = asyncio.get_running_loop().create_task(
+                self._take_map(self._map_source)
+            )
+        await asyncio.shield(reading)
+
+    async def _take_map(self, source: Callable[[], Awaitable[routing.PartitionMap]]) -> None:
+        self._map_reads += 1
+        try:
+            fresh = await source()
+        except Exception as error:  # the next refusal asks again
+            logger.warning("the partition map could not be read: %r", error)
+            return
+        if fresh.version > self._partition_map.version:
+            if fresh.shard_count > self._shard_count:
+                logger.error(
+                    "the partition map (version %d) names %d shards; this gateway knows %d",
+                    fresh.version,
+                    fresh.shard_count,
+                    self._shard_count,
+                )
+                return
+            self._partition_map = fresh
+
+    async def _execute_once(self, command: AnyCommand, shard: int | None) -> AnyResult:
         if shard is None:
             shard = shard_for(command, self._partition_map)
             if shard is None:
@@ -279,6 +325,8 @@ class EngineClient:
             answered_early=self._answered_early,
             pending_commands=tuple(len(lane.commands) for lane in self._lanes),
             batches_in_flight=tuple(lane.in_flight for lane in self._lanes),
+            redirected=self._redirected,
+            map_reads=self._map_reads,
         )
 
     async def wait_idle(self, timeout_s: float) -> None:

@@ -10,6 +10,7 @@ then the hold expires under B, which never heard of it: a lost acknowledgement.
 """
 
 import asyncio
+import functools
 import shutil
 import time
 from pathlib import Path
@@ -22,6 +23,9 @@ from engine.core import protocol as p
 from engine.core.routing import PARTITIONS_DEFAULT, partition_of
 from engine.core.states import QueueStatus
 from engine.shell.clock import SystemClock
+from engine.shell.coalescer import EngineClient
+from engine.shell.errors import ShardUnreachable
+from engine.shell.inproc import OwnedInProcessHost
 from engine.shell.owner import OwnerState
 from gateway.server import EngineStartFailed, storage_and_partitions
 from persistence.migrate import MIGRATIONS_DIR, migrate
@@ -30,9 +34,18 @@ from persistence.partitioning import (
     establish_partitions,
     load_partition_map,
     move_partitions,
+    read_partition_map,
 )
 from tests.persistence.conftest import REDIS_URL
-from tests.persistence.helpers import Driver, create_slot, make_owner, request_id, slot_on
+from tests.persistence.helpers import (
+    Driver,
+    create_slot,
+    make_owner,
+    policies,
+    request_id,
+    slot_on,
+    storage,
+)
 from tests.persistence.test_zombie import (
     Gate,
     hold_then_freeze,
@@ -131,7 +144,8 @@ async def test_a_new_shard_count_moves_the_fewest_partitions_and_every_slot_is_s
                 missing = await Driver(owners[other]).one(
                     p.GetSlot(request_id=request_id(), slot_id=slot_id)
                 )
-                assert missing.status == 404
+                # Not a 404: "not served here", for the caller to follow the map.
+                assert p.not_served(missing) == partition_of(slot_id, 12), missing
     finally:
         for owner in owners:
             await owner.close()
@@ -184,7 +198,7 @@ async def test_a_paused_owner_of_a_moved_partition_cannot_write_after_the_move(
                 while zombie.state is not OwnerState.SERVING:
                     await asyncio.sleep(0.02)
             gone = await a.one(p.GetSlot(request_id=request_id(), slot_id=slot_id))
-            assert gone.status == 404
+            assert p.not_served(gone) == partition_of(slot_id, 2), gone
             await assert_consistent(db, engine_counts=await slot_counts(b, slot_id))
         else:
             # The negative control: without the fence the zombie's write lands and
@@ -285,3 +299,55 @@ async def test_a_database_written_before_partitions_loads_with_its_holds_and_que
         for owner in owners:
             await owner.close()
         await admin.close()
+
+
+@pytest.mark.parametrize("reads_the_map", [True, False], ids=["follows", "no-map-source"])
+async def test_a_gateway_with_an_old_map_is_told_and_follows_the_stored_one(
+    reads_the_map: bool, database_url: str, redis_namespace: str, db: asyncpg.Connection
+) -> None:
+    """A gateway started before a partition moved routes by the old map: the shard
+    answers that it does not serve the partition (applying nothing), and the
+    client reads the stored map and sends the command where it now goes. A
+    client that cannot read the map answers 503 (never 404, never a 500)."""
+    old_map, _ = await establish_partitions(db, partitions=4, shard_count=2)
+    slot_id = slot_on(0, 4)  # partition 0: shard 0 in the old map
+    host = OwnedInProcessHost(
+        shard_count=2, policies=policies(), storage=storage(database_url, redis_namespace)
+    )
+    await host.start()
+    try:
+        setup = EngineClient(host, partition_map=old_map)
+        assert (await setup.execute(create_slot(slot_id, SystemClock().now_ms()))).status == 201
+    finally:
+        await host.close()
+    new_map = await move_partitions(db, {0: 1})
+    assert new_map.shard_of(slot_id) == 1 and new_map.version == old_map.version + 1
+
+    host = OwnedInProcessHost(
+        shard_count=2, policies=policies(), storage=storage(database_url, redis_namespace)
+    )
+    await host.start()
+    try:
+        source = functools.partial(read_partition_map, database_url)
+        client = EngineClient(
+            host,
+            partition_map=old_map,
+            map_source=source if reads_the_map else None,
+            unavailable_patience_ms=300,
+        )
+        reserve = p.Reserve(request_id=request_id(), slot_id=slot_id, user_id="ann")
+        if not reads_the_map:
+            with pytest.raises(ShardUnreachable, match="partition 0 is moving"):
+                await client.execute(reserve)
+            assert await db.fetchval("SELECT count(*) FROM bookings") == 0
+            return
+        held = await client.execute(reserve)
+        assert isinstance(held, p.BookingResult) and held.status == 201, held
+        view = await client.execute(p.GetSlot(request_id=request_id(), slot_id=slot_id))
+        assert isinstance(view, p.SlotResult) and view.slot.held_count == 1
+        stats = client.statistics()
+        assert (stats.redirected, stats.map_reads) == (1, 1)
+        assert client.partition_map == new_map
+        assert await db.fetchval("SELECT count(*) FROM bookings") == 1
+    finally:
+        await host.close()

@@ -3,6 +3,7 @@
 from hypothesis import given
 from hypothesis import strategies as st
 
+from engine.core import protocol as p
 from engine.core.routing import (
     PartitionMap,
     PartitionSet,
@@ -13,6 +14,10 @@ from engine.core.routing import (
     routing_key,
     shard_of,
 )
+from engine.core.shard import ShardCore
+from tests.support.domain import HOUR_MS, POLICIES
+
+NOW_MS = 1_900_000_000_000
 
 
 def test_an_id_and_its_resource_share_a_partition_and_bookings_follow_their_slot() -> None:
@@ -78,3 +83,43 @@ def test_respreading_an_uneven_map_fills_the_new_shards_first_from_the_loaded_on
     assert even.counts() == {0: 2, 1: 2, 2: 2}
     assert even.version == 3
     assert all(before == 0 for before, _ in uneven.moved(even).values())
+
+
+def test_a_shard_answers_503_for_a_partition_it_does_not_serve_and_remembers_nothing() -> None:
+    served = PartitionSet(2, frozenset({0}))
+    core = ShardCore(shard_id=0, shard_count=2, policies=POLICIES, now_ms=NOW_MS, partitions=served)
+    mine = next(f"{key:08x}-s1" for key in range(64) if key % 2 == 0)
+    elsewhere = next(f"{key:08x}-s2" for key in range(64) if key % 2 == 1)
+    created = core.execute(
+        p.CreateSlot(
+            request_id="r-1",
+            slot_id=mine,
+            resource_id="room",
+            domain="default",
+            start_ms=NOW_MS + HOUR_MS,
+            end_ms=NOW_MS + 2 * HOUR_MS,
+            capacity=1,
+        ),
+        NOW_MS,
+    )
+    assert created.status == 201
+    for command in (
+        p.Reserve(request_id="r-2", slot_id=elsewhere, user_id="ann", idempotency_key="k"),
+        p.GetSlot(request_id="r-3", slot_id=elsewhere),
+        p.GetBooking(request_id="r-4", booking_id=elsewhere[:8] + "-bx", user_id="ann"),
+    ):
+        refused = core.execute(command, NOW_MS)
+        assert isinstance(refused, p.Failure) and refused.status == 503, refused
+        assert p.not_served(refused) == 1
+    # Nothing of it is remembered: the same request id served later is decided anew.
+    assert core.statistics().request_outcomes == 1
+    assert core.statistics().idempotency_records == 0
+    other_resource = next(f"r{n}" for n in range(64) if routing_key(f"r{n}") % 2 == 1)
+    listed = core.execute(p.ListSlots(request_id="r-5", resource_id=other_resource), NOW_MS)
+    assert p.not_served(listed) == 1
+    # Served partitions, and ids the engine never issued, answer as before.
+    assert core.execute(p.GetSlot(request_id="r-6", slot_id=mine), NOW_MS).status == 200
+    assert core.execute(p.GetSlot(request_id="r-7", slot_id="nonsense"), NOW_MS).status == 404
+    assert (
+        p.not_served(core.execute(p.GetSlot(request_id="r-8", slot_id=mine[:-1]), NOW_MS)) is None
+    )
