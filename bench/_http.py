@@ -63,17 +63,31 @@ LATER_STATUSES: Final = {
 
 
 def add_server_arguments(
-    parser: argparse.ArgumentParser, *, engine: str = "ray", workers: int = 1
+    parser: argparse.ArgumentParser,
+    *,
+    engine: str = "ray",
+    workers: int = 1,
+    several_engines: bool = False,
 ) -> None:
     """The options of the server a scenario starts; ``engine`` and ``workers`` are the
-    scenario's defaults (its best configuration on two cores)."""
+    scenario's defaults (its best configuration on two cores). With ``several_engines``,
+    ``--engine`` may name several engines, comma-separated (the scenario runs each)."""
     parser.add_argument("--url", help="a running server on loopback (default: start one)")
-    parser.add_argument(
-        "--engine",
-        choices=("ray", "inproc"),
-        default=engine,
-        help=f"engine of the started server [{engine}]",
-    )
+    if several_engines:
+        parser.add_argument(
+            "--engine",
+            type=_engines,
+            default=engine,
+            help=f"engine of the started server [{engine}]; several, comma-separated "
+            "(ray,inproc), run in turn in one invocation and compared",
+        )
+    else:
+        parser.add_argument(
+            "--engine",
+            choices=("ray", "inproc"),
+            default=engine,
+            help=f"engine of the started server [{engine}]",
+        )
     parser.add_argument(
         "--workers",
         type=int,
@@ -93,6 +107,19 @@ def add_server_arguments(
     )
 
 
+ENGINES: Final = ("ray", "inproc")
+
+
+def _engines(value: str) -> str:
+    names = [name.strip() for name in value.split(",") if name.strip()]
+    unknown = [name for name in names if name not in ENGINES]
+    if not names or unknown or len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(
+            f"{value!r}: one or more of {', '.join(ENGINES)}, comma-separated, each once"
+        )
+    return ",".join(names)
+
+
 @dataclass
 class Target:
     base: str
@@ -100,6 +127,7 @@ class Target:
     database_url: str | None
     server: "subprocess.Popen[bytes] | None" = None
     log_path: Path | None = None
+    redis_url: str | None = None
 
     def token(self, sub: str, role: str = "user") -> str:
         return issue_token(self.secret, sub, role, TOKEN_TTL_S)  # type: ignore[arg-type]
@@ -162,7 +190,7 @@ async def target(args: argparse.Namespace, run_name: str) -> AsyncIterator[Targe
                "--engine", args.engine, "--workers", str(args.workers)]  # fmt: skip
     with log_path.open("wb") as log:
         server = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
-    found = Target(f"http://127.0.0.1:{port}", secret, bench_url, server, log_path)
+    found = Target(f"http://127.0.0.1:{port}", secret, bench_url, server, log_path, redis_url)
     try:
         await _wait_healthy(found)
         yield found

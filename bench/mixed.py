@@ -32,13 +32,17 @@ import collections
 import math
 import random
 import secrets
+import statistics
+import sys
 import time
 from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
 
+from bench import _cpu
 from bench import _http as h
+from bench._machine import calibration_ms
 from bench._progress import Progress, progress_bar
 from bench._report import add_report_argument, write_report
 from bench._wire import Connection, WireError
@@ -55,13 +59,21 @@ ACHIEVED_TARGET = 0.99
 CONNECTIONS_MAX = 2_000
 # The open loop's scheduler wakes at most this often and sends what is due.
 SCHEDULER_TICK_S = 0.001
+# Roles of ``bench._cpu`` outside the started server: the services it uses.
+SERVICE_ROLES = frozenset({"postgres", "redis"})
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     # Two gateway workers and the shards in an engine process of their own: the
     # configuration that answers 5,000 requests/s on two cores (Ray's own calls
     # cap a 2-core machine near 2,300/s over HTTP, one process near 3,400-5,000/s).
-    h.add_server_arguments(parser, engine="inproc", workers=2)
+    h.add_server_arguments(parser, engine="inproc", workers=2, several_engines=True)
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="with several engines: how many times each runs, in turns (ray, inproc, ray, ...)",
+    )
     parser.add_argument("--rate", type=float, default=5_000, help="requests/s offered")
     parser.add_argument("--clients", type=int, default=0, help="closed loop with C clients")
     parser.add_argument("--seconds", type=float, default=30.0, help="measured window")
@@ -114,6 +126,9 @@ class Mixed:
         self.ledger = h.Ledger()
         self.measuring_since: float | None = None
         self.skipped = 0
+        # Every request answered (or failed), warm-up included: the CPU per request
+        # divides the CPU of the whole load by it.
+        self.completed = 0
         self.progress: Progress | None = None
 
     def take_user(self) -> User | None:
@@ -147,6 +162,7 @@ class Mixed:
                     operation, int((now - scheduled) * 1e9), outcome, now - self.measuring_since
                 )
             self._advance(user, operation, status, payload)
+            self.completed += 1
             if self.progress is not None:
                 self.progress.update()
                 if outcome == "error" or outcome.startswith("5"):
@@ -324,7 +340,7 @@ async def _closed_loop(mixed: Mixed, clients: int, warmup_s: float, seconds_s: f
     await asyncio.gather(*(client() for _ in range(clients)))
 
 
-async def _run(args: argparse.Namespace) -> dict[str, Any]:
+async def _run_one(args: argparse.Namespace) -> dict[str, Any]:
     run_name = f"mixed_{secrets.token_hex(4)}"
     async with h.target(args, run_name) as target:
         connector = aiohttp.TCPConnector(limit=CONNECTIONS_MAX, limit_per_host=CONNECTIONS_MAX)
@@ -336,8 +352,9 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
                 User(f"mixed-{n}", target.token(f"mixed-{n}").encode()) for n in range(args.users)
             ]
             mixed = Mixed(target, slots, users, args.seed)
+            watch = _cpu_watch(target)
             cpu_before = h.self_cpu_seconds()
-            server_cpu_before = h.cpu_seconds(target.server_pids())
+            by_role_before = watch.sample()
             wall_before = time.perf_counter()
             planned = sent_by(args.warmup_seconds + args.seconds, args.rate, args.warmup_seconds)
             mixed.progress = progress_bar(
@@ -350,7 +367,7 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
                     await _open_loop(mixed, args.rate, args.warmup_seconds, args.seconds)
             wall_s = time.perf_counter() - wall_before
             loadgen_cpu_s = h.self_cpu_seconds() - cpu_before
-            server_cpu_s = h.cpu_seconds(target.server_pids()) - server_cpu_before
+            by_role = _cpu.spent(by_role_before, watch.sample())
             mixed.progress.close()
             for connection in mixed.connections:
                 connection.close()
@@ -365,6 +382,11 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
     errors = mixed.latencies.errors
     offered = None if args.clients else args.rate
     achieved_ok = offered is None or throughput >= ACHIEVED_TARGET * offered
+    server_cpu_s = sum(role["cpu_s"] for name, role in by_role.items() if name not in SERVICE_ROLES)
+    services_cpu_s = sum(role["cpu_s"] for name, role in by_role.items() if name in SERVICE_ROLES)
+    per_request = 1e6 / max(1, mixed.completed)
+    for role in by_role.values():
+        role["us_per_request"] = round(role["cpu_s"] * per_request, 1)
     result = {
         "scenario": "mixed",
         "mode": "closed" if args.clients else "open",
@@ -383,6 +405,13 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
         "loadgen_cpu_share": round(loadgen_cpu_s / (wall_s * 2), 3),
         "loadgen_send_lag_ms": send_lag_ms(mixed.send_lags_ns),
         "server_cpu_s": round(server_cpu_s, 2),
+        "requests_completed": mixed.completed,
+        # The started server's processes, then PostgreSQL's (the run database's
+        # backends and the server's own processes) and Redis's, per request answered
+        # over the whole load (warm-up included).
+        "server_cpu_us_per_request": round(server_cpu_s * per_request, 1),
+        "services_cpu_us_per_request": round(services_cpu_s * per_request, 1),
+        "cpu_by_process": by_role,
         **check,
         "meets_target": achieved_ok
         and p99_ok
@@ -394,6 +423,81 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
         files = write_report(args.report, "mixed", result, mixed.latencies)
         result["report"] = [str(path) for path in files]
     return result
+
+
+def _cpu_watch(target: h.Target) -> _cpu.CpuByRole:
+    address = urlsplit(target.base)
+    database = urlsplit(target.database_url).path.lstrip("/") if target.database_url else None
+    redis_port = urlsplit(target.redis_url).port if target.redis_url else None
+    return _cpu.CpuByRole(
+        target.server.pid if target.server is not None else None,
+        address.port,
+        database,
+        redis_port,
+    )
+
+
+def _compare(runs: list[dict[str, Any]], engines: list[str]) -> dict[str, Any]:
+    """Each engine's throughput over its runs, and every other engine's against the first
+    one's: per round (the runs taken in turns) and of the medians."""
+    by_engine: dict[str, list[dict[str, Any]]] = {engine: [] for engine in engines}
+    for one in runs:
+        by_engine[one["engine"]].append(one)
+    engines_summary: dict[str, Any] = {}
+    for engine, own in by_engine.items():
+        throughputs = [one["throughput_rps"] for one in own]
+        engines_summary[engine] = {
+            "throughput_rps": throughputs,
+            "throughput_median_rps": statistics.median(throughputs),
+            "server_cpu_us_per_request": [one["server_cpu_us_per_request"] for one in own],
+            "services_cpu_us_per_request": [one["services_cpu_us_per_request"] for one in own],
+        }
+    ratios: dict[str, Any] = {}
+    base = engines[-1]
+    for engine in engines[:-1]:
+        pairs = zip(by_engine[engine], by_engine[base], strict=True)
+        ratios[f"{engine}/{base}"] = {
+            "per_round": [
+                round(one["throughput_rps"] / max(0.1, other["throughput_rps"]), 3)
+                for one, other in pairs
+            ],
+            "of_medians": round(
+                engines_summary[engine]["throughput_median_rps"]
+                / max(0.1, engines_summary[base]["throughput_median_rps"]),
+                3,
+            ),
+        }
+    return {"engines": engines_summary, "throughput_ratio": ratios}
+
+
+async def _run(args: argparse.Namespace) -> dict[str, Any]:
+    engines = args.engine.split(",")
+    if len(engines) == 1:
+        return await _run_one(args)
+    if args.url:
+        raise SystemExit("--url serves one engine: name one with --engine")
+    runs: list[dict[str, Any]] = []
+    for _ in range(max(1, args.rounds)):
+        for engine in engines:
+            # The machine's speed just before each run: runs of one invocation compare by it.
+            calibration = calibration_ms()
+            one = await _run_one(argparse.Namespace(**{**vars(args), "engine": engine}))
+            one["calibration_before_ms"] = calibration
+            runs.append(one)
+            print(
+                f"mixed --engine {engine}: {one['throughput_rps']} req/s, server "
+                f"{one['server_cpu_us_per_request']} us/request (calibration {calibration} ms)",
+                file=sys.stderr,
+                flush=True,
+            )
+    return {
+        "scenario": "mixed",
+        "mode": "closed" if args.clients else "open",
+        "compare": engines,
+        **_compare(runs, engines),
+        "meets_target": all(one["meets_target"] for one in runs),
+        "runs": runs,
+    }
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:

@@ -373,8 +373,8 @@ def build_app(
         await bus.close()
         await bus_client.aclose()
         await redis_client.aclose()
-        if engine_kind == "inproc":
-            await transport.close()
+        # The in-process shards, the engine socket or the links to the actors' sockets.
+        await transport.close()
 
     app = create_app(
         None, verifier, cors_origins=settings.cors_origins, domains=list(load_policies(settings))

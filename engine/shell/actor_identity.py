@@ -62,6 +62,10 @@ class ShardIdentity(msgspec.Struct, frozen=True, kw_only=True):
     # fingerprint of the database it reaches; both None for an in-memory shard.
     deployment: str | None = None
     database: str | None = None
+    # The Ray node it runs on, and the Unix socket on which it also takes batches
+    # from callers of that node (``engine.shell.ray_actor``); None where it has none.
+    node: str | None = None
+    socket: str | None = None
 
     def serves(self) -> str:
         """Which deployment and database, in words for a one-line error."""

@@ -66,6 +66,9 @@ ACTOR_START_TIMEOUT_MS: Final = 120_000
 # answers keeps a slow call (a slow flush, a long start) waiting as before.
 ACTOR_PROBE_AFTER_MS: Final = 500
 ACTOR_PROBE_TIMEOUT_MS: Final = 500
+# A caller whose link to an actor's local socket broke (the actor restarted, say)
+# sends through Ray meanwhile, and asks the actor for its socket at most this often.
+ACTOR_SOCKET_ASK_MS: Final = 1_000
 # The longest a caller waits for a shard whose actor gives no sign of life before
 # its 503: the probe's verdict, then the patience of the resends, then a margin
 # for the resends' backoff and a loaded event loop.

@@ -73,6 +73,15 @@ _ERRORS: Final[dict[str, type[errors.ShellError]]] = {
 }
 
 
+class SocketUnreachable(errors.ShardUnreachable):
+    """No connection to the socket could be made (or it was closed before the call
+    was written): nothing was sent."""
+
+
+class SocketBroke(errors.ShardUnavailable):
+    """The connection broke with the call in flight: it may or may not have been applied."""
+
+
 class Call(msgspec.Struct, array_like=True, frozen=True):
     call_id: int
     op: int
@@ -348,7 +357,7 @@ class LocalEngineTransport:
         try:
             _, protocol = await loop.create_unix_connection(_ClientProtocol, self._path)
         except OSError as exc:
-            raise errors.ShardUnreachable(f"the engine process is not reachable: {exc}") from exc
+            raise SocketUnreachable(f"the engine process is not reachable: {exc}") from exc
         return protocol
 
 
@@ -374,15 +383,13 @@ class _ClientProtocol(asyncio.Protocol):
         self._on_partial.clear()
         for future in pending.values():
             if not future.done():
-                future.set_exception(
-                    errors.ShardUnavailable("the connection to the engine process broke")
-                )
+                future.set_exception(SocketBroke("the connection to the engine process broke"))
 
     def send(
         self, call: Call, on_partial: Callable[[bytes], None] | None = None
     ) -> "asyncio.Future[Reply]":
         if self._transport is None:
-            raise errors.ShardUnreachable("the connection to the engine process broke")
+            raise SocketUnreachable("the connection to the engine process broke")
         future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         self._pending[call.call_id] = future
         if on_partial is not None:

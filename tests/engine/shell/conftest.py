@@ -139,7 +139,14 @@ def ray_shards(ray_cluster: str) -> Iterator[list[Any]]:
         kill_shard_actors(shard_count=SHARDS, name_prefix=prefix)
 
 
-@pytest.fixture(params=["inproc", "local", pytest.param("ray", marks=pytest.mark.ray)])
+@pytest.fixture(
+    params=[
+        "inproc",
+        "local",
+        pytest.param("ray", marks=pytest.mark.ray),
+        pytest.param("ray_socket", marks=pytest.mark.ray),
+    ]
+)
 def host_kind(request: pytest.FixtureRequest) -> str:
     kind: str = request.param
     return kind
@@ -171,7 +178,16 @@ async def transport(
         from engine.shell.ray_actor import RayShardTransport
 
         handles = request.getfixturevalue("ray_shards")
-        yield RayShardTransport(handles, policies=POLICIES)
+        if host_kind == "ray":
+            # Ray's calls alone, as a caller on another node makes them.
+            yield RayShardTransport(handles, policies=POLICIES, local_sockets=False)
+        else:
+            # The actors' local sockets, as a caller on their node reaches them.
+            ray_transport = RayShardTransport(handles, policies=POLICIES)
+            await ray_transport.attach_local_sockets()
+            assert ray_transport.local_shards() == list(range(SHARDS))
+            yield ray_transport
+            await ray_transport.close()
 
 
 @pytest.fixture

@@ -31,6 +31,7 @@ from tests.support.domain import POLICIES
 pytestmark = pytest.mark.ray
 
 TIMEOUT_MS = 30_000
+WAIT_LIMIT_MS = int(WAIT_LIMIT_S * 1000)
 
 
 @pytest.fixture
@@ -143,12 +144,17 @@ async def test_an_actor_killed_for_good_is_replaced_under_its_name(
     import ray
 
     _, transport = own_shards
-    engine = Engine(transport, EngineClient(transport))
+    # Patience for the new actor's process to start on a loaded machine: this test is
+    # about the replacement, not about how soon a caller gives up.
+    engine = Engine(transport, EngineClient(transport, unavailable_patience_ms=WAIT_LIMIT_MS))
     dead = transport.handle(0)
+    pid = (await transport.identity(0, TIMEOUT_MS)).pid
 
     ray.kill(dead, no_restart=True)
-    # The kill is asynchronous: until the process is gone the old actor still answers.
+    # The kill is asynchronous: until the process is gone the old actor still answers
+    # (through Ray, and on its local socket a moment after Ray holds it dead).
     await wait_until(lambda: _died(dead), bool)
+    await wait_until(lambda: _async(_process_gone(pid)), bool)
     slot_id = await engine.slot(capacity=1)
 
     assert transport.handle(0) is not dead
@@ -159,6 +165,15 @@ async def test_an_actor_killed_for_good_is_replaced_under_its_name(
 
 async def _async(value: Any) -> Any:
     return value
+
+
+def _process_gone(pid: int) -> bool:
+    """Whether the process has exited (a zombie waiting for its parent counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except OSError:
+        return True
 
 
 def _any_slot_id() -> str:
