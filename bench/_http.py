@@ -68,9 +68,11 @@ def add_server_arguments(
     engine: str = "ray",
     workers: int = 1,
     several_engines: bool = False,
+    ray_shards: int = RAY_SHARDS,
 ) -> None:
-    """The options of the server a scenario starts; ``engine`` and ``workers`` are the
-    scenario's defaults (its best configuration on two cores). With ``several_engines``,
+    """The options of the server a scenario starts; ``engine``, ``workers`` and
+    ``ray_shards`` (its shards with Ray) are the scenario's defaults (its best
+    configuration on two cores). With ``several_engines``,
     ``--engine`` may name several engines, comma-separated (the scenario runs each)."""
     parser.add_argument("--url", help="a running server on loopback (default: start one)")
     if several_engines:
@@ -100,8 +102,9 @@ def add_server_arguments(
         default=None,
         help=f"shards of the started server [{INPROC_SHARDS} with --engine inproc, whose "
         "shards share one event loop, so that more would only split its batches and commits; "
-        f"{RAY_SHARDS} with ray]",
+        f"{ray_shards} with ray]",
     )
+    parser.set_defaults(ray_shards=ray_shards)
     parser.add_argument(
         "--keep-database", action="store_true", help="keep the run's database for inspection"
     )
@@ -143,7 +146,9 @@ def shard_count(args: argparse.Namespace) -> int:
     """The shards of the server a scenario starts: ``--shards``, else the engine's best."""
     if args.shards is not None:
         return int(args.shards)
-    return INPROC_SHARDS if args.engine == "inproc" else RAY_SHARDS
+    if args.engine == "inproc":
+        return INPROC_SHARDS
+    return int(getattr(args, "ray_shards", RAY_SHARDS))
 
 
 def _free_port() -> int:

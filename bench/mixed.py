@@ -59,15 +59,22 @@ ACHIEVED_TARGET = 0.99
 CONNECTIONS_MAX = 2_000
 # The open loop's scheduler wakes at most this often and sends what is due.
 SCHEDULER_TICK_S = 0.001
+# Shard actors of a started server with Ray (unless --shards).
+MIXED_RAY_SHARDS = 1
 # Roles of ``bench._cpu`` outside the started server: the services it uses.
 SERVICE_ROLES = frozenset({"postgres", "redis"})
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     # Two gateway workers and the shards in an engine process of their own: the
-    # configuration that answers 5,000 requests/s on two cores (Ray's own calls
-    # cap a 2-core machine near 2,300/s over HTTP, one process near 3,400-5,000/s).
-    h.add_server_arguments(parser, engine="inproc", workers=2, several_engines=True)
+    # configuration that answers 5,000 requests/s on two cores (one process serves
+    # near 3,400-5,000/s). With Ray, one shard actor: on two cores more actors only
+    # split the batches and the commits, as more shards do in the engine process
+    # (closed loop, 200 clients: 356-390 us of server CPU a request with four actors,
+    # 237-260 with one; docs/performance-notes.md).
+    h.add_server_arguments(
+        parser, engine="inproc", workers=2, several_engines=True, ray_shards=MIXED_RAY_SHARDS
+    )
     parser.add_argument(
         "--rounds",
         type=int,

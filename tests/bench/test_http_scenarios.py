@@ -113,6 +113,15 @@ def test_a_started_server_has_the_shards_its_engine_does_best_with_unless_told()
     assert shard_count(Namespace(shards=None, engine="inproc")) == 1
     assert shard_count(Namespace(shards=None, engine="ray")) == 4
     assert shard_count(Namespace(shards=3, engine="inproc")) == 3
+    # mixed's own: on two cores one shard actor does best (more split its batches).
+    from argparse import ArgumentParser
+
+    from bench import mixed
+
+    parser = ArgumentParser()
+    mixed.add_arguments(parser)
+    assert shard_count(parser.parse_args(["--engine", "ray"])) == 1
+    assert shard_count(parser.parse_args(["--engine", "ray", "--shards", "4"])) == 4
 
 
 async def test_the_load_generator_keeps_a_bounded_pool_and_serves_waiters_in_order(
