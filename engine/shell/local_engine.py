@@ -10,7 +10,9 @@ several cores, not a cluster (Ray is that).
 Why a socket and not Ray here: a Ray actor call costs hundreds of microseconds
 of CPU across the caller, the actor and Ray's threads, which at HTTP rates
 (batches of a few commands) costs more than the HTTP work it would spread.
-A frame on a local socket costs a write and a read on each side.
+A frame on a local socket costs a write and a read on each side. (For that
+reason the Ray shard actors serve their shard with the same frames to callers
+of their own node: ``engine.shell.ray_actor``.)
 
 Frames: a 4-byte big-endian length, then a msgpack array. A call is
 ``[call_id, op, shard, timeout_ms, data]``; its reply ``[call_id, error,

@@ -199,3 +199,29 @@ async def _identity_or_none(transport: RayShardTransport) -> ShardIdentity | Non
         return await transport.identity(0, TIMEOUT_MS)
     except ShardUnavailable:
         return None
+
+
+async def test_a_batch_goes_through_ray_while_the_local_socket_cannot_be_reached(
+    own_shards: tuple[str, RayShardTransport],
+) -> None:
+    from engine.shell.local_engine import LocalEngineTransport
+
+    _, transport = own_shards
+    # Found by connect: the actor runs on this node.
+    assert transport.local_shards() == [0]
+    # A socket nobody serves: nothing can be sent there.
+    transport._links[0] = LocalEngineTransport("/nonexistent/shard.sock", 1)
+    engine = Engine(transport, EngineClient(transport))
+
+    slot_id = await engine.slot(capacity=1)
+
+    stats = engine.client.statistics()
+    assert (stats.retries, stats.failed_batches) == (0, 0)
+
+    async def read_then_links() -> list[int]:
+        assert (await engine.run(p.GetSlot, slot_id=slot_id)).status == 200
+        return transport.local_shards()
+
+    # Calls through Ray ask the actor (at most once a second) for its socket again.
+    await wait_until(read_then_links, lambda shards: shards == [0])
+    assert (await engine.reserve(slot_id, "alice")).status == 201
