@@ -382,8 +382,8 @@ class ShardActor:
 
 
 def _socket_dir() -> str:
-    """Where an actor's local socket lives: beside Ray's own sockets of this node's
-    session (gone with the session's files, also after a crash), else the temp dir."""
+    """Where an actor's local socket lives: beside Ray's own sockets on this node (gone
+    with Ray's temporary files of the run, also after a crash), else the temp dir."""
     with contextlib.suppress(Exception):
         node: Any = ray._private.worker.global_worker.node
         directory = str(node.get_sockets_dir_path())
