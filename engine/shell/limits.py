@@ -54,6 +54,12 @@ ACTOR_CALL_TIMEOUT_MS: Final = 30_000
 # average of 10, more than ACTOR_CALL_TIMEOUT_MS (measured), and a start that gives
 # up then only starts again slower.
 ACTOR_START_TIMEOUT_MS: Final = 120_000
+# What a shard actor asks Ray for: no CPU (it would keep a node's CPU from other
+# work and rule out a head started with none), and one MiB of memory, only so that
+# its request is not empty: Ray places an actor that asks for nothing on a random
+# node, whatever its node affinity (ray-project/ray#25360; measured: soft affinity
+# ignored with nothing asked, honoured with this).
+ACTOR_MEMORY_ASKED_BYTES: Final = 1 << 20
 # A call to an actor on a lost node (a machine gone, a network cut: no connection
 # refused) is not failed by Ray until its health checks declare the node dead. So a
 # call still unanswered after ACTOR_PROBE_AFTER_MS is followed by a probe of the

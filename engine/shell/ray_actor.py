@@ -57,6 +57,7 @@ import ray._private.state
 import ray._private.worker
 import ray.exceptions
 import ray.util.client
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from engine.core.errors import InvariantViolation
 from engine.core.policy import DomainPolicy
@@ -453,6 +454,30 @@ def _remote_class() -> Any:
     return remote(concurrency_groups={_PROBE_GROUP: 1})(ShardActor)
 
 
+def placement_nodes() -> list[str]:
+    """The nodes shard actors go on, in a stable order: the alive nodes that offer
+    CPUs (a head started with ``num-cpus 0`` is kept for Ray's own work), or every
+    alive node when none does."""
+    alive = [node for node in ray.nodes() if node.get("Alive")]  # type: ignore[no-untyped-call]
+    working = [node for node in alive if node.get("Resources", {}).get("CPU", 0) > 0]
+    return sorted(str(node["NodeID"]) for node in (working or alive))
+
+
+def _placement(shard: int) -> Any:
+    """Shard ``shard``'s node, round robin over ``placement_nodes``: each node the same
+    number of actors, so a lost node takes the fewest shards with it and their
+    restarts (a node starts one worker process at a time per CPU) overlap. Soft:
+    when that node is gone (a restart after its loss), Ray places the actor on
+    another. Ray's SPREAD when the nodes cannot be listed."""
+    try:
+        nodes = placement_nodes()
+    except Exception:  # through a Ray Client that cannot list them, say
+        return "SPREAD"
+    if not nodes:
+        return "SPREAD"
+    return NodeAffinitySchedulingStrategy(node_id=nodes[shard % len(nodes)], soft=True)
+
+
 def spawn_shard_actor(
     shard: int,
     *,
@@ -478,6 +503,8 @@ def spawn_shard_actor(
                 namespace=namespace,
                 lifetime="detached",
                 num_cpus=0,
+                memory=limits.ACTOR_MEMORY_ASKED_BYTES,
+                scheduling_strategy=_placement(shard),
                 max_restarts=-1,
                 max_pending_calls=limits.SHARD_PENDING_CALLS_MAX,
                 # Per-call task events feed Ray's dashboard, not us: thousands of batch
