@@ -257,8 +257,11 @@ class EngineClient:
                 raise ShardUnreachable(
                     f"partition {partition} is moving: not served where the map says"
                 )
+            version = self._partition_map.version
             await self._read_map()
-            await asyncio.sleep(self._retry_backoff_ms / 1000)
+            if self._partition_map.version == version:
+                # Not moved on yet (the move is under way): give it a moment.
+                await asyncio.sleep(self._retry_backoff_ms / 1000)
             refused = await self._execute_once(command, None)
 
     async def _read_map(self) -> None:

@@ -324,15 +324,20 @@ class ShardOwner:
 
     async def _load(self, token: int) -> None:
         connection = await self._connect()
-        # A database nobody has started on yet gets its partitions here (a start
-        # normally creates them first, with SLOTENGINE_PARTITIONS).
-        await ensure_partition_map(
-            connection, partitions=self._storage.partitions, shard_count=self._shard_count
-        )
         try:
-            snapshot = await take_over(
-                connection, self.shard_id, token, self.owner, self._clock.now_ms()
-            )
+            try:
+                snapshot = await take_over(
+                    connection, self.shard_id, token, self.owner, self._clock.now_ms()
+                )
+            except NotPartitioned:
+                # A database nobody has started on yet gets its partitions here (a start
+                # normally records them first, with SLOTENGINE_PARTITIONS).
+                await ensure_partition_map(
+                    connection, partitions=self._storage.partitions, shard_count=self._shard_count
+                )
+                snapshot = await take_over(
+                    connection, self.shard_id, token, self.owner, self._clock.now_ms()
+                )
         except StaleToken as exc:
             # Redis forgot its counter: the next acquire starts above the fence.
             assert self._lease is not None
