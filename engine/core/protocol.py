@@ -307,7 +307,13 @@ class OutcomeRecord(msgspec.Struct, gc=False, frozen=True, array_like=True):
 
 
 class KeyRecord(msgspec.Struct, gc=False, frozen=True, array_like=True):
-    """The first outcome of a client Idempotency-Key, with the request's fingerprint."""
+    """The first outcome of a client Idempotency-Key, with the request's fingerprint.
+
+    ``partition`` is the partition of the command's routing id, so that the
+    record moves with its partition; -1 when unknown (a command without a
+    routing id, or a record stored before the field existed: being the last
+    field, with a default, records encoded without it still decode).
+    """
 
     user_id: str
     command: str
@@ -315,6 +321,7 @@ class KeyRecord(msgspec.Struct, gc=False, frozen=True, array_like=True):
     at_ms: int
     fingerprint: bytes
     result: AnyResult
+    partition: int = -1
 
 
 # -- batches across the actor boundary ----------------------------------------

@@ -6,13 +6,17 @@ most about ``REQUEST_OUTCOMES_MAX``), so that a batch retried after an actor
 failure gets its first results instead of applying twice. A client's
 Idempotency-Key is kept per (user, command, key) with the command's
 fingerprint (``engine/core/fingerprint.py``) and its first result for
-``IDEMPOTENCY_RETENTION_MS`` (at most ``IDEMPOTENCY_RECORDS_MAX``). What was
-remembered since the last ``drain`` is also logged, for storage.
+``IDEMPOTENCY_RETENTION_MS`` (at most ``IDEMPOTENCY_RECORDS_MAX``), tagged
+with the partition of the command's routing id, so that a partition handed
+to another shard takes its keys along (``forget_keys`` here, ``merge_keys``
+there). What was remembered since the last ``drain`` is also logged, for
+storage.
 
 It must never decide a command nor touch slots, bookings or events: the shard
 (``engine/core/shard.py``) asks it and tells it, nothing else does.
 """
 
+import heapq
 from collections import deque
 from collections.abc import Iterable
 from typing import Final
@@ -40,10 +44,10 @@ class RequestMemory:
         self._outcome_groups: deque[tuple[int, list[str]]] = deque()
         self._outcome_group: list[str] = []
         self._outcome_group_ms = -1
-        # (user, command, key) -> (when, fingerprint, first result), and the same
-        # oldest first: every record has the same retention, so the oldest
-        # expires first and pruning never scans.
-        self.keys: dict[IdempotencyScope, tuple[int, bytes, AnyResult]] = {}
+        # (user, command, key) -> (when, fingerprint, first result, partition or
+        # -1), and the same oldest first: every record has the same retention,
+        # so the oldest expires first and pruning never scans.
+        self.keys: dict[IdempotencyScope, tuple[int, bytes, AnyResult, int]] = {}
         self._key_order: deque[tuple[int, IdempotencyScope]] = deque()
         # What was remembered since the last drain, for storage.
         self._outcome_log: list[OutcomeRecord] = []
@@ -76,32 +80,79 @@ class RequestMemory:
                     del outcomes[request_id]
 
     def remember_key(
-        self, scope: IdempotencyScope, fingerprint: bytes, result: AnyResult, now_ms: int
+        self,
+        scope: IdempotencyScope,
+        fingerprint: bytes,
+        result: AnyResult,
+        now_ms: int,
+        *,
+        partition: int = -1,
     ) -> None:
+        """``partition``: that of the command's routing id, -1 when it has none."""
+        self.keys[scope] = (now_ms, fingerprint, result, partition)
+        self._key_log.append(
+            KeyRecord(scope[0], scope[1], scope[2], now_ms, fingerprint, result, partition)
+        )
+        self._key_order.append((now_ms, scope))
+        self._forget_keys_before(now_ms)
+
+    def _forget_keys_before(self, now_ms: int) -> None:
+        """Drop the keys past their retention at ``now_ms``, and the oldest beyond the cap."""
         records = self.keys
-        records[scope] = (now_ms, fingerprint, result)
-        self._key_log.append(KeyRecord(scope[0], scope[1], scope[2], now_ms, fingerprint, result))
         order = self._key_order
-        order.append((now_ms, scope))
         expired_before_ms = now_ms - IDEMPOTENCY_RETENTION_MS
-        while len(order) > IDEMPOTENCY_RECORDS_MAX or order[0][0] <= expired_before_ms:
+        while order and (len(order) > IDEMPOTENCY_RECORDS_MAX or order[0][0] <= expired_before_ms):
             at_ms, old = order.popleft()
             record = records.get(old)
             # A key re-used after its retention has a newer record: keep that one.
             if record is not None and record[0] == at_ms:
                 del records[old]
 
+    def merge_keys(self, keys: Iterable[KeyRecord]) -> None:
+        """Remember keys storage kept, beside the ones remembered here; logs nothing.
+
+        A scope remembered here already keeps the later of its two records (the
+        stored one on a tie, as ``restore`` replays storage in order).
+        """
+        records = self.keys
+        added: list[tuple[int, IdempotencyScope]] = []
+        for key in sorted(keys, key=lambda k: k.at_ms):
+            scope = (key.user_id, key.command, key.key)
+            current = records.get(scope)
+            if current is not None and current[0] > key.at_ms:
+                continue
+            records[scope] = (key.at_ms, key.fingerprint, key.result, key.partition)
+            added.append((key.at_ms, scope))
+        if not added:
+            return
+        order = self._key_order
+        if order and order[-1][0] > added[0][0]:
+            # Older than some remembered here: the order must stay oldest first.
+            self._key_order = deque(heapq.merge(order, added, key=lambda entry: entry[0]))
+        else:
+            order.extend(added)
+        self._forget_keys_before(self._key_order[-1][0])
+
+    def forget_keys(self, partitions: frozenset[int]) -> None:
+        """Forget the keys of these partitions (the shard no longer serves them);
+        the ones of no known partition (-1) stay."""
+        records = self.keys
+        for scope in [s for s, record in records.items() if record[3] in partitions]:
+            del records[scope]
+        kept: deque[tuple[int, IdempotencyScope]] = deque()
+        for at_ms, scope in self._key_order:
+            record = records.get(scope)
+            if record is not None and record[0] == at_ms:
+                kept.append((at_ms, scope))
+        self._key_order = kept
+
     def restore(self, outcomes: Iterable[OutcomeRecord], keys: Iterable[KeyRecord]) -> None:
         """Remember what storage kept, as if it had been decided here; logs nothing."""
         for outcome in sorted(outcomes, key=lambda o: o.at_ms):
             self.remember_outcome(outcome.request_id, outcome.result, outcome.at_ms)
-        for key in sorted(keys, key=lambda k: k.at_ms):
-            self.remember_key(
-                (key.user_id, key.command, key.key), key.fingerprint, key.result, key.at_ms
-            )
+        self.merge_keys(keys)
         # Storage has all of this already.
         self._outcome_log = []
-        self._key_log = []
 
     def drain(self) -> tuple[list[OutcomeRecord], list[KeyRecord]]:
         """Request outcomes and idempotency records remembered since the last call."""

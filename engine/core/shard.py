@@ -282,7 +282,16 @@ class ShardCore:
             return stored[2]
         result = self._decide(command, now_ms)
         if result.status < 500:
-            self._memory.remember_key(scope, request_fingerprint, result, now_ms)
+            # The record moves with the partition of the command's routing id.
+            partition = -1
+            field = ROUTING_FIELD.get(type(command))
+            if field is not None:
+                routed = partition_of(getattr(command, field), self.partitions.partitions)
+                if routed is not None:
+                    partition = routed
+            self._memory.remember_key(
+                scope, request_fingerprint, result, now_ms, partition=partition
+            )
         return result
 
     def _decide(self, command: AnyCommand, now_ms: int) -> AnyResult:
@@ -414,14 +423,116 @@ class ShardCore:
             not self._slots and not self._bookings and not self._outcomes,
             "restore into a core that already has state",
         )
+        self._load(self.partitions.owned, list(slots), list(bookings), list(entries))
+        self._memory.restore(outcomes, keys)
+
+    def release(self, partitions: frozenset[int]) -> None:
+        """Stop serving ``partitions``: forget their slots, bookings, queues, timers
+        and idempotency keys, as if they had never been loaded here.
+
+        Nothing changes durably (storage keeps all of it for the shard that
+        adopts them), so no event is emitted, and none may be pending: the host
+        drains first. Request outcomes stay (they are keyed by request id alone).
+        Commands about these partitions get the 503 of a partition not served.
+        """
+        owned = self.partitions.owned
+        require(
+            partitions <= owned, f"release of partitions not served: {sorted(partitions - owned)}"
+        )
+        require(not self._events and not self._dirty_slots, "release with events not drained")
+        count = self.partitions.partitions
+        timers = self._timers
+        for booking in [
+            b for b in self._bookings.values() if partition_of(b.slot_id, count) in partitions
+        ]:
+            timers.cancel(("hold", booking.id))
+            timers.cancel(("forget-booking", booking.id))
+            del self._bookings[booking.id]
+            user_ids = self._bookings_by_user[booking.user_id]
+            user_ids.discard(booking.id)
+            if not user_ids:
+                del self._bookings_by_user[booking.user_id]
+        for slot in [s for s in self._slots.values() if partition_of(s.id, count) in partitions]:
+            timers.cancel(("end", slot.id))
+            timers.cancel(("forget-slot", slot.id))
+            self._directory.drop(slot)
+        self._memory.forget_keys(partitions)
+        self._serve(PartitionSet(count, owned - partitions))
+
+    def adopt(
+        self,
+        partitions: PartitionSet,
+        *,
+        slots: Iterable[StoredSlot],
+        bookings: Iterable[Booking],
+        entries: Iterable[QueueEntry],
+        keys: Iterable[KeyRecord] = (),
+    ) -> None:
+        """Start serving ``partitions`` (the new full set: more of the same P), merging
+        the stored records of the partitions it adds into the running state.
+
+        The records are loaded as ``restore`` loads them (deadlines re-armed,
+        past ones firing on the next ``advance``, waiting users seen now); the
+        state of the partitions served already is left as it is. Every record
+        must belong to an added partition, else ``InvariantViolation`` and
+        nothing changes.
+        """
+        current = self.partitions
+        require(
+            partitions.partitions == current.partitions,
+            f"adopt of {partitions.partitions} partitions by a shard of {current.partitions}",
+        )
+        require(current.owned <= partitions.owned, "adopt must not drop served partitions")
+        added = partitions.owned - current.owned
+        count = current.partitions
+        slot_list = list(slots)
+        booking_list = list(bookings)
+        entry_list = list(entries)
+        key_list = list(keys)
+        for stored in slot_list:
+            require(partition_of(stored.id, count) in added, f"slot {stored.id} not adopted")
+        for booking in booking_list:
+            require(
+                partition_of(booking.slot_id, count) in added, f"booking {booking.id} not adopted"
+            )
+        for entry in entry_list:
+            require(
+                partition_of(entry.slot_id, count) in added,
+                f"queue entry of {entry.slot_id} not adopted",
+            )
+        for key in key_list:
+            require(key.partition in added, f"idempotency key of partition {key.partition}")
+        self._serve(partitions)
+        self._load(added, slot_list, booking_list, entry_list)
+        self._memory.merge_keys(key_list)
+
+    def _serve(self, partitions: PartitionSet) -> None:
+        self.partitions = partitions
+        self._directory.serve(partitions)
+
+    def _load(
+        self,
+        partitions: frozenset[int],
+        slots: list[StoredSlot],
+        bookings: list[Booking],
+        entries: list[QueueEntry],
+    ) -> None:
+        """Merge stored records of ``partitions``, none of them loaded yet, into the state."""
         now_ms = self._now_ms
+        count = self.partitions.partitions
+        loaded: list[SlotState] = []
         for stored in slots:
-            self._directory.restore(stored)
+            require(
+                partition_of(stored.id, count) in partitions and stored.id not in self._slots,
+                f"slot {stored.id} loaded twice or misrouted",
+            )
+            loaded.append(self._directory.restore(stored))
         for stored_booking in bookings:
             booking = _copy(stored_booking)
             slot = self._slots.get(booking.slot_id)
             require(slot is not None, f"booking {booking.id} of an unknown slot")
             assert slot is not None
+            require(booking.id not in self._bookings, f"booking {booking.id} loaded twice")
             self._bookings[booking.id] = booking
             self._bookings_by_user.setdefault(booking.user_id, set()).add(booking.id)
             status = booking.status
@@ -450,7 +561,10 @@ class ShardCore:
         for stored_entry in sorted(entries, key=lambda e: e.seq):
             entry = _copy(stored_entry)
             entry_slot = self._slots.get(entry.slot_id)
-            require(entry_slot is not None, f"queue entry of an unknown slot {entry.slot_id}")
+            require(
+                entry_slot is not None and partition_of(entry.slot_id, count) in partitions,
+                f"queue entry of an unknown slot {entry.slot_id}",
+            )
             assert entry_slot is not None
             slot = entry_slot
             slot.line.skip_past(entry.seq)
@@ -465,13 +579,12 @@ class ShardCore:
                     offered is not None and offered.id == entry.booking_id,
                     f"slot {slot.id}: NOTIFIED {entry.user_id} without its offered hold",
                 )
-        for slot in self._slots.values():
+        for slot in loaded:
             if slot.idle:
                 first = slot.entries[next(iter(slot.idle))]
                 self._timers.schedule(
                     ("idle", slot.id), first.last_seen_ms + slot.queue_inactivity_ms
                 )
-        self._memory.restore(outcomes, keys)
 
     def statistics(self) -> ShardStatistics:
         slots = self._slots.values()

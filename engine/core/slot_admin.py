@@ -40,6 +40,11 @@ class SlotDirectory:
         self._by_resource: dict[str, set[str]] = {}
         self._order: SortedList[tuple[int, str]] = SortedList()
 
+    def serve(self, partitions: PartitionSet) -> None:
+        """From now on the slots this directory may hold and create are of ``partitions``
+        (the shard adopted or released some; it moves their slots in or out)."""
+        self._partitions = partitions
+
     def get(self, slot_id: str) -> SlotState:
         slot = self.slots.get(slot_id)
         if slot is None:
