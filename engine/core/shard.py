@@ -273,7 +273,9 @@ class ShardCore:
         stored = self._memory.keys.get(scope)
         if stored is not None and stored[0] + IDEMPOTENCY_RETENTION_MS > now_ms:
             if stored[1] != request_fingerprint:
-                return self._refusal(
+                # The key's record may be of a partition served here while this
+                # command's is not: then its own shard decides, after a resend.
+                return self._not_served(command) or self._refusal(
                     errors.IdempotencyKeyReused(
                         "this Idempotency-Key was used for a different request"
                     )
