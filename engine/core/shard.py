@@ -19,6 +19,12 @@ the slot's waiting line and gives that user a hold with the domain's claim
 TTL, as long as the slot takes holds and has room. New arrivals never
 overtake waiting users: a reserve only gets a fresh hold when nobody waits.
 
+A shard serves a set of partitions (``self.partitions``), and partitions move
+between shards live: ``release`` forgets a partition's slots, bookings, lines,
+timers and idempotency keys without an event (storage keeps them), and
+``adopt`` merges a partition's stored records into the running state the way
+``restore`` loads a whole shard (restore is an adopt into an empty core).
+
 Every state-changing request id's outcome is remembered for a while, so a
 batch retried after an actor failure returns its first results instead of
 applying twice. Client idempotency keys are remembered per (user, command,

@@ -15,7 +15,9 @@ import pytest
 
 from engine.core import protocol as p
 from engine.core.errors import InvariantViolation
+from engine.core.limits import IDEMPOTENCY_RETENTION_MS
 from engine.core.records import Booking, QueueEntry, StoredSlot
+from engine.core.remembered import RequestMemory
 from engine.core.routing import PartitionSet, make_slot_id, partition_of, routing_key
 from engine.core.shard import ShardCore
 from tests.engine.core.conftest import START_MS, policy
@@ -476,3 +478,30 @@ def test_a_key_reused_for_a_partition_not_served_is_sent_on_not_refused() -> Non
     other = c.slot(a, resource_in(1, 1), capacity=1)
     reused = c.run(a, p.Reserve, slot_id=other, user_id="ann", idempotency_key="k")
     assert reused.code == "IdempotencyKeyReused"
+
+
+def test_merged_keys_keep_their_own_retention_among_the_keys_remembered_here() -> None:
+    memory = RequestMemory()
+    done = p.Done(status=204)
+    day_ms = IDEMPOTENCY_RETENTION_MS
+    memory.remember_key(("ann", "Reserve", "new"), b"n", done, START_MS + HOUR_MS, partition=0)
+    memory.drain()
+    # Older than the one remembered here, and one already past its retention.
+    memory.merge_keys(
+        [
+            p.KeyRecord("bob", "Reserve", "old", START_MS, b"o", done, 1),
+            p.KeyRecord("cat", "Reserve", "gone", START_MS + HOUR_MS - day_ms, b"g", done, 1),
+        ]
+    )
+    assert set(memory.keys) == {("ann", "Reserve", "new"), ("bob", "Reserve", "old")}
+    assert memory.keys["bob", "Reserve", "old"][3] == 1
+    assert memory.drain() == ([], [])
+    # The merged key goes at the end of its own day, the one remembered here later.
+    memory.remember_key(("dan", "Reserve", "k"), b"d", done, START_MS + day_ms, partition=0)
+    assert ("bob", "Reserve", "old") not in memory.keys
+    assert ("ann", "Reserve", "new") in memory.keys
+    memory.forget_keys(frozenset({0}))
+    assert not memory.keys
+    memory.remember_key(("eve", "Reserve", "k"), b"e", done, START_MS + day_ms, partition=-1)
+    memory.forget_keys(frozenset({0, 1}))
+    assert set(memory.keys) == {("eve", "Reserve", "k")}  # of no known partition: stays
