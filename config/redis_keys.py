@@ -66,6 +66,11 @@ def user_topic(user_id: str) -> str:
     return f"u:{user_id}"
 
 
+# Published on ``RedisKeys.bus_channel`` once the partition map has changed (a live
+# move): every gateway reads the map again.
+MAP_CHANGED: Final = b"partition-map-changed"
+
+
 class RedisKeys:
     """The names of one namespace; build one per component (its prefixes once)."""
 
@@ -79,7 +84,8 @@ class RedisKeys:
         self._idem: Final = f"{namespace}:idem"
         self._live: Final = f"{namespace}:live"
         # Subscribed by every gateway's bus so that its connection stays
-        # subscribed when no watch needs a shard; nothing publishes on it.
+        # subscribed when no watch needs a shard; the deployment's notices to every
+        # gateway (``MAP_CHANGED``) are published on it.
         self.bus_channel: Final = f"{namespace}:events:bus"
 
     def __repr__(self) -> str:

@@ -226,9 +226,11 @@ async def storage_for(
 async def storage_and_partitions(
     settings: Settings, *, stop_services_on_exit: bool = False
 ) -> tuple[StorageSettings, PartitionMap]:
-    """``storage_for``, and the database's partition map for ``settings.shards``
-    shards (created at the first start, re-spread when the shard count changed).
-    Raises ``EngineStartFailed`` when the database's partitions cannot serve them."""
+    """``storage_for``, and the database's partition map (created at the first
+    start; re-spread over ``settings.shards`` shards when that setting changed,
+    else as ``slotengine cluster scale`` left it: its ``shard_count`` is the
+    number of shards to serve). Raises ``EngineStartFailed`` when the
+    database's partitions cannot serve them."""
     import asyncpg
 
     from persistence.migrate import deployment_namespace, migrate
@@ -254,9 +256,16 @@ async def storage_and_partitions(
     logger.info("the deployment's keys in Redis start with %s:", namespace)
     if moved:
         logger.warning(
-            "the shard count changed: %d of %d partitions moved to serve %d shards",
+            "SLOTENGINE_SHARDS changed: %d of %d partitions moved to serve %d shards",
             len(moved),
             partition_map.partitions,
+            settings.shards,
+        )
+    elif partition_map.shard_count != settings.shards:
+        logger.warning(
+            "serving %d shards, as the cluster was last scaled (SLOTENGINE_SHARDS=%d is"
+            " unchanged since the previous start)",
+            partition_map.shard_count,
             settings.shards,
         )
     storage = StorageSettings(
@@ -302,7 +311,7 @@ def build_app(
             from engine.shell.inproc import OwnedInProcessHost
 
             host = OwnedInProcessHost(
-                shard_count=settings.shards, policies=policies, storage=storage
+                shard_count=partition_map.shard_count, policies=policies, storage=storage
             )
             await host.start()
             transport = host
@@ -325,7 +334,7 @@ def build_app(
             try:
                 # The deployment's own actors: named after it, and proving it.
                 transport = await RayShardTransport.connect(
-                    shard_count=settings.shards,
+                    shard_count=partition_map.shard_count,
                     policies=policies,
                     namespace=RAY_NAMESPACE,
                     storage=storage,
@@ -364,7 +373,7 @@ def build_app(
         )
         logger.info(
             "serving with %d shards (%s engine, %s durability)",
-            settings.shards,
+            partition_map.shard_count,
             engine_kind,
             settings.durability,
         )
@@ -636,9 +645,9 @@ async def _serve_engine(settings: Settings, engine_socket: str) -> None:
     from engine.shell.inproc import OwnedInProcessHost
     from engine.shell.local_engine import serve_engine
 
-    storage = await storage_for(settings)
+    storage, partition_map = await storage_and_partitions(settings)
     host = OwnedInProcessHost(
-        shard_count=settings.shards, policies=load_policies(settings), storage=storage
+        shard_count=partition_map.shard_count, policies=load_policies(settings), storage=storage
     )
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)

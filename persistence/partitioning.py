@@ -65,16 +65,25 @@ async def ensure_partition_map(
 async def establish_partitions(
     connection: asyncpg.Connection, *, partitions: int | None, shard_count: int
 ) -> tuple[PartitionMap, dict[int, tuple[int, int]]]:
-    """At a start: the map for ``shard_count`` shards, and the partitions it moved.
+    """At a start configured with ``shard_count`` shards: the map to serve, and the
+    partitions it moved.
 
-    As ``ensure_partition_map``; then, when the stored map names other shards
-    than ``0..shard_count-1`` (the deployment's shard count changed), the
-    fewest partitions move so that every shard serves its share. Raises
-    ``PartitioningError`` for a P other than the recorded one, or more shards
-    than partitions.
+    As ``ensure_partition_map``. A start configured as the previous one was
+    serves the map as it is, with the shard count it has (``slotengine
+    cluster scale`` may have changed it while the engine ran). A start
+    configured with another ``shard_count`` (the deployment's setting changed)
+    moves the fewest partitions so that every shard of ``0..shard_count-1``
+    serves its share, and records the setting. Raises ``PartitioningError``
+    for a P other than the recorded one, or more shards than partitions.
     """
     async with connection.transaction():
         current = await _ensure(connection, partitions=partitions, shard_count=shard_count)
+        configured = await connection.fetchval("SELECT configured_shards FROM partition_map")
+        if configured == shard_count:
+            return current, {}
+        await connection.execute(
+            "UPDATE partition_map SET configured_shards = $1, updated_at = now()", shard_count
+        )
         if shard_count > current.partitions:
             raise PartitioningError(
                 f"{shard_count} shards cannot share the database's {current.partitions}"
@@ -117,9 +126,10 @@ async def _ensure(
             )
         spread = PartitionMap.spread(count, shard_count)
         inserted = await connection.fetchval(
-            "INSERT INTO partition_map (partitions) VALUES ($1)"
+            "INSERT INTO partition_map (partitions, configured_shards) VALUES ($1, $2)"
             " ON CONFLICT (singleton) DO NOTHING RETURNING partitions",
             count,
+            shard_count,
         )
         if inserted is not None:
             await connection.executemany(

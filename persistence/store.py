@@ -7,6 +7,7 @@ rule: the rows are what the engine's events say.
 """
 
 import zlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -143,6 +144,120 @@ async def take_over(
         )
 
 
+async def hand_over(
+    connection: asyncpg.Connection,
+    shard: int,
+    token: int,
+    owner: str,
+    generation: int,
+    moves: Mapping[int, int],
+) -> int:
+    """The old owner's side of a live move: its ``moves`` (partition -> new shard)
+    are served by their new shards from this commit on. Returns the shard's new
+    generation, which its later flushes carry.
+
+    Run by the owner on its writer's connection after every flush of the moving
+    partitions committed (and once nothing in its memory can change them), in
+    one transaction: the map row's lock (moves never interleave), then the
+    shard's own fence row, which must still hold ``token``, ``owner`` and
+    ``generation`` (else ``FenceRejected`` for another owner's token, or
+    ``PartitionsMoved`` when a move this owner did not make came first: it
+    reloads), its generation raised, and the partitions reassigned. Raises
+    ``PartitionsMoved`` too when a partition of ``moves`` is not on this shard
+    any more. The new shards' fence rows are left alone: each
+    takes its partitions (``take_partitions``) once this has committed.
+    """
+    async with connection.transaction():
+        await connection.execute("SELECT 1 FROM partition_map FOR UPDATE")
+        raised = await connection.fetchval(
+            "UPDATE shard_fences SET generation = generation + 1, updated_at = now()"
+            " WHERE shard = $1 AND token = $2 AND owner = $3 AND generation = $4"
+            " RETURNING generation",
+            shard,
+            token,
+            owner,
+            generation,
+        )
+        if raised is None:
+            fence = await connection.fetchrow(
+                "SELECT token, owner FROM shard_fences WHERE shard = $1", shard
+            )
+            if fence is not None and (fence["token"], fence["owner"]) == (token, owner):
+                # Still the owner, but a partition was moved by force meanwhile.
+                raise PartitionsMoved(f"shard {shard}: generation {generation} has moved on")
+            raise FenceRejected(f"shard {shard}: token {token} of {owner} is fenced off")
+        held = await connection.fetchval(
+            "SELECT count(*) FROM partitions WHERE partition = ANY($1::int[]) AND shard = $2",
+            list(moves),
+            shard,
+        )
+        if held != len(moves):
+            raise PartitionsMoved(f"shard {shard}: a partition to hand over is not its own")
+        await connection.execute(
+            "UPDATE partitions p SET shard = m.shard, moved_at = now()"
+            " FROM unnest($1::int[], $2::int[]) AS m (partition, shard)"
+            " WHERE p.partition = m.partition",
+            list(moves),
+            list(moves.values()),
+        )
+        await connection.execute(
+            "UPDATE partition_map SET version = version + 1, updated_at = now()"
+        )
+        return int(raised)
+
+
+async def take_partitions(
+    connection: asyncpg.Connection,
+    shard: int,
+    token: int,
+    owner: str,
+    loaded: PartitionSet,
+    now_ms: int,
+    *,
+    timeout_s: float = storage_limits.SHARD_LOAD_TIMEOUT_MS / 1000,
+) -> ShardSnapshot:
+    """The new owner's side of a live move: the records of the partitions the map
+    gives the shard beyond ``loaded`` (those it serves already), and the
+    generation its flushes carry from now on.
+
+    One transaction holding the shard's fence row, which must still hold
+    ``token`` and ``owner`` (else ``FenceRejected``): a move raises only the
+    old owner's generation, and the old owner committed everything of a
+    partition before handing it over, so what is read here is complete and
+    nobody else can write it any more. Raises ``PartitionsMoved`` when a
+    partition of ``loaded`` is no longer the shard's (moved away without its
+    release: the owner reloads everything). The snapshot's ``partitions`` are
+    the added ones only; empty when there are none.
+    """
+    async with connection.transaction():
+        fence = await connection.fetchrow(
+            "SELECT token, owner, generation FROM shard_fences WHERE shard = $1 FOR UPDATE",
+            shard,
+            timeout=timeout_s,
+        )
+        if fence is None or fence["token"] != token or fence["owner"] != owner:
+            raise FenceRejected(f"shard {shard}: token {token} of {owner} is fenced off")
+        mapped = frozenset(
+            row["partition"]
+            for row in await connection.fetch(
+                "SELECT partition FROM partitions WHERE shard = $1", shard, timeout=timeout_s
+            )
+        )
+        if not loaded.owned <= mapped:
+            raise PartitionsMoved(f"shard {shard}: a partition it serves moved away")
+        added = PartitionSet(loaded.partitions, mapped - loaded.owned)
+        return await _load(
+            connection,
+            shard,
+            token,
+            fence["generation"],
+            added,
+            now_ms,
+            timeout_s,
+            adopting=True,
+        )
+
+
 async def _load(
     connection: asyncpg.Connection,
     shard: int,
@@ -151,7 +266,11 @@ async def _load(
     partitions: PartitionSet,
     now_ms: int,
     timeout_s: float,
+    *,
+    adopting: bool = False,
 ) -> ShardSnapshot:
+    """The records of ``partitions``; with ``adopting`` (partitions joining a running
+    shard) no request outcomes and only those partitions' idempotency records."""
     codecs = Codecs()
     owned = sorted(partitions.owned)
     ended_cutoff_ms = now_ms - limits.ENDED_SLOT_RETENTION_MS
@@ -205,35 +324,56 @@ async def _load(
         timeout=timeout_s,
     )
     entries = msgspec.convert([dict(row) for row in entry_rows], list[QueueEntry])
-    outcome_rows = await connection.fetch(
-        """
-        SELECT outcomes FROM request_outcomes
-         WHERE shard = $1 AND at_ms > $2
-         ORDER BY id DESC
-        """,
-        shard,
-        now_ms - limits.REQUEST_OUTCOMES_RETENTION_MS,
-        timeout=timeout_s,
-    )
     outcomes: list[OutcomeRecord] = []
-    for row in outcome_rows:
-        outcomes.extend(codecs.outcomes.decode(zlib.decompress(row["outcomes"])))
-        if len(outcomes) >= limits.REQUEST_OUTCOMES_MAX:
-            break
+    if not adopting:
+        outcome_rows = await connection.fetch(
+            """
+            SELECT outcomes FROM request_outcomes
+             WHERE shard = $1 AND at_ms > $2
+             ORDER BY id DESC
+            """,
+            shard,
+            now_ms - limits.REQUEST_OUTCOMES_RETENTION_MS,
+            timeout=timeout_s,
+        )
+        for row in outcome_rows:
+            outcomes.extend(codecs.outcomes.decode(zlib.decompress(row["outcomes"])))
+            if len(outcomes) >= limits.REQUEST_OUTCOMES_MAX:
+                break
+    keys = await _load_keys(
+        connection, None if adopting else shard, owned, now_ms, timeout_s, codecs
+    )
+    return ShardSnapshot(
+        shard, token, partitions, generation, slots, bookings, entries, outcomes, keys
+    )
+
+
+async def _load_keys(
+    connection: asyncpg.Connection,
+    shard: int | None,
+    owned: list[int],
+    now_ms: int,
+    timeout_s: float,
+    codecs: Codecs,
+) -> list[KeyRecord]:
+    """The idempotency records of the ``owned`` partitions, whichever shard wrote them,
+    and (given ``shard``) the shard's own records of no known partition."""
     key_rows = await connection.fetch(
         """
-        SELECT user_id, command, key, at_ms, fingerprint, result
+        SELECT user_id, command, key, at_ms, fingerprint, result, partition
           FROM idempotency_records
-         WHERE shard = $1 AND at_ms > $2
+         WHERE (partition = ANY($1::int[]) OR (partition IS NULL AND shard = $2))
+           AND at_ms > $3
          ORDER BY at_ms DESC
-         LIMIT $3
+         LIMIT $4
         """,
-        shard,
+        owned,
+        -1 if shard is None else shard,
         now_ms - limits.IDEMPOTENCY_RETENTION_MS,
         limits.IDEMPOTENCY_RECORDS_MAX,
         timeout=timeout_s,
     )
-    keys = [
+    return [
         KeyRecord(
             row["user_id"],
             row["command"],
@@ -241,12 +381,10 @@ async def _load(
             row["at_ms"],
             bytes(row["fingerprint"]),
             codecs.result_of_key.decode(row["result"]).result,
+            -1 if row["partition"] is None else row["partition"],
         )
         for row in key_rows
     ]
-    return ShardSnapshot(
-        shard, token, partitions, generation, slots, bookings, entries, outcomes, keys
-    )
 
 
 FENCED_SQLSTATE: Final = "SLF01"
@@ -364,6 +502,14 @@ def _entry_write(e: QueueEntry, at_ms: int) -> tuple[Any, ...]:
 def _key_writes(keys: list[KeyRecord], codecs: Codecs) -> list[tuple[Any, ...]]:
     latest = {(k.user_id, k.command, k.key): k for k in keys}
     return [
-        (k.user_id, k.command, k.key, k.at_ms, k.fingerprint, codecs.encoder.encode(k))
+        (
+            k.user_id,
+            k.command,
+            k.key,
+            k.at_ms,
+            k.fingerprint,
+            codecs.encoder.encode(k),
+            None if k.partition < 0 else k.partition,
+        )
         for k in latest.values()
     ]

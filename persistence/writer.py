@@ -33,6 +33,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import asyncpg
 import msgspec
@@ -43,6 +44,8 @@ from persistence.rows import FlushRows
 from persistence.store import Codecs, FenceRejected, write_flush
 
 logger = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
 
 
 class StorageUnavailable(Exception):
@@ -111,6 +114,11 @@ class ShardWriter:
         self._published = 0
         self._durable = 0
         self._waiters: deque[tuple[int, asyncio.Future[None]]] = deque()
+        # Work on the connection between flushes (``exclusive``): each runs once
+        # everything handed over before it was asked for has committed.
+        self._jobs: deque[
+            tuple[int, Callable[[asyncpg.Connection], Awaitable[Any]], asyncio.Future[Any]]
+        ] = deque()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._error: BaseException | None = None
@@ -176,6 +184,32 @@ class ShardWriter:
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append((target, future))
         await future
+
+    async def exclusive(self, job: Callable[[asyncpg.Connection], Awaitable[_T]]) -> _T:
+        """Run ``job`` on the writer's connection once every hand-off made so far has
+        committed, with no flush running meanwhile; its result, or its exception.
+
+        Flushes of later hand-offs wait for it. A job that fails (or outlasts
+        the flush timeout) fails the writer as a failed flush does (``on_failed``;
+        ``on_fenced`` for ``FenceRejected``): the connection's state is unknown,
+        and so is whether the job's transaction committed.
+        """
+        if self._error is not None:
+            raise StorageUnavailable(str(self._error)) from self._error
+        if self._closed:
+            raise StorageUnavailable("the shard's writer stopped")
+        if not self._pending.empty():
+            self._handoffs.append((self._pending, self._published, self._since_pending()))
+            self._pending = FlushRows(self._shard)
+            self._pending_since = None
+        future: asyncio.Future[_T] = asyncio.get_running_loop().create_future()
+        self._jobs.append((self._published, job, future))
+        self._wake.set()
+        return await future
+
+    def set_generation(self, generation: int) -> None:
+        """The generation later flushes carry (a job moved the shard's partitions)."""
+        self._generation = generation
 
     @property
     def accepting(self) -> bool:
@@ -244,6 +278,10 @@ class ShardWriter:
 
     async def _run(self) -> None:
         while not self._closed:
+            if self._jobs and self._jobs[0][0] <= self._durable:
+                if not await self._run_job(*self._jobs.popleft()):
+                    return
+                continue
             if self._handoffs:
                 rows, upto, since = self._handoffs.popleft()
             elif self._pending.empty():
@@ -281,6 +319,34 @@ class ShardWriter:
                 if not future.done():
                     future.set_result(None)
 
+    async def _run_job(
+        self,
+        _after: int,
+        job: Callable[[asyncpg.Connection], Awaitable[Any]],
+        future: asyncio.Future[Any],
+    ) -> bool:
+        """Run one job; False when it failed the writer."""
+        try:
+            async with asyncio.timeout(limits.WRITER_FLUSH_TIMEOUT_MS / 1000):
+                result = await job(self._connection)
+        except asyncio.CancelledError:
+            if not future.done():
+                future.set_exception(StorageUnavailable("the shard's writer stopped"))
+            raise
+        except BaseException as exc:
+            if not future.done():
+                future.set_exception(exc)
+            if isinstance(exc, FenceRejected):
+                self._fenced = True
+                self._stop(exc, self._on_fenced)
+            else:
+                logger.error("shard %d: work between flushes failed: %r", self._shard, exc)
+                self._stop(exc, self._on_failed)
+            return False
+        if not future.done():
+            future.set_result(result)
+        return True
+
     async def _flush(self, rows: FlushRows) -> None:
         if self._before_flush is not None:
             await self._before_flush()
@@ -308,6 +374,10 @@ class ShardWriter:
             callback(exc)
 
     def _fail_waiters(self, error: StorageUnavailable) -> None:
+        while self._jobs:
+            future = self._jobs.popleft()[2]
+            if not future.done():
+                future.set_exception(error)
         while self._waiters:
             future = self._waiters.popleft()[1]
             if not future.done():

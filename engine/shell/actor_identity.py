@@ -83,11 +83,20 @@ def check_identities(
     deployment: str | None,
     database: str | None,
     name_prefix: str,
+    *,
+    first_shard: int = 0,
 ) -> None:
     """Refuse identities of another shard layout or, given ``deployment``, of another
-    deployment or database (``identities[n]`` is that of the actor of shard ``n``)."""
-    for shard, identity in enumerate(identities):
-        if identity.shard_id != shard or identity.shard_count != len(identities):
+    deployment or database (``identities[n]`` is that of the actor of shard
+    ``first_shard + n``).
+
+    A durable deployment's actors serve what the partition map gives them, so
+    only their shard number counts there: one added by ``slotengine cluster
+    scale`` was created knowing more shards than the first ones. In-memory
+    actors serve partition ``n`` of their shard count, which must agree."""
+    for shard, identity in enumerate(identities, start=first_shard):
+        layout_differs = deployment is None and identity.shard_count != len(identities)
+        if identity.shard_id != shard or layout_differs:
             raise ShardFailed(
                 f"actor for shard {shard} serves shard {identity.shard_id} of "
                 f"{identity.shard_count}, expected {shard} of {len(identities)}"

@@ -217,7 +217,8 @@ class EngineClient:
 
     @property
     def shard_count(self) -> int:
-        return self._shard_count
+        """The shards the partition map names now (a scatter-gather asks each)."""
+        return self._partition_map.shard_count
 
     @property
     def partition_map(self) -> routing.PartitionMap:
@@ -239,7 +240,14 @@ class EngineClient:
         partition (it moved) applied nothing: the command follows the stored map
         for ``unavailable_patience_ms``, then ``ShardUnreachable``.
         """
-        result = await self._execute_once(command, shard)
+        try:
+            result = await self._execute_once(command, shard)
+        except ShellError:
+            # A shard that failed may no longer be the one the map names (it was
+            # scaled away): routed again if the stored map says so, else the failure.
+            if shard is not None or not await self._routes_elsewhere_now(command):
+                raise
+            result = await self._execute_once(command, None)
         if protocol.not_served(result) is not None:
             # Only a command that routes by an id or a resource is ever refused so,
             # and routing it again is what its caller would do.
@@ -264,6 +272,19 @@ class EngineClient:
                 await asyncio.sleep(self._retry_backoff_ms / 1000)
             refused = await self._execute_once(command, None)
 
+    async def _routes_elsewhere_now(self, command: AnyCommand) -> bool:
+        if self._map_source is None:
+            return False
+        before = shard_for(command, self._partition_map)
+        if before is None:
+            return False
+        await self._read_map()
+        return shard_for(command, self._partition_map) != before
+
+    async def refresh_map(self) -> None:
+        """Read the stored map now (told that it changed, or to catch up after a while)."""
+        await self._read_map()
+
     async def _read_map(self) -> None:
         """One read of the stored map at a time, shared by every command that asks."""
         if self._map_source is None:
@@ -283,15 +304,33 @@ class EngineClient:
             logger.warning("the partition map could not be read: %r", error)
             return
         if fresh.version > self._partition_map.version:
-            if fresh.shard_count > self._shard_count:
-                logger.error(
-                    "the partition map (version %d) names %d shards; this gateway knows %d",
-                    fresh.version,
-                    fresh.shard_count,
-                    self._shard_count,
-                )
+            if fresh.shard_count > self._shard_count and not await self._reach(fresh.shard_count):
                 return
             self._partition_map = fresh
+            retire = getattr(self._transport, "retire_shards", None)
+            if retire is not None and fresh.shard_count < self._shard_count:
+                retire(fresh.shard_count)
+
+    async def _reach(self, shard_count: int) -> bool:
+        """Lanes to shards up to ``shard_count`` (shards added by a scale), if the
+        transport can reach them."""
+        connect = getattr(self._transport, "connect_shards", None)
+        try:
+            if connect is not None:
+                await connect(shard_count)
+        except Exception as error:
+            logger.error("shards up to %d cannot be reached: %r", shard_count, error)
+            return False
+        if self._transport.shard_count < shard_count:
+            logger.error(
+                "the partition map names %d shards; this gateway reaches %d",
+                shard_count,
+                self._transport.shard_count,
+            )
+            return False
+        self._lanes.extend(_Lane(shard) for shard in range(self._shard_count, shard_count))
+        self._shard_count = shard_count
+        return True
 
     async def _execute_once(self, command: AnyCommand, shard: int | None) -> AnyResult:
         if shard is None:

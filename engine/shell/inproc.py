@@ -104,18 +104,22 @@ class OwnedInProcessHost:
         writer held back)."""
         if shard_count < 1:
             raise ValueError("shard_count must be at least 1")
-        shared_clock = clock if clock is not None else SystemClock()
-        self._owners = [
-            ShardOwner(
-                shard_id=shard,
-                shard_count=shard_count,
-                policies=policies,
-                clock=shared_clock,
-                storage=storage,
-                before_flush=None if before_flush is None else _bound(before_flush, shard),
-            )
-            for shard in range(shard_count)
-        ]
+        self._policies = policies
+        self._storage = storage
+        self._clock = clock if clock is not None else SystemClock()
+        self._before_flush = before_flush
+        self._owners = [self._new_owner(shard, shard_count) for shard in range(shard_count)]
+
+    def _new_owner(self, shard: int, shard_count: int) -> ShardOwner:
+        hook = self._before_flush
+        return ShardOwner(
+            shard_id=shard,
+            shard_count=shard_count,
+            policies=self._policies,
+            clock=self._clock,
+            storage=self._storage,
+            before_flush=None if hook is None else _bound(hook, shard),
+        )
 
     @property
     def shard_count(self) -> int:
@@ -127,6 +131,36 @@ class OwnedInProcessHost:
     async def start(self) -> None:
         await asyncio.gather(*(owner.start() for owner in self._owners))
 
+    # -- live moves (engine/shell/rebalance.py) -----------------------------------
+
+    async def release(self, shard: int, moves: dict[int, int]) -> list[int]:
+        return await self._owners[shard].release(moves)
+
+    async def adopt(self, shard: int) -> list[int]:
+        return await self._owners[shard].adopt()
+
+    async def grow(self, shard_count: int) -> None:
+        """Start owners for shards ``shard_count()..shard_count-1`` (they serve what the
+        map gives them: nothing, until partitions move to them)."""
+        added = [
+            self._new_owner(shard, shard_count) for shard in range(len(self._owners), shard_count)
+        ]
+        await asyncio.gather(*(owner.start() for owner in added))
+        self._owners.extend(added)
+
+    async def shrink(self, shard_count: int) -> None:
+        """Stop the owners of shards ``shard_count..``, which must serve no partition
+        any more (``rebalance`` to ``shard_count`` first)."""
+        leaving = self._owners[shard_count:]
+        for owner in leaving:
+            served = owner.partitions
+            if served is not None and served.owned:
+                raise ValueError(
+                    f"shard {owner.shard_id} still serves {len(served.owned)} partitions"
+                )
+        del self._owners[shard_count:]
+        await asyncio.gather(*(owner.close() for owner in leaving))
+
     async def call_batch(
         self,
         shard: int,
@@ -134,6 +168,8 @@ class OwnedInProcessHost:
         timeout_ms: int,
         on_early: Callable[[bytes], None] | None = None,
     ) -> bytes:
+        if shard >= len(self._owners):
+            raise ShardFailed(f"shard {shard} was scaled away")
         try:
             async with asyncio.timeout(timeout_ms / 1000):
                 return await self._owners[shard].execute_batch(data, on_early)

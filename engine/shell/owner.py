@@ -32,7 +32,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Final
 
 import asyncpg
@@ -47,6 +47,7 @@ from engine.core.clock import Clock
 from engine.core.errors import InvariantViolation
 from engine.core.policy import DomainPolicy
 from engine.core.protocol import READ_ONLY_COMMANDS, BatchCodec
+from engine.core.routing import PartitionSet
 from engine.core.shard import ShardCore
 from engine.shell import limits
 from engine.shell.errors import ShardFailed, ShardUnreachable
@@ -69,7 +70,9 @@ from persistence.store import (
     ShardSnapshot,
     StaleToken,
     fence_token,
+    hand_over,
     take_over,
+    take_partitions,
 )
 from persistence.writer import ShardWriter, StorageUnavailable, WriterStatistics
 
@@ -158,8 +161,13 @@ class ShardOwner:
         self._publisher: EventPublisher | None = None
         self._rebuilds = 0
         self._stop_reason: str | None = None
-        # What the last load read: how many partitions, and their generation.
-        self._loaded: tuple[int, int] | None = None
+        # The partitions served (None before the first load), and the generation
+        # of that set its flushes carry.
+        self._partitions: PartitionSet | None = None
+        self._generation = 0
+        # One live move at a time (release or adopt): each runs with the generation
+        # the previous one left.
+        self._moving = asyncio.Lock()
 
     # -- lifecycle --------------------------------------------------------------
 
@@ -265,7 +273,7 @@ class ShardOwner:
         raise ShardFailed(f"shard {self.shard_id} stopped: {self._stop_reason}")
 
     def statistics(self) -> OwnerStatistics:
-        loaded = self._loaded
+        loaded = self._partitions
         return OwnerStatistics(
             shard_id=self.shard_id,
             owner=self.owner,
@@ -277,8 +285,8 @@ class ShardOwner:
             writer=self._writer.statistics() if self._writer is not None else None,
             runtime=self._runtime.statistics() if self._runtime is not None else None,
             events=self._publisher.statistics() if self._publisher is not None else None,
-            partitions=loaded[0] if loaded is not None else None,
-            partitions_generation=loaded[1] if loaded is not None else None,
+            partitions=len(loaded.owned) if loaded is not None else None,
+            partitions_generation=self._generation if loaded is not None else None,
         )
 
     def check_invariants(self) -> None:
@@ -309,6 +317,119 @@ class ShardOwner:
         if writer is None or not writer.accepting:
             return "the shard's storage is behind or failing"
         return None
+
+    # -- live moves -------------------------------------------------------------
+
+    @property
+    def partitions(self) -> PartitionSet | None:
+        """The partitions this owner serves now (None before its first load)."""
+        return self._partitions
+
+    async def release(self, moves: Mapping[int, int]) -> list[int]:
+        """Hand partitions over to other shards while serving the rest: the old
+        owner's side of a live move. ``moves``: partition -> its new shard.
+
+        The core forgets the partitions at once (their commands get 503
+        ``partitionNotServed`` from now on), then, once every change of them
+        handed to the writer has committed, ``hand_over`` reassigns them in the
+        map and raises this shard's generation, on the writer's connection
+        between two flushes. The new shards take them with ``adopt``. If that
+        transaction fails, the writer fails and the owner reloads what the map
+        says (with or without the partitions, as it committed or not). Returns
+        the partitions handed over.
+        """
+        async with self._moving:
+            runtime, writer, lease, served = self._serving()
+            moving = frozenset(moves)
+            if not moving <= served.owned:
+                raise PartitioningError(
+                    f"shard {self.shard_id} does not serve partitions"
+                    f" {sorted(moving - served.owned)}"
+                )
+            if self.shard_id in moves.values():
+                raise PartitioningError(f"shard {self.shard_id} cannot hand a partition to itself")
+            if not moving:
+                return []
+            token, generation = lease.token, self._generation
+            assert token is not None
+            runtime.release_partitions(moving)
+            self._partitions = PartitionSet(served.partitions, served.owned - moving)
+
+            async def job(connection: asyncpg.Connection) -> int:
+                raised = await hand_over(
+                    connection, self.shard_id, token, self.owner, generation, moves
+                )
+                writer.set_generation(raised)
+                return raised
+
+            self._generation = await writer.exclusive(job)
+            logger.info(
+                "shard %d handed %d partitions over (generation %d): %s",
+                self.shard_id,
+                len(moving),
+                self._generation,
+                _ranges(moving),
+            )
+            return sorted(moving)
+
+    async def adopt(self) -> list[int]:
+        """Take the partitions the map gives this shard beyond those it serves: the
+        new owner's side of a live move. Loads only those partitions
+        (``take_partitions``, on the writer's connection between two flushes),
+        merges them into the running core and re-arms their timers. Returns the
+        partitions taken (none if the map gives it nothing new)."""
+        async with self._moving:
+            runtime, writer, lease, served = self._serving()
+            token = lease.token
+            assert token is not None
+            now_ms = self._clock.now_ms()
+
+            async def job(connection: asyncpg.Connection) -> ShardSnapshot:
+                snapshot = await take_partitions(
+                    connection, self.shard_id, token, self.owner, served, now_ms
+                )
+                writer.set_generation(snapshot.generation)
+                return snapshot
+
+            snapshot = await writer.exclusive(job)
+            self._generation = snapshot.generation
+            added = snapshot.partitions.owned
+            if not added:
+                return []
+            joined = PartitionSet(served.partitions, served.owned | added)
+            runtime.adopt_partitions(
+                joined,
+                slots=snapshot.slots,
+                bookings=snapshot.bookings,
+                entries=snapshot.entries,
+                keys=snapshot.keys,
+            )
+            self._partitions = joined
+            logger.info(
+                "shard %d took %d partitions (generation %d): %s; %d slots, %d bookings,"
+                " %d queue entries",
+                self.shard_id,
+                len(added),
+                snapshot.generation,
+                _ranges(added),
+                len(snapshot.slots),
+                len(snapshot.bookings),
+                len(snapshot.entries),
+            )
+            return sorted(added)
+
+    def _serving(self) -> tuple[ShardRuntime, ShardWriter, ShardLease, PartitionSet]:
+        runtime, writer, lease, served = self._runtime, self._writer, self._lease, self._partitions
+        if (
+            self.state is not OwnerState.SERVING
+            or runtime is None
+            or writer is None
+            or lease is None
+            or lease.token is None
+            or served is None
+        ):
+            raise ShardUnreachable(f"shard {self.shard_id} is not serving: no partition moves")
+        return runtime, writer, lease, served
 
     # -- taking over and rebuilding ---------------------------------------------
 
@@ -389,7 +510,8 @@ class ShardOwner:
         )
         self._writer = writer
         self._runtime = runtime
-        self._loaded = (len(snapshot.partitions.owned), snapshot.generation)
+        self._partitions = snapshot.partitions
+        self._generation = snapshot.generation
         writer.start()
         runtime.start()
         self._take(OwnerEvent.LOADED)
@@ -557,3 +679,14 @@ class ShardOwner:
 
 class _LeaseBusy(Exception):
     """Another owner holds the lease (or the token was stale): try again later."""
+
+
+def _ranges(partitions: frozenset[int]) -> str:
+    """``0-3,7,9-10``: a set of partitions for a log line."""
+    spans: list[list[int]] = []
+    for partition in sorted(partitions):
+        if spans and spans[-1][1] == partition - 1:
+            spans[-1][1] = partition
+        else:
+            spans.append([partition, partition])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in spans) or "-"

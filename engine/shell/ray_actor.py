@@ -49,7 +49,7 @@ import tempfile
 import time
 import warnings
 import zlib
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, Final, cast
 
 import ray
@@ -89,6 +89,7 @@ from engine.shell.local_engine import (
 from engine.shell.owner import OwnerStatistics, ShardOwner, StorageSettings
 from engine.shell.runtime import MemoryEventSink, RuntimeStatistics, ShardRuntime
 from persistence.migrate import database_fingerprint_of
+from persistence.partitioning import PartitioningError
 
 __all__ = ["SHARD_ACTOR_PREFIX", "DeploymentMismatch", "ShardIdentity", "actor_name"]
 
@@ -371,6 +372,25 @@ class ShardActor:
     async def owner_statistics(self) -> OwnerStatistics | None:
         return self._owner.statistics() if self._owner is not None else None
 
+    async def release_partitions(self, moves: dict[int, int]) -> list[int]:
+        """Hand partitions over to other shards (``ShardOwner.release``)."""
+        return await self._moving(lambda owner: owner.release(moves))
+
+    async def adopt_partitions(self) -> list[int]:
+        """Take what the partition map gives this shard beyond what it serves
+        (``ShardOwner.adopt``)."""
+        return await self._moving(lambda owner: owner.adopt())
+
+    async def _moving(self, move: Callable[[ShardOwner], Awaitable[list[int]]]) -> list[int]:
+        owner = self._owner
+        if owner is None:
+            raise ShardFailed(f"shard {self._shard_id} keeps no partitions in storage")
+        await self._started(limits.SHARD_UNAVAILABLE_PATIENCE_MS)
+        try:
+            return await move(owner)
+        except PartitioningError as exc:
+            raise ShardFailed(str(exc)) from exc
+
     async def check_invariants(self) -> None:
         try:
             if self._owner is not None:
@@ -463,12 +483,15 @@ def placement_nodes() -> list[str]:
     return sorted(str(node["NodeID"]) for node in (working or alive))
 
 
-def _placement(shard: int) -> Any:
+def _placement(shard: int, node: str | None = None) -> Any:
     """Shard ``shard``'s node, round robin over ``placement_nodes``: each node the same
     number of actors, so a lost node takes the fewest shards with it and their
     restarts (a node starts one worker process at a time per CPU) overlap. Soft:
     when that node is gone (a restart after its loss), Ray places the actor on
-    another. Ray's SPREAD when the nodes cannot be listed."""
+    another. Ray's SPREAD when the nodes cannot be listed. ``node``: that node
+    instead (a rebalance moving the actor), soft likewise."""
+    if node is not None:
+        return NodeAffinitySchedulingStrategy(node_id=node, soft=True)
     try:
         nodes = placement_nodes()
     except Exception:  # through a Ray Client that cannot list them, say
@@ -487,9 +510,11 @@ def spawn_shard_actor(
     name_prefix: str = SHARD_ACTOR_PREFIX,
     storage: StorageSettings | None = None,
     on_created: Callable[[Any], None] | None = None,
+    node: str | None = None,
 ) -> Any:
     """The handle of shard ``shard``'s actor, created unless it already exists (Ray's
-    ``get_if_exists``, telling ``on_created`` when it was created here)."""
+    ``get_if_exists``, telling ``on_created`` when it was created here); on
+    ``node`` if given, else where ``_placement`` puts the shard."""
     name = actor_name(shard, name_prefix)
     try:
         return ray.get_actor(name, namespace=namespace)
@@ -504,7 +529,7 @@ def spawn_shard_actor(
                 lifetime="detached",
                 num_cpus=0,
                 memory=limits.ACTOR_MEMORY_ASKED_BYTES,
-                scheduling_strategy=_placement(shard),
+                scheduling_strategy=_placement(shard, node),
                 max_restarts=-1,
                 max_pending_calls=limits.SHARD_PENDING_CALLS_MAX,
                 # Per-call task events feed Ray's dashboard, not us: thousands of batch
@@ -550,6 +575,7 @@ async def wait_shards_ready(
     deployment: str | None = None,
     database: str | None = None,
     name_prefix: str = SHARD_ACTOR_PREFIX,
+    first_shard: int = 0,
 ) -> list[ShardIdentity]:
     """Wait for every actor to serve; fail if one was created for another shard layout.
 
@@ -560,11 +586,11 @@ async def wait_shards_ready(
     async with asyncio.timeout(timeout_ms / 1000):
         if deployment is not None:
             found = await asyncio.gather(*(h.identify.remote() for h in handles))
-            check_identities(found, deployment, database, name_prefix)
+            check_identities(found, deployment, database, name_prefix, first_shard=first_shard)
         identities = cast(
             list[ShardIdentity], await asyncio.gather(*(h.ready.remote() for h in handles))
         )
-    check_identities(identities, deployment, database, name_prefix)
+    check_identities(identities, deployment, database, name_prefix, first_shard=first_shard)
     return identities
 
 
@@ -713,6 +739,8 @@ class RayShardTransport:
         self._tasks: set[asyncio.Task[None]] = set()
         # Per shard: the probe through Ray that callers whose socket broke wait for.
         self._reviving: dict[int, asyncio.Future[Any]] = {}
+        # Shards scaled away (``retire_shards``): never respawned.
+        self._retired: set[int] = set()
 
     @classmethod
     async def connect(
@@ -786,6 +814,53 @@ class RayShardTransport:
 
     def handle(self, shard: int) -> Any:
         return self._handles[shard]
+
+    async def connect_shards(
+        self, shard_count: int, timeout_ms: int = limits.ACTOR_CALL_TIMEOUT_MS
+    ) -> None:
+        """Reach shards up to ``shard_count``: the actors ``slotengine cluster scale``
+        added (found by name, never created here), each proving it is this
+        deployment's. Raises ``ShardUnreachable`` for one not found."""
+        known = len(self._handles)
+        if shard_count <= known:
+            self._retired.difference_update(range(shard_count))
+            return
+        handles = []
+        for shard in range(known, shard_count):
+            try:
+                handles.append(
+                    ray.get_actor(actor_name(shard, self._name_prefix), namespace=self._namespace)
+                )
+            except ValueError:
+                raise ShardUnreachable(f"shard {shard} has no actor (yet)") from None
+        async with asyncio.timeout(timeout_ms / 1000):
+            found: list[ShardIdentity] = await asyncio.gather(
+                *(h.identify.remote() for h in handles)
+            )
+        storage = self._storage
+        if storage is not None:
+            database = await database_fingerprint_of(storage.database_url)
+            for shard, identity in enumerate(found, start=known):
+                check_identities(
+                    [identity],
+                    storage.namespace,
+                    database,
+                    self._name_prefix,
+                    first_shard=shard,
+                )
+        if len(self._handles) != known:
+            return  # another call connected them meanwhile
+        self._handles.extend(handles)
+        self._links.extend([None] * len(handles))
+        self._ask_socket_after.extend([0.0] * len(handles))
+        self._retired.difference_update(range(shard_count))
+        for shard, identity in enumerate(found, start=known):
+            self._adopt_socket(shard, identity)
+
+    def retire_shards(self, shard_count: int) -> None:
+        """Shards from ``shard_count`` on were scaled away: an actor of theirs that
+        died stays dead (no replacement is spawned for it)."""
+        self._retired.update(range(shard_count, len(self._handles)))
 
     async def attach_local_sockets(self, timeout_ms: int = limits.ACTOR_CALL_TIMEOUT_MS) -> None:
         """Ask every actor where its local socket is, and use those of this node."""
@@ -873,7 +948,9 @@ class RayShardTransport:
         ):
             return
         if self._links[shard] is None:
-            self._links[shard] = LocalEngineTransport(identity.socket, len(self._handles))
+            self._links[shard] = LocalEngineTransport(
+                identity.socket, max(len(self._handles), shard + 1)
+            )
 
     def _drop_link(self, shard: int, link: LocalEngineTransport) -> None:
         if self._links[shard] is link:
@@ -971,6 +1048,8 @@ class RayShardTransport:
         link = self._links[shard]
         if link is not None:
             self._drop_link(shard, link)
+        if shard in self._retired:
+            return
         try:
             self._handles[shard] = spawn_shard_actor(
                 shard,

@@ -19,7 +19,7 @@ import asyncio
 import collections
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Final, Protocol
 
 import msgspec
@@ -44,7 +44,8 @@ from engine.core.protocol import (
     QueuePosition,
     SlotChanged,
 )
-from engine.core.records import ShardStatistics
+from engine.core.records import Booking, QueueEntry, ShardStatistics, StoredSlot
+from engine.core.routing import PartitionSet
 from engine.core.shard import ShardCore
 from engine.shell import limits
 from engine.shell.errors import BatchRejected, ShardFailed
@@ -394,6 +395,43 @@ class ShardRuntime:
             early_reply = self._early_reply(commands, results)
         self._apply_ns += time.thread_time_ns() - started_ns
         return reply, position, early_reply
+
+    def release_partitions(self, partitions: frozenset[int]) -> None:
+        """The core stops serving ``partitions`` (a live move, ``ShardCore.release``):
+        from now on it answers 503 ``partitionNotServed`` for their slots."""
+        self._guarded(lambda: self._core.release(partitions))
+
+    def adopt_partitions(
+        self,
+        partitions: PartitionSet,
+        *,
+        slots: Iterable[StoredSlot],
+        bookings: Iterable[Booking],
+        entries: Iterable[QueueEntry],
+        keys: Iterable[KeyRecord] = (),
+    ) -> None:
+        """The core serves ``partitions`` (its new full set) with the records loaded of
+        the ones added (``ShardCore.adopt``); deadlines already past fire now."""
+        self._guarded(
+            lambda: self._core.adopt(
+                partitions, slots=slots, bookings=bookings, entries=entries, keys=keys
+            )
+        )
+        if self._loop is not None:
+            self._on_timer()
+
+    def _guarded(self, change: Callable[[], None]) -> None:
+        if self._fatal is not None:
+            raise ShardFailed(f"shard {self._shard_id} stopped after a failure: {self._fatal!r}")
+        # Whatever the core has not handed off yet goes first: a release emits nothing.
+        self._hand_off_events()
+        try:
+            change()
+        except Exception as exc:
+            self._stop(exc)
+            raise ShardFailed(f"shard {self._shard_id} failed: {exc!r}") from exc
+        self._hand_off_events()
+        self._rearm()
 
     def statistics(self) -> RuntimeStatistics:
         return RuntimeStatistics(

@@ -249,10 +249,16 @@ async def test_a_database_written_before_partitions_loads_with_its_holds_and_que
     )
     assert len(slots) == 2 and len(holds) == 4
 
-    assert await migrate(admin) == ["0003_partitions.sql"]
+    assert await migrate(admin) == ["0003_partitions.sql", "0004_partition_moves.sql"]
     partition_map, moved = await establish_partitions(admin, partitions=None, shard_count=2)
     assert (partition_map.partitions, partition_map.owners, moved) == (2, (0, 1), {})
     assert dict(await admin.fetch("SELECT partition, id FROM slots")) == slots
+    # Partition n was shard n: every idempotency record knows its partition, so it
+    # follows the partition when it moves.
+    assert await admin.fetch("SELECT DISTINCT shard, partition FROM idempotency_records") != []
+    assert not await admin.fetchval(
+        "SELECT count(*) FROM idempotency_records WHERE partition IS DISTINCT FROM shard"
+    )
 
     owners = [make_owner(database_url, redis_namespace, shard=s, shard_count=2) for s in (0, 1)]
     for owner in owners:
