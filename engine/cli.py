@@ -156,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     cluster_parser = commands.add_parser(
         "cluster",
-        help="see, stop or remove the deployment's shard actors on a running Ray cluster",
+        help="see, scale, rebalance, stop or remove the deployment's shard actors on Ray",
         description="The deployment's shard actors on the Ray cluster at --address or "
         "RAY_ADDRESS (never started here); the deployment is named by its database "
         "(DATABASE_URL). Exit 2 when the cluster or the database cannot be reached.",

@@ -1,4 +1,4 @@
-"""``slotengine cluster``: see, stop and remove a deployment's shard actors on Ray.
+"""``slotengine cluster``: see, scale, rebalance, stop and remove a deployment's shard actors.
 
 It attaches to the running Ray cluster that ``--address`` or ``RAY_ADDRESS``
 names, names the deployment by its database (``DATABASE_URL``, else the
@@ -12,6 +12,10 @@ Here are only the arguments, attaching, printing and the outcome.
   tokens (docs/operations.md, "Reading the cluster status").
 - ``stop``: each actor flushes and releases its lease, then is ended for good.
 - ``reset``: every actor of the deployment is ended, whatever its state.
+- ``scale --shards N``: serve with N shard actors, moving partitions live
+  (``engine.shell.scaling``).
+- ``rebalance``: even the partitions over the actors, and the actors over the
+  nodes.
 
 It must never start a Ray cluster (no address: it refuses) or the embedded
 services, and never import Ray before a verb runs.
@@ -59,6 +63,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     status.add_argument(
         "--json", action="store_true", help="print the status as JSON instead of tables"
     )
+    scale = verbs.add_parser(
+        "scale",
+        parents=[common],
+        help="change the number of shard actors while the engine serves",
+        description="Serve the deployment with N shard actors, moving partitions live: "
+        "new actors start serving nothing, then partitions move to them in steps (each "
+        "partition pauses only for its own step: requests for it wait or get 503 with "
+        "retryAfter; the others are served throughout); actors scaled away hand every "
+        "partition over, keep answering for a moment, and are stopped gracefully. Every "
+        "gateway is told of the new map. Holds, queue places, offers and Idempotency-Keys "
+        "move with their partition. A later start configured with the same SLOTENGINE_SHARDS "
+        "as before keeps N (docs/operations.md, 'Scaling'). Exit 0 done, 1 a step failed.",
+    )
+    scale.add_argument("--shards", type=int, required=True, help="the shard actors to serve with")
+    _move_arguments(scale)
+    rebalance = verbs.add_parser(
+        "rebalance",
+        parents=[common],
+        help="even partitions over the shard actors, and the actors over the nodes",
+        description="Move the fewest partitions so that every shard actor serves its share, "
+        "live, then restart actors one at a time from the nodes with more than their share "
+        "on those with the fewest (a node that joined gets its share; each restart pauses "
+        "that shard's partitions for about a second). Exit 0 done, 1 a step failed.",
+    )
+    _move_arguments(rebalance)
     verbs.add_parser(
         "stop",
         parents=[common],
@@ -78,6 +107,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "acknowledged are committed already, unless SLOTENGINE_DURABILITY=relaxed). Exit 0 "
         "none is left, 1 one would not end.",
     )
+
+
+def _move_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--step-partitions",
+        type=int,
+        default=256,
+        help="partitions one shard hands over per step (default 256): fewer, shorter pauses"
+        " per partition; more, fewer steps",
+    )
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
 def service_urls(settings: "Settings") -> tuple[str, str | None]:
@@ -193,6 +233,8 @@ async def _verb(
         else:
             _print_status(status)
         return True
+    if args.action in ("scale", "rebalance"):
+        return await _move(args, settings, deployment, database_url, redis_url)
     if args.action == "stop":
         ends = await cluster.stop_actors(prefix)
     else:
@@ -203,6 +245,77 @@ async def _verb(
     for end in ends:
         print(_said(end, args.action))
     return all(end.ended and end.flushed is not False for end in ends)
+
+
+async def _move(
+    args: argparse.Namespace,
+    settings: "Settings",
+    deployment: str,
+    database_url: str,
+    redis_url: str | None,
+) -> bool:
+    import msgspec
+
+    from config.domains import load_policies
+    from engine.shell import scaling
+    from engine.shell.actor_identity import RAY_NAMESPACE, deployment_prefix
+    from engine.shell.owner import StorageSettings
+    from engine.shell.rebalance import MoveStep, read_map
+
+    if redis_url is None:
+        raise ClusterUnusable("REDIS_URL is not set and no embedded Redis runs: shards need it")
+    if args.action == "scale" and args.shards < 1:
+        raise ClusterUnusable(f"--shards: at least 1, got {args.shards}")
+    current = await read_map(database_url)
+    storage = StorageSettings(
+        database_url=database_url,
+        redis_url=redis_url,
+        relaxed=settings.durability == "relaxed",
+        namespace=deployment,
+        partitions=current.partitions,
+    )
+
+    def said(step: MoveStep) -> None:
+        if not args.json:
+            forced = f", by force from {step.forced_from}" if step.forced_from else ""
+            print(f"moved {step.partitions} partitions in {step.duration_ms:.0f} ms{forced}")
+
+    common = {
+        "policies": load_policies(settings),
+        "storage": storage,
+        "name_prefix": deployment_prefix(deployment),
+        "namespace": RAY_NAMESPACE,
+        "step_partitions": args.step_partitions,
+        "on_step": said,
+    }
+    if args.action == "scale":
+        report = await scaling.scale(shard_count=args.shards, **common)
+    else:
+        report = await scaling.rebalance_cluster(**common)
+    if args.json:
+        print(msgspec.json.encode(report).decode())
+        return True
+    moves = report.moves
+    print(
+        f"{report.shards_before} -> {report.shards_after} shards: {moves.moved} of"
+        f" {moves.partitions} partitions moved in {len(moves.steps)} steps,"
+        f" {moves.duration_ms / 1000:.1f} s (map version {moves.map_version_before} ->"
+        f" {moves.map_version_after})"
+    )
+    if report.added:
+        print(f"started shards {', '.join(map(str, report.added))}")
+    if report.ended:
+        print(f"stopped shards {', '.join(map(str, report.ended))}")
+    for relocation in report.relocations:
+        print(
+            f"shard {relocation.shard} restarted on node {relocation.to_node[:12]}"
+            f" in {relocation.duration_ms / 1000:.1f} s"
+        )
+    counts = ", ".join(f"{shard}: {n}" for shard, n in moves.counts.items())
+    print(f"partitions per shard: {counts}")
+    if moves.forced:
+        print(f"{moves.forced} partitions moved by force (their shard did not answer)")
+    return True
 
 
 def _said(end: "ShardEnd", action: str) -> str:

@@ -188,7 +188,10 @@ async def cluster_status(
     unreachable: list[str] = []
     fences, stored_map = await _fences(database_url, unreachable)
     owned = stored_map.counts() if stored_map is not None else {}
-    shards = sorted({*range(shard_count), *actors, *fences, *owned})
+    # The shards the map names (``shard_count``, the configured count, without a map);
+    # a fence row left by a shard scaled away is history, not a shard.
+    counted = shard_count if stored_map is None else stored_map.shard_count
+    shards = sorted({*range(counted), *actors, *owned})
     leases = await _leases(redis_url, deployment, shards, unreachable)
     return ClusterStatus(
         deployment=deployment,

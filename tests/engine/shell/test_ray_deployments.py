@@ -21,6 +21,7 @@ import msgspec
 import pytest
 import redis.asyncio as aioredis
 
+from engine.core import protocol as p
 from engine.core.routing import PARTITIONS_DEFAULT
 from engine.shell.actor_identity import RAY_NAMESPACE, actor_name, deployment_prefix
 from engine.shell.cluster import deployment_actors, remove_actors
@@ -348,3 +349,68 @@ async def test_serve_refuses_another_deployments_actor_with_one_line(
     assert f"not this start's deployment {ours.namespace}" in said
     assert f"serves deployment {theirs.namespace}" in said
     assert "Traceback" not in served.stderr
+
+
+async def test_cluster_scale_moves_partitions_live_and_callers_follow(
+    deployments: list[Deployment],
+) -> None:
+    from engine.shell.rebalance import read_map
+    from persistence.partitioning import read_partition_map
+
+    deployment = deployments[0]
+    transport = await _connect(deployment, shard_count=1)
+    client = EngineClient(
+        transport,
+        partition_map=await read_map(deployment.database_url),
+        map_source=lambda: read_partition_map(deployment.database_url),
+    )
+    engine = Engine(transport, client)
+    slots = [await engine.slot(capacity=2) for _ in range(8)]
+    keyed = {
+        slot_id: await engine.run(
+            p.Reserve, slot_id=slot_id, user_id="ann", idempotency_key=f"k-{slot_id}"
+        )
+        for slot_id in slots
+    }
+    assert all(held.status == 201 for held in keyed.values()), keyed
+
+    up = await asyncio.to_thread(_cluster, "scale", "--shards", "2", deployment=deployment)
+    assert up.returncode == 0, up.stdout + up.stderr
+    assert f"1 -> 2 shards: {PARTITIONS_DEFAULT // 2} of {PARTITIONS_DEFAULT} partitions" in (
+        up.stdout
+    )
+    assert "started shards 1" in up.stdout
+    scaled = await read_map(deployment.database_url)
+    assert scaled.counts() == {0: PARTITIONS_DEFAULT // 2, 1: PARTITIONS_DEFAULT // 2}
+    moved = [slot_id for slot_id in slots if scaled.shard_of(slot_id) == 1]
+    assert moved, "no slot of the test moved: pick more slots"
+    # The caller's map is the old one: it is told partitionNotServed, reads the map,
+    # reaches the new actor by name, and the key's first outcome replays there.
+    for slot_id in slots:
+        again = await engine.run(
+            p.Reserve, slot_id=slot_id, user_id="ann", idempotency_key=f"k-{slot_id}"
+        )
+        assert isinstance(again, p.BookingResult), again
+        assert again.booking.id == keyed[slot_id].booking.id
+        view = await engine.view(slot_id)
+        assert view.held_count == 1, view
+    assert client.shard_count == 2 and client.partition_map.version == scaled.version
+
+    shown = await asyncio.to_thread(_cluster, "status", "--json", deployment=deployment)
+    status = msgspec.json.decode(shown.stdout)
+    assert [(s["shard"], s["partitions"], s["actor"]["partitions"]) for s in status["shards"]] == [
+        (0, PARTITIONS_DEFAULT // 2, PARTITIONS_DEFAULT // 2),
+        (1, PARTITIONS_DEFAULT // 2, PARTITIONS_DEFAULT // 2),
+    ]
+
+    down = await asyncio.to_thread(_cluster, "scale", "--shards", "1", deployment=deployment)
+    assert down.returncode == 0, down.stdout + down.stderr
+    assert "stopped shards 1" in down.stdout
+    assert [name for _, name, _ in deployment_actors(deployment.prefix)] == [
+        actor_name(0, deployment.prefix)
+    ]
+    for slot_id in slots:
+        view = await engine.view(slot_id)
+        assert view.held_count == 1, view
+    assert client.shard_count == 1
+    await transport.close()
