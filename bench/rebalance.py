@@ -30,6 +30,8 @@ import asyncio
 import contextlib
 import functools
 import random
+import shutil
+import tempfile
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -48,6 +50,8 @@ from engine.shell.coalescer import EngineClient, RequestIds
 from engine.shell.errors import ShellError
 
 EXPIRING_DOMAIN: Final = "rebalance-expiring"
+# The Ray namespace of the run's own local Ray (``--engine ray``).
+RAY_SPACE: Final = "slotengine-bench"
 DRAIN_TIMEOUT_S: Final = 60.0
 EXPIRY_DEADLINE_S: Final = 90.0
 SHARDS_START_TIMEOUT_MS: Final = 180_000
@@ -101,6 +105,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=2.0,
         help="load before, between and after the changes (default 2)",
+    )
+    parser.add_argument(
+        "--nodes",
+        type=int,
+        default=0,
+        help="--engine ray: a Ray cluster of the run's own on this machine, a head with no"
+        " CPU for the actors and this many worker nodes (default 0: a plain local Ray)",
+    )
+    parser.add_argument(
+        "--join-node",
+        action="store_true",
+        help="--engine ray with --nodes: after the last change, one more worker node joins"
+        " and `cluster rebalance` evens the actors over the nodes, under the same load",
     )
     parser.add_argument("--seed", type=int, default=1, help="seed of the callers' choices")
     parser.add_argument(
@@ -201,6 +218,9 @@ class _Engine:
     scale: Callable[[int], Awaitable[dict[str, Any]]]
     close: Callable[[], Awaitable[None]]
     check_invariants: Callable[[], Awaitable[None]]
+    # Ray with nodes of its own: a node joins, then the actors are evened over the nodes.
+    join_and_rebalance: Callable[[], Awaitable[dict[str, Any]]] | None = None
+    cluster: Any = None
 
 
 async def _inproc_engine(storage: Any, policies: Any, first: int, step: int) -> _Engine:
@@ -277,13 +297,48 @@ async def _ray_engine(
         await transport.close()
         kill_shard_actors(shard_count=largest[0], namespace=namespace, name_prefix=prefix)
 
+    async def join_and_rebalance() -> dict[str, Any]:
+        cluster = engine.cluster
+        if cluster is None:
+            raise RuntimeError("--join-node needs --nodes")
+        before = scaling.actor_nodes(current[0], prefix, namespace)
+        # On the loop's thread: Ray sets signal handlers (the load stalls meanwhile).
+        cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        started = time.monotonic()
+        report = await scaling.rebalance_cluster(
+            policies=policies,
+            storage=storage,
+            name_prefix=prefix,
+            namespace=namespace,
+            step_partitions=step,
+        )
+        after = scaling.actor_nodes(current[0], prefix, namespace)
+        return {
+            "seconds": round(time.monotonic() - started, 3),
+            "relocations": [
+                {"shard": r.shard, "seconds": round(r.duration_ms / 1000, 3)}
+                for r in report.relocations
+            ],
+            "actors_per_node_before": _per_node(before),
+            "actors_per_node_after": _per_node(after),
+        }
+
     engine.scale = scale
     engine.close = close
     engine.check_invariants = invariants
+    engine.join_and_rebalance = join_and_rebalance
     return engine
 
 
-async def scenario(args: argparse.Namespace, namespace: str = "slotengine-bench") -> dict[str, Any]:
+def _per_node(placed: dict[int, str | None]) -> list[int]:
+    counts: dict[str, int] = {}
+    for node in placed.values():
+        counts[node or "-"] = counts.get(node or "-", 0) + 1
+    return sorted(counts.values(), reverse=True)
+
+
+async def scenario(args: argparse.Namespace, cluster: Any = None) -> dict[str, Any]:
     import msgspec
 
     from bench.ray import _drop_database, create_slot
@@ -308,8 +363,9 @@ async def scenario(args: argparse.Namespace, namespace: str = "slotengine-bench"
             engine = await _inproc_engine(storage, policies, counts[0], args.step_partitions)
         else:
             engine = await _ray_engine(
-                storage, policies, counts[0], args.step_partitions, prefix, namespace
+                storage, policies, counts[0], args.step_partitions, prefix, RAY_SPACE
             )
+            engine.cluster = cluster
         client = EngineClient(
             engine.transport,
             partition_map=await read_partition_map(storage.database_url),
@@ -334,6 +390,8 @@ async def scenario(args: argparse.Namespace, namespace: str = "slotengine-bench"
             for n in range(args.concurrency)
         ]
         changes: list[dict[str, Any]] = []
+        joined: dict[str, Any] | None = None
+        join_window: list[tuple[float, float]] = []
         windows: list[tuple[float, float]] = []
         expiring = Expiring()
         try:
@@ -345,6 +403,11 @@ async def scenario(args: argparse.Namespace, namespace: str = "slotengine-bench"
                 ended = time.monotonic()
                 windows.append((started, ended))
                 changes.append({"shards": count, "seconds": round(ended - started, 3), **moved})
+                await asyncio.sleep(args.phase_seconds)
+            if args.join_node and engine.join_and_rebalance is not None:
+                started = time.monotonic()
+                joined = await engine.join_and_rebalance()
+                join_window.append((started, time.monotonic()))
                 await asyncio.sleep(args.phase_seconds)
         finally:
             load.stopping.set()
@@ -368,6 +431,13 @@ async def scenario(args: argparse.Namespace, namespace: str = "slotengine-bench"
         if not args.keep_database:
             await _drop_database(storage.database_url)
     by_kind = latencies(load.timings, windows)
+    if joined is not None:
+        # Actors restarted on the new node: their partitions pause for each restart.
+        during_join = latencies(load.timings, join_window)
+        joined["p99_during_ms"] = max(
+            (k["p99_during_moves_ms"] for k in during_join.values() if k["p99_during_moves_ms"]),
+            default=None,
+        )
     p99_during = max(
         (k["p99_during_moves_ms"] for k in by_kind.values() if k["p99_during_moves_ms"]),
         default=None,
@@ -377,6 +447,7 @@ async def scenario(args: argparse.Namespace, namespace: str = "slotengine-bench"
         "partitions": args.partitions,
         "shards": counts,
         "changes": changes,
+        "node_joined": joined,
         "final_partitions_per_shard": {str(s): n for s, n in sorted(final_map.counts().items())},
         "requests": ledger.answered,
         "requests_503": ledger.unavailable,
@@ -409,8 +480,34 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         return asyncio.run(scenario(args))
     import ray
 
-    ray.init(namespace="slotengine-bench", log_to_driver=False, include_dashboard=False)
+    if not args.nodes:
+        ray.init(namespace=RAY_SPACE, log_to_driver=False, include_dashboard=False)
+        try:
+            return asyncio.run(scenario(args))
+        finally:
+            ray.shutdown()
+    from ray.cluster_utils import Cluster
+
+    from engine.shell.ray_actor import ray_health_check_config
+
+    # Short: Ray's Unix socket paths must fit in 107 bytes.
+    temp_dir = tempfile.mkdtemp(prefix="rr-", dir="/tmp")
+    cluster: Any = Cluster(
+        initialize_head=True,
+        head_node_args={
+            "num_cpus": 0,
+            "temp_dir": temp_dir,
+            "include_dashboard": False,
+            "_system_config": ray_health_check_config(),
+        },
+    )
     try:
-        return asyncio.run(scenario(args))
+        for _ in range(args.nodes):
+            cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address, namespace=RAY_SPACE, log_to_driver=False)
+        return asyncio.run(scenario(args, cluster))
     finally:
         ray.shutdown()
+        cluster.shutdown()
+        shutil.rmtree(temp_dir, ignore_errors=True)

@@ -99,6 +99,11 @@ class RedisKeys:
         """A shard's fencing counter: only grows, never expires."""
         return f"{self._shard}:{shard}:token"
 
+    @property
+    def rebalance_claim(self) -> str:
+        """Held (with a TTL) by the one gateway rebalancing the deployment's actors."""
+        return f"{self.namespace}:rebalance"
+
     def shard_events(self, shard: int) -> str:
         """The channel of a shard's committed events."""
         return f"{self._events}:{shard}"

@@ -92,6 +92,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # that asks for another is refused (persistence/partitioning.py).
     partitions: int | None = None
     durability: Durability = "commit"
+    # On Ray: when a node joins, shard actors are restarted on it until every node
+    # holds its share (engine/shell/scaling.py, the same as `cluster rebalance`).
+    auto_rebalance: bool = False
     queue_inactivity_seconds: int = limits.QUEUE_INACTIVITY_DEFAULT_S
     domains_dir: Path = DOMAINS_DIR_DEFAULT
     data_dir: Path = DATA_DIR_DEFAULT
@@ -151,6 +154,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         ),
         partitions=env.read_or("SLOTENGINE_PARTITIONS", _integer(1, PARTITIONS_MAX), None),
         durability=env.read_or("SLOTENGINE_DURABILITY", _durability, "commit"),
+        auto_rebalance=env.read_or("SLOTENGINE_AUTO_REBALANCE", _boolean, False),
         queue_inactivity_seconds=env.read_or(
             "SLOTENGINE_QUEUE_INACTIVITY_SECONDS",
             _integer(1, limits.QUEUE_INACTIVITY_MAX_S),
@@ -224,6 +228,15 @@ def _durability(raw: str) -> Durability:
     if value == "relaxed":
         return "relaxed"
     raise ValueError(f"expected one of {', '.join(map(repr, DURABILITY_MODES))}")
+
+
+def _boolean(raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("expected true or false")
 
 
 def _log_level(raw: str) -> LogLevel:

@@ -303,6 +303,7 @@ def build_app(
             database_url=storage.database_url, redis_url=storage.redis_url
         )
         policies = load_policies(settings)
+        rebalancing: asyncio.Task[None] | None = None
         if engine_socket is not None:
             from engine.shell.local_engine import LocalEngineTransport
 
@@ -343,6 +344,19 @@ def build_app(
                 # An actor's own failure arrives wrapped in Ray's, with its traceback.
                 cause = getattr(error, "cause", None) or error
                 raise EngineStartFailed(f"the shard actors did not start: {cause}") from error
+            if settings.auto_rebalance:
+                from engine.shell.actor_identity import deployment_prefix
+                from engine.shell.scaling import auto_rebalance
+
+                rebalancing = asyncio.get_running_loop().create_task(
+                    auto_rebalance(
+                        policies=policies,
+                        storage=storage,
+                        name_prefix=deployment_prefix(storage.namespace),
+                        namespace=RAY_NAMESPACE,
+                    ),
+                    name="auto-rebalance",
+                )
         from persistence.partitioning import read_partition_map
 
         client = EngineClient(
@@ -378,6 +392,8 @@ def build_app(
             settings.durability,
         )
         yield
+        if rebalancing is not None:
+            rebalancing.cancel()
         await client.wait_idle(SHUTDOWN_TIMEOUT_S)
         await bus.close()
         await bus_client.aclose()

@@ -24,6 +24,7 @@ start a Ray cluster, nor end an actor that still serves a partition.
 import asyncio
 import logging
 import math
+import secrets
 import time
 from collections.abc import Callable
 from typing import Any, Final
@@ -60,6 +61,10 @@ logger = logging.getLogger(__name__)
 MOVE_CALL_TIMEOUT_MS: Final = 30_000
 # How long shards scaled away keep answering partitionNotServed before they end.
 RETIRE_AFTER_MS: Final = 3_000
+# How often a gateway with SLOTENGINE_AUTO_REBALANCE looks for a node that joined,
+# and how long its claim to rebalance (one gateway at a time) lasts at most.
+AUTO_REBALANCE_EVERY_S: Final = 5.0
+REBALANCE_CLAIM_TTL_MS: Final = 300_000
 
 
 class Relocation(msgspec.Struct, frozen=True, kw_only=True):
@@ -322,3 +327,57 @@ async def _end_actors(
         await end_shard_actors([handle], timeout_ms=limits.ACTOR_END_TIMEOUT_MS)
         ended.append(shard)
     return ended
+
+
+async def auto_rebalance(
+    *,
+    policies: dict[str, DomainPolicy],
+    storage: StorageSettings,
+    name_prefix: str,
+    namespace: str = RAY_NAMESPACE,
+    every_s: float = AUTO_REBALANCE_EVERY_S,
+) -> None:
+    """Until cancelled: when a node that takes actors joins, even the actors over the
+    nodes (``even_nodes``), one gateway of the deployment at a time (a claim in
+    Redis, ``RedisKeys.rebalance_claim``). A lost node is not a reason: its actors
+    restart elsewhere by themselves, and a node coming back counts as joining."""
+    claim = RedisKeys(storage.namespace).rebalance_claim
+    me = secrets.token_hex(8)
+    client = aioredis.Redis.from_url(storage.redis_url)
+    known: frozenset[str] | None = None
+    try:
+        while True:
+            await asyncio.sleep(every_s)
+            try:
+                nodes = frozenset(await asyncio.to_thread(placement_nodes))
+                joined = known is not None and not nodes <= known
+                known = nodes
+                if not joined:
+                    continue
+                async with asyncio.timeout(limits.REDIS_CALL_TIMEOUT_MS / 1000):
+                    claimed = await client.set(claim, me, nx=True, px=REBALANCE_CLAIM_TTL_MS)
+                if not claimed:
+                    continue  # another gateway does it
+                try:
+                    shard_count = (await read_map(storage.database_url)).shard_count
+                    moved = await even_nodes(
+                        shard_count=shard_count,
+                        policies=policies,
+                        storage=storage,
+                        name_prefix=name_prefix,
+                        namespace=namespace,
+                    )
+                    logger.info(
+                        "a node joined: %d shard actors moved to even the nodes", len(moved)
+                    )
+                finally:
+                    async with asyncio.timeout(limits.REDIS_CALL_TIMEOUT_MS / 1000):
+                        if await client.get(claim) == me.encode():
+                            await client.delete(claim)
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:  # the next round tries again
+                logger.warning("automatic rebalance failed: %r", error)
+                known = None
+    finally:
+        await client.aclose()

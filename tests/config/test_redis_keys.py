@@ -41,6 +41,8 @@ NAMES = [
         "slotengine:0123456789ab:idem:reserve:6:al:ice:k:1",
     ),
     (RedisKeys(NS).live_connections("alice"), "slotengine:0123456789ab:live:alice"),
+    (RedisKeys(NS).rebalance_claim, "slotengine:0123456789ab:rebalance"),
+    (redis_keys.MAP_CHANGED, b"partition-map-changed"),
     (slot_topic("s-1"), "s:s-1"),
     (user_topic("alice"), "u:alice"),
     (NAMESPACE_DEFAULT, "slotengine"),
@@ -49,8 +51,8 @@ NAMES = [
 ]
 
 
-@pytest.mark.parametrize(("built", "expected"), NAMES, ids=[e for _, e in NAMES])
-def test_every_name_is_what_deployments_hold(built: str, expected: str) -> None:
+@pytest.mark.parametrize(("built", "expected"), NAMES, ids=[str(e) for _, e in NAMES])
+def test_every_name_is_what_deployments_hold(built: str | bytes, expected: str | bytes) -> None:
     assert built == expected
 
 

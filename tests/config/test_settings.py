@@ -123,6 +123,14 @@ def test_both_durability_modes(mode: str) -> None:
     assert load_settings({"SLOTENGINE_DURABILITY": mode}).durability == mode
 
 
+@pytest.mark.parametrize(
+    ("raw", "expected"), [("true", True), ("On", True), ("1", True), ("false", False), ("0", False)]
+)
+def test_automatic_rebalance_is_a_switch(raw: str, expected: bool) -> None:
+    assert load_settings({"SLOTENGINE_AUTO_REBALANCE": raw}).auto_rebalance is expected
+    assert load_settings({}).auto_rebalance is False
+
+
 def test_values_are_trimmed_and_durability_ignores_case() -> None:
     settings = load_settings({"SLOTENGINE_QUEUE_MAX": " 42 ", "SLOTENGINE_DURABILITY": "Relaxed"})
     assert settings.queue_max == 42
@@ -201,6 +209,10 @@ def test_read_timeouts_are_whole_seconds_up_to_a_minute(name: str, field: str) -
         (
             {"SLOTENGINE_DURABILITY": "async"},
             "SLOTENGINE_DURABILITY: expected one of 'commit', 'relaxed', got 'async'",
+        ),
+        (
+            {"SLOTENGINE_AUTO_REBALANCE": "maybe"},
+            "SLOTENGINE_AUTO_REBALANCE: expected true or false, got 'maybe'",
         ),
         (
             {"DATABASE_URL": "mysql://root@localhost/test"},

@@ -1,0 +1,70 @@
+"""Scaling shard actors on a Ray cluster of several nodes under load, and a node joining.
+
+The scenario is ``python -m bench rebalance --engine ray``'s, run short in a
+subprocess of its own: it needs a Ray cluster of several nodes on this machine
+(``ray.cluster_utils.Cluster``: a head that offers no CPU to the actors and one
+worker node), which cannot share the test session's local Ray. Durable shard
+actors (real PostgreSQL and Redis) go from 2 to 4 while callers keep a ledger of
+every acknowledged change, with holds and queue offers left to expire across the
+moves; then a second worker node joins and ``cluster rebalance`` restarts actors on
+it until each node holds two. Nothing acknowledged is lost, nothing breaks an
+invariant, no caller sees an error other than 503, every hold and offer expires
+(none early), and the actors end evened over the nodes.
+
+Times are not asserted: a loaded machine takes longer to start and move actors.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import DATABASE_URL, REDIS_URL
+
+pytestmark = pytest.mark.ray
+
+REPO = Path(__file__).resolve().parents[3]
+# Two nodes start, four actors, a node joins and two actors restart on it, the
+# expiries are waited for: about a minute on an idle machine.
+SCENARIO_TIMEOUT_S = 300
+
+
+def test_scaling_up_and_a_node_joining_under_load_lose_nothing_and_even_the_nodes() -> None:
+    command = [
+        sys.executable, "-m", "bench", "rebalance", "--engine=ray", "--nodes=1",
+        "--join-node", "--shards=2,4", "--partitions=64", "--step-partitions=16",
+        "--concurrency=30", "--slots=24", "--expiring=4", "--hold-ms=8000",
+        "--claim-ms=3000", "--phase-seconds=1.5", "--on-time-ms=60000",
+    ]  # fmt: skip
+    done = subprocess.run(
+        command,
+        cwd=REPO,
+        env={**os.environ, "DATABASE_URL": DATABASE_URL, "REDIS_URL": REDIS_URL},
+        capture_output=True,
+        text=True,
+        timeout=SCENARIO_TIMEOUT_S,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+
+    [change] = result["changes"]
+    assert (change["shards"], change["added"], change["forced"]) == (4, [2, 3], 0)
+    assert change["moved"] == 32  # half of each old shard's 32 partitions
+    assert result["final_partitions_per_shard"] == {"0": 16, "1": 16, "2": 16, "3": 16}
+    joined = result["node_joined"]
+    assert joined["actors_per_node_before"] == [4]
+    assert joined["actors_per_node_after"] == [2, 2]
+    assert len(joined["relocations"]) == 2
+
+    assert result["lost_acks"] == 0, result["lost_ack_examples"]
+    assert result["violations"] == 0, result["reconcile_findings"]
+    assert result["other_errors"] == 0, result["other_error_examples"]
+    assert result["invariants_error"] is None
+    assert result["acknowledged_changes"] > 0
+    assert result["holds_expired"] == result["holds_left_to_expire"] == 4
+    assert result["offers_expired"] == result["offers_expected"] == 4
+    assert result["expired_early"] == 0 and result["expired_late"] == 0
