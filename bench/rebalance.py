@@ -50,6 +50,9 @@ from engine.shell.coalescer import EngineClient, RequestIds
 from engine.shell.errors import ShellError
 
 EXPIRING_DOMAIN: Final = "rebalance-expiring"
+# --join-node auto: how often the automatic rebalance looks, and how long it may take.
+AUTO_EVERY_S: Final = 0.5
+AUTO_DEADLINE_S: Final = 60.0
 # The Ray namespace of the run's own local Ray (``--engine ray``).
 RAY_SPACE: Final = "slotengine-bench"
 DRAIN_TIMEOUT_S: Final = 60.0
@@ -115,9 +118,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--join-node",
-        action="store_true",
+        choices=("command", "auto"),
+        default=None,
         help="--engine ray with --nodes: after the last change, one more worker node joins"
-        " and `cluster rebalance` evens the actors over the nodes, under the same load",
+        " and the actors are evened over the nodes under the same load, by `cluster"
+        " rebalance` (command) or by the automatic rebalance of SLOTENGINE_AUTO_REBALANCE"
+        " (auto)",
     )
     parser.add_argument("--seed", type=int, default=1, help="seed of the callers' choices")
     parser.add_argument(
@@ -251,10 +257,10 @@ async def _inproc_engine(storage: Any, policies: Any, first: int, step: int) -> 
 
 
 async def _ray_engine(
-    storage: Any, policies: Any, first: int, step: int, prefix: str, namespace: str
+    storage: Any, policies: Any, first: int, step: int, prefix: str, namespace: str, how: str
 ) -> _Engine:
     from engine.shell import scaling
-    from engine.shell.ray_actor import RayShardTransport, kill_shard_actors
+    from engine.shell.ray_actor import RayShardTransport, kill_shard_actors, placement_nodes
 
     transport = await RayShardTransport.connect(
         shard_count=first,
@@ -302,24 +308,55 @@ async def _ray_engine(
         if cluster is None:
             raise RuntimeError("--join-node needs --nodes")
         before = scaling.actor_nodes(current[0], prefix, namespace)
+        automatic = None
+        if how == "auto":
+            # What a gateway started with SLOTENGINE_AUTO_REBALANCE runs, looking often.
+            automatic = asyncio.create_task(
+                scaling.auto_rebalance(
+                    policies=policies,
+                    storage=storage,
+                    name_prefix=prefix,
+                    namespace=namespace,
+                    every_s=AUTO_EVERY_S,
+                )
+            )
+            await asyncio.sleep(2 * AUTO_EVERY_S)  # it has seen the nodes of before
         # On the loop's thread: Ray sets signal handlers (the load stalls meanwhile).
         cluster.add_node(num_cpus=1)
         cluster.wait_for_nodes()
         started = time.monotonic()
-        report = await scaling.rebalance_cluster(
-            policies=policies,
-            storage=storage,
-            name_prefix=prefix,
-            namespace=namespace,
-            step_partitions=step,
-        )
-        after = scaling.actor_nodes(current[0], prefix, namespace)
-        return {
-            "seconds": round(time.monotonic() - started, 3),
-            "relocations": [
+        relocations: list[dict[str, Any]] = []
+        if automatic is None:
+            report = await scaling.rebalance_cluster(
+                policies=policies,
+                storage=storage,
+                name_prefix=prefix,
+                namespace=namespace,
+                step_partitions=step,
+            )
+            relocations = [
                 {"shard": r.shard, "seconds": round(r.duration_ms / 1000, 3)}
                 for r in report.relocations
-            ],
+            ]
+        else:
+            try:
+                deadline = time.monotonic() + AUTO_DEADLINE_S
+                while time.monotonic() < deadline:
+                    await asyncio.sleep(AUTO_EVERY_S)
+                    placed = scaling.actor_nodes(current[0], prefix, namespace)
+                    if None not in placed.values() and _per_node(placed) == _even(
+                        current[0], len(placement_nodes())
+                    ):
+                        break
+            finally:
+                automatic.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await automatic
+        after = scaling.actor_nodes(current[0], prefix, namespace)
+        return {
+            "how": how,
+            "seconds": round(time.monotonic() - started, 3),
+            "relocations": relocations,
             "actors_per_node_before": _per_node(before),
             "actors_per_node_after": _per_node(after),
         }
@@ -329,6 +366,11 @@ async def _ray_engine(
     engine.check_invariants = invariants
     engine.join_and_rebalance = join_and_rebalance
     return engine
+
+
+def _even(actors: int, nodes: int) -> list[int]:
+    base, extra = divmod(actors, nodes)
+    return sorted([base + (1 if n < extra else 0) for n in range(nodes)], reverse=True)
 
 
 def _per_node(placed: dict[int, str | None]) -> list[int]:
@@ -363,7 +405,13 @@ async def scenario(args: argparse.Namespace, cluster: Any = None) -> dict[str, A
             engine = await _inproc_engine(storage, policies, counts[0], args.step_partitions)
         else:
             engine = await _ray_engine(
-                storage, policies, counts[0], args.step_partitions, prefix, RAY_SPACE
+                storage,
+                policies,
+                counts[0],
+                args.step_partitions,
+                prefix,
+                RAY_SPACE,
+                args.join_node or "command",
             )
             engine.cluster = cluster
         client = EngineClient(
