@@ -33,6 +33,8 @@ if TYPE_CHECKING:
     from config.settings import Settings
     from engine.shell.cluster import ClusterStatus, ShardEnd, ShardStatus
 
+logger = logging.getLogger(__name__)
+
 # How long naming the deployment waits for the database, and attaching for the
 # cluster's first answer.
 CONNECT_TIMEOUT_S = 10.0
@@ -288,10 +290,17 @@ async def _move(
         "step_partitions": args.step_partitions,
         "on_step": said,
     }
-    if args.action == "scale":
-        report = await scaling.scale(shard_count=args.shards, **common)
-    else:
-        report = await scaling.rebalance_cluster(**common)
+    try:
+        if args.action == "scale":
+            report = await scaling.scale(shard_count=args.shards, **common)
+        else:
+            report = await scaling.rebalance_cluster(**common)
+    except Exception as error:
+        # Whatever moved is in the map, and a partition half way is adopted by the
+        # next run: one line, exit 1, and the operator runs it again.
+        logger.exception("cluster %s failed", args.action)
+        print(f"cluster {args.action} stopped: {error}; run it again to finish")
+        return False
     if args.json:
         print(msgspec.json.encode(report).decode())
         return True
