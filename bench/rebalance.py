@@ -38,6 +38,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
 from bench.failover import (
+    PAUSE_AFTER_503_S,
     Expiring,
     Ledger,
     Load,
@@ -57,6 +58,8 @@ AUTO_DEADLINE_S: Final = 60.0
 RAY_SPACE: Final = "slotengine-bench"
 DRAIN_TIMEOUT_S: Final = 60.0
 EXPIRY_DEADLINE_S: Final = 90.0
+# A caller refused (already booked, the queue full) tries again after this.
+REFUSED_PAUSE_S: Final = 0.05
 SHARDS_START_TIMEOUT_MS: Final = 180_000
 # Targets (issue: "p99 ≤ 1 s during moves, 0 lost acks and 0 violations").
 TARGET_P99_DURING_MOVES_MS: Final = 1_000.0
@@ -160,6 +163,41 @@ class TimedLoad(Load):
         if isinstance(result, p.Failure) and result.status >= 500 and result.status != 503:
             self.other_errors.append(f"{type(command).__name__}: {result.status} {result.code}")
         return result
+
+    async def caller(self, user: str, slots: list[str], seed: float) -> None:
+        """Reserve; a hold is confirmed and then cancelled, and a queue place (the
+        slot was full) looked at and left: the places keep turning over (an offer
+        nobody claims would hold one for its claim TTL), so every kind of change
+        goes on through the moves."""
+        rng = random.Random(seed)
+        ids = self.ids
+        while not self.stopping.is_set():
+            slot_id = rng.choice(slots)
+            held = await self.execute(
+                p.Reserve(request_id=ids.next(), slot_id=slot_id, user_id=user), slot_id
+            )
+            if isinstance(held, p.BookingResult) and held.status == 201:
+                booking_id = held.booking.id
+                confirmed = await self.execute(
+                    p.Confirm(request_id=ids.next(), booking_id=booking_id, user_id=user),
+                    booking_id,
+                )
+                if isinstance(confirmed, p.BookingResult):
+                    await self.execute(
+                        p.Cancel(request_id=ids.next(), booking_id=booking_id, user_id=user),
+                        booking_id,
+                    )
+            elif isinstance(held, p.QueueResult):
+                await self.execute(
+                    p.QueuePosition(request_id=ids.next(), slot_id=slot_id, user_id=user), slot_id
+                )
+                await self.execute(
+                    p.LeaveQueue(request_id=ids.next(), slot_id=slot_id, user_id=user), slot_id
+                )
+            elif held is None:
+                await asyncio.sleep(PAUSE_AFTER_503_S)
+            else:
+                await asyncio.sleep(REFUSED_PAUSE_S)
 
 
 def percentile(values: list[float], fraction: float) -> float | None:
