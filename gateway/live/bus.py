@@ -3,22 +3,25 @@
 It owns the shard channels subscribed (reference counted per listener and
 key), the confirmation that a subscription is in place before a watch reads
 its snapshot, reconnecting after Redis went away (then every listener is told
-to read a fresh snapshot), and handing each event to the listeners of its
-keys, synchronously and in order. It must never wait on a listener, never
-encode a client's message, and never import the watches or the endpoints:
-they are its listeners (``Listener``), not its dependencies.
+to read a fresh snapshot), handing each event to the listeners of its keys,
+synchronously and in order, and the deployment's notices on its own channel
+(``MAP_CHANGED``: ``on_map_changed``; any other message there is ignored).
+It must never wait on a listener, never encode a client's message, and never
+import the watches or the endpoints: they are its listeners (``Listener``),
+not its dependencies.
 """
 
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 from typing import Any, Final, Protocol
 
 import msgspec
 import redis.asyncio as aioredis
 import redis.exceptions
 
-from config.redis_keys import RedisKeys
+from config.redis_keys import MAP_CHANGED, RedisKeys
 from engine.core import protocol as p
 
 logger = logging.getLogger("slotengine.realtime")
@@ -79,6 +82,10 @@ class EventBus:
         self.namespace = namespace
         # The names of the deployment's channels (config/redis_keys.py).
         self.keys = RedisKeys(namespace)
+        # The bus channel as a message names it (bytes): notices to every gateway, no events.
+        self._notices_channel = self.keys.bus_channel.encode()
+        # Called, synchronously, when the partition map changed (a live move): must not wait.
+        self.on_map_changed: Callable[[], None] | None = None
         self._message = msgspec.msgpack.Decoder(tuple[list[list[str]], list[msgspec.Raw]])
         self._decoder = msgspec.msgpack.Decoder(p.AnyEvent)
         self._listeners: dict[str, dict[Listener, int]] = {}
@@ -221,7 +228,10 @@ class EventBus:
             if kind == "pong":
                 self._confirm(message["data"])
             elif kind == "message":
-                self._dispatch(message["data"])
+                if message["channel"] == self._notices_channel:
+                    self._notice(message["data"])
+                else:
+                    self._dispatch(message["data"])
 
     def _dispatch(self, data: bytes) -> None:
         try:
@@ -247,6 +257,14 @@ class EventBus:
                         listener.deliver(event)
                     except Exception:  # one broken watch must not stop the others
                         logger.exception("a watch failed on an event")
+
+    def _notice(self, data: Any) -> None:
+        if data != MAP_CHANGED or self.on_map_changed is None:
+            return
+        try:
+            self.on_map_changed()
+        except Exception:  # the bus reads on whatever the callback did
+            logger.exception("handling a partition map notice failed")
 
     def _confirm(self, data: Any) -> None:
         token = data.decode() if isinstance(data, bytes) else str(data)

@@ -6,9 +6,10 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable
 
+import msgspec
 import redis.asyncio as aioredis
 
-from config.redis_keys import RedisKeys, slot_topic, user_topic
+from config.redis_keys import MAP_CHANGED, RedisKeys, slot_topic, user_topic
 from engine.core import protocol as p
 from engine.shell.events import EventPublisher
 from gateway.live.bus import EventBus
@@ -233,3 +234,37 @@ async def test_a_message_sent_before_a_watch_asked_does_not_stop_publishing() ->
         await _until(lambda: not publisher.statistics().publishing)
     finally:
         await publisher.close()
+
+
+async def test_the_bus_channel_carries_notices_only_and_map_changed_calls_back(
+    redis_namespace: str,
+) -> None:
+    keys = RedisKeys(redis_namespace)
+    watcher = Recorder()
+    notices = asyncio.Event()
+    told: list[None] = []
+
+    def map_changed() -> None:
+        told.append(None)
+        notices.set()
+
+    event = msgspec.msgpack.encode(_moved("s-watched", 1))
+    shaped_as_events = msgspec.msgpack.encode(([[slot_topic("s-watched")]], [msgspec.Raw(event)]))
+    async with _bus_and_publisher(redis_namespace, shard=1) as (bus, _):
+        bus.on_map_changed = map_changed
+        await bus.subscribe(keys.shard_events(1), slot_topic("s-watched"), watcher)
+        client = aioredis.Redis.from_url(REDIS_URL)
+        try:
+            # Neither an event message nor anything else on the bus channel is an event.
+            for message in (shaped_as_events, b"something else", MAP_CHANGED):
+                await client.publish(keys.bus_channel, message)
+            async with asyncio.timeout(WAIT_LIMIT_S):
+                await notices.wait()
+            assert len(told) == 1
+            assert watcher.events == [] and bus.statistics().events_received == 0
+            # The same message on a shard's channel is an event, delivered.
+            await client.publish(keys.shard_events(1), shaped_as_events)
+            await watcher.wait_for(lambda: len(watcher.events) == 1)
+            assert len(told) == 1
+        finally:
+            await client.aclose()
