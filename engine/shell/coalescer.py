@@ -158,6 +158,10 @@ class EngineClient:
     flight per shard so that the shard's backpressure is not tripped.
     """
 
+    # Called with (old map, new map) once a fresher stored map is taken; synchronous,
+    # it must not wait (the gateway's live updates follow the partitions with it).
+    on_map_changed: Callable[[routing.PartitionMap, routing.PartitionMap], None] | None = None
+
     def __init__(
         self,
         transport: ShardTransport,
@@ -306,10 +310,15 @@ class EngineClient:
         if fresh.version > self._partition_map.version:
             if fresh.shard_count > self._shard_count and not await self._reach(fresh.shard_count):
                 return
-            self._partition_map = fresh
+            previous, self._partition_map = self._partition_map, fresh
             retire = getattr(self._transport, "retire_shards", None)
             if retire is not None and fresh.shard_count < self._shard_count:
                 retire(fresh.shard_count)
+            if self.on_map_changed is not None:
+                try:
+                    self.on_map_changed(previous, fresh)
+                except Exception:  # the map is taken all the same
+                    logger.exception("a partition map listener failed")
 
     async def _reach(self, shard_count: int) -> bool:
         """Lanes to shards up to ``shard_count`` (shards added by a scale), if the
