@@ -87,6 +87,11 @@ REDIS_TIMEOUT_S: Final = REDIS_CALL_TIMEOUT_MS / 1000
 # burst of a few hundred WebSocket connects or keyed requests reaches: past this
 # many a call waits for a connection instead, within the call's own timeout.
 REDIS_CONNECTIONS_MAX: Final = 256
+# How often the gateway reads the partition map even when told nothing: the
+# coordinator's notice (MAP_CHANGED on the bus channel) may have been lost
+# (Redis away, a gateway restarting), and a live watch would then hear nothing of
+# a moved slot until a command for it was refused. One small read per process.
+MAP_REFRESH_EVERY_S: Final = 10.0
 
 
 def gateway_redis(url: str, *, timeout_s: float = REDIS_TIMEOUT_S) -> aioredis.Redis:
@@ -105,6 +110,28 @@ def gateway_redis(url: str, *, timeout_s: float = REDIS_TIMEOUT_S) -> aioredis.R
         retry=Retry(NoBackoff(), 0),
     )
     return aioredis.Redis.from_pool(pool)
+
+
+async def follow_the_map(client: EngineClient, live: LiveConnections) -> None:
+    """Keep ``client``'s partition map fresh and the live connections following it,
+    until cancelled (with the app).
+
+    The map is read when the bus says it changed (``MAP_CHANGED``) and every
+    ``MAP_REFRESH_EVERY_S`` besides; each newer map the client takes is handed
+    to the live connections (``LiveConnections.map_changed``).
+    """
+    changed = asyncio.Event()
+    live.bus.on_map_changed = changed.set
+    client.on_map_changed = live.map_changed
+    try:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(changed.wait(), MAP_REFRESH_EVERY_S)
+            changed.clear()
+            await client.refresh_map()
+    finally:
+        live.bus.on_map_changed = None
+        client.on_map_changed = None
 
 
 class EngineStartFailed(Exception):
@@ -377,13 +404,16 @@ def build_app(
         )
         bus = EventBus(bus_client, storage.namespace)
         await bus.start()
-        app[LIVE_KEY] = LiveConnections(
+        live = app[LIVE_KEY] = LiveConnections(
             bus,
             limiter=ConnectionLimiter(
                 redis_client,
                 settings.live_connections_per_user_max,
                 namespace=storage.namespace,
             ),
+        )
+        following = asyncio.get_running_loop().create_task(
+            follow_the_map(client, live), name="follow-the-map"
         )
         logger.info(
             "serving with %d shards (%s engine, %s durability)",
@@ -394,6 +424,9 @@ def build_app(
         yield
         if rebalancing is not None:
             rebalancing.cancel()
+        following.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await following
         await client.wait_idle(SHUTDOWN_TIMEOUT_S)
         await bus.close()
         await bus_client.aclose()

@@ -38,6 +38,17 @@ snapshot already reflects are recognised and skipped:
 - a slot view carries a revision that grows with every change, bookings a
   version: what is not newer than what was sent is skipped.
 
+Partitions move between shards while the engine serves (``engine/shell/
+rebalance.py``), and a moved slot's events come on its new owner's channel.
+Each connection's ``Interests`` are the channels its watch needs by the
+partition map: the slot's shard, or every shard for bookings. When the
+gateway's engine client takes a newer map (told by ``MAP_CHANGED`` on the
+bus channel, by a periodic read, or by a shard refusing a moved partition),
+every connection whose shards changed subscribes to the new ones, drops those
+it no longer needs and reads its snapshot again (with ``watch=True``, from
+the new owner, whose events carry another ``epoch``); the connection stays
+open throughout.
+
 Every connection sends through an ``Outbox``: a bounded queue drained by one
 task. A consumer that falls ``OUTBOX_MESSAGES_MAX`` messages behind is
 disconnected (close code 1013, "try again later"; on reconnecting it gets the

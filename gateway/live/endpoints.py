@@ -3,19 +3,25 @@
 It owns admitting a live connection (this process's cap, the user's place in
 ``gateway/connlimit.py``, 429 ``TooManyConnections``, 503 while Redis or the
 bus is away), its life (subscribe, snapshot, upgrade, heartbeat, close on a
-slow consumer or on shutdown), the SSE framing, and ``add_realtime``, which
-``gateway.app.create_app`` calls. It never changes engine state and never
-decides what a message says (the watches do).
+slow consumer or on shutdown), what each connection listens to
+(``Interests``: the channels of the shards its watch needs, by the partition
+map) and following the map as partitions move (``LiveConnections.map_changed``:
+a connection whose shards changed subscribes to the new ones and reads its
+snapshot again, from the new owner, staying open), the SSE framing, and
+``add_realtime``, which ``gateway.app.create_app`` calls. It never changes
+engine state and never decides what a message says (the watches do).
 """
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Final
 
 from aiohttp import WSMsgType, web
 
 from config.redis_keys import slot_topic, user_topic
+from engine.core.routing import PartitionMap
 from engine.shell import limits
 from gateway.auth.principal import acting_user
 from gateway.connlimit import (
@@ -26,7 +32,7 @@ from gateway.connlimit import (
 )
 from gateway.handling import user_param
 from gateway.http import ENGINE_KEY, IDS_KEY, ApiError, principal, stamp_headers
-from gateway.live.bus import HEARTBEAT_S, BusUnavailable, EventBus
+from gateway.live.bus import HEARTBEAT_S, RECONNECT_BACKOFF_MAX_S, BusUnavailable, EventBus
 from gateway.live.outbox import OUTBOX_MESSAGES_MAX, Outbox
 from gateway.live.watches import BookingWatch, QueueWatch
 
@@ -37,6 +43,66 @@ CLIENT_MESSAGE_BYTES_MAX: Final = 4_096
 
 CLOSE_GOING_AWAY: Final = 1001
 CLOSE_TRY_AGAIN_LATER: Final = 1013
+
+logger = logging.getLogger("slotengine.realtime")
+
+AnyWatch = QueueWatch | BookingWatch
+# What a connection listens to: (shard channel, key) pairs.
+Channels = list[tuple[str, str]]
+
+
+class Interests:
+    """What one live connection listens to: the (shard channel, key) pairs its watch
+    needs by a partition map (``wanted``), changed as the map changes.
+
+    Invariant: the bus holds one subscription of ``watch`` for each pair of
+    ``subscribed`` and no other; after ``close`` none. Changes are made one at a
+    time (``_lock``): a map change and the connection's end never interleave.
+    """
+
+    __slots__ = ("_bus", "_closed", "_lock", "_wanted", "subscribed", "watch")
+
+    def __init__(
+        self, bus: EventBus, watch: AnyWatch, wanted: Callable[[PartitionMap], Channels]
+    ) -> None:
+        self._bus = bus
+        self.watch = watch
+        self._wanted = wanted
+        self.subscribed: Channels = []
+        self._lock = asyncio.Lock()
+        self._closed = False
+
+    async def follow(self, partition_map: PartitionMap) -> bool:
+        """Subscribe to what ``partition_map`` asks for and not more; whether anything
+        was added (then events may have been missed: the watch must read again).
+
+        Raises ``BusUnavailable`` when a subscription cannot be confirmed (those made
+        before it are kept).
+        """
+        async with self._lock:
+            if self._closed:
+                return False
+            wanted = self._wanted(partition_map)
+            added = False
+            # Subscribed first, dropped second: a channel in use is never left
+            # before its replacement hears everything.
+            for channel, key in wanted:
+                if (channel, key) not in self.subscribed:
+                    await self._bus.subscribe(channel, key, self.watch)
+                    self.subscribed.append((channel, key))
+                    added = True
+            for channel, key in [pair for pair in self.subscribed if pair not in wanted]:
+                self.subscribed.remove((channel, key))
+                await self._bus.unsubscribe(channel, key, self.watch)
+            return added
+
+    async def close(self) -> None:
+        async with self._lock:
+            self._closed = True
+            subscribed, self.subscribed = self.subscribed, []
+            for channel, key in subscribed:
+                await self._bus.unsubscribe(channel, key, self.watch)
+        await self.watch.close()
 
 
 class LiveConnections:
@@ -63,13 +129,59 @@ class LiveConnections:
         self.slow_consumers_closed = 0
         # Every live connection's outbox and, for WebSockets, the socket: closed on shutdown.
         self.connections: dict[Outbox, web.WebSocketResponse | None] = {}
+        # What each connection that holds its first state listens to: they follow the map.
+        self.interests: set[Interests] = set()
+        # The newest partition map told (map_changed), and the task making every
+        # connection follow it; set again while it runs, it goes round once more.
+        self._partition_map: PartitionMap | None = None
+        self._following: asyncio.Task[None] | None = None
+        self._follow_again = False
 
     @property
     def open(self) -> int:
         return len(self.connections)
 
+    def map_changed(self, old: PartitionMap, new: PartitionMap) -> None:
+        """The engine client took a new partition map (``EngineClient.on_map_changed``):
+        every connection whose shards changed follows it, staying open. Never waits."""
+        if self._partition_map is not None and self._partition_map.version > new.version:
+            return
+        self._partition_map = new
+        if self._following is not None and not self._following.done():
+            self._follow_again = True
+            return
+        self._following = asyncio.get_running_loop().create_task(
+            self._follow_map(), name="live-follow-map"
+        )
+
+    async def _follow_map(self) -> None:
+        while True:
+            self._follow_again = False
+            partition_map = self._partition_map
+            assert partition_map is not None
+            unfinished = False
+            for interests in list(self.interests):
+                try:
+                    if await interests.follow(partition_map):
+                        # Subscribed where the slot or the user's bookings are now: the
+                        # snapshot, read from the new owner, turns its publishing on.
+                        interests.watch.resync()
+                except BusUnavailable as exc:
+                    logger.warning("a live connection could not follow a map change: %s", exc)
+                    unfinished = True
+            if unfinished:
+                # Redis is away: once it may be back, the connections left behind try again.
+                await asyncio.sleep(RECONNECT_BACKOFF_MAX_S)
+            elif not self._follow_again:
+                return
+
     async def close_all(self) -> None:
         """Going away: close every connection (clients reconnect to another gateway)."""
+        following = self._following
+        if following is not None and not following.done():
+            following.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await following
         for outbox, ws in list(self.connections.items()):
             outbox.close()
             if ws is not None:
@@ -83,37 +195,31 @@ class LiveConnections:
 LIVE_KEY: Final = web.AppKey("live", LiveConnections)
 LIVE_ROUTES_KEY: Final = web.AppKey("live_routes", bool)
 
-AnyWatch = QueueWatch | BookingWatch
-
 
 def _unavailable(message: str) -> ApiError:
     return ApiError(503, "ServiceUnavailable", message, retry_after_s=limits.RETRY_AFTER_S)
 
 
-# What a connection listens to: (shard channel, key) pairs.
-Interests = list[tuple[str, str]]
-
-
-async def _opened(
-    request: web.Request, interests: Interests, watch: AnyWatch, live: LiveConnections
-) -> Interests:
+async def _opened(request: web.Request, interests: Interests, live: LiveConnections) -> None:
     """Subscribe, then read the snapshot: the HTTP error if either fails."""
-    subscribed: Interests = []
+    engine = request.app[ENGINE_KEY]
+    partition_map = engine.partition_map
     try:
-        for channel, key in interests:
-            await live.bus.subscribe(channel, key, watch)
-            subscribed.append((channel, key))
-        await watch.start()
+        await interests.follow(partition_map)
+        await interests.watch.start()
     except BusUnavailable as exc:
-        await _closed(live, subscribed, watch)
+        await interests.close()
         raise _unavailable(str(exc)) from None
     except LookupError:
-        await _closed(live, subscribed, watch)
+        await interests.close()
         raise ApiError(404, "NotFound", "no such slot") from None
     except BaseException:
-        await _closed(live, subscribed, watch)
+        await interests.close()
         raise
-    return subscribed
+    live.interests.add(interests)
+    if engine.partition_map is not partition_map:
+        # The map changed while this connection opened: it follows like the others.
+        live.map_changed(partition_map, engine.partition_map)
 
 
 @contextlib.asynccontextmanager
@@ -121,7 +227,6 @@ async def _watching(
     request: web.Request,
     live: LiveConnections,
     interests: Interests,
-    watch: AnyWatch,
     outbox: Outbox,
     ws: web.WebSocketResponse | None,
 ) -> AsyncIterator[None]:
@@ -130,12 +235,13 @@ async def _watching(
     place: Place | None = None
     try:
         # First: a user at the cap costs no subscription and no snapshot.
-        place = await _take_place(live, watch.user_id)
-        subscribed = await _opened(request, interests, watch, live)
+        place = await _take_place(live, interests.watch.user_id)
+        await _opened(request, interests, live)
         try:
             yield
         finally:
-            await _closed(live, subscribed, watch)
+            live.interests.discard(interests)
+            await interests.close()
     finally:
         del live.connections[outbox]
         if live.limiter is not None:
@@ -159,12 +265,6 @@ async def _take_place(live: LiveConnections, user_id: str) -> Place | None:
         raise _unavailable("live updates are unavailable: Redis is unreachable") from None
 
 
-async def _closed(live: LiveConnections, interests: Interests, watch: AnyWatch) -> None:
-    for channel, key in interests:
-        await live.bus.unsubscribe(channel, key, watch)
-    await watch.close()
-
-
 def _admit(request: web.Request) -> LiveConnections:
     live = request.app.get(LIVE_KEY)
     if live is None:
@@ -175,7 +275,9 @@ def _admit(request: web.Request) -> LiveConnections:
 
 
 async def _serve_websocket(
-    request: web.Request, interests: Interests, make_watch: Callable[[Outbox], AnyWatch]
+    request: web.Request,
+    wanted: Callable[[PartitionMap], Channels],
+    make_watch: Callable[[Outbox], AnyWatch],
 ) -> web.StreamResponse:
     live = _admit(request)
     ws = web.WebSocketResponse(
@@ -188,7 +290,8 @@ async def _serve_websocket(
         await ws.send_frame(data, WSMsgType.TEXT)
 
     outbox = Outbox(send, live.outbox_messages_max)
-    async with _watching(request, live, interests, make_watch(outbox), outbox, ws):
+    interests = Interests(live.bus, make_watch(outbox), wanted)
+    async with _watching(request, live, interests, outbox, ws):
         stamp_headers(request, ws)
         await ws.prepare(request)
         sender = asyncio.get_running_loop().create_task(_send_all(outbox, ws, live))
@@ -224,7 +327,9 @@ def _sse_frame(data: bytes) -> bytes:
 
 
 async def _serve_events(
-    request: web.Request, interests: Interests, make_watch: Callable[[Outbox], AnyWatch]
+    request: web.Request,
+    wanted: Callable[[PartitionMap], Channels],
+    make_watch: Callable[[Outbox], AnyWatch],
 ) -> web.StreamResponse:
     live = _admit(request)
     response = web.StreamResponse(
@@ -239,7 +344,8 @@ async def _serve_events(
         await response.write(_sse_frame(data))
 
     outbox = Outbox(send, live.outbox_messages_max)
-    async with _watching(request, live, interests, make_watch(outbox), outbox, None):
+    interests = Interests(live.bus, make_watch(outbox), wanted)
+    async with _watching(request, live, interests, outbox, None):
         stamp_headers(request, response)
         await response.prepare(request)
         await response.write(b"retry: 2000\n\n")
@@ -260,28 +366,36 @@ async def _heartbeats(outbox: Outbox, every_s: float) -> None:
         outbox.put(b"")
 
 
-def _queue_watch(request: web.Request) -> tuple[Interests, Callable[[Outbox], AnyWatch]]:
+def _queue_watch(
+    request: web.Request,
+) -> tuple[Callable[[PartitionMap], Channels], Callable[[Outbox], AnyWatch]]:
     who = principal(request)
     user_id = acting_user(who, user_param(request))
     slot_id = request.match_info["slot_id"]
     app = request.app
-    shard = app[ENGINE_KEY].shard_of(slot_id)
-    if shard is None:
+    if app[ENGINE_KEY].shard_of(slot_id) is None:
         raise ApiError(404, "NotFound", "no such slot")
     keys = _admit(request).bus.keys
-    return [(keys.shard_events(shard), slot_topic(slot_id))], lambda outbox: QueueWatch(
+    topic = slot_topic(slot_id)
+
+    def wanted(partition_map: PartitionMap) -> Channels:
+        # The channel of the shard serving the slot's partition now.
+        shard = partition_map.shard_of(slot_id)
+        return [] if shard is None else [(keys.shard_events(shard), topic)]
+
+    return wanted, lambda outbox: QueueWatch(
         app[ENGINE_KEY], app[IDS_KEY], slot_id, user_id, outbox
     )
 
 
 async def ws_queue(request: web.Request) -> web.StreamResponse:
-    interests, make_watch = _queue_watch(request)
-    return await _serve_websocket(request, interests, make_watch)
+    wanted, make_watch = _queue_watch(request)
+    return await _serve_websocket(request, wanted, make_watch)
 
 
 async def sse_queue(request: web.Request) -> web.StreamResponse:
-    interests, make_watch = _queue_watch(request)
-    return await _serve_events(request, interests, make_watch)
+    wanted, make_watch = _queue_watch(request)
+    return await _serve_events(request, wanted, make_watch)
 
 
 async def ws_bookings(request: web.Request) -> web.StreamResponse:
@@ -289,12 +403,15 @@ async def ws_bookings(request: web.Request) -> web.StreamResponse:
     user_id = acting_user(who, user_param(request))
     app = request.app
     keys = _admit(request).bus.keys
+    topic = user_topic(user_id)
+
+    def wanted(partition_map: PartitionMap) -> Channels:
+        # Every shard the map names: any may serve one of the user's bookings.
+        return [(keys.shard_events(shard), topic) for shard in range(partition_map.shard_count)]
+
     return await _serve_websocket(
         request,
-        [
-            (keys.shard_events(shard), user_topic(user_id))
-            for shard in range(app[ENGINE_KEY].shard_count)
-        ],
+        wanted,
         lambda outbox: BookingWatch(app[ENGINE_KEY], app[IDS_KEY], user_id, outbox),
     )
 

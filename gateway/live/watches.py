@@ -293,6 +293,7 @@ class BookingWatch(_WatchBase):
         self._versions: dict[str, int] = {}
         self._synced = False
         self._pending: list[Booking] = []
+        self._again = False
 
     async def start(self) -> None:
         await self._sync()
@@ -309,15 +310,24 @@ class BookingWatch(_WatchBase):
             self._pending.append(booking)
 
     def resync(self) -> None:
-        if self._synced:
+        if self._resyncing is not None and not self._resyncing.done():
+            # The read under way may have asked fewer shards (the map changed): again.
+            self._again = True
+        elif self._synced:
             self._synced = False
             self._resyncing = asyncio.get_running_loop().create_task(self._resync())
 
     async def _resync(self) -> None:
-        try:
-            await self._sync()
-        except ShellError:
-            self._synced = True
+        while True:
+            self._again = False
+            try:
+                await self._sync()
+            except ShellError:
+                self._synced = True
+                return
+            if not self._again:
+                return
+            self._synced = False
 
     async def _sync(self) -> None:
         engine = self._engine
