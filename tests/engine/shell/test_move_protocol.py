@@ -257,10 +257,7 @@ class Simulation:
             assert stored is not None
             holders: dict[int, list[ShardOwner]] = {}
             for owner in self.live():
-                served = owner.partitions
-                if owner.runtime is None or served is None:
-                    continue
-                for partition in served.owned:
+                for partition in _held(owner):
                     holders.setdefault(partition, []).append(owner)
             for partition, owners in sorted(holders.items()):
                 writers = [o for o in owners if await self._would_commit(o)]
@@ -284,13 +281,7 @@ class Simulation:
         stored = await self.read_map()
         for partition in range(P):
             mapped = self.current[stored.owners[partition]]
-            holders = [
-                o.owner
-                for o in self.live()
-                if o.runtime is not None
-                and o.partitions is not None
-                and partition in o.partitions.owned
-            ]
+            holders = [o.owner for o in self.live() if partition in _held(o)]
             assert holders == [mapped.owner], (partition, stored.owners[partition], holders)
             async with self._checking:
                 assert await self._would_commit(mapped), mapped.owner
@@ -400,6 +391,15 @@ class Simulation:
                 continue
             return reply
         return None
+
+
+def _held(owner: ShardOwner) -> frozenset[int]:
+    """The partitions ``owner`` holds in memory: those its core answers for, and those
+    the owner says it serves."""
+    runtime, served = owner.runtime, owner.partitions
+    if runtime is None:
+        return frozenset()
+    return runtime._core.partitions.owned | (served.owned if served is not None else frozenset())
 
 
 class _RollBack(Exception):
