@@ -482,7 +482,8 @@ async def _move(
     loser: int | None = None
     towards: int | None = None
     if fault.startswith("new-"):
-        towards = rng.choice(alive)
+        # A new owner that some other shard can give a partition to.
+        towards = rng.choice([t for t in alive if any(s != t for s in stored.counts())])
         losers = [s for s in alive if s != towards and stored.counts().get(s)]
         loser = rng.choice(losers) if losers else None
     elif fault != "none":
