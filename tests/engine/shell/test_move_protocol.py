@@ -14,8 +14,10 @@ every fault once:
   only after the next move;
 - the old owner paused: as a whole with a flush of a moving partition held
   back (the coordinator moves the partitions by force; the paused owner still
-  holds them in memory, then wakes and its late writes are refused), inside
-  its hand-over before the commit, or after the commit before its reply;
+  holds them in memory, then wakes and its late writes are refused), with
+  such a flush held back while its release waits for it (moved by force as
+  well), inside its hand-over before the commit, or after the commit before
+  its reply;
 - the new owner killed before the coordinator asks it, before its load, after
   its load (before its core adopts), or after its core adopted;
 - the coordinator stopped after the releases, before any adoption: a fresh
@@ -100,6 +102,7 @@ FAULTS: Final = (
     "old-killed-after-hand-over",
     "old-killed-after-reply",
     "old-paused-with-a-flush",
+    "old-paused-flush-in-release",
     "old-paused-in-hand-over",
     "old-paused-after-hand-over",
     "new-killed-before-ask",
@@ -345,6 +348,8 @@ class Simulation:
             # Paused as a whole: the call never reaches it.
             await asyncio.sleep(RELEASE_PATIENCE_S)
             raise ShardUnreachable(f"shard {shard}: no answer")
+        # Reached while a flush of a moving partition is held back: the release waits.
+        self.strikes("old-paused-flush-in-release", shard)
         running = asyncio.create_task(owner.release(moves))
         self.background.append(running)
         done, _ = await asyncio.wait([running], timeout=RELEASE_PATIENCE_S)
@@ -503,7 +508,7 @@ async def _move(
     sim.thaw.clear()
     zombie = sim.current[loser]
     late: list[asyncio.Task[p.AnyResult]] = []
-    if fault == "old-paused-with-a-flush" and zombie.owner not in sim.killed:
+    if fault in ("old-paused-with-a-flush", "old-paused-flush-in-release"):
         # A change of a moving partition applied in the paused owner's memory, its
         # flush held back.
         gate = sim.gates[zombie.owner]
