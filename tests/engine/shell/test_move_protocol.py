@@ -487,7 +487,8 @@ async def _move(
     # At most one shard is dead (killed, not replaced yet) at a time, and the others
     # serve: the fault's victim (the old owner, or a new one) is one of them. A move
     # without a fault may take partitions from the dead one (by force) or give it some.
-    if len(sim.dead()) > 1:
+    stored = await sim.read_map()
+    if len(sim.dead()) > 1 or (fault != "none" and all(s in sim.dead() for s in stored.counts())):
         await sim.replace_killed()
     await sim.wait_serving()
     stored = await sim.read_map()
