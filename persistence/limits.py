@@ -45,6 +45,10 @@ DATABASE_STATEMENT_TIMEOUT_MS: Final = 2_000
 # for a large one; meanwhile the shard answers 503 at once, so this only ends a
 # load that hangs, and the owner tries again.
 SHARD_LOAD_TIMEOUT_MS: Final = 60_000
+# The request outcomes a shard taking a partition over reads of its previous
+# shard: the last minute's. A gateway resends a change only within its patience
+# (a second) of a failure, and a move step takes seconds at most.
+MOVED_OUTCOMES_WINDOW_MS: Final = 60_000
 
 # -- the lease (shared with the shell) -------------------------------------------
 # A shard owner's lease in Redis lives this long past its last renewal. The

@@ -96,17 +96,23 @@ async def establish_partitions(
         return await _reassign(connection, {p: to for p, (_, to) in moved.items()}), moved
 
 
-async def move_partitions(connection: asyncpg.Connection, moves: Mapping[int, int]) -> PartitionMap:
-    """Serve each partition of ``moves`` by its shard from now on; returns the new map.
+async def move_partitions(
+    connection: asyncpg.Connection, moves: Mapping[int, int], *, gainers_reload: bool = True
+) -> PartitionMap:
+    """Serve each partition of ``moves`` by its shard from now on, by force (its old
+    owner does not hand it over); returns the new map.
 
-    One transaction: the fence generation of every shard that loses or gains
-    a partition goes up (waiting for a flush of it in progress), so the loser
-    can never commit again with what it loaded, and the gainer reloads before
-    it serves what it gained.
+    One transaction: the fence generation of every shard that loses a
+    partition goes up (waiting for a flush of it in progress), so the loser can
+    never commit again with what it loaded. So does the generation of every
+    shard that gains one, unless ``gainers_reload`` is False: its next flush is
+    then refused and it reloads, serving what it gained; the coordinator of a
+    live move passes False, since it has the gainers adopt their partitions
+    (``ShardOwner.adopt``) without a reload.
     """
     async with connection.transaction():
         await connection.execute("SELECT 1 FROM partition_map FOR UPDATE")
-        return await _reassign(connection, moves)
+        return await _reassign(connection, moves, gainers_reload=gainers_reload)
 
 
 async def _ensure(
@@ -147,7 +153,9 @@ async def _ensure(
     return stored
 
 
-async def _reassign(connection: asyncpg.Connection, moves: Mapping[int, int]) -> PartitionMap:
+async def _reassign(
+    connection: asyncpg.Connection, moves: Mapping[int, int], *, gainers_reload: bool = True
+) -> PartitionMap:
     """Within the caller's transaction, holding the map row's lock."""
     rows = await connection.fetch(
         "SELECT partition, shard FROM partitions WHERE partition = ANY($1::int[])", list(moves)
@@ -157,7 +165,9 @@ async def _reassign(connection: asyncpg.Connection, moves: Mapping[int, int]) ->
     changed = {row["partition"]: (row["shard"], moves[row["partition"]]) for row in rows}
     changed = {p: shards for p, shards in changed.items() if shards[0] != shards[1]}
     if changed:
-        touched = sorted({shard for pair in changed.values() for shard in pair})
+        touched = sorted(
+            {shard for pair in changed.values() for shard in (pair if gainers_reload else pair[:1])}
+        )
         # Movers hold the map row's lock, so they never wait for each other here; a
         # flush holds one fence row, so this waits for at most the flushes in progress.
         await connection.execute(
@@ -166,7 +176,7 @@ async def _reassign(connection: asyncpg.Connection, moves: Mapping[int, int]) ->
             touched,
         )
         await connection.execute(
-            "UPDATE partitions p SET shard = m.shard, moved_at = now()"
+            "UPDATE partitions p SET shard = m.shard, previous_shard = p.shard, moved_at = now()"
             " FROM unnest($1::int[], $2::int[]) AS m (partition, shard)"
             " WHERE p.partition = m.partition",
             list(changed),

@@ -17,7 +17,7 @@ import msgspec
 from engine.core import limits
 from engine.core.protocol import KeyRecord, OutcomeRecord
 from engine.core.records import Booking, QueueEntry, SlotView, StoredSlot
-from engine.core.routing import PartitionSet
+from engine.core.routing import PartitionSet, outcome_partition
 from persistence import limits as storage_limits
 from persistence.rows import FlushRows, SlotRow
 
@@ -139,9 +139,14 @@ async def take_over(
             "SELECT partition FROM partitions WHERE shard = $1", shard, timeout=timeout_s
         )
         partitions = PartitionSet(count, frozenset(row["partition"] for row in owned))
-        return await _load(
+        snapshot = await _load(
             connection, shard, token, accepted["generation"], partitions, now_ms, timeout_s
         )
+        # Partitions that came from another shard lately bring its outcomes of them.
+        snapshot.outcomes.extend(
+            await _moved_outcomes(connection, shard, partitions.owned, now_ms, timeout_s)
+        )
+        return snapshot
 
 
 async def hand_over(
@@ -194,7 +199,7 @@ async def hand_over(
         if held != len(moves):
             raise PartitionsMoved(f"shard {shard}: a partition to hand over is not its own")
         await connection.execute(
-            "UPDATE partitions p SET shard = m.shard, moved_at = now()"
+            "UPDATE partitions p SET shard = m.shard, previous_shard = p.shard, moved_at = now()"
             " FROM unnest($1::int[], $2::int[]) AS m (partition, shard)"
             " WHERE p.partition = m.partition",
             list(moves),
@@ -227,7 +232,8 @@ async def take_partitions(
     nobody else can write it any more. Raises ``PartitionsMoved`` when a
     partition of ``loaded`` is no longer the shard's (moved away without its
     release: the owner reloads everything). The snapshot's ``partitions`` are
-    the added ones only; empty when there are none.
+    the added ones only (empty when there are none), and its ``outcomes`` the
+    request outcomes their previous shards remembered of them lately.
     """
     async with connection.transaction():
         fence = await connection.fetchrow(
@@ -246,7 +252,7 @@ async def take_partitions(
         if not loaded.owned <= mapped:
             raise PartitionsMoved(f"shard {shard}: a partition it serves moved away")
         added = PartitionSet(loaded.partitions, mapped - loaded.owned)
-        return await _load(
+        snapshot = await _load(
             connection,
             shard,
             token,
@@ -256,6 +262,60 @@ async def take_partitions(
             timeout_s,
             adopting=True,
         )
+        if added.owned:
+            snapshot.outcomes = await _moved_outcomes(
+                connection, shard, added.owned, now_ms, timeout_s
+            )
+        return snapshot
+
+
+async def _moved_outcomes(
+    connection: asyncpg.Connection,
+    shard: int,
+    added: frozenset[int],
+    now_ms: int,
+    timeout_s: float,
+) -> list[OutcomeRecord]:
+    """The request outcomes of ``added`` their previous shards remembered in the last
+    ``MOVED_OUTCOMES_WINDOW_MS``: a change resent across the move (a gateway resends
+    within its patience) gets its first answer, not a second run. Those of results
+    that name no slot (a 204, a refusal: ``outcome_partition``) stay behind; such a
+    change resent across a move is decided again."""
+    sources = [
+        row["previous_shard"]
+        for row in await connection.fetch(
+            "SELECT DISTINCT previous_shard FROM partitions"
+            " WHERE partition = ANY($1::int[]) AND previous_shard IS NOT NULL"
+            " AND previous_shard <> $2",
+            sorted(added),
+            shard,
+            timeout=timeout_s,
+        )
+    ]
+    if not sources:
+        return []
+    rows = await connection.fetch(
+        """
+        SELECT outcomes FROM request_outcomes
+         WHERE shard = ANY($1::int[]) AND at_ms > $2
+         ORDER BY id DESC
+        """,
+        sources,
+        now_ms - storage_limits.MOVED_OUTCOMES_WINDOW_MS,
+        timeout=timeout_s,
+    )
+    decoder = Codecs().outcomes
+    partitions = await connection.fetchval("SELECT partitions FROM partition_map")
+    found: list[OutcomeRecord] = []
+    for row in rows:
+        found.extend(
+            outcome
+            for outcome in decoder.decode(zlib.decompress(row["outcomes"]))
+            if outcome_partition(outcome.result, partitions) in added
+        )
+        if len(found) >= limits.REQUEST_OUTCOMES_MAX:
+            break
+    return found
 
 
 async def _load(

@@ -117,7 +117,7 @@ class ShardWriter:
         # Work on the connection between flushes (``exclusive``): each runs once
         # everything handed over before it was asked for has committed.
         self._jobs: deque[
-            tuple[int, Callable[[asyncpg.Connection], Awaitable[Any]], asyncio.Future[Any]]
+            tuple[int, Callable[[asyncpg.Connection], Awaitable[Any]], asyncio.Future[Any], int]
         ] = deque()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -185,12 +185,16 @@ class ShardWriter:
         self._waiters.append((target, future))
         await future
 
-    async def exclusive(self, job: Callable[[asyncpg.Connection], Awaitable[_T]]) -> _T:
+    async def exclusive(
+        self,
+        job: Callable[[asyncpg.Connection], Awaitable[_T]],
+        timeout_ms: int = limits.WRITER_FLUSH_TIMEOUT_MS,
+    ) -> _T:
         """Run ``job`` on the writer's connection once every hand-off made so far has
         committed, with no flush running meanwhile; its result, or its exception.
 
         Flushes of later hand-offs wait for it. A job that fails (or outlasts
-        the flush timeout) fails the writer as a failed flush does (``on_failed``;
+        ``timeout_ms``) fails the writer as a failed flush does (``on_failed``;
         ``on_fenced`` for ``FenceRejected``): the connection's state is unknown,
         and so is whether the job's transaction committed.
         """
@@ -203,7 +207,7 @@ class ShardWriter:
             self._pending = FlushRows(self._shard)
             self._pending_since = None
         future: asyncio.Future[_T] = asyncio.get_running_loop().create_future()
-        self._jobs.append((self._published, job, future))
+        self._jobs.append((self._published, job, future, timeout_ms))
         self._wake.set()
         return await future
 
@@ -324,10 +328,11 @@ class ShardWriter:
         _after: int,
         job: Callable[[asyncpg.Connection], Awaitable[Any]],
         future: asyncio.Future[Any],
+        timeout_ms: int,
     ) -> bool:
         """Run one job; False when it failed the writer."""
         try:
-            async with asyncio.timeout(limits.WRITER_FLUSH_TIMEOUT_MS / 1000):
+            async with asyncio.timeout(timeout_ms / 1000):
                 result = await job(self._connection)
         except asyncio.CancelledError:
             if not future.done():

@@ -133,6 +133,25 @@ class RequestMemory:
             order.extend(added)
         self._forget_keys_before(self._key_order[-1][0])
 
+    def merge_outcomes(self, outcomes: Iterable[OutcomeRecord], now_ms: int) -> None:
+        """Remember outcomes another shard decided (their partition moved here), beside
+        the ones remembered here; logs nothing. They are kept as if remembered at
+        ``now_ms`` (the pruning stays oldest first): a little longer than their own
+        retention, never shorter. A request id remembered here already keeps its own."""
+        known = self.outcomes
+        fresh = {o.request_id: o.result for o in outcomes if o.request_id not in known}
+        if not fresh:
+            return
+        known.update(fresh)
+        merged = list(fresh)
+        if now_ms == self._outcome_group_ms:
+            self._outcome_group.extend(merged)
+            return
+        self._forget_outcomes(now_ms)
+        self._outcome_group_ms = now_ms
+        self._outcome_group = merged
+        self._outcome_groups.append((now_ms, self._outcome_group))
+
     def forget_keys(self, partitions: frozenset[int]) -> None:
         """Forget the keys of these partitions (the shard no longer serves them);
         the ones of no known partition (-1) stay."""

@@ -64,6 +64,19 @@ def partition_of(entity_id: str, partitions: int) -> int | None:
     return shard_of(entity_id, partitions)
 
 
+def outcome_partition(result: object, partitions: int) -> int | None:
+    """The partition a remembered outcome moves with: that of the slot its result
+    names (a booking's, a queue place's, a slot's); None for a result that names
+    none (a 204, a refusal), which stays with the shard that decided it. Worked
+    out when a partition moves, never on the path of a command."""
+    slot_id = getattr(getattr(result, "booking", None), "slot_id", None)
+    if slot_id is None:
+        slot_id = getattr(getattr(result, "entry", None), "slot_id", None)
+    if slot_id is None:
+        slot_id = getattr(getattr(result, "slot", None), "id", None)
+    return None if not isinstance(slot_id, str) else partition_of(slot_id, partitions)
+
+
 def partition_of_resource(resource_id: str, partitions: int) -> int:
     return routing_key(resource_id) % partitions
 

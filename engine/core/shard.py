@@ -110,7 +110,12 @@ from engine.core.protocol import (
 )
 from engine.core.records import Booking, QueueEntry, ShardStatistics, SlotView, StoredSlot
 from engine.core.remembered import RequestMemory
-from engine.core.routing import PartitionSet, partition_of, partition_of_resource
+from engine.core.routing import (
+    PartitionSet,
+    outcome_partition,
+    partition_of,
+    partition_of_resource,
+)
 from engine.core.slot_admin import SlotDirectory
 from engine.core.slot_state import SlotState, TimerKey
 from engine.core.states import (
@@ -475,6 +480,7 @@ class ShardCore:
         bookings: Iterable[Booking],
         entries: Iterable[QueueEntry],
         keys: Iterable[KeyRecord] = (),
+        outcomes: Iterable[OutcomeRecord] = (),
     ) -> None:
         """Start serving ``partitions`` (the new full set: more of the same P), merging
         the stored records of the partitions it adds into the running state.
@@ -483,7 +489,10 @@ class ShardCore:
         past ones firing on the next ``advance``, waiting users seen now); the
         state of the partitions served already is left as it is. Every record
         must belong to an added partition, else ``InvariantViolation`` and
-        nothing changes.
+        nothing changes. ``outcomes``: the request outcomes of the added
+        partitions their previous shard remembered lately (``outcome_partition``
+        names theirs), so that a change resent across the move gets its first
+        answer.
         """
         current = self.partitions
         require(
@@ -510,9 +519,14 @@ class ShardCore:
             )
         for key in key_list:
             require(key.partition in added, f"idempotency key of partition {key.partition}")
+        outcome_list = list(outcomes)
+        for outcome in outcome_list:
+            of = outcome_partition(outcome.result, count)
+            require(of in added, f"request outcome {outcome.request_id} of partition {of}")
         self._serve(partitions)
         self._load(added, slot_list, booking_list, entry_list)
         self._memory.merge_keys(key_list)
+        self._memory.merge_outcomes(outcome_list, self._now_ms)
 
     def _serve(self, partitions: PartitionSet) -> None:
         self.partitions = partitions

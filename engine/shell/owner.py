@@ -391,7 +391,8 @@ class ShardOwner:
                 writer.set_generation(snapshot.generation)
                 return snapshot
 
-            snapshot = await writer.exclusive(job)
+            # Its flushes wait meanwhile: a step moves a fraction of a shard's data.
+            snapshot = await writer.exclusive(job, storage_limits.SHARD_LOAD_TIMEOUT_MS)
             self._generation = snapshot.generation
             added = snapshot.partitions.owned
             if not added:
@@ -403,6 +404,7 @@ class ShardOwner:
                 bookings=snapshot.bookings,
                 entries=snapshot.entries,
                 keys=snapshot.keys,
+                outcomes=snapshot.outcomes,
             )
             self._partitions = joined
             logger.info(

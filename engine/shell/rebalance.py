@@ -15,9 +15,9 @@ unavailable only for the moment of its own step and the others serve on:
    (``persistence.store.take_partitions``).
 
 A losing shard that cannot be reached (dead, frozen) loses its partitions by
-force instead: ``persistence.partitioning.move_partitions`` raises the fence
-generation of both shards, so a late flush of the unreachable owner is
-refused in PostgreSQL, and the gaining shard adopts as usual. Before the
+force instead: ``persistence.partitioning.move_partitions`` raises its fence
+generation, so a late flush of the unreachable owner is refused in
+PostgreSQL, and the gaining shard adopts as usual. Before the
 first step and after the last, every shard adopts whatever the map gives it:
 a coordinator that stopped half way (between a release and its adoption)
 leaves nothing unserved once the next one has run.
@@ -170,7 +170,7 @@ async def _step(
         if still:
             connection = await _connect(database_url)
             try:
-                await move_partitions(connection, still)
+                await move_partitions(connection, still, gainers_reload=False)
             finally:
                 await connection.close()
             forced_from.append(shard)

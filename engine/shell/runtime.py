@@ -409,12 +409,18 @@ class ShardRuntime:
         bookings: Iterable[Booking],
         entries: Iterable[QueueEntry],
         keys: Iterable[KeyRecord] = (),
+        outcomes: Iterable[OutcomeRecord] = (),
     ) -> None:
         """The core serves ``partitions`` (its new full set) with the records loaded of
         the ones added (``ShardCore.adopt``); deadlines already past fire now."""
         self._guarded(
             lambda: self._core.adopt(
-                partitions, slots=slots, bookings=bookings, entries=entries, keys=keys
+                partitions,
+                slots=slots,
+                bookings=bookings,
+                entries=entries,
+                keys=keys,
+                outcomes=outcomes,
             )
         )
         if self._loop is not None:

@@ -16,6 +16,11 @@
 ALTER TABLE partition_map ADD COLUMN configured_shards integer CHECK (configured_shards > 0);
 UPDATE partition_map SET configured_shards = (SELECT max(shard) + 1 FROM partitions);
 
+-- The shard a partition was on before its last move: the shard that takes it
+-- over also takes the request outcomes that shard remembered of it lately, so
+-- that a change resent across the move gets its first answer.
+ALTER TABLE partitions ADD COLUMN previous_shard integer;
+
 ALTER TABLE idempotency_records ADD COLUMN partition integer;
 
 UPDATE idempotency_records SET partition = shard

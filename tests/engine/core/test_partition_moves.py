@@ -18,7 +18,13 @@ from engine.core.errors import InvariantViolation
 from engine.core.limits import IDEMPOTENCY_RETENTION_MS
 from engine.core.records import Booking, QueueEntry, StoredSlot
 from engine.core.remembered import RequestMemory
-from engine.core.routing import PartitionSet, make_slot_id, partition_of, routing_key
+from engine.core.routing import (
+    PartitionSet,
+    make_slot_id,
+    outcome_partition,
+    partition_of,
+    routing_key,
+)
 from engine.core.shard import ShardCore
 from tests.engine.core.conftest import START_MS, policy
 from tests.support.domain import HOUR_MS, MINUTE_MS, SECOND_MS
@@ -505,3 +511,46 @@ def test_merged_keys_keep_their_own_retention_among_the_keys_remembered_here() -
     memory.remember_key(("eve", "Reserve", "k"), b"e", done, START_MS + day_ms, partition=-1)
     memory.forget_keys(frozenset({0, 1}))
     assert set(memory.keys) == {("eve", "Reserve", "k")}  # of no known partition: stays
+
+
+def test_a_change_resent_across_a_move_gets_its_first_answer_from_the_new_owner() -> None:
+    c = Cluster()
+    a, b = c.core({0, 1}), c.core({2, 3})
+    slot_id = c.slot(a, resource_in(1), capacity=1)
+    held = c.run(a, p.Reserve, slot_id=slot_id, user_id="ann")
+    c.run(a, p.Confirm, booking_id=held.booking.id, user_id="ann")
+    cancel = p.Cancel(request_id=c.request_id(), booking_id=held.booking.id, user_id="ann")
+    first = a.execute(cancel, c.now_ms)
+    assert isinstance(first, p.BookingResult) and first.status == 200, first
+    a.drain_events()
+    outcomes, _ = a.drain_remembered()
+    # Every outcome here names its slot, so its partition.
+    assert [type(o.result).__name__ for o in outcomes] == ["SlotResult"] + ["BookingResult"] * 3
+    assert {outcome_partition(o.result, P) for o in outcomes} == {1}
+    assert outcomes[-1].request_id == cancel.request_id
+    assert outcome_partition(p.Done(status=204), P) is None
+
+    slots, bookings, entries = stored(a, frozenset({1}))
+    a.release(frozenset({1}))
+    b.adopt(
+        PartitionSet(P, frozenset({1, 2, 3})),
+        slots=slots,
+        bookings=bookings,
+        entries=entries,
+        outcomes=outcomes,
+    )
+    replays = b.statistics().replays_total
+    again = b.execute(cancel, c.now_ms)
+    assert again == first  # not a second run: a 409 for a cancelled booking
+    assert b.statistics().replays_total == replays + 1
+    # The adopted outcomes are not logged again for storage (their shard wrote them).
+    assert b.drain_remembered() == ([], [])
+    # An outcome of a partition not being adopted (1 is served already) is refused.
+    with pytest.raises(InvariantViolation):
+        b.adopt(
+            PartitionSet(P, frozenset({0, 1, 2, 3})),
+            slots=[],
+            bookings=[],
+            entries=[],
+            outcomes=outcomes[:1],
+        )

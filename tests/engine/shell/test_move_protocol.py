@@ -42,10 +42,10 @@ write is acknowledged.
 
 Last, a change committed by an owner that dies before replying is resent with
 the same request id, as the coalescer does: a replacement of the same shard
-answers it as the first time, but a shard the partition was moved to by force
-meanwhile runs it again (request outcomes stay with the shard that wrote them;
-``take_partitions`` adopts none) and answers 409 to a cancellation that is
-durable. That case is marked xfail (strict) until outcomes follow a partition.
+answers it as the first time, and so does a shard the partition was moved to by
+force meanwhile (request outcomes follow their partition: ``take_partitions``
+adopts those its previous shard remembered lately), whether it adopts the
+partition or reloads.
 
 Crashes use the owner's own stop (``ShardOwner._stop``: core and writer
 dropped without a flush, lease forgotten, not released) and a terminated
@@ -763,10 +763,9 @@ async def test_the_check_reports_a_paused_owner_whose_fence_check_is_off(
         await _close(sim)
 
 
-@pytest.mark.parametrize("moved", [False, True], ids=["replaced-in-place", "moved-by-force"])
+@pytest.mark.parametrize("how", ["replaced-in-place", "moved-and-adopted", "moved-and-reloaded"])
 async def test_a_resent_change_after_its_owner_died_gets_its_first_answer(
-    moved: bool,
-    request: pytest.FixtureRequest,
+    how: str,
     database_url: str,
     redis_namespace: str,
     db: asyncpg.Connection,
@@ -776,18 +775,9 @@ async def test_a_resent_change_after_its_owner_died_gets_its_first_answer(
     stored map now routes it: ``EngineClient.execute``). Its answer must be the
     first one. A replacement of the same shard loads the shard's request outcomes
     and answers so. When the coordinator moved the partition by force meanwhile
-    (its owner was unreachable), the new shard adopts the partition without its
-    request outcomes (``take_partitions`` loads none): it runs the cancellation
-    again and answers 409 for a cancellation that is durable."""
-    if moved:
-        # A protocol gap found by this test: it must fail until outcomes follow.
-        request.applymarker(
-            pytest.mark.xfail(
-                strict=True,
-                reason="request outcomes do not follow a moved partition: a resent change"
-                " is run again by its new shard (409 for a cancellation already applied)",
-            )
-        )
+    (its owner was unreachable), the new shard adopts the partition with the
+    request outcomes its previous shard remembered of it lately, and answers
+    the same: not a second run (a 409 for a cancellation that is durable)."""
     await establish_partitions(db, partitions=P, shard_count=2)
     owners = [
         make_owner(database_url, redis_namespace, shard=s, shard_count=2, owner=f"s{s}")
@@ -811,10 +801,20 @@ async def test_a_resent_change_after_its_owner_died_gets_its_first_answer(
         assert isinstance(first, p.BookingResult) and first.status == 200, first
         assert first.booking.status is BookingStatus.CANCELLED
         owners[0]._stop("the process was killed")
-        if moved:
+        if how == "moved-and-adopted":
+            await move_partitions(db, {0: 1}, gainers_reload=False)
+            assert await owners[1].adopt() == [0]
+            serving = owners[1]
+        elif how == "moved-and-reloaded":
             await move_partitions(db, {0: 1})
-            # The new shard reloads (its generation rose) or adopts: either way it serves 0.
-            await owners[1].adopt()
+            # Its generation rose: its next flush is refused, and it reloads with 0.
+            other = slot_on(1, P)
+            refused = await Driver(owners[1]).one(create_slot(other, SystemClock().now_ms()))
+            assert refused.status == 503, refused
+            async with asyncio.timeout(20):
+                while owners[1].state is not OwnerState.SERVING:
+                    await asyncio.sleep(0.02)
+            assert owners[1].statistics().rebuilds == 1
             serving = owners[1]
         else:
             replacement = make_owner(
