@@ -414,8 +414,12 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
 # named after the run and dropped at its end (--keep-database keeps it).
 
 
-async def _bench_storage(settings: Any, prefix: str, shards: int) -> Any:
-    """A fresh database of the bench's own on the configured (or embedded) server."""
+async def _bench_storage(
+    settings: Any, prefix: str, shards: int, partitions: int | None = None
+) -> Any:
+    """A fresh database of the bench's own on the configured (or embedded) server,
+    with ``partitions`` partitions (default: one per shard, the clients' default
+    routing, with nothing to look up)."""
     import asyncpg
 
     from bench._database import create_run_database
@@ -430,10 +434,9 @@ async def _bench_storage(settings: Any, prefix: str, shards: int) -> Any:
     )
     bench_url = await create_run_database(database_url, prefix)
     await migrate_url(bench_url)
-    # One partition per shard: the clients' default routing, with nothing to look up.
     connection = await asyncpg.connect(bench_url)
     try:
-        await establish_partitions(connection, partitions=shards, shard_count=shards)
+        await establish_partitions(connection, partitions=partitions or shards, shard_count=shards)
     finally:
         await connection.close()
     return StorageSettings(
@@ -441,6 +444,7 @@ async def _bench_storage(settings: Any, prefix: str, shards: int) -> Any:
         redis_url=redis_url,
         relaxed=settings.durability == "relaxed",
         namespace=f"slotengine-{prefix}",
+        partitions=partitions or shards,
     )
 
 

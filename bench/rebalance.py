@@ -227,34 +227,6 @@ def latencies(
     }
 
 
-async def _storage(settings: Any, prefix: str, partitions: int, shards: int) -> Any:
-    import asyncpg
-
-    from bench._database import create_run_database
-    from engine.shell.owner import StorageSettings
-    from persistence.migrate import migrate_url
-    from persistence.partitioning import establish_partitions
-    from persistence.services import resolve_services
-
-    database_url, redis_url = await asyncio.to_thread(
-        resolve_services, settings.database_url, settings.redis_url, settings.data_dir
-    )
-    bench_url = await create_run_database(database_url, prefix)
-    await migrate_url(bench_url)
-    connection = await asyncpg.connect(bench_url)
-    try:
-        await establish_partitions(connection, partitions=partitions, shard_count=shards)
-    finally:
-        await connection.close()
-    return StorageSettings(
-        database_url=bench_url,
-        redis_url=redis_url,
-        relaxed=settings.durability == "relaxed",
-        namespace=f"slotengine-{prefix}",
-        partitions=partitions,
-    )
-
-
 class _Engine:
     """The shards under test and how their count changes."""
 
@@ -421,7 +393,7 @@ def _per_node(placed: dict[int, str | None]) -> list[int]:
 async def scenario(args: argparse.Namespace, cluster: Any = None) -> dict[str, Any]:
     import msgspec
 
-    from bench.ray import _drop_database, create_slot
+    from bench.ray import _bench_storage, _drop_database, create_slot
     from config.domains import load_policies
     from config.settings import load_settings
     from persistence.partitioning import read_partition_map
@@ -436,7 +408,7 @@ async def scenario(args: argparse.Namespace, cluster: Any = None) -> dict[str, A
         claim_ttl_ms=args.claim_ms,
     )
     prefix = f"rebalance-{uuid.uuid4().hex[:8]}"
-    storage = await _storage(settings, prefix, args.partitions, counts[0])
+    storage = await _bench_storage(settings, prefix, counts[0], args.partitions)
     engine: _Engine | None = None
     try:
         if args.engine == "inproc":

@@ -553,7 +553,9 @@ def spawn_shard_actors(
     name_prefix: str = SHARD_ACTOR_PREFIX,
     storage: StorageSettings | None = None,
     on_created: Callable[[Any], None] | None = None,
+    first_shard: int = 0,
 ) -> list[Any]:
+    """The actors of shards ``first_shard..shard_count-1`` (see ``spawn_shard_actor``)."""
     return [
         spawn_shard_actor(
             shard,
@@ -564,7 +566,7 @@ def spawn_shard_actors(
             storage=storage,
             on_created=on_created,
         )
-        for shard in range(shard_count)
+        for shard in range(first_shard, shard_count)
     ]
 
 

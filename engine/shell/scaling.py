@@ -43,6 +43,7 @@ from engine.shell.ray_actor import (
     end_shard_actors,
     placement_nodes,
     spawn_shard_actor,
+    spawn_shard_actors,
     wait_shards_ready,
 )
 from engine.shell.rebalance import (
@@ -275,17 +276,14 @@ async def _add_actors(
     name_prefix: str,
     namespace: str,
 ) -> None:
-    handles = [
-        spawn_shard_actor(
-            shard,
-            shard_count=shard_count,
-            policies=policies,
-            namespace=namespace,
-            name_prefix=name_prefix,
-            storage=storage,
-        )
-        for shard in range(before, shard_count)
-    ]
+    handles = spawn_shard_actors(
+        shard_count=shard_count,
+        policies=policies,
+        namespace=namespace,
+        name_prefix=name_prefix,
+        storage=storage,
+        first_shard=before,
+    )
     await _ready(handles, before, storage, name_prefix)
 
 
