@@ -295,6 +295,9 @@ async def _move(
             report = await scaling.scale(shard_count=args.shards, **common)
         else:
             report = await scaling.rebalance_cluster(**common)
+    except scaling.RebalanceBusy as busy:
+        print(f"cluster {args.action}: {busy}")
+        return False
     except Exception as error:
         # Whatever moved is in the map, and a partition half way is adopted by the
         # next run: one line, exit 1, and the operator runs it again.

@@ -22,11 +22,12 @@ start a Ray cluster, nor end an actor that still serves a partition.
 """
 
 import asyncio
+import contextlib
 import logging
 import math
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any, Final
 
 import msgspec
@@ -63,9 +64,9 @@ MOVE_CALL_TIMEOUT_MS: Final = 30_000
 # How long shards scaled away keep answering partitionNotServed before they end.
 RETIRE_AFTER_MS: Final = 3_000
 # How often a gateway with SLOTENGINE_AUTO_REBALANCE looks for a node that joined,
-# and how long its claim to rebalance (one gateway at a time) lasts at most.
+# and how long a claim to rebalance (one scale or rebalance at a time) lasts at most.
 AUTO_REBALANCE_EVERY_S: Final = 5.0
-REBALANCE_CLAIM_TTL_MS: Final = 300_000
+REBALANCE_CLAIM_TTL_MS: Final = 600_000
 
 
 class Relocation(msgspec.Struct, frozen=True, kw_only=True):
@@ -105,6 +106,39 @@ class RayShardMoves:
         return answer
 
 
+class RebalanceBusy(RuntimeError):
+    """Another scale or rebalance of the deployment is under way (one line)."""
+
+
+@contextlib.asynccontextmanager
+async def rebalance_claim(storage: StorageSettings) -> AsyncIterator[None]:
+    """Hold the deployment's claim to move partitions and actors (``RedisKeys.
+    rebalance_claim``, ``REBALANCE_CLAIM_TTL_MS`` at most) while the block runs:
+    ``cluster scale``, ``cluster rebalance`` and the automatic rebalance never run
+    two at a time. Raises ``RebalanceBusy`` when another holds it."""
+    claim = RedisKeys(storage.namespace).rebalance_claim
+    me = secrets.token_hex(8).encode()
+    client = aioredis.Redis.from_url(storage.redis_url)
+    try:
+        async with asyncio.timeout(limits.REDIS_CALL_TIMEOUT_MS / 1000):
+            claimed = await client.set(claim, me, nx=True, px=REBALANCE_CLAIM_TTL_MS)
+            holder = None if claimed else await client.get(claim)
+        if not claimed:
+            raise RebalanceBusy(
+                "another scale or rebalance of this deployment is under way"
+                f" (claim {claim} held by {holder!r}; it lapses within"
+                f" {REBALANCE_CLAIM_TTL_MS // 1000} s)"
+            )
+        try:
+            yield
+        finally:
+            async with asyncio.timeout(limits.REDIS_CALL_TIMEOUT_MS / 1000):
+                if await client.get(claim) == me:
+                    await client.delete(claim)
+    finally:
+        await client.aclose()
+
+
 async def announce_map(storage: StorageSettings) -> None:
     """Tell every gateway that the partition map changed (they read it again)."""
     client = aioredis.Redis.from_url(storage.redis_url)
@@ -127,9 +161,31 @@ async def scale(
     step_partitions: int = STEP_PARTITIONS_DEFAULT,
     on_step: Callable[[MoveStep], None] | None = None,
 ) -> ScaleReport:
-    """Serve the deployment with ``shard_count`` shard actors, moving partitions live."""
+    """Serve the deployment with ``shard_count`` shard actors, moving partitions live
+    (holding ``rebalance_claim``)."""
     if shard_count < 1:
         raise ValueError("at least one shard")
+    async with rebalance_claim(storage):
+        return await _scale(
+            shard_count,
+            policies,
+            storage,
+            name_prefix,
+            namespace,
+            step_partitions,
+            on_step,
+        )
+
+
+async def _scale(
+    shard_count: int,
+    policies: dict[str, DomainPolicy],
+    storage: StorageSettings,
+    name_prefix: str,
+    namespace: str,
+    step_partitions: int,
+    on_step: Callable[[MoveStep], None] | None,
+) -> ScaleReport:
     before = (await read_map(storage.database_url)).shard_count
     if shard_count > before:
         await _add_actors(before, shard_count, policies, storage, name_prefix, namespace)
@@ -169,23 +225,25 @@ async def rebalance_cluster(
     step_partitions: int = STEP_PARTITIONS_DEFAULT,
     on_step: Callable[[MoveStep], None] | None = None,
 ) -> ScaleReport:
-    """Even the partitions over the map's shards, then the actors over the nodes."""
-    report = await scale(
-        shard_count=(await read_map(storage.database_url)).shard_count,
-        policies=policies,
-        storage=storage,
-        name_prefix=name_prefix,
-        namespace=namespace,
-        step_partitions=step_partitions,
-        on_step=on_step,
-    )
-    relocations = await even_nodes(
-        shard_count=report.shards_after,
-        policies=policies,
-        storage=storage,
-        name_prefix=name_prefix,
-        namespace=namespace,
-    )
+    """Even the partitions over the map's shards, then the actors over the nodes
+    (holding ``rebalance_claim``)."""
+    async with rebalance_claim(storage):
+        report = await _scale(
+            (await read_map(storage.database_url)).shard_count,
+            policies,
+            storage,
+            name_prefix,
+            namespace,
+            step_partitions,
+            on_step,
+        )
+        relocations = await even_nodes(
+            shard_count=report.shards_after,
+            policies=policies,
+            storage=storage,
+            name_prefix=name_prefix,
+            namespace=namespace,
+        )
     return msgspec.structs.replace(report, relocations=relocations)
 
 
@@ -339,43 +397,29 @@ async def auto_rebalance(
     nodes (``even_nodes``), one gateway of the deployment at a time (a claim in
     Redis, ``RedisKeys.rebalance_claim``). A lost node is not a reason: its actors
     restart elsewhere by themselves, and a node coming back counts as joining."""
-    claim = RedisKeys(storage.namespace).rebalance_claim
-    me = secrets.token_hex(8)
-    client = aioredis.Redis.from_url(storage.redis_url)
     known: frozenset[str] | None = None
-    try:
-        while True:
-            await asyncio.sleep(every_s)
-            try:
-                nodes = frozenset(await asyncio.to_thread(placement_nodes))
-                joined = known is not None and not nodes <= known
-                known = nodes
-                if not joined:
-                    continue
-                async with asyncio.timeout(limits.REDIS_CALL_TIMEOUT_MS / 1000):
-                    claimed = await client.set(claim, me, nx=True, px=REBALANCE_CLAIM_TTL_MS)
-                if not claimed:
-                    continue  # another gateway does it
-                try:
-                    shard_count = (await read_map(storage.database_url)).shard_count
-                    moved = await even_nodes(
-                        shard_count=shard_count,
-                        policies=policies,
-                        storage=storage,
-                        name_prefix=name_prefix,
-                        namespace=namespace,
-                    )
-                    logger.info(
-                        "a node joined: %d shard actors moved to even the nodes", len(moved)
-                    )
-                finally:
-                    async with asyncio.timeout(limits.REDIS_CALL_TIMEOUT_MS / 1000):
-                        if await client.get(claim) == me.encode():
-                            await client.delete(claim)
-            except asyncio.CancelledError:
-                raise
-            except Exception as error:  # the next round tries again
-                logger.warning("automatic rebalance failed: %r", error)
-                known = None
-    finally:
-        await client.aclose()
+    while True:
+        await asyncio.sleep(every_s)
+        try:
+            nodes = frozenset(await asyncio.to_thread(placement_nodes))
+            joined = known is not None and not nodes <= known
+            known = nodes
+            if not joined:
+                continue
+            async with rebalance_claim(storage):
+                shard_count = (await read_map(storage.database_url)).shard_count
+                moved = await even_nodes(
+                    shard_count=shard_count,
+                    policies=policies,
+                    storage=storage,
+                    name_prefix=name_prefix,
+                    namespace=namespace,
+                )
+            logger.info("a node joined: %d shard actors moved to even the nodes", len(moved))
+        except asyncio.CancelledError:
+            raise
+        except RebalanceBusy:
+            continue  # another gateway (or an operator) does it
+        except Exception as error:  # the next round tries again
+            logger.warning("automatic rebalance failed: %r", error)
+            known = None
