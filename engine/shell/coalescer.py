@@ -308,7 +308,10 @@ class EngineClient:
             logger.warning("the partition map could not be read: %r", error)
             return
         if fresh.version > self._partition_map.version:
-            if fresh.shard_count > self._shard_count and not await self._reach(fresh.shard_count):
+            # More shards than the map had: added by a scale (or scaled away before and
+            # added again, with new actors).
+            grows = fresh.shard_count > self._partition_map.shard_count
+            if grows and not await self._reach(fresh.shard_count):
                 return
             previous, self._partition_map = self._partition_map, fresh
             retire = getattr(self._transport, "retire_shards", None)
@@ -321,8 +324,8 @@ class EngineClient:
                     logger.exception("a partition map listener failed")
 
     async def _reach(self, shard_count: int) -> bool:
-        """Lanes to shards up to ``shard_count`` (shards added by a scale), if the
-        transport can reach them."""
+        """Lanes to shards up to ``shard_count`` (shards added by a scale, or added
+        again after one scaled them away), if the transport can reach them."""
         connect = getattr(self._transport, "connect_shards", None)
         try:
             if connect is not None:
@@ -338,7 +341,7 @@ class EngineClient:
             )
             return False
         self._lanes.extend(_Lane(shard) for shard in range(self._shard_count, shard_count))
-        self._shard_count = shard_count
+        self._shard_count = max(self._shard_count, shard_count)
         return True
 
     async def _execute_once(self, command: AnyCommand, shard: int | None) -> AnyResult:

@@ -821,14 +821,15 @@ class RayShardTransport:
         self, shard_count: int, timeout_ms: int = limits.ACTOR_CALL_TIMEOUT_MS
     ) -> None:
         """Reach shards up to ``shard_count``: the actors ``slotengine cluster scale``
-        added (found by name, never created here), each proving it is this
-        deployment's. Raises ``ShardUnreachable`` for one not found."""
+        added (found by name, never created here; a shard scaled away before has a
+        new actor), each proving it is this deployment's. Raises
+        ``ShardUnreachable`` for one not found."""
         known = len(self._handles)
-        if shard_count <= known:
-            self._retired.difference_update(range(shard_count))
+        wanted = [s for s in range(shard_count) if s >= known or s in self._retired]
+        if not wanted:
             return
         handles = []
-        for shard in range(known, shard_count):
+        for shard in wanted:
             try:
                 handles.append(
                     ray.get_actor(actor_name(shard, self._name_prefix), namespace=self._namespace)
@@ -842,7 +843,7 @@ class RayShardTransport:
         storage = self._storage
         if storage is not None:
             database = await database_fingerprint_of(storage.database_url)
-            for shard, identity in enumerate(found, start=known):
+            for shard, identity in zip(wanted, found, strict=True):
                 check_identities(
                     [identity],
                     storage.namespace,
@@ -852,11 +853,16 @@ class RayShardTransport:
                 )
         if len(self._handles) != known:
             return  # another call connected them meanwhile
-        self._handles.extend(handles)
-        self._links.extend([None] * len(handles))
-        self._ask_socket_after.extend([0.0] * len(handles))
-        self._retired.difference_update(range(shard_count))
-        for shard, identity in enumerate(found, start=known):
+        grown = max(0, shard_count - known)
+        self._handles.extend([None] * grown)
+        self._links.extend([None] * grown)
+        self._ask_socket_after.extend([0.0] * grown)
+        for shard, handle, identity in zip(wanted, handles, found, strict=True):
+            link = self._links[shard]
+            if link is not None:
+                self._drop_link(shard, link)
+            self._handles[shard] = handle
+            self._retired.discard(shard)
             self._adopt_socket(shard, identity)
 
     def retire_shards(self, shard_count: int) -> None:

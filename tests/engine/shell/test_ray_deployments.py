@@ -413,4 +413,14 @@ async def test_cluster_scale_moves_partitions_live_and_callers_follow(
         view = await engine.view(slot_id)
         assert view.held_count == 1, view
     assert client.shard_count == 1
+
+    # Up again: shard 1 has a new actor, which the caller finds by name (the one it
+    # knew is dead, and is never respawned by the caller).
+    again = await asyncio.to_thread(_cluster, "scale", "--shards", "2", deployment=deployment)
+    assert again.returncode == 0, again.stdout + again.stderr
+    for slot_id in moved:
+        view = await engine.view(slot_id)
+        assert view.held_count == 1, view
+    assert client.shard_count == 2
+    await transport.check_invariants(1, TIMEOUT_MS)
     await transport.close()

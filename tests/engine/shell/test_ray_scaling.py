@@ -1,18 +1,18 @@
 """Scaling shard actors on Ray under load, 2 -> 4 -> 3 -> 1, and a node joining.
 
 The scenario is ``python -m bench rebalance --engine ray``'s, run short in a
-subprocess of its own: first on a local Ray of its own, the shard actors going
-from 2 to 4, 3 and 1 as ``slotengine cluster scale`` does (actors started, and
-stopped once emptied); then on a Ray cluster of several nodes on this machine
+subprocess of its own on a Ray cluster of several nodes on this machine
 (``ray.cluster_utils.Cluster``: a head that offers no CPU to the actors and one
-worker node), which cannot share the test session's local Ray. Durable shard
-actors (real PostgreSQL and Redis) go from 2 to 4 while callers keep a ledger of
-every acknowledged change, with holds and queue offers left to expire across the
-moves; then a second worker node joins and ``cluster rebalance`` (or, in the
-second run, the automatic rebalance of ``SLOTENGINE_AUTO_REBALANCE``) restarts
-actors on it until each node holds two. Nothing acknowledged is lost, nothing breaks an
-invariant, no caller sees an error other than 503, every hold and offer expires
-(none early), and the actors end evened over the nodes.
+worker node), which cannot share the test session's local Ray. Callers keep a
+ledger of every acknowledged change, with holds and queue offers left to expire
+across the moves, while the durable shard actors (real PostgreSQL and Redis)
+change in number as ``slotengine cluster scale`` does (actors started, and
+stopped once emptied): 2 -> 4 -> 3 -> 1 -> 4 in the first run, 2 -> 4 in the
+second. Then a second worker node joins, and the automatic rebalance of
+``SLOTENGINE_AUTO_REBALANCE`` (first run) or ``cluster rebalance`` (second)
+restarts actors on it until each node holds two. Nothing acknowledged is lost,
+nothing breaks an invariant, no caller sees an error other than 503, every hold
+and offer expires (none early), and the actors end evened over the nodes.
 
 Times are not asserted: a loaded machine takes longer to start and move actors.
 """
@@ -62,40 +62,39 @@ def _nothing_lost(result: dict[str, Any], expiring: int) -> None:
     assert result["expired_early"] == 0 and result["expired_late"] == 0
 
 
-def test_shard_actors_scaled_two_four_three_one_under_load_lose_nothing() -> None:
+def test_actors_scaled_two_four_three_one_four_then_a_node_joins_and_they_even_out() -> None:
+    """2 -> 4 -> 3 -> 1 -> 4 actors on one worker node, then a second joins and the
+    automatic rebalance (``SLOTENGINE_AUTO_REBALANCE``) restarts two actors on it."""
     result = _bench(
-        "--shards=2,4,3,1", "--partitions=64", "--step-partitions=16", "--concurrency=30",
-        "--slots=24", "--expiring=4", "--hold-ms=8000", "--claim-ms=3000",
-        "--phase-seconds=1", "--on-time-ms=60000",
+        "--nodes=1", "--join-node=auto", "--shards=2,4,3,1,4", "--partitions=64",
+        "--step-partitions=16", "--concurrency=30", "--slots=24", "--expiring=4",
+        "--hold-ms=8000", "--claim-ms=3000", "--phase-seconds=1", "--on-time-ms=60000",
     )  # fmt: skip
     assert [(c["shards"], c["added"], c["ended"]) for c in result["changes"]] == [
         (4, [2, 3], []),
         (3, [], [3]),
         (1, [], [1, 2]),
+        (4, [1, 2, 3], []),
     ]
     assert all(change["moved"] > 0 and change["forced"] == 0 for change in result["changes"])
-    assert result["final_partitions_per_shard"] == {"0": 64}
+    assert result["final_partitions_per_shard"] == {"0": 16, "1": 16, "2": 16, "3": 16}
+    joined = result["node_joined"]
+    assert (joined["actors_per_node_before"], joined["actors_per_node_after"]) == ([4], [2, 2])
     _nothing_lost(result, expiring=4)
 
 
-@pytest.mark.parametrize("how", ["command", "auto"])
-def test_scaling_up_and_a_node_joining_under_load_lose_nothing_and_even_the_nodes(
-    how: str,
-) -> None:
+def test_after_a_node_joins_cluster_rebalance_evens_the_actors_under_load() -> None:
     result = _bench(
-        "--nodes=1", f"--join-node={how}", "--shards=2,4", "--partitions=64",
+        "--nodes=1", "--join-node=command", "--shards=2,4", "--partitions=64",
         "--step-partitions=16", "--concurrency=30", "--slots=24", "--expiring=4",
         "--hold-ms=8000", "--claim-ms=3000", "--phase-seconds=1.5", "--on-time-ms=60000",
     )  # fmt: skip
-
     [change] = result["changes"]
     assert (change["shards"], change["added"], change["forced"]) == (4, [2, 3], 0)
     assert change["moved"] == 32  # half of each old shard's 32 partitions
     assert result["final_partitions_per_shard"] == {"0": 16, "1": 16, "2": 16, "3": 16}
     joined = result["node_joined"]
-    assert joined["actors_per_node_before"] == [4]
-    assert joined["actors_per_node_after"] == [2, 2]
-    if how == "command":  # `cluster rebalance` says what it restarted
-        assert len(joined["relocations"]) == 2
-
+    assert (joined["actors_per_node_before"], joined["actors_per_node_after"]) == ([4], [2, 2])
+    # `cluster rebalance` says what it restarted: at least the two that moved.
+    assert len(joined["relocations"]) >= 2
     _nothing_lost(result, expiring=4)
