@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import pytest
 
 from engine.shell.actor_identity import SHARD_ACTOR_PREFIX, actor_name
-from tests.support.ray_head import CLIENT_SERVER_FAILED, RayHead, running_head
+from tests.support.ray_head import RayHead, client_proxy_failed, running_head
 
 
 def test_demo_tells_the_burst_the_expiry_and_the_offer() -> None:
@@ -31,13 +31,13 @@ def test_demo_tells_the_burst_the_expiry_and_the_offer() -> None:
 
 
 def _demo_on_ray(env: dict[str, str]) -> str:
-    for _ in range(2):  # a second try only when Ray's client proxy failed (CLIENT_SERVER_FAILED)
+    for _ in range(2):  # a second try only when Ray's client proxy failed (client_proxy_failed)
         completed = subprocess.run(
             [sys.executable, "-m", "engine.cli", "demo", "--engine", "ray",
              "--hold-ttl-seconds", "1"],
             env=env, capture_output=True, text=True, timeout=180, check=False,
         )  # fmt: skip
-        if CLIENT_SERVER_FAILED not in completed.stderr:
+        if not client_proxy_failed(completed.stderr):
             break
     assert completed.returncode == 0, completed.stderr[-3000:]
     assert "user-04 claims the offer: booking CONFIRMED" in completed.stdout

@@ -32,7 +32,9 @@ from tests.gateway.conftest import SECRET
 from tests.gateway.test_serve import Served
 from tests.support.domain import POLICIES
 
-TOKEN = issue_token(SECRET, "ann", "user", 600)
+# Issued when the module is collected, which may be long before its tests run on a
+# slow machine: it lasts a day, longer than any run of the suite.
+TOKEN = issue_token(SECRET, "ann", "user", 86_400)
 # A string found nowhere but in the requests sent: an answer must not echo it.
 MARK = "Qz7markV"
 # Small, so that the tests wait little; a trickling client keeps sending far longer.

@@ -15,7 +15,7 @@ import aiohttp
 import pytest
 
 from tests.gateway.test_serve import ROOT, Served
-from tests.support.ray_head import CLIENT_SERVER_FAILED, RayHead, running_head
+from tests.support.ray_head import RayHead, client_proxy_failed, running_head
 
 pytestmark = pytest.mark.ray
 
@@ -44,7 +44,7 @@ async def test_serve_reserves_through_ray_client(
             )  # fmt: skip
 
     served.process = start_serve()
-    restarts = 1  # only after Ray's client proxy failed (CLIENT_SERVER_FAILED), as compose does
+    restarts = 1  # only after Ray's client proxy failed (client_proxy_failed), as compose does
     start = datetime.now(UTC).replace(microsecond=0) + timedelta(days=2)
     try:
         admin, user = served.token("root", "admin"), served.token("ann")
@@ -54,7 +54,7 @@ async def test_serve_reserves_through_ray_client(
                     if (
                         served.process.poll() is not None
                         and restarts > 0
-                        and CLIENT_SERVER_FAILED in log_path.read_text(errors="replace")
+                        and client_proxy_failed(log_path.read_text(errors="replace"))
                     ):
                         restarts -= 1
                         served.process = start_serve()

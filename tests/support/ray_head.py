@@ -22,10 +22,19 @@ from pathlib import Path
 RAY = str(Path(sys.executable).with_name("ray"))
 STOP_WAIT_S = 10.0
 # Ray's client proxy now and then fails to start the server it runs on the head
-# for a new client (its log empty; seen with Ray 2.60 on a loaded machine): the
-# client is refused with this line, and a second connect is served. The engine's
-# code plays no part in it; the compose stack's gateways restart on such a failure.
+# for a new client (its log empty; seen with Ray 2.60 on a loaded machine), or
+# trips over that server's exited process (psutil's ZombieProcess): the client is
+# refused with one of these, and a second connect is served. The engine's code
+# plays no part in it; the compose stack's gateways restart on such a failure.
 CLIENT_SERVER_FAILED = "Starting Ray client server failed"
+CLIENT_PROXY_FAILURES = (CLIENT_SERVER_FAILED, "psutil.ZombieProcess")
+
+
+def client_proxy_failed(output: str) -> bool:
+    """Whether a Ray client was refused by the head's client proxy, not by the engine."""
+    return any(failure in output for failure in CLIENT_PROXY_FAILURES)
+
+
 READY_WAIT_S = 60.0
 
 
