@@ -249,7 +249,8 @@ async def test_a_database_written_before_partitions_loads_with_its_holds_and_que
     )
     assert len(slots) == 2 and len(holds) == 4
 
-    assert await migrate(admin) == ["0003_partitions.sql", "0004_partition_moves.sql"]
+    applied = await migrate(admin)
+    assert applied[:2] == ["0003_partitions.sql", "0004_partition_moves.sql"]
     partition_map, moved = await establish_partitions(admin, partitions=None, shard_count=2)
     assert (partition_map.partitions, partition_map.owners, moved) == (2, (0, 1), {})
     assert dict(await admin.fetch("SELECT partition, id FROM slots")) == slots
