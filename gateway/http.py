@@ -21,6 +21,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Final, Protocol
 
+import asyncpg
 import msgspec
 from aiohttp import web
 
@@ -34,6 +35,7 @@ from gateway.auth.principal import AuthError, Forbidden, Principal, bearer_token
 from gateway.auth.verify import Verifier
 from gateway.idempotency import KeyRegistry, KeyRegistryUnavailable
 from gateway.ratelimit import RateLimiter, RateLimiterUnavailable
+from persistence.sealing import KeyRing
 
 logger = logging.getLogger("slotengine.gateway")
 access_logger = logging.getLogger("slotengine.access")
@@ -70,6 +72,11 @@ REQUEST_ID_KEY: Final = web.RequestKey("request_id", str)
 LIMITER_KEY: Final = web.AppKey("rate_limiter", RateLimiter)
 KEYS_KEY: Final = web.AppKey("idempotency_keys", KeyRegistry)
 CORS_ORIGINS_KEY: Final = web.AppKey("cors_origins", frozenset[str])
+# The deployment's database (an asyncpg pool), for what the gateway keeps itself
+# rather than the shards: webhook endpoints, deliveries, contact details.
+DATABASE_KEY: Final = web.AppKey("database", asyncpg.Pool)
+# The data keys that seal contact details and webhook secrets at rest.
+DATA_KEYS_KEY: Final = web.AppKey("data_keys", KeyRing)
 # The error code of an answer, kept on the response for the request log.
 ERROR_CODE: Final = web.ResponseKey("error_code", str)
 # The document a JSON answer was encoded from, so that what reads the answer
@@ -329,6 +336,22 @@ async def limit(request: web.Request, endpoint: str, user_id: str) -> None:
             f"too many {endpoint} requests; try again in {decision.retry_after_s} s",
             retry_after_s=decision.retry_after_s,
         )
+
+
+def database(request: web.Request) -> asyncpg.Pool:
+    """The deployment's database pool, or 503 where the gateway runs without one."""
+    pool = request.app.get(DATABASE_KEY)
+    if pool is None:
+        raise ApiError(503, "ServiceUnavailable", "This gateway has no database configured.")
+    return pool
+
+
+def data_keys(request: web.Request) -> KeyRing:
+    """The data key ring, or 503 where the gateway runs without one."""
+    ring = request.app.get(DATA_KEYS_KEY)
+    if ring is None:
+        raise ApiError(503, "ServiceUnavailable", "This gateway has no data key configured.")
+    return ring
 
 
 def require_admin(who: Principal) -> None:
