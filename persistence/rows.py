@@ -28,6 +28,9 @@ from engine.core.states import BookingStatus
 
 # The changes of a slot's own settings (counts follow its bookings).
 SLOT_SETTING_CHANGES = frozenset({"created", "updated", "deleted"})
+# The queue changes people are told of (engine/notify/events.py names them);
+# a user leaving the line of their own accord is not one.
+NOTIFIED_QUEUE_CHANGES = frozenset({"joined", "notified", "expired", "converted"})
 
 # The columns of the audit_write type (the shard is the flush's).
 AuditRow = tuple[int, str, str, str, str, str, str | None, str | None, str | None, str, str | None]
@@ -58,9 +61,14 @@ class FlushRows:
     events: int = 0
     # The events themselves, in order: published to subscribers once committed.
     raw: list[AnyEvent] = field(default_factory=list)
+    # The events notifications are made of, in order: the transactional outbox's
+    # part of this flush (every booking transition, the queue changes of
+    # NOTIFIED_QUEUE_CHANGES, slot settings).
+    notifiable: list[AnyEvent] = field(default_factory=list)
 
     def add(self, events: list[AnyEvent]) -> None:
         audit = self.audit.append
+        notifiable = self.notifiable.append
         self.events += len(events)
         self.raw.extend(events)
         for event in events:
@@ -69,6 +77,7 @@ class FlushRows:
                 self.bookings[booking.id] = (booking, event.at_ms)
                 if event.from_status is BookingStatus.PENDING:
                     self.created.add(booking.id)
+                notifiable(event)
                 audit(
                     (
                         event.at_ms,
@@ -88,6 +97,8 @@ class FlushRows:
                 entry = event.entry
                 key = (entry.slot_id, entry.user_id)
                 self.entries[key] = None if event.change == "left" else (entry, event.at_ms)
+                if event.change in NOTIFIED_QUEUE_CHANGES:
+                    notifiable(event)
                 audit(
                     (
                         event.at_ms,
@@ -109,6 +120,7 @@ class FlushRows:
                 created_ms = row.created_at_ms if row is not None else event.at_ms
                 deleted_ms = event.at_ms if event.change == "deleted" else None
                 self.slots[view.id] = SlotRow(view, created_ms, event.at_ms, deleted_ms)
+                notifiable(event)
                 audit(
                     (
                         event.at_ms,

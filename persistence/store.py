@@ -6,6 +6,7 @@ transaction discipline described on each. It must never decide a business
 rule: the rows are what the engine's events say.
 """
 
+import time
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -470,12 +471,15 @@ async def write_flush(
     prevents; nothing else may pass it.
     """
     changed, new = rows.split_bookings()
+    committed_ms = int(time.time() * 1000)
     left = [key for key, value in rows.entries.items() if value is None]
     kept = [value for value in rows.entries.values() if value is not None]
     try:
         await connection.execute(
+            # The outbox in the same statement, so the same transaction: an event
+            # exists exactly when its change is committed.
             "SELECT write_shard_flush($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13,"
-            " $14, $15, $16)",
+            " $14, $15, $16), append_outbox($1, $17, $18, $19)",
             rows.shard,
             token,
             owner,
@@ -496,6 +500,11 @@ async def write_flush(
             if rows.outcomes
             else b"",
             _key_writes(rows.keys, codecs),
+            committed_ms,
+            len(rows.notifiable),
+            zlib.compress(codecs.encoder.encode(rows.notifiable), OUTCOMES_COMPRESS_LEVEL)
+            if rows.notifiable
+            else b"",
         )
     except asyncpg.PostgresError as exc:
         sqlstate = getattr(exc, "sqlstate", None)
