@@ -57,6 +57,17 @@ BODY_TIMEOUT_DEFAULT_S: Final = 10
 # included, is closed silently after the 75 s keep-alive timeout.
 READ_TIMEOUT_MAX_S: Final = 60
 
+# Notifications: seconds before each retry of a failed delivery (the 2nd, 3rd...
+# attempt); after the last a delivery is dead. At most this many retries, each
+# at most a day later.
+DELIVERY_RETRY_SECONDS_DEFAULT: Final = (5, 30, 120, 600, 3600)
+DELIVERY_RETRIES_MAX: Final = 20
+DELIVERY_RETRY_DELAY_MAX_S: Final = 86_400
+# Delivered deliveries and dispatched outbox batches are kept this long (dead
+# deliveries stay until redelivered or purged by hand).
+OUTBOX_RETENTION_HOURS_DEFAULT: Final = 72
+OUTBOX_RETENTION_HOURS_MAX: Final = 24 * 365
+
 DATABASE_URL_SCHEMES: Final = ("postgresql", "postgres")
 REDIS_URL_SCHEMES: Final = ("redis", "rediss", "unix")
 
@@ -105,6 +116,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     live_connections_per_user_max: int = LIVE_CONNECTIONS_PER_USER_MAX_DEFAULT
     header_timeout_seconds: int = HEADER_TIMEOUT_DEFAULT_S
     body_timeout_seconds: int = BODY_TIMEOUT_DEFAULT_S
+    # The transactional outbox and its deliveries (engine/notify); off, changes
+    # leave the engine only over live connections.
+    notifications: bool = True
+    delivery_retry_seconds: tuple[int, ...] = DELIVERY_RETRY_SECONDS_DEFAULT
+    outbox_retention_hours: int = OUTBOX_RETENTION_HOURS_DEFAULT
 
     def __repr__(self) -> str:
         # Settings end up in start-up logs: never print a secret or a password.
@@ -179,6 +195,15 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
             _integer(1, READ_TIMEOUT_MAX_S),
             BODY_TIMEOUT_DEFAULT_S,
         ),
+        notifications=env.read_or("SLOTENGINE_NOTIFICATIONS", _boolean, True),
+        delivery_retry_seconds=env.read_or(
+            "SLOTENGINE_DELIVERY_RETRY_SECONDS", _retry_schedule, DELIVERY_RETRY_SECONDS_DEFAULT
+        ),
+        outbox_retention_hours=env.read_or(
+            "SLOTENGINE_OUTBOX_RETENTION_HOURS",
+            _integer(1, OUTBOX_RETENTION_HOURS_MAX),
+            OUTBOX_RETENTION_HOURS_DEFAULT,
+        ),
     )
 
 
@@ -237,6 +262,17 @@ def _boolean(raw: str) -> bool:
     if value in ("0", "false", "no", "off"):
         return False
     raise ValueError("expected true or false")
+
+
+def _retry_schedule(raw: str) -> tuple[int, ...]:
+    """``5,30,120``: whole seconds before each retry, in order; ``none`` for no retry."""
+    if raw.strip().lower() == "none":
+        return ()
+    parse = _integer(1, DELIVERY_RETRY_DELAY_MAX_S)
+    delays = tuple(parse(part.strip()) for part in raw.split(","))
+    if len(delays) > DELIVERY_RETRIES_MAX:
+        raise ValueError(f"at most {DELIVERY_RETRIES_MAX} retries")
+    return delays
 
 
 def _log_level(raw: str) -> LogLevel:

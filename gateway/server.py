@@ -301,6 +301,7 @@ async def storage_and_partitions(
         relaxed=settings.durability == "relaxed",
         namespace=namespace,
         partitions=partition_map.partitions,
+        outbox=settings.notifications,
     )
     return storage, partition_map
 

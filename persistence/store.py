@@ -462,8 +462,12 @@ async def write_flush(
     *,
     generation: int = 0,
     fence_check: bool = True,
+    outbox: bool = True,
 ) -> None:
     """Write one flush: one call of ``write_shard_flush``, one round trip, one transaction.
+
+    ``outbox``: its notifiable events go to the transactional outbox in the same
+    statement (``append_outbox``); off, none do.
 
     Raises ``FenceRejected`` when the fence has moved past ``token``, or past
     ``generation`` (the partition set the owner loaded has changed).
@@ -472,6 +476,7 @@ async def write_flush(
     """
     changed, new = rows.split_bookings()
     committed_ms = int(time.time() * 1000)
+    notifiable = rows.notifiable if outbox else []
     left = [key for key, value in rows.entries.items() if value is None]
     kept = [value for value in rows.entries.values() if value is not None]
     try:
@@ -501,9 +506,9 @@ async def write_flush(
             else b"",
             _key_writes(rows.keys, codecs),
             committed_ms,
-            len(rows.notifiable),
-            zlib.compress(codecs.encoder.encode(rows.notifiable), OUTCOMES_COMPRESS_LEVEL)
-            if rows.notifiable
+            len(notifiable),
+            zlib.compress(codecs.encoder.encode(notifiable), OUTCOMES_COMPRESS_LEVEL)
+            if notifiable
             else b"",
         )
     except asyncpg.PostgresError as exc:

@@ -83,8 +83,10 @@ class ShardWriter:
         group_commit: bool = True,
         flush_events_max: int = limits.WRITER_FLUSH_EVENTS_MAX,
         on_committed: Callable[[list[AnyEvent]], None] | None = None,
+        outbox: bool = True,
     ) -> None:
         self._connection = connection
+        self._outbox = outbox
         self._shard = shard
         self._token = token
         self._owner = owner
@@ -366,6 +368,7 @@ class ShardWriter:
                 self._codecs,
                 generation=self._generation,
                 fence_check=self._fence_check,
+                outbox=self._outbox,
             )
         self._commit_ns_total += time.perf_counter_ns() - started_ns
 

@@ -97,6 +97,10 @@ class StorageSettings(msgspec.Struct, frozen=True, kw_only=True):
     rebuild_retry_ms: int = limits.REBUILD_RETRY_MS
     # Committed events go to Redis pub/sub for the gateways' live subscribers.
     publish_events: bool = True
+    # Each flush appends its notifiable events to the transactional outbox
+    # (SLOTENGINE_NOTIFICATIONS; off: no notification of any kind leaves the engine
+    # but over live connections).
+    outbox: bool = True
     # The owner of shard 0 (one process in the whole engine, by its lease) runs
     # the reconciliation report and the retention purge this often; 0 turns it off.
     maintenance_every_s: float = MAINTENANCE_EVERY_DEFAULT_S
@@ -499,6 +503,7 @@ class ShardOwner:
             before_flush=self._before_flush,
             fence_check=self._fence_check,
             group_commit=self._storage.group_commit,
+            outbox=self._storage.outbox,
             on_committed=self._publisher.committed if self._publisher is not None else None,
         )
         runtime = ShardRuntime(

@@ -12,6 +12,7 @@ probe only reads. The shards' lines never change the verdict.
 import asyncio
 import contextlib
 import logging
+import time
 from typing import Any, Final
 
 import asyncpg
@@ -20,6 +21,7 @@ from aiohttp import web
 
 from gateway.observability.metrics import Metrics
 from gateway.observability.sampler import CHECK_TIMEOUT_S, EngineSampler, ShardSample
+from persistence.deliveries import outbox_state
 
 logger = logging.getLogger("slotengine.gateway.observability")
 
@@ -64,6 +66,28 @@ class _DatabaseProbe:
             logger.debug("database check failed: %r", exc)
             return False
         return bool(value == 1)
+
+    async def outbox(self) -> dict[str, Any] | None:
+        """The transactional outbox's state, on the kept connection; None if it
+        cannot be read now (the database check says why)."""
+        connection = self._connection
+        if connection is None or connection.is_closed():
+            return None
+        try:
+            async with asyncio.timeout(CHECK_TIMEOUT_S), self._lock:
+                with self._metrics.observe_database("outbox_state"):
+                    now_ms = int(time.time() * 1000)
+                    state = await outbox_state(connection, now_ms)
+        except Exception as exc:
+            logger.debug("outbox check failed: %r", exc)
+            return None
+        oldest = state.oldest_undispatched_ms
+        return {
+            "undispatchedEvents": state.undispatched_events,
+            "oldestAgeMs": 0 if oldest is None else max(0, now_ms - oldest),
+            "dueDeliveries": state.due_deliveries,
+            "deadDeliveries": state.dead_deliveries,
+        }
 
     def _discard(self) -> None:
         connection, self._connection = self._connection, None
@@ -153,6 +177,9 @@ class Observability:
     async def components(self) -> dict[str, str]:
         return (await self.report())[0]
 
+    async def outbox(self) -> dict[str, Any] | None:
+        return await self._database.outbox()
+
     async def report(self) -> tuple[dict[str, str], list[dict[str, Any]]]:
         """The components' verdicts, and a line per shard actor."""
         database, redis_up, sample = await asyncio.gather(
@@ -202,16 +229,22 @@ OBSERVABILITY_KEY: Final = web.AppKey("observability", Observability)
 
 
 async def health_handler(request: web.Request) -> web.StreamResponse:
-    components, shards = await request.app[OBSERVABILITY_KEY].report()
+    observability = request.app[OBSERVABILITY_KEY]
+    components, shards = await observability.report()
+    # Read after the database check, on the connection it kept (none if it failed).
+    outbox = await observability.outbox() if components["database"] == "up" else None
     down = sorted(name for name, state in components.items() if state == "down")
     if not down:
-        return web.json_response({"status": "healthy", "components": components, "shards": shards})
+        return web.json_response(
+            {"status": "healthy", "components": components, "shards": shards, "outbox": outbox}
+        )
     status = "unhealthy" if CRITICAL_COMPONENTS.intersection(down) else "degraded"
     response = web.json_response(
         {
             "status": status,
             "components": components,
             "shards": shards,
+            "outbox": outbox,
             "error": "ServiceUnavailable",
             "message": f"{', '.join(down)} down",
             "details": {},

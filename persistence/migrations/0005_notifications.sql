@@ -77,6 +77,8 @@ CREATE UNIQUE INDEX deliveries_once
     ON deliveries (event_id, channel, coalesce(endpoint_id, ''), coalesce(user_id, ''));
 CREATE INDEX deliveries_due ON deliveries (next_attempt_ms)
     WHERE status IN ('pending', 'failed');
+-- /health and the workers count the dead ones.
+CREATE INDEX deliveries_dead ON deliveries (id) WHERE status = 'dead';
 CREATE INDEX deliveries_by_endpoint ON deliveries (endpoint_id, status, id);
 CREATE INDEX deliveries_by_time ON deliveries USING brin (created_at_ms);
 

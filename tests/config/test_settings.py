@@ -80,6 +80,9 @@ def test_every_variable_overrides_its_default() -> None:
             "SLOTENGINE_LOG_LEVEL": "WARNING",
             "SLOTENGINE_HEADER_TIMEOUT_SECONDS": "5",
             "SLOTENGINE_BODY_TIMEOUT_SECONDS": "20",
+            "SLOTENGINE_NOTIFICATIONS": "false",
+            "SLOTENGINE_DELIVERY_RETRY_SECONDS": "1, 2,3",
+            "SLOTENGINE_OUTBOX_RETENTION_HOURS": "12",
             "UNRELATED": "ignored",
         }
     )
@@ -100,6 +103,9 @@ def test_every_variable_overrides_its_default() -> None:
         log_level="warning",
         header_timeout_seconds=5,
         body_timeout_seconds=20,
+        notifications=False,
+        delivery_retry_seconds=(1, 2, 3),
+        outbox_retention_hours=12,
     )
 
 
@@ -307,3 +313,21 @@ def test_live_connections_per_user_default_to_a_cap_and_zero_turns_it_off() -> N
         with pytest.raises(ConfigError) as caught:
             load_settings({name: bad})
         assert str(caught.value) == f"{name}: expected an integer between 0 and 100000, got {bad!r}"
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [("5,30,120,600,3600", (5, 30, 120, 600, 3600)), ("none", ()), (" 60 ", (60,))],
+)
+def test_the_retry_schedule_is_seconds_before_each_retry(
+    raw: str, expected: tuple[int, ...]
+) -> None:
+    assert load_settings({"SLOTENGINE_DELIVERY_RETRY_SECONDS": raw}).delivery_retry_seconds == (
+        expected
+    )
+
+
+@pytest.mark.parametrize("raw", ["0", "5,,30", "5,x", "86401", ",".join(["1"] * 21)])
+def test_a_bad_retry_schedule_is_refused_naming_the_setting(raw: str) -> None:
+    with pytest.raises(ConfigError, match="SLOTENGINE_DELIVERY_RETRY_SECONDS"):
+        load_settings({"SLOTENGINE_DELIVERY_RETRY_SECONDS": raw})

@@ -24,6 +24,8 @@ from tests.conftest import REDIS_URL
 
 ROOT = Path(__file__).resolve().parents[2]
 
+OUTBOX_KEYS = {"undispatchedEvents", "oldestAgeMs", "dueDeliveries", "deadDeliveries"}
+
 
 def _free_port() -> int:
     with socket.socket() as probe:
@@ -175,6 +177,9 @@ async def test_serve_answers_tokens_from_slotengine_token_and_stops_on_sigint(
                 report = await health.json()
                 assert health.status == 200, report
                 assert len(report.pop("shards")) == 2
+                # A slot was created: its event waits in the outbox or was dispatched.
+                outbox = report.pop("outbox")
+                assert set(outbox) == OUTBOX_KEYS and outbox["deadDeliveries"] == 0
                 assert report == {
                     "status": "healthy",
                     "components": {"database": "up", "redis": "up", "engine": "up", "queue": "up"},
