@@ -94,6 +94,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     ray_address: str | None = None
     # None: the server keeps a random secret per data dir (see docs/api.md).
     jwt_secret: str | None = None
+    # The data keys sealing contact details and webhook secrets (``id:base64``,
+    # the primary first); None: the key kept in the data dir
+    # (persistence/sealing.py, ``load_key_ring``).
+    data_key: str | None = None
     hold_ttl_seconds: int = limits.HOLD_TTL_DEFAULT_S
     claim_ttl_seconds: int = limits.CLAIM_TTL_DEFAULT_S
     queue_max: int = limits.QUEUE_SIZE_DEFAULT
@@ -127,7 +131,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         parts = []
         for name in self.__struct_fields__:
             value = getattr(self, name)
-            if name == "jwt_secret" and value is not None:
+            if name in ("jwt_secret", "data_key") and value is not None:
                 value = "***"
             elif name in ("database_url", "redis_url") and value is not None:
                 value = _redact_url(value)
@@ -148,6 +152,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         redis_url=env.read("REDIS_URL", _url(REDIS_URL_SCHEMES), shown=_redact_url),
         ray_address=env.read("RAY_ADDRESS", str),
         jwt_secret=env.read("SLOTENGINE_JWT_SECRET", str),
+        data_key=env.read("SLOTENGINE_DATA_KEY", str),
         hold_ttl_seconds=env.read_or(
             "SLOTENGINE_HOLD_TTL_SECONDS",
             _integer(limits.HOLD_TTL_MIN_S, limits.HOLD_TTL_MAX_S),
