@@ -10,7 +10,8 @@ contract in pyproject.toml holds it):
 
 - ``gateway.server``: ``slotengine serve``, the deployment around the app;
 - ``gateway.app`` (this module): the application, nothing but its assembly;
-- ``gateway.routes`` (``admin``, ``slots``, ``bookings``, ``queue``), the live
+- ``gateway.routes`` (``admin``, ``slots``, ``bookings``, ``queue``,
+  ``contact``), the live
   updates ``gateway.live`` (``bus``, ``outbox``, ``watches``, ``endpoints``)
   and the operations endpoints ``gateway.observability`` (``metrics``,
   ``sampler``, ``health``, ``endpoints``), none of which imports another;
@@ -24,13 +25,17 @@ module of its resource.
 
 from collections.abc import Sequence
 
+import asyncpg
 from aiohttp import web
 
 from engine.shell.coalescer import EngineClient, RequestIds
 from gateway.auth.verify import Verifier
+from gateway.handling import add_token_emails
 from gateway.http import (
     BODY_BYTES_MAX,
     CORS_ORIGINS_KEY,
+    DATA_KEYS_KEY,
+    DATABASE_KEY,
     ENGINE_KEY,
     IDS_KEY,
     KEYS_KEY,
@@ -42,7 +47,8 @@ from gateway.idempotency import KeyRegistry
 from gateway.live.endpoints import add_realtime
 from gateway.openapi import add_openapi
 from gateway.ratelimit import RateLimiter
-from gateway.routes import admin, bookings, queue, slots
+from gateway.routes import admin, bookings, contact, queue, slots
+from persistence.sealing import KeyRing
 
 
 def create_app(
@@ -53,13 +59,17 @@ def create_app(
     cors_origins: Sequence[str] = (),
     keys: KeyRegistry | None = None,
     domains: Sequence[str] = (),
+    database: asyncpg.Pool | None = None,
+    data_keys: KeyRing | None = None,
 ) -> web.Application:
     """The routes of docs/api.md. ``engine`` may come later: set ``app[ENGINE_KEY]`` on startup.
 
     Without a ``limiter`` nothing is rate limited (tests of other concerns).
     ``cors_origins`` are the browser origins allowed to call the API ("*": any).
     ``domains``: the engine's domains, which ``/openapi.json`` lists as the only
-    ones a slot may name.
+    ones a slot may name. ``database`` and ``data_keys``: the deployment's
+    database and the data keys, for the contact details (503 without them);
+    like the engine, they may be set on startup instead.
     """
     app = web.Application(middlewares=[request_context], client_max_size=BODY_BYTES_MAX)
     app[CORS_ORIGINS_KEY] = frozenset(cors_origins)
@@ -69,13 +79,19 @@ def create_app(
         app[LIMITER_KEY] = limiter
     if keys is not None:
         app[KEYS_KEY] = keys
+    if database is not None:
+        app[DATABASE_KEY] = database
+    if data_keys is not None:
+        app[DATA_KEYS_KEY] = data_keys
     app[VERIFIER_KEY] = verifier
     app[IDS_KEY] = RequestIds()
+    add_token_emails(app)
     add_realtime(app)
     # In this order: aiohttp matches routes in the order they were added.
     admin.add_routes(app)
     slots.add_routes(app)
     bookings.add_routes(app)
     queue.add_routes(app)
+    contact.add_routes(app)
     add_openapi(app, domains)
     return app

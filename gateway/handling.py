@@ -5,20 +5,28 @@ It owns decoding a request's body (msgspec: decoding is validation, 413 past
 times, cursors), the ``Idempotency-Key`` header, and calling the engine:
 ``execute``/``run`` (one command, its refusal as an ``ApiError``),
 ``run_keyed`` (the key claimed across shards first), ``limited_body`` (the
-rate limit, then the body) and ``merged_pages`` (one page from every shard).
+rate limit, then the body) and ``merged_pages`` (one page from every shard),
+and recording a token's ``email`` claim (``TokenEmails``) when its user
+reserves or queues: once per user and address per gateway, in the background.
 
 It builds on ``gateway.http`` only; it must never import the route modules,
 the live updates or the operations endpoints, and never decides a booking
 rule: the shards do.
 """
 
+import asyncio
+import contextlib
+import hashlib
 import heapq
 import itertools
 import logging
 import re
+import time
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from typing import Any, Final, TypeVar
 
+import asyncpg
 import msgspec
 from aiohttp import web
 
@@ -32,6 +40,8 @@ from gateway.auth.principal import Principal, acting_user
 from gateway.connection import read_body
 from gateway.http import (
     BODY_BYTES_MAX,
+    DATA_KEYS_KEY,
+    DATABASE_KEY,
     ENGINE_KEY,
     IDS_KEY,
     KEYS_KEY,
@@ -43,6 +53,8 @@ from gateway.http import (
     validation_error,
 )
 from gateway.idempotency import Claim
+from persistence.contacts import put_contact
+from persistence.sealing import KeyRing
 
 logger = logging.getLogger("slotengine.gateway")
 
@@ -201,6 +213,95 @@ async def limited_body(
     user_id = acting_user(who, body.user_id)
     await limit(request, endpoint, user_id)
     return body, user_id
+
+
+# (user, address) pairs a gateway remembers having recorded: past this many, the
+# least recently seen is forgotten (and recorded again when it comes back).
+TOKEN_EMAILS_REMEMBERED_MAX: Final = 100_000
+# How long a stopping gateway waits for the recordings under way.
+TOKEN_EMAILS_DRAIN_S: Final = 2.0
+
+
+class TokenEmails:
+    """The token ``email`` claims this gateway has recorded as contacts (source
+    ``token``), so that a user's requests cost one database write per gateway,
+    not one each.
+
+    It remembers a digest of (user, address), never the address. A recording
+    runs as a task of its own: it never delays or fails the request that
+    carried the claim, and its failure is logged without the address (and
+    tried again with the user's next request).
+    """
+
+    def __init__(self, remembered_max: int = TOKEN_EMAILS_REMEMBERED_MAX) -> None:
+        self._recorded: OrderedDict[bytes, None] = OrderedDict()
+        self._remembered_max = remembered_max
+        self._pending: set[asyncio.Task[None]] = set()
+
+    def record(self, app: web.Application, user_id: str, email: str) -> None:
+        pool, ring = app.get(DATABASE_KEY), app.get(DATA_KEYS_KEY)
+        if pool is None or ring is None:
+            return
+        digest = hashlib.sha256(f"{user_id}\0{email}".encode()).digest()
+        if digest in self._recorded:
+            self._recorded.move_to_end(digest)
+            return
+        self._recorded[digest] = None
+        if len(self._recorded) > self._remembered_max:
+            self._recorded.popitem(last=False)
+        task = asyncio.get_running_loop().create_task(
+            self._write(pool, ring, user_id, email, digest), name="record-token-email"
+        )
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    async def _write(
+        self, pool: asyncpg.Pool, ring: KeyRing, user_id: str, email: str, digest: bytes
+    ) -> None:
+        try:
+            await put_contact(pool, ring, user_id, email, "token", int(time.time() * 1000))
+        except Exception as error:  # logged; the request never waits for it
+            self._recorded.pop(digest, None)
+            # The class only: a driver's message may quote the values it sent.
+            logger.warning(
+                "recording the token's email of user %r failed: %s", user_id, type(error).__name__
+            )
+
+    async def drain(self, timeout_s: float = TOKEN_EMAILS_DRAIN_S) -> None:
+        """Wait up to ``timeout_s`` for the recordings under way, then cancel the rest."""
+        pending = set(self._pending)
+        if not pending:
+            return
+        _, late = await asyncio.wait(pending, timeout=timeout_s)
+        for task in late:
+            task.cancel()
+        for task in late:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+TOKEN_EMAILS_KEY: Final = web.AppKey("token_emails", TokenEmails)
+
+
+def add_token_emails(app: web.Application) -> None:
+    """Give ``app`` its ``TokenEmails``, drained on shutdown (before the cleanup
+    closes the database its recordings use)."""
+    emails = app[TOKEN_EMAILS_KEY] = TokenEmails()
+
+    async def drain(_: web.Application) -> None:
+        await emails.drain()
+
+    app.on_shutdown.append(drain)
+
+
+def record_token_email(request: web.Request, who: Principal, user_id: str) -> None:
+    """Record the caller's token ``email`` claim as ``user_id``'s contact, when the
+    caller acts as itself (a service's token names the service, not its user)."""
+    if who.email is None or user_id != who.subject:
+        return
+    emails = request.app.get(TOKEN_EMAILS_KEY)
+    if emails is not None:
+        emails.record(request.app, user_id, who.email)
 
 
 def next_id(request: web.Request) -> str:

@@ -20,6 +20,7 @@ import msgspec
 from engine.core import limits
 from engine.core.records import Booking, QueueView, SlotView
 from engine.core.storable import NUMBER_BOUND, metadata_problem
+from persistence.contacts import EMAIL_CHARS_MAX, EMAIL_PATTERN, plausible_email
 
 # Every string a client sends is stored by PostgreSQL, which refuses U+0000
 # (``engine.core.storable``): the pattern refuses it while decoding, with the
@@ -211,6 +212,24 @@ class ActingBody(_Body, frozen=True):
     user_id: Id | None = None
 
 
+# An email address: checked by ``ContactBody`` (the whole text must match, which
+# Python's "$" alone would not make so), described by the document.
+EMAIL_MESSAGE: Final = f"must be an email address (user@example.com), at most {EMAIL_CHARS_MAX}"
+Email = Annotated[
+    str,
+    msgspec.Meta(max_length=EMAIL_CHARS_MAX, extra_json_schema={"pattern": EMAIL_PATTERN}),
+]
+
+
+class ContactBody(_Body, frozen=True):
+    email: Email
+
+    def __post_init__(self) -> None:
+        # The message never repeats the address: it is personal data.
+        if not plausible_email(self.email):
+            raise ValueError(f"{EMAIL_MESSAGE} characters - at `$.email`")
+
+
 # -- responses ------------------------------------------------------------------
 
 
@@ -281,6 +300,13 @@ class SlotPageOut(_Out, frozen=True):
 class BookingPageOut(_Out, frozen=True):
     items: list[BookingOut]
     next_cursor: str | None
+
+
+class ContactOut(_Out, frozen=True):
+    email: str
+    # "token": the token's email claim; "api": set with PUT /api/me/contact.
+    source: Literal["token", "api"]
+    updated_at: Stamp
 
 
 class ErrorOut(msgspec.Struct, omit_defaults=True, kw_only=True, frozen=True):

@@ -14,6 +14,7 @@ audited. Erasure (``delete_contact``) deletes the row.
 """
 
 import logging
+import re
 from collections.abc import Iterable
 from typing import Final, Literal
 
@@ -33,8 +34,23 @@ logger = logging.getLogger("slotengine.contacts")
 Source = Literal["token", "api"]
 # RFC 5321's bound on a forward path, less its angle brackets.
 EMAIL_CHARS_MAX: Final = 254
+# A plausible address: a local part of at most 64 of the characters RFC 5322's
+# dot-atoms take, an '@', then a domain of two or more labels of letters,
+# digits and inner hyphens (HTML's "valid e-mail address", with RFC 1035's
+# label length). JSON Schema's (ECMA) and Python's readings agree on it.
+EMAIL_PATTERN: Final = (
+    r"^[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]{1,64}"
+    r"@[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)+$"
+)
+# Python's "$" also matches before a final newline: the whole text must match.
+_EMAIL: Final = re.compile(EMAIL_PATTERN.removesuffix("$") + r"\Z")
 # Rows re-sealed per transaction by ``reseal``.
 RESEAL_BATCH_DEFAULT: Final = 500
+
+
+def plausible_email(text: str) -> bool:
+    """An address ``EMAIL_PATTERN`` takes, at most ``EMAIL_CHARS_MAX`` characters."""
+    return len(text) <= EMAIL_CHARS_MAX and _EMAIL.match(text) is not None
 
 
 class Contact(msgspec.Struct, frozen=True, kw_only=True):

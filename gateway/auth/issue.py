@@ -26,8 +26,10 @@ def issue_token(
     issuer: str | None = None,
     audience: str | None = None,
     now_s: int | None = None,
+    email: str | None = None,
 ) -> str:
-    """An HS256 token for ``sub`` in ``role``, valid ``ttl_s`` seconds from ``now_s``.
+    """An HS256 token for ``sub`` in ``role``, valid ``ttl_s`` seconds from ``now_s``
+    (with ``email`` as its ``email`` claim, when given).
 
     Raises ``ValueError`` on arguments the verifier would refuse (a secret
     shorter than 32 bytes, an unknown role, an empty subject, a TTL outside
@@ -55,4 +57,6 @@ def issue_token(
         claims["iss"] = issuer
     if audience is not None:
         claims["aud"] = audience
+    if email is not None:
+        claims["email"] = email
     return jwt.encode(claims, secret_bytes, algorithm="HS256")

@@ -14,6 +14,7 @@ from typing import Any, ClassVar, Final, Literal, get_args
 import msgspec
 
 from engine.core import limits
+from persistence.contacts import plausible_email
 
 Role = Literal["user", "admin", "service"]
 ROLES: Final[tuple[Role, ...]] = get_args(Role)
@@ -56,6 +57,12 @@ class Principal(msgspec.Struct, frozen=True, kw_only=True):
     # The token's ``jti``, when it has one.
     token_id: str | None
     expires_at_s: int
+    # The token's ``email`` claim, when it is a plausible address (else None: a
+    # claim the server cannot use refuses no token). Personal data: never logged.
+    email: str | None = msgspec.field(default=None)
+
+    def __repr__(self) -> str:  # never the address
+        return f"Principal(subject={self.subject!r}, role={self.role!r})"
 
 
 def principal_from_claims(claims: dict[str, Any]) -> Principal:
@@ -71,11 +78,13 @@ def principal_from_claims(claims: dict[str, Any]) -> Principal:
     if role is None:
         raise AuthError(f"token role must be one of {', '.join(ROLES)}")
     token_id = claims.get("jti")  # a string when present: PyJWT checked it
+    email = claims.get("email")
     return Principal(
         subject=subject,
         role=role,
         token_id=token_id if isinstance(token_id, str) else None,
         expires_at_s=int(claims["exp"]),
+        email=email if isinstance(email, str) and plausible_email(email) else None,
     )
 
 

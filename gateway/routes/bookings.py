@@ -21,6 +21,7 @@ from gateway.handling import (
     limited_body,
     merged_pages,
     next_id,
+    record_token_email,
     run,
     run_keyed,
     user_param,
@@ -42,6 +43,7 @@ async def reserve(request: web.Request) -> web.StreamResponse:
             idempotency_key=idempotency_key(request),
         ),
     )
+    record_token_email(request, who, user_id)
     if isinstance(result, p.BookingResult):
         return json_response(
             s.BookingEnvelope(booking=s.booking_out(result.booking)), result.status

@@ -14,6 +14,7 @@ from gateway.handling import (
     idempotency_key,
     limited_body,
     next_id,
+    record_token_email,
     run,
     run_keyed,
     user_param,
@@ -35,6 +36,7 @@ async def join_queue(request: web.Request) -> web.StreamResponse:
             idempotency_key=idempotency_key(request),
         ),
     )
+    record_token_email(request, who, user_id)
     assert isinstance(result, p.QueueResult)
     return json_response(s.queue_out(result.entry), result.status)
 

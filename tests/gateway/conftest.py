@@ -32,7 +32,7 @@ Token = Callable[..., dict[str, str]]
 @pytest.fixture
 def token() -> Token:
     def make(sub: str = "alice", role: str = "user", **claims: Any) -> dict[str, str]:
-        return {"Authorization": f"Bearer {issue_token(SECRET, sub, role, 3600)}"}
+        return {"Authorization": f"Bearer {issue_token(SECRET, sub, role, 3600, **claims)}"}
 
     return make
 
