@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Final, TypeVar
 if TYPE_CHECKING:
     from config.settings import Settings
     from persistence.checks import ReconcileReport
+    from persistence.sealing import KeyRing
 
 EXIT_OK: Final = 0
 EXIT_FAILED: Final = 1
@@ -163,6 +164,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cluster.add_arguments(cluster_parser)
     cluster_parser.set_defaults(run=_cluster)
+
+    data_key_parser = commands.add_parser(
+        "data-key",
+        help="make a data key, or re-seal contact details and webhook secrets under the primary",
+        description="The data keys sealing contact details and webhook secrets at rest "
+        "(SLOTENGINE_DATA_KEY, else the key kept in the data dir). docs/operations.md, "
+        "'Rotating the data key', has the steps.",
+    )
+    data_keys = data_key_parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+    new_key_parser = data_keys.add_parser(
+        "new",
+        help="print a fresh key, id:base64, for SLOTENGINE_DATA_KEY",
+        description="Print a fresh 256-bit data key as SLOTENGINE_DATA_KEY takes it (id:base64).",
+    )
+    new_key_parser.add_argument(
+        "--id", dest="key_id", default=None, help="its id [k and the UTC time: k20261207T203000]"
+    )
+    new_key_parser.set_defaults(run=_data_key_new)
+    reseal_parser = data_keys.add_parser(
+        "reseal",
+        help="re-seal what older keys sealed under the primary key (DATABASE_URL)",
+        description="Re-seal under the primary key (the first of SLOTENGINE_DATA_KEY) every "
+        "contact and webhook secret an older key of the ring sealed. Exit 0 done, 1 a value "
+        "sealed with a key the ring lacks, 2 bad settings or no database.",
+    )
+    reseal_parser.set_defaults(run=_data_key_reseal)
 
     token_parser = commands.add_parser(
         "token",
@@ -309,6 +336,55 @@ def _token(args: argparse.Namespace) -> int:
     print(token)
     print(f"slotengine token: {source}", file=sys.stderr)
     return EXIT_OK
+
+
+def _data_key_new(args: argparse.Namespace) -> int:
+    from persistence.sealing import SealingError, format_key, new_key, new_key_id
+
+    try:
+        key = new_key(args.key_id or new_key_id())
+    except SealingError as error:
+        return _fail("data-key new", f"--id: {error}", EXIT_UNUSABLE)
+    print(format_key(key))
+    return EXIT_OK
+
+
+def _data_key_reseal(args: argparse.Namespace) -> int:
+    from config.settings import ConfigError
+    from persistence.sealing import SealingError, load_key_ring
+
+    try:
+        settings = _settings()
+        ring = load_key_ring(settings.data_key, settings.data_dir)
+        database_url, _ = _service_urls(settings, need_redis=False)
+    except (_Unusable, ConfigError) as error:
+        return _fail("data-key reseal", error, EXIT_UNUSABLE)
+    try:
+        count = _run_async(_reseal(database_url, ring))
+    except SealingError as error:
+        return _fail("data-key reseal", error, EXIT_FAILED)
+    except _connect_errors() as error:
+        return _fail(
+            "data-key reseal",
+            f"cannot re-seal in the database: {type(error).__name__}: {error}",
+            EXIT_UNUSABLE,
+        )
+    print(f"re-sealed {count} values under data key {ring.primary_id}")
+    return EXIT_OK
+
+
+async def _reseal(database_url: str, ring: "KeyRing") -> int:
+    import asyncpg
+
+    from persistence.contacts import reseal
+
+    pool = await asyncpg.create_pool(
+        database_url, min_size=1, max_size=1, timeout=CONNECT_TIMEOUT_S
+    )
+    try:
+        return await reseal(pool, ring)
+    finally:
+        await pool.close()
 
 
 def _non_negative(raw: str) -> int:

@@ -1,6 +1,7 @@
 """Contact details on the real PostgreSQL: sealed at rest, erased, re-sealed by a rotation;
 and the data key ring the server loads (the setting, else the file in the data dir)."""
 
+import asyncio
 import os
 import re
 import stat
@@ -11,6 +12,7 @@ import asyncpg
 import pytest
 
 from config.settings import ConfigError
+from engine.cli import main
 from persistence.contacts import (
     contact_emails,
     delete_contact,
@@ -25,6 +27,7 @@ from persistence.sealing import (
     format_key,
     load_key_ring,
     new_key,
+    parse_keys,
     sealed_key_id,
     webhook_secret_purpose,
 )
@@ -195,3 +198,60 @@ def test_an_unusable_key_file_refuses_to_start_naming_the_file(tmp_path: Path) -
         path.chmod(0o000)
         with pytest.raises(ConfigError, match=re.escape(str(path))):
             load_key_ring(None, tmp_path)
+
+
+def test_the_commands_make_a_key_and_reseal_under_it(
+    monkeypatch: pytest.MonkeyPatch,
+    database_url: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    for name in list(os.environ):
+        if name.startswith("SLOTENGINE_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("DATABASE_URL", database_url)
+    monkeypatch.setenv("SLOTENGINE_DATA_DIR", str(tmp_path / "data"))
+    assert main(["data-key", "new", "--id", "k2"]) == 0
+    printed = capsys.readouterr().out.strip()
+    [k2] = parse_keys(printed)
+    assert k2.key_id == "k2"
+    assert main(["data-key", "new", "--id", "bad id"]) == 2
+    assert "--id" in capsys.readouterr().err
+    assert main(["data-key", "new"]) == 0
+    assert parse_keys(capsys.readouterr().out.strip())[0].key_id.startswith("k20")
+    k1 = new_key("k1")
+    asyncio.run(_plant(database_url, KeyRing([k1])))
+    # The new key first, the old after it: the reseal moves everything to k2.
+    monkeypatch.setenv("SLOTENGINE_DATA_KEY", f"{printed},{format_key(k1)}")
+    assert main(["data-key", "reseal"]) == 0
+    assert capsys.readouterr().out.strip() == "re-sealed 2 values under data key k2"
+    # The old key dropped: everything opens with k2 alone.
+    monkeypatch.setenv("SLOTENGINE_DATA_KEY", printed)
+    assert main(["data-key", "reseal"]) == 0
+    assert "re-sealed 0 values" in capsys.readouterr().out
+    assert asyncio.run(_emails(database_url, KeyRing([k2]))) == {"ann": ANN}
+    # A ring lacking a key something is sealed with: named, exit 1.
+    asyncio.run(_plant(database_url, KeyRing([new_key("k3")]), user="bob"))
+    assert main(["data-key", "reseal"]) == 1
+    assert "k3" in capsys.readouterr().err
+    monkeypatch.setenv("SLOTENGINE_DATA_KEY", "REPLACE-ME")
+    assert main(["data-key", "reseal"]) == 2
+    assert "SLOTENGINE_DATA_KEY" in capsys.readouterr().err
+
+
+async def _plant(database_url: str, ring: KeyRing, user: str = "ann") -> None:
+    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=1)
+    try:
+        await put_contact(pool, ring, user, f"{user}@example.com", "api", 1)
+        if user == "ann":
+            await _add_endpoint(pool, ring, "we-1")
+    finally:
+        await pool.close()
+
+
+async def _emails(database_url: str, ring: KeyRing) -> dict[str, str]:
+    connection = await asyncpg.connect(database_url)
+    try:
+        return await contact_emails(connection, ring, ["ann"])
+    finally:
+        await connection.close()
