@@ -38,6 +38,7 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
+import asyncpg
 import msgspec
 import redis.asyncio as aioredis
 from aiohttp import web
@@ -58,7 +59,7 @@ from gateway.auth.settings import AuthSettings
 from gateway.auth.verify import Verifier
 from gateway.connection import STOP_SIGNALS, ReadTimeouts, serve_app
 from gateway.connlimit import ConnectionLimiter
-from gateway.http import ENGINE_KEY, KEYS_KEY, LIMITER_KEY, TRANSPORT_KEY
+from gateway.http import DATABASE_KEY, ENGINE_KEY, KEYS_KEY, LIMITER_KEY, TRANSPORT_KEY
 from gateway.idempotency import KeyRegistry
 from gateway.live.bus import EventBus
 from gateway.live.endpoints import LIVE_KEY, LiveConnections
@@ -66,6 +67,7 @@ from gateway.logs import configure_logging
 from gateway.observability.endpoints import add_observability
 from gateway.observability.health import OBSERVABILITY_KEY
 from gateway.ratelimit import RateLimiter, RateLimits, rate_limits_from_env
+from persistence.sealing import DATA_KEY_SETTING, DATA_KEYS_FILE, KeyRing, load_key_ring
 
 logger = logging.getLogger("slotengine.server")
 
@@ -92,6 +94,9 @@ REDIS_CONNECTIONS_MAX: Final = 256
 # (Redis away, a gateway restarting), and a live watch would then hear nothing of
 # a moved slot until a command for it was refused. One small read per process.
 MAP_REFRESH_EVERY_S: Final = 10.0
+# The gateway's own connections to the deployment's database (contact details):
+# a few small statements now and then, never on a booking's path.
+DATABASE_POOL_MAX: Final = 4
 
 
 def gateway_redis(url: str, *, timeout_s: float = REDIS_TIMEOUT_S) -> aioredis.Redis:
@@ -258,8 +263,6 @@ async def storage_and_partitions(
     else as ``slotengine cluster scale`` left it: its ``shard_count`` is the
     number of shards to serve). Raises ``EngineStartFailed`` when the
     database's partitions cannot serve them."""
-    import asyncpg
-
     from persistence.migrate import deployment_namespace, migrate
     from persistence.partitioning import PartitioningError, establish_partitions
 
@@ -306,6 +309,28 @@ async def storage_and_partitions(
     return storage, partition_map
 
 
+def data_keys_for(settings: Settings) -> KeyRing:
+    """The data keys (``SLOTENGINE_DATA_KEY``, else the key kept in the data dir),
+    with one line saying which, and whether the data dir's was just made.
+    Raises ``ConfigError`` naming the setting or the file."""
+    path = settings.data_dir.resolve() / DATA_KEYS_FILE
+    created = not settings.data_key and not path.exists()
+    ring = load_key_ring(settings.data_key, settings.data_dir)
+    if settings.data_key:
+        logger.info("contact details are sealed with data key %s", ring.primary_id)
+    elif created:
+        logger.warning(
+            "%s is unset: generated a data key in %s; contact details sealed with it open"
+            " only with it (keep the file, or set %s on every gateway)",
+            DATA_KEY_SETTING,
+            path,
+            DATA_KEY_SETTING,
+        )
+    else:
+        logger.info("contact details are sealed with the data key in %s", path)
+    return ring
+
+
 def build_app(
     settings: Settings,
     auth: AuthSettings,
@@ -313,6 +338,7 @@ def build_app(
     engine_kind: EngineKind,
     engine_socket: str | None = None,
     stop_services_on_exit: bool = False,
+    data_keys: KeyRing | None = None,
 ) -> web.Application:
     """The application with its engine started on startup and stopped on cleanup.
 
@@ -320,6 +346,8 @@ def build_app(
     on this Unix socket, instead of this process's own.
     ``stop_services_on_exit``: only changes what the start says about the
     embedded services; the caller stops them.
+    ``data_keys``: the key ring sealing contact details (without it, the
+    contact routes answer 503).
     """
     verifier = Verifier(auth)
 
@@ -413,6 +441,10 @@ def build_app(
                 namespace=storage.namespace,
             ),
         )
+        # The gateway's own database connections (contact details).
+        database = app[DATABASE_KEY] = await asyncpg.create_pool(
+            storage.database_url, min_size=1, max_size=DATABASE_POOL_MAX
+        )
         following = asyncio.get_running_loop().create_task(
             follow_the_map(client, live), name="follow-the-map"
         )
@@ -434,9 +466,14 @@ def build_app(
         await redis_client.aclose()
         # The in-process shards, the engine socket or the links to the actors' sockets.
         await transport.close()
+        await database.close()
 
     app = create_app(
-        None, verifier, cors_origins=settings.cors_origins, domains=list(load_policies(settings))
+        None,
+        verifier,
+        cors_origins=settings.cors_origins,
+        domains=list(load_policies(settings)),
+        data_keys=data_keys,
     )
     # The engine, its transport and the service URLs arrive on startup (engine_context).
     add_observability(app, engine=None, transport=None, database_url=None, redis_url=None)
@@ -455,6 +492,7 @@ def serve(settings: Settings, options: ServeOptions) -> None:
         auth = auth_settings_from_env(os.environ, settings.data_dir)
         limits = rate_limits_from_env(os.environ)
         load_policies(settings)  # bad domain files fail here, not at the first request
+        data_keys_for(settings)  # a bad key fails here; the data dir's is made once, here
     finally:
         start_logs.stop()
     if options.workers == 1:
@@ -646,6 +684,9 @@ def _run_worker(
         options.engine,
         engine_socket,
         options.stop_services_on_exit,
+        # Read again (the key ring cannot cross to a worker process): checked
+        # and, when generated, made by serve() already.
+        load_key_ring(settings.data_key, settings.data_dir),
     )
     # Each live connection is some hundred tracked objects: with the default
     # thresholds a full collection stalls a busy gateway for most of a second.

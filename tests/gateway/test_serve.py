@@ -7,6 +7,7 @@ import os
 import re
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -20,9 +21,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from engine.core.routing import PARTITIONS_DEFAULT
 from gateway.server import stop_workers
+from persistence.sealing import DATA_KEYS_FILE
 from tests.conftest import REDIS_URL
 
 ROOT = Path(__file__).resolve().parents[2]
+ANN_EMAIL = "ann@example.com"
 
 OUTBOX_KEYS = {"undispatchedEvents", "oldestAgeMs", "dueDeliveries", "deadDeliveries"}
 
@@ -189,8 +192,18 @@ async def test_serve_answers_tokens_from_slotengine_token_and_stops_on_sigint(
                 text = await metrics.text()
                 assert 'endpoint="/api/admin/slots"' in text
                 assert "booking_expirations_total" in text
+            # The contact routes: the gateway's own database pool and data keys.
+            contact = f"{served.base}/api/me/contact"
+            ann = {"Authorization": f"Bearer {user}"}
+            async with session.put(contact, json={"email": ANN_EMAIL}, headers=ann) as put:
+                assert put.status == 200, await put.text()
+            async with session.get(contact, headers=ann) as got:
+                assert got.status == 200 and (await got.json())["email"] == ANN_EMAIL
     assert served.process is not None and served.process.returncode == 0, served.output[-2000:]
     assert (tmp_path / "jwt_secret").exists()
+    # No SLOTENGINE_DATA_KEY: a key was made in the data dir, for its owner alone.
+    assert stat.S_IMODE((tmp_path / DATA_KEYS_FILE).stat().st_mode) == 0o600
+    assert "generated a data key" in served.output and ANN_EMAIL not in served.output
 
 
 def test_serve_refuses_bad_settings_with_one_line(tmp_path: Path) -> None:
@@ -200,6 +213,24 @@ def test_serve_refuses_bad_settings_with_one_line(tmp_path: Path) -> None:
     assert done.stderr.strip().count("\n") == 0 and "SLOTENGINE_SHARDS" in done.stderr
     none = _slotengine("serve", "--engine", "inproc", "--workers", "0", env=os.environ.copy())
     assert none.returncode == 2 and "--workers" in none.stderr
+
+
+def test_serve_refuses_a_bad_data_key_with_one_line_naming_it(tmp_path: Path) -> None:
+    env = {
+        **os.environ,
+        "SLOTENGINE_DATA_KEY": "k1:dG9vLXNob3J0",
+        "SLOTENGINE_DATA_DIR": str(tmp_path),
+        "SLOTENGINE_JWT_SECRET": "s" * 32,
+    }
+    done = _slotengine("serve", "--engine", "inproc", "--port", "0", env=env)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().count("\n") == 0 and "SLOTENGINE_DATA_KEY" in done.stderr
+    assert "dG9vLXNob3J0" not in done.stderr
+    (tmp_path / DATA_KEYS_FILE).write_text("garbage\n")
+    (tmp_path / DATA_KEYS_FILE).chmod(0o600)
+    env.pop("SLOTENGINE_DATA_KEY")
+    done = _slotengine("serve", "--engine", "inproc", "--port", "0", env=env)
+    assert done.returncode == 2 and str(tmp_path / DATA_KEYS_FILE) in done.stderr
 
 
 def _children(pid: int) -> list[int]:
