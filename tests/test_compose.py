@@ -18,6 +18,13 @@ SERVICES = {"postgres", "redis", "migrate", "ray-head", "ray-worker-1", "ray-wor
             "gateway-1", "gateway-2", "nginx", "prometheus"}  # fmt: skip
 
 
+# The secrets the compose file requires, each set to a value good for `config` only.
+SECRETS_FOR_THE_CHECK = {
+    "SLOTENGINE_JWT_SECRET": "a-secret-for-the-check",
+    "SLOTENGINE_DATA_KEY": "a-key-for-the-check",
+}
+
+
 def _compose(*args: str) -> subprocess.CompletedProcess[str]:
     executable = shutil.which("docker-compose")
     if executable is None:
@@ -26,7 +33,7 @@ def _compose(*args: str) -> subprocess.CompletedProcess[str]:
         pytest.skip("docker-compose is not installed (apt-get install docker-compose)")
     return subprocess.run(
         [executable, "-f", str(ROOT / "docker-compose.yml"), *args],
-        env={**os.environ, "SLOTENGINE_JWT_SECRET": "a-secret-for-the-check"},
+        env={**os.environ, **SECRETS_FOR_THE_CHECK},
         capture_output=True,
         text=True,
         timeout=60,
@@ -44,11 +51,13 @@ def test_the_compose_file_parses_and_has_the_whole_stack() -> None:
     assert "pgdata" in rendered
 
 
-def test_the_compose_file_refuses_to_start_without_a_jwt_secret() -> None:
+@pytest.mark.parametrize("secret", sorted(SECRETS_FOR_THE_CHECK))
+def test_the_compose_file_refuses_to_start_without_a_secret(secret: str) -> None:
     executable = shutil.which("docker-compose")
     if executable is None:
         pytest.skip("docker-compose is not installed")
-    env = {k: v for k, v in os.environ.items() if k != "SLOTENGINE_JWT_SECRET"}
+    env = {k: v for k, v in os.environ.items() if k not in SECRETS_FOR_THE_CHECK}
+    env.update({k: v for k, v in SECRETS_FOR_THE_CHECK.items() if k != secret})
     done = subprocess.run(
         [executable, "-f", str(ROOT / "docker-compose.yml"), "config", "-q"],
         env=env,
@@ -57,7 +66,7 @@ def test_the_compose_file_refuses_to_start_without_a_jwt_secret() -> None:
         timeout=60,
         check=False,
     )
-    assert done.returncode != 0 and "SLOTENGINE_JWT_SECRET" in done.stderr
+    assert done.returncode != 0 and secret in done.stderr
 
 
 ENV_EXAMPLE = ROOT / ".env.example"
@@ -88,7 +97,7 @@ def test_the_env_example_lists_every_variable_the_compose_file_reads() -> None:
     assert read, "the compose file reads no variable: the pattern is broken"
     assert set(listed) == read
     # Safe defaults: no published secret (empty: the stack refuses to start).
-    assert listed["SLOTENGINE_JWT_SECRET"] == ""
+    assert listed["SLOTENGINE_JWT_SECRET"] == listed["SLOTENGINE_DATA_KEY"] == ""
 
 
 def test_the_variable_pattern_finds_every_form() -> None:

@@ -25,6 +25,7 @@ from config.settings import ConfigError, load_settings
 from engine.shell import limits
 from gateway.auth.environment import auth_settings_from_env
 from gateway.server import SHUTDOWN_TIMEOUT_S
+from persistence.sealing import load_key_ring
 
 ROOT = Path(__file__).resolve().parents[1]
 MANIFESTS = ROOT / "config" / "deploy" / "kubernetes"
@@ -143,7 +144,16 @@ def check_secret_references(documents: Documents) -> None:
     for item in container["env"]:
         if "secretKeyRef" in item.get("valueFrom", {}):
             assert item["valueFrom"]["secretKeyRef"]["name"] == secret["metadata"]["name"]
-    assert referenced == keys == {"SLOTENGINE_JWT_SECRET", "DATABASE_URL", "REDIS_URL"}
+    assert (
+        referenced
+        == keys
+        == {
+            "SLOTENGINE_JWT_SECRET",
+            "SLOTENGINE_DATA_KEY",
+            "DATABASE_URL",
+            "REDIS_URL",
+        }
+    )
     [config] = container["envFrom"]
     assert config["configMapRef"]["name"] == _one(documents, "ConfigMap")["metadata"]["name"]
     # Placeholders are marked, and the JWT secret's cannot run a gateway.
@@ -154,6 +164,12 @@ def check_secret_references(documents: Documents) -> None:
         assert "SLOTENGINE_JWT_SECRET" in str(error)
     else:
         raise AssertionError("the placeholder JWT secret is long enough to start a gateway")
+    try:
+        load_key_ring(secret["stringData"]["SLOTENGINE_DATA_KEY"], Path("/nonexistent"))
+    except ConfigError as error:
+        assert "SLOTENGINE_DATA_KEY" in str(error)
+    else:
+        raise AssertionError("the placeholder data key is a key a gateway would start with")
 
 
 def check_service_selects_gateway(documents: Documents) -> None:
@@ -303,6 +319,12 @@ BREAKS: dict[str, tuple[str, Callable[[Documents], None]]] = {
     "a secret key the Secret lacks": (
         "check_secret_references",
         lambda docs: _one(docs, "Secret")["stringData"].pop("REDIS_URL"),
+    ),
+    "a usable data key as the placeholder": (
+        "check_secret_references",
+        lambda docs: _one(docs, "Secret")["stringData"].update(
+            SLOTENGINE_DATA_KEY="REPLACE-ME:" + "A" * 43 + "="
+        ),
     ),
     "a usable JWT secret as the placeholder": (
         "check_secret_references",
