@@ -262,10 +262,9 @@ class TokenEmails:
             await put_contact(pool, ring, user_id, email, "token", int(time.time() * 1000))
         except Exception as error:  # logged; the request never waits for it
             self._recorded.pop(digest, None)
-            # The class only: a driver's message may quote the values it sent.
-            logger.warning(
-                "recording the token's email of user %r failed: %s", user_id, type(error).__name__
-            )
+            # The class only (a driver's message may quote the values it sent),
+            # and no user id: both are personal data (gateway/logs.py).
+            logger.warning("recording a token's email claim failed: %s", type(error).__name__)
 
     async def drain(self, timeout_s: float = TOKEN_EMAILS_DRAIN_S) -> None:
         """Wait up to ``timeout_s`` for the recordings under way, then cancel the rest."""

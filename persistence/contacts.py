@@ -119,7 +119,7 @@ async def contact_emails(
     """The addresses of those of ``user_ids`` who have one (for the delivery workers).
 
     An address that does not open (a key the ring lacks) is left out, with a
-    warning naming the user and the key, never the address.
+    warning naming the key, never the address nor the user (personal data).
     """
     rows = await connection.fetch(
         "SELECT user_id, email FROM contacts WHERE user_id = ANY($1::text[])", list(user_ids)
@@ -130,7 +130,7 @@ async def contact_emails(
         try:
             emails[user_id] = ring.open(row["email"], contact_purpose(user_id)).decode()
         except SealingError as error:
-            logger.warning("the contact of user %r does not open: %s", user_id, error)
+            logger.warning("a contact left out: %s", error)
     return emails
 
 
