@@ -286,11 +286,13 @@ def test_passwords_never_reach_messages_or_logs() -> None:
             "DATABASE_URL": "postgresql://app:hunter2@db:5432/test",
             "REDIS_URL": "redis://:hunter3@cache:6379/0",
             "SLOTENGINE_JWT_SECRET": "hunter4",
+            "SLOTENGINE_DATA_KEY": "k1:hunter5",
         }
     )
     shown = repr(settings)
-    for secret in ("hunter2", "hunter3", "hunter4"):
+    for secret in ("hunter2", "hunter3", "hunter4", "hunter5"):
         assert secret not in shown
+    assert settings.data_key == "k1:hunter5" and "data_key=None" in repr(Settings())
     assert "postgresql://app:***@db:5432/test" in shown
     assert settings.database_url == "postgresql://app:hunter2@db:5432/test"
     assert settings.jwt_secret == "hunter4"
