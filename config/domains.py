@@ -19,7 +19,7 @@ server loads the policies once, at start.
 
 import re
 from pathlib import Path
-from typing import Annotated, Any, Final, Literal
+from typing import Annotated, Any, Final, Literal, get_args
 
 import msgspec
 
@@ -36,7 +36,12 @@ ENTITY_NAME_CHARS_MAX: Final = 64
 TtlSeconds = Annotated[int, msgspec.Meta(ge=limits.HOLD_TTL_MIN_S, le=limits.HOLD_TTL_MAX_S)]
 
 DomainType = Literal["appointment", "seat", "resource", "service"]
-NotificationChannel = Literal["websocket", "sse", "email", "sms", "push"]
+# Where a slot's events reach people: the live connections (websocket, sse),
+# email (engine/notify/mail.py) and the webhook endpoints. sms and push are in
+# the specification's schema and accepted, but nothing delivers them yet. Any
+# other name is refused when the file is loaded, naming the file.
+NotificationChannel = Literal["websocket", "sse", "email", "webhook", "sms", "push"]
+NOTIFICATION_CHANNELS: Final[tuple[str, ...]] = get_args(NotificationChannel)
 
 _MS_PER_SECOND: Final = 1_000
 _MS_PER_HOUR: Final = 3_600_000
@@ -157,6 +162,16 @@ def resolve_policy(name: str, config: DomainConfig, settings: Settings) -> Domai
 
 def _or_setting(value: int | None, setting: int) -> int:
     return setting if value is None else value
+
+
+def notification_channels(settings: Settings) -> dict[str, frozenset[str]]:
+    """Each domain's ``queueSettings.notificationChannels``: which channels its
+    slots' events use (``"email"``, ``"webhook"``, ...); ``default`` is always
+    present. For the delivery workers, which need no policy and no gateway."""
+    return {
+        name: frozenset(config.queue_settings.notification_channels)
+        for name, config in load_domain_configs(settings).items()
+    }
 
 
 def load_policies(settings: Settings) -> PolicyBook:

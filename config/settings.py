@@ -17,7 +17,7 @@ import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Final, Literal, TypeVar, get_args
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 import msgspec
 
@@ -70,6 +70,18 @@ OUTBOX_RETENTION_HOURS_MAX: Final = 24 * 365
 
 DATABASE_URL_SCHEMES: Final = ("postgresql", "postgres")
 REDIS_URL_SCHEMES: Final = ("redis", "rediss", "unix")
+# smtp: plain (STARTTLS with ?starttls=true), smtps: TLS from the first byte.
+SMTP_URL_SCHEMES: Final = ("smtp", "smtps")
+# The ports an SMTP URL without one means: relay, implicit TLS, submission with
+# STARTTLS (RFC 5321, RFC 8314, RFC 6409).
+SMTP_PORT: Final = 25
+SMTPS_PORT: Final = 465
+SUBMISSION_PORT: Final = 587
+# The sender of notification email when SLOTENGINE_MAIL_FROM is unset.
+MAIL_FROM_DEFAULT: Final = "slotengine@localhost"
+# An address as the From header takes it: local part, "@", domain; no spaces or
+# angle brackets (a display name is not taken).
+_MAIL_ADDRESS: Final = re.compile(r"^[^@\s<>\",]+@[^@\s<>\",]+$")
 
 _T = TypeVar("_T")
 
@@ -125,6 +137,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     notifications: bool = True
     delivery_retry_seconds: tuple[int, ...] = DELIVERY_RETRY_SECONDS_DEFAULT
     outbox_retention_hours: int = OUTBOX_RETENTION_HOURS_DEFAULT
+    # None: no notification email is sent (engine/notify/mail.py's Mailer).
+    smtp_url: str | None = None
+    mail_from: str = MAIL_FROM_DEFAULT
 
     def __repr__(self) -> str:
         # Settings end up in start-up logs: never print a secret or a password.
@@ -133,7 +148,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             value = getattr(self, name)
             if name in ("jwt_secret", "data_key") and value is not None:
                 value = "***"
-            elif name in ("database_url", "redis_url") and value is not None:
+            elif name in ("database_url", "redis_url", "smtp_url") and value is not None:
                 value = _redact_url(value)
             parts.append(f"{name}={value!r}")
         return f"Settings({', '.join(parts)})"
@@ -209,6 +224,8 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
             _integer(1, OUTBOX_RETENTION_HOURS_MAX),
             OUTBOX_RETENTION_HOURS_DEFAULT,
         ),
+        smtp_url=env.read("SLOTENGINE_SMTP_URL", _smtp_url, shown=_redact_url),
+        mail_from=env.read_or("SLOTENGINE_MAIL_FROM", _mail_address, MAIL_FROM_DEFAULT),
     )
 
 
@@ -316,6 +333,72 @@ def _url(schemes: tuple[str, ...]) -> Callable[[str], str]:
         return raw
 
     return parse
+
+
+class SmtpTarget(msgspec.Struct, frozen=True, kw_only=True):
+    """Where notification email goes, from ``SLOTENGINE_SMTP_URL``.
+
+    ``smtp://host:port`` speaks plain SMTP; ``?starttls=true`` upgrades it
+    with STARTTLS before anything else is sent; ``smtps://`` is TLS from the
+    first byte. A user (and password) in the URL, percent-decoded, means AUTH.
+    """
+
+    host: str
+    port: int
+    implicit_tls: bool
+    starttls: bool
+    username: str | None
+    password: str | None
+
+    def __repr__(self) -> str:
+        # Never print the password: the target may end up in a log line.
+        return (
+            f"SmtpTarget(host={self.host!r}, port={self.port}, implicit_tls={self.implicit_tls},"
+            f" starttls={self.starttls}, username={self.username!r})"
+        )
+
+
+def parse_smtp_url(raw: str) -> SmtpTarget:
+    """``SLOTENGINE_SMTP_URL`` parsed; ``ValueError`` (without the password) if unusable."""
+    _url(SMTP_URL_SCHEMES)(raw)
+    parts = urlsplit(raw)
+    try:
+        port = parts.port
+    except ValueError:
+        raise ValueError("expected a port between 1 and 65535") from None
+    if not parts.hostname:
+        raise ValueError("expected a host: smtp://host:port")
+    if parts.path not in ("", "/") or parts.fragment:
+        raise ValueError("expected no path: smtp://host:port")
+    implicit_tls = parts.scheme.lower() == "smtps"
+    starttls = False
+    for name, value in parse_qsl(parts.query, keep_blank_values=True):
+        if name != "starttls":
+            raise ValueError(f"unknown parameter {name!r} (only starttls)")
+        starttls = _boolean(value)
+    if starttls and implicit_tls:
+        raise ValueError("starttls is for smtp://; smtps:// is TLS already")
+    username = None if parts.username is None else unquote(parts.username)
+    password = None if parts.password is None else unquote(parts.password)
+    return SmtpTarget(
+        host=parts.hostname,
+        port=port or (SMTPS_PORT if implicit_tls else SUBMISSION_PORT if starttls else SMTP_PORT),
+        implicit_tls=implicit_tls,
+        starttls=starttls,
+        username=username or None,
+        password=password,
+    )
+
+
+def _smtp_url(raw: str) -> str:
+    parse_smtp_url(raw)
+    return raw
+
+
+def _mail_address(raw: str) -> str:
+    if not _MAIL_ADDRESS.match(raw):
+        raise ValueError("expected an address like bookings@example.com")
+    return raw
 
 
 _URL_PASSWORD = re.compile(r"(//[^/@:]*:)[^/@]*@")

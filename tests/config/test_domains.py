@@ -10,10 +10,12 @@ import pytest
 
 import config
 from config.domains import (
+    NOTIFICATION_CHANNELS,
     DomainConfig,
     load_domain_configs,
     load_domain_file,
     load_policies,
+    notification_channels,
     resolve_policy,
 )
 from config.settings import ConfigError, Settings, load_settings
@@ -370,3 +372,34 @@ def test_a_missing_domains_dir_names_the_setting(tmp_path: Path) -> None:
 
 def _fields(policy: DomainPolicy) -> dict[str, object]:
     return {name: getattr(policy, name) for name in policy.__struct_fields__}
+
+
+# -- notification channels --------------------------------------------------------------
+
+
+def test_each_domain_names_its_notification_channels() -> None:
+    channels = notification_channels(load_settings({}))
+    assert set(channels) == SHIPPED_DOMAINS
+    assert channels["default"] == frozenset({"websocket"})
+    assert channels["medical"] == frozenset({"websocket", "email", "webhook"})
+    assert all(names <= set(NOTIFICATION_CHANNELS) for names in channels.values())
+
+
+def test_a_domain_without_channels_has_the_websocket(tmp_path: Path) -> None:
+    write(tmp_path, "plain.toml", "entityName = 'Room'\n")
+    assert notification_channels(settings_for(tmp_path)) == {
+        "default": frozenset({"websocket"}),
+        "plain": frozenset({"websocket"}),
+    }
+
+
+@pytest.mark.parametrize("channel", ["carrier-pigeon", "Email", "webhooks", ""])
+def test_an_unknown_channel_stops_the_start_naming_the_file(tmp_path: Path, channel: str) -> None:
+    path = write(
+        tmp_path, "clinic.toml", f"[queueSettings]\nnotificationChannels = ['email', {channel!r}]\n"
+    )
+    with pytest.raises(ConfigError) as caught:
+        notification_channels(settings_for(tmp_path))
+    message = str(caught.value)
+    assert message.startswith(f"domain file {path}: ")
+    assert "`$.queueSettings.notificationChannels[1]`" in message

@@ -14,7 +14,9 @@ from config.settings import (
     SHARDS_MAX,
     ConfigError,
     Settings,
+    SmtpTarget,
     load_settings,
+    parse_smtp_url,
 )
 from engine.core import limits
 
@@ -83,6 +85,8 @@ def test_every_variable_overrides_its_default() -> None:
             "SLOTENGINE_NOTIFICATIONS": "false",
             "SLOTENGINE_DELIVERY_RETRY_SECONDS": "1, 2,3",
             "SLOTENGINE_OUTBOX_RETENTION_HOURS": "12",
+            "SLOTENGINE_SMTP_URL": "smtp://mail.example.com:2525",
+            "SLOTENGINE_MAIL_FROM": "bookings@example.com",
             "UNRELATED": "ignored",
         }
     )
@@ -106,6 +110,8 @@ def test_every_variable_overrides_its_default() -> None:
         notifications=False,
         delivery_retry_seconds=(1, 2, 3),
         outbox_retention_hours=12,
+        smtp_url="smtp://mail.example.com:2525",
+        mail_from="bookings@example.com",
     )
 
 
@@ -333,3 +339,86 @@ def test_the_retry_schedule_is_seconds_before_each_retry(
 def test_a_bad_retry_schedule_is_refused_naming_the_setting(raw: str) -> None:
     with pytest.raises(ConfigError, match="SLOTENGINE_DELIVERY_RETRY_SECONDS"):
         load_settings({"SLOTENGINE_DELIVERY_RETRY_SECONDS": raw})
+
+
+# -- email ------------------------------------------------------------------------------
+
+
+def test_email_is_off_unless_an_smtp_url_is_set() -> None:
+    settings = load_settings({})
+    assert settings.smtp_url is None
+    assert settings.mail_from == "slotengine@localhost"
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        (
+            "smtp://mail.example.com:2525",
+            SmtpTarget(
+                host="mail.example.com", port=2525, implicit_tls=False, starttls=False,
+                username=None, password=None,
+            ),
+        ),
+        (
+            "smtp://app%40example.com:p%40ss%3Aw0rd@mail.example.com?starttls=true",
+            SmtpTarget(
+                host="mail.example.com", port=587, implicit_tls=False, starttls=True,
+                username="app@example.com", password="p@ss:w0rd",
+            ),
+        ),
+        (
+            "smtps://app:secret@mail.example.com",
+            SmtpTarget(
+                host="mail.example.com", port=465, implicit_tls=True, starttls=False,
+                username="app", password="secret",
+            ),
+        ),
+        (
+            "smtp://relay",
+            SmtpTarget(
+                host="relay", port=25, implicit_tls=False, starttls=False,
+                username=None, password=None,
+            ),
+        ),
+    ],
+)  # fmt: skip
+def test_smtp_urls(url: str, expected: SmtpTarget) -> None:
+    assert parse_smtp_url(url) == expected
+    assert load_settings({"SLOTENGINE_SMTP_URL": url}).smtp_url == url
+
+
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        ("http://mail.example.com", "expected a URL starting with smtp:// or smtps://"),
+        ("smtp://:2525", "expected a host"),
+        ("smtp://mail.example.com:99999", "expected a port"),
+        ("smtp://mail.example.com/inbox", "expected no path"),
+        ("smtp://mail.example.com?tls=1", "unknown parameter 'tls'"),
+        ("smtp://mail.example.com?starttls=maybe", "expected true or false"),
+        ("smtps://mail.example.com?starttls=true", "starttls is for smtp://"),
+    ],
+)
+def test_a_bad_smtp_url_stops_the_start(url: str, problem: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings({"SLOTENGINE_SMTP_URL": url})
+    assert str(caught.value).startswith(f"SLOTENGINE_SMTP_URL: {problem}")
+
+
+def test_the_smtp_password_is_never_shown() -> None:
+    url = "smtp://app:hunter5@mail.example.com:2525?starttls=maybe"
+    with pytest.raises(ConfigError) as caught:
+        load_settings({"SLOTENGINE_SMTP_URL": url})
+    assert "hunter5" not in str(caught.value)
+    settings = load_settings({"SLOTENGINE_SMTP_URL": url.replace("maybe", "true")})
+    assert "hunter5" not in repr(settings)
+    assert "hunter5" not in repr(parse_smtp_url(settings.smtp_url or ""))
+
+
+@pytest.mark.parametrize(
+    "address", ["nobody", "a b@example.com", "Bob <bob@example.com>", "x@y\nBcc: z@w"]
+)
+def test_a_bad_sender_address_stops_the_start(address: str) -> None:
+    with pytest.raises(ConfigError, match=r"^SLOTENGINE_MAIL_FROM: expected an address"):
+        load_settings({"SLOTENGINE_MAIL_FROM": address})
