@@ -48,6 +48,7 @@ from redis.backoff import NoBackoff
 from config.domains import load_policies
 from config.settings import ConfigError, Settings
 from engine.core.routing import PartitionMap
+from engine.notify.mail import TemplateError, templates_for
 from engine.shell.actor_identity import RAY_NAMESPACE
 from engine.shell.coalescer import EngineClient
 from engine.shell.errors import ShellError
@@ -481,6 +482,14 @@ def build_app(
     return app
 
 
+def check_templates(settings: Settings) -> None:
+    """The email templates load (``engine.notify.mail``), or ``ConfigError`` naming the file."""
+    try:
+        templates_for(settings)
+    except TemplateError as error:
+        raise ConfigError(str(error)) from None
+
+
 def serve(settings: Settings, options: ServeOptions) -> None:
     """Run until interrupted. Raises ConfigError before starting anything on bad settings."""
     check_options(options)
@@ -489,9 +498,12 @@ def serve(settings: Settings, options: ServeOptions) -> None:
     # it generated one (the processes that serve configure their own logs).
     start_logs = configure_logging(settings.log_level)
     try:
+        # Bad domain files and email templates fail here, not at the first request,
+        # and before the token secret is generated.
+        load_policies(settings)
+        check_templates(settings)
         auth = auth_settings_from_env(os.environ, settings.data_dir)
         limits = rate_limits_from_env(os.environ)
-        load_policies(settings)  # bad domain files fail here, not at the first request
         data_keys_for(settings)  # a bad key fails here; the data dir's is made once, here
     finally:
         start_logs.stop()

@@ -67,3 +67,39 @@ def test_an_address_that_is_not_this_machines_is_refused_in_one_line(
     assert status == 2
     (line,) = captured.err.splitlines()
     assert line.startswith("slotengine serve: --host: cannot listen on 192.0.2.1:8080 (")
+
+
+def test_a_broken_email_template_is_refused_in_one_line_naming_the_file(
+    env: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    domains = tmp_path / "domains"
+    (domains / "templates" / "clinic").mkdir(parents=True)
+    (domains / "clinic.toml").write_text("entityName = 'Doctor'\n", encoding="utf-8")
+    broken = domains / "templates" / "clinic" / "booking.confirmed.txt"
+    broken.write_text("See you at $start, $patient_name\n", encoding="utf-8")
+    env.setenv("SLOTENGINE_DOMAINS_DIR", str(domains))
+    status = main(["serve", "--engine", "inproc", "--port", "0"])
+    captured = capsys.readouterr()
+    assert status == 2
+    (line,) = captured.err.splitlines()
+    assert line.startswith(
+        f"slotengine serve: template {broken}: unknown placeholder $patient_name"
+    )
+    assert not (tmp_path / "data").exists()
+
+
+def test_an_unknown_notification_channel_is_refused_in_one_line_naming_the_file(
+    env: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    domains = tmp_path / "domains"
+    domains.mkdir()
+    path = domains / "clinic.toml"
+    path.write_text("[queueSettings]\nnotificationChannels = ['email', 'fax']\n", encoding="utf-8")
+    env.setenv("SLOTENGINE_DOMAINS_DIR", str(domains))
+    status = main(["serve", "--engine", "inproc", "--port", "0"])
+    captured = capsys.readouterr()
+    assert status == 2
+    (line,) = captured.err.splitlines()
+    assert line.startswith(f"slotengine serve: domain file {path}: ")
+    assert "`$.queueSettings.notificationChannels[1]`" in line
+    assert not (tmp_path / "data").exists()
