@@ -23,7 +23,7 @@ This module never holds a handler or a helper of its own: a route goes to the
 module of its resource.
 """
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import asyncpg
 from aiohttp import web
@@ -37,6 +37,7 @@ from gateway.http import (
     DATA_KEYS_KEY,
     DATABASE_KEY,
     ENGINE_KEY,
+    ENTITIES_KEY,
     IDS_KEY,
     KEYS_KEY,
     LIMITER_KEY,
@@ -61,6 +62,7 @@ def create_app(
     domains: Sequence[str] = (),
     database: asyncpg.Pool | None = None,
     data_keys: KeyRing | None = None,
+    entities: Mapping[str, str] | None = None,
 ) -> web.Application:
     """The routes of docs/api.md. ``engine`` may come later: set ``app[ENGINE_KEY]`` on startup.
 
@@ -70,9 +72,12 @@ def create_app(
     ones a slot may name. ``database`` and ``data_keys``: the deployment's
     database and the data keys, for the contact details (503 without them);
     like the engine, they may be set on startup instead.
+    ``entities``: each domain's entityName, which names
+    a booking's calendar event (the slot's domain otherwise).
     """
     app = web.Application(middlewares=[request_context], client_max_size=BODY_BYTES_MAX)
     app[CORS_ORIGINS_KEY] = frozenset(cors_origins)
+    app[ENTITIES_KEY] = dict(entities or {})
     if engine is not None:
         app[ENGINE_KEY] = engine
     if limiter is not None:

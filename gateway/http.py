@@ -72,6 +72,8 @@ REQUEST_ID_KEY: Final = web.RequestKey("request_id", str)
 LIMITER_KEY: Final = web.AppKey("rate_limiter", RateLimiter)
 KEYS_KEY: Final = web.AppKey("idempotency_keys", KeyRegistry)
 CORS_ORIGINS_KEY: Final = web.AppKey("cors_origins", frozenset[str])
+# Each domain's entityName ("Doctor"), which names a booking's calendar event.
+ENTITIES_KEY: Final = web.AppKey("entities", dict[str, str])
 # The deployment's database (an asyncpg pool), for what the gateway keeps itself
 # rather than the shards: webhook endpoints, deliveries, contact details.
 DATABASE_KEY: Final = web.AppKey("database", asyncpg.Pool)

@@ -62,6 +62,8 @@ class Operation:
     auth: bool = True
     # "sse": answers text/event-stream; "websocket": a WebSocket upgrade (101).
     live: str | None = None
+    # A body that is a file rather than JSON, by status: its media type.
+    files: dict[int, str] = field(default_factory=dict)
     # What a status means here, where the general text says too little.
     notes: dict[int, str] = field(default_factory=dict)
     rules: str = ""
@@ -113,6 +115,7 @@ _TARGETS: Final = {
     "GetBooking": ("get", _BOOKING, "bookingId"),
     "Confirm": ("post", _BOOKING + "/confirm", "bookingId"),
     "Cancel": ("post", _BOOKING + "/cancel", "bookingId"),
+    "Calendar": ("get", _BOOKING + "/calendar.ics", "bookingId"),
 }
 
 
@@ -180,7 +183,8 @@ OPERATIONS: Final[tuple[Operation, ...]] = (
               links=_links(201, ("Confirm", "GetBooking", "JoinQueue"), **_OF_HOLD)),
     Operation("post", _BOOKING + "/confirm", "Confirm a hold", "owner", s.ActingBody,
               {200: s.BookingOut}, (400, 401, 403, 404, 409, 413, 422, 503),
-              idempotent_key=True, links=_links(200, ("GetBooking", "Cancel"), **_OF_BOOKING)),
+              idempotent_key=True,
+              links=_links(200, ("GetBooking", "Cancel", "Calendar"), **_OF_BOOKING)),
     Operation("post", _BOOKING + "/cancel", "Cancel a confirmed booking",
               "owner or admin", s.CancelBody, {200: s.BookingOut},
               (400, 401, 403, 404, 409, 413, 422, 429, 503), idempotent_key=True,
@@ -195,6 +199,13 @@ OPERATIONS: Final[tuple[Operation, ...]] = (
     Operation("get", _BOOKING, "Read a booking", "owner or admin", None,
               {200: s.BookingOut}, (401, 403, 404, 422, 503), query=(_USER_QUERY,),
               links=_links(200, ("Confirm", "Cancel"), **_OF_BOOKING)),
+    Operation("get", _BOOKING + "/calendar.ics", "A confirmed booking's calendar file",
+              "owner", None, {200: None}, (401, 403, 404, 409, 422, 503), query=(_USER_QUERY,),
+              files={200: "text/calendar"},
+              notes={200: "OK: an iCalendar file (RFC 5545, METHOD PUBLISH) with one event,"
+                          " the booking's slot in UTC",
+                     404: "Unknown id, or another user's booking (an admin's too)",
+                     409: "Conflict: the booking is not CONFIRMED"}),
     Operation("post", _SLOT + "/queue", "Join a slot's waiting queue", "user",
               s.ActingBody, {201: s.QueueEntryOut, 200: s.QueueEntryOut},
               (400, 401, 403, 404, 409, 413, 422, 429, 503), idempotent_key=True,
@@ -376,6 +387,8 @@ def _operation(operation: Operation, ref_of: dict[type, dict[str, Any]]) -> dict
         entry: dict[str, Any] = {"description": operation.notes.get(status, _STATUS_TEXT[status])}
         if body is not None:
             entry["content"] = {"application/json": {"schema": _schema_of(body, ref_of)}}
+        elif status in operation.files:
+            entry["content"] = {operation.files[status]: {"schema": {"type": "string"}}}
         elif operation.live == "sse" and status == 200:
             entry["content"] = {"text/event-stream": {"schema": _event_stream(ref_of, kinds)}}
         if status in links:

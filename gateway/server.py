@@ -469,12 +469,14 @@ def build_app(
         await transport.close()
         await database.close()
 
+    policies = load_policies(settings)
     app = create_app(
         None,
         verifier,
         cors_origins=settings.cors_origins,
-        domains=list(load_policies(settings)),
+        domains=list(policies),
         data_keys=data_keys,
+        entities={name: policy.entity_name for name, policy in policies.items()},
     )
     # The engine, its transport and the service URLs arrive on startup (engine_context).
     add_observability(app, engine=None, transport=None, database_url=None, redis_url=None)

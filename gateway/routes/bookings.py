@@ -1,4 +1,5 @@
-"""The booking routes: reserve, confirm, cancel, one booking, the user's bookings.
+"""The booking routes: reserve, confirm, cancel, one booking, the user's bookings,
+a confirmed booking's calendar file.
 
 Each handler authenticates, counts the request against its user's rate limit
 where docs/api.md says so, decodes its body and runs one command (keyed by
@@ -7,10 +8,14 @@ rule (the shards do) and must never be imported by ``gateway.http`` or
 ``gateway.handling``.
 """
 
+from typing import Final
+
+import msgspec
 from aiohttp import web
 
 from engine.core import protocol as p
 from engine.core.states import BookingStatus
+from engine.notify.calendar import CONTENT_TYPE, booking_calendar
 from gateway import schemas as s
 from gateway.auth.principal import acting_user
 from gateway.handling import (
@@ -26,7 +31,10 @@ from gateway.handling import (
     run_keyed,
     user_param,
 )
-from gateway.http import ENGINE_KEY, ApiError, json_response, principal
+from gateway.http import ENGINE_KEY, ENTITIES_KEY, ApiError, json_response, principal
+
+# What a browser saves the calendar file as.
+CALENDAR_DISPOSITION: Final = 'attachment; filename="booking.ics"'
 
 
 async def reserve(request: web.Request) -> web.StreamResponse:
@@ -140,6 +148,42 @@ async def my_bookings(request: web.Request) -> web.StreamResponse:
     )
 
 
+async def calendar_file(request: web.Request) -> web.StreamResponse:
+    """The owner's CONFIRMED booking as an iCalendar file (engine/notify/calendar.py).
+
+    Owners only: another user's booking is 404 as on ``GET /api/bookings/{id}``,
+    an admin's included (the file is the attendee's).
+    """
+    who = principal(request)
+    found = await run(
+        request,
+        p.GetBooking(
+            request_id=next_id(request),
+            booking_id=request.match_info["booking_id"],
+            user_id=acting_user(who, user_param(request)),
+        ),
+    )
+    assert isinstance(found, p.BookingResult)
+    booking = found.booking
+    if booking.status is not BookingStatus.CONFIRMED:
+        raise ApiError(
+            409,
+            "Conflict",
+            f"the booking is {booking.status.value}: only a CONFIRMED booking has a calendar file",
+        )
+    slot = await run(request, p.GetSlot(request_id=next_id(request), slot_id=booking.slot_id))
+    assert isinstance(slot, p.SlotResult)
+    slot_out = s.slot_out(slot.slot)
+    ics = booking_calendar(
+        msgspec.to_builtins(s.booking_out(booking)),
+        msgspec.to_builtins(slot_out),
+        entity=request.app[ENTITIES_KEY].get(slot_out.domain),
+    )
+    response = web.Response(body=ics, headers={"Content-Type": CONTENT_TYPE})
+    response.headers["Content-Disposition"] = CALENDAR_DISPOSITION
+    return response
+
+
 def add_routes(app: web.Application) -> None:
     app.router.add_post("/api/bookings/reserve", reserve)
     app.router.add_get("/api/bookings/my", my_bookings)
@@ -148,3 +192,4 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/api/bookings/{booking_id:(?!(?:reserve|my)$)[^{}/]+}", get_booking)
     app.router.add_post("/api/bookings/{booking_id}/confirm", confirm)
     app.router.add_post("/api/bookings/{booking_id}/cancel", cancel)
+    app.router.add_get("/api/bookings/{booking_id}/calendar.ics", calendar_file)
