@@ -40,7 +40,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import aiosmtplib
 
 from config.domains import DEFAULT_DOMAIN, load_domain_configs
-from config.settings import Settings, SmtpTarget, parse_smtp_url
+from config.settings import DOMAINS_DIR_DEFAULT, Settings, SmtpTarget, parse_smtp_url
 from engine.notify.calendar import CONTENT_TYPE, booking_calendar, parse_instant
 
 # The events that have an email (see the module doc for booking.expired).
@@ -50,12 +50,10 @@ EMAIL_EVENTS: Final = frozenset(
 # The triggers of booking.expired that mean a lapsed hold: the only ones mailed.
 LAPSED_TRIGGERS: Final = frozenset({"hold_ttl", "claim_ttl"})
 
-# The shipped templates, inside this package's config.
-TEMPLATES_DIR_DEFAULT: Final = (
-    Path(__file__).resolve().parent.parent.parent / "config" / "domains" / "templates"
-)
 # The templates of a deployment: this directory under SLOTENGINE_DOMAINS_DIR.
 TEMPLATES_SUBDIR: Final = "templates"
+# The shipped templates, beside the shipped domain files.
+TEMPLATES_DIR_DEFAULT: Final = DOMAINS_DIR_DEFAULT / TEMPLATES_SUBDIR
 # The directory of the defaults, among the domains' own.
 DEFAULTS: Final = "default"
 # The three files of an event, by the suffix after the event's name.
