@@ -137,8 +137,9 @@ def load_templates(
 
     ``directory/<domain>/<event>.<part>`` overrides, file by file, the
     defaults (``directory/default/``, then the shipped ones). A directory named
-    for no domain in ``domains``, a file that is no event's part, a file that
-    cannot be read, and a placeholder the event does not have are errors
+    for no domain in ``domains`` (a typo; the shipped directory's own are
+    skipped instead), a file that is no event's part, a file that cannot be
+    read, and a placeholder the event does not have are errors
     (``TemplateError`` naming the file). A missing ``directory`` means the
     shipped templates only.
     """
@@ -153,6 +154,7 @@ def load_templates(
             f"templates {TEMPLATES_DIR_DEFAULT / DEFAULTS}: missing {', '.join(missing)}"
         )
     overrides: dict[str, dict[tuple[str, str], string.Template]] = {}
+    shipped_directory = directory.resolve() == TEMPLATES_DIR_DEFAULT.resolve()
     if directory.is_dir():
         for child in sorted(directory.iterdir()):
             if not child.is_dir():
@@ -160,6 +162,8 @@ def load_templates(
                     f"template {child}: expected a directory per domain (or {DEFAULTS!r})"
                 )
             if child.name != DEFAULTS and child.name not in names:
+                if shipped_directory:
+                    continue  # the wording of a shipped domain this deployment lacks
                 raise TemplateError(f"template directory {child}: no domain {child.name!r}")
             overrides[child.name] = _read_directory(child)
     defaults = {**shipped, **overrides.get(DEFAULTS, {})}
@@ -338,7 +342,7 @@ def _values(
     elif event_type == "booking.confirmed":
         values["confirmed_at"] = format_instant(data.get("confirmedAt"), zone)
     elif event_type == "booking.cancelled":
-        reason = data.get("reason", data.get("cancelReason"))
+        reason = data.get("reason") or data.get("cancelReason")
         refund = data.get("refundPercentage")
         by = data.get("cancelledBy")
         values["reason"] = str(reason) if reason else NO_REASON
@@ -410,6 +414,8 @@ class Mailer:
             except (aiosmtplib.SMTPException, OSError) as error:
                 await self._drop()
                 raise MailError(_describe(error, self._target)) from None
+            except ValueError as error:  # no recipient, or no From: the message's fault
+                raise MailError(_describe(error, self._target)) from None
 
     async def _send(self, message: EmailMessage) -> None:
         client = self._client
@@ -465,6 +471,8 @@ def _describe(error: BaseException, target: SmtpTarget) -> str:
         text = f"the SMTP server at {where} did not answer in time"
     elif isinstance(error, aiosmtplib.SMTPConnectError | OSError):
         text = f"cannot reach the SMTP server at {where} ({type(error).__name__})"
+    elif isinstance(error, ValueError):
+        text = f"the message cannot be sent through {where}: {error}"
     else:
         text = f"sending through {where} failed ({type(error).__name__}: {error})"
     text = _ADDRESS.sub("<address>", " ".join(text.split()))

@@ -210,7 +210,6 @@ def test_a_cancellation_by_an_admin_gives_the_reason_and_the_refund(templates: T
         "cancelReason": "the doctor is ill",
         "cancelledBy": "admin-7",
         "refundPercentage": 100,
-        "reason": "the doctor is ill",
     }
     message = mail(templates, "booking.cancelled", data)
     assert subject(message).startswith("Cancelled: Resource dr-smith")
@@ -228,6 +227,7 @@ def test_a_cancellation_by_the_user_gives_the_domain_refund(templates: Templates
         "status": "CANCELLED",
         "cancelledBy": "alice",
         "refundPercentage": 50,
+        "cancelReason": None,
         "reason": None,
     }
     text, _ = parts(mail(templates, "booking.cancelled", data))
@@ -340,6 +340,31 @@ def test_templates_of_an_unknown_domain_are_refused(tmp_path: Path) -> None:
     overriding(tmp_path, "medicl", "booking.confirmed.txt", "Hello")
     with pytest.raises(TemplateError, match=r"template directory .*medicl: no domain 'medicl'"):
         load_templates(tmp_path, ["default", "medical"])
+
+
+def test_the_shipped_directory_skips_the_shipped_domains_a_deployment_lacks() -> None:
+    loaded = load_templates(domains=["default"])
+    assert set(loaded.by_domain) == {"default"}
+    message = render(
+        loaded, domain="medical", event_type="booking.confirmed", data=BOOKING, slot=SLOT,
+        to=TO, mail_from=FROM,
+    )  # fmt: skip
+    assert message is not None
+    assert subject(message).startswith("Confirmed: Resource dr-smith")
+
+
+async def test_a_message_without_a_recipient_is_a_mail_error(
+    plain_server: Controller, templates: Templates
+) -> None:
+    message = a_message(templates)
+    del message["To"]
+    mailer = Mailer(f"smtp://127.0.0.1:{plain_server.port}", FROM)
+    try:
+        with pytest.raises(MailError, match="the message cannot be sent"):
+            await mailer.send(message)
+    finally:
+        await mailer.close()
+    assert not inbox(plain_server)
 
 
 def test_dollar_signs_and_overrides_of_the_defaults(tmp_path: Path, templates: Templates) -> None:
