@@ -156,7 +156,7 @@ def load_templates(
     overrides: dict[str, dict[tuple[str, str], string.Template]] = {}
     shipped_directory = directory.resolve() == TEMPLATES_DIR_DEFAULT.resolve()
     if directory.is_dir():
-        for child in sorted(directory.iterdir()):
+        for child in _listing(directory):
             if not child.is_dir():
                 raise TemplateError(
                     f"template {child}: expected a directory per domain (or {DEFAULTS!r})"
@@ -192,7 +192,7 @@ def templates_for(settings: Settings) -> Templates:
 
 def _read_directory(directory: Path) -> dict[tuple[str, str], string.Template]:
     found: dict[tuple[str, str], string.Template] = {}
-    for path in sorted(directory.iterdir()):
+    for path in _listing(directory):
         event, _, part = path.name.rpartition(".")
         if event not in EMAIL_EVENTS or part not in PARTS:
             expected = ", ".join(f"<event>.{p}" for p in PARTS)
@@ -202,6 +202,16 @@ def _read_directory(directory: Path) -> dict[tuple[str, str], string.Template]:
             )
         found[(event, part)] = _read_template(path, event, part)
     return found
+
+
+def _listing(directory: Path) -> list[Path]:
+    """A directory's entries in order, hidden ones (``.gitkeep``, an editor's) left out."""
+    try:
+        return sorted(path for path in directory.iterdir() if not path.name.startswith("."))
+    except OSError as error:
+        raise TemplateError(
+            f"template directory {directory}: cannot read it ({error.strerror})"
+        ) from None
 
 
 def _read_template(path: Path, event: str, part: str) -> string.Template:

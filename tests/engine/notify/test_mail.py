@@ -329,6 +329,21 @@ def test_a_bad_template_is_refused_naming_the_file(
     assert problem in message
 
 
+def test_hidden_files_are_left_out(tmp_path: Path) -> None:
+    overriding(tmp_path, "medical", ".gitkeep", "")
+    overriding(tmp_path, "medical", ".booking.confirmed.txt.swp", "$nonsense")
+    (tmp_path / ".git").mkdir()
+    loaded = load_templates(tmp_path, ["default", "medical"])
+    assert "Hello" in loaded.of("medical", "booking.confirmed").text.template
+
+
+def test_a_file_beside_the_domain_directories_is_refused(tmp_path: Path) -> None:
+    stray = tmp_path / "booking.confirmed.txt"
+    stray.write_text("Hello", encoding="utf-8")
+    with pytest.raises(TemplateError, match=f"^template {stray}: expected a directory per domain"):
+        load_templates(tmp_path, ["default"])
+
+
 def test_a_template_that_is_not_utf8_is_refused(tmp_path: Path) -> None:
     path = overriding(tmp_path, "default", "queue.offer.txt", "")
     path.write_bytes(b"caf\xe9 $start")
