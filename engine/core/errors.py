@@ -100,6 +100,14 @@ class CancellationWindowClosed(Conflict):
     code = "CancellationWindowClosed"
 
 
+class ExtensionLimitReached(Conflict):
+    code = "ExtensionLimitReached"
+
+
+class HoldAtSlotStart(Conflict):
+    code = "HoldAtSlotStart"
+
+
 class ServiceUnavailable(EngineError):
     """A dependency (storage, lease) is down: nothing was applied."""
 
@@ -142,6 +150,8 @@ ERRORS_BY_CODE: dict[str, type[EngineError]] = {
         ReservationExpired,
         InvalidTransition,
         CancellationWindowClosed,
+        ExtensionLimitReached,
+        HoldAtSlotStart,
         ServiceUnavailable,
     )
 }

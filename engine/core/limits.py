@@ -50,6 +50,15 @@ CLAIM_TTL_DEFAULT_S: Final = 120
 # day is a booking, not a hold.
 HOLD_TTL_MIN_S: Final = 1
 HOLD_TTL_MAX_S: Final = 86_400
+# A hold may be extended (POST .../extend) this much at a time, this many times:
+# one more minute, twice, lets a user finish a form without holding a place
+# for long. 0 extensions switches extending off; a hold never outlives its
+# slot's start, whatever these say.
+HOLD_EXTENSION_DEFAULT_S: Final = 60
+HOLD_EXTENSIONS_DEFAULT: Final = 2
+# Bounded like a hold's TTL; a smallint column keeps the count.
+HOLD_EXTENSION_MAX_S: Final = HOLD_TTL_MAX_S
+HOLD_EXTENSIONS_MAX: Final = 100
 QUEUE_SIZE_DEFAULT: Final = 100
 # The position structure is O(log n); this cap bounds memory per slot.
 QUEUE_SIZE_MAX: Final = 100_000

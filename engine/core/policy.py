@@ -9,6 +9,8 @@ does): the core stays pure.
 
 import msgspec
 
+from engine.core.limits import HOLD_EXTENSION_DEFAULT_S, HOLD_EXTENSIONS_DEFAULT
+
 
 class DomainPolicy(msgspec.Struct, frozen=True, kw_only=True):
     name: str
@@ -24,6 +26,9 @@ class DomainPolicy(msgspec.Struct, frozen=True, kw_only=True):
     domain_type: str = "resource"
     entity_name: str = "Resource"
     slot_duration_minutes: int | None = None
+    # What one extension of a hold adds, and how many a hold may have (0: none).
+    hold_extension_ms: int = HOLD_EXTENSION_DEFAULT_S * 1_000
+    hold_extensions_max: int = HOLD_EXTENSIONS_DEFAULT
 
 
 PolicyBook = dict[str, DomainPolicy]

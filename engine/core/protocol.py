@@ -93,6 +93,22 @@ class Cancel(Command, gc=False, frozen=True, kw_only=True):
     idempotency_key: str | None = None
 
 
+class ExtendHold(Command, gc=False, frozen=True, kw_only=True):
+    """Move a RESERVED hold's deadline on by its domain's extension (its owner only)."""
+
+    booking_id: str
+    user_id: str
+    idempotency_key: str | None = None
+
+
+class ReleaseHold(Command, gc=False, frozen=True, kw_only=True):
+    """Give a RESERVED hold up now (its owner only): EXPIRED, the place offered on."""
+
+    booking_id: str
+    user_id: str
+    idempotency_key: str | None = None
+
+
 class GetBooking(Command, gc=False, frozen=True, kw_only=True):
     booking_id: str
     user_id: str
@@ -126,6 +142,17 @@ class QueuePosition(Command, gc=False, frozen=True, kw_only=True):
     watch: bool = False
 
 
+class TouchWaiting(Command, gc=False, frozen=True, kw_only=True):
+    """Users watching their queue places live: each (slot id, user id) that is
+    WAITING on this shard counts as seen now, as a position poll would.
+
+    Sent to one shard (``shard=``), for the places of its partitions a gateway's
+    live connections watch; places elsewhere or no longer waiting are skipped.
+    """
+
+    places: list[tuple[str, str]]
+
+
 AnyCommand = (
     CreateSlot
     | UpdateSlot
@@ -135,27 +162,32 @@ AnyCommand = (
     | Reserve
     | Confirm
     | Cancel
+    | ExtendHold
+    | ReleaseHold
     | GetBooking
     | ListBookings
     | JoinQueue
     | LeaveQueue
     | QueuePosition
+    | TouchWaiting
 )
 
 # Commands whose repetition is harmless, so their outcomes are not remembered
-# by request id: reads, and the position poll (it only refreshes the caller's
-# activity, and polls would otherwise crowd out the outcomes of real changes).
+# by request id: reads, and the position poll and the watchers' touch (they only
+# refresh activity, and would otherwise crowd out the outcomes of real changes).
 READ_ONLY_COMMANDS: tuple[type[Command], ...] = (
     GetSlot,
     ListSlots,
     GetBooking,
     ListBookings,
     QueuePosition,
+    TouchWaiting,
 )
 
 # The field naming the slot or booking a command is about: its id routes the
 # command to its partition (``engine/core/routing.py``). ``ListSlots`` routes by
-# its resource when it names one; ``ListBookings`` spans every shard.
+# its resource when it names one; ``ListBookings`` spans every shard, and
+# ``TouchWaiting`` names its shard.
 ROUTING_FIELD: Final[dict[type[Command], str]] = {
     CreateSlot: "slot_id",
     UpdateSlot: "slot_id",
@@ -167,6 +199,8 @@ ROUTING_FIELD: Final[dict[type[Command], str]] = {
     QueuePosition: "slot_id",
     Confirm: "booking_id",
     Cancel: "booking_id",
+    ExtendHold: "booking_id",
+    ReleaseHold: "booking_id",
     GetBooking: "booking_id",
 }
 

@@ -34,6 +34,8 @@ class Booking(msgspec.Struct, gc=False, kw_only=True):
     # True when the hold was offered from the slot's waiting queue.
     via_queue: bool = False
     version: int = 1
+    # How many times the hold was extended (``ExtendHold``).
+    extensions: int = 0
 
 
 class QueueEntry(msgspec.Struct, gc=False, kw_only=True):

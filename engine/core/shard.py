@@ -89,6 +89,7 @@ from engine.core.protocol import (
     CreateSlot,
     DeleteSlot,
     Done,
+    ExtendHold,
     Failure,
     GetBooking,
     GetSlot,
@@ -102,10 +103,12 @@ from engine.core.protocol import (
     QueueMoved,
     QueuePosition,
     QueueResult,
+    ReleaseHold,
     Reserve,
     SlotChanged,
     SlotPage,
     SlotResult,
+    TouchWaiting,
     UpdateSlot,
 )
 from engine.core.records import Booking, QueueEntry, ShardStatistics, SlotView, StoredSlot
@@ -169,6 +172,9 @@ _LIST_SLOTS: Final = ListSlots
 _CREATE_SLOT: Final = CreateSlot
 _UPDATE_SLOT: Final = UpdateSlot
 _DELETE_SLOT: Final = DeleteSlot
+_EXTEND_HOLD: Final = ExtendHold
+_RELEASE_HOLD: Final = ReleaseHold
+_TOUCH_WAITING: Final = TouchWaiting
 # Bound once: a compiled build reads a Final as a constant, where
 # ``msgspec.structs.replace`` would be two attribute lookups per call.
 _replace: Final = msgspec.structs.replace
@@ -342,6 +348,12 @@ class ShardCore:
                 return self._update_slot(cast(UpdateSlot, command), now_ms)
             if kind is _DELETE_SLOT:
                 return self._delete_slot(cast(DeleteSlot, command), now_ms)
+            if kind is _TOUCH_WAITING:
+                return self._touch_waiting(cast(TouchWaiting, command), now_ms)
+            if kind is _EXTEND_HOLD:
+                return self._extend_hold(cast(ExtendHold, command), now_ms)
+            if kind is _RELEASE_HOLD:
+                return self._release_hold(cast(ReleaseHold, command), now_ms)
         except EngineError as refused:
             return self._not_served(command) or self._refusal(refused)
         raise TypeError(f"not a command: {kind.__name__}")
@@ -786,6 +798,50 @@ class ShardCore:
         self._offer_free_capacity(slot, now_ms, command.request_id, actor)
         return _BookingResult(status=200, booking=cancelled)
 
+    def _extend_hold(self, command: ExtendHold, now_ms: int) -> AnyResult:
+        """The hold's deadline + the domain's extension, capped at the slot's start."""
+        user_id = command.user_id
+        booking = self._booking_or_404(command.booking_id, user_id, as_admin=False)
+        status = booking.status
+        if status is BookingStatus.EXPIRED:
+            raise errors.ReservationExpired(
+                "the hold lapsed before it was extended", {"expiresAt": booking.expires_at_ms}
+            )
+        to_status = next_booking_status(status, BookingEvent.EXTEND)
+        slot = self._slots[booking.slot_id]
+        policy = slot.policy
+        extensions = booking.extensions
+        if extensions >= policy.hold_extensions_max:
+            raise errors.ExtensionLimitReached(
+                "this hold cannot be extended again",
+                {"extensions": extensions, "maxExtensions": policy.hold_extensions_max},
+            )
+        start_ms = slot.start_ms
+        if booking.expires_at_ms >= start_ms:
+            raise errors.HoldAtSlotStart(
+                "this hold already lasts until the slot starts", {"startMs": start_ms}
+            )
+        expires_at_ms = min(booking.expires_at_ms + policy.hold_extension_ms, start_ms)
+        booking.expires_at_ms = expires_at_ms
+        booking.extensions = extensions + 1
+        self._timers.schedule(("hold", booking.id), expires_at_ms)
+        extended = self._transition(
+            booking, to_status, "extended", now_ms, command.request_id, user_id
+        )
+        return _BookingResult(status=200, booking=extended)
+
+    def _release_hold(self, command: ReleaseHold, now_ms: int) -> AnyResult:
+        """The owner gives the hold up: EXPIRED now, the place offered to the line."""
+        user_id = command.user_id
+        booking = self._booking_or_404(command.booking_id, user_id, as_admin=False)
+        next_booking_status(booking.status, BookingEvent.EXPIRE)
+        slot = self._slots[booking.slot_id]
+        request_id = command.request_id
+        self._expire_hold(slot, booking, now_ms, "released", request_id, user_id)
+        released = _copy(booking)
+        self._offer_free_capacity(slot, now_ms, request_id, user_id)
+        return _BookingResult(status=200, booking=released)
+
     def _get_booking(self, command: GetBooking, now_ms: int) -> AnyResult:
         booking = self._booking_or_404(command.booking_id, command.user_id, command.as_admin)
         return _BookingResult(status=200, booking=_copy(booking))
@@ -876,6 +932,18 @@ class ShardCore:
         return _QueueResult(
             status=200, entry=queue_view(slot, entry, now_ms, self._epoch, self._bookings)
         )
+
+    def _touch_waiting(self, command: TouchWaiting, now_ms: int) -> AnyResult:
+        """Watched places count as seen; those not WAITING here are skipped."""
+        slots = self._slots
+        for slot_id, user_id in command.places:
+            slot = slots.get(slot_id)
+            if slot is None:
+                continue
+            entry = slot.entries.get(user_id)
+            if entry is not None and entry.status is QueueStatus.WAITING:
+                self._touch(slot, entry, now_ms)
+        return _Done(status=204)
 
     # == timers =================================================================
 

@@ -7,6 +7,9 @@ leaves that state within the same command. From then on it moves only along
 ``BOOKING_TRANSITIONS``: a table keyed by (state, event). Anything not in the
 table is rejected with ``InvalidTransition`` before any state is touched.
 EXPIRED, CANCELLED and COMPLETED have no outgoing edges: they are final.
+The one edge back to its own state is a hold's extension (RESERVED, extend):
+its deadline moves, its status stays, and it is audited like any transition.
+A hold released by its owner takes the expire edge (trigger ``released``).
 
 A queue entry is WAITING until the engine offers it a hold (NOTIFIED), and
 then CONVERTED when that hold is confirmed, or EXPIRED when the offer lapses.
@@ -38,12 +41,15 @@ class BookingEvent(enum.StrEnum):
     EXPIRE = "expire"
     CANCEL = "cancel"
     COMPLETE = "complete"
+    EXTEND = "extend"
 
 
 BOOKING_TRANSITIONS: Final[dict[tuple[BookingStatus, BookingEvent], BookingStatus]] = {
     (BookingStatus.PENDING, BookingEvent.TAKE_HOLD): BookingStatus.RESERVED,
     (BookingStatus.RESERVED, BookingEvent.CONFIRM): BookingStatus.CONFIRMED,
     (BookingStatus.RESERVED, BookingEvent.EXPIRE): BookingStatus.EXPIRED,
+    # The only self-transition: a hold's deadline moves on.
+    (BookingStatus.RESERVED, BookingEvent.EXTEND): BookingStatus.RESERVED,
     (BookingStatus.CONFIRMED, BookingEvent.CANCEL): BookingStatus.CANCELLED,
     (BookingStatus.CONFIRMED, BookingEvent.COMPLETE): BookingStatus.COMPLETED,
 }

@@ -43,6 +43,7 @@ from engine.core.protocol import (
     OutcomeRecord,
     QueuePosition,
     SlotChanged,
+    TouchWaiting,
 )
 from engine.core.records import Booking, QueueEntry, ShardStatistics, StoredSlot
 from engine.core.routing import PartitionSet
@@ -479,6 +480,9 @@ class ShardRuntime:
             # A booking changes only with its slot; an unknown id shows nothing.
             if type(result) is BookingResult:
                 return self._slot_marks.get(result.booking.slot_id, 0)
+            return 0
+        if isinstance(command, TouchWaiting):
+            # Its answer shows nothing of any slot's state.
             return 0
         return None
 

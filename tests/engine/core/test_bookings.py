@@ -25,6 +25,7 @@ def test_the_table_is_the_contract() -> None:
         (BookingStatus.PENDING, BookingEvent.TAKE_HOLD): BookingStatus.RESERVED,
         (BookingStatus.RESERVED, BookingEvent.CONFIRM): BookingStatus.CONFIRMED,
         (BookingStatus.RESERVED, BookingEvent.EXPIRE): BookingStatus.EXPIRED,
+        (BookingStatus.RESERVED, BookingEvent.EXTEND): BookingStatus.RESERVED,
         (BookingStatus.CONFIRMED, BookingEvent.CANCEL): BookingStatus.CANCELLED,
         (BookingStatus.CONFIRMED, BookingEvent.COMPLETE): BookingStatus.COMPLETED,
     }
