@@ -10,7 +10,8 @@ the domain's name; a slot's ``domain`` field picks it.
 A built-in ``default`` domain always exists, even with no ``default.toml``:
 its rules are a ``DomainConfig`` with every field left at its default (TTLs,
 queue size and inactivity from the environment, queue enabled, cancellation
-until the slot starts with a full refund, booking up to 365 days ahead).
+until the slot starts with a full refund, booking up to 365 days ahead,
+holds extended by 60 s at most twice).
 
 Any bad file raises ``ConfigError`` naming the file and the field path
 (``at `$.queueSettings.maxSize```). It must never be read per request: the
@@ -95,6 +96,14 @@ class DomainConfig(_Section, frozen=True):
     # None: SLOTENGINE_HOLD_TTL_SECONDS / SLOTENGINE_CLAIM_TTL_SECONDS.
     hold_ttl_seconds: TtlSeconds | None = None
     claim_ttl_seconds: TtlSeconds | None = None
+    # What one extension of a hold adds (POST /api/bookings/{id}/extend), and how
+    # many a hold may have; 0 extensions: holds are never extended.
+    hold_extension_seconds: Annotated[
+        int, msgspec.Meta(ge=1, le=limits.HOLD_EXTENSION_MAX_S)
+    ] = limits.HOLD_EXTENSION_DEFAULT_S
+    hold_extensions_max: Annotated[int, msgspec.Meta(ge=0, le=limits.HOLD_EXTENSIONS_MAX)] = (
+        limits.HOLD_EXTENSIONS_DEFAULT
+    )
 
 
 def load_domain_file(path: Path) -> DomainConfig:
@@ -157,6 +166,8 @@ def resolve_policy(name: str, config: DomainConfig, settings: Settings) -> Domai
         domain_type=config.domain_type,
         entity_name=config.entity_name,
         slot_duration_minutes=config.slot_duration,
+        hold_extension_ms=config.hold_extension_seconds * _MS_PER_SECOND,
+        hold_extensions_max=config.hold_extensions_max,
     )
 
 

@@ -101,6 +101,18 @@ def test_shipped_overrides_win_over_the_environment() -> None:
     assert policies["medical"].hold_ttl_ms == 10_000
 
 
+def test_holds_are_extended_by_a_minute_twice_unless_a_domain_says_otherwise() -> None:
+    policies = load_policies(load_settings({}))
+    assert (policies["default"].hold_extension_ms, policies["default"].hold_extensions_max) == (
+        60_000,
+        2,
+    )
+    assert (policies["seats"].hold_extension_ms, policies["seats"].hold_extensions_max) == (
+        120_000,
+        1,
+    )
+
+
 def test_shipped_default_file_matches_the_builtin_default() -> None:
     assert load_domain_file(SHIPPED_DIR / "default.toml") == DomainConfig()
     settings = load_settings({"SLOTENGINE_QUEUE_MAX": "9", "SLOTENGINE_HOLD_TTL_SECONDS": "33"})
@@ -181,6 +193,8 @@ def test_resolution_converts_to_milliseconds_and_fills_gaps(tmp_path: Path) -> N
         slotDuration = 15
         advanceBookingDays = 3
         holdTtlSeconds = 45
+        holdExtensionSeconds = 20
+        holdExtensionsMax = 0
 
         [cancellationPolicy]
         allowedUntil = 1.5
@@ -205,6 +219,8 @@ def test_resolution_converts_to_milliseconds_and_fills_gaps(tmp_path: Path) -> N
         domain_type="appointment",
         entity_name="Nurse",
         slot_duration_minutes=15,
+        hold_extension_ms=20_000,
+        hold_extensions_max=0,
     )
 
 
@@ -263,6 +279,15 @@ def test_other_files_in_the_directory_are_ignored(tmp_path: Path) -> None:
         ),
         ("[cancellationPolicy]\nallowedUntil = -1\n", "`$.cancellationPolicy.allowedUntil`"),
         ("holdTtlSeconds = 0\n", "`$.holdTtlSeconds`"),
+        ("holdExtensionSeconds = 0\n", "`$.holdExtensionSeconds`"),
+        (
+            f"holdExtensionSeconds = {limits.HOLD_EXTENSION_MAX_S + 1}\n",
+            "`$.holdExtensionSeconds`",
+        ),
+        ("holdExtensionsMax = -1\n", "`$.holdExtensionsMax`"),
+        (f"holdExtensionsMax = {limits.HOLD_EXTENSIONS_MAX + 1}\n", "`$.holdExtensionsMax`"),
+        ("holdExtensionsMax = 1.5\n", "`$.holdExtensionsMax`"),
+        ("[queueSettings]\nholdExtensionsMax = 1\n", "`$.queueSettings`"),
         (f"holdTtlSeconds = {limits.HOLD_TTL_MAX_S + 1}\n", "`$.holdTtlSeconds`"),
         (f"claimTtlSeconds = {limits.HOLD_TTL_MAX_S + 1}\n", "`$.claimTtlSeconds`"),
         (f"advanceBookingDays = {limits.ADVANCE_BOOKING_DAYS_MAX + 1}\n", "`$.advanceBookingDays`"),
