@@ -27,7 +27,7 @@ from persistence.rows import FlushRows, SlotRow
 _BOOKING_COLUMNS: Final = (
     "id, slot_id, user_id, status, reserved_at_ms, expires_at_ms, confirmed_at_ms,"
     " completed_at_ms, cancelled_at_ms, cancel_reason, cancelled_by, refund_percentage,"
-    " via_queue, version"
+    " via_queue, version, extensions"
 )
 _ENTRY_COLUMNS: Final = (
     "slot_id, user_id, seq, status, joined_at_ms, last_seen_ms, notified_at_ms,"
@@ -554,6 +554,7 @@ def _booking_write(b: Booking, at_ms: int) -> tuple[Any, ...]:
         b.via_queue,
         b.version,
         at_ms,
+        b.extensions,
     )
 
 
