@@ -98,9 +98,9 @@ class DomainConfig(_Section, frozen=True):
     claim_ttl_seconds: TtlSeconds | None = None
     # What one extension of a hold adds (POST /api/bookings/{id}/extend), and how
     # many a hold may have; 0 extensions: holds are never extended.
-    hold_extension_seconds: Annotated[
-        int, msgspec.Meta(ge=1, le=limits.HOLD_EXTENSION_MAX_S)
-    ] = limits.HOLD_EXTENSION_DEFAULT_S
+    hold_extension_seconds: Annotated[int, msgspec.Meta(ge=1, le=limits.HOLD_EXTENSION_MAX_S)] = (
+        limits.HOLD_EXTENSION_DEFAULT_S
+    )
     hold_extensions_max: Annotated[int, msgspec.Meta(ge=0, le=limits.HOLD_EXTENSIONS_MAX)] = (
         limits.HOLD_EXTENSIONS_DEFAULT
     )

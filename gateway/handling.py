@@ -153,7 +153,7 @@ async def run_keyed(
     request: web.Request,
     endpoint: str,
     user_id: str,
-    command: p.Reserve | p.Confirm | p.Cancel | p.JoinQueue,
+    command: p.Reserve | p.Confirm | p.Cancel | p.ExtendHold | p.ReleaseHold | p.JoinQueue,
 ) -> p.AnyResult:
     """``run``, with the client's Idempotency-Key checked across shards first."""
     key = command.idempotency_key

@@ -116,6 +116,8 @@ _TARGETS: Final = {
     "Confirm": ("post", _BOOKING + "/confirm", "bookingId"),
     "Cancel": ("post", _BOOKING + "/cancel", "bookingId"),
     "Calendar": ("get", _BOOKING + "/calendar.ics", "bookingId"),
+    "Extend": ("post", _BOOKING + "/extend", "bookingId"),
+    "Release": ("post", _BOOKING + "/release", "bookingId"),
 }
 
 
@@ -180,11 +182,30 @@ OPERATIONS: Final[tuple[Operation, ...]] = (
               notes={200: "OK: the caller's hold on this slot already ({booking}), or the"
                           " caller's place in its queue already ({queue})"},
               # Another user may join the queue of the slot this hold has filled.
-              links=_links(201, ("Confirm", "GetBooking", "JoinQueue"), **_OF_HOLD)),
+              links=_links(201, ("Confirm", "GetBooking", "JoinQueue", "Extend", "Release"),
+                           **_OF_HOLD)),
     Operation("post", _BOOKING + "/confirm", "Confirm a hold", "owner", s.ActingBody,
               {200: s.BookingOut}, (400, 401, 403, 404, 409, 413, 422, 503),
               idempotent_key=True,
               links=_links(200, ("GetBooking", "Cancel", "Calendar"), **_OF_BOOKING)),
+    Operation("post", _BOOKING + "/extend", "Extend a hold", "owner", s.ActingBody,
+              {200: s.BookingOut}, (400, 401, 403, 404, 409, 413, 422, 503),
+              idempotent_key=True,
+              notes={409: "ExtensionLimitReached: the domain's holdExtensionsMax extensions"
+                          " were made already (or it is 0); HoldAtSlotStart: the hold lasts"
+                          " until the slot starts already; ReservationExpired: the hold"
+                          " lapsed; InvalidTransition: not RESERVED"},
+              rules="expiresAt moves on by the domain's holdExtensionSeconds, never past the"
+                    " slot's startTime.",
+              links=_links(200, ("Confirm", "Extend", "Release", "GetBooking"), **_OF_BOOKING)),
+    Operation("post", _BOOKING + "/release", "Give a hold up", "owner", s.ActingBody,
+              {200: s.BookingOut}, (400, 401, 403, 404, 409, 413, 422, 503),
+              idempotent_key=True,
+              notes={409: "InvalidTransition: not RESERVED (a lapsed, released or confirmed"
+                          " booking)"},
+              rules="The hold is EXPIRED at once; its place is offered to the head of the"
+                    " slot's queue.",
+              links=_links(200, ("GetBooking",), **_OF_BOOKING)),
     Operation("post", _BOOKING + "/cancel", "Cancel a confirmed booking",
               "owner or admin", s.CancelBody, {200: s.BookingOut},
               (400, 401, 403, 404, 409, 413, 422, 429, 503), idempotent_key=True,

@@ -267,6 +267,8 @@ class BookingOut(_Out, frozen=True):
     cancelled_by: str | None
     refund_percentage: int | None
     version: int
+    # How many times the hold was extended (POST /api/bookings/{id}/extend).
+    extensions: int
 
 
 class QueueEntryOut(_Out, frozen=True):
@@ -429,6 +431,7 @@ def booking_out(booking: Booking) -> BookingOut:
         cancelled_by=booking.cancelled_by,
         refund_percentage=booking.refund_percentage,
         version=booking.version,
+        extensions=booking.extensions,
     )
 
 

@@ -819,7 +819,7 @@ class ShardCore:
         start_ms = slot.start_ms
         if booking.expires_at_ms >= start_ms:
             raise errors.HoldAtSlotStart(
-                "this hold already lasts until the slot starts", {"startMs": start_ms}
+                "this hold already lasts until the slot starts", {"startTimeMs": start_ms}
             )
         expires_at_ms = min(booking.expires_at_ms + policy.hold_extension_ms, start_ms)
         booking.expires_at_ms = expires_at_ms

@@ -1,5 +1,5 @@
-"""The booking routes: reserve, confirm, cancel, one booking, the user's bookings,
-a confirmed booking's calendar file.
+"""The booking routes: reserve, confirm, cancel, extend and release a hold, one
+booking, the user's bookings, a confirmed booking's calendar file.
 
 Each handler authenticates, counts the request against its user's rate limit
 where docs/api.md says so, decodes its body and runs one command (keyed by
@@ -69,6 +69,44 @@ async def confirm(request: web.Request) -> web.StreamResponse:
         "confirm",
         user_id,
         p.Confirm(
+            request_id=next_id(request),
+            booking_id=request.match_info["booking_id"],
+            user_id=user_id,
+            idempotency_key=idempotency_key(request),
+        ),
+    )
+    assert isinstance(result, p.BookingResult)
+    return json_response(s.booking_out(result.booking))
+
+
+async def extend(request: web.Request) -> web.StreamResponse:
+    who = principal(request)
+    body = await decode_body(request, s.ActingBody, optional=True)
+    user_id = acting_user(who, body.user_id)
+    result = await run_keyed(
+        request,
+        "extend",
+        user_id,
+        p.ExtendHold(
+            request_id=next_id(request),
+            booking_id=request.match_info["booking_id"],
+            user_id=user_id,
+            idempotency_key=idempotency_key(request),
+        ),
+    )
+    assert isinstance(result, p.BookingResult)
+    return json_response(s.booking_out(result.booking))
+
+
+async def release(request: web.Request) -> web.StreamResponse:
+    who = principal(request)
+    body = await decode_body(request, s.ActingBody, optional=True)
+    user_id = acting_user(who, body.user_id)
+    result = await run_keyed(
+        request,
+        "release",
+        user_id,
+        p.ReleaseHold(
             request_id=next_id(request),
             booking_id=request.match_info["booking_id"],
             user_id=user_id,
@@ -193,3 +231,5 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/api/bookings/{booking_id}/confirm", confirm)
     app.router.add_post("/api/bookings/{booking_id}/cancel", cancel)
     app.router.add_get("/api/bookings/{booking_id}/calendar.ics", calendar_file)
+    app.router.add_post("/api/bookings/{booking_id}/extend", extend)
+    app.router.add_post("/api/bookings/{booking_id}/release", release)

@@ -6,10 +6,11 @@ missing and bad tokens; users never see each other's bookings or queue
 entries. The engine is the durable in-process one on the test PostgreSQL and
 Redis, with docs/api.md's default rate limits (``tests/gateway/conftest.py``).
 
-The ``host`` fixture is overridden here only to add one domain to the test
+The ``host`` fixture is overridden here only to add two domains to the test
 policies: ``strict`` (users may cancel until 48 h before the start, refund
 50 %), so that the cancellation window and a policy refund other than 100 %
-can be shown. WebSocket and SSE routes are covered in ``test_realtime.py``.
+can be shown, and ``fixed`` (holds are never extended). WebSocket and SSE
+routes are covered in ``test_realtime.py``.
 """
 
 import asyncio
@@ -56,6 +57,7 @@ CONTRACT_POLICIES = {
     "strict": policy(
         "strict", cancel_allowed_until_ms=48 * HOUR_MS, refund_percentage=STRICT_REFUND
     ),
+    "fixed": policy("fixed", hold_extensions_max=0),
 }
 # The hold TTL of the test policies' "default" domain.
 HOLD_TTL = timedelta(minutes=2)
@@ -68,7 +70,8 @@ SLOT_KEYS = frozenset(
 )  # fmt: skip
 BOOKING_KEYS = frozenset(
     {"id", "userId", "slotId", "status", "reservedAt", "expiresAt", "confirmedAt",
-     "completedAt", "cancelledAt", "cancelReason", "cancelledBy", "refundPercentage", "version"}
+     "completedAt", "cancelledAt", "cancelReason", "cancelledBy", "refundPercentage", "version",
+     "extensions"}
 )  # fmt: skip
 QUEUE_KEYS = frozenset(
     {"slotId", "userId", "status", "position", "totalInQueue", "estimatedWaitTime",
@@ -926,6 +929,143 @@ async def test_other_transitions_are_409_invalid_transition(api: Client, token: 
     assert (await _booking(api, token, held["id"], "ann"))["status"] == "CANCELLED"
 
 
+# -- holds: extend, release -------------------------------------------------------------
+
+# The test policies' extension (docs/api.md's default): a minute, twice.
+EXTENSION = timedelta(minutes=1)
+
+
+async def _audit(db: asyncpg.Connection, booking_id: str) -> list[tuple[str | None, ...]]:
+    rows = await db.fetch(
+        "SELECT from_status, to_status, trigger, actor, request_id FROM audit_log"
+        " WHERE entity_id = $1 ORDER BY id",
+        booking_id,
+    )
+    return [tuple(row) for row in rows]
+
+
+async def test_extend_moves_expires_at_by_the_domains_extension_up_to_its_limit(
+    api: Client, token: Token, db: asyncpg.Connection
+) -> None:
+    slot = await _create(api, token, capacity=1)
+    held = await _hold(api, token, slot["id"], "ann")
+    assert held["extensions"] == 0
+    path = f"/api/bookings/{held['id']}/extend"
+    first = await _json(await api.post(path, headers=token("ann")), 200)
+    _check_booking(first)
+    assert (first["id"], first["status"], first["extensions"]) == (held["id"], "RESERVED", 1)
+    assert _parse(first["expiresAt"]) == _parse(held["expiresAt"]) + EXTENSION
+    assert first["version"] == held["version"] + 1
+    second = await _json(await api.post(path, headers=token("ann")), 200)
+    assert second["extensions"] == 2
+    assert _parse(second["expiresAt"]) == _parse(held["expiresAt"]) + 2 * EXTENSION
+    refused = await _error(await api.post(path, headers=token("ann")), 409, "ExtensionLimitReached")
+    assert refused["details"] == {"extensions": 2, "maxExtensions": 2}
+    assert await _booking(api, token, held["id"], "ann") == second
+    view = await _get_slot(api, token, slot["id"])
+    assert (view["heldCount"], view["available"]) == (1, 0)
+    audit = await _audit(db, held["id"])
+    assert [row[:4] for row in audit] == [
+        ("PENDING", "RESERVED", "reserve", "ann"),
+        ("RESERVED", "RESERVED", "extended", "ann"),
+        ("RESERVED", "RESERVED", "extended", "ann"),
+    ]
+
+
+async def test_a_domain_without_extensions_refuses_the_first(api: Client, token: Token) -> None:
+    slot = await _create(api, token, capacity=1, domain="fixed")
+    held = await _hold(api, token, slot["id"], "ann")
+    response = await api.post(f"/api/bookings/{held['id']}/extend", headers=token("ann"))
+    body = await _error(response, 409, "ExtensionLimitReached")
+    assert body["details"] == {"extensions": 0, "maxExtensions": 0}
+    assert await _booking(api, token, held["id"], "ann") == held
+
+
+async def test_extend_never_reaches_past_the_slots_start(api: Client, token: Token) -> None:
+    # The hold lapses two minutes after it is taken; the slot starts half a minute later.
+    start = _now() + timedelta(minutes=2, seconds=30)
+    slot = await _create(api, token, capacity=1, start=start)
+    held = await _hold(api, token, slot["id"], "ann")
+    path = f"/api/bookings/{held['id']}/extend"
+    capped = await _json(await api.post(path, headers=token("ann")), 200)
+    assert (capped["expiresAt"], capped["extensions"]) == (slot["startTime"], 1)
+    body = await _error(await api.post(path, headers=token("ann")), 409, "HoldAtSlotStart")
+    assert body["details"] == {"startTime": slot["startTime"]}
+    assert await _booking(api, token, held["id"], "ann") == capped
+
+
+async def test_extend_and_release_refuse_a_booking_that_is_not_a_live_hold(
+    api: Client, token: Token
+) -> None:
+    booked = await _confirmed(api, token, (await _create(api, token))["id"], "ann")
+    for action in ("extend", "release"):
+        response = await api.post(f"/api/bookings/{booked['id']}/{action}", headers=token("ann"))
+        await _error(response, 409, "InvalidTransition")
+        unknown = _unknown_like(booked["id"], "b")
+        response = await api.post(f"/api/bookings/{unknown}/{action}", headers=token("ann"))
+        await _error(response, 404, "NotFound")
+    assert await _booking(api, token, booked["id"], "ann") == booked
+    slot = await _create(api, token, capacity=1, domain="short")
+    lapsed = await _hold(api, token, slot["id"], "ann")
+    await _poll(
+        api, f"/api/bookings/{lapsed['id']}", token("ann"), lambda b: b["status"] == "EXPIRED"
+    )
+    extend = await api.post(f"/api/bookings/{lapsed['id']}/extend", headers=token("ann"))
+    await _error(extend, 409, "ReservationExpired")
+    release = await api.post(f"/api/bookings/{lapsed['id']}/release", headers=token("ann"))
+    await _error(release, 409, "InvalidTransition")
+
+
+async def test_release_expires_the_hold_and_offers_the_place_to_the_next_user_at_once(
+    api: Client, token: Token, db: asyncpg.Connection
+) -> None:
+    slot = await _create(api, token, capacity=1)
+    held = await _hold(api, token, slot["id"], "ann")
+    for user in ("bob", "cy"):
+        assert (await _reserve(api, token, slot["id"], user, 202))["queue"]["status"] == "WAITING"
+    path = f"/api/bookings/{held['id']}/release"
+    keyed = {**token("ann"), "Idempotency-Key": "release-1"}
+    released = await _json(await api.post(path, headers=keyed), 200)
+    _check_booking(released)
+    assert (released["id"], released["status"]) == (held["id"], "EXPIRED")
+    assert released["expiresAt"] == held["expiresAt"]
+    # The reply came after the commit: bob holds the place already, nobody polled for it.
+    bob = await _position(api, token, slot["id"], "bob")
+    assert bob["status"] == "NOTIFIED" and bob["bookingId"] is not None
+    offer = await _booking(api, token, bob["bookingId"], "bob")
+    assert (offer["status"], offer["slotId"]) == ("RESERVED", slot["id"])
+    assert bob["offerExpiresAt"] == offer["expiresAt"]
+    cy = await _position(api, token, slot["id"], "cy")
+    assert (cy["status"], cy["position"], cy["totalInQueue"]) == ("WAITING", 1, 1)
+    view = await _get_slot(api, token, slot["id"])
+    assert (view["heldCount"], view["queueLength"], view["available"]) == (1, 1, 0)
+    # The same key replays the first answer; without it, a second release is refused.
+    assert await _json(await api.post(path, headers=keyed), 200) == released
+    await _error(await api.post(path, headers=token("ann")), 409, "InvalidTransition")
+    ann_audit = await _audit(db, held["id"])
+    assert [row[:4] for row in ann_audit] == [
+        ("PENDING", "RESERVED", "reserve", "ann"),
+        ("RESERVED", "EXPIRED", "released", "ann"),
+    ]
+    bob_audit = await _audit(db, bob["bookingId"])
+    # The offer is part of the release: the same request, the same actor.
+    assert bob_audit == [("PENDING", "RESERVED", "queue_offer", "ann", ann_audit[1][4])]
+
+
+async def test_an_extension_with_an_idempotency_key_applies_once(api: Client, token: Token) -> None:
+    held = await _hold(api, token, (await _create(api, token))["id"], "ann")
+    path = f"/api/bookings/{held['id']}/extend"
+    keyed = {**token("ann"), "Idempotency-Key": "extend-1"}
+    first = await _json(await api.post(path, headers=keyed), 200)
+    assert await _json(await api.post(path, headers=keyed), 200) == first
+    assert (await _booking(api, token, held["id"], "ann"))["extensions"] == 1
+    # The key is the extend endpoint's: the same key on release is another request.
+    released = await _json(
+        await api.post(f"/api/bookings/{held['id']}/release", headers=keyed), 200
+    )
+    assert released["status"] == "EXPIRED"
+
+
 async def test_a_booking_of_an_ended_slot_is_completed_and_final(api: Client, token: Token) -> None:
     started = _now() - timedelta(hours=1)
     ends = datetime.now(UTC) + timedelta(seconds=2)
@@ -1047,6 +1187,8 @@ async def test_another_users_booking_is_404_on_every_booking_route(
             ("GET", "", None),
             ("POST", "/confirm", None),
             ("POST", "/cancel", {"reason": "mine now"}),
+            ("POST", "/extend", None),
+            ("POST", "/release", None),
         ):
             theirs = await api.request(
                 method, f"/api/bookings/{booking['id']}{suffix}", json=body, headers=token("eve")
@@ -1383,6 +1525,8 @@ def _routes(slot_id: str, booking_id: str) -> list[tuple[str, str, Any]]:
         ("POST", "/api/bookings/reserve", {"slotId": slot_id}),
         ("POST", f"/api/bookings/{booking_id}/confirm", None),
         ("POST", f"/api/bookings/{booking_id}/cancel", {"reason": "x"}),
+        ("POST", f"/api/bookings/{booking_id}/extend", None),
+        ("POST", f"/api/bookings/{booking_id}/release", None),
         ("GET", "/api/bookings/my", None),
         ("GET", f"/api/bookings/{booking_id}", None),
         ("POST", f"/api/slots/{slot_id}/queue", None),

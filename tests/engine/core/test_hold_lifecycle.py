@@ -103,7 +103,7 @@ def test_an_extension_never_reaches_past_the_slots_start(h: Harness) -> None:
     assert capped.expires_at_ms == start_ms
     refused = _extend(h, hold.id, "ann")
     assert (refused.status, refused.code) == (409, "HoldAtSlotStart")
-    assert refused.details == {"startMs": start_ms}
+    assert refused.details == {"startTimeMs": start_ms}
     assert h.booking(hold.id).booking.extensions == 1
 
 
