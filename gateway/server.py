@@ -63,7 +63,7 @@ from gateway.connlimit import ConnectionLimiter
 from gateway.http import DATABASE_KEY, ENGINE_KEY, KEYS_KEY, LIMITER_KEY, TRANSPORT_KEY
 from gateway.idempotency import KeyRegistry
 from gateway.live.bus import EventBus
-from gateway.live.endpoints import LIVE_KEY, LiveConnections
+from gateway.live.endpoints import LIVE_KEY, LiveConnections, touch_every_s
 from gateway.logs import configure_logging
 from gateway.observability.endpoints import add_observability
 from gateway.observability.health import OBSERVABILITY_KEY
@@ -436,6 +436,10 @@ def build_app(
         await bus.start()
         live = app[LIVE_KEY] = LiveConnections(
             bus,
+            # Watchers stay active within the shortest inactivity timeout served.
+            touch_every_s=touch_every_s(
+                min(policy.queue_inactivity_ms for policy in policies.values())
+            ),
             limiter=ConnectionLimiter(
                 redis_client,
                 settings.live_connections_per_user_max,

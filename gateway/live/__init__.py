@@ -61,6 +61,14 @@ a connection takes a place in its user's record in Redis before it subscribes
 or upgrades, and gives it back when it ends (``gateway/connlimit.py``). Past
 the cap the request is answered 429 ``TooManyConnections``.
 
-This package never changes engine state: it reads snapshots and forwards
-committed events.
+A user who watches their queue place counts as active, as a position poll
+would count them: every ``touch_every_s`` (a third of the shortest queue
+inactivity timeout served, at most 30 s) each gateway process sends one
+``TouchWaiting`` per shard naming the (slot, user) places its queue
+connections watch (``LiveConnections.keep_active``). A touch emits no event
+and is not stored; a watcher whose gateway dies is seen no more, and the
+inactivity timeout runs from their last touch.
+
+This package never changes engine state but for that touch: it reads
+snapshots and forwards committed events.
 """

@@ -8,8 +8,13 @@ slow consumer or on shutdown), what each connection listens to
 map) and following the map as partitions move (``LiveConnections.map_changed``:
 a connection whose shards changed subscribes to the new ones and reads its
 snapshot again, from the new owner, staying open), the SSE framing, and
-``add_realtime``, which ``gateway.app.create_app`` calls. It never changes
-engine state and never decides what a message says (the watches do).
+``add_realtime``, which ``gateway.app.create_app`` calls; and keeping the
+users who watch their queue places active (``LiveConnections.keep_active``:
+every ``touch_every_s`` one ``TouchWaiting`` per shard names the places this
+process's queue connections watch, so that a patient watcher is not expired
+for inactivity). That touch is the only command it sends that changes
+anything, and it changes only when a waiting user was last seen. It never
+decides what a message says (the watches do).
 """
 
 import asyncio
@@ -21,8 +26,11 @@ from typing import Final
 from aiohttp import WSMsgType, web
 
 from config.redis_keys import slot_topic, user_topic
+from engine.core import protocol as p
 from engine.core.routing import PartitionMap
 from engine.shell import limits
+from engine.shell.coalescer import EngineClient, RequestIds
+from engine.shell.errors import ShellError
 from gateway.auth.principal import acting_user
 from gateway.connlimit import (
     ConnectionLimiter,
@@ -41,12 +49,27 @@ CONNECTIONS_MAX: Final = 50_000
 # A client sends nothing but control frames: anything bigger is refused.
 CLIENT_MESSAGE_BYTES_MAX: Final = 4_096
 
+# A watcher is counted as seen at least this often, and at least three times
+# within the shortest queue inactivity timeout of the domains served
+# (``touch_every_s``): one late or lost touch never expires anyone.
+TOUCH_EVERY_S_MAX: Final = 30.0
+TOUCHES_PER_INACTIVITY: Final = 3
+# Places named by one TouchWaiting: a batch of them stays a small message.
+TOUCH_PLACES_MAX: Final = 1_000
+
 CLOSE_GOING_AWAY: Final = 1001
 CLOSE_TRY_AGAIN_LATER: Final = 1013
 
 logger = logging.getLogger("slotengine.realtime")
 
 AnyWatch = QueueWatch | BookingWatch
+
+
+def touch_every_s(queue_inactivity_ms: int) -> float:
+    """How often the watchers are touched, for the shortest inactivity timeout served."""
+    return min(queue_inactivity_ms / 1000 / TOUCHES_PER_INACTIVITY, TOUCH_EVERY_S_MAX)
+
+
 # What a connection listens to: (shard channel, key) pairs.
 Channels = list[tuple[str, str]]
 
@@ -120,10 +143,15 @@ class LiveConnections:
         connections_max: int = CONNECTIONS_MAX,
         outbox_messages_max: int = OUTBOX_MESSAGES_MAX,
         heartbeat_s: float = HEARTBEAT_S,
+        touch_every_s: float = TOUCH_EVERY_S_MAX,
     ) -> None:
         self.bus = bus
         self.limiter = limiter
         self.heartbeat_s = heartbeat_s
+        self.touch_every_s = touch_every_s
+        # The task that touches the watched queue places (keep_active), once one opened.
+        self._touching: asyncio.Task[None] | None = None
+        self.touches_sent = 0
         self.connections_max = connections_max
         self.outbox_messages_max = outbox_messages_max
         self.slow_consumers_closed = 0
@@ -175,13 +203,54 @@ class LiveConnections:
             elif not self._follow_again:
                 return
 
+    def keep_active(self, engine: EngineClient, ids: RequestIds) -> None:
+        """Touch the watched queue places every ``touch_every_s`` from now on (once
+        started, it runs until ``close_all``). Never waits."""
+        if self._touching is None or self._touching.done():
+            self._touching = asyncio.get_running_loop().create_task(
+                self._touch_watchers(engine, ids), name="live-keep-active"
+            )
+
+    def watched_places(self) -> set[tuple[str, str]]:
+        """The (slot, user) pairs this process's queue connections watch."""
+        return {
+            (watch.slot_id, watch.user_id)
+            for watch in (interests.watch for interests in self.interests)
+            if isinstance(watch, QueueWatch)
+        }
+
+    async def _touch_watchers(self, engine: EngineClient, ids: RequestIds) -> None:
+        while True:
+            await asyncio.sleep(self.touch_every_s)
+            by_shard: dict[int, list[tuple[str, str]]] = {}
+            for slot_id, user_id in sorted(self.watched_places()):
+                shard = engine.shard_of(slot_id)
+                if shard is not None:
+                    by_shard.setdefault(shard, []).append((slot_id, user_id))
+            touches = [
+                self._touch(engine, shard, p.TouchWaiting(request_id=ids.next(), places=chunk))
+                for shard, places in by_shard.items()
+                for chunk in _chunks(places, TOUCH_PLACES_MAX)
+            ]
+            if touches:
+                await asyncio.gather(*touches)
+
+    async def _touch(self, engine: EngineClient, shard: int, touch: p.TouchWaiting) -> None:
+        # A touch that does not arrive is made up by the next one, well within the timeout.
+        try:
+            await engine.execute(touch, shard=shard)
+        except ShellError as exc:
+            logger.warning("watched queue places not touched on shard %d: %r", shard, exc)
+            return
+        self.touches_sent += 1
+
     async def close_all(self) -> None:
         """Going away: close every connection (clients reconnect to another gateway)."""
-        following = self._following
-        if following is not None and not following.done():
-            following.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await following
+        for task in (self._following, self._touching):
+            if task is not None and not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         for outbox, ws in list(self.connections.items()):
             outbox.close()
             if ws is not None:
@@ -194,6 +263,10 @@ class LiveConnections:
 
 LIVE_KEY: Final = web.AppKey("live", LiveConnections)
 LIVE_ROUTES_KEY: Final = web.AppKey("live_routes", bool)
+
+
+def _chunks(places: list[tuple[str, str]], size: int) -> list[list[tuple[str, str]]]:
+    return [places[at : at + size] for at in range(0, len(places), size)]
 
 
 def _unavailable(message: str) -> ApiError:
@@ -217,6 +290,8 @@ async def _opened(request: web.Request, interests: Interests, live: LiveConnecti
         await interests.close()
         raise
     live.interests.add(interests)
+    if isinstance(interests.watch, QueueWatch):
+        live.keep_active(engine, request.app[IDS_KEY])
     if engine.partition_map is not partition_map:
         # The map changed while this connection opened: it follows like the others.
         live.map_changed(partition_map, engine.partition_map)

@@ -2,7 +2,9 @@
 
 Each gateway here is an aiohttp app with its own ``EventBus`` (its own pub/sub
 connection) on the same durable in-process engine, as two gateway processes
-would share the shard actors.
+would share the shard actors. Beside the test policies the engine serves
+``idle``, whose waiting users are expired after ``IDLE_MS`` without a sign of
+life: a live watch on one's queue place is one.
 """
 
 import asyncio
@@ -20,6 +22,7 @@ from engine.core.routing import shard_of
 from engine.shell.coalescer import EngineClient
 from engine.shell.events import PublisherStatistics
 from engine.shell.inproc import OwnedInProcessHost
+from engine.shell.owner import StorageSettings
 from gateway.app import create_app
 from gateway.auth.issue import issue_token
 from gateway.auth.settings import AuthSettings
@@ -27,13 +30,32 @@ from gateway.auth.verify import Verifier
 from gateway.live.bus import EventBus
 from gateway.live.endpoints import CLOSE_TRY_AGAIN_LATER, LiveConnections, add_realtime
 from tests.conftest import REDIS_URL
-from tests.gateway.conftest import SECRET, Token
+from tests.engine.shell.conftest import wait_until
+from tests.gateway.conftest import SECRET, SHARDS, Token
 from tests.gateway.test_api import Client, _slot
+from tests.support.domain import POLICIES, policy
 
 # Generous: a message normally arrives within milliseconds.
 RECEIVE_LIMIT_S = 10.0
 
 Gateway = Callable[..., Awaitable[Client]]
+
+# The "idle" domain's queue inactivity timeout, and how often the gateways here
+# touch the places their connections watch (well within it, as served).
+IDLE_MS = 2_000
+TOUCH_EVERY_S = 0.2
+
+
+@pytest.fixture
+async def host(database_url: str, redis_namespace: str) -> AsyncIterator[OwnedInProcessHost]:
+    storage = StorageSettings(
+        database_url=database_url, redis_url=REDIS_URL, namespace=redis_namespace
+    )
+    policies = {**POLICIES, "idle": policy("idle", queue_inactivity_ms=IDLE_MS)}
+    engine_host = OwnedInProcessHost(shard_count=SHARDS, policies=policies, storage=storage)
+    await engine_host.start()
+    yield engine_host
+    await engine_host.close()
 
 
 @pytest.fixture
@@ -411,3 +433,45 @@ async def test_idle_connections_get_heartbeats(gateway: Gateway, token: Token) -
         while (await response.content.readline()) != b": heartbeat\n":
             pass
     response.close()
+
+
+@pytest.mark.parametrize("route", ["websocket", "sse"])
+async def test_a_watcher_stays_waiting_past_the_inactivity_timeout_and_others_expire(
+    gateway: Gateway, token: Token, route: str
+) -> None:
+    api = await gateway(touch_every_s=TOUCH_EVERY_S)
+    slot = await _slot(api, token, capacity=1, domain="idle")
+    slot_id = str(slot["id"])
+    held = await _reserve(api, token, slot_id, "holder")
+    confirmed = await api.post(
+        f"/api/bookings/{held['booking']['id']}/confirm", headers=token("holder")
+    )
+    assert confirmed.status == 200
+    assert "queue" in await _reserve(api, token, slot_id, "watcher")
+    assert "queue" in await _reserve(api, token, slot_id, "idler")
+
+    async def queue_length() -> int:
+        # The slot's view: reading it is no sign of life of anyone in its queue.
+        response = await api.get(f"/api/slots/{slot_id}", headers=token("viewer"))
+        length: int = (await response.json())["queueLength"]
+        return length
+
+    if route == "websocket":
+        watching: Any = api.ws_connect(f"/ws/queue/{slot_id}?token={_query_token('watcher')}")
+    else:
+        watching = api.get(f"/api/slots/{slot_id}/queue/events", headers=token("watcher"))
+    async with watching as connection:
+        if route == "websocket":
+            assert (await _next(connection))["status"] == "WAITING"
+        else:
+            assert connection.status == 200
+        # The idler joined after the watcher and said nothing since: expired. The
+        # watcher waited longer than the idler, and waits on.
+        await wait_until(queue_length, lambda length: length == 1)
+    position = await api.get(f"/api/slots/{slot_id}/queue/position", headers=token("watcher"))
+    watcher = await position.json()
+    assert (watcher["status"], watcher["position"]) == ("WAITING", 1)
+    idler = await api.get(f"/api/slots/{slot_id}/queue/position", headers=token("idler"))
+    assert (await idler.json())["status"] == "EXPIRED"
+    # Once the watch is closed, nothing keeps the watcher active any more.
+    await wait_until(queue_length, lambda length: length == 0)
