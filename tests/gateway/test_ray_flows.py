@@ -339,6 +339,7 @@ def _booking_body(
         "cancelledBy": cancelled_by,
         "refundPercentage": refund,
         "version": POSITIVE,
+        "extensions": 0,
     }
 
 
