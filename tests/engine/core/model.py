@@ -50,6 +50,7 @@ from engine.core.protocol import (
     CreateSlot,
     DeleteSlot,
     Done,
+    ExtendHold,
     Failure,
     GetBooking,
     GetSlot,
@@ -61,6 +62,7 @@ from engine.core.protocol import (
     QueueMoved,
     QueuePosition,
     QueueResult,
+    ReleaseHold,
     Reserve,
     SlotChanged,
     SlotPage,
@@ -84,6 +86,8 @@ LEGAL_MOVES: Final = frozenset(
         (PENDING, RESERVED),
         (RESERVED, CONFIRMED),
         (RESERVED, EXPIRED),
+        # An extension: the deadline moves on, the status stays.
+        (RESERVED, RESERVED),
         (CONFIRMED, CANCELLED),
         (CONFIRMED, COMPLETED),
     }
@@ -195,6 +199,7 @@ class MBooking:
     reserved_at_ms: int
     final_at_ms: int | None = None
     version: int = 1
+    extensions: int = 0
 
 
 class ShardModel:
@@ -376,6 +381,22 @@ class ShardModel:
             slot.held -= 1
             slot.confirmed += 1
             self.holds.discard(record.id)
+        elif moved == (RESERVED, RESERVED):
+            expect(event.trigger == "extended", f"{record.id} RESERVED again by {event.trigger}")
+            policy = slot.policy
+            expect(
+                booking.extensions < policy.hold_extensions_max
+                and booking.expires_at_ms < slot.start_ms,
+                f"{record.id} extended past its limit or its slot's start",
+            )
+            deadline_ms = min(booking.expires_at_ms + policy.hold_extension_ms, slot.start_ms)
+            expect(
+                record.expires_at_ms == deadline_ms and record.extensions == booking.extensions + 1,
+                f"{record.id} extended to {record.expires_at_ms} (#{record.extensions}),"
+                f" not {deadline_ms} (#{booking.extensions + 1})",
+            )
+            booking.expires_at_ms = deadline_ms
+            booking.extensions = record.extensions
         elif moved == (RESERVED, EXPIRED):
             if event.trigger in ("hold_ttl", "claim_ttl"):
                 expect(booking.expires_at_ms <= self.now_ms, f"{record.id} expired early")
@@ -692,6 +713,27 @@ class ShardModel:
             if booking.status == EXPIRED:
                 return Expected(409, "ReservationExpired")
             return Expected(409, "InvalidTransition")
+        if isinstance(command, ExtendHold):
+            booking = self._booking_for(command.booking_id, command.user_id, as_admin=False)
+            if booking is None:
+                return Expected(404, "NotFound")
+            if booking.status == EXPIRED:
+                return Expected(409, "ReservationExpired")
+            if booking.status != RESERVED:
+                return Expected(409, "InvalidTransition")
+            slot = self.slots[booking.slot_id]
+            if booking.extensions >= slot.policy.hold_extensions_max:
+                return Expected(409, "ExtensionLimitReached")
+            if booking.expires_at_ms >= slot.start_ms:
+                return Expected(409, "HoldAtSlotStart")
+            return Expected(200)
+        if isinstance(command, ReleaseHold):
+            booking = self._booking_for(command.booking_id, command.user_id, as_admin=False)
+            if booking is None:
+                return Expected(404, "NotFound")
+            if booking.status != RESERVED:
+                return Expected(409, "InvalidTransition")
+            return Expected(200)
         if isinstance(command, Cancel):
             booking = self._booking_for(command.booking_id, command.user_id, command.as_admin)
             if booking is None:

@@ -41,6 +41,7 @@ from engine.core.protocol import (
     Confirm,
     CreateSlot,
     DeleteSlot,
+    ExtendHold,
     GetBooking,
     GetSlot,
     JoinQueue,
@@ -49,6 +50,7 @@ from engine.core.protocol import (
     ListSlots,
     QueueChanged,
     QueuePosition,
+    ReleaseHold,
     Reserve,
     SlotResult,
     UpdateSlot,
@@ -62,7 +64,12 @@ START_MS = 1_700_000_000_000
 
 POLICIES = {
     "default": policy(
-        hold_ttl_ms=1_000, claim_ttl_ms=700, queue_size_max=3, queue_inactivity_ms=4_000
+        hold_ttl_ms=1_000,
+        claim_ttl_ms=700,
+        queue_size_max=3,
+        queue_inactivity_ms=4_000,
+        hold_extension_ms=600,
+        hold_extensions_max=2,
     ),
     # Books only 20 s ahead, cancels up to 3 s before the start for half back.
     "strict": policy(
@@ -74,6 +81,7 @@ POLICIES = {
         advance_booking_ms=20_000,
         cancel_allowed_until_ms=3_000,
         refund_percentage=50,
+        hold_extensions_max=0,
     ),
     "noqueue": policy(
         "noqueue",
@@ -344,6 +352,29 @@ class ShardMachine(RuleBasedStateMachine):
         user = owner if by_owner else next(u for u in USERS if u != owner)
         self.run(
             Confirm(
+                request_id=self.h.request_id(),
+                booking_id=booking_id,
+                user_id=user,
+                idempotency_key=key,
+            )
+        )
+
+    @precondition(lambda self: bool(self.booking_ids))
+    @rule(
+        booking=booking_index,
+        by_owner=st.sampled_from((True, True, False)),
+        release=st.booleans(),
+        key=keys,
+    )
+    def extend_or_release(
+        self, booking: int, by_owner: bool, release: bool, key: str | None
+    ) -> None:
+        booking_id = self.booking(booking, "RESERVED")
+        owner = self.owner(booking_id)
+        user = owner if by_owner else next(u for u in USERS if u != owner)
+        kind = ReleaseHold if release else ExtendHold
+        self.run(
+            kind(
                 request_id=self.h.request_id(),
                 booking_id=booking_id,
                 user_id=user,
