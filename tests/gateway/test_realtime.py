@@ -28,7 +28,13 @@ from gateway.auth.issue import issue_token
 from gateway.auth.settings import AuthSettings
 from gateway.auth.verify import Verifier
 from gateway.live.bus import EventBus
-from gateway.live.endpoints import CLOSE_TRY_AGAIN_LATER, LiveConnections, add_realtime
+from gateway.live.endpoints import (
+    CLOSE_TRY_AGAIN_LATER,
+    TOUCH_EVERY_S_MAX,
+    LiveConnections,
+    add_realtime,
+    touch_every_s,
+)
 from tests.conftest import REDIS_URL
 from tests.engine.shell.conftest import wait_until
 from tests.gateway.conftest import SECRET, SHARDS, Token
@@ -475,3 +481,9 @@ async def test_a_watcher_stays_waiting_past_the_inactivity_timeout_and_others_ex
     assert (await idler.json())["status"] == "EXPIRED"
     # Once the watch is closed, nothing keeps the watcher active any more.
     await wait_until(queue_length, lambda length: length == 0)
+
+
+def test_watchers_are_touched_three_times_per_inactivity_timeout_and_at_least_every_30_s() -> None:
+    assert touch_every_s(3_000) == 1.0
+    assert touch_every_s(IDLE_MS) < IDLE_MS / 1000
+    assert touch_every_s(4 * 3_600_000) == TOUCH_EVERY_S_MAX == 30.0
