@@ -140,6 +140,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # None: no notification email is sent (engine/notify/mail.py's Mailer).
     smtp_url: str | None = None
     mail_from: str = MAIL_FROM_DEFAULT
+    # Webhook endpoints may be private, loopback or link-local addresses: for
+    # local setups and tests only (the guard against request forgery is off).
+    webhook_allow_private: bool = False
 
     def __repr__(self) -> str:
         # Settings end up in start-up logs: never print a secret or a password.
@@ -226,6 +229,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         ),
         smtp_url=env.read("SLOTENGINE_SMTP_URL", _smtp_url, shown=_redact_url),
         mail_from=env.read_or("SLOTENGINE_MAIL_FROM", _mail_address, MAIL_FROM_DEFAULT),
+        webhook_allow_private=env.read_or("SLOTENGINE_WEBHOOK_ALLOW_PRIVATE", _boolean, False),
     )
 
 

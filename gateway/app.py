@@ -11,7 +11,7 @@ contract in pyproject.toml holds it):
 - ``gateway.server``: ``slotengine serve``, the deployment around the app;
 - ``gateway.app`` (this module): the application, nothing but its assembly;
 - ``gateway.routes`` (``admin``, ``slots``, ``bookings``, ``queue``,
-  ``contact``), the live
+  ``contact``, ``webhooks``), the live
   updates ``gateway.live`` (``bus``, ``outbox``, ``watches``, ``endpoints``)
   and the operations endpoints ``gateway.observability`` (``metrics``,
   ``sampler``, ``health``, ``endpoints``), none of which imports another;
@@ -42,13 +42,14 @@ from gateway.http import (
     KEYS_KEY,
     LIMITER_KEY,
     VERIFIER_KEY,
+    WEBHOOK_ALLOW_PRIVATE_KEY,
     request_context,
 )
 from gateway.idempotency import KeyRegistry
 from gateway.live.endpoints import add_realtime
 from gateway.openapi import add_openapi
 from gateway.ratelimit import RateLimiter
-from gateway.routes import admin, bookings, contact, queue, slots
+from gateway.routes import admin, bookings, contact, queue, slots, webhooks
 from persistence.sealing import KeyRing
 
 
@@ -63,6 +64,7 @@ def create_app(
     database: asyncpg.Pool | None = None,
     data_keys: KeyRing | None = None,
     entities: Mapping[str, str] | None = None,
+    webhook_allow_private: bool = False,
 ) -> web.Application:
     """The routes of docs/api.md. ``engine`` may come later: set ``app[ENGINE_KEY]`` on startup.
 
@@ -74,6 +76,8 @@ def create_app(
     like the engine, they may be set on startup instead.
     ``entities``: each domain's entityName, which names
     a booking's calendar event (the slot's domain otherwise).
+    ``webhook_allow_private``: webhook endpoints may be private, loopback or
+    link-local addresses (local setups and tests).
     """
     app = web.Application(middlewares=[request_context], client_max_size=BODY_BYTES_MAX)
     app[CORS_ORIGINS_KEY] = frozenset(cors_origins)
@@ -91,6 +95,7 @@ def create_app(
     app[VERIFIER_KEY] = verifier
     app[IDS_KEY] = RequestIds()
     add_token_emails(app)
+    app[WEBHOOK_ALLOW_PRIVATE_KEY] = webhook_allow_private
     add_realtime(app)
     # In this order: aiohttp matches routes in the order they were added.
     admin.add_routes(app)
@@ -98,5 +103,6 @@ def create_app(
     bookings.add_routes(app)
     queue.add_routes(app)
     contact.add_routes(app)
+    webhooks.add_routes(app)
     add_openapi(app, domains)
     return app

@@ -79,6 +79,9 @@ ENTITIES_KEY: Final = web.AppKey("entities", dict[str, str])
 DATABASE_KEY: Final = web.AppKey("database", asyncpg.Pool)
 # The data keys that seal contact details and webhook secrets at rest.
 DATA_KEYS_KEY: Final = web.AppKey("data_keys", KeyRing)
+# Whether a webhook endpoint may be a private, loopback or link-local address
+# (SLOTENGINE_WEBHOOK_ALLOW_PRIVATE: local setups and tests only).
+WEBHOOK_ALLOW_PRIVATE_KEY: Final = web.AppKey("webhook_allow_private", bool)
 # The error code of an answer, kept on the response for the request log.
 ERROR_CODE: Final = web.ResponseKey("error_code", str)
 # The document a JSON answer was encoded from, so that what reads the answer

@@ -99,6 +99,14 @@ _SLOT_TIMES = (
 )
 _SLOT = "/api/slots/{slotId}"
 _BOOKING = "/api/bookings/{bookingId}"
+_WEBHOOK = "/api/admin/webhooks/{endpointId}"
+_DELIVERY_STATUSES = get_args(s.DeliveryStatusName)
+# What a webhook endpoint must be beyond its schema: its host is resolved.
+_WEBHOOK_RULES = (
+    "Validation error: an unknown event type, a secret that is not whsec_ and the base64"
+    " of 24 to 64 bytes, or a URL whose host does not resolve or is (or resolves to) a"
+    " private, loopback, link-local or reserved address"
+)
 
 
 # Where a link leads: the operation and the id it takes (a path or query
@@ -113,6 +121,8 @@ _TARGETS: Final = {
     "LeaveQueue": ("delete", _SLOT + "/queue", "slotId"),
     "QueueEvents": ("get", _SLOT + "/queue/events", "slotId"),
     "GetBooking": ("get", _BOOKING, "bookingId"),
+    "DeleteWebhook": ("delete", _WEBHOOK, "endpointId"),
+    "WebhookDeliveries": ("get", _WEBHOOK + "/deliveries", "endpointId"),
     "Confirm": ("post", _BOOKING + "/confirm", "bookingId"),
     "Cancel": ("post", _BOOKING + "/cancel", "bookingId"),
     "Calendar": ("get", _BOOKING + "/calendar.ics", "bookingId"),
@@ -256,6 +266,25 @@ OPERATIONS: Final[tuple[Operation, ...]] = (
     Operation("get", "/ws/bookings", "Live changes of the caller's bookings (WebSocket)", "user",
               None, {101: None}, (400, 401, 403, 422, 429, 503), query=(_USER_QUERY,),
               live="websocket"),
+    Operation("post", "/api/admin/webhooks", "Register a webhook endpoint", "admin",
+              s.CreateWebhookBody, {201: s.CreatedWebhookEndpointOut},
+              (400, 401, 403, 413, 422, 503),
+              notes={201: "Created: the endpoint, with its signing secret (answered only here)",
+                     422: _WEBHOOK_RULES},
+              links=_links(201, ("WebhookDeliveries", "DeleteWebhook"),
+                           endpointId="$response.body#/id")),
+    Operation("get", "/api/admin/webhooks", "List webhook endpoints", "admin", None,
+              {200: s.WebhookEndpointPageOut}, (401, 403, 503)),
+    Operation("delete", _WEBHOOK, "Delete a webhook endpoint", "admin", None,
+              {204: None}, (401, 403, 404, 503)),
+    Operation("get", _WEBHOOK + "/deliveries", "A webhook endpoint's deliveries", "admin",
+              None, {200: s.DeliveryPageOut}, (401, 403, 404, 422, 503),
+              query=(("status", _enum(_DELIVERY_STATUSES), "only deliveries in this status"),
+                     *_PAGE_QUERY)),
+    Operation("post", "/api/admin/deliveries/{deliveryId}/redeliver", "Send a delivery again",
+              "admin", None, {202: None}, (401, 403, 404, 503),
+              notes={202: "Accepted: the delivery is pending again, due now, its attempts"
+                          " counted from zero"}),
 )  # fmt: skip
 
 # The messages of the live routes, by their ``type``.

@@ -20,6 +20,7 @@ import msgspec
 from engine.core import limits
 from engine.core.records import Booking, QueueView, SlotView
 from engine.core.storable import NUMBER_BOUND, metadata_problem
+from engine.notify.events import ALL_EVENTS, EVENT_TYPES
 from persistence.contacts import EMAIL_CHARS_MAX, EMAIL_PATTERN, plausible_email
 
 # Every string a client sends is stored by PostgreSQL, which refuses U+0000
@@ -228,6 +229,46 @@ class ContactBody(_Body, frozen=True):
         # The message never repeats the address: it is personal data.
         if not plausible_email(self.email):
             raise ValueError(f"{EMAIL_MESSAGE} characters - at `$.email`")
+# A webhook endpoint's URL: http or https (what else it must be, the gateway checks
+# by resolving its host), at most WEBHOOK_URL_CHARS_MAX characters.
+WEBHOOK_URL_CHARS_MAX: Final = 2048
+WEBHOOK_URL_PATTERN: Final = "^[Hh][Tt][Tt][Pp][Ss]?://[^\\u0000]+$"
+WebhookUrl = Annotated[
+    str,
+    msgspec.Meta(
+        min_length=1,
+        max_length=WEBHOOK_URL_CHARS_MAX,
+        pattern=WEBHOOK_URL_PATTERN,
+        description="an http or https URL whose host is not a private, loopback or"
+        " link-local address (unless the server allows private addresses)",
+    ),
+]
+# An event type an endpoint subscribes to, or "*" for all of them.
+EventName = Annotated[str, msgspec.Meta(extra_json_schema={"enum": [*EVENT_TYPES, ALL_EVENTS]})]
+# A client-given secret: "whsec_" and the base64 of 24 to 64 bytes.
+WEBHOOK_SECRET_PATTERN: Final = "^whsec_[A-Za-z0-9+/]+={0,2}$"
+WebhookSecret = Annotated[
+    str,
+    msgspec.Meta(
+        pattern=WEBHOOK_SECRET_PATTERN,
+        min_length=6 + 32,
+        max_length=6 + 88,
+        description="whsec_ and the base64 of 24 to 64 random bytes",
+    ),
+]
+_EVENT_NAMES: Final = frozenset((*EVENT_TYPES, ALL_EVENTS))
+
+
+class CreateWebhookBody(_Body, frozen=True):
+    url: WebhookUrl
+    events: Annotated[list[EventName], msgspec.Meta(min_length=1, max_length=64)]
+    # None: the server makes one (and answers it once, on creation).
+    secret: WebhookSecret | None = None
+
+    def __post_init__(self) -> None:
+        for index, name in enumerate(self.events):
+            if name not in _EVENT_NAMES:
+                raise ValueError(f"not an event type - at `$.events[{index}]`")
 
 
 # -- responses ------------------------------------------------------------------
@@ -309,6 +350,43 @@ class ContactOut(_Out, frozen=True):
     # "token": the token's email claim; "api": set with PUT /api/me/contact.
     source: Literal["token", "api"]
     updated_at: Stamp
+class WebhookEndpointOut(_Out, frozen=True):
+    id: str
+    url: str
+    events: list[str]
+    created_at: Stamp
+
+
+class CreatedWebhookEndpointOut(WebhookEndpointOut, frozen=True):
+    """An endpoint as its creation answers it: the only answer with its secret."""
+
+    secret: str
+
+
+class WebhookEndpointPageOut(_Out, frozen=True):
+    items: list[WebhookEndpointOut]
+    next_cursor: str | None
+
+
+DeliveryStatusName = Literal["pending", "delivered", "failed", "dead"]
+
+
+class DeliveryOut(_Out, frozen=True):
+    id: str
+    event_id: str
+    event_type: str
+    channel: Literal["webhook", "email"]
+    status: DeliveryStatusName
+    attempts: int
+    last_error: str | None
+    next_attempt_at: Stamp
+    created_at: Stamp
+    delivered_at: Stamp | None
+
+
+class DeliveryPageOut(_Out, frozen=True):
+    items: list[DeliveryOut]
+    next_cursor: str | None
 
 
 class ErrorOut(msgspec.Struct, omit_defaults=True, kw_only=True, frozen=True):

@@ -481,6 +481,7 @@ def build_app(
         domains=list(policies),
         data_keys=data_keys,
         entities={name: policy.entity_name for name, policy in policies.items()},
+        webhook_allow_private=settings.webhook_allow_private,
     )
     # The engine, its transport and the service URLs arrive on startup (engine_context).
     add_observability(app, engine=None, transport=None, database_url=None, redis_url=None)
