@@ -161,12 +161,26 @@ def encode_cursor(delivery: Delivery) -> str:
     return f"{delivery.created_at_ms}.{delivery.id}"
 
 
-def decode_cursor(cursor: str) -> tuple[int, str]:
-    """A cursor's position; ``ValueError`` when it is not ``<integer>.<id>``."""
+def decode_cursor(cursor: str) -> tuple[int, str, bool]:
+    """A cursor's position: its sort key, its id and whether a delivery of that
+    very id is after it; ``ValueError`` when it is not ``<integer>.<id>``.
+
+    Any id is a position, even one no row can have: text PostgreSQL refuses
+    (U+0000, a lone surrogate) is cut before its first such character, and a
+    row of the id that is left comes after the position (``abc`` sorts before
+    ``abc`` followed by anything).
+    """
     order, dot, delivery_id = cursor.partition(".")
     if not dot:
         raise ValueError("a cursor is <integer>.<id>")
-    return int(order), delivery_id
+    cut = next((i for i, c in enumerate(delivery_id) if c == "\x00" or _surrogate(c)), None)
+    if cut is None:
+        return int(order), delivery_id, False
+    return int(order), delivery_id[:cut], True
+
+
+def _surrogate(char: str) -> bool:
+    return "\ud800" <= char <= "\udfff"
 
 
 _DELIVERY_COLUMNS: Final = (
@@ -186,11 +200,12 @@ async def list_deliveries(
     most, after ``cursor`` (none or empty: the first page), and the next page's
     cursor (None: this is the last page)."""
     position = decode_cursor(cursor) if cursor else None
+    after = "<=" if position is not None and position[2] else "<"
     rows = await pool.fetch(
         f"SELECT {_DELIVERY_COLUMNS} FROM deliveries"
         " WHERE channel = 'webhook' AND endpoint_id = $1"
         " AND ($2::text IS NULL OR status = $2)"
-        " AND ($3::bigint IS NULL OR (created_at_ms, id) < ($3, $4::text))"
+        f" AND ($3::bigint IS NULL OR (created_at_ms, id) {after} ($3, $4::text))"
         " ORDER BY created_at_ms DESC, id DESC LIMIT $5",
         endpoint_id,
         status,

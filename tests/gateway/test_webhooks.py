@@ -232,6 +232,9 @@ async def test_deliveries_are_listed_by_status_in_pages(
         assert bad.status == 422, params
         assert field in (await bad.json())["details"]
     assert (await api.get(f"{WEBHOOKS}/we_unknown/deliveries", headers=admin)).status == 404
+    odd = await api.get(f"{path}?cursor=-1.%00%C3%AC", headers=admin)
+    assert odd.status == 200
+    assert await odd.json() == {"items": [], "nextCursor": None}
 
 
 async def test_a_redelivery_resets_the_delivery(

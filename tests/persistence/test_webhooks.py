@@ -127,6 +127,29 @@ async def test_deliveries_are_listed_newest_first_in_pages_without_loss(
     assert cursor is None
 
 
+async def test_any_cursor_is_a_position_even_one_no_id_can_have(
+    pool: asyncpg.Pool, ring: KeyRing
+) -> None:
+    endpoint = await stored.create_endpoint(
+        pool, ring, "https://a.example/", ["*"], new_secret(), NOW
+    )
+    for delivery_id in ("dlv_a", "dlv_b", "dlv_c"):
+        await insert_delivery(pool, endpoint.id, created_at_ms=NOW, id=delivery_id)
+    for cursor, expected in (
+        (f"{NOW}.dlv_b", ["dlv_a"]),
+        (f"{NOW}.dlv_b\x00x", ["dlv_b", "dlv_a"]),
+        (f"{NOW}.dlv_b\ud800", ["dlv_b", "dlv_a"]),
+        (f"{NOW}.\x00", []),
+        (f"{NOW + 1}.\x00", ["dlv_c", "dlv_b", "dlv_a"]),
+        ("-5.", []),
+        (f"{NOW}.zzz", ["dlv_c", "dlv_b", "dlv_a"]),
+    ):
+        items, _ = await stored.list_deliveries(pool, endpoint.id, None, cursor, 10)
+        assert [d.id for d in items] == expected, cursor
+    with pytest.raises(ValueError):
+        await stored.list_deliveries(pool, endpoint.id, None, "12", 10)
+
+
 async def test_redelivery_makes_a_delivery_pending_and_due_from_its_first_attempt(
     pool: asyncpg.Pool, ring: KeyRing
 ) -> None:
