@@ -229,6 +229,8 @@ class ContactBody(_Body, frozen=True):
         # The message never repeats the address: it is personal data.
         if not plausible_email(self.email):
             raise ValueError(f"{EMAIL_MESSAGE} characters - at `$.email`")
+
+
 # A webhook endpoint's URL: http or https (what else it must be, the gateway checks
 # by resolving its host), at most WEBHOOK_URL_CHARS_MAX characters.
 WEBHOOK_URL_CHARS_MAX: Final = 2048
@@ -350,6 +352,8 @@ class ContactOut(_Out, frozen=True):
     # "token": the token's email claim; "api": set with PUT /api/me/contact.
     source: Literal["token", "api"]
     updated_at: Stamp
+
+
 class WebhookEndpointOut(_Out, frozen=True):
     id: str
     url: str

@@ -36,8 +36,9 @@ import asyncpg
 import msgspec
 
 from engine.core.protocol import AnyEvent
-from engine.notify.events import ALL_EVENTS, Notification, notifications
+from engine.notify.events import ALL_EVENTS
 from engine.notify.metrics import NotifyMetrics
+from engine.notify.notifications import Notification, notifications
 from gateway.schemas import rfc3339
 from persistence import deliveries as store
 from persistence.deliveries import ClaimedDelivery, DeliveryResult, NewDelivery

@@ -15,7 +15,8 @@ import pytest
 
 from engine.core import protocol as p
 from engine.core.protocol import AnyEvent
-from engine.notify.events import EVENT_TYPES, notifications
+from engine.notify.events import EVENT_TYPES
+from engine.notify.notifications import notifications
 from engine.notify.worker import DeliveryWorker, WorkerOptions
 from engine.shell.clock import SystemClock
 from persistence.deliveries import ClaimedDelivery
