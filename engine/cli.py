@@ -123,6 +123,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="stop the embedded PostgreSQL and Redis when the server exits (by default they "
         "keep running, so a restart is instant; `slotengine services stop` stops them)",
     )
+    serve_parser.add_argument(
+        "--no-notify",
+        dest="notify",
+        action="store_false",
+        help="run no delivery worker of the notifications here (run `slotengine notify` "
+        "elsewhere; by default serve runs one)",
+    )
     serve_parser.set_defaults(run=_serve)
 
     services_parser = commands.add_parser(
@@ -191,6 +198,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     reseal_parser.set_defaults(run=_data_key_reseal)
 
+    notify_parser = commands.add_parser(
+        "notify",
+        help="run a delivery worker of the notifications (webhooks, email)",
+        description="Deliver the transactional outbox's events until SIGINT or SIGTERM: "
+        "fan them out into deliveries and send them, retrying on the schedule "
+        "(SLOTENGINE_DELIVERY_RETRY_SECONDS). Any number may run at once, on any machine; "
+        "`slotengine serve` runs one unless --no-notify. Needs the deployment's "
+        "DATABASE_URL and SLOTENGINE_DATA_KEY (or its data dir's key).",
+    )
+    notify_parser.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        help="serve the worker's Prometheus metrics on this port (/metrics) [none]",
+    )
+    notify_parser.set_defaults(run=_notify)
+
     token_parser = commands.add_parser(
         "token",
         help="print a JWT signed with the configured secret (development and tests)",
@@ -219,6 +243,7 @@ def _serve(args: argparse.Namespace) -> int:
                 engine=args.engine,
                 workers=args.workers,
                 stop_services_on_exit=args.stop_services_on_exit,
+                notify=args.notify,
             ),
         )
     except (_Unusable, ConfigError, EngineStartFailed) as error:
@@ -385,6 +410,29 @@ async def _reseal(database_url: str, ring: "KeyRing") -> int:
         return await reseal(pool, ring)
     finally:
         await pool.close()
+
+
+def _notify(args: argparse.Namespace) -> int:
+    from config.settings import ConfigError
+    from persistence.sealing import load_key_ring
+
+    try:
+        settings = _settings()
+        if not settings.notifications:
+            raise _Unusable("SLOTENGINE_NOTIFICATIONS is false: there is nothing to deliver")
+        ring = load_key_ring(settings.data_key, settings.data_dir)
+        database_url, _ = _service_urls(settings, need_redis=False)
+    except (_Unusable, ConfigError) as error:
+        return _fail("notify", error, EXIT_UNUSABLE)
+    from engine.notify.service import run_until_stopped
+
+    try:
+        run_until_stopped(settings, database_url, ring, args.metrics_port)
+    except _connect_errors() as error:
+        return _fail(
+            "notify", f"cannot reach the database: {type(error).__name__}: {error}", EXIT_UNUSABLE
+        )
+    return EXIT_OK
 
 
 def _non_negative(raw: str) -> int:

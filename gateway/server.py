@@ -22,6 +22,7 @@ It must never handle a request itself: every route is the app's
 
 import asyncio
 import contextlib
+import dataclasses
 import errno
 import functools
 import logging
@@ -153,6 +154,8 @@ class ServeOptions:
     workers: int
     # Stop the embedded PostgreSQL and Redis (those with no URL configured) on exit.
     stop_services_on_exit: bool = False
+    # Run a delivery worker of the notifications (in the first gateway process).
+    notify: bool = True
 
 
 def check_options(options: ServeOptions) -> None:
@@ -340,6 +343,7 @@ def build_app(
     engine_socket: str | None = None,
     stop_services_on_exit: bool = False,
     data_keys: KeyRing | None = None,
+    notify: bool = False,
 ) -> web.Application:
     """The application with its engine started on startup and stopped on cleanup.
 
@@ -349,6 +353,8 @@ def build_app(
     embedded services; the caller stops them.
     ``data_keys``: the key ring sealing contact details (without it, the
     contact routes answer 503).
+    ``notify``: run a delivery worker of the notifications beside the gateway
+    (with ``data_keys``, and unless SLOTENGINE_NOTIFICATIONS is off).
     """
     verifier = Verifier(auth)
 
@@ -450,6 +456,16 @@ def build_app(
         database = app[DATABASE_KEY] = await asyncpg.create_pool(
             storage.database_url, min_size=1, max_size=DATABASE_POOL_MAX
         )
+        notifier = None
+        if notify and settings.notifications and data_keys is not None:
+            from engine.notify.service import start_notifier
+
+            notifier = await start_notifier(
+                settings,
+                storage.database_url,
+                data_keys,
+                app[OBSERVABILITY_KEY].metrics.registry,
+            )
         following = asyncio.get_running_loop().create_task(
             follow_the_map(client, live), name="follow-the-map"
         )
@@ -471,6 +487,9 @@ def build_app(
         await redis_client.aclose()
         # The in-process shards, the engine socket or the links to the actors' sockets.
         await transport.close()
+        if notifier is not None:
+            # After the engine: what it committed last is delivered by the next worker.
+            await notifier.close()
         await database.close()
 
     policies = load_policies(settings)
@@ -545,7 +564,11 @@ def _serve_workers(
     # Every engine process started, the latest last (it is started again if it dies).
     engines: list[Any] = []
     processes = [
-        _spawn(_run_worker, (settings, auth, limits, options, engine_socket), f"gateway-{n}")
+        _spawn(
+            _run_worker,
+            (settings, auth, limits, _nth_worker(options, n), engine_socket),
+            f"gateway-{n}",
+        )
         for n in range(options.workers)
     ]
     try:
@@ -574,6 +597,11 @@ def _serve_workers(
         if engine_socket is not None:
             # With the socket, if a killed engine process left it behind.
             shutil.rmtree(os.path.dirname(engine_socket), ignore_errors=True)
+
+
+def _nth_worker(options: ServeOptions, n: int) -> ServeOptions:
+    """The options of gateway process ``n``: the server's one delivery worker is the first's."""
+    return dataclasses.replace(options, notify=options.notify and n == 0)
 
 
 def _spawn(target: Any, args: tuple[Any, ...], name: str) -> Any:
@@ -706,6 +734,7 @@ def _run_worker(
         # Read again (the key ring cannot cross to a worker process): checked
         # and, when generated, made by serve() already.
         load_key_ring(settings.data_key, settings.data_dir),
+        notify=options.notify,
     )
     # Each live connection is some hundred tracked objects: with the default
     # thresholds a full collection stalls a busy gateway for most of a second.

@@ -1,0 +1,145 @@
+"""The delivery channels: a signed webhook POST, an email over SMTP.
+
+Each sends one claimed delivery and answers None when it was received, else
+why not in a few words (a delivery's ``last_error``): never an exception for
+what a receiver did, never a secret or an address in the answer.
+
+It must never decide whether to retry (the worker does) nor cache a secret or
+an address longer than a second: an endpoint deleted or a contact erased
+stops being used within that.
+"""
+
+import asyncio
+import itertools
+import time
+from email.message import EmailMessage
+from typing import Any, Final
+
+import aiohttp
+import asyncpg
+import msgspec
+from persistence.webhooks import EndpointTarget, endpoint_secrets
+
+from engine.notify.mail import Mailer, MailError, Templates, render
+from engine.notify.webhooks import guarded_connector, post_webhook, webhook_headers
+from persistence.contacts import contact_emails
+from persistence.deliveries import ClaimedDelivery
+from persistence.sealing import KeyRing
+
+# A receiver answers a webhook within this, or the attempt fails.
+WEBHOOK_TIMEOUT_S: Final = 10.0
+# Endpoints (their URLs and secrets) are read again at most this often.
+ENDPOINTS_FRESH_S: Final = 1.0
+# Webhook connections kept open at once, over all endpoints.
+WEBHOOK_CONNECTIONS_MAX: Final = 256
+# SMTP connections of one worker, each sending one message at a time.
+SMTP_CONNECTIONS: Final = 4
+
+_decode = msgspec.json.Decoder().decode
+
+
+class WebhookChannel:
+    """POSTs a delivery's body to its endpoint, signed per Standard Webhooks."""
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        ring: KeyRing,
+        *,
+        allow_private: bool,
+        timeout_s: float = WEBHOOK_TIMEOUT_S,
+    ) -> None:
+        self._pool = pool
+        self._ring = ring
+        self._allow_private = allow_private
+        self._timeout_s = timeout_s
+        self._session: aiohttp.ClientSession | None = None
+        self._endpoints: dict[str, EndpointTarget] = {}
+        self._read_at = -ENDPOINTS_FRESH_S
+        self._reading: asyncio.Lock = asyncio.Lock()
+
+    async def _endpoint(self, endpoint_id: str) -> EndpointTarget | None:
+        if time.monotonic() - self._read_at >= ENDPOINTS_FRESH_S:
+            async with self._reading:
+                if time.monotonic() - self._read_at >= ENDPOINTS_FRESH_S:
+                    async with self._pool.acquire() as connection:
+                        targets = await endpoint_secrets(connection, self._ring)
+                    self._endpoints = {target.id: target for target in targets}
+                    self._read_at = time.monotonic()
+        return self._endpoints.get(endpoint_id)
+
+    async def send(self, delivery: ClaimedDelivery) -> str | None:
+        assert delivery.endpoint_id is not None
+        endpoint = await self._endpoint(delivery.endpoint_id)
+        if endpoint is None:
+            return "the endpoint was deleted"
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                connector=guarded_connector(
+                    allow_private=self._allow_private, limit=WEBHOOK_CONNECTIONS_MAX
+                )
+            )
+        headers = webhook_headers(
+            endpoint.secret, delivery.event_id, int(time.time()), delivery.body
+        )
+        return await post_webhook(
+            self._session, endpoint.url, headers, delivery.body, self._timeout_s
+        )
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+
+class EmailChannel:
+    """Renders a delivery's facts with the domain's templates and sends it over SMTP,
+    on a few connections at once (each SMTP connection is one conversation)."""
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        ring: KeyRing,
+        smtp_url: str,
+        mail_from: str,
+        templates: Templates,
+        *,
+        connections: int = SMTP_CONNECTIONS,
+    ) -> None:
+        self._pool = pool
+        self._ring = ring
+        self._mail_from = mail_from
+        self._mailers = [Mailer(smtp_url, mail_from) for _ in range(connections)]
+        self._next = itertools.cycle(self._mailers)
+        self._templates = templates
+
+    async def send(self, delivery: ClaimedDelivery) -> str | None:
+        assert delivery.user_id is not None
+        async with self._pool.acquire() as connection:
+            found = await contact_emails(connection, self._ring, [delivery.user_id])
+        address = found.get(delivery.user_id)
+        if address is None:
+            return "the user has no contact address (erased)"
+        facts: dict[str, Any] = _decode(delivery.body)
+        message: EmailMessage | None = render(
+            self._templates,
+            domain=facts["domain"],
+            event_type=facts["type"],
+            data=facts["data"],
+            slot=facts.get("slot"),
+            to=address,
+            mail_from=self._mail_from,
+        )
+        if message is None:
+            return None  # nothing to say for this event: done
+        # Receivers and support staff find the event (the webhook-id) by it.
+        message["X-Slotengine-Event-Id"] = delivery.event_id
+        try:
+            await next(self._next).send(message)
+        except MailError as error:
+            return str(error)
+        return None
+
+    async def close(self) -> None:
+        for mailer in self._mailers:
+            await mailer.close()
