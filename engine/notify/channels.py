@@ -18,13 +18,13 @@ from typing import Any, Final
 import aiohttp
 import asyncpg
 import msgspec
-from persistence.webhooks import EndpointTarget, endpoint_secrets
 
 from engine.notify.mail import Mailer, MailError, Templates, render
 from engine.notify.webhooks import guarded_connector, post_webhook, webhook_headers
 from persistence.contacts import contact_emails
 from persistence.deliveries import ClaimedDelivery
 from persistence.sealing import KeyRing
+from persistence.webhooks import EndpointTarget, endpoint_secrets
 
 # A receiver answers a webhook within this, or the attempt fails.
 WEBHOOK_TIMEOUT_S: Final = 10.0
@@ -33,7 +33,7 @@ ENDPOINTS_FRESH_S: Final = 1.0
 # Webhook connections kept open at once, over all endpoints.
 WEBHOOK_CONNECTIONS_MAX: Final = 256
 # SMTP connections of one worker, each sending one message at a time.
-SMTP_CONNECTIONS: Final = 4
+SMTP_CONNECTIONS: Final = 8
 
 _decode = msgspec.json.Decoder().decode
 
@@ -67,6 +67,9 @@ class WebhookChannel:
                     self._endpoints = {target.id: target for target in targets}
                     self._read_at = time.monotonic()
         return self._endpoints.get(endpoint_id)
+
+    async def prepare(self, deliveries: list[ClaimedDelivery]) -> None:
+        await self._endpoint("")  # read the endpoints once for the round, if stale
 
     async def send(self, delivery: ClaimedDelivery) -> str | None:
         assert delivery.endpoint_id is not None
@@ -112,12 +115,26 @@ class EmailChannel:
         self._mailers = [Mailer(smtp_url, mail_from) for _ in range(connections)]
         self._next = itertools.cycle(self._mailers)
         self._templates = templates
+        # Delivery id -> the address ``prepare`` read for it (None: none), until sent.
+        self._addresses: dict[str, str | None] = {}
+
+    async def prepare(self, deliveries: list[ClaimedDelivery]) -> None:
+        """Read the round's addresses in one query (kept for this round only)."""
+        users = sorted({d.user_id for d in deliveries if d.user_id is not None})
+        async with self._pool.acquire() as connection:
+            found = await contact_emails(connection, self._ring, users)
+        for delivery in deliveries:
+            if delivery.user_id is not None:
+                self._addresses[delivery.id] = found.get(delivery.user_id)
 
     async def send(self, delivery: ClaimedDelivery) -> str | None:
         assert delivery.user_id is not None
-        async with self._pool.acquire() as connection:
-            found = await contact_emails(connection, self._ring, [delivery.user_id])
-        address = found.get(delivery.user_id)
+        if delivery.id in self._addresses:
+            address = self._addresses.pop(delivery.id)
+        else:
+            async with self._pool.acquire() as connection:
+                found = await contact_emails(connection, self._ring, [delivery.user_id])
+            address = found.get(delivery.user_id)
         if address is None:
             return "the user has no contact address (erased)"
         facts: dict[str, Any] = _decode(delivery.body)

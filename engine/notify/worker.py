@@ -61,7 +61,12 @@ _json = msgspec.json.Encoder()
 
 
 class Channel(Protocol):
-    """Sends one claimed delivery: None when it was received, else why not (short text)."""
+    """Sends one claimed delivery: None when it was received, else why not (short text).
+
+    ``prepare`` is told of each round's deliveries of the channel before they
+    are sent, so that what they need is read once for all of them."""
+
+    async def prepare(self, deliveries: list[ClaimedDelivery]) -> None: ...
 
     async def send(self, delivery: ClaimedDelivery) -> str | None: ...
 
@@ -73,9 +78,12 @@ class WorkerOptions:
     poll_s: float = 0.1
     # Outbox batches fanned out per transaction, deliveries claimed per round.
     batch_limit: int = 100
-    claim_limit: int = 500
-    # Deliveries in flight at once.
-    concurrency: int = 128
+    claim_limit: int = 200
+    # Delivery rounds under way at once: a round's slow deliveries (an SMTP server,
+    # a receiver taking its time) do not hold the next round back.
+    delivery_loops: int = 4
+    # Deliveries in flight at once, over all rounds.
+    concurrency: int = 256
     # Longer than any channel's timeout (webhook 10 s, SMTP 10 s) with room to record.
     lease_s: float = 60.0
     # Delivered deliveries and dispatched batches are purged after this.
@@ -229,6 +237,11 @@ class DeliveryWorker:
             )
         if not claimed:
             return 0
+        for name, channel in self._channels.items():
+            mine = [d for d in claimed if d.channel == name]
+            if mine:
+                with contextlib.suppress(OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+                    await channel.prepare(mine)  # else each send reads for itself
         results = await asyncio.gather(*(self._attempt(d) for d in claimed))
         async with self._pool.acquire() as connection:
             held = await store.record_results(connection, list(results))
@@ -281,7 +294,10 @@ class DeliveryWorker:
         """Dispatch and deliver until ``stop`` is set; a database outage is waited out."""
         tasks = [
             asyncio.create_task(self._loop(self.dispatch_once, stop), name="notify-dispatch"),
-            asyncio.create_task(self._loop(self.deliver_once, stop), name="notify-deliver"),
+            *(
+                asyncio.create_task(self._loop(self.deliver_once, stop), name=f"notify-deliver-{n}")
+                for n in range(self.options.delivery_loops)
+            ),
             asyncio.create_task(self._housekeeping(stop), name="notify-housekeeping"),
         ]
         try:

@@ -34,6 +34,9 @@ class Recording:
         self.failures = failures
         self.sent: list[ClaimedDelivery] = []
 
+    async def prepare(self, deliveries: list[ClaimedDelivery]) -> None:
+        pass
+
     async def send(self, delivery: ClaimedDelivery) -> str | None:
         self.sent.append(delivery)
         return "HTTP 500" if delivery.attempt <= self.failures else None
