@@ -30,7 +30,7 @@ import subprocess
 import sys
 import time
 from collections import Counter, defaultdict
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -159,8 +159,15 @@ def _free_port() -> int:
 
 
 @contextlib.asynccontextmanager
-async def target(args: argparse.Namespace, run_name: str) -> AsyncIterator[Target]:
-    """The server under test, started (and stopped) here unless ``--url`` names one."""
+async def target(
+    args: argparse.Namespace,
+    run_name: str,
+    extra_env: Mapping[str, str] | None = None,
+    extra_args: Sequence[str] = (),
+) -> AsyncIterator[Target]:
+    """The server under test, started (and stopped) here unless ``--url`` names one;
+    ``extra_env``, ``extra_args``: settings and ``serve`` options of the started
+    server beyond the bench's own."""
     if args.url:
         host = urlsplit(args.url).hostname
         if host not in LOOPBACK_HOSTS:
@@ -190,9 +197,10 @@ async def target(args: argparse.Namespace, run_name: str) -> AsyncIterator[Targe
         "SLOTENGINE_SHARDS": str(shard_count(args)),
         # One log line per request would be part of what is measured.
         "SLOTENGINE_LOG_LEVEL": os.environ.get("SLOTENGINE_LOG_LEVEL", "warning"),
+        **(extra_env or {}),
     }
     command = [sys.executable, "-m", "engine.cli", "serve", "--port", str(port),
-               "--engine", args.engine, "--workers", str(args.workers)]  # fmt: skip
+               "--engine", args.engine, "--workers", str(args.workers), *extra_args]  # fmt: skip
     with log_path.open("wb") as log:
         server = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
     found = Target(f"http://127.0.0.1:{port}", secret, bench_url, server, log_path, redis_url)

@@ -29,6 +29,7 @@ run behind unless ``--keep-database`` asks.
 import argparse
 import asyncio
 import collections
+import contextlib
 import math
 import random
 import secrets
@@ -44,6 +45,7 @@ from bench import _cpu
 from bench import _http as h
 from bench._machine import calibration_ms
 from bench._progress import Progress, progress_bar
+from bench._receivers import Received, webhook_receiver
 from bench._report import add_report_argument, write_report
 from bench._wire import Connection, WireError
 
@@ -81,6 +83,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=1,
         help="with several engines: how many times each runs, in turns (ray, inproc, ray, ...)",
     )
+    parser.add_argument(
+        "--notifications",
+        type=_notification_modes,
+        default="",
+        help="on: a webhook endpoint subscribed to every event, on a local receiver, gets "
+        "every change; off: SLOTENGINE_NOTIFICATIONS=false (no outbox); on,off: both, in "
+        "turns, compared [the server's defaults: outbox and worker on, no endpoint]",
+    )
     parser.add_argument("--rate", type=float, default=5_000, help="requests/s offered")
     parser.add_argument("--clients", type=int, default=0, help="closed loop with C clients")
     parser.add_argument("--seconds", type=float, default=30.0, help="measured window")
@@ -95,6 +105,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--users", type=int, default=20_000, help="the user pool")
     parser.add_argument("--seed", type=int, default=1)
     add_report_argument(parser)
+
+
+NOTIFICATION_MODES = ("on", "off")
+
+
+def _notification_modes(value: str) -> str:
+    names = [name.strip() for name in value.split(",") if name.strip()]
+    if any(name not in NOTIFICATION_MODES for name in names) or len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(f"{value!r}: on, off, or on,off")
+    return ",".join(names)
 
 
 class User:
@@ -348,12 +368,39 @@ async def _closed_loop(mixed: Mixed, clients: int, warmup_s: float, seconds_s: f
 
 
 async def _run_one(args: argparse.Namespace) -> dict[str, Any]:
+    mode = args.notifications or None
+    received = Received()
+    async with contextlib.AsyncExitStack() as stack:
+        env: dict[str, str] = {}
+        hook_url = None
+        if mode == "on":
+            hook_url = await stack.enter_async_context(webhook_receiver(received))
+            env = {"SLOTENGINE_NOTIFICATIONS": "true", "SLOTENGINE_WEBHOOK_ALLOW_PRIVATE": "true"}
+        elif mode == "off":
+            env = {"SLOTENGINE_NOTIFICATIONS": "false"}
+        result = await _measure(args, env, hook_url)
+    result["notifications"] = mode
+    if mode == "on":
+        result["webhooks_received"] = len(received.webhooks)
+    return result
+
+
+async def _measure(
+    args: argparse.Namespace, env: dict[str, str], hook_url: str | None
+) -> dict[str, Any]:
     run_name = f"mixed_{secrets.token_hex(4)}"
-    async with h.target(args, run_name) as target:
+    async with h.target(args, run_name, env) as target:
         connector = aiohttp.TCPConnector(limit=CONNECTIONS_MAX, limit_per_host=CONNECTIONS_MAX)
         async with aiohttp.ClientSession(
             connector=connector, timeout=aiohttp.ClientTimeout(total=30)
         ) as session:
+            if hook_url is not None:
+                async with session.post(
+                    f"{target.base}/api/admin/webhooks",
+                    headers=target.headers("bench", "admin"),
+                    json={"url": hook_url, "events": ["*"]},
+                ) as created:
+                    assert created.status == 201, await created.text()
             slots = await _create_slots(session, target, args.slots, args.capacity)
             users = [
                 User(f"mixed-{n}", target.token(f"mixed-{n}").encode()) for n in range(args.users)
@@ -444,12 +491,21 @@ def _cpu_watch(target: h.Target) -> _cpu.CpuByRole:
     )
 
 
+def _variant(engine: str, mode: str, engines: int, modes: int) -> str:
+    """A run's name in a comparison: what differs between the runs."""
+    if modes == 1:
+        return engine
+    named = f"notifications {mode}"
+    return named if engines == 1 else f"{engine}, {named}"
+
+
 def _compare(runs: list[dict[str, Any]], engines: list[str]) -> dict[str, Any]:
-    """Each engine's throughput over its runs, and every other engine's against the first
-    one's: per round (the runs taken in turns) and of the medians."""
+    """Each variant's (engine's, notification mode's) throughput over its runs, and every
+    other one's against the last one's: per round (the runs taken in turns) and of the
+    medians."""
     by_engine: dict[str, list[dict[str, Any]]] = {engine: [] for engine in engines}
     for one in runs:
-        by_engine[one["engine"]].append(one)
+        by_engine[one.get("variant", one["engine"])].append(one)
     engines_summary: dict[str, Any] = {}
     for engine, own in by_engine.items():
         throughputs = [one["throughput_rps"] for one in own]
@@ -479,20 +535,27 @@ def _compare(runs: list[dict[str, Any]], engines: list[str]) -> dict[str, Any]:
 
 async def _run(args: argparse.Namespace) -> dict[str, Any]:
     engines = args.engine.split(",")
-    if len(engines) == 1:
+    modes = args.notifications.split(",") if args.notifications else [""]
+    if len(engines) == 1 and len(modes) == 1:
         return await _run_one(args)
     if args.url:
         raise SystemExit("--url serves one engine: name one with --engine")
+    # Every engine with every notification mode, in turns.
+    variants = [(engine, mode) for engine in engines for mode in modes]
+    names = [_variant(engine, mode, len(engines), len(modes)) for engine, mode in variants]
     runs: list[dict[str, Any]] = []
     for _ in range(max(1, args.rounds)):
-        for engine in engines:
+        for (engine, mode), name in zip(variants, names, strict=True):
             # The machine's speed just before each run: runs of one invocation compare by it.
             calibration = calibration_ms()
-            one = await _run_one(argparse.Namespace(**{**vars(args), "engine": engine}))
+            one = await _run_one(
+                argparse.Namespace(**{**vars(args), "engine": engine, "notifications": mode})
+            )
             one["calibration_before_ms"] = calibration
+            one["variant"] = name
             runs.append(one)
             print(
-                f"mixed --engine {engine}: {one['throughput_rps']} req/s, server "
+                f"mixed {name}: {one['throughput_rps']} req/s, server "
                 f"{one['server_cpu_us_per_request']} us/request (calibration {calibration} ms)",
                 file=sys.stderr,
                 flush=True,
@@ -500,8 +563,8 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "scenario": "mixed",
         "mode": "closed" if args.clients else "open",
-        "compare": engines,
-        **_compare(runs, engines),
+        "compare": names,
+        **_compare(runs, names),
         "meets_target": all(one["meets_target"] for one in runs),
         "runs": runs,
     }

@@ -12,14 +12,13 @@ stops being used within that.
 import asyncio
 import itertools
 import time
-from email.message import EmailMessage
 from typing import Any, Final
 
 import aiohttp
 import asyncpg
 import msgspec
 
-from engine.notify.mail import Mailer, MailError, Templates, render
+from engine.notify.mail import Mailer, MailError, Templates, compose
 from engine.notify.webhooks import guarded_connector, post_webhook, webhook_headers
 from persistence.contacts import contact_emails
 from persistence.deliveries import ClaimedDelivery
@@ -138,7 +137,7 @@ class EmailChannel:
         if address is None:
             return "the user has no contact address (erased)"
         facts: dict[str, Any] = _decode(delivery.body)
-        message: EmailMessage | None = render(
+        message = compose(
             self._templates,
             domain=facts["domain"],
             event_type=facts["type"],
@@ -146,13 +145,13 @@ class EmailChannel:
             slot=facts.get("slot"),
             to=address,
             mail_from=self._mail_from,
+            # Receivers and support staff find the event (the webhook-id) by it.
+            headers={"X-Slotengine-Event-Id": delivery.event_id},
         )
         if message is None:
             return None  # nothing to say for this event: done
-        # Receivers and support staff find the event (the webhook-id) by it.
-        message["X-Slotengine-Event-Id"] = delivery.event_id
         try:
-            await next(self._next).send(message)
+            await next(self._next).send_raw(address, message)
         except MailError as error:
             return str(error)
         return None

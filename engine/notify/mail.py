@@ -25,13 +25,20 @@ notify: the delivery workers do, and call ``render`` and ``Mailer.send``.
 """
 
 import asyncio
+import email
+import email.policy
 import html
+import io
 import re
 import ssl
 import string
-from collections.abc import Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
+from email.generator import BytesGenerator
+from email.header import Header
 from email.message import EmailMessage
+from email.mime.multipart import MIMEMultipart
+from email.mime.text import MIMEText
 from email.utils import formatdate, make_msgid
 from pathlib import Path
 from typing import Any, Final
@@ -62,6 +69,8 @@ PARTS: Final = ("subject", "txt", "html")
 TEMPLATE_BYTES_MAX: Final = 64 * 1024
 # The attachment of a confirmation.
 CALENDAR_FILENAME: Final = "booking.ics"
+# The compat32 policy, with SMTP's line ends.
+_SMTP_LINES: Final = email.policy.compat32.clone(linesep="\r\n")
 
 # Every event's values: when, what and who, formatted for people.
 _COMMON: Final = frozenset(
@@ -265,13 +274,45 @@ def render(
     mail_from: str,
     timezone: str = "UTC",
 ) -> EmailMessage | None:
-    """The email of an event, or None when the event has none (``has_email``).
+    """The email of an event, or None when the event has none (``has_email``):
+    ``compose``'s message, read back as an ``EmailMessage``.
 
     ``data`` is the event's resource as the API renders it (a Booking for
     ``booking.*``, a QueueEntry for ``queue.*``) with the event's own fields;
     ``slot`` the Slot resource when known (a QueueEntry's ``slotDetails``
     otherwise). Times are written in ``timezone`` (an IANA name; ValueError if
     unknown). A confirmation carries ``booking.ics`` when the slot is known.
+    """
+    raw = compose(
+        templates, domain=domain, event_type=event_type, data=data, slot=slot, to=to,
+        mail_from=mail_from, timezone=timezone,
+    )  # fmt: skip
+    if raw is None:
+        return None
+    message = email.message_from_bytes(raw, policy=email.policy.default)
+    assert isinstance(message, EmailMessage)
+    return message
+
+
+def compose(
+    templates: Templates,
+    *,
+    domain: str,
+    event_type: str,
+    data: dict[str, Any],
+    slot: dict[str, Any] | None,
+    to: str,
+    mail_from: str,
+    timezone: str = "UTC",
+    headers: Mapping[str, str] | None = None,
+) -> bytes | None:
+    """``render``'s message as the bytes SMTP sends (CRLF line ends), or None.
+
+    Built with the email package's MIME classes under its ``compat32`` policy:
+    the modern ``EmailMessage`` API parses every header it is given and cost
+    a delivery worker most of its time. So the values are checked here: no
+    header value may hold a line break (``headers`` adds some, such as the
+    event id).
     """
     if not has_email(event_type, data):
         return None
@@ -280,30 +321,42 @@ def render(
         slot = data["slotDetails"]
     values = _values(templates, domain, event_type, data, slot, zone)
     chosen = templates.of(domain, event_type)
-    message = EmailMessage()
-    message["Subject"] = " ".join(chosen.subject.substitute(values).split())
-    message["From"] = mail_from
-    message["To"] = to
-    message["Date"] = formatdate(usegmt=True)
-    message["Message-ID"] = make_msgid(domain=mail_from.rpartition("@")[2] or None)
-    # An automatic message (RFC 3834): auto-responders must not answer it.
-    message["Auto-Submitted"] = "auto-generated"
-    message.set_content(chosen.text.substitute(values))
     escaped = {name: html.escape(value, quote=True) for name, value in values.items()}
-    message.add_alternative(chosen.html.substitute(escaped), subtype="html")
+    alternative = MIMEMultipart("alternative")
+    alternative.attach(MIMEText(chosen.text.substitute(values), "plain", "utf-8"))
+    alternative.attach(MIMEText(chosen.html.substitute(escaped), "html", "utf-8"))
+    message: MIMEMultipart = alternative
     if event_type == "booking.confirmed" and slot is not None:
         ics = booking_calendar(
             data, slot, organizer=mail_from, entity=templates.entities.get(domain)
         )
-        params = dict(part.strip().split("=", 1) for part in CONTENT_TYPE.split(";")[1:])
-        message.add_attachment(
-            ics,
-            maintype="text",
-            subtype="calendar",
-            filename=CALENDAR_FILENAME,
-            params=params,
-        )
-    return message
+        calendar = MIMEText(ics.decode(), "calendar", "utf-8")
+        for part in CONTENT_TYPE.split(";")[1:]:
+            name, _, value = part.strip().partition("=")
+            if name != "charset":
+                calendar.set_param(name, value)
+        calendar.add_header("Content-Disposition", "attachment", filename=CALENDAR_FILENAME)
+        message = MIMEMultipart("mixed")
+        message.attach(alternative)
+        message.attach(calendar)
+    subject = " ".join(chosen.subject.substitute(values).split())
+    fields = {
+        "Subject": subject if subject.isascii() else Header(subject, "utf-8").encode(),
+        "From": mail_from,
+        "To": to,
+        "Date": formatdate(usegmt=True),
+        "Message-ID": make_msgid(domain=mail_from.rpartition("@")[2] or None),
+        # An automatic message (RFC 3834): auto-responders must not answer it.
+        "Auto-Submitted": "auto-generated",
+        **(headers or {}),
+    }
+    for name, value in fields.items():
+        if "\r" in value or "\n" in value:
+            raise ValueError(f"the {name} header would hold a line break")
+        message[name] = value
+    out = io.BytesIO()
+    BytesGenerator(out, policy=_SMTP_LINES).flatten(message)
+    return out.getvalue()
 
 
 def _zone(name: str) -> ZoneInfo:
@@ -408,16 +461,23 @@ class Mailer:
         """
         if "From" not in message:
             message["From"] = self._mail_from
+        await self._deliver(lambda client: client.send_message(message, sender=self._mail_from))
+
+    async def send_raw(self, to: str, data: bytes) -> None:
+        """Send ``compose``'s bytes to ``to``, as ``send`` does a message."""
+        await self._deliver(lambda client: client.sendmail(self._mail_from, [to], data))
+
+    async def _deliver(self, sending: Callable[[aiosmtplib.SMTP], Awaitable[Any]]) -> None:
         async with self._lock:
             reused = self._client is not None and self._client.is_connected
             try:
-                await self._send(message)
+                await self._send(sending)
             except (aiosmtplib.SMTPServerDisconnected, ConnectionError) as error:
                 await self._drop()
                 if not reused:
                     raise MailError(_describe(error, self._target)) from None
                 try:
-                    await self._send(message)
+                    await self._send(sending)
                 except (aiosmtplib.SMTPException, OSError) as retried:
                     await self._drop()
                     raise MailError(_describe(retried, self._target)) from None
@@ -427,13 +487,13 @@ class Mailer:
             except ValueError as error:  # no recipient, or no From: the message's fault
                 raise MailError(_describe(error, self._target)) from None
 
-    async def _send(self, message: EmailMessage) -> None:
+    async def _send(self, sending: Callable[[aiosmtplib.SMTP], Awaitable[Any]]) -> None:
         client = self._client
         if client is None or not client.is_connected:
             client = self._new_client()
             self._client = client
             await client.connect()
-        await client.send_message(message, sender=self._mail_from)
+        await sending(client)
 
     def _new_client(self) -> aiosmtplib.SMTP:
         target = self._target
