@@ -68,7 +68,7 @@ class QueueSettings(_Section, frozen=True):
     max_size: Annotated[int, msgspec.Meta(ge=1, le=limits.QUEUE_SIZE_MAX)] | None = None
     notification_channels: Annotated[
         tuple[NotificationChannel, ...], msgspec.Meta(max_length=8)
-    ] = ("websocket",)
+    ] = ("websocket", "webhook")
     # None: SLOTENGINE_QUEUE_INACTIVITY_SECONDS.
     inactivity_seconds: (
         Annotated[int, msgspec.Meta(ge=1, le=limits.QUEUE_INACTIVITY_MAX_S)] | None

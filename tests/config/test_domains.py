@@ -405,16 +405,17 @@ def _fields(policy: DomainPolicy) -> dict[str, object]:
 def test_each_domain_names_its_notification_channels() -> None:
     channels = notification_channels(load_settings({}))
     assert set(channels) == SHIPPED_DOMAINS
-    assert channels["default"] == frozenset({"websocket"})
+    assert channels["default"] == frozenset({"websocket", "webhook"})
     assert channels["medical"] == frozenset({"websocket", "email", "webhook"})
     assert all(names <= set(NOTIFICATION_CHANNELS) for names in channels.values())
 
 
-def test_a_domain_without_channels_has_the_websocket(tmp_path: Path) -> None:
+def test_a_domain_without_channels_has_the_websocket_and_webhooks(tmp_path: Path) -> None:
+    """Webhooks go only to endpoints an admin registered; email is asked for by name."""
     write(tmp_path, "plain.toml", "entityName = 'Room'\n")
     assert notification_channels(settings_for(tmp_path)) == {
-        "default": frozenset({"websocket"}),
-        "plain": frozenset({"websocket"}),
+        "default": frozenset({"websocket", "webhook"}),
+        "plain": frozenset({"websocket", "webhook"}),
     }
 
 
