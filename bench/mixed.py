@@ -91,6 +91,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "every change; off: SLOTENGINE_NOTIFICATIONS=false (no outbox); on,off: both, in "
         "turns, compared [the server's defaults: outbox and worker on, no endpoint]",
     )
+    parser.add_argument(
+        "--webhook-events",
+        default="*",
+        help="with --notifications on: the event types the endpoint subscribes to, "
+        "comma-separated [*: every event, a webhook per change]",
+    )
     parser.add_argument("--rate", type=float, default=5_000, help="requests/s offered")
     parser.add_argument("--clients", type=int, default=0, help="closed loop with C clients")
     parser.add_argument("--seconds", type=float, default=30.0, help="measured window")
@@ -381,6 +387,7 @@ async def _run_one(args: argparse.Namespace) -> dict[str, Any]:
         result = await _measure(args, env, hook_url)
     result["notifications"] = mode
     if mode == "on":
+        result["webhook_events"] = args.webhook_events
         result["webhooks_received"] = len(received.webhooks)
     return result
 
@@ -398,7 +405,7 @@ async def _measure(
                 async with session.post(
                     f"{target.base}/api/admin/webhooks",
                     headers=target.headers("bench", "admin"),
-                    json={"url": hook_url, "events": ["*"]},
+                    json={"url": hook_url, "events": args.webhook_events.split(",")},
                 ) as created:
                     assert created.status == 201, await created.text()
             slots = await _create_slots(session, target, args.slots, args.capacity)

@@ -65,6 +65,12 @@ DELIVERY_RETRIES_MAX: Final = 20
 DELIVERY_RETRY_DELAY_MAX_S: Final = 86_400
 # Delivered deliveries and dispatched outbox batches are kept this long (dead
 # deliveries stay until redelivered or purged by hand).
+# A worker's claim on the deliveries it attempts: a worker killed mid-delivery
+# leaves them to another once it lapses. Each attempt's timeout is at most half
+# of it, so two workers never send one attempt at once.
+DELIVERY_LEASE_SECONDS_DEFAULT: Final = 60
+DELIVERY_LEASE_SECONDS_MIN: Final = 2
+DELIVERY_LEASE_SECONDS_MAX: Final = 3_600
 OUTBOX_RETENTION_HOURS_DEFAULT: Final = 72
 OUTBOX_RETENTION_HOURS_MAX: Final = 24 * 365
 
@@ -136,6 +142,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # leave the engine only over live connections.
     notifications: bool = True
     delivery_retry_seconds: tuple[int, ...] = DELIVERY_RETRY_SECONDS_DEFAULT
+    delivery_lease_seconds: int = DELIVERY_LEASE_SECONDS_DEFAULT
     outbox_retention_hours: int = OUTBOX_RETENTION_HOURS_DEFAULT
     # None: no notification email is sent (engine/notify/mail.py's Mailer).
     smtp_url: str | None = None
@@ -221,6 +228,11 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         notifications=env.read_or("SLOTENGINE_NOTIFICATIONS", _boolean, True),
         delivery_retry_seconds=env.read_or(
             "SLOTENGINE_DELIVERY_RETRY_SECONDS", _retry_schedule, DELIVERY_RETRY_SECONDS_DEFAULT
+        ),
+        delivery_lease_seconds=env.read_or(
+            "SLOTENGINE_DELIVERY_LEASE_SECONDS",
+            _integer(DELIVERY_LEASE_SECONDS_MIN, DELIVERY_LEASE_SECONDS_MAX),
+            DELIVERY_LEASE_SECONDS_DEFAULT,
         ),
         outbox_retention_hours=env.read_or(
             "SLOTENGINE_OUTBOX_RETENTION_HOURS",

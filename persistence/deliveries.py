@@ -7,7 +7,7 @@ apart:
   LOCKED``: within the caller's transaction, no other worker sees them; the
   caller adds their deliveries and marks them dispatched before it commits, so
   a batch is fanned out once (and again, harmlessly, only if that transaction
-  is lost: ``deliveries_once`` keeps one delivery per event and target).
+  is lost: a delivery's id names its event and target, so it is one row).
 - ``claim_due`` leases due deliveries and counts the attempt in one statement;
   the attempt number is the fence: ``record_results`` changes a delivery only
   if no later attempt has been claimed since, so a worker that outlived its
@@ -51,6 +51,11 @@ class NewDelivery:
     next_attempt_ms: int
     committed_ms: int
     created_at_ms: int
+    # A delivery attempted as it was fanned out is written with its outcome.
+    status: str = PENDING
+    attempts: int = 0
+    last_error: str | None = None
+    delivered_at_ms: int | None = None
 
 
 @dataclass(frozen=True)
@@ -127,14 +132,19 @@ async def add_deliveries(connection: asyncpg.Connection, deliveries: list[NewDel
         return
     columns = list(zip(*((
         d.id, d.event_id, d.event_type, d.channel, d.endpoint_id, d.user_id, d.subject, d.seq,
-        d.body, d.next_attempt_ms, d.committed_ms, d.created_at_ms,
+        d.body, d.next_attempt_ms, d.committed_ms, d.created_at_ms, d.status, d.attempts,
+        d.last_error, d.delivered_at_ms,
     ) for d in deliveries), strict=True))  # fmt: skip
+    # A delivery's id is derived from its event and target: one fanned out again
+    # (a dispatch whose commit was lost) is the same row, kept as it is.
     await connection.execute(
         "INSERT INTO deliveries (id, event_id, event_type, channel, endpoint_id, user_id,"
-        " subject, seq, body, next_attempt_ms, committed_ms, created_at_ms)"
+        " subject, seq, body, next_attempt_ms, committed_ms, created_at_ms, status, attempts,"
+        " last_error, delivered_at_ms)"
         " SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],"
         " $6::text[], $7::text[], $8::integer[], $9::bytea[], $10::bigint[], $11::bigint[],"
-        " $12::bigint[]) ON CONFLICT DO NOTHING",
+        " $12::bigint[], $13::text[], $14::integer[], $15::text[], $16::bigint[])"
+        " ON CONFLICT (id) DO NOTHING",
         *(list(column) for column in columns),
     )
 

@@ -107,11 +107,14 @@ class EmailChannel:
         templates: Templates,
         *,
         connections: int = SMTP_CONNECTIONS,
+        timeout_s: float = WEBHOOK_TIMEOUT_S,
     ) -> None:
         self._pool = pool
         self._ring = ring
         self._mail_from = mail_from
-        self._mailers = [Mailer(smtp_url, mail_from) for _ in range(connections)]
+        self._mailers = [
+            Mailer(smtp_url, mail_from, timeout_s=timeout_s) for _ in range(connections)
+        ]
         self._next = itertools.cycle(self._mailers)
         self._templates = templates
         # Delivery id -> the address ``prepare`` read for it (None: none), until sent.

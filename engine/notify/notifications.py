@@ -66,17 +66,20 @@ _SLOT_EVENTS: Final = {
 EXTENDED_TRIGGER: Final = "extended"
 
 
-def notifications(events: Iterable[AnyEvent]) -> list[Notification]:
-    """The notifications a flush's events make, in order (others make none)."""
+def notifications(
+    events: Iterable[AnyEvent], wanted: frozenset[str] | None = None
+) -> list[Notification]:
+    """The notifications a flush's events make, in order (others make none); only
+    those of the ``wanted`` types, if given (the others cost nothing to skip)."""
     made: list[Notification] = []
     for event in events:
-        notification = _notification(event)
+        notification = _notification(event, wanted)
         if notification is not None:
             made.append(notification)
     return made
 
 
-def _notification(event: AnyEvent) -> Notification | None:
+def _notification(event: AnyEvent, wanted: frozenset[str] | None) -> Notification | None:
     if isinstance(event, BookingChanged):
         booking = event.booking
         if (
@@ -86,7 +89,7 @@ def _notification(event: AnyEvent) -> Notification | None:
             kind = "booking.extended" if event.trigger == EXTENDED_TRIGGER else None
         else:
             kind = _BOOKING_EVENTS.get(event.to_status)
-        if kind is None:
+        if kind is None or (wanted is not None and kind not in wanted):
             return None
         data = msgspec.to_builtins(booking_out(booking))
         data["trigger"] = event.trigger
@@ -102,7 +105,7 @@ def _notification(event: AnyEvent) -> Notification | None:
             # An entry ends EXPIRED when its offer lapsed or when it waited idle too long;
             # only the first is an event people are told of.
             kind = "queue.offer_expired" if entry.notified_at_ms is not None else None
-        if kind is None:
+        if kind is None or (wanted is not None and kind not in wanted):
             return None
         data = _queue_entry(entry)
         if kind == "queue.offer" and event.offer_expires_at_ms is not None:
@@ -112,7 +115,7 @@ def _notification(event: AnyEvent) -> Notification | None:
         return _made(kind, subject, entry.version, event, entry.slot_id, entry.user_id, None, data)
     if isinstance(event, SlotChanged):
         kind = _SLOT_EVENTS.get(event.change)
-        if kind is None:
+        if kind is None or (wanted is not None and kind not in wanted):
             return None
         view = event.slot
         data = msgspec.to_builtins(slot_out(view))

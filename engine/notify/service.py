@@ -13,7 +13,7 @@ import contextlib
 import logging
 import signal
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 import asyncpg
 from prometheus_client import CollectorRegistry, start_http_server
@@ -29,7 +29,10 @@ from persistence.sealing import KeyRing
 logger = logging.getLogger(__name__)
 
 # Connections of one worker: the dispatch, the deliveries, the channels' reads.
-POOL_SIZE_MAX = 6
+POOL_SIZE_MAX: Final = 6
+# A receiver answers a webhook, an SMTP server a message, within this (or half
+# the delivery lease, if shorter), or the attempt fails.
+CHANNEL_TIMEOUT_S: Final = 10.0
 
 
 @dataclass
@@ -54,6 +57,7 @@ class Notifier:
 def worker_options(settings: Settings) -> WorkerOptions:
     return WorkerOptions(
         retry_seconds=settings.delivery_retry_seconds,
+        lease_s=float(settings.delivery_lease_seconds),
         retention_s=settings.outbox_retention_hours * 3600.0,
     )
 
@@ -67,13 +71,18 @@ async def start_notifier(
     """A delivery worker on ``database_url``, running until ``Notifier.close``."""
     pool = await asyncpg.create_pool(database_url, min_size=1, max_size=POOL_SIZE_MAX)
     try:
+        # Every attempt ends well within the lease (see DELIVERY_LEASE_SECONDS_DEFAULT).
+        timeout_s = min(CHANNEL_TIMEOUT_S, settings.delivery_lease_seconds / 2)
         channels: dict[str, Any] = {
-            "webhook": WebhookChannel(pool, ring, allow_private=settings.webhook_allow_private)
+            "webhook": WebhookChannel(
+                pool, ring, allow_private=settings.webhook_allow_private, timeout_s=timeout_s
+            )
         }
         if settings.smtp_url:
             channels["email"] = EmailChannel(
-                pool, ring, settings.smtp_url, settings.mail_from, templates_for(settings)
-            )
+                pool, ring, settings.smtp_url, settings.mail_from, templates_for(settings),
+                timeout_s=timeout_s,
+            )  # fmt: skip
         worker = DeliveryWorker(
             pool,
             channels,

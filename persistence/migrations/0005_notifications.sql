@@ -46,6 +46,8 @@ CREATE TABLE webhook_endpoints (
 );
 
 CREATE TABLE deliveries (
+    -- Derived from the event and the target (engine/notify/worker.py): one
+    -- delivery per event and target, however often a batch is fanned out.
     id              text PRIMARY KEY,
     -- The event's stable id: the webhook-id of every attempt.
     event_id        text NOT NULL,
@@ -72,9 +74,6 @@ CREATE TABLE deliveries (
         OR (channel = 'email' AND user_id IS NOT NULL)
     )
 );
--- One delivery per event and target, however often a batch is dispatched.
-CREATE UNIQUE INDEX deliveries_once
-    ON deliveries (event_id, channel, coalesce(endpoint_id, ''), coalesce(user_id, ''));
 CREATE INDEX deliveries_due ON deliveries (next_attempt_ms)
     WHERE status IN ('pending', 'failed');
 -- /health and the workers count the dead ones.

@@ -85,6 +85,7 @@ def test_every_variable_overrides_its_default() -> None:
             "SLOTENGINE_NOTIFICATIONS": "false",
             "SLOTENGINE_DELIVERY_RETRY_SECONDS": "1, 2,3",
             "SLOTENGINE_OUTBOX_RETENTION_HOURS": "12",
+            "SLOTENGINE_DELIVERY_LEASE_SECONDS": "30",
             "SLOTENGINE_SMTP_URL": "smtp://mail.example.com:2525",
             "SLOTENGINE_MAIL_FROM": "bookings@example.com",
             "UNRELATED": "ignored",
@@ -110,6 +111,7 @@ def test_every_variable_overrides_its_default() -> None:
         notifications=False,
         delivery_retry_seconds=(1, 2, 3),
         outbox_retention_hours=12,
+        delivery_lease_seconds=30,
         smtp_url="smtp://mail.example.com:2525",
         mail_from="bookings@example.com",
     )
