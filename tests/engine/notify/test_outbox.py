@@ -12,14 +12,16 @@ from collections.abc import AsyncIterator
 import asyncpg
 import msgspec
 import pytest
+from prometheus_client import CollectorRegistry
 
 from engine.core import protocol as p
 from engine.core.protocol import AnyEvent
 from engine.notify.events import EVENT_TYPES
+from engine.notify.metrics import NotifyMetrics
 from engine.notify.notifications import notifications
 from engine.notify.worker import DeliveryWorker, WorkerOptions
 from engine.shell.clock import SystemClock
-from persistence.deliveries import ClaimedDelivery
+from persistence.deliveries import ClaimedDelivery, outbox_state, purge_delivered
 from persistence.rows import FlushRows
 from persistence.store import Codecs, FenceRejected, write_flush
 from tests.persistence.helpers import Driver, create_slot, make_owner, request_id, slot_on
@@ -280,3 +282,49 @@ async def test_a_redelivered_dead_delivery_is_attempted_again(
     )
     await worker.deliver_once()
     assert await db.fetchval("SELECT status FROM deliveries") == "delivered"
+
+
+async def test_the_metrics_count_outcomes_and_lag_and_the_purge_keeps_what_is_not_done(
+    database_url: str, redis_namespace: str, db: asyncpg.Connection, pool: asyncpg.Pool
+) -> None:
+    await _story(database_url, redis_namespace)
+    await _endpoint(db, "we_all", ["*"])
+    await _endpoint(db, "we_slots", ["slot.created", "slot.updated"])
+    clock = Clock()
+    registry = CollectorRegistry()
+    metrics = NotifyMetrics(registry)
+    channels = {"webhook": Recording()}
+    worker = DeliveryWorker(
+        pool, channels, EVERY_CHANNEL, options=WorkerOptions(retry_seconds=()),
+        metrics=metrics, clock=clock,
+    )  # fmt: skip
+    await worker.dispatch_once()
+    later = "UPDATE deliveries SET next_attempt_ms = 9000000000000000 WHERE endpoint_id = $1"
+    await db.execute(later, "we_all")
+    channels["webhook"].failures = 1
+    assert await worker.deliver_once() == 2  # we_slots' two fail: dead at once (no retries)
+    await db.execute("UPDATE deliveries SET next_attempt_ms = 0 WHERE endpoint_id = 'we_all'")
+    channels["webhook"].failures = 0
+    assert await worker.deliver_once() == 10
+
+    def value(name: str, **labels: str) -> float:
+        found = registry.get_sample_value(name, labels)
+        return 0.0 if found is None else found
+
+    assert value("slotengine_deliveries_total", channel="webhook", outcome="dead") == 2
+    assert value("slotengine_deliveries_total", channel="webhook", outcome="delivered") == 10
+    assert value("slotengine_delivery_lag_seconds_count", channel="webhook") == 10
+    async with pool.acquire() as connection:
+        state = await outbox_state(connection, int(clock.now * 1000))
+    metrics.observe_state(state, int(clock.now * 1000))
+    assert value("slotengine_deliveries_dead") == 2
+    assert value("slotengine_outbox_undispatched_events") == 0
+
+    # Past the retention, what was delivered goes and the dead stay.
+    batches = await db.fetchval("SELECT count(*) FROM outbox_batches")
+    async with pool.acquire() as connection:
+        purged = await purge_delivered(connection, int(clock.now * 1000) + 1)
+    assert purged == 10 + batches
+    assert await db.fetchval("SELECT count(*) FROM outbox_batches") == 0
+    assert await db.fetchval("SELECT count(*) FROM deliveries") == 2
+    assert await db.fetchval("SELECT count(*) FROM deliveries WHERE status = 'dead'") == 2
