@@ -57,7 +57,7 @@ def test_a_gateway_worker_serves_with_the_tuned_collector() -> None:
 
         seen = {}
         server.configure_logging = lambda level: Logs()
-        server.build_app = lambda *args: "app"
+        server.build_app = lambda *args, **kwargs: "app"
         def serve_app(app, **options):
             seen["threshold"] = gc.get_threshold()
             seen["frozen"] = gc.get_freeze_count()
