@@ -61,52 +61,31 @@ async def reserve(request: web.Request) -> web.StreamResponse:
 
 
 async def confirm(request: web.Request) -> web.StreamResponse:
-    who = principal(request)
-    body = await decode_body(request, s.ActingBody, optional=True)
-    user_id = acting_user(who, body.user_id)
-    result = await run_keyed(
-        request,
-        "confirm",
-        user_id,
-        p.Confirm(
-            request_id=next_id(request),
-            booking_id=request.match_info["booking_id"],
-            user_id=user_id,
-            idempotency_key=idempotency_key(request),
-        ),
-    )
-    assert isinstance(result, p.BookingResult)
-    return json_response(s.booking_out(result.booking))
+    return await _owner_command(request, "confirm", p.Confirm)
 
 
 async def extend(request: web.Request) -> web.StreamResponse:
-    who = principal(request)
-    body = await decode_body(request, s.ActingBody, optional=True)
-    user_id = acting_user(who, body.user_id)
-    result = await run_keyed(
-        request,
-        "extend",
-        user_id,
-        p.ExtendHold(
-            request_id=next_id(request),
-            booking_id=request.match_info["booking_id"],
-            user_id=user_id,
-            idempotency_key=idempotency_key(request),
-        ),
-    )
-    assert isinstance(result, p.BookingResult)
-    return json_response(s.booking_out(result.booking))
+    return await _owner_command(request, "extend", p.ExtendHold)
 
 
 async def release(request: web.Request) -> web.StreamResponse:
+    return await _owner_command(request, "release", p.ReleaseHold)
+
+
+async def _owner_command(
+    request: web.Request,
+    name: str,
+    command: type[p.Confirm] | type[p.ExtendHold] | type[p.ReleaseHold],
+) -> web.StreamResponse:
+    """A command of a booking's owner on it (confirm, extend, release): the Booking."""
     who = principal(request)
     body = await decode_body(request, s.ActingBody, optional=True)
     user_id = acting_user(who, body.user_id)
     result = await run_keyed(
         request,
-        "release",
+        name,
         user_id,
-        p.ReleaseHold(
+        command(
             request_id=next_id(request),
             booking_id=request.match_info["booking_id"],
             user_id=user_id,
