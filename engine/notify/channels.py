@@ -14,12 +14,12 @@ import itertools
 import time
 from typing import Any, Final
 
-import aiohttp
 import asyncpg
 import msgspec
 
+from engine.notify.http_client import WebhookClient
 from engine.notify.mail import Mailer, MailError, Templates, compose
-from engine.notify.webhooks import guarded_connector, post_webhook, webhook_headers
+from engine.notify.webhooks import webhook_headers
 from persistence.contacts import contact_emails
 from persistence.deliveries import ClaimedDelivery
 from persistence.sealing import KeyRing
@@ -50,9 +50,10 @@ class WebhookChannel:
     ) -> None:
         self._pool = pool
         self._ring = ring
-        self._allow_private = allow_private
         self._timeout_s = timeout_s
-        self._session: aiohttp.ClientSession | None = None
+        self._client = WebhookClient(
+            allow_private=allow_private, connections_max=WEBHOOK_CONNECTIONS_MAX
+        )
         self._endpoints: dict[str, EndpointTarget] = {}
         self._read_at = -ENDPOINTS_FRESH_S
         self._reading: asyncio.Lock = asyncio.Lock()
@@ -75,23 +76,13 @@ class WebhookChannel:
         endpoint = await self._endpoint(delivery.endpoint_id)
         if endpoint is None:
             return "the endpoint was deleted"
-        if self._session is None:
-            self._session = aiohttp.ClientSession(
-                connector=guarded_connector(
-                    allow_private=self._allow_private, limit=WEBHOOK_CONNECTIONS_MAX
-                )
-            )
         headers = webhook_headers(
             endpoint.secret, delivery.event_id, int(time.time()), delivery.body
         )
-        return await post_webhook(
-            self._session, endpoint.url, headers, delivery.body, self._timeout_s
-        )
+        return await self._client.post(endpoint.url, headers, delivery.body, self._timeout_s)
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        await self._client.close()
 
 
 class EmailChannel:

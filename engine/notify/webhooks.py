@@ -1,5 +1,4 @@
-"""Webhooks: Standard Webhooks signatures, the guard against server-side request
-forgery, and one signed POST.
+"""Webhooks: Standard Webhooks signatures and the guard against server-side request forgery.
 
 A webhook is signed as the Standard Webhooks specification says: headers
 ``webhook-id`` (the event's id, the same on every retry), ``webhook-timestamp``
@@ -12,11 +11,10 @@ its host names no address inside the deployment (loopback, private, link-local
 with the cloud metadata address, CGNAT, unique-local, multicast, reserved,
 unspecified, nor an IPv4-mapped form of one) unless the operator allows private
 addresses. It is checked when an endpoint is registered (``url_problem``) and
-again at every connection (``guarded_connector``), since a name may resolve
-elsewhere by then (DNS rebinding).
+again at every connection (engine/notify/http_client.py), since a name may
+resolve elsewhere by then (DNS rebinding).
 
-It must never touch the database, log a secret, or follow a redirect (a 3xx
-could lead anywhere, past the guard).
+It must never touch the database nor log a secret.
 """
 
 import asyncio
@@ -29,13 +27,6 @@ import os
 import socket
 from typing import Final
 from urllib.parse import urlsplit
-
-import aiohttp
-from aiohttp.abc import AbstractResolver, ResolveResult
-from aiohttp.client_reqrep import ClientRequest
-from aiohttp.connector import Connection
-from aiohttp.resolver import DefaultResolver
-from aiohttp.tracing import Trace
 
 SECRET_PREFIX: Final = "whsec_"
 # A new secret's random bytes; a client-given one may carry 24 to 64.
@@ -77,10 +68,6 @@ _REFUSED_NETWORKS: Final = tuple(
         "ff00::/8",  # multicast
     )
 )
-
-
-class RefusedAddress(OSError):
-    """A webhook host that resolves to an address the guard refuses."""
 
 
 def new_secret() -> str:
@@ -142,7 +129,7 @@ def address_refused(address: IPAddress) -> bool:
     )
 
 
-def _literal_address(host: str) -> IPAddress | None:
+def literal_address(host: str) -> IPAddress | None:
     try:
         return ipaddress.ip_address(host.strip("[]").partition("%")[0])
     except ValueError:
@@ -170,7 +157,7 @@ async def url_problem(url: str, *, allow_private: bool) -> str | None:
         return "must not carry credentials"
     if allow_private:
         return None
-    literal = _literal_address(host)
+    literal = literal_address(host)
     if literal is not None:
         return "names a private, loopback or reserved address" if address_refused(literal) else None
     loop = asyncio.get_running_loop()
@@ -184,104 +171,7 @@ async def url_problem(url: str, *, allow_private: bool) -> str | None:
         return f"its host did not resolve within {RESOLVE_TIMEOUT_S:g} s"
     except (OSError, UnicodeError):
         return "its host does not resolve"
-    addresses = {_literal_address(str(info[4][0])) for info in infos}
+    addresses = {literal_address(str(info[4][0])) for info in infos}
     if not addresses or any(a is None or address_refused(a) for a in addresses):
         return "its host resolves to a private, loopback or reserved address"
     return None
-
-
-class GuardedResolver(AbstractResolver):
-    """The default resolver, refusing every name that resolves to a refused address.
-
-    One refused address refuses the name: connecting to its other addresses
-    would let a receiver steer the attempt by the order of its answers.
-    """
-
-    def __init__(self) -> None:
-        self._inner = DefaultResolver()
-
-    async def resolve(
-        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
-    ) -> list[ResolveResult]:
-        results = await self._inner.resolve(host, port, family)
-        for result in results:
-            address = _literal_address(result["host"])
-            if address is None or address_refused(address):
-                raise RefusedAddress(f"refused: {host} resolves to a private or reserved address")
-        return results
-
-    async def close(self) -> None:
-        await self._inner.close()
-
-
-class GuardedConnector(aiohttp.TCPConnector):
-    """A connector that refuses literal addresses the guard refuses (names go
-    through ``GuardedResolver``; aiohttp connects to a literal without resolving it)."""
-
-    async def connect(
-        self, req: ClientRequest, traces: list[Trace], timeout: aiohttp.ClientTimeout
-    ) -> Connection:
-        host = req.url.raw_host or ""
-        address = _literal_address(host)
-        if address is not None and address_refused(address):
-            raise aiohttp.ClientConnectorError(
-                req.connection_key,
-                RefusedAddress(f"refused: {host} is a private or reserved address"),
-            )
-        return await super().connect(req, traces, timeout)
-
-
-def guarded_connector(*, allow_private: bool, limit: int = 100) -> aiohttp.TCPConnector:
-    """A connector for webhook attempts: the guard applied at every connection
-    (DNS rebinding), or a plain one when private addresses are allowed."""
-    if allow_private:
-        return aiohttp.TCPConnector(limit=limit)
-    return GuardedConnector(limit=limit, resolver=GuardedResolver())
-
-
-async def post_webhook(
-    session: aiohttp.ClientSession,
-    url: str,
-    headers: dict[str, str],
-    body: bytes,
-    timeout_s: float,
-) -> str | None:
-    """One attempt: None on a 2xx answer, else a short reason (never raises for
-    the network's failures). Redirects are not followed: a 3xx is a failure."""
-    try:
-        async with session.post(
-            url,
-            data=body,
-            headers=headers,
-            allow_redirects=False,
-            timeout=aiohttp.ClientTimeout(total=timeout_s),
-        ) as response:
-            if 200 <= response.status < 300:
-                return None
-            return f"HTTP {response.status}"
-    except TimeoutError:
-        return f"timeout after {timeout_s:g} s"
-    except aiohttp.ClientConnectorError as error:
-        return _short(_connect_failure(error))
-    except aiohttp.ClientError as error:
-        return _short(f"{type(error).__name__}: {error}")
-    except (OSError, ValueError) as error:
-        return _short(f"{type(error).__name__}: {error}")
-
-
-def _connect_failure(error: aiohttp.ClientConnectorError) -> str:
-    """Why no connection was made, in a few words."""
-    cause = error.os_error
-    if isinstance(cause, RefusedAddress):
-        return str(cause)
-    if isinstance(error, aiohttp.ClientConnectorDNSError):
-        return f"{error.host} does not resolve"
-    if isinstance(cause, ConnectionRefusedError):
-        return "connection refused"
-    if cause.errno is not None:
-        return f"connection failed: {os.strerror(cause.errno).lower()}"
-    return f"connection failed: {cause}"
-
-
-def _short(text: str) -> str:
-    return text if len(text) <= ERROR_CHARS_MAX else text[: ERROR_CHARS_MAX - 1] + "…"

@@ -9,13 +9,13 @@ import json
 import time
 from collections.abc import AsyncIterator
 
-import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from engine.notify import webhooks as w
+from engine.notify.http_client import WebhookClient
 
 BODY = json.dumps({"type": "booking.confirmed", "data": {"id": "b1"}}).encode()
 
@@ -185,70 +185,67 @@ async def receiver() -> AsyncIterator[Receiver]:
 
 
 @pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(connector=w.guarded_connector(allow_private=True)) as client:
-        yield client
+async def client() -> AsyncIterator[WebhookClient]:
+    opened = WebhookClient(allow_private=True)
+    yield opened
+    await opened.close()
 
 
 async def test_a_2xx_is_success_and_arrives_signed(
-    receiver: Receiver, session: aiohttp.ClientSession
+    receiver: Receiver, client: WebhookClient
 ) -> None:
     secret = w.new_secret()
     headers = w.webhook_headers(secret, "evt_9", int(time.time()), BODY)
-    assert await w.post_webhook(session, receiver.url("/ok"), headers, BODY, 10) is None
+    assert await client.post(receiver.url("/ok"), headers, BODY, 10) is None
     ((got_headers, got_body),) = receiver.received
     assert got_body == BODY
     assert Webhook(secret).verify(got_body, got_headers) == json.loads(BODY)
 
 
-async def test_a_500_is_a_failed_attempt(
-    receiver: Receiver, session: aiohttp.ClientSession
-) -> None:
-    assert await w.post_webhook(session, receiver.url("/fail"), {}, BODY, 10) == "HTTP 500"
+async def test_a_500_is_a_failed_attempt(receiver: Receiver, client: WebhookClient) -> None:
+    assert await client.post(receiver.url("/fail"), {}, BODY, 10) == "HTTP 500"
 
 
-async def test_a_redirect_is_not_followed(
-    receiver: Receiver, session: aiohttp.ClientSession
-) -> None:
-    assert await w.post_webhook(session, receiver.url("/moved"), {}, BODY, 10) == "HTTP 302"
+async def test_a_redirect_is_not_followed(receiver: Receiver, client: WebhookClient) -> None:
+    assert await client.post(receiver.url("/moved"), {}, BODY, 10) == "HTTP 302"
     assert receiver.received == []
 
 
 async def test_no_answer_in_time_is_a_failed_attempt(
-    receiver: Receiver, session: aiohttp.ClientSession
+    receiver: Receiver, client: WebhookClient
 ) -> None:
-    error = await w.post_webhook(session, receiver.url("/slow"), {}, BODY, 0.2)
+    error = await client.post(receiver.url("/slow"), {}, BODY, 0.2)
     assert error == "timeout after 0.2 s"
 
 
-async def test_a_closed_port_is_a_failed_attempt(
-    receiver: Receiver, session: aiohttp.ClientSession
-) -> None:
+async def test_a_closed_port_is_a_failed_attempt(receiver: Receiver, client: WebhookClient) -> None:
     url = receiver.url("/ok")
     await receiver.server.close()
-    error = await w.post_webhook(session, url, {}, BODY, 10)
+    error = await client.post(url, {}, BODY, 10)
     assert error is not None
     assert error == "connection refused"
 
 
-async def test_the_guarded_connector_refuses_a_private_address_at_connect_time(
+async def test_the_client_refuses_a_private_address_at_connect_time(
     receiver: Receiver,
 ) -> None:
     """A name that resolves to loopback (as a rebound one would) is refused when
     connecting, though the server is there; a literal loopback address too."""
     port = receiver.server.port
-    async with aiohttp.ClientSession(connector=w.guarded_connector(allow_private=False)) as client:
-        for url in (f"http://localhost:{port}/ok", f"http://127.0.0.1:{port}/ok",
-                    f"http://[::ffff:127.0.0.1]:{port}/ok"):  # fmt: skip
-            error = await w.post_webhook(client, url, {}, BODY, 10)
-            assert error is not None, url
-            assert error.startswith("refused:"), error
+    guarded = WebhookClient(allow_private=False)
+    for url in (f"http://localhost:{port}/ok", f"http://127.0.0.1:{port}/ok",
+                f"http://[::ffff:127.0.0.1]:{port}/ok"):  # fmt: skip
+        error = await guarded.post(url, {}, BODY, 10)
+        assert error is not None, url
+        assert error.startswith("refused:"), error
+    assert guarded.open_connections == 0
+    await guarded.close()
     assert receiver.received == []
 
 
 async def test_a_host_that_does_not_resolve_is_a_failed_attempt(
-    session: aiohttp.ClientSession,
+    client: WebhookClient,
 ) -> None:
-    error = await w.post_webhook(session, "http://no-such-host.invalid/hook", {}, BODY, 10)
+    error = await client.post("http://no-such-host.invalid/hook", {}, BODY, 10)
     assert error == "no-such-host.invalid does not resolve"
     assert await w.url_problem("http://no-such-host.invalid/", allow_private=False) is not None
