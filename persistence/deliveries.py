@@ -29,7 +29,7 @@ FAILED: Final = "failed"
 DEAD: Final = "dead"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class OutboxBatch:
     id: int
     shard: int
@@ -37,7 +37,7 @@ class OutboxBatch:
     payload: bytes
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class NewDelivery:
     id: str
     event_id: str
@@ -58,7 +58,7 @@ class NewDelivery:
     delivered_at_ms: int | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ClaimedDelivery:
     id: str
     event_id: str
@@ -72,7 +72,7 @@ class ClaimedDelivery:
     committed_ms: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class DeliveryResult:
     id: str
     attempt: int
@@ -83,7 +83,7 @@ class DeliveryResult:
     at_ms: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class OutboxState:
     undispatched_events: int
     # When the oldest undispatched batch was committed, or None.

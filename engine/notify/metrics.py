@@ -14,7 +14,7 @@ A worker inside ``slotengine serve`` registers them in the gateway's registry
   waiting for an attempt now, and those out of retries (kept, redeliverable).
 """
 
-from typing import Final
+from typing import Any, Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -61,9 +61,16 @@ class NotifyMetrics:
             registry=registry,
         )
 
+        # A channel's children, looked up once (labels() costs a lock and a tuple).
+        self._delivered: dict[str, tuple[Any, Any]] = {}
+
     def delivered(self, channel: str, lag_s: float) -> None:
-        self.attempts.labels(channel, "delivered").inc()
-        self.lag.labels(channel).observe(lag_s)
+        children = self._delivered.get(channel)
+        if children is None:
+            children = (self.attempts.labels(channel, "delivered"), self.lag.labels(channel))
+            self._delivered[channel] = children
+        children[0].inc()
+        children[1].observe(lag_s)
 
     def outcome(self, channel: str, outcome: str) -> None:
         self.attempts.labels(channel, outcome).inc()

@@ -224,7 +224,9 @@ async def test_every_event_reaches_the_webhook_signed_and_the_users_mailboxes(
         part for m in dan for part in m.walk() if part.get_content_type() == "text/calendar"
     ]
     assert len(calendars) == 1
-    calendar = icalendar.Calendar.from_ical(calendars[0].get_payload(decode=True))
+    payload = calendars[0].get_payload(decode=True)
+    assert isinstance(payload, bytes)
+    calendar = icalendar.Calendar.from_ical(payload)
     event = next(iter(calendar.walk("VEVENT")))
     assert str(event["UID"]).startswith(ids["dan"])
 
