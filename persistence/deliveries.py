@@ -127,25 +127,44 @@ async def users_with_contacts(connection: asyncpg.Connection, user_ids: list[str
     return {row["user_id"] for row in rows}
 
 
+# The columns a new delivery is written with, in NewDelivery's order.
+_NEW_COLUMNS: Final = (
+    "id", "event_id", "event_type", "channel", "endpoint_id", "user_id", "subject", "seq",
+    "body", "next_attempt_ms", "committed_ms", "created_at_ms", "status", "attempts",
+    "last_error", "delivered_at_ms",
+)  # fmt: skip
+
+
 async def add_deliveries(connection: asyncpg.Connection, deliveries: list[NewDelivery]) -> None:
+    """Write new deliveries (inside the caller's transaction).
+
+    By binary COPY, which costs PostgreSQL and the worker a third less than an
+    INSERT a row, under a savepoint: a delivery's id is derived from its event
+    and target, so one fanned out again (the same event in two batches) is the
+    same row, and then the whole set is written again by an INSERT that keeps
+    the rows already there as they are."""
     if not deliveries:
         return
-    columns = list(zip(*((
+    records = [(
         d.id, d.event_id, d.event_type, d.channel, d.endpoint_id, d.user_id, d.subject, d.seq,
         d.body, d.next_attempt_ms, d.committed_ms, d.created_at_ms, d.status, d.attempts,
         d.last_error, d.delivered_at_ms,
-    ) for d in deliveries), strict=True))  # fmt: skip
-    # A delivery's id is derived from its event and target: one fanned out again
-    # (a dispatch whose commit was lost) is the same row, kept as it is.
+    ) for d in deliveries]  # fmt: skip
+    try:
+        async with connection.transaction():  # a savepoint: a conflict undoes only the copy
+            await connection.copy_records_to_table(
+                "deliveries", records=records, columns=_NEW_COLUMNS
+            )
+        return
+    except asyncpg.UniqueViolationError:
+        pass
     await connection.execute(
-        "INSERT INTO deliveries (id, event_id, event_type, channel, endpoint_id, user_id,"
-        " subject, seq, body, next_attempt_ms, committed_ms, created_at_ms, status, attempts,"
-        " last_error, delivered_at_ms)"
+        "INSERT INTO deliveries (" + ", ".join(_NEW_COLUMNS) + ")"
         " SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],"
         " $6::text[], $7::text[], $8::integer[], $9::bytea[], $10::bigint[], $11::bigint[],"
         " $12::bigint[], $13::text[], $14::integer[], $15::text[], $16::bigint[])"
         " ON CONFLICT (id) DO NOTHING",
-        *(list(column) for column in columns),
+        *(list(column) for column in zip(*records, strict=True)),
     )
 
 

@@ -157,6 +157,30 @@ async def test_a_flush_that_is_refused_leaves_nothing_in_the_outbox(
     assert await db.fetchval("SELECT count(*) FROM outbox_batches") == before
 
 
+async def test_events_fanned_out_again_leave_their_deliveries_as_they_are(
+    database_url: str, redis_namespace: str, db: asyncpg.Connection, pool: asyncpg.Pool
+) -> None:
+    """The same events in a second batch (a flush written again) make the same
+    delivery ids: the copy that writes them conflicts, and the deliveries already
+    there keep their state while the new ones are added, in the same transaction."""
+    await _story(database_url, redis_namespace)
+    await _endpoint(db, "we_all", ["*"])
+    worker = DeliveryWorker(pool, {"webhook": Recording()}, EVERY_CHANNEL)
+    assert await worker.dispatch_once(attempt=True) == 10
+    assert await db.fetchval("SELECT count(*) FROM deliveries WHERE status = 'delivered'") == 10
+    await _endpoint(db, "we_later", ["*"])
+    await db.execute(
+        "INSERT INTO outbox_batches (shard, committed_ms, events, payload)"
+        " SELECT shard, committed_ms, events, payload FROM outbox_batches ORDER BY id"
+    )
+    assert await worker.dispatch_once() == 10
+    rows = await db.fetch("SELECT endpoint_id, status, attempts FROM deliveries")
+    assert sorted((r["endpoint_id"], r["status"], r["attempts"]) for r in rows) == (
+        [("we_all", "delivered", 1)] * 10 + [("we_later", "pending", 0)] * 10
+    )
+    assert await db.fetchval("SELECT count(*) FROM outbox_batches WHERE dispatched_ms IS NULL") == 0
+
+
 async def test_batches_become_deliveries_for_subscribed_endpoints_once(
     database_url: str, redis_namespace: str, db: asyncpg.Connection, pool: asyncpg.Pool
 ) -> None:
