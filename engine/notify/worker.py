@@ -57,6 +57,8 @@ EMAIL_EVENTS: Final = frozenset(
     {"queue.offer", "booking.confirmed", "booking.cancelled", "booking.expired"}
 )
 LAPSED_TRIGGERS: Final = frozenset({"hold_ttl", "claim_ttl"})
+# Slots whose facts are kept at most (the cache starts over past this).
+SLOT_FACTS_KEPT: Final = 50_000
 _decode_events = msgspec.msgpack.Decoder(list[AnyEvent]).decode
 _json = msgspec.json.Encoder()
 
@@ -75,13 +77,18 @@ class Channel(Protocol):
 @dataclass(frozen=True)
 class WorkerOptions:
     retry_seconds: tuple[int, ...] = RETRY_SECONDS_DEFAULT
-    # How often an idle worker looks for work.
+    # How often an idle worker looks for new outbox batches, and for due retries
+    # (the earliest retry is seconds away; a redelivery waits at most this).
     poll_s: float = 0.1
+    retry_poll_s: float = 0.5
     # After a fan-out that found less than ``batch_limit`` batches, the loop waits
     # this long: a round's fixed cost (a transaction; the endpoints, slots and
     # contacts read) is then shared by the events of many flushes instead of a
     # few, for at most this much more lag.
-    gather_s: float = 0.05
+    gather_s: float = 0.2
+    # A slot's facts (its domain for the channels, its times for email) are read
+    # again after this: a slot's domain never changes, its times rarely.
+    slot_facts_s: float = 5.0
     # Outbox batches fanned out per transaction, deliveries claimed per round.
     batch_limit: int = 100
     claim_limit: int = 200
@@ -136,6 +143,8 @@ class DeliveryWorker:
         self._semaphore = asyncio.Semaphore(self.options.concurrency)
         self.state: store.OutboxState | None = None
         self._round_full = False
+        # Slot id -> (when read, by the monotonic clock; its row, None if unknown).
+        self._slots: dict[str, tuple[float, Any]] = {}
 
     def _now_ms(self) -> int:
         return int(self._clock() * 1000)
@@ -164,7 +173,7 @@ class DeliveryWorker:
             for batch in batches:
                 events = _decode_events(zlib.decompress(batch.payload))
                 made.extend((batch, n) for n in notifications(events, wanted))
-            slots = await store.slot_facts(connection, sorted({n.slot_id for _, n in made}))
+            slots = await self._slot_facts(connection, {n.slot_id for _, n in made})
             mailable = sorted(
                 {n.user_id for _, n in made if n.user_id is not None and n.type in EMAIL_EVENTS}
             )
@@ -185,6 +194,32 @@ class DeliveryWorker:
         self.counts.dispatched_events += len(made)
         self.counts.deliveries_made += len(deliveries)
         return max(len(made), len(batches))
+
+    async def _slot_facts(
+        self, connection: asyncpg.Connection, slot_ids: set[str]
+    ) -> dict[str, Any]:
+        """The slots' rows, from what was read in the last ``slot_facts_s`` or read now."""
+        now = time.monotonic()
+        fresh_after = now - self.options.slot_facts_s
+        found: dict[str, Any] = {}
+        missing: list[str] = []
+        for slot_id in slot_ids:
+            known = self._slots.get(slot_id)
+            if known is not None and known[0] >= fresh_after:
+                if known[1] is not None:
+                    found[slot_id] = known[1]
+            else:
+                missing.append(slot_id)
+        if missing:
+            if len(self._slots) >= SLOT_FACTS_KEPT:
+                self._slots.clear()
+            read = await store.slot_facts(connection, sorted(missing))
+            for slot_id in missing:
+                row = read.get(slot_id)
+                self._slots[slot_id] = (now, row)
+                if row is not None:
+                    found[slot_id] = row
+        return found
 
     def _wanted(self, endpoints: list[tuple[str, frozenset[str]]]) -> frozenset[str]:
         """The event types some channel here would deliver."""
@@ -376,7 +411,10 @@ class DeliveryWorker:
                 for n in range(self.options.dispatch_loops)
             ),
             *(
-                asyncio.create_task(self._loop(self.deliver_once, stop), name=f"notify-deliver-{n}")
+                asyncio.create_task(
+                    self._loop(self.deliver_once, stop, idle_s=self.options.retry_poll_s),
+                    name=f"notify-deliver-{n}",
+                )
                 for n in range(self.options.delivery_loops)
             ),
             asyncio.create_task(self._housekeeping(stop), name="notify-housekeeping"),
@@ -398,9 +436,11 @@ class DeliveryWorker:
         step: Callable[[], Any],
         stop: asyncio.Event,
         pause: Callable[[], float] | None = None,
+        *,
+        idle_s: float | None = None,
     ) -> None:
         """Run ``step`` until stopped: again at once while it finds work (or after
-        ``pause()`` seconds), after ``poll_s`` when it found none."""
+        ``pause()`` seconds), after ``idle_s`` (``poll_s``) when it found none."""
         failures = 0
         while not stop.is_set():
             try:
@@ -419,7 +459,7 @@ class DeliveryWorker:
                 await _sleep_or_stop(stop, min(5.0, 0.2 * failures))
                 continue
             if not done:
-                await _sleep_or_stop(stop, self.options.poll_s)
+                await _sleep_or_stop(stop, self.options.poll_s if idle_s is None else idle_s)
             elif pause is not None and (pause_s := pause()) > 0:
                 await _sleep_or_stop(stop, pause_s)
 
