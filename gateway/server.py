@@ -503,7 +503,14 @@ def build_app(
         webhook_allow_private=settings.webhook_allow_private,
     )
     # The engine, its transport and the service URLs arrive on startup (engine_context).
-    add_observability(app, engine=None, transport=None, database_url=None, redis_url=None)
+    add_observability(
+        app,
+        engine=None,
+        transport=None,
+        database_url=None,
+        redis_url=None,
+        queue_sizes={name: policy.queue_size_max for name, policy in policies.items()},
+    )
     app.cleanup_ctx.append(engine_context)
     return app
 

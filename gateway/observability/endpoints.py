@@ -6,6 +6,7 @@ made, set on the app, closed with it. It never changes engine state.
 """
 
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 from aiohttp import web
@@ -13,12 +14,14 @@ from prometheus_client.exposition import choose_encoder
 
 from engine.shell.coalescer import EngineClient
 from gateway.http import (
+    DATABASE_KEY,
     ENGINE_KEY,
     OBSERVER_KEY,
     TRANSPORT_KEY,
 )
 from gateway.observability.health import OBSERVABILITY_KEY, Observability, health_handler
 from gateway.observability.metrics import METRICS_KEY, Metrics, metrics_observer
+from gateway.observability.pool import PoolCollector
 from gateway.observability.sampler import EngineSampler
 
 logger = logging.getLogger("slotengine.gateway.observability")
@@ -44,12 +47,14 @@ def add_observability(
     transport: Any,
     database_url: str | None,
     redis_url: str | None,
+    queue_sizes: Mapping[str, int] | None = None,
 ) -> None:
     """Register ``GET /health``, ``GET /metrics`` and the timing middleware on ``app``.
 
     Call it after ``create_app`` and before the app starts. ``engine`` /
     ``transport`` None: read from ``app[ENGINE_KEY]`` / ``app[TRANSPORT_KEY]``
-    when needed.
+    when needed. ``queue_sizes``: each domain's maximum queue size, for
+    ``queue_max_size``. The database pool's series read ``app[DATABASE_KEY]``.
     """
 
     def current_engine() -> EngineClient | None:
@@ -61,8 +66,9 @@ def add_observability(
         return app.get(TRANSPORT_KEY)
 
     registry_metrics = Metrics()
-    sampler = EngineSampler(current_engine, current_transport)
+    sampler = EngineSampler(current_engine, current_transport, queue_sizes=queue_sizes)
     registry_metrics.registry.register(sampler)
+    registry_metrics.registry.register(PoolCollector(lambda: app.get(DATABASE_KEY)))
     observability = Observability(
         registry_metrics, sampler, database_url=database_url, redis_url=redis_url
     )

@@ -5,17 +5,20 @@ on demand and shared by concurrent callers, reused for
 ``STATISTICS_MAX_AGE_S``; the longest queues, scanned at most every
 ``QUEUE_SCAN_EVERY_S``) and the engine's series it renders as a collector:
 per shard actor (label ``shard``, one value per actor, never per slot) its
-owner's state, lease, fence token, rebuilds, commands in flight and its
-writer's backlog and flush lag. It only reads the engine (statistics and
-``ListSlots``), never changes it, adds nothing to the request path, and
-``collect`` never waits.
+owner's state, lease, fence token, rebuilds, commands in flight, how late
+its timers are (holds kept past their TTL) and its writer's backlog and flush
+lag; per shard, its queues' waiting entries and offers; per slot, for the
+longest queues only, their length and maximum size. It only reads the engine
+(statistics and ``ListSlots``), never changes it, adds nothing to the request
+path, and ``collect`` never waits.
 """
 
 import asyncio
 import contextlib
 import heapq
 import logging
-from collections.abc import Callable, Iterable, Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Final, Protocol, cast
 
@@ -158,15 +161,26 @@ class EngineSampler:
         self,
         engine: Callable[[], EngineClient | None],
         transport: Callable[[], Any],
+        *,
+        queue_sizes: Mapping[str, int] | None = None,
+        wall_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000,
     ) -> None:
+        """``queue_sizes``: each domain's maximum queue size (``queue_max_size``
+        is shown for the longest queues of the domains it names). ``wall_ms``:
+        the wall clock the shards' timer deadlines are read against."""
         self._engine = engine
         self._transport = transport
+        self._queue_sizes = dict(queue_sizes or {})
+        self._wall_ms = wall_ms
         self._ids = RequestIds()
         self._sample: EngineSample | None = None
         self._fetching: asyncio.Task[EngineSample] | None = None
         self._expirations: dict[int, int] = {}
         self._waiting: dict[int, int] = {}
-        self._queues: dict[int, list[tuple[int, str]]] = {}
+        self._overdue_ms: dict[int, int] = {}
+        self._offers: dict[int, int] = {}
+        # Per shard, its longest queues: (length, slot id, domain).
+        self._queues: dict[int, list[tuple[int, str, str]]] = {}
         self._queues_at: float | None = None
         self._scanning: asyncio.Task[None] | None = None
 
@@ -206,10 +220,22 @@ class EngineSampler:
                 *(_sample_shard(transport, shard) for shard in range(transport.shard_count))
             )
             sample = EngineSample(at=loop.time(), shards=tuple(shards))
+        now_ms = self._wall_ms()
         for shard in sample.shards:
             if shard.runtime is not None:
-                self._expirations[shard.shard] = shard.runtime.core.expirations_total
-                self._waiting[shard.shard] = shard.runtime.core.waiting
+                core = shard.runtime.core
+                self._expirations[shard.shard] = core.expirations_total
+                self._waiting[shard.shard] = core.waiting
+                self._offers[shard.shard] = core.offers_total
+                # The earliest deadline of a hold, claim or queue entry, passed and not
+                # acted on yet (0: none passed).
+                deadline_ms = core.next_deadline_ms
+                self._overdue_ms[shard.shard] = (
+                    0 if deadline_ms is None else max(0, now_ms - deadline_ms)
+                )
+            else:
+                # Not known now (engine_shard_up reads 0): no stale value.
+                self._overdue_ms.pop(shard.shard, None)
         self._sample = sample
         return sample
 
@@ -236,8 +262,8 @@ class EngineSampler:
                 self._queues[shard] = answer
         self._queues_at = loop.time()
 
-    async def _scan_shard(self, engine: EngineClient, shard: int) -> list[tuple[int, str]]:
-        found: list[tuple[int, str]] = []
+    async def _scan_shard(self, engine: EngineClient, shard: int) -> list[tuple[int, str, str]]:
+        found: list[tuple[int, str, str]] = []
         after: tuple[int, str] | None = None
         scanned = 0
         async with asyncio.timeout(QUEUE_SCAN_TIMEOUT_S):
@@ -250,7 +276,9 @@ class EngineSampler:
                 )
                 if not isinstance(page, p.SlotPage):
                     raise RuntimeError(f"ListSlots answered {page!r}")
-                found.extend((v.queue_length, v.id) for v in page.items if v.queue_length > 0)
+                found.extend(
+                    (v.queue_length, v.id, v.domain) for v in page.items if v.queue_length > 0
+                )
                 scanned += len(page.items)
                 if len(page.items) < limits.LIST_LIMIT_MAX:
                     break
@@ -281,17 +309,44 @@ class EngineSampler:
         for shard, count in sorted(self._waiting.items()):
             waiting.add_metric([str(shard)], count)
         yield waiting
+        offers = CounterMetricFamily(
+            "queue_offers",
+            "Seats offered to the head of a queue (per shard; restarts when a shard's owner "
+            "reloads).",
+            labels=["shard"],
+        )
+        for shard, total in sorted(self._offers.items()):
+            offers.add_metric([str(shard)], total)
+        yield offers
         lengths = GaugeMetricFamily(
             "queue_length",
             f"WAITING entries of the {QUEUE_TOP_N} longest queues (see queue_waiting for all).",
             labels=["slot_id"],
         )
+        sizes = GaugeMetricFamily(
+            "queue_max_size",
+            "The maximum queue size of the slots queue_length shows (their domain's).",
+            labels=["slot_id"],
+        )
         longest = heapq.nlargest(
             QUEUE_TOP_N, (entry for entries in self._queues.values() for entry in entries)
         )
-        for length, slot_id in longest:
+        for length, slot_id, domain in longest:
             lengths.add_metric([slot_id], length)
+            size = self._queue_sizes.get(domain)
+            if size is not None:
+                sizes.add_metric([slot_id], size)
         yield lengths
+        yield sizes
+        overdue = GaugeMetricFamily(
+            "engine_shard_timers_overdue_seconds",
+            "How long ago the shard's earliest hold, claim or queue deadline passed without "
+            "being acted on (0: none passed): a hold kept past its TTL shows here.",
+            labels=["shard"],
+        )
+        for shard, late_ms in sorted(self._overdue_ms.items()):
+            overdue.add_metric([str(shard)], late_ms / 1000)
+        yield overdue
         up = GaugeMetricFamily(
             "engine_shard_up", "1 when the shard answered its last statistics.", labels=["shard"]
         )
