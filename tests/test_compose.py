@@ -1,5 +1,6 @@
 """docker-compose.yml parses (docker-compose config) and holds the production-like stack;
-its Ray nodes and gateways find each other; ``.env.example`` lists every variable it reads."""
+its Ray nodes and gateways find each other; Prometheus gets its rules and Grafana its
+dashboards; ``.env.example`` lists every variable it reads."""
 
 import os
 import re
@@ -15,7 +16,7 @@ from engine.shell import limits
 
 ROOT = Path(__file__).resolve().parents[1]
 SERVICES = {"postgres", "redis", "migrate", "ray-head", "ray-worker-1", "ray-worker-2",
-            "gateway-1", "gateway-2", "nginx", "prometheus"}  # fmt: skip
+            "gateway-1", "gateway-2", "nginx", "prometheus", "grafana"}  # fmt: skip
 
 
 # The secrets the compose file requires, each set to a value good for `config` only.
@@ -167,3 +168,52 @@ def test_the_head_sets_the_engines_ray_health_checks() -> None:
     assert environment["RAY_health_check_failure_threshold"] == str(
         limits.RAY_HEALTH_CHECK_FAILURE_THRESHOLD
     )
+
+
+def _mounts(service: dict[str, Any]) -> dict[str, str]:
+    """A service's bind mounts: where in the container -> which path of the repository."""
+    found = {}
+    for volume in service.get("volumes", []):
+        source, target, *_ = volume.split(":")
+        if source.startswith("./"):
+            assert (ROOT / source).exists(), source
+            found[target] = source
+    return found
+
+
+def test_prometheus_gets_its_configuration_and_the_rules_it_names() -> None:
+    prometheus = _services()["prometheus"]
+    mounts = _mounts(prometheus)
+    assert mounts["/etc/prometheus/prometheus.yml"] == "./config/deploy/prometheus.yml"
+    config = yaml.safe_load((ROOT / "config/deploy/prometheus.yml").read_text())
+    for rule_file in config["rule_files"]:
+        # Relative paths are read beside the configuration.
+        assert mounts[f"/etc/prometheus/{rule_file}"] == f"./config/deploy/{rule_file}"
+
+
+def test_grafana_gets_its_provisioning_and_dashboards_and_reads_prometheus() -> None:
+    services = _services()
+    grafana = services["grafana"]
+    image, _, version = grafana["image"].partition(":")
+    assert image == "grafana/grafana" and version and version != "latest"
+    assert "prometheus" in grafana["depends_on"]
+    assert grafana["ports"] == ["3000:3000"]
+    mounts = _mounts(grafana)
+    assert mounts["/etc/grafana/provisioning"] == "./config/deploy/grafana/provisioning"
+    assert mounts["/var/lib/grafana/dashboards"] == "./config/deploy/grafana/dashboards"
+    provider = yaml.safe_load(
+        (ROOT / "config/deploy/grafana/provisioning/dashboards/slotengine.yml").read_text()
+    )["providers"][0]
+    assert provider["options"]["path"] == "/var/lib/grafana/dashboards"
+    home = grafana["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
+    assert home.startswith("/var/lib/grafana/dashboards/")
+    assert (ROOT / "config/deploy/grafana/dashboards" / Path(home).name).exists()
+    # Visitors view; nobody signs up; the admin's password is the operator's.
+    environment = grafana["environment"]
+    assert environment["GF_AUTH_ANONYMOUS_ORG_ROLE"] == "Viewer"
+    assert environment["GF_USERS_ALLOW_SIGN_UP"] == "false"
+    assert "GRAFANA_ADMIN_PASSWORD" in environment["GF_SECURITY_ADMIN_PASSWORD"]
+    source = yaml.safe_load(
+        (ROOT / "config/deploy/grafana/provisioning/datasources/prometheus.yml").read_text()
+    )["datasources"][0]
+    assert source["url"] == f"http://prometheus:{services['prometheus']['ports'][0].split(':')[1]}"
