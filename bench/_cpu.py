@@ -33,6 +33,7 @@ ROLES: Final = (
     "ray_other",
     "postgres",
     "redis",
+    "delivery_worker",
     "other",
 )
 _TCP_LISTEN: Final = "0A"
@@ -92,8 +93,12 @@ class CpuByRole:
         self._database = database
         self._redis_port = redis_port
         self._roles: dict[int, str] = {}
+        # Processes of the bench's own with a role of their own (pid -> role).
+        self.named: dict[int, str] = {}
 
     def _role(self, pid: int, in_tree: bool, cmdline: str, gateway_inodes: set[str]) -> str | None:
+        if pid in self.named:
+            return self.named[pid]
         if in_tree:
             if _holds_socket(pid, gateway_inodes):
                 return "gateways"

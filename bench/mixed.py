@@ -31,6 +31,7 @@ import asyncio
 import collections
 import contextlib
 import math
+import os
 import random
 import secrets
 import statistics
@@ -48,6 +49,8 @@ from bench._progress import Progress, progress_bar
 from bench._receivers import Received, webhook_receiver
 from bench._report import add_report_argument, write_report
 from bench._wire import Connection, WireError
+from bench._worker import delivery_worker
+from persistence.sealing import format_key, new_key
 
 P99_TARGETS_MS = {
     "reserve": 200.0,
@@ -63,8 +66,10 @@ CONNECTIONS_MAX = 2_000
 SCHEDULER_TICK_S = 0.001
 # Shard actors of a started server with Ray (unless --shards).
 MIXED_RAY_SHARDS = 1
-# Roles of ``bench._cpu`` outside the started server: the services it uses.
+# Roles of ``bench._cpu`` outside the started server: the services it uses, and
+# the delivery worker of --notify-process (as if on another machine).
 SERVICE_ROLES = frozenset({"postgres", "redis"})
+APART_ROLES = frozenset({"delivery_worker"})
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -96,6 +101,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="*",
         help="with --notifications on: the event types the endpoint subscribes to, "
         "comma-separated [*: every event, a webhook per change]",
+    )
+    parser.add_argument(
+        "--notify-process",
+        action="store_true",
+        help="with --notifications on: the server runs no delivery worker (--no-notify) and "
+        "a `slotengine notify` process of the bench's delivers, its CPU counted apart "
+        "(delivery_worker_cpu_us_per_request): what the server's machine pays when the "
+        "workers run elsewhere",
     )
     parser.add_argument("--rate", type=float, default=5_000, help="requests/s offered")
     parser.add_argument("--clients", type=int, default=0, help="closed loop with C clients")
@@ -382,57 +395,81 @@ async def _run_one(args: argparse.Namespace) -> dict[str, Any]:
         if mode == "on":
             hook_url = await stack.enter_async_context(webhook_receiver(received))
             env = {"SLOTENGINE_NOTIFICATIONS": "true", "SLOTENGINE_WEBHOOK_ALLOW_PRIVATE": "true"}
+            if args.notify_process:
+                # The server and the worker unseal the endpoint's secret with one key.
+                env["SLOTENGINE_DATA_KEY"] = format_key(new_key("bench"))
         elif mode == "off":
             env = {"SLOTENGINE_NOTIFICATIONS": "false"}
-        result = await _measure(args, env, hook_url)
+        result = await _measure(args, env, hook_url, mode == "on" and args.notify_process)
     result["notifications"] = mode
     if mode == "on":
         result["webhook_events"] = args.webhook_events
         result["webhooks_received"] = len(received.webhooks)
+        result["notify_process"] = args.notify_process
     return result
 
 
 async def _measure(
-    args: argparse.Namespace, env: dict[str, str], hook_url: str | None
+    args: argparse.Namespace, env: dict[str, str], hook_url: str | None, notify_process: bool
 ) -> dict[str, Any]:
     run_name = f"mixed_{secrets.token_hex(4)}"
-    async with h.target(args, run_name, env) as target:
-        connector = aiohttp.TCPConnector(limit=CONNECTIONS_MAX, limit_per_host=CONNECTIONS_MAX)
-        async with aiohttp.ClientSession(
-            connector=connector, timeout=aiohttp.ClientTimeout(total=30)
-        ) as session:
-            if hook_url is not None:
-                async with session.post(
-                    f"{target.base}/api/admin/webhooks",
-                    headers=target.headers("bench", "admin"),
-                    json={"url": hook_url, "events": args.webhook_events.split(",")},
-                ) as created:
-                    assert created.status == 201, await created.text()
-            slots = await _create_slots(session, target, args.slots, args.capacity)
-            users = [
-                User(f"mixed-{n}", target.token(f"mixed-{n}").encode()) for n in range(args.users)
-            ]
-            mixed = Mixed(target, slots, users, args.seed)
-            watch = _cpu_watch(target)
-            cpu_before = h.self_cpu_seconds()
-            by_role_before = watch.sample()
-            wall_before = time.perf_counter()
-            planned = sent_by(args.warmup_seconds + args.seconds, args.rate, args.warmup_seconds)
-            mixed.progress = progress_bar(
-                total=None if args.clients else planned, desc="mixed", unit="req", mininterval=0.5
-            )
-            with h.load_generator_collector():
-                if args.clients:
-                    await _closed_loop(mixed, args.clients, args.warmup_seconds, args.seconds)
-                else:
-                    await _open_loop(mixed, args.rate, args.warmup_seconds, args.seconds)
-            wall_s = time.perf_counter() - wall_before
-            loadgen_cpu_s = h.self_cpu_seconds() - cpu_before
-            by_role = _cpu.spent(by_role_before, watch.sample())
-            mixed.progress.close()
-            for connection in mixed.connections:
-                connection.close()
-        check = await h.check_database(target.database_url, mixed.ledger)
+    async with contextlib.AsyncExitStack() as stack:
+        target = await stack.enter_async_context(
+            h.target(args, run_name, env, ["--no-notify"] if notify_process else [])
+        )
+        worker_pid = None
+        if notify_process:
+            assert target.database_url is not None and target.log_path is not None
+            worker = await stack.enter_async_context(
+                delivery_worker(
+                    {**os.environ, **env, "DATABASE_URL": target.database_url,
+                     "SLOTENGINE_LOG_LEVEL": "warning"},
+                    target.log_path.with_suffix(".worker.log"),
+                )
+            )  # fmt: skip
+            worker_pid = worker.pid
+        return await _measure_on(args, target, hook_url, worker_pid)
+
+
+async def _measure_on(
+    args: argparse.Namespace, target: h.Target, hook_url: str | None, worker_pid: int | None
+) -> dict[str, Any]:
+    connector = aiohttp.TCPConnector(limit=CONNECTIONS_MAX, limit_per_host=CONNECTIONS_MAX)
+    async with aiohttp.ClientSession(
+        connector=connector, timeout=aiohttp.ClientTimeout(total=30)
+    ) as session:
+        if hook_url is not None:
+            async with session.post(
+                f"{target.base}/api/admin/webhooks",
+                headers=target.headers("bench", "admin"),
+                json={"url": hook_url, "events": args.webhook_events.split(",")},
+            ) as created:
+                assert created.status == 201, await created.text()
+        slots = await _create_slots(session, target, args.slots, args.capacity)
+        users = [User(f"mixed-{n}", target.token(f"mixed-{n}").encode()) for n in range(args.users)]
+        mixed = Mixed(target, slots, users, args.seed)
+        watch = _cpu_watch(target)
+        if worker_pid is not None:
+            watch.named[worker_pid] = "delivery_worker"
+        cpu_before = h.self_cpu_seconds()
+        by_role_before = watch.sample()
+        wall_before = time.perf_counter()
+        planned = sent_by(args.warmup_seconds + args.seconds, args.rate, args.warmup_seconds)
+        mixed.progress = progress_bar(
+            total=None if args.clients else planned, desc="mixed", unit="req", mininterval=0.5
+        )
+        with h.load_generator_collector():
+            if args.clients:
+                await _closed_loop(mixed, args.clients, args.warmup_seconds, args.seconds)
+            else:
+                await _open_loop(mixed, args.rate, args.warmup_seconds, args.seconds)
+        wall_s = time.perf_counter() - wall_before
+        loadgen_cpu_s = h.self_cpu_seconds() - cpu_before
+        by_role = _cpu.spent(by_role_before, watch.sample())
+        mixed.progress.close()
+        for connection in mixed.connections:
+            connection.close()
+    check = await h.check_database(target.database_url, mixed.ledger)
     summary = mixed.latencies.summary()
     answered = sum(op["count"] for op in summary.values())
     throughput = answered / args.seconds
@@ -443,7 +480,12 @@ async def _measure(
     errors = mixed.latencies.errors
     offered = None if args.clients else args.rate
     achieved_ok = offered is None or throughput >= ACHIEVED_TARGET * offered
-    server_cpu_s = sum(role["cpu_s"] for name, role in by_role.items() if name not in SERVICE_ROLES)
+    server_cpu_s = sum(
+        role["cpu_s"]
+        for name, role in by_role.items()
+        if name not in SERVICE_ROLES and name not in APART_ROLES
+    )
+    worker_cpu_s = sum(role["cpu_s"] for name, role in by_role.items() if name in APART_ROLES)
     services_cpu_s = sum(role["cpu_s"] for name, role in by_role.items() if name in SERVICE_ROLES)
     per_request = 1e6 / max(1, mixed.completed)
     for role in by_role.values():
@@ -472,6 +514,8 @@ async def _measure(
         # over the whole load (warm-up included).
         "server_cpu_us_per_request": round(server_cpu_s * per_request, 1),
         "services_cpu_us_per_request": round(services_cpu_s * per_request, 1),
+        # --notify-process: the bench's own delivery worker, not counted above.
+        "delivery_worker_cpu_us_per_request": round(worker_cpu_s * per_request, 1),
         "cpu_by_process": by_role,
         **check,
         "meets_target": achieved_ok

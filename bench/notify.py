@@ -25,15 +25,10 @@ run behind unless ``--keep-database`` asks.
 
 import argparse
 import asyncio
-import contextlib
 import os
 import secrets
-import signal
-import subprocess
-import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -42,7 +37,8 @@ import aiohttp
 
 from bench import _http as h
 from bench._machine import calibration_ms
-from bench._receivers import Received, free_port, smtp_receiver, webhook_receiver
+from bench._receivers import Received, smtp_receiver, webhook_receiver
+from bench._worker import delivery_worker
 from persistence.sealing import format_key, new_key
 
 DELIVERIES_PER_S_TARGET = 1_000.0
@@ -52,8 +48,6 @@ DRAINED_READS = 3
 DRAIN_TIMEOUT_S = 300.0
 # Requests in flight at once from the load generator.
 CONCURRENCY = 200
-WORKER_START_TIMEOUT_S = 60.0
-WORKER_STOP_TIMEOUT_S = 20.0
 DOMAIN_FILE = """\
 # The bench's default domain: every notification channel.
 domainType = "resource"
@@ -181,38 +175,6 @@ async def _phase(
     return time.time() - started
 
 
-@contextlib.asynccontextmanager
-async def _worker(env: dict[str, str], log_path: Path) -> AsyncIterator[subprocess.Popen[bytes]]:
-    """A ``slotengine notify`` process of its own, once it serves its metrics (it is
-    running), stopped (SIGTERM) on leaving."""
-    port = free_port()
-    with log_path.open("ab") as log:
-        worker = subprocess.Popen(
-            [sys.executable, "-m", "engine.cli", "notify", "--metrics-port", str(port)],
-            env=env, stdout=log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-    try:
-        deadline = time.monotonic() + WORKER_START_TIMEOUT_S
-        async with aiohttp.ClientSession() as session:
-            while True:
-                if worker.poll() is not None or time.monotonic() > deadline:
-                    raise SystemExit(f"the delivery worker did not start; its log: {log_path}")
-                try:
-                    async with session.get(f"http://127.0.0.1:{port}/metrics") as answer:
-                        if answer.status == 200:
-                            break
-                except aiohttp.ClientError:
-                    await asyncio.sleep(0.2)
-        yield worker
-    finally:
-        worker.send_signal(signal.SIGTERM)
-        try:
-            worker.wait(WORKER_STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            worker.kill()
-            worker.wait()
-
-
 async def _run(args: argparse.Namespace) -> dict[str, Any]:
     received = Received()
     calibration = calibration_ms()
@@ -249,7 +211,7 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
                         assert created.status == 201, await created.text()
                     counts: dict[str, int] = {}
                     # 1. Live: the worker delivers while the storm makes the events.
-                    async with _worker(worker_env, worker_log):
+                    async with delivery_worker(worker_env, worker_log):
                         live_load_s = await _phase(
                             session, target, args, 0, counts, args.live_round_every_s
                         )
@@ -257,7 +219,7 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
                     live = len(received.webhooks), len(received.emails)
                     # 2. Backlog: the storm with no worker, then one worker drains it.
                     backlog_load_s = await _phase(session, target, args, args.rounds, counts)
-                    async with _worker(worker_env, worker_log):
+                    async with delivery_worker(worker_env, worker_log):
                         outbox = await _drained(session, target)
     return _result(
         args, received, live, counts, (live_load_s, backlog_load_s), (live_outbox, outbox),
