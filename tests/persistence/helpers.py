@@ -6,6 +6,7 @@ from typing import Any
 
 import asyncpg
 
+from engine.core.clock import Clock
 from engine.core.policy import DomainPolicy
 from engine.core.protocol import AnyCommand, AnyResult, BatchCodec, CreateSlot
 from engine.core.routing import make_slot_id, shard_of
@@ -78,14 +79,18 @@ def make_owner(
     before_flush: Callable[[], Awaitable[None]] | None = None,
     fence_check: bool = True,
     hold_ttl_ms: int | None = None,
+    domains: dict[str, DomainPolicy] | None = None,
+    clock: Clock | None = None,
     **settings: Any,
 ) -> ShardOwner:
+    """An owner of ``shard`` with the ``default`` and ``short`` domains, and ``domains``
+    added or replacing them; on the system clock unless ``clock`` is given."""
     overrides = {} if hold_ttl_ms is None else {"hold_ttl_ms": hold_ttl_ms}
     return ShardOwner(
         shard_id=shard,
         shard_count=shard_count,
-        policies=policies(**overrides),
-        clock=SystemClock(),
+        policies={**policies(**overrides), **(domains or {})},
+        clock=SystemClock() if clock is None else clock,
         storage=storage(database_url, namespace, **settings),
         owner=owner,
         succeeds=succeeds,
