@@ -6,8 +6,11 @@ while users reserve, confirm, cancel and join in the background, and the
 database is backed up meanwhile: logically (``pg_dump --format=custom``,
 restored with ``pg_restore`` into a fresh database) and physically
 (``pg_basebackup -X stream`` of a PostgreSQL of the test's own, checked with
-``pg_verifybackup`` and started as a server of its own). A new owner (another
-owner id, another Redis prefix) starts on the restored database. Then:
+``pg_verifybackup`` and started as a server of its own), and to a point in
+time (a base backup, then WAL archived with ``archive_command`` and replayed
+with ``restore_command`` up to ``recovery_target_time``: a change acknowledged
+after the target is not there). A new owner (another owner id, another Redis
+prefix) starts on the restored database. Then:
 
 - every change the engine acknowledged before the backup began is there: the
   bookings with their status, the holds, the queue places in join order;
@@ -26,6 +29,7 @@ hold and offer (an hour) stays.
 
 import asyncio
 import contextlib
+import datetime
 import os
 import random
 import secrets
@@ -146,9 +150,14 @@ async def _user(
 
 
 async def _serve_and_back_up(
-    database_url: str, namespace: str, back_up: Callable[[], Awaitable[None]]
+    database_url: str,
+    namespace: str,
+    back_up: Callable[[Driver], Awaitable[None]],
+    *,
+    before: Callable[[], Awaitable[None]] | None = None,
 ) -> Moment:
-    """Serve the fixed slots and the load on ``database_url``; ``back_up()`` under load."""
+    """Serve the fixed slots and the load on ``database_url``, and ``back_up(drive)``
+    under load; ``before()`` runs under load too, before the expiring hold is made."""
     owner = make_owner(database_url, namespace, owner="owner-a", domains=DOMAINS)
     await owner.start()
     try:
@@ -186,6 +195,8 @@ async def _serve_and_back_up(
             async with asyncio.timeout(LOAD_DEADLINE_S):
                 while ledger.acknowledged < ACKNOWLEDGED_BEFORE_BACKUP:
                     await asyncio.sleep(POLL_S)
+            if before is not None:
+                await before()
             # A hold that will lapse after the restore, and the user next in line for it.
             expiring_slot = slot_on(0, 1, "expiring")
             created = await drive.one(
@@ -207,7 +218,7 @@ async def _serve_and_back_up(
                 expiring=expiring,
                 next_in_line="gus",
             )
-            await back_up()
+            await back_up(drive)
             acknowledged_during = ledger.acknowledged - moment.ledger.acknowledged
         finally:
             stop.set()
@@ -422,7 +433,7 @@ async def test_a_logical_backup_under_load_restores_every_acknowledged_change(
     bindir = find_postgres_bindir()
     dump = backup_directory / "slotengine.dump"
 
-    async def back_up() -> None:
+    async def back_up(_drive: Driver) -> None:
         await _run(str(bindir / "pg_dump"), "--format=custom", f"--file={dump}", database_url)
 
     moment = await _serve_and_back_up(database_url, redis_namespace, back_up)
@@ -451,7 +462,7 @@ async def test_a_physical_backup_under_load_starts_as_a_server_with_every_acknow
     await migrate_url(database_url)
     data = backup_directory / "data"
 
-    async def back_up() -> None:
+    async def back_up(_drive: Driver) -> None:
         await _run(
             str(bindir / "pg_basebackup"),
             f"--dbname={primary.url_for('postgres')}",
@@ -474,3 +485,110 @@ async def test_a_physical_backup_under_load_starts_as_a_server_with_every_acknow
     finally:
         with contextlib.suppress(Exception):
             restored.close()
+
+
+# -- point-in-time recovery ----------------------------------------------------
+
+
+@pytest.fixture
+def archiving_primary() -> Iterator[PrivatePostgres]:
+    """A PostgreSQL of the test's own that archives every completed WAL segment
+    into ``archive/`` of its directory."""
+    server = PrivatePostgres(settings={"wal_level": "replica", "archive_mode": "on"})
+    try:
+        archive = server.directory / "archive"
+        archive.mkdir()
+        owner = os.stat(server.directory)
+        os.chown(archive, owner.st_uid, owner.st_gid)
+        server.settings["archive_command"] = f"test ! -f {archive}/%f && cp %p {archive}/%f"
+        server.start()
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.mark.timeout(600)
+async def test_a_point_in_time_recovery_restores_the_changes_acknowledged_before_its_target(
+    archiving_primary: PrivatePostgres, redis_namespace: str, backup_directory: Path
+) -> None:
+    primary = archiving_primary
+    bindir = find_postgres_bindir()
+    archive = primary.directory / "archive"
+    database_url = primary.url_for("slotengine")
+    await create_database(database_url)
+    await migrate_url(database_url)
+    base = backup_directory / "base"
+    target: datetime.datetime | None = None
+    after_target = slot_on(0, 1, "after")
+
+    async def base_backup() -> None:
+        await _run(
+            str(bindir / "pg_basebackup"),
+            f"--dbname={primary.url_for('postgres')}",
+            f"--pgdata={base}",
+            "--wal-method=stream",
+            "--checkpoint=fast",
+            "--no-sync",
+        )
+
+    async def mark_target(drive: Driver) -> None:
+        nonlocal target
+        db = await asyncpg.connect(database_url)
+        try:
+            target = await db.fetchval("SELECT clock_timestamp()")
+            # A change acknowledged after the target: the recovery stops before it.
+            created = await drive.one(create_slot(after_target, SystemClock().now_ms()))
+            assert created.status == 201
+            # The segment holding the target and the change after it goes to the archive.
+            segment = await db.fetchval("SELECT pg_walfile_name(pg_switch_wal())")
+            async with asyncio.timeout(EXPIRY_DEADLINE_S):
+                while (
+                    await db.fetchval("SELECT last_archived_wal FROM pg_stat_archiver") or ""
+                ) < segment:
+                    await asyncio.sleep(POLL_S)
+        finally:
+            await db.close()
+
+    moment = await _serve_and_back_up(
+        database_url, redis_namespace, mark_target, before=base_backup
+    )
+    assert target is not None
+    await _run(str(bindir / "pg_verifybackup"), str(base))
+
+    data = backup_directory / "data"
+    shutil.copytree(base, data, symlinks=True)
+    with (data / "postgresql.auto.conf").open("a") as conf:
+        conf.write(
+            f"restore_command = 'cp {archive}/%f %p'\n"
+            f"recovery_target_time = '{target.isoformat()}'\n"
+            "recovery_target_action = 'promote'\n"
+        )
+    (data / "recovery.signal").touch()
+    owner = os.stat(primary.data_dir)
+    for path in [backup_directory, *backup_directory.rglob("*")]:
+        os.chown(path, owner.st_uid, owner.st_gid, follow_symlinks=False)
+    restored = PrivatePostgres(backup_directory)
+    try:
+        await restored.astart()
+        url = restored.url_for("slotengine")
+        # The server answers while it recovers (read-only); it writes once promoted.
+        async with asyncio.timeout(EXPIRY_DEADLINE_S):
+            while await _in_recovery(url):
+                await asyncio.sleep(POLL_S)
+        db = await asyncpg.connect(url)
+        try:
+            assert await db.fetchval("SELECT 1 FROM slots WHERE id = $1", after_target) is None
+        finally:
+            await db.close()
+        await _check_engine_on_restored(url, moment)
+    finally:
+        with contextlib.suppress(Exception):
+            restored.close()
+
+
+async def _in_recovery(url: str) -> bool:
+    db = await asyncpg.connect(url)
+    try:
+        return bool(await db.fetchval("SELECT pg_is_in_recovery()"))
+    finally:
+        await db.close()
