@@ -23,8 +23,8 @@ prefix) starts on the restored database. Then:
 
 The restored owner's clock runs ahead of the wall clock by nearly the
 expiring hold's TTL, so that hold (ten minutes, certainly still held when the
-backup is taken) lapses a few seconds after the restore, while every other
-hold and offer (an hour) stays.
+backup is taken) lapses a few seconds after the new owner starts (at once if
+the restore took longer), while every other hold and offer (an hour) stays.
 """
 
 import asyncio
