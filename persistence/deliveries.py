@@ -57,6 +57,22 @@ class NewDelivery:
     last_error: str | None = None
     delivered_at_ms: int | None = None
 
+    def first_attempt(self) -> "ClaimedDelivery":
+        """This delivery as claimed for its first attempt."""
+        return ClaimedDelivery(
+            self.id, self.event_id, self.event_type, self.channel, self.endpoint_id,
+            self.user_id, self.body, 1, self.committed_ms,
+        )  # fmt: skip
+
+    def attempted(self, result: "DeliveryResult") -> "NewDelivery":
+        """This delivery as written after its first attempt ended with ``result``."""
+        return NewDelivery(
+            self.id, self.event_id, self.event_type, self.channel, self.endpoint_id,
+            self.user_id, self.subject, self.seq, self.body, result.next_attempt_ms,
+            self.committed_ms, self.created_at_ms, result.status, 1, result.error,
+            result.at_ms if result.status == DELIVERED else None,
+        )  # fmt: skip
+
 
 @dataclass(frozen=True, slots=True)
 class ClaimedDelivery:

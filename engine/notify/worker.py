@@ -232,42 +232,8 @@ class DeliveryWorker:
         return frozenset(wanted)
 
     async def _first_attempts(self, deliveries: list[NewDelivery]) -> list[NewDelivery]:
-        claimed = [
-            ClaimedDelivery(
-                d.id,
-                d.event_id,
-                d.event_type,
-                d.channel,
-                d.endpoint_id,
-                d.user_id,
-                d.body,
-                1,
-                d.committed_ms,
-            )
-            for d in deliveries
-        ]
-        results = await self._send(claimed)
-        return [
-            NewDelivery(
-                d.id,
-                d.event_id,
-                d.event_type,
-                d.channel,
-                d.endpoint_id,
-                d.user_id,
-                d.subject,
-                d.seq,
-                d.body,
-                result.next_attempt_ms,
-                d.committed_ms,
-                d.created_at_ms,
-                result.status,
-                1,
-                result.error,
-                result.at_ms if result.status == store.DELIVERED else None,
-            )
-            for d, result in zip(deliveries, results, strict=True)
-        ]
+        results = await self._send([d.first_attempt() for d in deliveries])
+        return [d.attempted(result) for d, result in zip(deliveries, results, strict=True)]
 
     def _fan_out(
         self,
