@@ -17,7 +17,7 @@ import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Final, Literal, TypeVar, get_args
-from urllib.parse import parse_qsl, unquote, urlsplit
+from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
 import msgspec
 
@@ -75,7 +75,12 @@ OUTBOX_RETENTION_HOURS_DEFAULT: Final = 72
 OUTBOX_RETENTION_HOURS_MAX: Final = 24 * 365
 
 DATABASE_URL_SCHEMES: Final = ("postgresql", "postgres")
-REDIS_URL_SCHEMES: Final = ("redis", "rediss", "unix")
+REDIS_URL_SCHEMES: Final = ("redis", "rediss", "unix", "redis+sentinel")
+# Redis through Sentinel: the port of a sentinel named without one (Sentinel's own).
+SENTINEL_PORT_DEFAULT: Final = 26_379
+# A Redis database number is at most this (the server's default `databases 16`
+# allows 0-15; a larger setting is rare, a larger number a typo).
+REDIS_DB_MAX: Final = 1_000
 # smtp: plain (STARTTLS with ?starttls=true), smtps: TLS from the first byte.
 SMTP_URL_SCHEMES: Final = ("smtp", "smtps")
 # The ports an SMTP URL without one means: relay, implicit TLS, submission with
@@ -174,7 +179,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     env = _Environment(environ)
     return Settings(
         database_url=env.read("DATABASE_URL", _url(DATABASE_URL_SCHEMES), shown=_redact_url),
-        redis_url=env.read("REDIS_URL", _url(REDIS_URL_SCHEMES), shown=_redact_url),
+        redis_url=_redis_url(env),
         ray_address=env.read("RAY_ADDRESS", str),
         jwt_secret=env.read("SLOTENGINE_JWT_SECRET", str),
         data_key=env.read("SLOTENGINE_DATA_KEY", str),
@@ -404,6 +409,124 @@ def parse_smtp_url(raw: str) -> SmtpTarget:
         username=username or None,
         password=password,
     )
+
+
+class SentinelTarget(msgspec.Struct, frozen=True, kw_only=True):
+    """Redis through Sentinel, from a ``redis+sentinel://`` URL.
+
+    ``redis+sentinel://[:password@]host1[:port1],host2[:port2],.../service[/db]``:
+    the sentinels to ask (port 26379 where none is given), the name of the
+    master they watch (``sentinel monitor <service> ...``), and the database
+    number (0 by default). The password, percent-decoded, is the master's
+    (``requirepass``); the sentinels are asked without one.
+    """
+
+    sentinels: tuple[tuple[str, int], ...]
+    service: str
+    db: int
+    password: str | None
+
+    def __repr__(self) -> str:
+        # Never print the password: the target may end up in a log line.
+        password = None if self.password is None else "***"
+        return (
+            f"SentinelTarget(sentinels={self.sentinels!r}, service={self.service!r},"
+            f" db={self.db!r}, password={password!r})"
+        )
+
+
+SENTINEL_URL_FORM: Final = "redis+sentinel://[:password@]host:port,host:port,.../service[/db]"
+
+
+def parse_sentinel_url(raw: str) -> SentinelTarget:
+    """The sentinels, service, database and password of a ``redis+sentinel://`` URL.
+
+    Raises ``ValueError`` saying what is wrong.
+    """
+    scheme, separator, rest = raw.partition("://")
+    if scheme.lower() != "redis+sentinel" or not separator:
+        raise ValueError(f"expected {SENTINEL_URL_FORM}")
+    if "?" in rest or "#" in rest:
+        raise ValueError(f"expected no query or fragment: {SENTINEL_URL_FORM}")
+    location, slash, path = rest.partition("/")
+    password = None
+    if "@" in location:
+        credentials, _, location = location.rpartition("@")
+        user, colon, secret = credentials.partition(":")
+        if not colon or user:
+            raise ValueError(f"expected a password only (':password@'): {SENTINEL_URL_FORM}")
+        password = unquote(secret) or None
+    sentinels = tuple(_sentinel_address(part) for part in location.split(","))
+    segments = path.split("/") if slash else []
+    if not segments or not segments[0]:
+        raise ValueError(f"expected the service name after the sentinels: {SENTINEL_URL_FORM}")
+    if len(segments) > 2 or (len(segments) == 2 and not segments[1]):
+        raise ValueError(f"expected at most a database after the service: {SENTINEL_URL_FORM}")
+    service = unquote(segments[0])
+    db = 0
+    if len(segments) == 2:
+        db = _integer(0, REDIS_DB_MAX)(segments[1])
+    return SentinelTarget(sentinels=sentinels, service=service, db=db, password=password)
+
+
+def _sentinel_address(raw: str) -> tuple[str, int]:
+    part = raw.strip()
+    if not part:
+        raise ValueError(f"expected at least one sentinel host: {SENTINEL_URL_FORM}")
+    if part.startswith("["):  # an IPv6 address: [::1]:26379
+        host, bracket, tail = part[1:].partition("]")
+        if not bracket or (tail and not tail.startswith(":")):
+            raise ValueError(f"expected [address]:port for an IPv6 sentinel, got {part!r}")
+        port_text = tail[1:]
+    else:
+        host, _, port_text = part.partition(":")
+    if not host:
+        raise ValueError(f"expected a sentinel host, got {part!r}")
+    if not port_text:
+        return host, SENTINEL_PORT_DEFAULT
+    try:
+        port = _integer(1, 65_535)(port_text)
+    except ValueError:
+        raise ValueError(f"expected a port between 1 and 65535 for {host!r}") from None
+    return host, port
+
+
+def _redis_url(env: "_Environment") -> str | None:
+    """``REDIS_URL``, or the ``redis+sentinel://`` URL ``SLOTENGINE_REDIS_SENTINELS``
+    and ``SLOTENGINE_REDIS_SENTINEL_SERVICE`` stand for; never both."""
+
+    def checked(raw: str) -> str:
+        _url(REDIS_URL_SCHEMES)(raw)
+        if raw.lower().startswith("redis+sentinel:"):
+            parse_sentinel_url(raw)
+        return raw
+
+    url = env.read("REDIS_URL", checked, shown=_redact_url)
+    sentinels = env.read("SLOTENGINE_REDIS_SENTINELS", str)
+    service = env.read("SLOTENGINE_REDIS_SENTINEL_SERVICE", str)
+    if sentinels is None:
+        if service is not None:
+            raise ConfigError(
+                "SLOTENGINE_REDIS_SENTINEL_SERVICE: set only with SLOTENGINE_REDIS_SENTINELS"
+            )
+        return url
+    if url is not None:
+        raise ConfigError(
+            "SLOTENGINE_REDIS_SENTINELS: set either it or REDIS_URL, not both"
+            " (a password or a database goes in a redis+sentinel:// REDIS_URL)"
+        )
+    if service is None:
+        raise ConfigError(
+            "SLOTENGINE_REDIS_SENTINEL_SERVICE: expected the name of the master the"
+            " sentinels watch, since SLOTENGINE_REDIS_SENTINELS is set"
+        )
+    hosts = ",".join(part.strip() for part in sentinels.split(","))
+    composed = f"redis+sentinel://{hosts}/{quote(service.strip(), safe='')}"
+    try:
+        parse_sentinel_url(composed)
+    except ValueError as error:
+        raise ConfigError(f"SLOTENGINE_REDIS_SENTINELS: {error}, got {sentinels!r}") from None
+    return composed
 
 
 def _smtp_url(raw: str) -> str:

@@ -603,13 +603,14 @@ class _LeaseOwners:
     def __init__(self, redis_url: str | None, namespace: str) -> None:
         import redis.asyncio as aioredis
 
+        from config.redis_client import redis_client
         from config.redis_keys import RedisKeys
 
         self._keys = RedisKeys(namespace)
         self._client: aioredis.Redis | None = None
         self._warned = False
         if redis_url is not None:
-            self._client = aioredis.Redis.from_url(
+            self._client = redis_client(
                 redis_url,
                 socket_connect_timeout=CONNECT_TIMEOUT_S,
                 socket_timeout=CONNECT_TIMEOUT_S,

@@ -47,6 +47,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from config.domains import load_policies
+from config.redis_client import redis_client
 from config.settings import ConfigError, Settings
 from engine.core.routing import PartitionMap
 from engine.notify.mail import TemplateError, templates_for
@@ -108,15 +109,14 @@ def gateway_redis(url: str, *, timeout_s: float = REDIS_TIMEOUT_S) -> aioredis.R
     answer); the gateway keeps the default, tests whose machine may be slow
     set a longer one.
     """
-    pool = aioredis.BlockingConnectionPool.from_url(
+    return redis_client(
         url,
         max_connections=REDIS_CONNECTIONS_MAX,
-        timeout=timeout_s,
+        pool_timeout=timeout_s,
         socket_timeout=timeout_s,
         socket_connect_timeout=timeout_s,
         retry=Retry(NoBackoff(), 0),
     )
-    return aioredis.Redis.from_pool(pool)
 
 
 async def follow_the_map(client: EngineClient, live: LiveConnections) -> None:
@@ -430,14 +430,12 @@ def build_app(
         # Set on startup, before the first request is served (aiohttp's pattern).
         app[ENGINE_KEY] = client
         app[TRANSPORT_KEY] = transport
-        redis_client = gateway_redis(storage.redis_url)
-        app[LIMITER_KEY] = RateLimiter(redis_client, limits, namespace=storage.namespace)
-        app[KEYS_KEY] = KeyRegistry(redis_client, storage.namespace)
+        shared_redis = gateway_redis(storage.redis_url)
+        app[LIMITER_KEY] = RateLimiter(shared_redis, limits, namespace=storage.namespace)
+        app[KEYS_KEY] = KeyRegistry(shared_redis, storage.namespace)
         # The live updates' pub/sub connection blocks on reads: no socket timeout
         # (the bus pings Redis itself when the channel is quiet).
-        bus_client = aioredis.Redis.from_url(
-            storage.redis_url, socket_connect_timeout=REDIS_TIMEOUT_S
-        )
+        bus_client = redis_client(storage.redis_url, socket_connect_timeout=REDIS_TIMEOUT_S)
         bus = EventBus(bus_client, storage.namespace)
         await bus.start()
         live = app[LIVE_KEY] = LiveConnections(
@@ -447,7 +445,7 @@ def build_app(
                 min(policy.queue_inactivity_ms for policy in policies.values())
             ),
             limiter=ConnectionLimiter(
-                redis_client,
+                shared_redis,
                 settings.live_connections_per_user_max,
                 namespace=storage.namespace,
             ),
@@ -484,7 +482,7 @@ def build_app(
         await client.wait_idle(SHUTDOWN_TIMEOUT_S)
         await bus.close()
         await bus_client.aclose()
-        await redis_client.aclose()
+        await shared_redis.aclose()
         # The in-process shards, the engine socket or the links to the actors' sockets.
         await transport.close()
         if notifier is not None:

@@ -25,11 +25,11 @@ import asyncpg
 import msgspec
 import ray
 import ray.exceptions
-import redis.asyncio as aioredis
 import redis.exceptions
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
+from config.redis_client import redis_client
 from config.redis_keys import RedisKeys
 from engine.core.routing import PartitionMap
 from engine.shell import limits
@@ -369,7 +369,7 @@ async def _leases(
         unreachable.append("redis: no REDIS_URL")
         return {}
     timeout_s = limits.REDIS_CALL_TIMEOUT_MS / 1000
-    client = aioredis.Redis.from_url(
+    client = redis_client(
         redis_url,
         socket_timeout=timeout_s,
         socket_connect_timeout=timeout_s,

@@ -42,6 +42,7 @@ import redis.exceptions
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
+from config.redis_client import redis_client
 from config.redis_keys import NAMESPACE_DEFAULT, RedisKeys
 from engine.core.clock import Clock
 from engine.core.errors import InvariantViolation
@@ -186,7 +187,7 @@ class ShardOwner:
         # the publisher's loops try again themselves): the lease is judged by the
         # local clock, so a hung call must not outlast a renewal period.
         redis_timeout_s = limits.REDIS_CALL_TIMEOUT_MS / 1000
-        self._redis = aioredis.Redis.from_url(
+        self._redis = redis_client(
             self._storage.redis_url,
             socket_timeout=redis_timeout_s,
             socket_connect_timeout=redis_timeout_s,

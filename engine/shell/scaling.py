@@ -33,8 +33,8 @@ from typing import Any, Final
 import msgspec
 import ray
 import ray.exceptions
-import redis.asyncio as aioredis
 
+from config.redis_client import redis_client
 from config.redis_keys import MAP_CHANGED, RedisKeys
 from engine.core.policy import DomainPolicy
 from engine.shell import limits
@@ -118,7 +118,7 @@ async def rebalance_claim(storage: StorageSettings) -> AsyncIterator[None]:
     two at a time. Raises ``RebalanceBusy`` when another holds it."""
     claim = RedisKeys(storage.namespace).rebalance_claim
     me = secrets.token_hex(8).encode()
-    client = aioredis.Redis.from_url(storage.redis_url)
+    client = redis_client(storage.redis_url)
     try:
         async with asyncio.timeout(limits.REDIS_CALL_TIMEOUT_MS / 1000):
             claimed = await client.set(claim, me, nx=True, px=REBALANCE_CLAIM_TTL_MS)
@@ -141,7 +141,7 @@ async def rebalance_claim(storage: StorageSettings) -> AsyncIterator[None]:
 
 async def announce_map(storage: StorageSettings) -> None:
     """Tell every gateway that the partition map changed (they read it again)."""
-    client = aioredis.Redis.from_url(storage.redis_url)
+    client = redis_client(storage.redis_url)
     try:
         async with asyncio.timeout(limits.REDIS_CALL_TIMEOUT_MS / 1000):
             await client.publish(RedisKeys(storage.namespace).bus_channel, MAP_CHANGED)

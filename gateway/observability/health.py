@@ -19,6 +19,7 @@ import asyncpg
 import redis.asyncio as aioredis
 from aiohttp import web
 
+from config.redis_client import redis_client
 from gateway.observability.metrics import Metrics
 from gateway.observability.sampler import CHECK_TIMEOUT_S, EngineSampler, ShardSample
 from persistence.deliveries import outbox_state
@@ -128,7 +129,7 @@ class _RedisProbe:
             return False
         try:
             if self._client is None:
-                self._client = aioredis.Redis.from_url(
+                self._client = redis_client(
                     self.url,
                     socket_timeout=CHECK_TIMEOUT_S,
                     socket_connect_timeout=CHECK_TIMEOUT_S,

@@ -42,6 +42,7 @@ from typing import Final, Literal
 
 import redis
 
+from config.redis_client import redis_sync_client
 from persistence.services.process import (
     CONNECT_TIMEOUT_S,
     HOST,
@@ -172,7 +173,7 @@ def wait_for_redis(
 
 def redis_ready(url: str, *, timeout: float = CONNECT_TIMEOUT_S) -> str:
     """The server version once ``url`` answers PING; raises what the client raises."""
-    client = redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
+    client = redis_sync_client(url, socket_timeout=timeout, socket_connect_timeout=timeout)
     try:
         client.ping()
         version: str = client.info("server").get("redis_version", "?")

@@ -240,8 +240,8 @@ def test_read_timeouts_are_whole_seconds_up_to_a_minute(name: str, field: str) -
         ),
         (
             {"REDIS_URL": "127.0.0.1:6379"},
-            "REDIS_URL: expected a URL starting with redis:// or rediss:// or unix://,"
-            " got '127.0.0.1:6379'",
+            "REDIS_URL: expected a URL starting with redis:// or rediss:// or unix://"
+            " or redis+sentinel://, got '127.0.0.1:6379'",
         ),
         (
             {"REDIS_URL": "redis://[::1:6379/0"},
