@@ -25,7 +25,7 @@ from typing import Any
 import redis
 import redis.asyncio as aioredis
 import redis.sentinel
-from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool, SentinelManagedConnection
 
 from config.settings import SentinelTarget, parse_sentinel_url
 
@@ -49,6 +49,25 @@ class _SentinelRedis(aioredis.Redis):
             sentinel, self._sentinel = self._sentinel, None
             if sentinel is not None:
                 await sentinel.aclose()
+
+
+class _MasterConnection(SentinelManagedConnection):
+    """A connection to the master that asks the sentinels where it is whenever it
+    connects, also when its holder reconnects it outside the pool.
+
+    redis-py's own reconnects a connection that broke (sending a command on it
+    again) to the address it had: the lost master's, for good, for a caller that
+    keeps one connection (the rate limiter's script calls do).
+    """
+
+    async def connect_check_health(
+        self, check_health: bool = True, retry_socket_connect: bool = True
+    ) -> None:
+        if not self.is_connected and self.connection_pool.is_master:
+            self.host, self.port = await self.connection_pool.get_master_address()
+        await super().connect_check_health(
+            check_health=check_health, retry_socket_connect=retry_socket_connect
+        )
 
 
 class _BlockingSentinelConnectionPool(SentinelConnectionPool, aioredis.BlockingConnectionPool):
@@ -86,6 +105,7 @@ def redis_client(
         connection_pool_class=(
             _BlockingSentinelConnectionPool if blocking else SentinelConnectionPool
         ),
+        connection_class=_MasterConnection,
         db=target.db,
         password=target.password,
         **options,
