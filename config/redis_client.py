@@ -60,10 +60,20 @@ class _MasterConnection(SentinelManagedConnection):
     keeps one connection (the rate limiter's script calls do).
     """
 
+    # Set while connecting to an address just asked for (the pool's way in).
+    _address_fresh = False
+
+    async def connect_to(self, address: tuple[str, int]) -> None:
+        self._address_fresh = True
+        try:
+            await super().connect_to(address)  # type: ignore[no-untyped-call]
+        finally:
+            self._address_fresh = False
+
     async def connect_check_health(
         self, check_health: bool = True, retry_socket_connect: bool = True
     ) -> None:
-        if not self.is_connected and self.connection_pool.is_master:
+        if not (self.is_connected or self._address_fresh) and self.connection_pool.is_master:
             self.host, self.port = await self.connection_pool.get_master_address()
         await super().connect_check_health(
             check_health=check_health, retry_socket_connect=retry_socket_connect

@@ -305,9 +305,19 @@ async def test_a_client_follows_a_failover_to_the_promoted_replica(
         # Acknowledged by the replica: it survives the master.
         assert await client.execute_command("WAIT", 1, 10_000) == 1
         assert (await client.info("server"))["tcp_port"] == sentinels.master_port
+        # A connection kept out of the pool (as the rate limiter keeps one).
+        kept = await client.connection_pool.get_connection()  # type: ignore[no-untyped-call]
 
         sentinels.kill_master()
         await sentinels.promoted()
+
+        async def kept_reconnects() -> bool:
+            await kept.send_command("INFO", "server")
+            info = (await kept.read_response()).decode()
+            return f"tcp_port:{sentinels.replica_port}" in info
+
+        await eventually(kept_reconnects, "a kept connection reconnects to the new master")
+        await client.connection_pool.release(kept)
 
         async def writes() -> bool:
             return bool(await client.set("after", "written"))
