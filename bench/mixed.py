@@ -50,6 +50,7 @@ from bench._receivers import Received, webhook_receiver
 from bench._report import add_report_argument, write_report
 from bench._wire import Connection, WireError
 from bench._worker import delivery_worker
+from config.redis_client import is_sentinel_url
 from persistence.sealing import format_key, new_key
 
 P99_TARGETS_MS = {
@@ -533,7 +534,12 @@ async def _measure_on(
 def _cpu_watch(target: h.Target) -> _cpu.CpuByRole:
     address = urlsplit(target.base)
     database = urlsplit(target.database_url).path.lstrip("/") if target.database_url else None
-    redis_port = urlsplit(target.redis_url).port if target.redis_url else None
+    # Through Sentinel the master may move: its CPU is not watched.
+    redis_port = (
+        urlsplit(target.redis_url).port
+        if target.redis_url and not is_sentinel_url(target.redis_url)
+        else None
+    )
     return _cpu.CpuByRole(
         target.server.pid if target.server is not None else None,
         address.port,
