@@ -72,6 +72,7 @@ FAILOVER_WAIT_S: Final = 60.0
 POLL_S: Final = 0.1
 # Each client call's own bound in the tests.
 CALL_TIMEOUT_S: Final = 2.0
+START_ATTEMPTS: Final = 3
 
 
 async def eventually(
@@ -93,11 +94,16 @@ class SentinelGroup:
     """A master, a replica and three sentinels watching them, as child processes."""
 
     def __init__(self, directory: Path) -> None:
+        directory.mkdir(parents=True)
         self.directory = directory
         self.executable = str(find_redis_server())
-        self.master_port = free_port()
-        self.replica_port = free_port()
-        self.sentinel_ports = [free_port() for _ in range(3)]
+        # Five different ports (the system may hand out a freed one again).
+        ports: list[int] = []
+        while len(ports) < 5:
+            port = free_port()
+            if port not in ports:
+                ports.append(port)
+        self.master_port, self.replica_port, *self.sentinel_ports = ports
         self.processes: dict[int, subprocess.Popen[bytes]] = {}
 
     @property
@@ -194,12 +200,21 @@ class SentinelGroup:
 
 @pytest.fixture
 def sentinels(tmp_path: Path) -> Iterator[SentinelGroup]:
-    group = SentinelGroup(tmp_path)
-    try:
-        group.start()
-        yield group
-    finally:
-        group.close()
+    # A free port may be taken before a server binds it: then start again on others.
+    for attempt in range(START_ATTEMPTS):
+        group = SentinelGroup(tmp_path / f"attempt-{attempt}")
+        try:
+            group.start()
+        except RuntimeError:
+            group.close()
+            if attempt + 1 == START_ATTEMPTS:
+                raise
+            continue
+        try:
+            yield group
+        finally:
+            group.close()
+        return
 
 
 # -- the URL ----------------------------------------------------------------------------
