@@ -31,6 +31,8 @@ from typing import Final
 import asyncpg
 import pytest
 import redis
+from redis.asyncio import BlockingConnectionPool
+from redis.asyncio.sentinel import SentinelConnectionPool
 
 from config.redis_client import redis_client, redis_sync_client
 from config.redis_keys import RedisKeys, slot_topic
@@ -304,6 +306,25 @@ def test_the_sentinel_variables_are_checked(environ: dict[str, str], message: st
     with pytest.raises(ConfigError) as raised:
         load_settings(environ)
     assert str(raised.value).startswith(message)
+
+
+async def test_the_factory_gives_each_caller_its_options_whatever_the_url() -> None:
+    options = {"socket_timeout": 1.5, "socket_connect_timeout": 0.5, "decode_responses": True}
+    for url in ("redis://127.0.0.1:1/2", "redis+sentinel://:pw@127.0.0.1:1,127.0.0.1:2/main/2"):
+        client = redis_client(url, **options)
+        kwargs = client.connection_pool.connection_kwargs
+        assert {key: kwargs[key] for key in options} == options, url
+        assert kwargs["db"] == 2, url
+        await client.aclose()
+    bounded = redis_client(
+        "redis+sentinel://127.0.0.1:1/main", max_connections=3, pool_timeout=0.25
+    )
+    pool = bounded.connection_pool
+    assert isinstance(pool, BlockingConnectionPool) and isinstance(pool, SentinelConnectionPool)
+    assert (pool.max_connections, pool.timeout) == (3, 0.25)
+    await bounded.aclose()
+    with pytest.raises(ValueError, match="expected the service name"):
+        redis_client("redis+sentinel://127.0.0.1:1")
 
 
 # -- a failover ---------------------------------------------------------------------------
