@@ -218,22 +218,36 @@ async def target(
 
 
 async def _wait_healthy(found: Target) -> None:
+    assert found.server is not None
+    await wait_answering(
+        f"{found.base}/health", found.server, SERVER_START_TIMEOUT_S, "the server", found.log_path
+    )
+
+
+async def wait_answering(
+    url: str,
+    process: subprocess.Popen[bytes],
+    timeout_s: float,
+    what: str,
+    log_path: Path | None,
+) -> None:
+    """Wait until ``url`` answers 200, while ``process`` (what serves it) runs; a
+    ``SystemExit`` naming ``what`` and its log when it exits or ``timeout_s`` passes."""
     import aiohttp
 
-    deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+    deadline = time.monotonic() + timeout_s
     async with aiohttp.ClientSession() as session:
         while time.monotonic() < deadline:
-            assert found.server is not None
-            if found.server.poll() is not None:
-                raise SystemExit(f"the server exited; its log: {found.log_path}")
+            if process.poll() is not None:
+                raise SystemExit(f"{what} exited; its log: {log_path}")
             try:
-                async with session.get(f"{found.base}/health") as health:
-                    if health.status == 200:
+                async with session.get(url) as answer:
+                    if answer.status == 200:
                         return
             except aiohttp.ClientError:
                 pass
-            await asyncio.sleep(0.5)
-    raise SystemExit(f"the server did not become healthy; its log: {found.log_path}")
+            await asyncio.sleep(0.2)
+    raise SystemExit(f"{what} did not start answering; its log: {log_path}")
 
 
 async def create_slot(

@@ -7,17 +7,14 @@ builds (``notify``), or so that its CPU is counted apart from the server's
 It must never outlive the scenario: it is stopped (SIGTERM, then SIGKILL) on leaving.
 """
 
-import asyncio
 import contextlib
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import aiohttp
-
+from bench._http import wait_answering
 from bench._receivers import free_port
 
 WORKER_START_TIMEOUT_S = 60.0
@@ -37,17 +34,10 @@ async def delivery_worker(
             env=env, stdout=log, stderr=subprocess.STDOUT,
         )  # fmt: skip
     try:
-        deadline = time.monotonic() + WORKER_START_TIMEOUT_S
-        async with aiohttp.ClientSession() as session:
-            while True:
-                if worker.poll() is not None or time.monotonic() > deadline:
-                    raise SystemExit(f"the delivery worker did not start; its log: {log_path}")
-                try:
-                    async with session.get(f"http://127.0.0.1:{port}/metrics") as answer:
-                        if answer.status == 200:
-                            break
-                except aiohttp.ClientError:
-                    await asyncio.sleep(0.2)
+        await wait_answering(
+            f"http://127.0.0.1:{port}/metrics", worker, WORKER_START_TIMEOUT_S,
+            "the delivery worker", log_path,
+        )  # fmt: skip
         yield worker
     finally:
         worker.send_signal(signal.SIGTERM)

@@ -392,6 +392,15 @@ async def _check_engine_serves_rows(db: asyncpg.Connection, drive: Driver) -> No
 # -- the logical backup --------------------------------------------------------
 
 
+def _server_on_copy(directory: Path, primary: PrivatePostgres) -> PrivatePostgres:
+    """A server on a copied data directory, its files made the account's the primary
+    runs as (the server runs as that account)."""
+    owner = os.stat(primary.data_dir)
+    for path in [directory, *directory.rglob("*")]:
+        os.chown(path, owner.st_uid, owner.st_gid, follow_symlinks=False)
+    return PrivatePostgres(directory)
+
+
 async def _run(*arguments: str) -> None:
     process = await asyncio.create_subprocess_exec(
         *arguments,
@@ -474,11 +483,7 @@ async def test_a_physical_backup_under_load_starts_as_a_server_with_every_acknow
 
     moment = await _serve_and_back_up(database_url, redis_namespace, back_up)
     await _run(str(bindir / "pg_verifybackup"), str(data))
-    # The server runs as the account the primary runs as: the files become its own.
-    owner = os.stat(primary.data_dir)
-    for path in [backup_directory, *backup_directory.rglob("*")]:
-        os.chown(path, owner.st_uid, owner.st_gid, follow_symlinks=False)
-    restored = PrivatePostgres(backup_directory)
+    restored = _server_on_copy(backup_directory, primary)
     try:
         await restored.astart()
         await _check_engine_on_restored(restored.url_for("slotengine"), moment)
@@ -564,10 +569,7 @@ async def test_a_point_in_time_recovery_restores_the_changes_acknowledged_before
             "recovery_target_action = 'promote'\n"
         )
     (data / "recovery.signal").touch()
-    owner = os.stat(primary.data_dir)
-    for path in [backup_directory, *backup_directory.rglob("*")]:
-        os.chown(path, owner.st_uid, owner.st_gid, follow_symlinks=False)
-    restored = PrivatePostgres(backup_directory)
+    restored = _server_on_copy(backup_directory, primary)
     try:
         await restored.astart()
         url = restored.url_for("slotengine")
