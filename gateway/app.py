@@ -24,6 +24,7 @@ module of its resource.
 """
 
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import asyncpg
 from aiohttp import web
@@ -41,6 +42,7 @@ from gateway.http import (
     IDS_KEY,
     KEYS_KEY,
     LIMITER_KEY,
+    TRACING_KEY,
     VERIFIER_KEY,
     WEBHOOK_ALLOW_PRIVATE_KEY,
     request_context,
@@ -51,6 +53,9 @@ from gateway.openapi import add_openapi
 from gateway.ratelimit import RateLimiter
 from gateway.routes import admin, bookings, contact, queue, slots, webhooks
 from persistence.sealing import KeyRing
+
+if TYPE_CHECKING:
+    from engine.shell.tracing import Tracing
 
 
 def create_app(
@@ -65,6 +70,7 @@ def create_app(
     data_keys: KeyRing | None = None,
     entities: Mapping[str, str] | None = None,
     webhook_allow_private: bool = False,
+    tracing: "Tracing | None" = None,
 ) -> web.Application:
     """The routes of docs/api.md. ``engine`` may come later: set ``app[ENGINE_KEY]`` on startup.
 
@@ -78,6 +84,8 @@ def create_app(
     a booking's calendar event (the slot's domain otherwise).
     ``webhook_allow_private``: webhook endpoints may be private, loopback or
     link-local addresses (local setups and tests).
+    ``tracing``: this process's, when on (``engine.shell.tracing``); its
+    ``http_server`` instrumentation must be on before the app is created.
     """
     app = web.Application(middlewares=[request_context], client_max_size=BODY_BYTES_MAX)
     app[CORS_ORIGINS_KEY] = frozenset(cors_origins)
@@ -93,6 +101,8 @@ def create_app(
     if data_keys is not None:
         app[DATA_KEYS_KEY] = data_keys
     app[VERIFIER_KEY] = verifier
+    if tracing is not None:
+        app[TRACING_KEY] = tracing
     app[IDS_KEY] = RequestIds()
     add_token_emails(app)
     app[WEBHOOK_ALLOW_PRIVATE_KEY] = webhook_allow_private

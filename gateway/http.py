@@ -19,7 +19,7 @@ import logging
 import re
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, Final, Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import asyncpg
 import msgspec
@@ -36,6 +36,9 @@ from gateway.auth.verify import Verifier
 from gateway.idempotency import KeyRegistry, KeyRegistryUnavailable
 from gateway.ratelimit import RateLimiter, RateLimiterUnavailable
 from persistence.sealing import KeyRing
+
+if TYPE_CHECKING:
+    from engine.shell.tracing import Tracing
 
 logger = logging.getLogger("slotengine.gateway")
 access_logger = logging.getLogger("slotengine.access")
@@ -82,6 +85,8 @@ DATA_KEYS_KEY: Final = web.AppKey("data_keys", KeyRing)
 # Whether a webhook endpoint may be a private, loopback or link-local address
 # (SLOTENGINE_WEBHOOK_ALLOW_PRIVATE: local setups and tests only).
 WEBHOOK_ALLOW_PRIVATE_KEY: Final = web.AppKey("webhook_allow_private", bool)
+# This process's tracing (engine/shell/tracing.py), set only when it is on.
+TRACING_KEY: Final[web.AppKey["Tracing"]] = web.AppKey("tracing")
 # The error code of an answer, kept on the response for the request log.
 ERROR_CODE: Final = web.ResponseKey("error_code", str)
 # The document a JSON answer was encoded from, so that what reads the answer
@@ -220,6 +225,10 @@ async def _respond(request: web.Request, handler: Handler) -> web.StreamResponse
         # without a system call per request as uuid4 makes.
         request_id = request.app[IDS_KEY].next()
     request[REQUEST_ID_KEY] = request_id
+    tracing = request.app.get(TRACING_KEY)
+    if tracing is not None:
+        # The HTTP server span (aiohttp's instrumentation, around this middleware).
+        tracing.annotate_request(request_id, request.query_string)
     response = await _answer(request, handler, request_id)
     if not response.prepared:
         stamp_headers(request, response)

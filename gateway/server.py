@@ -56,6 +56,12 @@ from engine.shell.coalescer import EngineClient
 from engine.shell.errors import ShellError
 from engine.shell.limits import REDIS_CALL_TIMEOUT_MS
 from engine.shell.owner import StorageSettings
+from engine.shell.tracing import (
+    Tracing,
+    TracingConfigError,
+    check_tracing_environment,
+    configure_tracing,
+)
 from gateway.app import create_app
 from gateway.auth.environment import auth_settings_from_env
 from gateway.auth.settings import AuthSettings
@@ -344,6 +350,7 @@ def build_app(
     stop_services_on_exit: bool = False,
     data_keys: KeyRing | None = None,
     notify: bool = False,
+    tracing: Tracing | None = None,
 ) -> web.Application:
     """The application with its engine started on startup and stopped on cleanup.
 
@@ -355,6 +362,8 @@ def build_app(
     contact routes answer 503).
     ``notify``: run a delivery worker of the notifications beside the gateway
     (with ``data_keys``, and unless SLOTENGINE_NOTIFICATIONS is off).
+    ``tracing``: this process's, when the OTEL_* variables turn it on (the
+    in-process shards trace with it; shard actors configure their own).
     """
     verifier = Verifier(auth)
 
@@ -375,7 +384,10 @@ def build_app(
             from engine.shell.inproc import OwnedInProcessHost
 
             host = OwnedInProcessHost(
-                shard_count=partition_map.shard_count, policies=policies, storage=storage
+                shard_count=partition_map.shard_count,
+                policies=policies,
+                storage=storage,
+                tracing=tracing,
             )
             await host.start()
             transport = host
@@ -426,6 +438,7 @@ def build_app(
             transport,
             partition_map=partition_map,
             map_source=functools.partial(read_partition_map, storage.database_url),
+            tracing=tracing,
         )
         # Set on startup, before the first request is served (aiohttp's pattern).
         app[ENGINE_KEY] = client
@@ -499,6 +512,7 @@ def build_app(
         data_keys=data_keys,
         entities={name: policy.entity_name for name, policy in policies.items()},
         webhook_allow_private=settings.webhook_allow_private,
+        tracing=tracing,
     )
     # The engine, its transport and the service URLs arrive on startup (engine_context).
     add_observability(
@@ -536,6 +550,10 @@ def serve(settings: Settings, options: ServeOptions) -> None:
         auth = auth_settings_from_env(os.environ, settings.data_dir)
         limits = rate_limits_from_env(os.environ)
         data_keys_for(settings)  # a bad key fails here; the data dir's is made once, here
+        try:
+            check_tracing_environment(os.environ)
+        except TracingConfigError as error:
+            raise ConfigError(str(error)) from None
     finally:
         start_logs.stop()
     if options.workers == 1:
@@ -729,6 +747,9 @@ def _run_worker(
     from engine.shell.gc_tuning import tune_gc
 
     log_writer = configure_logging(settings.log_level)
+    # Before the app exists: aiohttp's instrumentation wraps the applications
+    # created from then on. None (and nothing instrumented) unless OTEL_* asks.
+    tracing = configure_tracing(http_server=True)
     app = build_app(
         settings,
         auth,
@@ -740,6 +761,7 @@ def _run_worker(
         # and, when generated, made by serve() already.
         load_key_ring(settings.data_key, settings.data_dir),
         notify=options.notify,
+        tracing=tracing,
     )
     # Each live connection is some hundred tracked objects: with the default
     # thresholds a full collection stalls a busy gateway for most of a second.
@@ -763,6 +785,8 @@ def _run_worker(
         if options.stop_services_on_exit and not (settings.database_url and settings.redis_url):
             _stop_local_ray()  # its shard actors first: they hold connections and leases
             stop_embedded_services(settings)
+        if tracing is not None:
+            tracing.shutdown()  # exports the spans still buffered
         log_writer.stop()
 
 
@@ -779,19 +803,27 @@ def _run_engine(settings: Settings, engine_socket: str) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     log_writer = configure_logging(settings.log_level)
     tune_gc()
+    tracing = configure_tracing()
     try:
-        uvloop.run(_serve_engine(settings, engine_socket))
+        uvloop.run(_serve_engine(settings, engine_socket, tracing))
     finally:
+        if tracing is not None:
+            tracing.shutdown()
         log_writer.stop()
 
 
-async def _serve_engine(settings: Settings, engine_socket: str) -> None:
+async def _serve_engine(
+    settings: Settings, engine_socket: str, tracing: Tracing | None = None
+) -> None:
     from engine.shell.inproc import OwnedInProcessHost
     from engine.shell.local_engine import serve_engine
 
     storage, partition_map = await storage_and_partitions(settings)
     host = OwnedInProcessHost(
-        shard_count=partition_map.shard_count, policies=load_policies(settings), storage=storage
+        shard_count=partition_map.shard_count,
+        policies=load_policies(settings),
+        storage=storage,
+        tracing=tracing,
     )
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)

@@ -32,6 +32,11 @@ WRITER_FLUSH_EVENTS_MAX: Final = 5_000
 # A full flush commits in tens of milliseconds; a client that booked waits for
 # its flush, so this is what a stalled PostgreSQL adds to an answer at most.
 WRITER_FLUSH_TIMEOUT_MS: Final = 2_000
+# With tracing on: the traced batches a writer remembers until the flush that
+# commits their changes links to them. A flush links to at most the SDK's
+# span link limit (128 by default) anyway; past this many waiting (a stalled
+# database), the oldest are forgotten rather than memory growing.
+WRITER_TRACED_BATCHES_MAX: Final = 4_096
 
 # -- the database ---------------------------------------------------------------
 # Opening a connection to PostgreSQL: the server answers in milliseconds, or it

@@ -25,6 +25,11 @@ oldest change handed over and not yet committed (0 when everything is), which
 grows without bound while a flush hangs and stays 0 on an idle shard; and
 ``last_flush_ago_ms``, the time since the last commit, which tells an idle
 writer (nothing pending) from one that commits nothing (changes pending).
+
+With ``tracing`` (the shell's, OpenTelemetry's), each flush runs in a span of
+its own, linked to the spans of the traced batches whose changes it commits
+(``trace_batch`` names them as they are applied); the database's spans are its
+children. Without it, nothing here spends anything on tracing.
 """
 
 import asyncio
@@ -33,7 +38,8 @@ import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from contextlib import AbstractContextManager
+from typing import Any, Protocol, TypeVar
 
 import asyncpg
 import msgspec
@@ -46,6 +52,12 @@ from persistence.store import Codecs, FenceRejected, write_flush
 logger = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
+
+
+class FlushTracing(Protocol):
+    def flush_span(self, shard: int, links: list[Any], events: int) -> AbstractContextManager[Any]:
+        """The span one flush runs in (current within it), linked to ``links``."""
+        ...
 
 
 class StorageUnavailable(Exception):
@@ -84,8 +96,12 @@ class ShardWriter:
         flush_events_max: int = limits.WRITER_FLUSH_EVENTS_MAX,
         on_committed: Callable[[list[AnyEvent]], None] | None = None,
         outbox: bool = True,
+        tracing: FlushTracing | None = None,
     ) -> None:
         self._connection = connection
+        self._tracing = tracing
+        # (position, span context) of the traced batches not committed yet, in order.
+        self._traced: deque[tuple[int, Any]] = deque(maxlen=limits.WRITER_TRACED_BATCHES_MAX)
         self._outbox = outbox
         self._shard = shard
         self._token = token
@@ -159,6 +175,12 @@ class ShardWriter:
         if self._pending_since is None:
             self._pending_since = time.monotonic_ns()
         self._wake.set()
+
+    def trace_batch(self, position: int, context: Any) -> None:
+        """A traced batch's changes reach ``position``: the flush that commits them
+        links to ``context``, the batch's span (tracing on)."""
+        if self._tracing is not None:
+            self._traced.append((position, context))
 
     def _since_pending(self) -> int:
         since = self._pending_since
@@ -300,7 +322,10 @@ class ShardWriter:
                 self._pending_since = None
             self._flushing_since = since
             try:
-                await self._flush(rows)
+                if self._tracing is None:
+                    await self._flush(rows)
+                else:
+                    await self._traced_flush(self._tracing, rows, upto)
             except FenceRejected as exc:
                 self._fenced = True
                 self._stop(exc, self._on_fenced)
@@ -354,6 +379,14 @@ class ShardWriter:
             future.set_result(result)
         return True
 
+    async def _traced_flush(self, tracing: FlushTracing, rows: FlushRows, upto: int) -> None:
+        links = []
+        traced = self._traced
+        while traced and traced[0][0] <= upto:
+            links.append(traced.popleft()[1])
+        with tracing.flush_span(self._shard, links, rows.events):
+            await self._flush(rows)
+
     async def _flush(self, rows: FlushRows) -> None:
         if self._before_flush is not None:
             await self._before_flush()
@@ -376,6 +409,7 @@ class ShardWriter:
         self._error = exc
         self._pending = FlushRows(self._shard)
         self._handoffs.clear()
+        self._traced.clear()
         self._pending_since = self._flushing_since = None
         self._fail_waiters(StorageUnavailable(str(exc)))
         if callback is not None:

@@ -361,8 +361,13 @@ class KeyRecord(msgspec.Struct, gc=False, frozen=True, array_like=True):
 # -- batches across the actor boundary ----------------------------------------
 
 
-class Batch(msgspec.Struct, gc=False, frozen=True):
+class Batch(msgspec.Struct, gc=False, frozen=True, omit_defaults=True):
+    """Commands for one shard. ``traces``: the W3C ``traceparent`` of each traced
+    command's span (tracing on), which the shard's span of the batch links to;
+    empty, as it is with tracing off, it is not encoded at all."""
+
     commands: list[AnyCommand]
+    traces: list[str] = []
 
 
 class BatchReply(msgspec.Struct, gc=False, frozen=True):
@@ -385,11 +390,17 @@ class BatchCodec:
         self._reply_decoder = msgspec.msgpack.Decoder(BatchReply)
         self._early_decoder = msgspec.msgpack.Decoder(EarlyReply)
 
-    def encode_batch(self, commands: list[AnyCommand]) -> bytes:
+    def encode_batch(self, commands: list[AnyCommand], traces: list[str] | None = None) -> bytes:
+        if traces:
+            return self._encoder.encode(Batch(commands, traces))
         return self._encoder.encode(Batch(commands))
 
     def decode_batch(self, data: bytes) -> list[AnyCommand]:
         return self._batch_decoder.decode(data).commands
+
+    def decode_traced_batch(self, data: bytes) -> Batch:
+        """The batch with the trace contexts it carries (``Batch.traces``)."""
+        return self._batch_decoder.decode(data)
 
     def encode_reply(self, results: list[AnyResult]) -> bytes:
         return self._encoder.encode(BatchReply(results))

@@ -42,7 +42,7 @@ import logging
 import random
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import msgspec
 
@@ -70,6 +70,9 @@ from engine.shell.errors import (
     may_have_applied,
 )
 from engine.shell.transport import ShardTransport
+
+if TYPE_CHECKING:
+    from engine.shell.tracing import Tracing
 
 logger = logging.getLogger(__name__)
 
@@ -175,8 +178,17 @@ class EngineClient:
         retries_max: int = limits.BATCH_RETRIES_MAX,
         retry_backoff_ms: int = limits.BATCH_RETRY_BACKOFF_MS,
         unavailable_patience_ms: int = limits.SHARD_UNAVAILABLE_PATIENCE_MS,
+        tracing: "Tracing | None" = None,
     ) -> None:
         self._transport = transport
+        # None: tracing off, and nothing here spends anything on it but that test.
+        self._tracing = tracing
+        # With tracing on: id(command) -> the traceparent of its span, for the
+        # commands under way whose span is sampled; their batch carries them.
+        self._traces: dict[int, str] = {}
+        if tracing is not None:
+            # Off, ``execute`` is the plain method: not even a test per command.
+            self.execute = self._execute_traced  # type: ignore[method-assign]
         self._shard_count = transport.shard_count
         # Which shard serves each partition: the database's map (None: one
         # partition per shard, as in a core built without one).
@@ -243,6 +255,8 @@ class EngineClient:
         every future it carries. A shard that does not serve the command's
         partition (it moved) applied nothing: the command follows the stored map
         for ``unavailable_patience_ms``, then ``ShardUnreachable``.
+
+        With tracing on, ``_execute_traced`` takes this method's place.
         """
         try:
             result = await self._execute_once(command, shard)
@@ -257,6 +271,26 @@ class EngineClient:
             # and routing it again is what its caller would do.
             return await self._follow_the_map(command, result)
         return result
+
+    async def _execute_traced(self, command: AnyCommand, *, shard: int | None = None) -> AnyResult:
+        """``execute`` with tracing on: the command has a span of its own (a child of
+        the caller's, the HTTP request's), whose context its batch carries to the
+        shard, and which records the answer's status."""
+        from engine.shell.tracing import traceparent
+
+        tracing = self._tracing
+        assert tracing is not None
+        key = id(command)
+        with tracing.command_span(type(command).__name__, command.request_id) as span:
+            context = span.get_span_context()
+            if context.trace_flags.sampled:
+                self._traces[key] = traceparent(context)
+            try:
+                result = await EngineClient.execute(self, command, shard=shard)
+            finally:
+                self._traces.pop(key, None)
+            tracing.answered(span, result.status)
+            return result
 
     async def _follow_the_map(self, command: AnyCommand, refused: AnyResult) -> AnyResult:
         deadline = asyncio.get_running_loop().time() + self._unavailable_patience_ms / 1000
@@ -473,14 +507,18 @@ class EngineClient:
         try:
             # Encoded once: a resend carries exactly these bytes, so the same request ids.
             try:
-                data = self._codec.encode_batch(commands)
+                data = self._codec.encode_batch(
+                    commands, self._batch_traces(commands) if self._traces else None
+                )
             except Exception:
                 # A command msgpack cannot carry (a lone surrogate, an integer past 64
                 # bits) is refused alone; the others of the batch leave without it.
                 commands, futures = self._refuse_unencodable(commands, futures)
                 if not commands:
                     return
-                data = self._codec.encode_batch(commands)
+                data = self._codec.encode_batch(
+                    commands, self._batch_traces(commands) if self._traces else None
+                )
             size = len(commands)
             self._batches_sent += 1
             self._commands_sent += size
@@ -509,6 +547,11 @@ class EngineClient:
             if lane.commands:
                 # On the next iteration, so the callers this reply just woke can join.
                 self._schedule_flush(lane)
+
+    def _batch_traces(self, commands: list[AnyCommand]) -> list[str]:
+        """The traceparents of the batch's traced commands (tracing on)."""
+        traces = self._traces
+        return [trace for command in commands if (trace := traces.get(id(command))) is not None]
 
     def _refuse_unencodable(
         self, commands: list[AnyCommand], futures: list[asyncio.Future[AnyResult]]

@@ -8,6 +8,7 @@ reference to a core), so that what passes here also passes over Ray.
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 from engine.core.clock import Clock
 from engine.core.errors import InvariantViolation
@@ -16,6 +17,9 @@ from engine.shell.clock import SystemClock
 from engine.shell.errors import ShardCallTimeout, ShardFailed, ShardUnavailable
 from engine.shell.owner import ShardOwner, StorageSettings
 from engine.shell.runtime import EventSink, MemoryEventSink, RuntimeStatistics, ShardRuntime
+
+if TYPE_CHECKING:
+    from engine.shell.tracing import Tracing
 
 
 class InProcessHost:
@@ -99,15 +103,18 @@ class OwnedInProcessHost:
         storage: StorageSettings,
         clock: Clock | None = None,
         before_flush: Callable[[int], Awaitable[None]] | None = None,
+        tracing: "Tracing | None" = None,
     ) -> None:
         """``before_flush(shard)`` runs before each of a shard's flushes (tests: a
-        writer held back)."""
+        writer held back). ``tracing``: the caller's (this process's), for the
+        spans of the shards' batches and flushes."""
         if shard_count < 1:
             raise ValueError("shard_count must be at least 1")
         self._policies = policies
         self._storage = storage
         self._clock = clock if clock is not None else SystemClock()
         self._before_flush = before_flush
+        self._tracing = tracing
         self._owners = [self._new_owner(shard, shard_count) for shard in range(shard_count)]
 
     def _new_owner(self, shard: int, shard_count: int) -> ShardOwner:
@@ -119,6 +126,7 @@ class OwnedInProcessHost:
             clock=self._clock,
             storage=self._storage,
             before_flush=None if hook is None else _bound(hook, shard),
+            tracing=self._tracing,
         )
 
     @property

@@ -33,7 +33,7 @@ import contextlib
 import logging
 import secrets
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import asyncpg
 import msgspec
@@ -76,6 +76,9 @@ from persistence.store import (
     take_partitions,
 )
 from persistence.writer import ShardWriter, StorageUnavailable, WriterStatistics
+
+if TYPE_CHECKING:
+    from engine.shell.tracing import Tracing
 
 logger = logging.getLogger(__name__)
 
@@ -141,8 +144,11 @@ class ShardOwner:
         on_stopped: Callable[[str], None] | None = None,
         before_flush: Callable[[], Awaitable[None]] | None = None,
         fence_check: bool = True,
+        tracing: "Tracing | None" = None,
     ) -> None:
         self.shard_id = shard_id
+        # With tracing on: spans of its batches and flushes (engine/shell/tracing.py).
+        self._tracing = tracing
         self._shard_count = shard_count
         self._policies = policies
         self._clock = clock
@@ -506,6 +512,7 @@ class ShardOwner:
             group_commit=self._storage.group_commit,
             outbox=self._storage.outbox,
             on_committed=self._publisher.committed if self._publisher is not None else None,
+            tracing=self._tracing,
         )
         runtime = ShardRuntime(
             core,
@@ -515,6 +522,7 @@ class ShardOwner:
             on_fatal=self._on_core_failed,
             write_gate=self._write_gate,
             on_watched=self._publisher.watched if self._publisher is not None else None,
+            tracing=self._tracing,
         )
         self._writer = writer
         self._runtime = runtime

@@ -50,7 +50,7 @@ import time
 import warnings
 import zlib
 from collections.abc import Awaitable, Callable
-from typing import Any, Final, cast
+from typing import TYPE_CHECKING, Any, Final, cast
 
 import ray
 import ray._private.state
@@ -91,6 +91,9 @@ from engine.shell.runtime import MemoryEventSink, RuntimeStatistics, ShardRuntim
 from persistence.migrate import database_fingerprint_of
 from persistence.partitioning import PartitioningError
 
+if TYPE_CHECKING:
+    from engine.shell.tracing import Tracing
+
 __all__ = ["SHARD_ACTOR_PREFIX", "DeploymentMismatch", "ShardIdentity", "actor_name"]
 
 logger = logging.getLogger(__name__)
@@ -127,6 +130,23 @@ def default_ray_health_checks() -> None:
         os.environ.setdefault(f"RAY_{name}", str(value))
 
 
+def _actor_tracing(telemetry: dict[str, str] | None) -> "Tracing | None":
+    """The actor's own tracing, from its creator's OTEL_* variables (over its own
+    process's): None unless they turn it on. Variables it cannot follow leave it
+    off, with an error logged, rather than the shard down."""
+    if telemetry:
+        os.environ.update(telemetry)
+    if "OTEL_TRACES_EXPORTER" not in os.environ:
+        return None
+    from engine.shell.tracing import TracingConfigError, configure_tracing
+
+    try:
+        return configure_tracing()
+    except TracingConfigError as exc:
+        logger.error("shard actor traces nothing: %s", exc)
+        return None
+
+
 def _exit_after_failure(exc: BaseException) -> None:
     # The core's state may be half-changed: only a fresh process (rebuilt by Ray, then
     # from storage) is trustworthy. Ray sends replies from another thread, so exiting
@@ -157,6 +177,9 @@ class ShardActor:
     once when Ray re-created the actor after a crash (no call needed: the
     shard's timers expire its holds and offers on time), and every change is
     committed before its reply.
+
+    ``telemetry``: its creator's OTEL_* variables; when they turn tracing on, the
+    actor exports the spans of its batches and flushes itself.
     """
 
     def __init__(
@@ -165,8 +188,10 @@ class ShardActor:
         shard_count: int,
         policies: dict[str, DomainPolicy],
         storage: StorageSettings | None = None,
+        telemetry: dict[str, str] | None = None,
     ) -> None:
         self._shard_id = shard_id
+        self._tracing = _actor_tracing(telemetry)
         self._shard_count = shard_count
         self._storage = storage
         # The fingerprint of the database this actor reaches, once measured.
@@ -194,6 +219,7 @@ class ShardActor:
                 clock=SystemClock(),
                 sink=MemoryEventSink(events_max=limits.ACTOR_RECENT_EVENTS_MAX),
                 on_fatal=_exit_after_failure,
+                tracing=self._tracing,
             )
         else:
             # The actor id survives restarts: a restarted incarnation replaces its
@@ -208,6 +234,7 @@ class ShardActor:
                 owner=f"{actor_id}/{secrets.token_hex(4)}",
                 succeeds=f"{actor_id}/",
                 on_stopped=_exit_after_stop,
+                tracing=self._tracing,
             )
             if self._restarted:
                 # Re-created by Ray after its process died: it was proven this
@@ -335,9 +362,15 @@ class ShardActor:
         if self._owner is None:
             if self._runtime is not None:
                 self._runtime.close()
+            self._flush_spans()
             return None
         await self._owner.close()
+        self._flush_spans()
         return self._owner.statistics()
+
+    def _flush_spans(self) -> None:
+        if self._tracing is not None:
+            self._tracing.force_flush(limits.ACTOR_END_TIMEOUT_MS // 2)
 
     async def execute_batch(self, data: bytes) -> bytes:
         """The encoded reply behind a one-byte frame header (see ``unframe_reply``)."""
@@ -536,13 +569,18 @@ def spawn_shard_actor(
                 # calls a second would cost both ends and the GCS about 5% (measured).
                 enable_task_events=False,
             )
-            .remote(shard, shard_count, policies, storage)
+            .remote(shard, shard_count, policies, storage, _telemetry())
         )
     except ValueError:  # ActorAlreadyExistsError: another start created it meanwhile
         return ray.get_actor(name, namespace=namespace)
     if on_created is not None:
         on_created(handle)
     return handle
+
+
+def _telemetry() -> dict[str, str] | None:
+    """This process's OTEL_* variables, which the actors it creates trace by."""
+    return {name: value for name, value in os.environ.items() if name.startswith("OTEL_")} or None
 
 
 def spawn_shard_actors(

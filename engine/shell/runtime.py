@@ -20,7 +20,7 @@ import collections
 import logging
 import time
 from collections.abc import Callable, Iterable
-from typing import Final, Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import msgspec
 
@@ -50,6 +50,9 @@ from engine.core.routing import PartitionSet
 from engine.core.shard import ShardCore
 from engine.shell import limits
 from engine.shell.errors import BatchRejected, ShardFailed
+
+if TYPE_CHECKING:
+    from engine.shell.tracing import Tracing
 
 logger = logging.getLogger(__name__)
 
@@ -216,8 +219,16 @@ class ShardRuntime:
         on_fatal: Callable[[BaseException], None] | None = None,
         write_gate: Callable[[], str | None] | None = None,
         on_watched: Callable[[], None] | None = None,
+        tracing: "Tracing | None" = None,
     ) -> None:
         self._core = core
+        # With tracing on, a batch that carries trace contexts has a span, and a
+        # sink that takes them (the writer's ``trace_batch``) is told which
+        # position its changes reach, so that the flush committing them links to it.
+        self._tracing = tracing
+        self._trace_batch: Callable[[int, Any], None] | None = (
+            getattr(sink, "trace_batch", None) if tracing is not None else None
+        )
         # Called in the batch whose read a live watch follows, before any later
         # change can commit: the event publisher publishes again from then on.
         self._on_watched = on_watched
@@ -263,6 +274,7 @@ class ShardRuntime:
         sink: EventSink | None = None,
         on_fatal: Callable[[BaseException], None] | None = None,
         on_watched: Callable[[], None] | None = None,
+        tracing: "Tracing | None" = None,
     ) -> "ShardRuntime":
         core = ShardCore(
             shard_id=shard_id,
@@ -277,6 +289,7 @@ class ShardRuntime:
             sink=sink,
             on_fatal=on_fatal,
             on_watched=on_watched,
+            tracing=tracing,
         )
 
     @property
@@ -355,12 +368,21 @@ class ShardRuntime:
         self.start()
         started_ns = time.thread_time_ns()
         try:
-            commands = self._codec.decode_batch(data)
+            batch = self._codec.decode_traced_batch(data)
         except msgspec.DecodeError as exc:
             raise BatchRejected(f"malformed batch: {exc}") from exc
+        commands = batch.commands
         size = len(commands)
         if size > limits.BATCH_COMMANDS_MAX:
             raise BatchRejected(f"{size} commands in a batch, at most {limits.BATCH_COMMANDS_MAX}")
+        if batch.traces and self._tracing is not None:
+            return self._apply_traced(self._tracing, batch.traces, commands, early, started_ns)
+        return self._apply(commands, early, started_ns)
+
+    def _apply(
+        self, commands: list[AnyCommand], early: bool, started_ns: int
+    ) -> tuple[bytes, int, bytes | None]:
+        size = len(commands)
         now_ms = self._clock.now_ms()
         execute = self._core.execute
         results: list[AnyResult]
@@ -396,6 +418,34 @@ class ShardRuntime:
             early_reply = self._early_reply(commands, results)
         self._apply_ns += time.thread_time_ns() - started_ns
         return reply, position, early_reply
+
+    def _apply_traced(
+        self,
+        tracing: "Tracing",
+        traces: list[str],
+        commands: list[AnyCommand],
+        early: bool,
+        started_ns: int,
+    ) -> tuple[bytes, int, bytes | None]:
+        """``_apply`` within the batch's span, linked to its traced commands' spans;
+        the sink learns which position the batch's changes reach."""
+        from engine.shell.tracing import BATCH_POSITION_ATTRIBUTE
+
+        sink = self._sink
+        before = sink.position
+        span = tracing.batch_started(self._shard_id, traces, len(commands))
+        try:
+            answer = self._apply(commands, early, started_ns)
+        except BaseException as exc:
+            span.record_exception(exc)
+            span.end()
+            raise
+        span.set_attribute(BATCH_POSITION_ATTRIBUTE, answer[1])
+        reached = sink.position
+        if reached > before and self._trace_batch is not None:
+            self._trace_batch(reached, span.get_span_context())
+        span.end()
+        return answer
 
     def release_partitions(self, partitions: frozenset[int]) -> None:
         """The core stops serving ``partitions`` (a live move, ``ShardCore.release``):
