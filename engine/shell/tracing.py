@@ -33,6 +33,7 @@ and exports its spans itself. This module must never be imported by the core.
 
 import contextlib
 import os
+import warnings
 from collections.abc import Iterator, Mapping
 from typing import Any, Final
 
@@ -262,7 +263,11 @@ def start_tracing(
     done = []
     for instrumentor in instrumentors:
         if not instrumentor.is_instrumented_by_opentelemetry:
-            instrumentor.instrument(tracer_provider=provider)
+            with warnings.catch_warnings():
+                # aiohttp discourages subclassing its Application, as the
+                # instrumentation does: said once, at start, it is noise.
+                warnings.simplefilter("ignore", DeprecationWarning)
+                instrumentor.instrument(tracer_provider=provider)
             done.append(instrumentor)
     return Tracing(provider, done)
 
