@@ -543,17 +543,17 @@ def serve(settings: Settings, options: ServeOptions) -> None:
     # it generated one (the processes that serve configure their own logs).
     start_logs = configure_logging(settings.log_level)
     try:
-        # Bad domain files and email templates fail here, not at the first request,
-        # and before the token secret is generated.
+        # Bad domain files, email templates and tracing variables fail here, not
+        # at the first request, and before the token secret is generated.
+        try:
+            check_tracing_environment(os.environ)
+        except TracingConfigError as error:
+            raise ConfigError(str(error)) from None
         load_policies(settings)
         check_templates(settings)
         auth = auth_settings_from_env(os.environ, settings.data_dir)
         limits = rate_limits_from_env(os.environ)
         data_keys_for(settings)  # a bad key fails here; the data dir's is made once, here
-        try:
-            check_tracing_environment(os.environ)
-        except TracingConfigError as error:
-            raise ConfigError(str(error)) from None
     finally:
         start_logs.stop()
     if options.workers == 1:

@@ -9,22 +9,13 @@ flush spans must arrive there, linked to the gateway's spans of the request.
 """
 
 import asyncio
-import gzip
-import socket
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
-import msgspec
 import pytest
 import redis.asyncio as aioredis
-from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
-    ExportTraceServiceRequest,
-    ExportTraceServiceResponse,
-)
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -41,6 +32,7 @@ from gateway.auth.verify import Verifier
 from gateway.ratelimit import RateLimiter, RateLimits
 from tests.conftest import REDIS_URL
 from tests.support.domain import POLICIES
+from tests.support.otlp import ReceivedSpan, Receiver, serving_receiver
 
 pytestmark = pytest.mark.ray
 
@@ -51,87 +43,11 @@ ARRIVAL_LIMIT_S = 30.0
 SERVICE = "slotengine-ray-tracing-test"
 
 
-class ReceivedSpan(msgspec.Struct, frozen=True):
-    service: str
-    name: str
-    trace_id: int
-    span_id: int
-    parent_span_id: int | None
-    links: frozenset[tuple[int, int]]
-    attributes: dict[str, Any]
-
-
-class Receiver:
-    """An OTLP/HTTP trace receiver: every span of every export, decoded."""
-
-    def __init__(self) -> None:
-        self.spans: list[ReceivedSpan] = []
-        self.app = web.Application()
-        self.app.router.add_post("/v1/traces", self._export)
-
-    async def _export(self, request: web.Request) -> web.Response:
-        body = await request.read()
-        if request.headers.get("Content-Encoding") == "gzip":
-            body = gzip.decompress(body)
-        export = ExportTraceServiceRequest.FromString(body)
-        for resource_spans in export.resource_spans:
-            service = next(
-                (
-                    a.value.string_value
-                    for a in resource_spans.resource.attributes
-                    if a.key == "service.name"
-                ),
-                "",
-            )
-            for scope_spans in resource_spans.scope_spans:
-                for span in scope_spans.spans:
-                    self.spans.append(
-                        ReceivedSpan(
-                            service=service,
-                            name=span.name,
-                            trace_id=int.from_bytes(span.trace_id, "big"),
-                            span_id=int.from_bytes(span.span_id, "big"),
-                            parent_span_id=int.from_bytes(span.parent_span_id, "big")
-                            if span.parent_span_id
-                            else None,
-                            links=frozenset(_link(link) for link in span.links),
-                            attributes={
-                                a.key: a.value.string_value or a.value.int_value
-                                for a in span.attributes
-                            },
-                        )
-                    )
-        return web.Response(
-            body=ExportTraceServiceResponse().SerializeToString(),
-            content_type="application/x-protobuf",
-        )
-
-
-def _link(link: Any) -> tuple[int, int]:
-    return int.from_bytes(link.trace_id, "big"), int.from_bytes(link.span_id, "big")
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
 @pytest.fixture
 async def receiver() -> AsyncIterator[tuple[Receiver, str]]:
-    # Created before the gateway's tracing instruments aiohttp: its own requests
-    # make no spans.
-    collector = Receiver()
-    runner = web.AppRunner(collector.app)
-    await runner.setup()
-    port = _free_port()
-    site = web.TCPSite(runner, "127.0.0.1", port)
-    await site.start()
-    try:
-        yield collector, f"http://127.0.0.1:{port}/v1/traces"
-    finally:
-        await runner.cleanup()
+    # Before the gateway's tracing instruments aiohttp: its requests make no spans.
+    async with serving_receiver() as served:
+        yield served
 
 
 @pytest.fixture

@@ -103,3 +103,18 @@ def test_an_unknown_notification_channel_is_refused_in_one_line_naming_the_file(
     assert line.startswith(f"slotengine serve: domain file {path}: ")
     assert "`$.queueSettings.notificationChannels[1]`" in line
     assert not (tmp_path / "data").exists()
+
+
+def test_tracing_variables_it_cannot_follow_are_refused_in_one_line(
+    env: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    env.setenv("OTEL_TRACES_EXPORTER", "otlp")
+    env.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")
+    status = main(["serve", "--engine", "inproc", "--port", "0"])
+    captured = capsys.readouterr()
+    assert status == 2
+    assert captured.err.splitlines() == [
+        "slotengine serve: OTEL_EXPORTER_OTLP_PROTOCOL=grpc: this engine exports traces"
+        " over http/protobuf only"
+    ]
+    assert not (tmp_path / "data").exists()
