@@ -1,18 +1,22 @@
 """Tracing's configuration from the OTEL_* variables, the trace context a batch
 carries, and the coalescer's spans (the SDK's in-memory exporter)."""
 
+import asyncio
 from collections.abc import Iterator
 
 import pytest
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
-from opentelemetry.trace import SpanContext, TraceFlags
+from opentelemetry.trace import SpanContext, StatusCode, TraceFlags
 
 from engine.core import protocol as p
 from engine.core.protocol import BatchCodec
+from engine.core.routing import make_slot_id
 from engine.shell.coalescer import EngineClient
-from engine.shell.inproc import InProcessHost
+from engine.shell.inproc import InProcessHost, OwnedInProcessHost
+from engine.shell.owner import StorageSettings
+from engine.shell.owner_states import OwnerState
 from engine.shell.tracing import (
     Tracing,
     TracingConfigError,
@@ -22,8 +26,11 @@ from engine.shell.tracing import (
     traceparent,
     tracing_asked,
 )
+from tests.conftest import REDIS_URL
 from tests.engine.shell.conftest import Engine
 from tests.support.domain import POLICIES
+
+WAIT_S = 10.0
 
 
 @pytest.mark.parametrize(
@@ -176,3 +183,79 @@ def test_a_batch_without_traces_encodes_as_it_always_did() -> None:
     assert len(traced) > len(plain)
     assert codec.decode_batch(traced) == commands
     assert codec.decode_traced_batch(plain).traces == []
+
+
+async def test_a_flush_links_to_every_batch_it_commits_and_a_failed_one_says_so(
+    database_url: str,
+    redis_namespace: str,
+    traced: tuple[Tracing, InMemorySpanExporter],
+) -> None:
+    """Group commit: batches applied while a flush runs are committed together by
+    the next, which links to each of them."""
+    tracing, spans = traced
+    held = asyncio.Event()
+    released = asyncio.Event()
+    failing = False
+
+    async def gate(shard: int) -> None:
+        if failing:
+            raise OSError("the database went away")
+        if not released.is_set():
+            held.set()
+            await released.wait()
+
+    storage = StorageSettings(
+        database_url=database_url, redis_url=REDIS_URL, namespace=redis_namespace
+    )
+    host = OwnedInProcessHost(
+        shard_count=1, policies=POLICIES, storage=storage, before_flush=gate, tracing=tracing
+    )
+    await host.start()
+    try:
+        # One command a batch: each reservation is a batch of its own.
+        engine = Engine(host, EngineClient(host, coalesce=False, tracing=tracing))
+        first = asyncio.ensure_future(engine.slot())
+        await asyncio.wait_for(held.wait(), WAIT_S)
+        # The first flush is held; these batches are applied meanwhile...
+        later = [asyncio.ensure_future(engine.slot()) for _ in range(3)]
+        async with asyncio.timeout(WAIT_S):
+            while (await host.statistics(0, 1_000)).batches < 4:
+                await asyncio.sleep(0.01)
+        assert not any(task.done() for task in later)  # ...and wait for their commit
+        released.set()
+        await asyncio.wait_for(asyncio.gather(first, *later), WAIT_S)
+        # A flush that fails: its span says so, and the reply is a 503.
+        failing = True
+        refused = await engine.run(
+            p.CreateSlot,
+            slot_id=make_slot_id("room-lost", "lost"),
+            resource_id="room-lost",
+            domain="default",
+            start_ms=4_000_000_000_000,
+            end_ms=4_000_003_600_000,
+            capacity=1,
+        )
+        assert refused.status == 503, refused
+        failing = False
+        # Reloaded from storage before the host closes (a close does not wait for
+        # a reload under way).
+        async with asyncio.timeout(WAIT_S):
+            while host.owner(0).state is not OwnerState.SERVING:
+                await asyncio.sleep(0.01)
+    finally:
+        await host.close()
+    finished = spans.get_finished_spans()
+    batches = [s for s in finished if s.name == "shard batch"]
+    flushes = [s for s in finished if s.name == "shard flush"]
+    assert len(batches) == 5
+    (failed,) = [flush for flush in flushes if not flush.status.is_ok]
+    assert failed.status.status_code is StatusCode.ERROR
+    assert "the database went away" in str(failed.events[0].attributes)
+    flushes = [flush for flush in flushes if flush is not failed]
+    linked = {link.context.span_id: flush for flush in flushes for link in flush.links}
+    # Every batch is linked by the flush that committed it: the first alone, the
+    # three later ones together.
+    committed = {link.context.span_id for link in failed.links}
+    assert {s.context.span_id for s in batches if s.context is not None} <= set(linked) | committed
+    assert len(committed) == 1
+    assert sorted(len(flush.links) for flush in flushes if flush.links) == [1, 3]
