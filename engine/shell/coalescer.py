@@ -276,15 +276,13 @@ class EngineClient:
         """``execute`` with tracing on: the command has a span of its own (a child of
         the caller's, the HTTP request's), whose context its batch carries to the
         shard, and which records the answer's status."""
-        from engine.shell.tracing import traceparent
-
         tracing = self._tracing
         assert tracing is not None
         key = id(command)
         with tracing.command_span(type(command).__name__, command.request_id) as span:
             context = span.get_span_context()
             if context.trace_flags.sampled:
-                self._traces[key] = traceparent(context)
+                self._traces[key] = tracing.traceparent(context)
             try:
                 result = await EngineClient.execute(self, command, shard=shard)
             finally:

@@ -429,8 +429,6 @@ class ShardRuntime:
     ) -> tuple[bytes, int, bytes | None]:
         """``_apply`` within the batch's span, linked to its traced commands' spans;
         the sink learns which position the batch's changes reach."""
-        from engine.shell.tracing import BATCH_POSITION_ATTRIBUTE
-
         sink = self._sink
         before = sink.position
         span = tracing.batch_started(self._shard_id, traces, len(commands))
@@ -440,11 +438,10 @@ class ShardRuntime:
             span.record_exception(exc)
             span.end()
             raise
-        span.set_attribute(BATCH_POSITION_ATTRIBUTE, answer[1])
         reached = sink.position
         if reached > before and self._trace_batch is not None:
             self._trace_batch(reached, span.get_span_context())
-        span.end()
+        tracing.batch_applied(span, answer[1])
         return answer
 
     def release_partitions(self, partitions: frozenset[int]) -> None:

@@ -131,6 +131,8 @@ class Tracing:
             attributes={COMMAND_ATTRIBUTE: name, COMMAND_REQUEST_ID_ATTRIBUTE: request_id},
         )
 
+    traceparent = staticmethod(traceparent)
+
     @staticmethod
     def answered(span: Span, status: int) -> None:
         span.set_attribute(STATUS_ATTRIBUTE, status)
@@ -160,6 +162,12 @@ class Tracing:
             links=links,
             attributes={SHARD_ATTRIBUTE: shard, BATCH_COMMANDS_ATTRIBUTE: commands},
         )
+
+    @staticmethod
+    def batch_applied(span: Span, position: int) -> None:
+        """The batch's span ends once it is applied: its changes reach ``position``."""
+        span.set_attribute(BATCH_POSITION_ATTRIBUTE, position)
+        span.end()
 
     @contextlib.contextmanager
     def flush_span(self, shard: int, links: list[Any], events: int) -> Iterator[Span]:
