@@ -11,8 +11,10 @@ argument, ``OTEL_EXPORTER_OTLP_ENDPOINT`` and the other exporter settings,
 
 Off, ``configure_tracing`` returns None, installs no provider and instruments
 nothing, and every part of the engine that could trace holds None instead of
-a ``Tracing``: a command costs one test of it, and a batch carries no trace
-context (``Batch.traces`` is empty, and not encoded).
+a ``Tracing``: a command costs nothing (``EngineClient.execute`` is the plain
+method), a batch one test of an empty dict in the coalescer and one of an
+empty list in the shard, and it carries no trace context (``Batch.traces`` is
+empty, and not encoded).
 
 On, it returns a ``Tracing``: the provider, the instrumentations of asyncpg,
 redis and (in a gateway) aiohttp's server, and the engine's own spans:
