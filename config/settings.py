@@ -12,6 +12,7 @@ An empty or blank variable counts as unset: ``DATABASE_URL=`` in an env file
 means "no database configured", not "a database whose URL is empty".
 """
 
+import ipaddress
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -34,6 +35,9 @@ SHARDS_DEFAULT: Final = 4
 SHARDS_MAX: Final = 1_024
 # Browser origins allowed to call the API, at most this many.
 CORS_ORIGINS_MAX: Final = 64
+# Networks of trusted proxies (SLOTENGINE_TRUSTED_PROXIES), at most this many:
+# each request from a new peer is checked against every one.
+TRUSTED_PROXIES_MAX: Final = 64
 # Live connections (WebSocket and SSE) one user may hold across the deployment:
 # a dozen browser tabs, each watching its bookings and a queue or two, fit; a
 # token opening thousands to exhaust a gateway does not. 0 turns the cap off.
@@ -155,6 +159,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # Webhook endpoints may be private, loopback or link-local addresses: for
     # local setups and tests only (the guard against request forgery is off).
     webhook_allow_private: bool = False
+    # The header naming the client behind a proxy (X-Forwarded-For), believed only
+    # from a peer in trusted_proxies (CIDR networks); None: the socket's peer is
+    # the client. Set both or neither.
+    trusted_proxy_header: str | None = None
+    trusted_proxies: tuple[str, ...] = ()
 
     def __repr__(self) -> str:
         # Settings end up in start-up logs: never print a secret or a password.
@@ -177,6 +186,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     if environ is None:
         environ = os.environ
     env = _Environment(environ)
+    proxy_header, proxies = _trusted_proxies(env)
     return Settings(
         database_url=env.read("DATABASE_URL", _url(DATABASE_URL_SCHEMES), shown=_redact_url),
         redis_url=_redis_url(env),
@@ -247,7 +257,49 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         smtp_url=env.read("SLOTENGINE_SMTP_URL", _smtp_url, shown=_redact_url),
         mail_from=env.read_or("SLOTENGINE_MAIL_FROM", _mail_address, MAIL_FROM_DEFAULT),
         webhook_allow_private=env.read_or("SLOTENGINE_WEBHOOK_ALLOW_PRIVATE", _boolean, False),
+        trusted_proxy_header=proxy_header,
+        trusted_proxies=proxies,
     )
+
+
+def _trusted_proxies(env: "_Environment") -> tuple[str | None, tuple[str, ...]]:
+    header = env.read("SLOTENGINE_TRUSTED_PROXY_HEADER", _header_name)
+    no_proxies: tuple[str, ...] = ()
+    proxies = env.read_or("SLOTENGINE_TRUSTED_PROXIES", _networks, no_proxies)
+    if (header is None) != (not proxies):
+        missing = (
+            "SLOTENGINE_TRUSTED_PROXIES"
+            if header is not None
+            else ("SLOTENGINE_TRUSTED_PROXY_HEADER")
+        )
+        raise ConfigError(
+            f"{missing}: required with the other: a proxy header is believed only from"
+            " the trusted proxies' networks"
+        )
+    return header, proxies
+
+
+# An HTTP header name (RFC 9110's token).
+_HEADER_NAME: Final = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")
+
+
+def _header_name(raw: str) -> str:
+    if not _HEADER_NAME.match(raw):
+        raise ValueError(f"expected a header name like X-Forwarded-For, not {raw!r}")
+    return raw
+
+
+def _networks(raw: str) -> tuple[str, ...]:
+    """A comma-separated list of CIDR networks (or single addresses)."""
+    networks = []
+    for part in filter(None, (piece.strip() for piece in raw.split(","))):
+        try:
+            networks.append(str(ipaddress.ip_network(part, strict=False)))
+        except ValueError:
+            raise ValueError(f"expected CIDR networks like 10.0.0.0/8, not {part!r}") from None
+    if len(networks) > TRUSTED_PROXIES_MAX:
+        raise ValueError(f"expected at most {TRUSTED_PROXIES_MAX} networks")
+    return tuple(networks)
 
 
 class _Environment:

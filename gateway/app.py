@@ -43,8 +43,10 @@ from gateway.http import (
     KEYS_KEY,
     LIMITER_KEY,
     TRACING_KEY,
+    ORIGINS_KEY,
     VERIFIER_KEY,
     WEBHOOK_ALLOW_PRIVATE_KEY,
+    Origins,
     request_context,
 )
 from gateway.idempotency import KeyRegistry
@@ -71,6 +73,8 @@ def create_app(
     entities: Mapping[str, str] | None = None,
     webhook_allow_private: bool = False,
     tracing: "Tracing | None" = None,
+    trusted_proxy_header: str | None = None,
+    trusted_proxies: Sequence[str] = (),
 ) -> web.Application:
     """The routes of docs/api.md. ``engine`` may come later: set ``app[ENGINE_KEY]`` on startup.
 
@@ -86,9 +90,12 @@ def create_app(
     link-local addresses (local setups and tests).
     ``tracing``: this process's, when on (``engine.shell.tracing``); its
     ``http_server`` instrumentation must be on before the app is created.
+    ``trusted_proxy_header`` and ``trusted_proxies``: the header naming the client
+    behind a proxy, believed only from a peer in those networks (``Origins``).
     """
     app = web.Application(middlewares=[request_context], client_max_size=BODY_BYTES_MAX)
     app[CORS_ORIGINS_KEY] = frozenset(cors_origins)
+    app[ORIGINS_KEY] = Origins(trusted_proxy_header, trusted_proxies)
     app[ENTITIES_KEY] = dict(entities or {})
     if engine is not None:
         app[ENGINE_KEY] = engine

@@ -15,10 +15,11 @@ the engine.
 """
 
 import contextvars
+import ipaddress
 import logging
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import asyncpg
@@ -26,6 +27,7 @@ import msgspec
 from aiohttp import web
 
 from engine.core import protocol as p
+from engine.core.redaction import redact_emails
 from engine.core.storable import NUL_MESSAGE
 from engine.shell import limits
 from engine.shell.coalescer import EngineClient, RequestIds
@@ -315,6 +317,112 @@ def stamp_headers(request: web.Request, response: web.StreamResponse) -> None:
         response.headers["Access-Control-Allow-Origin"] = origin
         response.headers["Access-Control-Expose-Headers"] = CORS_EXPOSED_HEADERS
         response.headers["Vary"] = "Origin"
+
+
+# A user agent is kept in the audit log cut to this many characters (the
+# audit_log column's CHECK says the same).
+USER_AGENT_CHARS_MAX: Final = 256
+# Distinct user agents (and proxy headers, peers) whose audit form is kept, each
+# cache emptied when it grows past this: browsers send a few hundred distinct ones.
+ORIGIN_CACHE_MAX: Final = 4_096
+
+
+class Origins:
+    """Where a request comes from, for the audit rows of the changes it makes
+    (``p.Origin``): its ``X-Request-Id``, the client's IP address and its user agent.
+
+    The address is the socket peer's, unless ``header`` (a trusted proxy header,
+    such as ``X-Forwarded-For``) is configured and the peer is one of the
+    ``proxies`` (CIDR networks): then it is the header's rightmost address that
+    is not a trusted proxy (a comma-separated list, appended to by each proxy;
+    what a client wrote itself is to its left, and ignored). A header from any
+    other peer is ignored. The user agent is cut to ``USER_AGENT_CHARS_MAX``
+    characters with email addresses masked, worked out once per distinct agent.
+    """
+
+    def __init__(self, header: str | None = None, proxies: Sequence[str] = ()) -> None:
+        self._networks = tuple(ipaddress.ip_network(n, strict=False) for n in proxies)
+        self.header = header if self._networks else None
+        self._agents: dict[str, str] = {}
+        self._trusted: dict[str, bool] = {}
+        self._forwarded: dict[tuple[str, str], str] = {}
+
+    def of(self, request: web.Request) -> p.Origin:
+        """The origin of ``request`` (after ``request_context`` named its request id)."""
+        headers = request.headers
+        raw_agent = headers.get("User-Agent")
+        agent = None
+        if raw_agent is not None:
+            agent = self._agents.get(raw_agent)
+            if agent is None:
+                agent = self._agent(raw_agent)
+        client = request.remote
+        if self.header is not None and client:
+            forwarded = headers.get(self.header)
+            if forwarded is not None and self.trusts(client):
+                client = self._client(client, forwarded)
+        return p.Origin(request.get(REQUEST_ID_KEY) or "", client or None, agent)
+
+    def _agent(self, raw: str) -> str:
+        agents = self._agents
+        if len(agents) >= ORIGIN_CACHE_MAX:
+            agents.clear()
+        agent = agents[raw] = redact_emails(raw[:USER_AGENT_CHARS_MAX])[:USER_AGENT_CHARS_MAX]
+        return agent
+
+    def trusts(self, address: str) -> bool:
+        """Whether ``address`` is one of the trusted proxies."""
+        trusted = self._trusted.get(address)
+        if trusted is None:
+            try:
+                ip = ipaddress.ip_address(address)
+            except ValueError:
+                trusted = False
+            else:
+                trusted = any(ip in network for network in self._networks)
+            if len(self._trusted) >= ORIGIN_CACHE_MAX:
+                self._trusted.clear()
+            self._trusted[address] = trusted
+        return trusted
+
+    def _client(self, peer: str, forwarded: str) -> str:
+        key = (peer, forwarded)
+        client = self._forwarded.get(key)
+        if client is None:
+            client = peer
+            for hop in reversed(forwarded.split(",")):
+                address = _hop_address(hop)
+                if address is None:
+                    break  # not an address: the last trusted hop is the best known
+                client = address
+                if not self.trusts(address):
+                    break
+            if len(self._forwarded) >= ORIGIN_CACHE_MAX:
+                self._forwarded.clear()
+            self._forwarded[key] = client
+        return client
+
+
+def _hop_address(hop: str) -> str | None:
+    """One hop of a forwarded-for list as an address ("203.0.113.7", "[2001:db8::1]:443",
+    "203.0.113.7:5000"), normalised; None when it is not one."""
+    hop = hop.strip()
+    if hop.startswith("["):
+        hop = hop[1 : hop.find("]")] if "]" in hop else hop
+    elif hop.count(":") == 1:
+        hop = hop.partition(":")[0]
+    try:
+        return str(ipaddress.ip_address(hop))
+    except ValueError:
+        return None
+
+
+ORIGINS_KEY: Final = web.AppKey("origins", Origins)
+
+
+def request_origin(request: web.Request) -> p.Origin:
+    """The origin of ``request`` for the audit rows of its change (``Origins.of``)."""
+    return request.app[ORIGINS_KEY].of(request)
 
 
 class TokenRefused(AuthError):

@@ -513,6 +513,8 @@ def build_app(
         entities={name: policy.entity_name for name, policy in policies.items()},
         webhook_allow_private=settings.webhook_allow_private,
         tracing=tracing,
+        trusted_proxy_header=settings.trusted_proxy_header,
+        trusted_proxies=settings.trusted_proxies,
     )
     # The engine, its transport and the service URLs arrive on startup (engine_context).
     add_observability(

@@ -6,6 +6,17 @@ of every record a flush touched: a booking held, confirmed and cancelled
 within one flush is written once, as CANCELLED. Every transition still gets
 its own audit row.
 
+Audit rows carry the origin of the change that caused them (the HTTP request's
+``X-Request-Id``, the client's IP address and user agent), looked up by the
+event's request id in the origins the shard handed over beside its events:
+the events themselves never hold it, so what is published of them (live
+updates, the outbox) cannot. A reservation attempt the shard refused is an
+audit row too (entity ``attempt``, trigger ``refused``, the refusal's code as
+``details.reason``), and a cancellation's row has its reason, refund and
+initiator in ``details``. No row holds a token or a contact detail: a
+cancellation's reason is stored with what looks like an email address or a
+phone number masked.
+
 It must never do I/O nor decide a business rule: the rows are what the events
 say.
 """
@@ -17,13 +28,17 @@ import msgspec
 
 from engine.core.protocol import (
     AnyEvent,
+    AttemptRefused,
     BookingChanged,
+    JoinQueue,
     KeyRecord,
+    Origin,
     OutcomeRecord,
     QueueChanged,
     SlotChanged,
 )
 from engine.core.records import Booking, QueueEntry, SlotView
+from engine.core.redaction import redact_contact_details
 from engine.core.states import BookingStatus
 
 # The changes of a slot's own settings (counts follow its bookings).
@@ -32,8 +47,26 @@ SLOT_SETTING_CHANGES = frozenset({"created", "updated", "deleted"})
 # a user leaving the line of their own accord is not one.
 NOTIFIED_QUEUE_CHANGES = frozenset({"joined", "notified", "expired", "converted"})
 
-# The columns of the audit_write type (the shard is the flush's).
-AuditRow = tuple[int, str, str, str, str, str, str | None, str | None, str | None, str, str | None]
+# The columns of the audit_write type (the shard is the flush's): at_ms,
+# request_id, actor, entity, entity_id, slot_id, user_id, from_status,
+# to_status, trigger, details, then the origin: http_request_id, client_ip,
+# user_agent.
+AuditRow = tuple[
+    int,
+    str,
+    str,
+    str,
+    str,
+    str,
+    str | None,
+    str | None,
+    str | None,
+    str,
+    str | None,
+    str | None,
+    str | None,
+    str | None,
+]
 
 _json = msgspec.json.Encoder()
 
@@ -66,12 +99,16 @@ class FlushRows:
     # NOTIFIED_QUEUE_CHANGES, slot settings).
     notifiable: list[AnyEvent] = field(default_factory=list)
 
-    def add(self, events: list[AnyEvent]) -> None:
+    def add(self, events: list[AnyEvent], origins: dict[str, Origin] | None = None) -> None:
+        """Fold ``events`` in; ``origins`` (by request id) go into their audit rows only."""
         audit = self.audit.append
         notifiable = self.notifiable.append
         self.events += len(events)
         self.raw.extend(events)
+        origin: Origin | None = None
         for event in events:
+            if origins is not None:
+                origin = origins.get(event.request_id)
             if type(event) is BookingChanged:
                 booking = event.booking
                 self.bookings[booking.id] = (booking, event.at_ms)
@@ -90,7 +127,12 @@ class FlushRows:
                         event.from_status.value,
                         event.to_status.value,
                         event.trigger,
-                        None,
+                        _cancellation(booking)
+                        if event.to_status is BookingStatus.CANCELLED
+                        else None,
+                        None if origin is None else origin.request_id,
+                        None if origin is None else origin.client_ip,
+                        None if origin is None else origin.user_agent,
                     )
                 )
             elif type(event) is QueueChanged:
@@ -112,6 +154,9 @@ class FlushRows:
                         entry.status.value,
                         event.change,
                         _details(seq=entry.seq, bookingId=entry.booking_id),
+                        None if origin is None else origin.request_id,
+                        None if origin is None else origin.client_ip,
+                        None if origin is None else origin.user_agent,
                     )
                 )
             elif type(event) is SlotChanged and event.change in SLOT_SETTING_CHANGES:
@@ -140,12 +185,22 @@ class FlushRows:
                             blocked=view.blocked,
                             version=view.version,
                         ),
+                        None if origin is None else origin.request_id,
+                        None if origin is None else origin.client_ip,
+                        None if origin is None else origin.user_agent,
                     )
                 )
 
-    def remember(self, outcomes: list[OutcomeRecord], keys: list[KeyRecord]) -> None:
+    def remember(
+        self,
+        outcomes: list[OutcomeRecord],
+        keys: list[KeyRecord],
+        refused: list[AttemptRefused] | None = None,
+    ) -> None:
         self.outcomes.extend(outcomes)
         self.keys.extend(keys)
+        if refused:
+            self.audit.extend(map(_refusal_row, refused))
 
     def empty(self) -> bool:
         return not (self.events or self.outcomes or self.keys)
@@ -162,3 +217,41 @@ class FlushRows:
 
 def _details(**values: Any) -> str:
     return _json.encode({k: v for k, v in values.items() if v is not None}).decode()
+
+
+def _cancellation(booking: Booking) -> str:
+    """A cancellation's details: its reason (contact details masked), the refund
+    (a percentage, by the domain's policy: in full when an admin cancels) and who
+    initiated it (``user``, ``admin`` or ``system``)."""
+    by = booking.cancelled_by or ""
+    reason = booking.cancel_reason
+    return _details(
+        reason=None if reason is None else redact_contact_details(reason),
+        refund=booking.refund_percentage,
+        initiator="system" if by == "system" else "admin" if by.startswith("admin") else "user",
+    )
+
+
+def _refusal_row(refused: AttemptRefused) -> AuditRow:
+    command = refused.command
+    origin = command.origin
+    slot_id = command.slot_id
+    return (
+        refused.at_ms,
+        command.request_id,
+        command.user_id,
+        "attempt",
+        slot_id,
+        slot_id,
+        command.user_id,
+        None,
+        None,
+        "refused",
+        _details(
+            reason=refused.code,
+            command="join_queue" if type(command) is JoinQueue else "reserve",
+        ),
+        None if type(origin) is not Origin else origin.request_id,
+        None if type(origin) is not Origin else origin.client_ip,
+        None if type(origin) is not Origin else origin.user_agent,
+    )

@@ -44,7 +44,7 @@ from typing import Any, Protocol, TypeVar
 import asyncpg
 import msgspec
 
-from engine.core.protocol import AnyEvent, KeyRecord, OutcomeRecord
+from engine.core.protocol import AnyEvent, AttemptRefused, KeyRecord, Origin, OutcomeRecord
 from persistence import limits
 from persistence.rows import FlushRows
 from persistence.store import Codecs, FenceRejected, write_flush
@@ -149,7 +149,7 @@ class ShardWriter:
 
     # -- the runtime's side (synchronous, on the shard's event loop) ------------
 
-    def publish(self, events: list[AnyEvent]) -> None:
+    def publish(self, events: list[AnyEvent], origins: dict[str, Origin] | None = None) -> None:
         if self._error is not None or self._closed:
             return  # the owner is rebuilding; these changes die with the old state
         pending = self._pending
@@ -161,16 +161,21 @@ class ShardWriter:
             self._handoffs.append((pending, self._published, self._since_pending()))
             self._pending = FlushRows(self._shard)
             self._pending_since = None
-        self._pending.add(events)
+        self._pending.add(events, origins)
         self._published += 1
         if self._pending_since is None:
             self._pending_since = time.monotonic_ns()
         self._wake.set()
 
-    def remember(self, outcomes: list[OutcomeRecord], keys: list[KeyRecord]) -> None:
+    def remember(
+        self,
+        outcomes: list[OutcomeRecord],
+        keys: list[KeyRecord],
+        refused: list[AttemptRefused] | None = None,
+    ) -> None:
         if self._error is not None or self._closed:
             return
-        self._pending.remember(outcomes, keys)
+        self._pending.remember(outcomes, keys, refused)
         self._published += 1
         if self._pending_since is None:
             self._pending_since = time.monotonic_ns()

@@ -8,11 +8,13 @@ imports it without importing the shard.
 """
 
 import msgspec
+from msgspec import UNSET
 
 from engine.core.protocol import AnyCommand
 
 
 def fingerprint(command: AnyCommand) -> bytes:
-    """The request a command stands for: all of it but its request id and idempotency key."""
-    neutral = msgspec.structs.replace(command, request_id="", idempotency_key=None)
+    """The request a command stands for: all of it but its request id, idempotency key
+    and origin (unset, it is not encoded: fingerprints are those of before it existed)."""
+    neutral = msgspec.structs.replace(command, request_id="", idempotency_key=None, origin=UNSET)
     return msgspec.msgpack.encode(neutral)

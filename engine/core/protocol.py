@@ -15,6 +15,7 @@ fingerprint differs.
 from typing import Any, Final
 
 import msgspec
+from msgspec import UNSET, UnsetType
 
 from engine.core.records import Booking, QueueEntry, QueueView, SlotView
 from engine.core.states import BookingStatus, SlotStatus
@@ -22,8 +23,26 @@ from engine.core.states import BookingStatus, SlotStatus
 # -- commands ------------------------------------------------------------------
 
 
+class Origin(msgspec.Struct, gc=False, frozen=True, array_like=True):
+    """Where a change came from, for its audit rows only: the HTTP request's
+    ``X-Request-Id``, the client's IP address and user agent (each None when
+    unknown).
+
+    The gateway sets it on the state-changing commands it sends. The shard hands
+    it to storage beside its events (``ShardCore.drain_audit``), never inside
+    them: no event published to subscribers, webhooks or the outbox carries it.
+    """
+
+    request_id: str
+    client_ip: str | None = None
+    user_agent: str | None = None
+
+
 class Command(msgspec.Struct, gc=False, tag=True, tag_field="op", frozen=True, kw_only=True):
     request_id: str
+    # Unset (so not encoded at all, and not part of a fingerprint) unless the
+    # gateway sets it on a change.
+    origin: Origin | UnsetType = UNSET
 
 
 class CreateSlot(Command, gc=False, frozen=True, kw_only=True):
@@ -328,6 +347,19 @@ class SlotChanged(Event, gc=False, frozen=True, kw_only=True):
 
 
 AnyEvent = BookingChanged | QueueChanged | QueueMoved | SlotChanged
+
+
+class AttemptRefused(msgspec.Struct, gc=False, frozen=True, array_like=True):
+    """A reservation attempt (``Reserve``, ``JoinQueue``) the shard refused: an
+    audit record, not an event. It goes to storage with the request outcomes
+    (``ShardCore.drain_audit``) and is never published: nothing changed.
+    """
+
+    at_ms: int
+    command: Reserve | JoinQueue
+    # The refusal's code (``SlotFull``, ``AlreadyBooked``, ...).
+    code: str
+
 
 # -- what the shard remembers, as storage keeps it ------------------------------
 

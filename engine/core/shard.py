@@ -62,6 +62,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Final, TypeVar, cast
 
 import msgspec
+from msgspec import UNSET
 
 from engine.core import errors
 from engine.core.errors import EngineError, InvariantViolation, require
@@ -81,6 +82,7 @@ from engine.core.protocol import (
     AnyCommand,
     AnyEvent,
     AnyResult,
+    AttemptRefused,
     BookingChanged,
     BookingPage,
     BookingResult,
@@ -98,6 +100,7 @@ from engine.core.protocol import (
     LeaveQueue,
     ListBookings,
     ListSlots,
+    Origin,
     OutcomeRecord,
     QueueChanged,
     QueueMoved,
@@ -152,6 +155,7 @@ _QueueChanged: Final = QueueChanged
 _QueueMoved: Final = QueueMoved
 _SlotChanged: Final = SlotChanged
 _Failure: Final = Failure
+_AttemptRefused: Final = AttemptRefused
 _OutcomeRecord: Final = OutcomeRecord
 _Booking: Final = Booking
 _QueueEntry: Final = QueueEntry
@@ -230,6 +234,9 @@ class ShardCore:
         # request id -> first result: the memory's own dict, read on every change.
         self._outcomes = self._memory.outcomes
         self._events: list[AnyEvent] = []
+        # For the audit only (``drain_audit``): origins by request id, refused attempts.
+        self._origins: dict[str, Origin] = {}
+        self._refused: list[AttemptRefused] = []
         # Set by a read that a live watch follows (``watch=True``), cleared by
         # the host once it has told its event publisher to publish again.
         self.watched = False
@@ -275,11 +282,24 @@ class ShardCore:
             return prior
         key = getattr(command, "idempotency_key", None)
         if key is not None:
+            replays = self._replays_total
             result = self._execute_with_key(command, key, now_ms)
+            replayed = replays != self._replays_total
         else:
             result = self._decide(command, now_ms)
-        if type(result) is _Failure and NOT_SERVED_DETAIL in result.details:
-            return result  # applied nothing: a resend to the right shard must not replay it
+            replayed = False
+        if type(result) is _Failure:
+            if NOT_SERVED_DETAIL in result.details:
+                return result  # applied nothing: a resend to the right shard must not replay it
+            kind = type(command)
+            if (kind is _RESERVE or kind is _JOIN_QUEUE) and result.status < 500 and not replayed:
+                self._refused.append(
+                    _AttemptRefused(now_ms, cast(Reserve | JoinQueue, command), result.code)
+                )
+        else:
+            origin = command.origin
+            if origin is not UNSET:
+                self._origins[request_id] = origin
         self._memory.remember_outcome(request_id, result, now_ms)
         return result
 
@@ -423,6 +443,18 @@ class ShardCore:
     def drain_remembered(self) -> tuple[list[OutcomeRecord], list[KeyRecord]]:
         """Request outcomes and idempotency records remembered since the last call."""
         return self._memory.drain()
+
+    def drain_audit(self) -> tuple[dict[str, Origin] | None, list[AttemptRefused] | None]:
+        """What storage audits beside the events, since the last call (None: nothing):
+        the origins of the changes that carried one, by request id, and the
+        reservation attempts refused. Never part of an event: not published."""
+        origins: dict[str, Origin] | None = None
+        refused: list[AttemptRefused] | None = None
+        if self._origins:
+            origins, self._origins = self._origins, {}
+        if self._refused:
+            refused, self._refused = self._refused, []
+        return origins, refused
 
     def restore(
         self,

@@ -34,12 +34,14 @@ from engine.core.protocol import (
     AnyCommand,
     AnyEvent,
     AnyResult,
+    AttemptRefused,
     BatchCodec,
     BookingResult,
     Failure,
     GetBooking,
     GetSlot,
     KeyRecord,
+    Origin,
     OutcomeRecord,
     QueuePosition,
     SlotChanged,
@@ -64,12 +66,22 @@ BATCH_SIZE_BUCKETS: Final = limits.BATCH_COMMANDS_MAX.bit_length()
 class EventSink(Protocol):
     """Where a shard's events go: storage, the fan-out bus, or memory in tests."""
 
-    def publish(self, events: list[AnyEvent]) -> None:
-        """Take events in order. Synchronous: it runs between state changes and must not wait."""
+    def publish(self, events: list[AnyEvent], origins: dict[str, Origin] | None = None) -> None:
+        """Take events in order. Synchronous: it runs between state changes and must not wait.
+
+        ``origins``: the origin of each change that carried one, by request id,
+        for the audit only (never to be published with the events).
+        """
         ...
 
-    def remember(self, outcomes: list[OutcomeRecord], keys: list[KeyRecord]) -> None:
-        """Take the request outcomes and idempotency records the shard just remembered."""
+    def remember(
+        self,
+        outcomes: list[OutcomeRecord],
+        keys: list[KeyRecord],
+        refused: list[AttemptRefused] | None = None,
+    ) -> None:
+        """Take the request outcomes and idempotency records the shard just remembered,
+        and the reservation attempts it refused (audited, never published)."""
         ...
 
     @property
@@ -118,13 +130,18 @@ class MemoryEventSink:
     def events(self) -> list[AnyEvent]:
         return list(self._events)
 
-    def publish(self, events: list[AnyEvent]) -> None:
+    def publish(self, events: list[AnyEvent], origins: dict[str, Origin] | None = None) -> None:
         self._events.extend(events)
         self._published += len(events)
         if self._waiters:
             self._wake_waiters(events)
 
-    def remember(self, outcomes: list[OutcomeRecord], keys: list[KeyRecord]) -> None:
+    def remember(
+        self,
+        outcomes: list[OutcomeRecord],
+        keys: list[KeyRecord],
+        refused: list[AttemptRefused] | None = None,
+    ) -> None:
         return None
 
     async def wait_durable(self, position: int | None = None) -> None:
@@ -562,10 +579,11 @@ class ShardRuntime:
 
     def _hand_off_events(self) -> None:
         events = self._core.drain_events()
+        origins, refused = self._core.drain_audit()
         if events:
             self._events += len(events)
             sink = self._sink
-            sink.publish(events)
+            sink.publish(events, origins)
             # Every change of a slot ends its batch's events with a SlotChanged of it.
             position = sink.position
             marks = self._slot_marks
@@ -576,7 +594,8 @@ class ShardRuntime:
                 self._prune_marks()
         outcomes, keys = self._core.drain_remembered()
         if outcomes or keys:
-            self._sink.remember(outcomes, keys)
+            # A refused attempt's outcome is remembered: its audit row goes with it.
+            self._sink.remember(outcomes, keys, refused)
 
     def _prune_marks(self) -> None:
         durable = self._sink.durable_position

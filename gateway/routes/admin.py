@@ -20,7 +20,7 @@ from gateway.handling import (
     next_id,
     run,
 )
-from gateway.http import json_response, principal, require_admin
+from gateway.http import json_response, principal, request_origin, require_admin
 
 
 async def create_slot(request: web.Request) -> web.StreamResponse:
@@ -32,6 +32,7 @@ async def create_slot(request: web.Request) -> web.StreamResponse:
         request,
         p.CreateSlot(
             request_id=next_id(request),
+            origin=request_origin(request),
             slot_id=make_slot_id(body.resource_id, uuid.uuid4().hex),
             resource_id=body.resource_id,
             domain=body.domain,
@@ -54,6 +55,7 @@ async def update_slot(request: web.Request) -> web.StreamResponse:
         request,
         p.UpdateSlot(
             request_id=next_id(request),
+            origin=request_origin(request),
             slot_id=request.match_info["slot_id"],
             start_ms=None if body.start_time is None else s.to_ms(body.start_time, "startTime"),
             end_ms=None if body.end_time is None else s.to_ms(body.end_time, "endTime"),
@@ -74,6 +76,7 @@ async def delete_slot(request: web.Request) -> web.StreamResponse:
         request,
         p.DeleteSlot(
             request_id=next_id(request),
+            origin=request_origin(request),
             slot_id=request.match_info["slot_id"],
             force=force,
             actor=f"admin:{who.subject}",

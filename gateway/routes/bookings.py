@@ -31,7 +31,14 @@ from gateway.handling import (
     run_keyed,
     user_param,
 )
-from gateway.http import ENGINE_KEY, ENTITIES_KEY, ApiError, json_response, principal
+from gateway.http import (
+    ENGINE_KEY,
+    ENTITIES_KEY,
+    ApiError,
+    json_response,
+    principal,
+    request_origin,
+)
 
 # What a browser saves the calendar file as.
 CALENDAR_DISPOSITION: Final = 'attachment; filename="booking.ics"'
@@ -46,6 +53,7 @@ async def reserve(request: web.Request) -> web.StreamResponse:
         user_id,
         p.Reserve(
             request_id=next_id(request),
+            origin=request_origin(request),
             slot_id=body.slot_id,
             user_id=user_id,
             idempotency_key=idempotency_key(request),
@@ -87,6 +95,7 @@ async def _owner_command(
         user_id,
         command(
             request_id=next_id(request),
+            origin=request_origin(request),
             booking_id=request.match_info["booking_id"],
             user_id=user_id,
             idempotency_key=idempotency_key(request),
@@ -108,6 +117,7 @@ async def cancel(request: web.Request) -> web.StreamResponse:
         user_id,
         p.Cancel(
             request_id=next_id(request),
+            origin=request_origin(request),
             booking_id=request.match_info["booking_id"],
             user_id=user_id,
             as_admin=as_admin,

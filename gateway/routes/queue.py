@@ -19,7 +19,7 @@ from gateway.handling import (
     run_keyed,
     user_param,
 )
-from gateway.http import json_response, limit, principal
+from gateway.http import json_response, limit, principal, request_origin
 
 
 async def join_queue(request: web.Request) -> web.StreamResponse:
@@ -31,6 +31,7 @@ async def join_queue(request: web.Request) -> web.StreamResponse:
         user_id,
         p.JoinQueue(
             request_id=next_id(request),
+            origin=request_origin(request),
             slot_id=request.match_info["slot_id"],
             user_id=user_id,
             idempotency_key=idempotency_key(request),
@@ -47,6 +48,7 @@ async def leave_queue(request: web.Request) -> web.StreamResponse:
         request,
         p.LeaveQueue(
             request_id=next_id(request),
+            origin=request_origin(request),
             slot_id=request.match_info["slot_id"],
             user_id=acting_user(who, user_param(request)),
         ),

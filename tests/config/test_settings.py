@@ -88,6 +88,8 @@ def test_every_variable_overrides_its_default() -> None:
             "SLOTENGINE_DELIVERY_LEASE_SECONDS": "30",
             "SLOTENGINE_SMTP_URL": "smtp://mail.example.com:2525",
             "SLOTENGINE_MAIL_FROM": "bookings@example.com",
+            "SLOTENGINE_TRUSTED_PROXY_HEADER": "X-Forwarded-For",
+            "SLOTENGINE_TRUSTED_PROXIES": "10.0.0.0/8, 192.0.2.7,2001:db8::/32",
             "UNRELATED": "ignored",
         }
     )
@@ -114,6 +116,8 @@ def test_every_variable_overrides_its_default() -> None:
         delivery_lease_seconds=30,
         smtp_url="smtp://mail.example.com:2525",
         mail_from="bookings@example.com",
+        trusted_proxy_header="X-Forwarded-For",
+        trusted_proxies=("10.0.0.0/8", "192.0.2.7/32", "2001:db8::/32"),
     )
 
 
@@ -424,3 +428,30 @@ def test_the_smtp_password_is_never_shown() -> None:
 def test_a_bad_sender_address_stops_the_start(address: str) -> None:
     with pytest.raises(ConfigError, match=r"^SLOTENGINE_MAIL_FROM: expected an address"):
         load_settings({"SLOTENGINE_MAIL_FROM": address})
+
+
+@pytest.mark.parametrize(
+    ("environ", "message"),
+    [
+        ({"SLOTENGINE_TRUSTED_PROXY_HEADER": "X-Forwarded-For"}, "SLOTENGINE_TRUSTED_PROXIES"),
+        ({"SLOTENGINE_TRUSTED_PROXIES": "10.0.0.0/8"}, "SLOTENGINE_TRUSTED_PROXY_HEADER"),
+        (
+            {"SLOTENGINE_TRUSTED_PROXY_HEADER": "X Forwarded", "SLOTENGINE_TRUSTED_PROXIES": "::1"},
+            "SLOTENGINE_TRUSTED_PROXY_HEADER: expected a header name",
+        ),
+        (
+            {"SLOTENGINE_TRUSTED_PROXY_HEADER": "X-Real-IP", "SLOTENGINE_TRUSTED_PROXIES": "10/33"},
+            "SLOTENGINE_TRUSTED_PROXIES: expected CIDR networks",
+        ),
+    ],
+)
+def test_a_trusted_proxy_header_needs_its_proxies_and_both_are_checked(
+    environ: dict[str, str], message: str
+) -> None:
+    with pytest.raises(ConfigError, match=f"^{message}"):
+        load_settings(environ)
+
+
+def test_no_proxy_is_trusted_by_default() -> None:
+    settings = load_settings({})
+    assert (settings.trusted_proxy_header, settings.trusted_proxies) == (None, ())
