@@ -662,3 +662,61 @@ async def test_a_change_through_one_gateway_reaches_a_socket_on_the_other(
         assert (entry["status"], entry["position"], entry["totalInQueue"]) == ("WAITING", 1, 1)
         missing = await api.get(f"/api/slots/{slot_id}/queue/position", headers=_bearer("wes"))
         assert (await _answer(missing, 404))["error"] == "NotFound"
+
+
+async def test_the_audit_rows_carry_the_origin_refusals_and_cancellations_through_actors(
+    gateway: Gateway, db: asyncpg.Connection
+) -> None:
+    """Through the shard actors as through an in-process shard: the origin crosses
+    the actor boundary with the command and lands in the audit row only."""
+    api = await gateway()
+    slot = await _slot(api, capacity=1, domain="noqueue")
+    origin = {"X-Request-Id": "ray-audit-1", "User-Agent": "ray-audit/1.0"}
+    held = await _answer(
+        await api.post(
+            "/api/bookings/reserve",
+            json={"slotId": slot["id"]},
+            headers={**_bearer("ann"), **origin},
+        ),
+        201,
+    )
+    booking_id = held["booking"]["id"]
+    refused = await api.post(
+        "/api/bookings/reserve",
+        json={"slotId": slot["id"]},
+        headers={**_bearer("bob"), "X-Request-Id": "ray-audit-2"},
+    )
+    assert refused.status == 409 and refused.headers["X-Request-Id"] == "ray-audit-2"
+    await _answer(
+        await api.post(f"/api/bookings/{booking_id}/confirm", headers=_bearer("ann")), 200
+    )
+    await _answer(
+        await api.post(
+            f"/api/bookings/{booking_id}/cancel",
+            json={"reason": "moved"},
+            headers={**_bearer("ann"), "X-Request-Id": "ray-audit-3"},
+        ),
+        200,
+    )
+    rows = await db.fetch(
+        "SELECT entity, to_status, trigger, details, http_request_id, client_ip, user_agent"
+        " FROM audit_log WHERE slot_id = $1 AND entity <> 'slot' ORDER BY id",
+        slot["id"],
+    )
+    summary = [
+        (r["entity"], r["to_status"], r["trigger"], r["http_request_id"], r["client_ip"])
+        for r in rows
+    ]
+    assert summary == [
+        ("booking", "RESERVED", "reserve", "ray-audit-1", "127.0.0.1"),
+        ("attempt", None, "refused", "ray-audit-2", "127.0.0.1"),
+        ("booking", "CONFIRMED", "confirm", TEXT, "127.0.0.1"),
+        ("booking", "CANCELLED", "cancel", "ray-audit-3", "127.0.0.1"),
+    ]
+    assert rows[0]["user_agent"] == "ray-audit/1.0"
+    assert msgspec.json.decode(rows[1]["details"]) == {"reason": "SlotFull", "command": "reserve"}
+    assert msgspec.json.decode(rows[3]["details"]) == {
+        "reason": "moved",
+        "refund": 100,
+        "initiator": "user",
+    }
