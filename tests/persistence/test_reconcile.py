@@ -295,6 +295,10 @@ async def test_a_hold_of_a_shard_nobody_owns_is_expired(db: asyncpg.Connection) 
         "to_status": "EXPIRED",
         "trigger": REPAIR_TRIGGER,
         "details": "",
+        # A repair comes from no HTTP request.
+        "http_request_id": None,
+        "client_ip": None,
+        "user_agent": None,
     }
     assert (await check(db)).findings == []
 
