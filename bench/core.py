@@ -11,7 +11,8 @@ batch, like the shell hands them off to storage.
 The command list is generated first, untimed, by driving a scout core (so
 confirms and cancels name real booking ids); the measured runs replay it on
 fresh cores with the same deterministic ids and must give the same results.
-Only ``execute`` and ``drain_events`` are timed. It never touches the
+Only ``execute`` and the drains (``drain_events``, ``drain_remembered``,
+``drain_audit``) are timed. It never touches the
 network, the disk or an event loop.
 """
 
@@ -187,6 +188,7 @@ class _Scout:
                 self.mix[type(command).__name__] += 1
                 self.learn(command, self.core.execute(command, now_ms))
             self.learn_offers(self.core.drain_events())
+            self.core.drain_audit()
             batches.append((now_ms, batch))
         return batches
 
@@ -310,6 +312,7 @@ def _replay(core: ShardCore, batches: Batches) -> tuple[list[float], float, int,
     execute = core.execute
     drain = core.drain_events
     drain_remembered = core.drain_remembered
+    drain_audit = core.drain_audit
     results: list[p.AnyResult] = []
     keep = results.append
     events = 0
@@ -321,6 +324,7 @@ def _replay(core: ShardCore, batches: Batches) -> tuple[list[float], float, int,
             keep(execute(command, now_ms))
         events += len(drain())
         drain_remembered()
+        drain_audit()
         if index in ends:
             marks.append(time.perf_counter())
     cpu_s = time.process_time() - cpu_started

@@ -67,8 +67,10 @@ def make_flushes(args: argparse.Namespace) -> tuple[list[FlushRows], int]:
 
     def fold() -> None:
         rows = FlushRows(0)
-        rows.add(core.drain_events())
-        rows.remember(*core.drain_remembered())
+        events = core.drain_events()
+        origins, refused = core.drain_audit()
+        rows.add(events, origins)
+        rows.remember(*core.drain_remembered(), refused)
         flushes.append(rows)
 
     slots = []
