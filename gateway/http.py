@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import asyncpg
 import msgspec
-from aiohttp import web
+from aiohttp import hdrs, web
 
 from engine.core import protocol as p
 from engine.core.redaction import redact_emails
@@ -350,7 +350,7 @@ class Origins:
     def of(self, request: web.Request) -> p.Origin:
         """The origin of ``request`` (after ``request_context`` named its request id)."""
         headers = request.headers
-        raw_agent = headers.get("User-Agent")
+        raw_agent = headers.get(hdrs.USER_AGENT)
         agent = None
         if raw_agent is not None:
             agent = self._agents.get(raw_agent)
@@ -361,7 +361,7 @@ class Origins:
             forwarded = headers.get(self.header)
             if forwarded is not None and self.trusts(client):
                 client = self._client(client, forwarded)
-        return p.Origin(request.get(REQUEST_ID_KEY) or "", client or None, agent)
+        return p.Origin(request[REQUEST_ID_KEY], client or None, agent)
 
     def _agent(self, raw: str) -> str:
         agents = self._agents
