@@ -69,6 +69,7 @@ AuditRow = tuple[
 ]
 
 _json = msgspec.json.Encoder()
+_CANCELLED = BookingStatus.CANCELLED
 
 
 @dataclass
@@ -128,7 +129,7 @@ class FlushRows:
                         event.to_status.value,
                         event.trigger,
                         _cancellation(booking)
-                        if event.to_status is BookingStatus.CANCELLED
+                        if event.to_status is _CANCELLED
                         else None,
                         None if origin is None else origin.request_id,
                         None if origin is None else origin.client_ip,
