@@ -128,9 +128,7 @@ class FlushRows:
                         event.from_status.value,
                         event.to_status.value,
                         event.trigger,
-                        _cancellation(booking)
-                        if event.to_status is _CANCELLED
-                        else None,
+                        _cancellation(booking) if event.to_status is _CANCELLED else None,
                         None if origin is None else origin.request_id,
                         None if origin is None else origin.client_ip,
                         None if origin is None else origin.user_agent,
