@@ -337,7 +337,8 @@ class Origins:
     is not a trusted proxy (a comma-separated list, appended to by each proxy;
     what a client wrote itself is to its left, and ignored). A header from any
     other peer is ignored. The user agent is cut to ``USER_AGENT_CHARS_MAX``
-    characters with email addresses masked, worked out once per distinct agent.
+    characters, what is not printable text replaced and email addresses
+    masked, worked out once per distinct agent.
     """
 
     def __init__(self, header: str | None = None, proxies: Sequence[str] = ()) -> None:
@@ -367,7 +368,13 @@ class Origins:
         agents = self._agents
         if len(agents) >= ORIGIN_CACHE_MAX:
             agents.clear()
-        agent = agents[raw] = redact_emails(raw[:USER_AGENT_CHARS_MAX])[:USER_AGENT_CHARS_MAX]
+        agent = raw[:USER_AGENT_CHARS_MAX]
+        if not agent.isprintable():
+            # Bytes that are not UTF-8 arrive as lone surrogates, which the
+            # database would refuse (failing the whole flush), and control
+            # characters have no place in a log: each becomes U+FFFD.
+            agent = "".join(c if c.isprintable() else "\ufffd" for c in agent)
+        agent = agents[raw] = redact_emails(agent)[:USER_AGENT_CHARS_MAX]
         return agent
 
     def trusts(self, address: str) -> bool:

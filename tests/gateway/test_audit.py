@@ -326,3 +326,36 @@ async def test_published_events_carry_no_origin(
         await api.close()
         await bus.close()
         await redis_client.aclose()
+
+
+async def test_a_user_agent_that_is_not_text_is_stored_as_text(
+    api: Client, token: Token, db: asyncpg.Connection
+) -> None:
+    """Bytes that are not UTF-8 (or control characters) in the header cannot fail the
+    flush that carries the change: they are stored replaced."""
+    slot = await _slot(api, token, capacity=1)
+    body = b'{"slotId": "%s"}' % slot["id"].encode()
+    request = (
+        b"POST /api/bookings/reserve HTTP/1.1\r\nHost: test\r\nConnection: close\r\n"
+        b"Authorization: " + token("ann")["Authorization"].encode() + b"\r\n"
+        b"Content-Type: application/json\r\nContent-Length: %d\r\n"
+        b"X-Request-Id: bytes-1\r\n"
+        b"User-Agent: odd\xff\xfe agent/1\r\n\r\n" % len(body)
+    ) + body
+    assert api.server.port is not None
+    reader, writer = await asyncio.open_connection("127.0.0.1", api.server.port)
+    try:
+        writer.write(request)
+        status_line = await asyncio.wait_for(reader.readline(), 10)
+        await reader.read()
+    finally:
+        writer.close()
+        await writer.wait_closed()
+    assert status_line.split()[1] == b"201", status_line
+    (row,) = await _audit(db, entity="booking", http_request_id="bytes-1")
+    assert row["user_agent"] == "odd\ufffd\ufffd agent/1"
+    # The shard still serves: its flush went through.
+    again = await api.post(
+        "/api/bookings/reserve", json={"slotId": slot["id"]}, headers=token("bo")
+    )
+    assert again.status in (201, 202)
