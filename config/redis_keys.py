@@ -14,6 +14,12 @@ Each name: its type; who writes it; who reads it; when it expires.
 - ``{ns}:shard:{n}:token``, counter: shard ``n``'s fencing tokens (``INCR``
   by the owner taking the lease, in the same script). Never expires: it only
   grows.
+- ``{ns}:shard:{n}:storage_lost``, string: since when (ms) shard ``n`` has
+  committed nothing because PostgreSQL was unreachable. Set (``NX``: the
+  earliest stays) by an owner whose flush failed; read and deleted by the owner
+  that reloads the shard once PostgreSQL answers, which gives the holds whose
+  deadline fell since then their grace (``engine/shell/owner.py``). Never
+  expires: it is deleted once the grace is granted.
 - ``{ns}:events:shard:{n}``, channel: shard ``n``'s committed events, one
   message a flush. Published by the shard (``engine/shell/events.py``);
   subscribed by every gateway's bus (``gateway/live/bus.py``).
@@ -98,6 +104,10 @@ class RedisKeys:
     def shard_token(self, shard: int) -> str:
         """A shard's fencing counter: only grows, never expires."""
         return f"{self._shard}:{shard}:token"
+
+    def shard_storage_lost(self, shard: int) -> str:
+        """Since when a shard has committed nothing for want of PostgreSQL (ms)."""
+        return f"{self._shard}:{shard}:storage_lost"
 
     @property
     def rebalance_claim(self) -> str:

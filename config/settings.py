@@ -76,6 +76,11 @@ DELIVERY_LEASE_SECONDS_DEFAULT: Final = 60
 DELIVERY_LEASE_SECONDS_MIN: Final = 2
 DELIVERY_LEASE_SECONDS_MAX: Final = 3_600
 OUTBOX_RETENTION_HOURS_DEFAULT: Final = 72
+# After PostgreSQL was unreachable, every hold whose deadline fell after the
+# shard's last commit lasts at least this long after the recovery: its owner
+# could not confirm it meanwhile. 0: no grace (they expire at the recovery).
+OUTAGE_HOLD_GRACE_SECONDS_DEFAULT: Final = 60
+OUTAGE_HOLD_GRACE_SECONDS_MAX: Final = 86_400
 OUTBOX_RETENTION_HOURS_MAX: Final = 24 * 365
 
 DATABASE_URL_SCHEMES: Final = ("postgresql", "postgres")
@@ -153,6 +158,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     delivery_retry_seconds: tuple[int, ...] = DELIVERY_RETRY_SECONDS_DEFAULT
     delivery_lease_seconds: int = DELIVERY_LEASE_SECONDS_DEFAULT
     outbox_retention_hours: int = OUTBOX_RETENTION_HOURS_DEFAULT
+    outage_hold_grace_seconds: int = OUTAGE_HOLD_GRACE_SECONDS_DEFAULT
     # None: no notification email is sent (engine/notify/mail.py's Mailer).
     smtp_url: str | None = None
     mail_from: str = MAIL_FROM_DEFAULT
@@ -253,6 +259,11 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
             "SLOTENGINE_OUTBOX_RETENTION_HOURS",
             _integer(1, OUTBOX_RETENTION_HOURS_MAX),
             OUTBOX_RETENTION_HOURS_DEFAULT,
+        ),
+        outage_hold_grace_seconds=env.read_or(
+            "SLOTENGINE_OUTAGE_HOLD_GRACE_SECONDS",
+            _integer(0, OUTAGE_HOLD_GRACE_SECONDS_MAX),
+            OUTAGE_HOLD_GRACE_SECONDS_DEFAULT,
         ),
         smtp_url=env.read("SLOTENGINE_SMTP_URL", _smtp_url, shown=_redact_url),
         mail_from=env.read_or("SLOTENGINE_MAIL_FROM", _mail_address, MAIL_FROM_DEFAULT),

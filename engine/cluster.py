@@ -275,6 +275,7 @@ async def _move(
         relaxed=settings.durability == "relaxed",
         namespace=deployment,
         partitions=current.partitions,
+        outage_hold_grace_ms=settings.outage_hold_grace_seconds * 1000,
     )
 
     def said(step: MoveStep) -> None:

@@ -315,6 +315,7 @@ async def storage_and_partitions(
         namespace=namespace,
         partitions=partition_map.partitions,
         outbox=settings.notifications,
+        outage_hold_grace_ms=settings.outage_hold_grace_seconds * 1000,
     )
     return storage, partition_map
 

@@ -70,6 +70,10 @@ class ShardSnapshot:
     entries: list[QueueEntry]
     outcomes: list[OutcomeRecord]
     keys: list[KeyRecord]
+    # When the shard last committed before this load (its fence row's last
+    # change, a flush or a takeover, in the database's clock; None: never).
+    # Set by ``take_over`` only.
+    committed_at_ms: int | None = None
 
 
 class Codecs:
@@ -117,14 +121,19 @@ async def take_over(
     a partition map.
     """
     async with connection.transaction():
+        # The fence row as it was (every flush and takeover stamps updated_at):
+        # when the shard last committed, read in the same statement.
         accepted = await connection.fetchrow(
             """
+            WITH before AS (SELECT updated_at FROM shard_fences WHERE shard = $1)
             INSERT INTO shard_fences AS f (shard, token, owner) VALUES ($1, $2, $3)
             ON CONFLICT (shard) DO UPDATE SET token = EXCLUDED.token, owner = EXCLUDED.owner,
                                               updated_at = now()
              WHERE f.token < EXCLUDED.token
                 OR (f.token = EXCLUDED.token AND f.owner = EXCLUDED.owner)
-            RETURNING token, generation
+            RETURNING token, generation,
+                      (SELECT (extract(epoch FROM updated_at) * 1000)::bigint FROM before)
+                          AS committed_at_ms
             """,
             shard,
             token,
@@ -147,6 +156,7 @@ async def take_over(
         snapshot.outcomes.extend(
             await _moved_outcomes(connection, shard, partitions.owned, now_ms, timeout_s)
         )
+        snapshot.committed_at_ms = accepted["committed_at_ms"]
         return snapshot
 
 

@@ -142,6 +142,10 @@ class ShardWriter:
         self._error: BaseException | None = None
         self._fenced = False
         self._closed = False
+        # The rows of the flush running now, and, once the writer failed, the events
+        # handed over that are not known to be committed (``in_doubt``).
+        self._flushing: FlushRows | None = None
+        self._in_doubt: list[AnyEvent] = []
         self._flushes = 0
         self._events_written = 0
         self._flush_events_max = 0
@@ -258,6 +262,12 @@ class ShardWriter:
     def failed(self) -> bool:
         return self._error is not None
 
+    @property
+    def in_doubt(self) -> list[AnyEvent]:
+        """After a failure: the events handed over and not known to be committed (the
+        failed flush's, which may yet have committed, and every later one's)."""
+        return self._in_doubt
+
     # -- lifecycle ----------------------------------------------------------------
 
     def start(self) -> None:
@@ -326,6 +336,7 @@ class ShardWriter:
                 upto, since = self._published, self._since_pending()
                 self._pending_since = None
             self._flushing_since = since
+            self._flushing = rows
             try:
                 if self._tracing is None:
                     await self._flush(rows)
@@ -342,6 +353,7 @@ class ShardWriter:
                 self._stop(exc, self._on_failed)
                 return
             self._flushing_since = None
+            self._flushing = None
             self._committed_at = time.monotonic_ns()
             self._durable = upto
             if self._on_committed is not None and rows.raw:
@@ -412,6 +424,12 @@ class ShardWriter:
 
     def _stop(self, exc: BaseException, callback: Callable[[BaseException], None] | None) -> None:
         self._error = exc
+        in_doubt = [] if self._flushing is None else list(self._flushing.raw)
+        for rows, _, _ in self._handoffs:
+            in_doubt.extend(rows.raw)
+        in_doubt.extend(self._pending.raw)
+        self._in_doubt = in_doubt
+        self._flushing = None
         self._pending = FlushRows(self._shard)
         self._handoffs.clear()
         self._traced.clear()

@@ -456,6 +456,34 @@ class ShardCore:
             refused, self._refused = self._refused, []
         return origins, refused
 
+    @property
+    def now_ms(self) -> int:
+        """The shard's time: the latest ``now_ms`` it advanced to."""
+        return self._now_ms
+
+    def grant_grace(self, since_ms: int, until_ms: int, now_ms: int) -> list[Booking]:
+        """Holds and queue offers whose deadline fell while the shard could not commit
+        (after ``since_ms``) last at least until ``until_ms``: the outage's grace.
+
+        Each one moved is a RESERVED -> RESERVED transition with the trigger
+        ``outage_grace`` (a new version, an audit row); it does not count as one of
+        the user's extensions. Called on a freshly restored core, before the
+        deadlines already past fire. Returns the bookings extended.
+        """
+        extended: list[Booking] = []
+        for booking in self._bookings.values():
+            if booking.status is not BookingStatus.RESERVED:
+                continue
+            if not since_ms < booking.expires_at_ms < until_ms:
+                continue
+            to_status = next_booking_status(booking.status, BookingEvent.EXTEND)
+            booking.expires_at_ms = until_ms
+            self._timers.schedule(("hold", booking.id), until_ms)
+            extended.append(
+                self._transition(booking, to_status, "outage_grace", now_ms, "", SYSTEM)
+            )
+        return extended
+
     def restore(
         self,
         *,

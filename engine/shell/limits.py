@@ -161,6 +161,10 @@ LEASE_DRIFT_MARGIN_MS: Final = 2_000
 LEASE_ACQUIRE_TIMEOUT_MS: Final = 60_000
 # Pause between attempts to rebuild a shard whose storage failed.
 REBUILD_RETRY_MS: Final = 500
+# After PostgreSQL was unreachable, the holds whose deadline fell after the
+# shard's last commit last at least this long after the recovery
+# (SLOTENGINE_OUTAGE_HOLD_GRACE_SECONDS, config/settings.py, sets it for a deployment).
+OUTAGE_HOLD_GRACE_DEFAULT_MS: Final = 60_000
 # Clients told to come back after a 503 wait this many seconds. Shared with the
 # gateway (gateway/http.py, gateway/live/endpoints.py).
 RETRY_AFTER_S: Final = 1

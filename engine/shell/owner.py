@@ -6,16 +6,28 @@ transaction as the reload), restores a ``ShardCore`` from what it loaded, and
 serves batches through a ``ShardRuntime`` whose events go to a
 ``ShardWriter`` (write-behind, group commit). A renewal task keeps the lease.
 
-States: STARTING -> SERVING <-> REBUILDING, and STOPPED for good; the table of
-allowed transitions is ``engine/shell/owner_states.py``, and the owner moves
-only along it.
-- A flush that fails (PostgreSQL down or frozen past the flush timeout, a
-  safety net of the database refused it): the waiting replies get 503 with
-  their outcome unknown (a flush that timed out may still commit), the
-  in-memory state is dropped (it is ahead of the database) and the owner
-  reloads the shard from PostgreSQL with a new fencing token, retrying until
-  it can: the failed flush, should it still be running, is fenced off rather
-  than landing after the reload. Meanwhile every command is answered 503.
+States: STARTING -> SERVING <-> REBUILDING, SERVING -> DEGRADED -> SERVING,
+and STOPPED for good; the table of allowed transitions is
+``engine/shell/owner_states.py``, and the owner moves only along it.
+- A flush that fails because PostgreSQL is unreachable (down, or frozen past
+  the flush timeout): the waiting replies get 503 with their outcome unknown (a
+  flush that timed out may still commit) and the owner goes DEGRADED. Its state
+  in memory stays, frozen: no timer fires (an expiry could not commit), no
+  change is taken (503 with a retry hint), and reads are answered from it
+  unless they could show a change whose commit is in doubt (the failed
+  flush's and every later one's: ``InDoubt``), so a read shows only committed
+  state, and only while the lease holds. Meanwhile the owner reloads the shard
+  from PostgreSQL with a new fencing token, retrying until it can (the failed
+  flush, should it still be running, is fenced off rather than landing after
+  the reload); the reload gives every hold whose deadline fell after the
+  shard's last commit at least ``outage_hold_grace_ms`` after the recovery
+  (``ShardCore.grant_grace``, trigger ``outage_grace``), and replaces the
+  frozen state. ``{ns}:shard:{n}:storage_lost`` in Redis tells an owner that
+  reloads after a failover that the outage happened.
+- Any other failed flush (a safety net of the database refused it), or the
+  core raised: the in-memory state is dropped (it is ahead of the database or
+  broken) and the owner reloads, REBUILDING; meanwhile every command is
+  answered 503.
 - The lease cannot be renewed (Redis down): changes are refused with 503
   before the lease could lapse; reads and timers go on. When Redis answers
   again, a still-held lease just continues; a lapsed one is taken again with a
@@ -61,7 +73,7 @@ from engine.shell.owner_states import (
     OwnerTransitionRefused,
     next_owner_state,
 )
-from engine.shell.runtime import RuntimeStatistics, ShardRuntime, service_unavailable
+from engine.shell.runtime import InDoubt, RuntimeStatistics, ShardRuntime, service_unavailable
 from persistence import limits as storage_limits
 from persistence.migrate import migrate_url
 from persistence.partitioning import PartitioningError, ensure_partition_map
@@ -85,6 +97,22 @@ logger = logging.getLogger(__name__)
 _REDIS_ERRORS: Final = (redis.exceptions.RedisError, OSError, asyncio.TimeoutError)
 _READ_ONLY: Final = frozenset(READ_ONLY_COMMANDS)
 _DATABASE_ERRORS: Final = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
+# PostgreSQL is down, unreachable, shutting down, refuses connections, or is
+# frozen past a timeout (the connection then broken under the client), as
+# against refusing a statement (a safety net, a constraint) or fencing the
+# owner off: the shard's state in memory is still right.
+_UNREACHABLE: Final = (
+    OSError,
+    TimeoutError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.exceptions.OperatorInterventionError,
+)
+
+
+def _unreachable(exc: BaseException) -> bool:
+    return isinstance(exc, _UNREACHABLE)
 
 
 class StorageSettings(msgspec.Struct, frozen=True, kw_only=True):
@@ -111,6 +139,10 @@ class StorageSettings(msgspec.Struct, frozen=True, kw_only=True):
     # P for a database that has no partition map yet (None: PARTITIONS_DEFAULT);
     # a start normally records it first (persistence/partitioning.py).
     partitions: int | None = None
+    # After PostgreSQL was unreachable, each hold whose deadline fell after the
+    # shard's last commit lasts at least this long after the recovery
+    # (SLOTENGINE_OUTAGE_HOLD_GRACE_SECONDS).
+    outage_hold_grace_ms: int = limits.OUTAGE_HOLD_GRACE_DEFAULT_MS
 
 
 class OwnerStatistics(msgspec.Struct, frozen=True, kw_only=True):
@@ -128,6 +160,8 @@ class OwnerStatistics(msgspec.Struct, frozen=True, kw_only=True):
     # generation of that set its flushes carry.
     partitions: int | None = None
     partitions_generation: int | None = None
+    # Holds given grace after storage outages, since the owner started.
+    outage_grace_holds: int = 0
 
 
 class ShardOwner:
@@ -179,6 +213,14 @@ class ShardOwner:
         # One live move at a time (release or adopt): each runs with the generation
         # the previous one left.
         self._moving = asyncio.Lock()
+        # DEGRADED: what the frozen state's reads may not show.
+        self._in_doubt: InDoubt | None = None
+        # PostgreSQL was found unreachable since the last load: the next load gives
+        # holds their grace (with the marker in Redis, for another owner's load).
+        self._storage_lost = False
+        self._outage_grace_holds = 0
+        self._marker_cleared: asyncio.Task[None] | None = None
+        self._marking: asyncio.Task[None] | None = None
 
     # -- lifecycle --------------------------------------------------------------
 
@@ -215,6 +257,10 @@ class ShardOwner:
             try:
                 await self._load_with_new_lease()
                 break
+            except _DATABASE_ERRORS as exc:
+                if _unreachable(exc):
+                    await self._note_storage_lost()
+                raise
             except _LeaseBusy:
                 if loop.time() > deadline:
                     raise ShardUnreachable(
@@ -247,6 +293,8 @@ class ShardOwner:
             self._rebuilder.cancel()
         if self._maintenance is not None:
             self._maintenance.cancel()
+        if self._marker_cleared is not None:
+            self._marker_cleared.cancel()
         if self._runtime is not None:
             self._runtime.close()
         if self._writer is not None:
@@ -277,11 +325,24 @@ class ShardOwner:
             except StorageUnavailable as exc:
                 # Applied, handed to a flush that failed: it may have committed all the same.
                 return self._refuse_all(data, f"storage failed: {exc}", outcome_unknown=True)
+        if self.state is OwnerState.DEGRADED and runtime is not None:
+            return self._answer_degraded(runtime, data)
         if self.state is OwnerState.REBUILDING:
             return self._refuse_all(data, "the shard is reloading from storage")
         if self.state is OwnerState.STARTING:
             raise ShardUnreachable(f"shard {self.shard_id} is starting")
         raise ShardFailed(f"shard {self.shard_id} stopped: {self._stop_reason}")
+
+    def _answer_degraded(self, runtime: ShardRuntime, data: bytes) -> bytes:
+        """PostgreSQL is unreachable: reads from the frozen state, changes refused.
+        Only while the lease holds: another owner may have taken the shard over."""
+        lease = self._lease
+        if lease is None or not lease.holds():
+            return self._refuse_all(data, "the shard's lease could not be confirmed")
+        in_doubt = self._in_doubt if self._in_doubt is not None else InDoubt(())
+        return runtime.answer_frozen(
+            data, in_doubt, "the shard's storage (PostgreSQL) is unreachable"
+        )
 
     def statistics(self) -> OwnerStatistics:
         loaded = self._partitions
@@ -298,6 +359,7 @@ class ShardOwner:
             events=self._publisher.statistics() if self._publisher is not None else None,
             partitions=len(loaded.owned) if loaded is not None else None,
             partitions_generation=self._generation if loaded is not None else None,
+            outage_grace_holds=self._outage_grace_holds,
         )
 
     def check_invariants(self) -> None:
@@ -458,6 +520,7 @@ class ShardOwner:
 
     async def _load(self, token: int) -> None:
         connection = await self._connect()
+        storage_lost = self._storage_lost or await self._marked_storage_lost()
         try:
             try:
                 snapshot = await take_over(
@@ -479,11 +542,15 @@ class ShardOwner:
                 await self._lease.release()
             self._lease.forget()
             raise _LeaseBusy from exc
-        self._serve(snapshot, connection)
+        self._serve(snapshot, connection, storage_lost=storage_lost)
 
-    def _serve(self, snapshot: ShardSnapshot, connection: asyncpg.Connection) -> None:
+    def _serve(
+        self, snapshot: ShardSnapshot, connection: asyncpg.Connection, *, storage_lost: bool = False
+    ) -> None:
         # Refused, before anything is built, once the owner has stopped.
         next_owner_state(self.state, OwnerEvent.LOADED)
+        # A DEGRADED owner's frozen state answered reads until now.
+        self._drop_state()
         core = ShardCore(
             shard_id=self.shard_id,
             shard_count=self._shard_count,
@@ -498,6 +565,17 @@ class ShardOwner:
             outcomes=snapshot.outcomes,
             keys=snapshot.keys,
         )
+        graced = 0
+        if storage_lost:
+            # Holds whose deadline fell after the shard's last commit could not be
+            # confirmed meanwhile: each lasts the grace after this load at least.
+            # The transitions go to the writer with the first timer firing below.
+            now_ms = core.now_ms
+            since_ms = snapshot.committed_at_ms or 0
+            graced = len(
+                core.grant_grace(since_ms, now_ms + self._storage.outage_hold_grace_ms, now_ms)
+            )
+            self._outage_grace_holds += graced
         writer = ShardWriter(
             connection,
             shard=self.shard_id,
@@ -531,6 +609,20 @@ class ShardOwner:
         writer.start()
         runtime.start()
         self._take(OwnerEvent.LOADED)
+        self._in_doubt = None
+        if storage_lost:
+            self._storage_lost = False
+            if self._marker_cleared is not None:
+                self._marker_cleared.cancel()
+            self._marker_cleared = asyncio.get_running_loop().create_task(
+                self._clear_storage_lost(writer), name=f"storage-lost-{self.shard_id}"
+            )
+            logger.warning(
+                "shard %d: storage reachable again; %d holds given %d ms of grace",
+                self.shard_id,
+                graced,
+                self._storage.outage_hold_grace_ms,
+            )
         logger.info(
             "shard %d served by %s with token %d: %d partitions (generation %d), %d slots,"
             " %d bookings, %d queue entries",
@@ -566,12 +658,79 @@ class ShardOwner:
             asyncio.get_running_loop().create_task(writer.close(flush=False))
 
     def _on_storage_failed(self, exc: BaseException) -> None:
-        # The connection may be mid-transaction or broken: start the reload on a new one.
+        if _unreachable(exc):
+            self._drop_connection()
+            if self._degrade(exc):
+                return
+        self._reload_after(exc)
+
+    def _reload_after(self, exc: BaseException) -> None:
+        self._drop_connection()
+        self._begin_rebuild(f"a flush failed: {exc!r}")
+
+    def _drop_connection(self) -> None:
+        # The connection may be mid-transaction or broken: the reload opens a new one.
         connection, self._connection = self._connection, None
         if connection is not None:
             with contextlib.suppress(Exception):
                 connection.terminate()
-        self._begin_rebuild(f"a flush failed: {exc!r}")
+
+    def _degrade(self, exc: BaseException) -> bool:
+        """PostgreSQL is unreachable: keep the state, frozen, for the reads that show
+        only committed state, and reload. False if there is no state to keep."""
+        runtime, writer = self._runtime, self._writer
+        if self.state is not OwnerState.SERVING or runtime is None or writer is None:
+            return False
+        self._take(OwnerEvent.STORAGE_LOST)
+        logger.error(
+            "shard %d: PostgreSQL unreachable (%r); serving reads of committed state,"
+            " refusing changes, deferring expiries, reloading",
+            self.shard_id,
+            exc,
+        )
+        runtime.freeze()
+        self._in_doubt = InDoubt(writer.in_doubt)
+        # The failed writer stays (its statistics say what failed) until the reload.
+        self._marking = asyncio.get_running_loop().create_task(
+            self._note_storage_lost(), name=f"storage-lost-{self.shard_id}"
+        )
+        self._rebuilds += 1
+        self._start_rebuilder()
+        return True
+
+    async def _note_storage_lost(self) -> None:
+        """PostgreSQL was unreachable: the next load, this owner's or another's after a
+        failover, gives holds their grace."""
+        self._storage_lost = True
+        if self._redis is None:
+            return
+        key = RedisKeys(self._storage.namespace).shard_storage_lost(self.shard_id)
+        try:
+            await self._redis.set(key, self._clock.now_ms(), nx=True)
+        except _REDIS_ERRORS as exc:
+            logger.warning("shard %d: could not mark the storage outage: %r", self.shard_id, exc)
+
+    async def _marked_storage_lost(self) -> bool:
+        if self._redis is None:
+            return False
+        key = RedisKeys(self._storage.namespace).shard_storage_lost(self.shard_id)
+        try:
+            return bool(await self._redis.exists(key))
+        except _REDIS_ERRORS:
+            return False
+
+    async def _clear_storage_lost(self, writer: ShardWriter) -> None:
+        """Once the grace given at a load has committed, the outage's marker goes."""
+        try:
+            await writer.wait_durable()
+            assert self._redis is not None
+            await self._redis.delete(
+                RedisKeys(self._storage.namespace).shard_storage_lost(self.shard_id)
+            )
+        except (StorageUnavailable, *_REDIS_ERRORS) as exc:
+            # A failed flush marks the outage again; a lost delete only means a
+            # later load looks for holds to give grace once more.
+            logger.warning("shard %d: the outage's marker stays: %r", self.shard_id, exc)
 
     def _on_core_failed(self, exc: BaseException) -> None:
         self._begin_rebuild(f"the core raised {exc!r}")
@@ -581,13 +740,20 @@ class ShardOwner:
             return
         logger.error("shard %d: %s; reloading from PostgreSQL", self.shard_id, why)
         self._drop_state()
+        self._in_doubt = None
         self._rebuilds += 1
+        self._start_rebuilder()
+
+    def _start_rebuilder(self) -> None:
+        # A DEGRADED owner that must drop its state keeps the reload it runs.
+        if self._rebuilder is not None and not self._rebuilder.done():
+            return
         self._rebuilder = asyncio.get_running_loop().create_task(
             self._rebuild(), name=f"rebuild-{self.shard_id}"
         )
 
     async def _rebuild(self) -> None:
-        while self.state is OwnerState.REBUILDING:
+        while self.state in (OwnerState.REBUILDING, OwnerState.DEGRADED):
             try:
                 lease = self._lease
                 assert lease is not None
@@ -609,6 +775,8 @@ class ShardOwner:
                     return
             except (*_DATABASE_ERRORS, *_REDIS_ERRORS) as exc:
                 logger.warning("shard %d: reload failed: %r", self.shard_id, exc)
+                if _unreachable(exc) and not self._storage_lost:
+                    await self._note_storage_lost()
                 if self._connection is not None:
                     with contextlib.suppress(Exception):
                         self._connection.terminate()
@@ -637,7 +805,7 @@ class ShardOwner:
     def _on_fenced(self, exc: BaseException) -> None:
         if isinstance(exc, PartitionsMoved):
             # Still this shard's owner: it reloads the partitions the map gives it now.
-            self._on_storage_failed(exc)
+            self._reload_after(exc)
             return
         self._stop(f"fenced off: {exc}")
 

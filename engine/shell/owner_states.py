@@ -10,7 +10,13 @@ fenced off, the lease taken by another owner or stored state it cannot serve
 STOP it, and ``close`` stops it too: STOPPED is final, nothing leads out of it.
 
 The owner moves only along ``OWNER_TRANSITIONS``, a table keyed by (state,
-event). Some events arrive after the owner has already moved on (a second
+event). PostgreSQL unreachable (a flush failed for want of it) sends a
+serving owner DEGRADED instead: its state in memory stays, frozen, and answers
+the reads that show only committed state, while it reloads; the load serves
+again, and a failure that makes the memory untrustworthy (the lease lapsed)
+sends it REBUILDING.
+
+Some events arrive after the owner has already moved on (a second
 failure while it rebuilds, a fence or a lease loss after it stopped): those
 are in ``OWNER_LATE_EVENTS`` and change nothing. Anything else is refused
 with ``OwnerTransitionRefused`` before the owner acts on it: above all a load
@@ -27,6 +33,8 @@ class OwnerState(enum.Enum):
     STARTING = "starting"
     SERVING = "serving"
     REBUILDING = "rebuilding"
+    # PostgreSQL unreachable: reads from the frozen state, no change, reloading.
+    DEGRADED = "degraded"
     STOPPED = "stopped"
 
 
@@ -35,6 +43,8 @@ class OwnerEvent(enum.Enum):
     LOADED = "loaded"
     # The state in memory can no longer be trusted: reload it.
     REBUILD = "rebuild"
+    # PostgreSQL did not take a flush: keep the state for reads, reload.
+    STORAGE_LOST = "storage_lost"
     # Fenced off, the lease taken, or stored state that cannot be served.
     STOP = "stop"
     # The owner is closed by its host.
@@ -45,6 +55,11 @@ OWNER_TRANSITIONS: Final[dict[tuple[OwnerState, OwnerEvent], OwnerState]] = {
     (OwnerState.STARTING, OwnerEvent.LOADED): OwnerState.SERVING,
     (OwnerState.REBUILDING, OwnerEvent.LOADED): OwnerState.SERVING,
     (OwnerState.SERVING, OwnerEvent.REBUILD): OwnerState.REBUILDING,
+    (OwnerState.SERVING, OwnerEvent.STORAGE_LOST): OwnerState.DEGRADED,
+    (OwnerState.DEGRADED, OwnerEvent.LOADED): OwnerState.SERVING,
+    (OwnerState.DEGRADED, OwnerEvent.REBUILD): OwnerState.REBUILDING,
+    (OwnerState.DEGRADED, OwnerEvent.STOP): OwnerState.STOPPED,
+    (OwnerState.DEGRADED, OwnerEvent.CLOSE): OwnerState.STOPPED,
     (OwnerState.SERVING, OwnerEvent.STOP): OwnerState.STOPPED,
     (OwnerState.REBUILDING, OwnerEvent.STOP): OwnerState.STOPPED,
     (OwnerState.STARTING, OwnerEvent.CLOSE): OwnerState.STOPPED,
@@ -58,6 +73,9 @@ OWNER_LATE_EVENTS: Final = frozenset(
     {
         (OwnerState.REBUILDING, OwnerEvent.REBUILD),
         (OwnerState.STOPPED, OwnerEvent.REBUILD),
+        (OwnerState.DEGRADED, OwnerEvent.STORAGE_LOST),
+        (OwnerState.REBUILDING, OwnerEvent.STORAGE_LOST),
+        (OwnerState.STOPPED, OwnerEvent.STORAGE_LOST),
         (OwnerState.STOPPED, OwnerEvent.STOP),
     }
 )

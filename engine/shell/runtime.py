@@ -36,13 +36,18 @@ from engine.core.protocol import (
     AnyResult,
     AttemptRefused,
     BatchCodec,
+    BookingChanged,
     BookingResult,
     Failure,
     GetBooking,
     GetSlot,
     KeyRecord,
     Origin,
+    ListBookings,
+    ListSlots,
     OutcomeRecord,
+    QueueChanged,
+    QueueMoved,
     QueuePosition,
     SlotChanged,
     TouchWaiting,
@@ -193,6 +198,44 @@ def service_unavailable(reason: str, *, outcome_unknown: bool = False) -> Failur
     )
 
 
+class InDoubt:
+    """What a shard's reads may not show while its storage is unreachable: the slots,
+    bookings and users that events not known to be committed touched (a failed
+    flush may yet have committed; later hand-offs never will)."""
+
+    def __init__(self, events: Iterable[AnyEvent]) -> None:
+        self.slots: set[str] = set()
+        self.bookings: set[str] = set()
+        self.users: set[str] = set()
+        for event in events:
+            if type(event) is BookingChanged:
+                booking = event.booking
+                self.bookings.add(booking.id)
+                self.slots.add(booking.slot_id)
+                self.users.add(booking.user_id)
+            elif type(event) is QueueChanged:
+                self.slots.add(event.entry.slot_id)
+                self.users.add(event.entry.user_id)
+            elif type(event) is SlotChanged:
+                self.slots.add(event.slot.id)
+            elif type(event) is QueueMoved:
+                self.slots.add(event.slot_id)
+
+    def hides(self, command: AnyCommand, result: AnyResult) -> bool:
+        """Whether the answer to the read ``command`` could show a change in doubt."""
+        if isinstance(command, GetSlot | QueuePosition):
+            return command.slot_id in self.slots
+        if isinstance(command, GetBooking):
+            if command.booking_id in self.bookings:
+                return True
+            return type(result) is BookingResult and result.booking.slot_id in self.slots
+        if isinstance(command, ListBookings):
+            return command.user_id in self.users
+        if isinstance(command, ListSlots):
+            return bool(self.slots)
+        return False
+
+
 class RuntimeStatistics(msgspec.Struct, frozen=True, kw_only=True):
     shard_id: int
     batches: int
@@ -279,6 +322,8 @@ class ShardRuntime:
         self._last_batch_size = 0
         self._in_flight_batches = 0
         self._in_flight_commands = 0
+        # Storage is unreachable: the core's time stands still (``freeze``).
+        self._frozen = False
 
     @classmethod
     def create(
@@ -334,6 +379,56 @@ class ShardRuntime:
             self._timer.cancel()
         self._timer = None
         self._timer_deadline_ms = None
+
+    def freeze(self) -> None:
+        """Storage is unreachable: from now on no timer fires (an expiry could not
+        commit, and must not be shown), and only ``answer_frozen`` is asked."""
+        self._frozen = True
+        self.close()
+
+    @property
+    def frozen(self) -> bool:
+        return self._frozen
+
+    def answer_frozen(self, data: bytes, in_doubt: InDoubt, refused: str) -> bytes:
+        """The reads of a batch answered at the shard's frozen time, from the state
+        committed before storage became unreachable; changes, and reads that could
+        show a change in doubt, get 503 (nothing applied). Applies no change."""
+        if self._fatal is not None:
+            raise ShardFailed(f"shard {self._shard_id} stopped after a failure: {self._fatal!r}")
+        try:
+            commands = self._codec.decode_batch(data)
+        except msgspec.DecodeError as exc:
+            raise BatchRejected(f"malformed batch: {exc}") from exc
+        if len(commands) > limits.BATCH_COMMANDS_MAX:
+            raise BatchRejected(
+                f"{len(commands)} commands in a batch, at most {limits.BATCH_COMMANDS_MAX}"
+            )
+        core = self._core
+        # The core's own time: execute advances no timer, so no expiry is decided.
+        now_ms = core.now_ms
+        unavailable = service_unavailable(refused)
+        doubtful = service_unavailable(
+            "this read could show a change whose commit is in doubt while storage is unreachable"
+        )
+        results: list[AnyResult] = []
+        try:
+            for command in commands:
+                if type(command) not in _READ_ONLY:
+                    results.append(unavailable)
+                    continue
+                result = core.execute(command, now_ms)
+                results.append(doubtful if in_doubt.hides(command, result) else result)
+        except Exception as exc:
+            self._stop(exc)
+            raise ShardFailed(f"shard {self._shard_id} failed: {exc!r}") from exc
+        if core.watched:
+            core.watched = False
+            if self._on_watched is not None:
+                self._on_watched()
+        self._batches += 1
+        self._commands += len(commands)
+        return self._codec.encode_reply(results)
 
     async def execute_batch(
         self, data: bytes, on_early: Callable[[bytes], None] | None = None
@@ -626,7 +721,7 @@ class ShardRuntime:
     def _on_timer(self) -> None:
         self._timer = None
         self._timer_deadline_ms = None
-        if self._fatal is not None:
+        if self._fatal is not None or self._frozen:
             return
         try:
             self._core.advance(self._clock.now_ms())

@@ -33,6 +33,7 @@ NS = "slotengine:0123456789ab"
 NAMES = [
     (RedisKeys(NS).shard_owner(3), "slotengine:0123456789ab:shard:3:owner"),
     (RedisKeys(NS).shard_token(3), "slotengine:0123456789ab:shard:3:token"),
+    (RedisKeys(NS).shard_storage_lost(3), "slotengine:0123456789ab:shard:3:storage_lost"),
     (RedisKeys(NS).shard_events(3), "slotengine:0123456789ab:events:shard:3"),
     (RedisKeys(NS).bus_channel, "slotengine:0123456789ab:events:bus"),
     (RedisKeys(NS).rate_limit("reserve", "alice"), "slotengine:0123456789ab:rl:reserve:alice"),

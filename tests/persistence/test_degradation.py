@@ -11,10 +11,13 @@ private server under it is stopped and started again on the same port:
   same owner object takes the lease again with a token above the fence and
   serves changes again.
 - PostgreSQL down ("fast" and "immediate" stops): no change is acknowledged
-  (503 instead), nothing half-applied lands in the database, and the same
-  owner object reloads the shard by itself once PostgreSQL is back. A hold
-  acknowledged before the outage, whose deadline passes during it, expires
-  after the recovery and not before its time.
+  (503 instead), nothing half-applied lands in the database, reads of
+  committed state keep answering 200 from the owner's frozen memory, and the
+  same owner object reloads the shard by itself once PostgreSQL is back. A
+  hold acknowledged before the outage, whose deadline passes during it, is
+  not expired by it: after the recovery it lasts the outage grace at least
+  (an ``outage_grace`` transition in the audit log), then expires, never
+  before its new deadline.
 
 Every acknowledged booking reply goes to a ledger that is checked against the
 database at the end, and the owner's view of every slot is compared with the
@@ -65,6 +68,8 @@ PROGRESS: Final = 20
 # Refusals the load must see while the service is down.
 REFUSALS: Final = 20
 EXPIRING_HOLD_MS: Final = 2_000
+# Short, so that the hold given grace after the outage then expires within the test.
+OUTAGE_GRACE_MS: Final = 2_000
 _READS: Final = (p.GetSlot, p.GetBooking)
 
 
@@ -470,7 +475,11 @@ async def test_postgres_down_refuses_changes_applies_nothing_half_and_recovers_b
     await create_database(database_url)
     await migrate_url(database_url)
     storage = StorageSettings(
-        database_url=database_url, redis_url=REDIS_URL, namespace=redis_namespace, **LEASE
+        database_url=database_url,
+        redis_url=REDIS_URL,
+        namespace=redis_namespace,
+        outage_hold_grace_ms=OUTAGE_GRACE_MS,
+        **LEASE,
     )
     shard_policies = {
         **policies(),
@@ -510,7 +519,7 @@ async def test_postgres_down_refuses_changes_applies_nothing_half_and_recovers_b
         ]
         for result in refusals:
             assert is_unavailable(result), result
-        assert owner.state is OwnerState.REBUILDING
+        assert owner.state is OwnerState.DEGRADED
         await wait_for_refusals(load, stopped, "the load runs on while PostgreSQL is down")
 
         async def hold_deadline_passed() -> bool:
@@ -518,8 +527,20 @@ async def test_postgres_down_refuses_changes_applies_nothing_half_and_recovers_b
 
         await eventually(hold_deadline_passed, "the hold's deadline passes during the outage")
         outage_end = time.monotonic()
-        assert owner.state is OwnerState.REBUILDING
+        assert owner.state is OwnerState.DEGRADED
+        # Reads of committed state answer from memory; the hold is not expired by
+        # the outage (no expiry could commit).
+        seen = await scene.drive.one(
+            p.GetBooking(request_id=request_id(), booking_id=scene.carol.id, user_id="carol")
+        )
+        assert isinstance(seen, p.BookingResult) and seen.booking == scene.carol, seen
+        still = await scene.drive.one(
+            p.GetBooking(request_id=request_id(), booking_id=hold.booking.id, user_id="late-larry")
+        )
+        assert isinstance(still, p.BookingResult), still
+        assert still.booking.status is BookingStatus.RESERVED
 
+        recovery_ms = _now_ms()
         await server.astart()
 
         async def serves() -> bool:
@@ -549,7 +570,18 @@ async def test_postgres_down_refuses_changes_applies_nothing_half_and_recovers_b
             )
             assert isinstance(seen, p.BookingResult) and seen.booking == scene.carol, seen
 
-            # The hold acknowledged before the outage expires after it, not before its time.
+            # The hold whose deadline fell in the outage got the grace after the
+            # recovery, recorded in the audit log; then it expires, not before.
+            graced = await db.fetchrow(
+                "SELECT at_ms, from_status, to_status FROM audit_log"
+                " WHERE entity_id = $1 AND trigger = 'outage_grace'",
+                hold.booking.id,
+            )
+            assert graced is not None
+            assert (graced["from_status"], graced["to_status"]) == ("RESERVED", "RESERVED")
+            assert graced["at_ms"] >= recovery_ms
+            assert owner.statistics().outage_grace_holds >= 1
+
             async def expired() -> bool:
                 status = await db.fetchval(
                     "SELECT status FROM bookings WHERE id = $1", hold.booking.id
@@ -561,7 +593,13 @@ async def test_postgres_down_refuses_changes_applies_nothing_half_and_recovers_b
                 "SELECT at_ms FROM audit_log WHERE entity_id = $1 AND to_status = 'EXPIRED'",
                 hold.booking.id,
             )
-            assert expired_at_ms >= hold.booking.expires_at_ms
+            assert expired_at_ms >= graced["at_ms"] + OUTAGE_GRACE_MS
+            assert (
+                await db.fetchval(
+                    "SELECT expires_at_ms FROM bookings WHERE id = $1", hold.booking.id
+                )
+                >= recovery_ms + OUTAGE_GRACE_MS
+            )
             assert await memory_agrees_with_database(scene, db)
         owner.check_invariants()
     finally:
