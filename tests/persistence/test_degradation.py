@@ -35,7 +35,9 @@ from typing import Any, Final
 
 import asyncpg
 import pytest
+import redis.asyncio as aioredis
 
+from config.redis_keys import RedisKeys
 from engine.core import protocol as p
 from engine.core.policy import DomainPolicy
 from engine.core.records import Booking
@@ -617,3 +619,154 @@ async def _drop_database(server: PrivatePostgres, database_url: str) -> None:
     name = database_url.rsplit("/", 1)[1]
     async with connected(server.url_for("postgres")) as admin:
         await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+async def _outage_database(server: PrivatePostgres) -> str:
+    database_url = server.url_for(f"degradation_{secrets.token_hex(4)}")
+    await create_database(database_url)
+    await migrate_url(database_url)
+    return database_url
+
+
+def _outage_storage(database_url: str, namespace: str) -> StorageSettings:
+    return StorageSettings(
+        database_url=database_url,
+        redis_url=REDIS_URL,
+        namespace=namespace,
+        outage_hold_grace_ms=OUTAGE_GRACE_MS,
+        **LEASE,
+    )
+
+
+async def test_an_owner_taking_over_after_the_outage_grants_the_grace_too(
+    private_postgres_module: PrivatePostgres, redis_namespace: str
+) -> None:
+    """The owner that lived through the outage is gone when PostgreSQL returns: the
+    one that loads the shard then finds the outage marked in Redis, and gives the
+    hold whose deadline fell in it the grace all the same."""
+    server = private_postgres_module
+    database_url = await _outage_database(server)
+    storage = _outage_storage(database_url, redis_namespace)
+    shard_policies = {**policies(), "expiring": policy("expiring", hold_ttl_ms=EXPIRING_HOLD_MS)}
+    first = make_owner(storage, shard_policies)
+    second = make_owner(storage, shard_policies)
+    marker = RedisKeys(redis_namespace).shard_storage_lost(0)
+    redis_client = aioredis.Redis.from_url(REDIS_URL)
+    await first.start()
+    try:
+        drive = Driver(first)
+        expiring_slot, probe_slot = slot_on(0, 1), slot_on(0, 1)
+        for slot_id, domain in ((expiring_slot, "expiring"), (probe_slot, "default")):
+            created = await drive.one(create_slot(slot_id, _now_ms(), capacity=5, domain=domain))
+            assert created.status == 201, created
+        hold = await drive.one(
+            p.Reserve(request_id=request_id(), slot_id=expiring_slot, user_id="larry")
+        )
+        assert isinstance(hold, p.BookingResult), hold
+
+        await server.astop("fast")
+
+        async def degraded() -> bool:
+            await drive.one(p.Reserve(request_id=request_id(), slot_id=probe_slot, user_id="probe"))
+            return first.state is OwnerState.DEGRADED and bool(await redis_client.exists(marker))
+
+        await eventually(degraded, "the owner notices the outage and marks it")
+        # The owner dies during the outage; the hold's deadline passes meanwhile.
+        await first.close()
+
+        async def deadline_passed() -> bool:
+            return _now_ms() > hold.booking.expires_at_ms
+
+        await eventually(deadline_passed, "the hold's deadline passes during the outage")
+        recovered_ms = _now_ms()
+        await server.astart()
+        await second.start()
+        seen = await Driver(second).one(
+            p.GetBooking(request_id=request_id(), booking_id=hold.booking.id, user_id="larry")
+        )
+        assert isinstance(seen, p.BookingResult), seen
+        assert seen.booking.status is BookingStatus.RESERVED
+        assert seen.booking.expires_at_ms >= recovered_ms + OUTAGE_GRACE_MS
+        confirmed = await Driver(second).one(
+            p.Confirm(request_id=request_id(), booking_id=hold.booking.id, user_id="larry")
+        )
+        assert isinstance(confirmed, p.BookingResult), confirmed
+        assert confirmed.booking.status is BookingStatus.CONFIRMED
+
+        async def unmarked() -> bool:
+            return not await redis_client.exists(marker)
+
+        await eventually(unmarked, "the marker goes once the grace has committed")
+        async with connected(database_url) as db:
+            graced = await db.fetchval(
+                "SELECT count(*) FROM audit_log WHERE entity_id = $1 AND trigger = 'outage_grace'",
+                hold.booking.id,
+            )
+            assert graced == 1
+            await assert_consistent(db)
+    finally:
+        await second.close()
+        await first.close()
+        await redis_client.delete(marker)
+        await redis_client.aclose()
+        if not server.running:
+            await server.astart()
+        with contextlib.suppress(asyncpg.PostgresError, OSError):
+            await _drop_database(server, database_url)
+
+
+async def test_a_read_never_shows_a_change_whose_commit_is_in_doubt(
+    private_postgres: PrivatePostgres, redis_namespace: str
+) -> None:
+    """PostgreSQL frozen: a reservation is applied in memory and its flush times out
+    (it may yet commit). While the database is unreachable, reads of what it
+    touched answer 503; reads of everything else answer from memory."""
+    database_url = await _outage_database(private_postgres)
+    owner = make_owner(_outage_storage(database_url, redis_namespace), policies())
+    await owner.start()
+    try:
+        drive = Driver(owner)
+        touched, quiet = slot_on(0, 1), slot_on(0, 1)
+        for slot_id in (touched, quiet):
+            created = await drive.one(create_slot(slot_id, _now_ms(), capacity=5))
+            assert created.status == 201, created
+        kept = await drive.one(p.Reserve(request_id=request_id(), slot_id=quiet, user_id="kim"))
+        assert isinstance(kept, p.BookingResult), kept
+        quiet_view = await drive.one(p.GetSlot(request_id=request_id(), slot_id=quiet))
+
+        private_postgres.pause()
+        try:
+            doubtful = await drive.one(
+                p.Reserve(request_id=request_id(), slot_id=touched, user_id="dora")
+            )
+            assert is_unavailable(doubtful) and p.OUTCOME_DETAIL in doubtful.details, doubtful
+            assert owner.state is OwnerState.DEGRADED
+            reads = await drive.run(
+                p.GetSlot(request_id=request_id(), slot_id=touched),
+                p.QueuePosition(request_id=request_id(), slot_id=touched, user_id="dora"),
+                p.ListBookings(request_id=request_id(), user_id="dora"),
+                p.ListSlots(request_id=request_id()),
+            )
+            for result in reads:
+                assert is_unavailable(result), result
+            shown = await drive.run(
+                p.GetSlot(request_id=request_id(), slot_id=quiet),
+                p.GetBooking(request_id=request_id(), booking_id=kept.booking.id, user_id="kim"),
+                p.ListBookings(request_id=request_id(), user_id="kim"),
+            )
+            assert shown[0] == quiet_view
+            assert isinstance(shown[1], p.BookingResult) and shown[1].booking == kept.booking
+            assert isinstance(shown[2], p.BookingPage), shown[2]
+            assert [b.id for b in shown[2].items] == [kept.booking.id]
+        finally:
+            private_postgres.resume()
+
+        async def serves() -> bool:
+            view = await drive.one(p.GetSlot(request_id=request_id(), slot_id=touched))
+            return owner.state is OwnerState.SERVING and view.status == 200
+
+        await eventually(serves, "the shard serves again once PostgreSQL thawed")
+        async with connected(database_url) as db:
+            await assert_consistent(db)
+    finally:
+        await owner.close()

@@ -217,3 +217,53 @@ def test_touching_is_not_remembered_and_skips_places_not_waiting(h: Harness) -> 
     assert h.core.drain_events() == []  # a touch emits nothing, and is not stored
     h.advance(HOUR_MS)
     assert h.booking(hold.id).booking.status == "EXPIRED"
+
+
+# -- the grace after a storage outage ---------------------------------------------------
+
+
+def test_the_outage_grace_moves_only_the_holds_whose_deadline_fell_after_the_last_commit() -> None:
+    h = Harness(
+        {
+            "default": policy(),
+            "minute": policy("minute", hold_ttl_ms=MINUTE_MS),
+            "three": policy("three", hold_ttl_ms=3 * MINUTE_MS),
+            "five": policy("five", hold_ttl_ms=5 * MINUTE_MS),
+            "long": policy("long", hold_ttl_ms=20 * MINUTE_MS),
+        }
+    )
+    before = h.reserve(h.slot(domain="minute", resource="r1"), "ann").booking
+    during = h.reserve(h.slot(domain="three", resource="r2"), "bob").booking
+    soon_after = h.reserve(h.slot(domain="five", resource="r3"), "cy").booking
+    later = h.reserve(h.slot(domain="long", resource="r4"), "dee").booking
+    kept = h.reserve(h.slot(domain="three", resource="dr-who"), "eve").booking
+    confirmed = h.confirm(kept.id, "eve").booking
+    h.core.drain_events()
+    # The shard last committed two minutes in; it loads again at four, with two
+    # minutes of grace: holds due after the commit last until six at least.
+    since_ms, now_ms = START_MS + 2 * MINUTE_MS, START_MS + 4 * MINUTE_MS
+    until_ms = now_ms + 2 * MINUTE_MS
+    extended = h.core.grant_grace(since_ms, until_ms, now_ms)
+    assert sorted(b.id for b in extended) == sorted([during.id, soon_after.id])
+    events = [e for e in h.core.drain_events() if type(e) is p.BookingChanged]
+    assert sorted(e.booking.id for e in events) == sorted([during.id, soon_after.id])
+    for event in events:
+        assert (event.from_status, event.to_status) == ("RESERVED", "RESERVED")
+        assert (event.trigger, event.actor, event.at_ms) == ("outage_grace", "system", now_ms)
+        assert event.booking.expires_at_ms == until_ms and event.booking.extensions == 0
+    assert h.booking(during.id).booking.version == during.version + 1
+    assert h.booking(later.id).booking == later
+    assert h.booking(confirmed.id).booking == confirmed
+
+    # The hold due before the last commit expires at once; the others at six.
+    h.clock.advance_ms(4 * MINUTE_MS)
+    h.advance(0)
+    assert h.booking(before.id).booking.status == "EXPIRED"
+    assert h.booking(during.id).booking.status == "RESERVED"
+    assert h.booking(soon_after.id).booking.status == "RESERVED"
+    h.advance(2 * MINUTE_MS - 1)
+    assert h.booking(during.id).booking.status == "RESERVED"
+    h.advance(1)
+    assert h.booking(during.id).booking.status == "EXPIRED"
+    assert h.booking(soon_after.id).booking.status == "EXPIRED"
+    assert h.booking(later.id).booking.status == "RESERVED"
