@@ -467,14 +467,18 @@ class ShardCore:
 
         Each one moved is a RESERVED -> RESERVED transition with the trigger
         ``outage_grace`` (a new version, an audit row); it does not count as one of
-        the user's extensions. Called on a freshly restored core, before the
+        the user's extensions. A hold of a slot that has ended by ``now_ms`` is
+        left to the slot's end. Called on a freshly restored core, before the
         deadlines already past fire. Returns the bookings extended.
         """
         extended: list[Booking] = []
+        slots = self._slots
         for booking in self._bookings.values():
             if booking.status is not BookingStatus.RESERVED:
                 continue
             if not since_ms < booking.expires_at_ms < until_ms:
+                continue
+            if slots[booking.slot_id].end_ms <= now_ms:
                 continue
             to_status = next_booking_status(booking.status, BookingEvent.EXTEND)
             booking.expires_at_ms = until_ms

@@ -293,8 +293,9 @@ class ShardOwner:
             self._rebuilder.cancel()
         if self._maintenance is not None:
             self._maintenance.cancel()
-        if self._marker_cleared is not None:
-            self._marker_cleared.cancel()
+        for chore in (self._marker_cleared, self._marking):
+            if chore is not None:
+                chore.cancel()
         if self._runtime is not None:
             self._runtime.close()
         if self._writer is not None:

@@ -267,3 +267,17 @@ def test_the_outage_grace_moves_only_the_holds_whose_deadline_fell_after_the_las
     assert h.booking(during.id).booking.status == "EXPIRED"
     assert h.booking(soon_after.id).booking.status == "EXPIRED"
     assert h.booking(later.id).booking.status == "RESERVED"
+
+
+def test_the_outage_grace_leaves_the_holds_of_an_ended_slot_to_its_end() -> None:
+    h = Harness({"default": policy(hold_ttl_ms=5 * MINUTE_MS)})
+    slot_id = h.slot(starts_in_ms=MINUTE_MS, length_ms=MINUTE_MS)
+    hold = h.reserve(slot_id, "ann").booking
+    h.core.drain_events()
+    now_ms = START_MS + 3 * MINUTE_MS
+    assert hold.expires_at_ms > START_MS
+    assert h.core.grant_grace(START_MS, now_ms + 10 * MINUTE_MS, now_ms) == []
+    assert h.core.drain_events() == []
+    h.clock.advance_ms(3 * MINUTE_MS)
+    h.advance(0)
+    assert h.booking(hold.id).booking.status == "EXPIRED"
