@@ -12,7 +12,8 @@ of the test's own, which is stopped and started again on the same port:
   ``outage_grace`` row in the audit log, and can be confirmed; one left alone
   then expires, not before its new deadline;
 - the shard serves changes again by itself (no restart), and live updates flow
-  again on the connection opened before the outage.
+  again on the connections opened before the outage: the grace reaches the
+  hold's owner as a change of the booking, a freed place the waiting user.
 """
 
 import asyncio
@@ -224,6 +225,10 @@ async def test_reads_go_on_and_holds_outlive_a_postgres_outage_by_the_grace(
         )
         first = await next_of(watcher, "queue.position")
         assert first["position"] == 1
+        bookings_watcher = await stack.enter_async_context(
+            api.ws_connect(f"/ws/bookings?token={query_token('larry')}")
+        )
+        assert (await next_of(bookings_watcher, "booking.updated"))["booking"] == larry
 
         await private_postgres.astop("fast")
         try:
@@ -286,6 +291,12 @@ async def test_reads_go_on_and_holds_outlive_a_postgres_outage_by_the_grace(
         assert status == 200 and graced["status"] == "RESERVED", graced
         assert ms(graced["expiresAt"]) >= recovered_ms + GRACE_MS, graced
         assert graced["version"] == larry["version"] + 1 and graced["extensions"] == 0
+        # The grace reaches the hold's owner live, as a change of the booking.
+        while True:
+            update = (await next_of(bookings_watcher, "booking.updated"))["booking"]
+            if update["version"] > larry["version"]:
+                break
+        assert update == graced
         status, body, _ = await call(api, "POST", f"/api/bookings/{larry['id']}/confirm", "larry")
         assert status == 200 and body["status"] == "CONFIRMED", body
 
