@@ -691,6 +691,8 @@ class ShardOwner:
         )
         runtime.freeze()
         self._in_doubt = InDoubt(writer.in_doubt)
+        # Known before the reload below first looks (the marker in Redis follows).
+        self._storage_lost = True
         # The failed writer stays (its statistics say what failed) until the reload.
         self._marking = asyncio.get_running_loop().create_task(
             self._note_storage_lost(), name=f"storage-lost-{self.shard_id}"
@@ -776,7 +778,11 @@ class ShardOwner:
                     return
             except (*_DATABASE_ERRORS, *_REDIS_ERRORS) as exc:
                 logger.warning("shard %d: reload failed: %r", self.shard_id, exc)
-                if _unreachable(exc) and not self._storage_lost:
+                if (
+                    _unreachable(exc)
+                    and not isinstance(exc, redis.exceptions.RedisError)
+                    and not self._storage_lost
+                ):
                     await self._note_storage_lost()
                 if self._connection is not None:
                     with contextlib.suppress(Exception):
