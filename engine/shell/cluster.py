@@ -66,7 +66,7 @@ class ActorStatus(msgspec.Struct, frozen=True, kw_only=True):
     node_address: str | None
     pid: int | None
     restarts: int
-    # The shard owner's state (starting, serving, rebuilding, stopped), "in-memory"
+    # The shard owner's state (starting, serving, rebuilding, degraded, stopped), "in-memory"
     # for a shard without storage, None when the actor did not answer.
     owner_state: str | None
     owner_token: int | None = None
