@@ -22,6 +22,13 @@ _encode = msgspec.json.encode
 _decode = msgspec.json.decode
 HEADER_BYTES_MAX: Final = 64 * 1024
 
+# What a real client sends, so the gateway handles (and audits) one: a mobile
+# browser's user agent, of the usual length.
+_USER_AGENT = (
+    b"User-Agent: Mozilla/5.0 (Linux; Android 14; Pixel 8) AppleWebKit/537.36 "
+    b"(KHTML, like Gecko) Chrome/131.0.0.0 Mobile Safari/537.36\r\n"
+)
+
 
 class WireError(Exception):
     """The connection broke or answered something this client does not speak."""
@@ -102,6 +109,7 @@ class Connection:
         head = (
             f"{method} {path} HTTP/1.1\r\n".encode()
             + self._host_header
+            + _USER_AGENT
             + b"Authorization: Bearer "
             + authorization
             + b"\r\nContent-Type: application/json\r\nContent-Length: "
