@@ -46,6 +46,7 @@ import redis.asyncio as aioredis
 import redis.exceptions
 
 from config.redis_keys import NAMESPACE_DEFAULT, RedisKeys
+from persistence import timings as t
 
 logger = logging.getLogger("slotengine.connlimit")
 
@@ -147,7 +148,14 @@ class ConnectionLimiter:
         namespace: str = NAMESPACE_DEFAULT,
         lease_ms: int = LEASE_MS,
         renew_every_s: float = RENEW_EVERY_S,
+        timings: t.Timings | None = None,
     ) -> None:
+        """``timings``: where each Redis call's duration is observed (a place taken,
+        given back, a batch of renewals)."""
+        timings = timings if timings is not None else t.Timings()
+        self._take_timing = timings.redis(t.REDIS_CONNECTION_TAKE)
+        self._give_back_timing = timings.redis(t.REDIS_CONNECTION_GIVE_BACK)
+        self._renew_timing = timings.redis(t.REDIS_CONNECTION_RENEW)
         if per_user_max < 0:
             raise ValueError(f"per_user_max must be 0 (no cap) or more, got {per_user_max}")
         if not 0 < renew_every_s * 1000 < lease_ms:
@@ -195,9 +203,10 @@ class ConnectionLimiter:
         key = self.record(user_id)
         place = Place(key, f"{self._process}:{next(self._counter)}")
         try:
-            answer = await self._take(
-                keys=[key], args=[place.member, self.per_user_max, self.lease_ms]
-            )
+            with self._take_timing.time():
+                answer = await self._take(
+                    keys=[key], args=[place.member, self.per_user_max, self.lease_ms]
+                )
         except _REDIS_ERRORS as exc:
             raise ConnectionLimiterUnavailable(
                 f"live connections cannot be counted: {exc!r}"
@@ -257,7 +266,8 @@ class ConnectionLimiter:
         for _, members in batch:
             args.append(len(members))
             args.extend(members)
-        await self._renew(keys=[key for key, _ in batch], args=args)
+        with self._renew_timing.time():
+            await self._renew(keys=[key for key, _ in batch], args=args)
         # A place given back while this call was on its way may have been removed
         # before the call added it back: remove it again.
         again = [
@@ -271,10 +281,11 @@ class ConnectionLimiter:
 
     async def _remove(self, places: list[Place]) -> None:
         try:
-            async with self._client.pipeline(transaction=False) as pipe:
-                for place in places:
-                    pipe.zrem(place.key, place.member)
-                await pipe.execute()
+            with self._give_back_timing.time():
+                async with self._client.pipeline(transaction=False) as pipe:
+                    for place in places:
+                        pipe.zrem(place.key, place.member)
+                    await pipe.execute()
         except _REDIS_ERRORS as exc:
             logger.warning("%d live connection places left to lapse: %r", len(places), exc)
 

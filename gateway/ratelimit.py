@@ -72,6 +72,7 @@ from redis.asyncio.connection import AbstractConnection
 from config.redis_keys import NAMESPACE_DEFAULT, RedisKeys
 from config.settings import ConfigError
 from engine.shell import limits as shell_limits
+from persistence import timings as t
 
 ENDPOINTS: Final[tuple[str, ...]] = ("reserve", "queue_join", "position", "cancel")
 # Endpoints admitted without a check while Redis is unreachable (see above).
@@ -207,9 +208,16 @@ class RateLimiter:
     check that waits, on a connection of its own from ``client``'s pool."""
 
     def __init__(
-        self, client: "aioredis.Redis", limits: RateLimits, namespace: str = NAMESPACE_DEFAULT
+        self,
+        client: "aioredis.Redis",
+        limits: RateLimits,
+        namespace: str = NAMESPACE_DEFAULT,
+        timings: t.Timings | None = None,
     ) -> None:
+        """``timings``: where each script call's duration is observed (one per batch
+        of checks: ``rate_limit_check``)."""
         self.limits = limits
+        self._timing = (timings if timings is not None else t.Timings()).redis(t.REDIS_RATE_LIMIT)
         self._keys = RedisKeys(namespace)
         self._pool = client.connection_pool
         self._sha = hashlib.sha1(_GCRA.encode()).hexdigest()
@@ -280,8 +288,9 @@ class RateLimiter:
         for endpoint, _, _ in batch:
             args.extend(self._shape[endpoint])
         try:
-            async with asyncio.timeout(shell_limits.REDIS_CALL_TIMEOUT_MS / 1000):
-                reply = await self._evaluate([key for _, key, _ in batch], args)
+            with self._timing.time():
+                async with asyncio.timeout(shell_limits.REDIS_CALL_TIMEOUT_MS / 1000):
+                    reply = await self._evaluate([key for _, key, _ in batch], args)
         except (
             redis.exceptions.ConnectionError,
             redis.exceptions.TimeoutError,

@@ -445,8 +445,12 @@ def build_app(
         app[ENGINE_KEY] = client
         app[TRANSPORT_KEY] = transport
         shared_redis = gateway_redis(storage.redis_url)
-        app[LIMITER_KEY] = RateLimiter(shared_redis, limits, namespace=storage.namespace)
-        app[KEYS_KEY] = KeyRegistry(shared_redis, storage.namespace)
+        # This process's Redis work is timed with its metrics (/metrics).
+        timings = app[OBSERVABILITY_KEY].metrics.timings
+        app[LIMITER_KEY] = RateLimiter(
+            shared_redis, limits, namespace=storage.namespace, timings=timings
+        )
+        app[KEYS_KEY] = KeyRegistry(shared_redis, storage.namespace, timings)
         # The live updates' pub/sub connection blocks on reads: no socket timeout
         # (the bus pings Redis itself when the channel is quiet).
         bus_client = redis_client(storage.redis_url, socket_connect_timeout=REDIS_TIMEOUT_S)
@@ -462,6 +466,7 @@ def build_app(
                 shared_redis,
                 settings.live_connections_per_user_max,
                 namespace=storage.namespace,
+                timings=timings,
             ),
         )
         # The gateway's own database connections (contact details).

@@ -204,6 +204,19 @@ class FlushRows:
     def empty(self) -> bool:
         return not (self.events or self.outcomes or self.keys)
 
+    def row_count(self) -> int:
+        """The rows a flush of these writes: slots, bookings, queue entries (kept or
+        removed), audit rows, idempotency records, and one of request outcomes
+        (the outbox's row not counted)."""
+        return (
+            len(self.slots)
+            + len(self.bookings)
+            + len(self.entries)
+            + len(self.audit)
+            + len(self.keys)
+            + (1 if self.outcomes else 0)
+        )
+
     def split_bookings(self) -> tuple[list[tuple[Booking, int]], list[tuple[Booking, int]]]:
         """(bookings that existed before this flush, bookings born in it)."""
         changed: list[tuple[Booking, int]] = []

@@ -46,6 +46,7 @@ import msgspec
 
 from engine.core.protocol import AnyEvent, AttemptRefused, KeyRecord, Origin, OutcomeRecord
 from persistence import limits
+from persistence import timings as t
 from persistence.rows import FlushRows
 from persistence.store import Codecs, FenceRejected, write_flush
 
@@ -97,11 +98,17 @@ class ShardWriter:
         on_committed: Callable[[list[AnyEvent]], None] | None = None,
         outbox: bool = True,
         tracing: FlushTracing | None = None,
+        timings: t.Timings | None = None,
     ) -> None:
+        """``timings``: where each flush's duration, size and commit lag are observed,
+        and the connection's use (in use while a flush or a job runs)."""
         self._connection = connection
         self._tracing = tracing
         # (position, span context) of the traced batches not committed yet, in order.
         self._traced: deque[tuple[int, Any]] = deque(maxlen=limits.WRITER_TRACED_BATCHES_MAX)
+        timings = timings if timings is not None else t.Timings()
+        self._timings = timings
+        self._flush_timing = timings.database(t.DATABASE_FLUSH)
         self._outbox = outbox
         self._shard = shard
         self._token = token
@@ -354,7 +361,11 @@ class ShardWriter:
                 return
             self._flushing_since = None
             self._flushing = None
-            self._committed_at = time.monotonic_ns()
+            self._committed_at = committed_at = time.monotonic_ns()
+            timings = self._timings
+            timings.commit_lag.observe(committed_at - since)
+            timings.flush_events.observe(rows.events)
+            timings.flush_rows.observe(rows.row_count())
             self._durable = upto
             if self._on_committed is not None and rows.raw:
                 self._on_committed(rows.raw)
@@ -375,6 +386,7 @@ class ShardWriter:
         timeout_ms: int,
     ) -> bool:
         """Run one job; False when it failed the writer."""
+        self._timings.connections_in_use += 1
         try:
             async with asyncio.timeout(timeout_ms / 1000):
                 result = await job(self._connection)
@@ -392,6 +404,8 @@ class ShardWriter:
                 logger.error("shard %d: work between flushes failed: %r", self._shard, exc)
                 self._stop(exc, self._on_failed)
             return False
+        finally:
+            self._timings.connections_in_use -= 1
         if not future.done():
             future.set_result(result)
         return True
@@ -407,20 +421,27 @@ class ShardWriter:
     async def _flush(self, rows: FlushRows) -> None:
         if self._before_flush is not None:
             await self._before_flush()
+        timings = self._timings
+        timings.connections_in_use += 1
         started_ns = time.perf_counter_ns()
-        # One statement outside a transaction block: its own transaction, one round trip.
-        async with asyncio.timeout(limits.WRITER_FLUSH_TIMEOUT_MS / 1000):
-            await write_flush(
-                self._connection,
-                rows,
-                self._token,
-                self._owner,
-                self._codecs,
-                generation=self._generation,
-                fence_check=self._fence_check,
-                outbox=self._outbox,
-            )
-        self._commit_ns_total += time.perf_counter_ns() - started_ns
+        try:
+            # One statement outside a transaction block: its own transaction, one round trip.
+            async with asyncio.timeout(limits.WRITER_FLUSH_TIMEOUT_MS / 1000):
+                await write_flush(
+                    self._connection,
+                    rows,
+                    self._token,
+                    self._owner,
+                    self._codecs,
+                    generation=self._generation,
+                    fence_check=self._fence_check,
+                    outbox=self._outbox,
+                )
+        finally:
+            took_ns = time.perf_counter_ns() - started_ns
+            timings.connections_in_use -= 1
+            self._flush_timing.observe(took_ns)
+        self._commit_ns_total += took_ns
 
     def _stop(self, exc: BaseException, callback: Callable[[BaseException], None] | None) -> None:
         self._error = exc

@@ -43,6 +43,7 @@ import redis.exceptions
 from config.redis_keys import RedisKeys, slot_topic, user_topic
 from engine.core.protocol import AnyEvent, BookingChanged, QueueChanged, QueueMoved, SlotChanged
 from engine.shell import limits
+from persistence import timings as t
 
 logger = logging.getLogger(__name__)
 
@@ -75,8 +76,18 @@ class PublisherStatistics(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class EventPublisher:
-    def __init__(self, client: "aioredis.Redis", namespace: str, shard: int) -> None:
+    def __init__(
+        self,
+        client: "aioredis.Redis",
+        namespace: str,
+        shard: int,
+        timings: t.Timings | None = None,
+    ) -> None:
+        """``timings``: where each flush's publishing is timed (``publish``)."""
         self._client = client
+        self._publish_timing = (timings if timings is not None else t.Timings()).redis(
+            t.REDIS_PUBLISH
+        )
         self._channel = RedisKeys(namespace).shard_events(shard)
         self._encode = msgspec.msgpack.Encoder().encode
         self._pending: deque[list[AnyEvent]] = deque()
@@ -147,8 +158,9 @@ class EventPublisher:
             try:
                 receivers = 0
                 for message in self._messages(events):
-                    async with asyncio.timeout(limits.REDIS_CALL_TIMEOUT_MS / 1000):
-                        receivers = await self._client.publish(self._channel, message)
+                    with self._publish_timing.time():
+                        async with asyncio.timeout(limits.REDIS_CALL_TIMEOUT_MS / 1000):
+                            receivers = await self._client.publish(self._channel, message)
                 self.published += len(events)
                 if not receivers and watches == self._watches:
                     # Nobody subscribed before this was sent, and no watch asked since.

@@ -33,6 +33,7 @@ import redis.asyncio as aioredis
 from config.redis_keys import NAMESPACE_DEFAULT, RedisKeys
 from engine.shell import limits
 from persistence import limits as storage_limits
+from persistence import timings as t
 
 _ACQUIRE: Final = """
 local holder = redis.call('GET', KEYS[1])
@@ -111,7 +112,9 @@ class ShardLease:
         namespace: str = NAMESPACE_DEFAULT,
         ttl_ms: int = storage_limits.LEASE_TTL_MS,
         margin_ms: int = limits.LEASE_DRIFT_MARGIN_MS,
+        timings: t.Timings | None = None,
     ) -> None:
+        """``timings``: where each call's duration is observed (by operation)."""
         if not 0 < margin_ms < ttl_ms:
             raise ValueError("the drift margin must be shorter than the lease")
         self._client = client
@@ -126,6 +129,12 @@ class ShardLease:
         self._renew = client.register_script(_RENEW)
         self._advance = client.register_script(_ADVANCE)
         self._release = client.register_script(_RELEASE)
+        timings = timings if timings is not None else t.Timings()
+        self._acquire_timing = timings.redis(t.REDIS_LEASE_ACQUIRE)
+        self._renew_timing = timings.redis(t.REDIS_LEASE_RENEW)
+        self._advance_timing = timings.redis(t.REDIS_LEASE_ADVANCE)
+        self._release_timing = timings.redis(t.REDIS_LEASE_RELEASE)
+        self._holder_timing = timings.redis(t.REDIS_LEASE_HOLDER)
         self.token: int | None = None
         # Monotonic ms until which this owner may take changes.
         self._valid_until_ms = 0
@@ -148,12 +157,13 @@ class ShardLease:
         the same, should they be alive after all.
         """
         sent_ms = _monotonic_ms()
-        token = await _bounded(
-            self._acquire(
-                keys=[self._owner_key, self._token_key],
-                args=[self.owner, self.ttl_ms, floor, succeeds],
+        with self._acquire_timing.time():
+            token = await _bounded(
+                self._acquire(
+                    keys=[self._owner_key, self._token_key],
+                    args=[self.owner, self.ttl_ms, floor, succeeds],
+                )
             )
-        )
         if token is None:
             return None
         self.token = int(token)
@@ -162,23 +172,34 @@ class ShardLease:
 
     async def renew(self) -> Renewal:
         sent_ms = _monotonic_ms()
-        if await _bounded(self._renew(keys=[self._owner_key], args=[self.owner, self.ttl_ms])):
+        with self._renew_timing.time():
+            renewed = await _bounded(
+                self._renew(keys=[self._owner_key], args=[self.owner, self.ttl_ms])
+            )
+        if renewed:
             self._valid_until_ms = sent_ms + self.ttl_ms - self.margin_ms
             return Renewal.RENEWED
         self._valid_until_ms = 0
-        holder = await _bounded(self._client.get(self._owner_key))
+        holder = await self.holder()
         return Renewal.LAPSED if holder is None else Renewal.TAKEN
+
+    async def holder(self) -> bytes | str | None:
+        """Who holds the lease now, by Redis (None: nobody)."""
+        with self._holder_timing.time():
+            holder: bytes | str | None = await _bounded(self._client.get(self._owner_key))
+        return holder
 
     async def advance(self) -> int | None:
         """A new fencing token for the lease this owner holds, which is renewed with
         it; None (and the lease forgotten) if this owner does not hold it any more."""
         sent_ms = _monotonic_ms()
-        token = await _bounded(
-            self._advance(
-                keys=[self._owner_key, self._token_key],
-                args=[self.owner, self.ttl_ms, self.token or 0],
+        with self._advance_timing.time():
+            token = await _bounded(
+                self._advance(
+                    keys=[self._owner_key, self._token_key],
+                    args=[self.owner, self.ttl_ms, self.token or 0],
+                )
             )
-        )
         if token is None:
             self.forget()
             return None
@@ -188,7 +209,8 @@ class ShardLease:
 
     async def release(self) -> None:
         self._valid_until_ms = 0
-        await _bounded(self._release(keys=[self._owner_key], args=[self.owner]))
+        with self._release_timing.time():
+            await _bounded(self._release(keys=[self._owner_key], args=[self.owner]))
 
     def forget(self) -> None:
         """Stop counting on the lease (after losing it), without asking Redis."""

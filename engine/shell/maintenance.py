@@ -28,6 +28,7 @@ from persistence.retention import (
     PurgeReport,
     purge,
 )
+from persistence.timings import DATABASE_RECONCILE, DATABASE_RETENTION_PURGE, Timings
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +48,7 @@ async def run_periodically(
     round_timeout_s: float = ROUND_TIMEOUT_S,
     clock_ms: Callable[[], int] = wall_clock_ms,
     on_round: Callable[[ReconcileReport, PurgeReport], None] | None = None,
+    timings: Timings | None = None,
 ) -> None:
     """Every ``interval_s``: the checks (report only) and the purge, on a fresh connection.
 
@@ -54,7 +56,9 @@ async def run_periodically(
     ``extra={"reconcile": {...}}``; the purge's counts at info. A round that
     fails (database down, a timeout after ``round_timeout_s``) is logged and the
     next one runs on time: nothing but cancellation ends the loop.
-    ``on_round`` is called after every round that completed.
+    ``on_round`` is called after every round that completed. ``timings``: where
+    the checks' and the purge's durations are observed, and the round's
+    connection counted in use.
     """
     if interval_s <= 0 or round_timeout_s <= 0:
         raise ValueError("interval_s and round_timeout_s must be > 0")
@@ -64,7 +68,12 @@ async def run_periodically(
         try:
             async with asyncio.timeout(round_timeout_s):
                 report, purged = await _round(
-                    connect, clock_ms(), hold_grace_ms, audit_retention_ms, batch_rows
+                    connect,
+                    clock_ms(),
+                    hold_grace_ms,
+                    audit_retention_ms,
+                    batch_rows,
+                    timings if timings is not None else Timings(),
                 )
             _log_round(report, purged)
             if on_round is not None:
@@ -80,20 +89,26 @@ async def _round(
     hold_grace_ms: int,
     audit_retention_ms: int,
     batch_rows: int,
+    timings: Timings,
 ) -> tuple[ReconcileReport, PurgeReport]:
     connection = await connect()
+    timings.connections_in_use += 1
     try:
-        report = await check(connection, now_ms=now_ms, hold_grace_ms=hold_grace_ms)
-        purged = await purge(
-            connection,
-            now_ms=now_ms,
-            audit_retention_ms=audit_retention_ms,
-            batch_rows=batch_rows,
-        )
+        with timings.database(DATABASE_RECONCILE).time():
+            report = await check(connection, now_ms=now_ms, hold_grace_ms=hold_grace_ms)
+        with timings.database(DATABASE_RETENTION_PURGE).time():
+            purged = await purge(
+                connection,
+                now_ms=now_ms,
+                audit_retention_ms=audit_retention_ms,
+                batch_rows=batch_rows,
+            )
     except BaseException:
         # Failed, timed out or cancelled: do not wait on a connection in doubt.
         connection.terminate()
         raise
+    finally:
+        timings.connections_in_use -= 1
     await connection.close(timeout=CLOSE_TIMEOUT_S)
     return report, purged
 

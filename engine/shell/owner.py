@@ -87,6 +87,14 @@ from persistence.store import (
     take_over,
     take_partitions,
 )
+from persistence.timings import (
+    DATABASE_FENCE_READ,
+    DATABASE_HAND_OVER,
+    DATABASE_SHARD_LOAD,
+    DATABASE_TAKE_PARTITIONS,
+    Timings,
+    TimingsSnapshot,
+)
 from persistence.writer import ShardWriter, StorageUnavailable, WriterStatistics
 
 if TYPE_CHECKING:
@@ -162,6 +170,9 @@ class OwnerStatistics(msgspec.Struct, frozen=True, kw_only=True):
     partitions_generation: int | None = None
     # Holds given grace after storage outages, since the owner started.
     outage_grace_holds: int = 0
+    # The durations of its Redis and database work, its flushes' sizes and commit
+    # lag, its connections' use (since the owner started).
+    timings: TimingsSnapshot | None = None
 
 
 class ShardOwner:
@@ -221,6 +232,12 @@ class ShardOwner:
         self._outage_grace_holds = 0
         self._marker_cleared: asyncio.Task[None] | None = None
         self._marking: asyncio.Task[None] | None = None
+        # Its own connection (the load's, then the writer's); shard 0's maintenance
+        # opens another for a round.
+        self._timings = Timings()
+        self._timings.connections_max = 1
+        self._fence_timing = self._timings.database(DATABASE_FENCE_READ)
+        self._load_timing = self._timings.database(DATABASE_SHARD_LOAD)
 
     # -- lifecycle --------------------------------------------------------------
 
@@ -242,7 +259,9 @@ class ShardOwner:
             retry=Retry(NoBackoff(), 0),
         )
         if self._storage.publish_events:
-            self._publisher = EventPublisher(self._redis, self._storage.namespace, self.shard_id)
+            self._publisher = EventPublisher(
+                self._redis, self._storage.namespace, self.shard_id, self._timings
+            )
         self._lease = ShardLease(
             self._redis,
             shard=self.shard_id,
@@ -250,6 +269,7 @@ class ShardOwner:
             namespace=self._storage.namespace,
             ttl_ms=self._storage.lease_ttl_ms,
             margin_ms=self._storage.lease_margin_ms,
+            timings=self._timings,
         )
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._storage.lease_acquire_timeout_ms / 1000
@@ -269,6 +289,7 @@ class ShardOwner:
                 await asyncio.sleep(self._storage.lease_renew_every_ms / 1000 / 4)
         self._renewer = loop.create_task(self._keep_lease(), name=f"lease-{self.shard_id}")
         if self.shard_id == 0 and self._storage.maintenance_every_s > 0:
+            self._timings.connections_max += 1
             self._maintenance = loop.create_task(self._maintain(), name="maintenance")
 
     async def _maintain(self) -> None:
@@ -283,7 +304,7 @@ class ShardOwner:
                 timeout=storage_limits.DATABASE_CONNECT_TIMEOUT_MS / 1000,
             )
 
-        await run_periodically(connect, every_s)
+        await run_periodically(connect, every_s, timings=self._timings)
 
     async def close(self) -> None:
         """Flush what is pending, release the lease, and stop."""
@@ -361,6 +382,7 @@ class ShardOwner:
             partitions=len(loaded.owned) if loaded is not None else None,
             partitions_generation=self._generation if loaded is not None else None,
             outage_grace_holds=self._outage_grace_holds,
+            timings=self._timings.snapshot(),
         )
 
     def check_invariants(self) -> None:
@@ -430,9 +452,10 @@ class ShardOwner:
             self._partitions = PartitionSet(served.partitions, served.owned - moving)
 
             async def job(connection: asyncpg.Connection) -> int:
-                raised = await hand_over(
-                    connection, self.shard_id, token, self.owner, generation, moves
-                )
+                with self._timings.database(DATABASE_HAND_OVER).time():
+                    raised = await hand_over(
+                        connection, self.shard_id, token, self.owner, generation, moves
+                    )
                 writer.set_generation(raised)
                 return raised
 
@@ -459,9 +482,10 @@ class ShardOwner:
             now_ms = self._clock.now_ms()
 
             async def job(connection: asyncpg.Connection) -> ShardSnapshot:
-                snapshot = await take_partitions(
-                    connection, self.shard_id, token, self.owner, served, now_ms
-                )
+                with self._timings.database(DATABASE_TAKE_PARTITIONS).time():
+                    snapshot = await take_partitions(
+                        connection, self.shard_id, token, self.owner, served, now_ms
+                    )
                 writer.set_generation(snapshot.generation)
                 return snapshot
 
@@ -513,7 +537,8 @@ class ShardOwner:
         """Acquire the lease, then take the shard over from PostgreSQL. Raises _LeaseBusy."""
         assert self._lease is not None
         connection = await self._connect()
-        floor = await fence_token(connection, self.shard_id)
+        with self._fence_timing.time():
+            floor = await fence_token(connection, self.shard_id)
         token = await self._lease.acquire(floor, self._succeeds)
         if token is None:
             raise _LeaseBusy
@@ -524,18 +549,14 @@ class ShardOwner:
         storage_lost = self._storage_lost or await self._marked_storage_lost()
         try:
             try:
-                snapshot = await take_over(
-                    connection, self.shard_id, token, self.owner, self._clock.now_ms()
-                )
+                snapshot = await self._take_over(connection, token)
             except NotPartitioned:
                 # A database nobody has started on yet gets its partitions here (a start
                 # normally records them first, with SLOTENGINE_PARTITIONS).
                 await ensure_partition_map(
                     connection, partitions=self._storage.partitions, shard_count=self._shard_count
                 )
-                snapshot = await take_over(
-                    connection, self.shard_id, token, self.owner, self._clock.now_ms()
-                )
+                snapshot = await self._take_over(connection, token)
         except StaleToken as exc:
             # Redis forgot its counter: the next acquire starts above the fence.
             assert self._lease is not None
@@ -544,6 +565,17 @@ class ShardOwner:
             self._lease.forget()
             raise _LeaseBusy from exc
         self._serve(snapshot, connection, storage_lost=storage_lost)
+
+    async def _take_over(self, connection: asyncpg.Connection, token: int) -> ShardSnapshot:
+        """``take_over``, timed, its connection counted in use meanwhile."""
+        self._timings.connections_in_use += 1
+        try:
+            with self._load_timing.time():
+                return await take_over(
+                    connection, self.shard_id, token, self.owner, self._clock.now_ms()
+                )
+        finally:
+            self._timings.connections_in_use -= 1
 
     def _serve(
         self, snapshot: ShardSnapshot, connection: asyncpg.Connection, *, storage_lost: bool = False
@@ -592,6 +624,7 @@ class ShardOwner:
             outbox=self._storage.outbox,
             on_committed=self._publisher.committed if self._publisher is not None else None,
             tracing=self._tracing,
+            timings=self._timings,
         )
         runtime = ShardRuntime(
             core,
@@ -800,11 +833,9 @@ class ShardOwner:
             await asyncio.sleep(self._storage.rebuild_retry_ms / 1000)
 
     async def _lease_free_or_mine(self) -> bool:
-        assert self._redis is not None
+        assert self._lease is not None
         try:
-            holder = await self._redis.get(
-                RedisKeys(self._storage.namespace).shard_owner(self.shard_id)
-            )
+            holder = await self._lease.holder()
         except _REDIS_ERRORS:
             return True  # unknown yet: keep trying
         return holder is None or holder in (self.owner, self.owner.encode())

@@ -68,9 +68,19 @@ never in prometheus-client's global one, so several apps in one process
   for requests no route takes. WebSocket and event-stream answers are not
   observed (their duration is a connection's lifetime).
 - ``redis_operation_duration_seconds{operation}`` and
-  ``database_query_duration_seconds{query_type}``: fed through
-  ``observe_redis(operation)`` / ``observe_database(query_type)``, whose
-  labels must be constant strings.
+  ``database_query_duration_seconds{query_type}``: the durations of the
+  engine's real Redis operations and database statements
+  (``persistence/timings.py`` names them). This gateway's own (rate limits,
+  idempotency keys, live connection places, the health probes, whatever is
+  timed through ``observe_redis(operation)`` / ``observe_database(query_type)``,
+  whose labels must be constant identifiers) carry no ``shard``; each shard
+  actor's (its lease, its publishes, its flushes, loads, partition moves and
+  maintenance) carry ``shard``, from its owner's statistics.
+- Per shard actor: ``engine_shard_flush_events{shard}``,
+  ``engine_shard_flush_rows{shard}`` and ``engine_shard_commit_lag_seconds{shard}``
+  (histograms: a flush's size, and the time from its first change to its
+  commit), ``engine_shard_db_connections{shard,state}`` (the owner's
+  PostgreSQL connections: ``in_use``, ``idle``, ``max``).
 
 The engine's series (expirations, queue sizes, shard up, the actors' facts) are the engine's,
 not this gateway's: every gateway of a deployment reports the same values, so

@@ -66,7 +66,12 @@ def add_observability(
         return app.get(TRANSPORT_KEY)
 
     registry_metrics = Metrics()
-    sampler = EngineSampler(current_engine, current_transport, queue_sizes=queue_sizes)
+    sampler = EngineSampler(
+        current_engine,
+        current_transport,
+        queue_sizes=queue_sizes,
+        own_timings=registry_metrics.timings.snapshot,
+    )
     registry_metrics.registry.register(sampler)
     registry_metrics.registry.register(PoolCollector(lambda: app.get(DATABASE_KEY)))
     observability = Observability(

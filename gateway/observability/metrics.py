@@ -1,7 +1,9 @@
 """The gateway's metrics: its own registry, the business counters, the timings.
 
 It owns ``Metrics`` (reservations, confirmations, queue waits, HTTP request
-durations, Redis and database timings), ``Observation`` / ``observe_redis`` /
+durations, and the ``Timings`` of this process's Redis and database work,
+which ``gateway.observability.sampler`` renders beside the shards'),
+``Observation`` / ``observe_redis`` /
 ``observe_database`` and ``metrics_observer``, which ``request_context``
 (``gateway.http``) tells of every answer. It never calls the engine (the
 engine's series are ``gateway.observability.sampler``'s), never reads a
@@ -28,6 +30,7 @@ from gateway.http import (
     Observer,
     serving_app,
 )
+from persistence.timings import Timings
 
 WAIT_WINDOW_S: Final = 300.0
 WAIT_SAMPLES_MAX: Final = 10_000
@@ -38,9 +41,6 @@ ERROR_CODES_MAX: Final = 50
 LABEL_CHARS_MAX: Final = 64
 
 HTTP_BUCKETS: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5, 5.0, 10.0)
-STORE_BUCKETS: Final = (
-    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
-)  # fmt: skip
 
 # The routes whose answers feed the business metrics (the templates of gateway/routes/).
 RESERVE_ROUTE: Final = ("POST", "/api/bookings/reserve")
@@ -85,20 +85,11 @@ class Metrics:
         # (endpoint, method, status) -> its series: ``labels`` takes a lock and
         # builds a key on every call, and every request observes one.
         self._http_series: dict[tuple[str, str, int], Any] = {}
-        self.redis_seconds = Histogram(
-            "redis_operation_duration_seconds",
-            "Duration of Redis operations by operation.",
-            ["operation"],
-            buckets=STORE_BUCKETS,
-            registry=self.registry,
-        )
-        self.database_seconds = Histogram(
-            "database_query_duration_seconds",
-            "Duration of database queries by query type.",
-            ["query_type"],
-            buckets=STORE_BUCKETS,
-            registry=self.registry,
-        )
+        # This process's Redis operations and database statements (the rate limits,
+        # idempotency records, live connection places, the health probes, ...):
+        # rendered by the engine sampler as redis_operation_duration_seconds and
+        # database_query_duration_seconds, beside the shards' own.
+        self.timings = Timings()
         self.average_wait = Gauge(
             "average_wait_time_seconds",
             f"Mean estimatedWaitSeconds of the WAITING queue entries answered in the last "
@@ -221,25 +212,30 @@ class Observation:
     def __init__(
         self, kind: Literal["redis", "database"], label: str, metrics: Metrics | None = None
     ) -> None:
-        if not label or len(label) > LABEL_CHARS_MAX:
-            raise ValueError(f"a {kind} label is 1 to {LABEL_CHARS_MAX} characters")
+        if not label.isidentifier() or len(label) > LABEL_CHARS_MAX:
+            raise ValueError(
+                f"a {kind} label is an identifier of 1 to {LABEL_CHARS_MAX} characters"
+            )
         self._kind = kind
         self._label = label
         self._metrics = metrics
-        self._started: float | None = None
+        self._started: int | None = None
 
-    def _record(self, started: float) -> None:
+    def _record(self, started: int) -> None:
         metrics = self._metrics
         if metrics is None:
             app = serving_app()
             metrics = None if app is None else app.get(METRICS_KEY)
         if metrics is None:
             return
-        histogram = metrics.redis_seconds if self._kind == "redis" else metrics.database_seconds
-        histogram.labels(self._label).observe(time.perf_counter() - started)
+        timings = metrics.timings
+        histogram = (
+            timings.redis(self._label) if self._kind == "redis" else timings.database(self._label)
+        )
+        histogram.observe(time.perf_counter_ns() - started)
 
     def __enter__(self) -> "Observation":
-        self._started = time.perf_counter()
+        self._started = time.perf_counter_ns()
         return self
 
     def __exit__(
@@ -268,7 +264,7 @@ class Observation:
 
             @functools.wraps(function)
             async def timed_coroutine(*args: P.args, **kwargs: P.kwargs) -> Any:
-                started = time.perf_counter()
+                started = time.perf_counter_ns()
                 try:
                     return await cast(Awaitable[Any], function(*args, **kwargs))
                 finally:
@@ -278,7 +274,7 @@ class Observation:
 
         @functools.wraps(function)
         def timed(*args: P.args, **kwargs: P.kwargs) -> R:
-            started = time.perf_counter()
+            started = time.perf_counter_ns()
             try:
                 return function(*args, **kwargs)
             finally:

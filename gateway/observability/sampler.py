@@ -7,8 +7,11 @@ on demand and shared by concurrent callers, reused for
 per shard actor (label ``shard``, one value per actor, never per slot) its
 owner's state, lease, fence token, rebuilds, commands in flight, how late
 its timers are (holds kept past their TTL) and its writer's backlog and flush
-lag; per shard, its queues' waiting entries and offers; per slot, for the
-longest queues only, their length and maximum size. It only reads the engine
+lag, the durations of its Redis and database work, its flushes' sizes and
+commit lag, its database connections' use; per shard, its queues' waiting
+entries and offers; per slot, for the longest queues only, their length and
+maximum size. The durations of this gateway's own Redis and database work
+(``own_timings``) go in the same families, without ``shard``. It only reads the engine
 (statistics and ``ListSlots``), never changes it, adds nothing to the request
 path, and ``collect`` never waits.
 """
@@ -22,7 +25,13 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Final, Protocol, cast
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.samples import Sample
 
 from engine.core import limits
 from engine.core import protocol as p
@@ -31,6 +40,7 @@ from engine.shell.owner import OwnerStatistics
 from engine.shell.owner_states import OwnerState
 from engine.shell.runtime import RuntimeStatistics
 from persistence import limits as storage_limits
+from persistence import timings as t
 
 logger = logging.getLogger("slotengine.gateway.observability")
 
@@ -164,10 +174,14 @@ class EngineSampler:
         *,
         queue_sizes: Mapping[str, int] | None = None,
         wall_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000,
+        own_timings: Callable[[], t.TimingsSnapshot | None] | None = None,
     ) -> None:
         """``queue_sizes``: each domain's maximum queue size (``queue_max_size``
         is shown for the longest queues of the domains it names). ``wall_ms``:
-        the wall clock the shards' timer deadlines are read against."""
+        the wall clock the shards' timer deadlines are read against.
+        ``own_timings``: this process's own Redis and database timings, rendered
+        in the same families as the shards' (without ``shard``)."""
+        self._own_timings = own_timings
         self._engine = engine
         self._transport = transport
         self._queue_sizes = dict(queue_sizes or {})
@@ -355,6 +369,7 @@ class EngineSampler:
                 up.add_metric([str(sampled.shard)], 1 if sampled.runtime is not None else 0)
         yield up
         yield from self._actor_families()
+        yield from self._timing_families()
 
     def _actor_families(self) -> Iterator[Metric]:
         """What each shard actor said of itself at the last sample; a shard that did
@@ -428,3 +443,96 @@ class EngineSampler:
             if writer.last_flush_ago_ms is not None:
                 last_flush.add_metric([label], writer.last_flush_ago_ms / 1000)
         yield from (in_flight, states, lease, token, rebuilds, partitions, pending, lag, last_flush)
+
+    def _timing_families(self) -> Iterator[Metric]:
+        """The durations of Redis operations and database statements (this process's
+        own without ``shard``, each shard actor's with it), and per shard actor its
+        flushes' sizes and commit lag and its database connections' use. Every
+        label value is a constant of the code or a shard number."""
+        redis = HistogramMetricFamily(
+            "redis_operation_duration_seconds",
+            "Duration of Redis operations by operation (label shard: a shard actor's; "
+            "none: this gateway's own).",
+            labels=["operation"],
+        )
+        database = HistogramMetricFamily(
+            "database_query_duration_seconds",
+            "Duration of database statements by query type (label shard: a shard actor's; "
+            "none: this gateway's own).",
+            labels=["query_type"],
+        )
+        flush_events = HistogramMetricFamily(
+            "engine_shard_flush_events",
+            "Events per flush (one transaction) of the shard's writer.",
+            labels=["shard"],
+        )
+        flush_rows = HistogramMetricFamily(
+            "engine_shard_flush_rows",
+            "Rows per flush of the shard's writer (slots, bookings, queue entries, audit "
+            "rows, idempotency records, request outcomes).",
+            labels=["shard"],
+        )
+        commit_lag = HistogramMetricFamily(
+            "engine_shard_commit_lag_seconds",
+            "From the first change of a flush handed to the shard's writer to its commit.",
+            labels=["shard"],
+        )
+        connections = GaugeMetricFamily(
+            "engine_shard_db_connections",
+            "The shard owner's PostgreSQL connections by state: in_use (a flush, a load, "
+            "a partition move, a maintenance round), idle, max.",
+            labels=["shard", "state"],
+        )
+        own = self._own_timings() if self._own_timings is not None else None
+        if own is not None:
+            _add_timings(redis, own.redis, "operation", None, t.DURATION_BOUNDS_S)
+            _add_timings(database, own.database, "query_type", None, t.DURATION_BOUNDS_S)
+        shards = self._sample.shards if self._sample is not None else ()
+        for sampled in shards:
+            timings = sampled.owner.timings if sampled.owner is not None else None
+            if timings is None:
+                continue
+            label = str(sampled.shard)
+            _add_timings(redis, timings.redis, "operation", label, t.DURATION_BOUNDS_S)
+            _add_timings(database, timings.database, "query_type", label, t.DURATION_BOUNDS_S)
+            _add_histogram(
+                flush_events, {"shard": label}, timings.flush_events, t.FLUSH_SIZE_BOUNDS
+            )
+            _add_histogram(flush_rows, {"shard": label}, timings.flush_rows, t.FLUSH_SIZE_BOUNDS)
+            _add_histogram(commit_lag, {"shard": label}, timings.commit_lag, t.COMMIT_LAG_BOUNDS_S)
+            in_use = min(timings.connections_in_use, timings.connections_max)
+            connections.add_metric([label, "in_use"], in_use)
+            connections.add_metric([label, "idle"], timings.connections_max - in_use)
+            connections.add_metric([label, "max"], timings.connections_max)
+        yield from (redis, database, flush_events, flush_rows, commit_lag, connections)
+
+
+def _add_timings(
+    family: HistogramMetricFamily,
+    histograms: Mapping[str, t.HistogramSnapshot],
+    label_name: str,
+    shard: str | None,
+    bounds: tuple[float, ...],
+) -> None:
+    for label, histogram in sorted(histograms.items()):
+        labels = {label_name: label} if shard is None else {label_name: label, "shard": shard}
+        _add_histogram(family, labels, histogram, bounds)
+
+
+def _add_histogram(
+    family: Metric,
+    labels: dict[str, str],
+    histogram: t.HistogramSnapshot,
+    bounds: tuple[float, ...],
+) -> None:
+    """One histogram's samples (cumulative buckets, +Inf, count, sum) with ``labels``:
+    the family's label names may differ between its series (a gateway's and a shard's)."""
+    cumulative = histogram.cumulative
+    if len(cumulative) != len(bounds) + 1:
+        return  # another release's bounds: nothing rendered rather than wrong buckets
+    name = family.name
+    for bound, count in zip(bounds, cumulative, strict=False):
+        family.samples.append(Sample(f"{name}_bucket", {**labels, "le": str(bound)}, count))
+    family.samples.append(Sample(f"{name}_bucket", {**labels, "le": "+Inf"}, cumulative[-1]))
+    family.samples.append(Sample(f"{name}_count", labels, cumulative[-1]))
+    family.samples.append(Sample(f"{name}_sum", labels, histogram.sum))

@@ -12,6 +12,7 @@ import pytest
 from engine.shell.maintenance import run_periodically
 from persistence.checks import ReconcileReport
 from persistence.retention import PurgeReport
+from persistence.timings import DATABASE_RECONCILE, DATABASE_RETENTION_PURGE, Timings
 from tests.persistence.test_reconcile import GRACE_MS, kinds, plant_holds, status
 from tests.persistence.test_schema import NOW_MS, add_audit
 
@@ -39,9 +40,15 @@ async def test_the_periodic_job_reports_purges_survives_failures_and_stops_when_
             two_rounds.set()
 
     caplog.set_level(logging.INFO, logger="engine.shell.maintenance")
+    timings = Timings()
     job = asyncio.create_task(
         run_periodically(
-            connect, 0.02, hold_grace_ms=GRACE_MS, clock_ms=lambda: NOW_MS, on_round=on_round
+            connect,
+            0.02,
+            hold_grace_ms=GRACE_MS,
+            clock_ms=lambda: NOW_MS,
+            on_round=on_round,
+            timings=timings,
         )
     )
     await asyncio.wait_for(two_rounds.wait(), timeout=30)
@@ -51,6 +58,13 @@ async def test_the_periodic_job_reports_purges_survives_failures_and_stops_when_
     assert job.cancelled()
 
     assert attempts >= 3
+    # Each round that connected timed its checks and its purge, on a connection
+    # counted in use only meanwhile.
+    checks = timings.database(DATABASE_RECONCILE).snapshot()
+    purges = timings.database(DATABASE_RETENTION_PURGE).snapshot()
+    assert checks.count >= 2 and purges.count >= 2
+    assert checks.sum > 0 and purges.sum > 0
+    assert timings.connections_in_use == 0
     assert any("round failed" in r.message and r.exc_info for r in caplog.records)
     (first, purged), (second, _) = rounds[:2]
     assert kinds(first) == kinds(second) == [("hold_past_deadline", "s-1", "b-stale")]
