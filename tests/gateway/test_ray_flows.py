@@ -27,6 +27,7 @@ import msgspec
 import pytest
 import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient, TestServer
+from prometheus_client.parser import text_string_to_metric_families
 
 from engine.shell.coalescer import EngineClient
 from engine.shell.owner import StorageSettings
@@ -38,6 +39,7 @@ from gateway.auth.settings import AuthSettings
 from gateway.auth.verify import Verifier
 from gateway.live.bus import EventBus
 from gateway.live.endpoints import LiveConnections, add_realtime
+from gateway.observability.endpoints import add_observability
 from tests.conftest import REDIS_URL
 from tests.gateway.conftest import SECRET
 from tests.support.domain import POLICIES, SHORT_HOLD_MS, policy
@@ -720,3 +722,56 @@ async def test_the_audit_rows_carry_the_origin_refusals_and_cancellations_throug
         "refund": 100,
         "initiator": "user",
     }
+
+
+async def test_each_actors_redis_and_database_work_reaches_metrics_with_its_shard(
+    shards: Shards, database_url: str
+) -> None:
+    """The durations, flush sizes and connections each actor process measured itself
+    travel in its owner's statistics to a gateway's ``/metrics``, labelled ``shard``."""
+    engine = EngineClient(shards.transport)
+    app = create_app(engine, Verifier(AuthSettings(secret=SECRET)))
+    add_observability(
+        app,
+        engine=engine,
+        transport=shards.transport,
+        database_url=database_url,
+        redis_url=REDIS_URL,
+    )
+    async with TestClient(TestServer(app)) as api:
+        on_shard = {engine.shard_of((await _slot(api, capacity=1))["id"]) for _ in range(16)}
+        assert on_shard == set(range(SHARDS))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + POLL_LIMIT_S
+        while True:
+            scraped = await api.get("/metrics")
+            families = {
+                family.name: family
+                for family in text_string_to_metric_families(await scraped.text())
+            }
+            counts = {
+                (sample.labels.get("operation") or sample.labels["query_type"],
+                 sample.labels.get("shard")): sample.value
+                for name in ("redis_operation_duration_seconds", "database_query_duration_seconds")
+                for sample in families[name].samples
+                if sample.name.endswith("_count")
+            }  # fmt: skip
+            if all(counts.get(("lease_renew", str(n)), 0) for n in range(SHARDS)):
+                break
+            assert loop.time() < deadline, counts
+            await asyncio.sleep(0.5)
+    for shard in map(str, range(SHARDS)):
+        for label in ("lease_acquire", "lease_renew", "publish", "fence_read", "shard_load"):
+            assert counts.get((label, shard), 0) >= 1, (label, shard)
+        assert counts.get(("flush", shard), 0) >= 1, shard
+    flushed = {
+        sample.labels["shard"]: sample.value
+        for sample in families["engine_shard_flush_events"].samples
+        if sample.name == "engine_shard_flush_events_count"
+    }
+    assert flushed == {str(n): counts[("flush", str(n))] for n in range(SHARDS)}
+    in_use_max = {
+        (sample.labels["shard"], sample.labels["state"]): sample.value
+        for sample in families["engine_shard_db_connections"].samples
+    }
+    assert in_use_max[("0", "max")] == 2 and in_use_max[("1", "max")] == 1
