@@ -482,6 +482,7 @@ def build_app(
                 storage.database_url,
                 data_keys,
                 app[OBSERVABILITY_KEY].metrics.registry,
+                timings,
             )
         following = asyncio.get_running_loop().create_task(
             follow_the_map(client, live), name="follow-the-map"

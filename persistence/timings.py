@@ -7,7 +7,9 @@ updated with ``bisect``: no lock, no label lookup per observation; a caller
 takes its histogram once, by a constant label, and keeps it), the labels the
 engine uses (``REDIS_*``, ``DATABASE_*``) and ``TimingsSnapshot``, the
 cumulative counts that travel with a shard's statistics to the gateways, which
-render them (``gateway/observability/sampler.py``).
+render them (``gateway/observability/sampler.py``), and how a histogram renders
+as Prometheus samples (``add_histogram``; ``TimingsCollector`` for a process
+that renders only its own, ``slotengine notify``).
 
 Durations are observed in integer nanoseconds of ``time.perf_counter_ns`` and
 rendered in seconds. Where the engine batches (a flush, a publish, a lease
@@ -21,10 +23,13 @@ the code, and a ``Timings`` refuses more than ``LABELS_MAX`` of a kind.
 
 import time
 from bisect import bisect_left
+from collections.abc import Iterable, Mapping
 from types import TracebackType
 from typing import Final
 
 import msgspec
+from prometheus_client.core import HistogramMetricFamily, Metric
+from prometheus_client.samples import Sample
 
 # Upper bounds (le) of the duration buckets, in seconds: a Redis call answers
 # in a millisecond, a flush in milliseconds to tens, a shard's load in seconds.
@@ -65,6 +70,8 @@ REDIS_IDEMPOTENCY_RELEASE: Final = "idempotency_release"
 REDIS_CONNECTION_TAKE: Final = "connection_place_take"
 REDIS_CONNECTION_GIVE_BACK: Final = "connection_place_give_back"
 REDIS_CONNECTION_RENEW: Final = "connection_place_renew"
+# A gateway's /health.
+REDIS_PING: Final = "ping"
 
 # -- the labels (``query_type`` of database_query_duration_seconds) ------------------
 # A shard owner's: one flush (write_shard_flush and the outbox, one statement);
@@ -79,6 +86,20 @@ DATABASE_TAKE_PARTITIONS: Final = "partition_take"
 # the retention purge.
 DATABASE_RECONCILE: Final = "reconcile"
 DATABASE_RETENTION_PURGE: Final = "retention_purge"
+# A delivery worker's (engine/notify/worker.py): taking outbox batches to fan out
+# (locked), writing their deliveries and marking them dispatched, claiming due
+# deliveries, recording attempts, the outbox's state, purging what was delivered.
+DATABASE_OUTBOX_TAKE: Final = "outbox_take"
+DATABASE_DELIVERY_INSERT: Final = "delivery_insert"
+DATABASE_DELIVERY_CLAIM: Final = "delivery_claim"
+DATABASE_DELIVERY_RECORD: Final = "delivery_record"
+DATABASE_OUTBOX_STATE: Final = "outbox_state"
+# A gateway's /health (and its outbox, with DATABASE_OUTBOX_STATE).
+DATABASE_HEALTH_CHECK: Final = "health_check"
+DATABASE_DELIVERY_PURGE: Final = "delivery_purge"
+
+REDIS_FAMILY: Final = "redis_operation_duration_seconds"
+DATABASE_FAMILY: Final = "database_query_duration_seconds"
 
 
 class HistogramSnapshot(msgspec.Struct, frozen=True, array_like=True):
@@ -202,3 +223,70 @@ class Timings:
             connections_in_use=self.connections_in_use,
             connections_max=self.connections_max,
         )
+
+
+def add_histogram(
+    family: Metric,
+    labels: Mapping[str, str],
+    histogram: HistogramSnapshot,
+    bounds: tuple[float, ...],
+) -> None:
+    """One histogram's samples (cumulative buckets, +Inf, count, sum) with ``labels``:
+    the label names may differ between a family's series (a gateway's, a shard's)."""
+    cumulative = histogram.cumulative
+    if len(cumulative) != len(bounds) + 1:
+        return  # another release's bounds: nothing rendered rather than wrong buckets
+    name = family.name
+    samples = family.samples
+    for bound, count in zip(bounds, cumulative, strict=False):
+        samples.append(Sample(f"{name}_bucket", {**labels, "le": str(bound)}, count))
+    samples.append(Sample(f"{name}_bucket", {**labels, "le": "+Inf"}, cumulative[-1]))
+    samples.append(Sample(f"{name}_count", dict(labels), cumulative[-1]))
+    samples.append(Sample(f"{name}_sum", dict(labels), histogram.sum))
+
+
+def duration_families() -> tuple[HistogramMetricFamily, HistogramMetricFamily]:
+    """The empty families of Redis and database durations."""
+    return (
+        HistogramMetricFamily(
+            REDIS_FAMILY,
+            "Duration of Redis operations by operation (label shard: a shard actor's; "
+            "none: this process's own).",
+            labels=["operation"],
+        ),
+        HistogramMetricFamily(
+            DATABASE_FAMILY,
+            "Duration of database statements by query type (label shard: a shard actor's; "
+            "none: this process's own).",
+            labels=["query_type"],
+        ),
+    )
+
+
+def add_durations(
+    redis: Metric, database: Metric, snapshot: TimingsSnapshot, shard: str | None = None
+) -> None:
+    """A snapshot's Redis and database durations (with ``shard``, if given)."""
+    extra = {} if shard is None else {"shard": shard}
+    for family, name, histograms in (
+        (redis, "operation", snapshot.redis),
+        (database, "query_type", snapshot.database),
+    ):
+        for label, histogram in sorted(histograms.items()):
+            add_histogram(family, {name: label, **extra}, histogram, DURATION_BOUNDS_S)
+
+
+class TimingsCollector:
+    """Renders one ``Timings``' Redis and database durations (no ``shard``): for a
+    process whose registry has no engine sampler (``slotengine notify``)."""
+
+    def __init__(self, timings: Timings) -> None:
+        self._timings = timings
+
+    def describe(self) -> Iterable[Metric]:
+        return duration_families()
+
+    def collect(self) -> Iterable[Metric]:
+        redis, database = duration_families()
+        add_durations(redis, database, self._timings.snapshot())
+        return (redis, database)

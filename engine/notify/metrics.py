@@ -12,6 +12,11 @@ A worker inside ``slotengine serve`` registers them in the gateway's registry
   committed events not yet fanned out, and how long the oldest has waited.
 - ``slotengine_deliveries_due`` and ``slotengine_deliveries_dead``: deliveries
   waiting for an attempt now, and those out of retries (kept, redeliverable).
+- ``timings``: the durations of its database statements (``outbox_take``,
+  ``delivery_insert``, ``delivery_claim``, ``delivery_record``,
+  ``outbox_state``, ``delivery_purge``), in the ``Timings`` it is given (the
+  gateway's, rendered as ``database_query_duration_seconds``) or its own
+  (``slotengine notify`` renders them with ``TimingsCollector``).
 """
 
 from typing import Any, Final
@@ -19,6 +24,7 @@ from typing import Any, Final
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from persistence.deliveries import OutboxState
+from persistence.timings import Timings
 
 # Lag buckets: a healthy outbox delivers within a second; a receiver that was
 # down shows up in the minutes and hours of the retry schedule.
@@ -26,7 +32,8 @@ LAG_BUCKETS_S: Final = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800, 
 
 
 class NotifyMetrics:
-    def __init__(self, registry: CollectorRegistry) -> None:
+    def __init__(self, registry: CollectorRegistry, timings: Timings | None = None) -> None:
+        self.timings = timings if timings is not None else Timings()
         self.attempts = Counter(
             "slotengine_deliveries_total",
             "Delivery attempts by channel and outcome (delivered, failed, dead).",

@@ -25,6 +25,7 @@ from engine.notify.mail import templates_for
 from engine.notify.metrics import NotifyMetrics
 from engine.notify.worker import DeliveryWorker, WorkerOptions
 from persistence.sealing import KeyRing
+from persistence.timings import Timings, TimingsCollector
 
 logger = logging.getLogger(__name__)
 
@@ -67,8 +68,12 @@ async def start_notifier(
     database_url: str,
     ring: KeyRing,
     registry: CollectorRegistry | None,
+    timings: Timings | None = None,
 ) -> Notifier:
-    """A delivery worker on ``database_url``, running until ``Notifier.close``."""
+    """A delivery worker on ``database_url``, running until ``Notifier.close``.
+
+    ``registry``: where its metrics go; ``timings``: where its statements are timed
+    (the gateway's, which renders them), else its metrics' own."""
     pool = await asyncpg.create_pool(database_url, min_size=1, max_size=POOL_SIZE_MAX)
     try:
         # Every attempt ends well within the lease (see DELIVERY_LEASE_SECONDS_DEFAULT).
@@ -88,7 +93,7 @@ async def start_notifier(
             channels,
             notification_channels(settings),
             options=worker_options(settings),
-            metrics=NotifyMetrics(registry) if registry is not None else None,
+            metrics=NotifyMetrics(registry, timings) if registry is not None else None,
         )
     except BaseException:
         await pool.close()
@@ -131,7 +136,10 @@ async def _run_until_stopped(
     loop = asyncio.get_running_loop()
     for stop_signal in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(stop_signal, stopped.set)
-    notifier = await start_notifier(settings, database_url, ring, registry)
+    # Its statements' durations: the only timings of this process's registry.
+    timings = Timings()
+    registry.register(TimingsCollector(timings))
+    notifier = await start_notifier(settings, database_url, ring, registry, timings)
     try:
         await stopped.wait()
         logger.info("stopping the delivery worker")

@@ -42,6 +42,7 @@ from engine.notify.metrics import NotifyMetrics
 from engine.notify.notifications import Notification, notifications
 from gateway.schemas import rfc3339
 from persistence import deliveries as store
+from persistence import timings as t
 from persistence.deliveries import ClaimedDelivery, DeliveryResult, NewDelivery
 
 logger = logging.getLogger(__name__)
@@ -137,6 +138,13 @@ class DeliveryWorker:
         self._domain_channels = dict(domain_channels)
         self.options = options or WorkerOptions()
         self._metrics = metrics
+        timings = metrics.timings if metrics is not None else t.Timings()
+        self._take_timing = timings.database(t.DATABASE_OUTBOX_TAKE)
+        self._insert_timing = timings.database(t.DATABASE_DELIVERY_INSERT)
+        self._claim_timing = timings.database(t.DATABASE_DELIVERY_CLAIM)
+        self._record_timing = timings.database(t.DATABASE_DELIVERY_RECORD)
+        self._state_timing = timings.database(t.DATABASE_OUTBOX_STATE)
+        self._purge_timing = timings.database(t.DATABASE_DELIVERY_PURGE)
         self._clock = clock
         self._keep_lags = keep_lags
         self.counts = WorkerCounts()
@@ -162,7 +170,8 @@ class DeliveryWorker:
         worker that dies half way leaves the batch undispatched, and another
         fans it out and sends it again (at least once)."""
         async with self._pool.acquire() as connection, connection.transaction():
-            batches = await store.take_batches(connection, self.options.batch_limit)
+            with self._take_timing.time():
+                batches = await store.take_batches(connection, self.options.batch_limit)
             self._round_full = len(batches) >= self.options.batch_limit
             if not batches:
                 return 0
@@ -189,8 +198,9 @@ class DeliveryWorker:
             ]
             if attempt and deliveries:
                 deliveries = await self._first_attempts(deliveries)
-            await store.add_deliveries(connection, deliveries)
-            await store.mark_dispatched(connection, [b.id for b in batches], now_ms)
+            with self._insert_timing.time():
+                await store.add_deliveries(connection, deliveries)
+                await store.mark_dispatched(connection, [b.id for b in batches], now_ms)
         self.counts.dispatched_events += len(made)
         self.counts.deliveries_made += len(deliveries)
         return max(len(made), len(batches))
@@ -303,14 +313,16 @@ class DeliveryWorker:
         """Claim due deliveries, send them, record the outcomes; returns how many."""
         lease_ms = int(self.options.lease_s * 1000)
         async with self._pool.acquire() as connection:
-            claimed = await store.claim_due(
-                connection, self._now_ms(), lease_ms, self.options.claim_limit
-            )
+            with self._claim_timing.time():
+                claimed = await store.claim_due(
+                    connection, self._now_ms(), lease_ms, self.options.claim_limit
+                )
         if not claimed:
             return 0
         results = await self._send(claimed)
         async with self._pool.acquire() as connection:
-            held = await store.record_results(connection, list(results))
+            with self._record_timing.time():
+                held = await store.record_results(connection, list(results))
         self.counts.stale += len(results) - held
         return len(claimed)
 
@@ -435,12 +447,14 @@ class DeliveryWorker:
             with contextlib.suppress(OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
                 async with self._pool.acquire() as connection:
                     now_ms = self._now_ms()
-                    self.state = await store.outbox_state(connection, now_ms)
+                    with self._state_timing.time():
+                        self.state = await store.outbox_state(connection, now_ms)
                     if self._metrics is not None:
                         self._metrics.observe_state(self.state, now_ms)
                     if time.monotonic() - last_purge >= self.options.purge_every_s:
                         cut_ms = now_ms - int(self.options.retention_s * 1000)
-                        await store.purge_delivered(connection, cut_ms)
+                        with self._purge_timing.time():
+                            await store.purge_delivered(connection, cut_ms)
                         last_purge = time.monotonic()
             await _sleep_or_stop(stop, self.options.state_every_s)
 

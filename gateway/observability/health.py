@@ -22,6 +22,7 @@ from aiohttp import web
 from config.redis_client import redis_client
 from gateway.observability.metrics import Metrics
 from gateway.observability.sampler import CHECK_TIMEOUT_S, EngineSampler, ShardSample
+from persistence import timings as t
 from persistence.deliveries import outbox_state
 
 logger = logging.getLogger("slotengine.gateway.observability")
@@ -57,7 +58,7 @@ class _DatabaseProbe:
                         self._connection = None
                         connection = await asyncpg.connect(url, timeout=CHECK_TIMEOUT_S)
                         self._connection = connection
-                    with self._metrics.observe_database("health_check"):
+                    with self._metrics.observe_database(t.DATABASE_HEALTH_CHECK):
                         value = await connection.fetchval("SELECT 1")
                 except BaseException:
                     # Mid-query or broken: the next check starts on a new connection.
@@ -76,7 +77,7 @@ class _DatabaseProbe:
             return None
         try:
             async with asyncio.timeout(CHECK_TIMEOUT_S), self._lock:
-                with self._metrics.observe_database("outbox_state"):
+                with self._metrics.observe_database(t.DATABASE_OUTBOX_STATE):
                     now_ms = int(time.time() * 1000)
                     state = await outbox_state(connection, now_ms)
         except Exception as exc:
@@ -135,7 +136,7 @@ class _RedisProbe:
                     socket_connect_timeout=CHECK_TIMEOUT_S,
                 )
             async with asyncio.timeout(CHECK_TIMEOUT_S):
-                with self._metrics.observe_redis("ping"):
+                with self._metrics.observe_redis(t.REDIS_PING):
                     answer = await self._client.ping()
         except Exception as exc:
             logger.debug("redis check failed: %r", exc)

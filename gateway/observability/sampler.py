@@ -31,7 +31,6 @@ from prometheus_client.core import (
     HistogramMetricFamily,
     Metric,
 )
-from prometheus_client.samples import Sample
 
 from engine.core import limits
 from engine.core import protocol as p
@@ -449,18 +448,7 @@ class EngineSampler:
         own without ``shard``, each shard actor's with it), and per shard actor its
         flushes' sizes and commit lag and its database connections' use. Every
         label value is a constant of the code or a shard number."""
-        redis = HistogramMetricFamily(
-            "redis_operation_duration_seconds",
-            "Duration of Redis operations by operation (label shard: a shard actor's; "
-            "none: this gateway's own).",
-            labels=["operation"],
-        )
-        database = HistogramMetricFamily(
-            "database_query_duration_seconds",
-            "Duration of database statements by query type (label shard: a shard actor's; "
-            "none: this gateway's own).",
-            labels=["query_type"],
-        )
+        redis, database = t.duration_families()
         flush_events = HistogramMetricFamily(
             "engine_shard_flush_events",
             "Events per flush (one transaction) of the shard's writer.",
@@ -485,54 +473,21 @@ class EngineSampler:
         )
         own = self._own_timings() if self._own_timings is not None else None
         if own is not None:
-            _add_timings(redis, own.redis, "operation", None, t.DURATION_BOUNDS_S)
-            _add_timings(database, own.database, "query_type", None, t.DURATION_BOUNDS_S)
+            t.add_durations(redis, database, own)
         shards = self._sample.shards if self._sample is not None else ()
         for sampled in shards:
             timings = sampled.owner.timings if sampled.owner is not None else None
             if timings is None:
                 continue
             label = str(sampled.shard)
-            _add_timings(redis, timings.redis, "operation", label, t.DURATION_BOUNDS_S)
-            _add_timings(database, timings.database, "query_type", label, t.DURATION_BOUNDS_S)
-            _add_histogram(
+            t.add_durations(redis, database, timings, label)
+            t.add_histogram(
                 flush_events, {"shard": label}, timings.flush_events, t.FLUSH_SIZE_BOUNDS
             )
-            _add_histogram(flush_rows, {"shard": label}, timings.flush_rows, t.FLUSH_SIZE_BOUNDS)
-            _add_histogram(commit_lag, {"shard": label}, timings.commit_lag, t.COMMIT_LAG_BOUNDS_S)
+            t.add_histogram(flush_rows, {"shard": label}, timings.flush_rows, t.FLUSH_SIZE_BOUNDS)
+            t.add_histogram(commit_lag, {"shard": label}, timings.commit_lag, t.COMMIT_LAG_BOUNDS_S)
             in_use = min(timings.connections_in_use, timings.connections_max)
             connections.add_metric([label, "in_use"], in_use)
             connections.add_metric([label, "idle"], timings.connections_max - in_use)
             connections.add_metric([label, "max"], timings.connections_max)
         yield from (redis, database, flush_events, flush_rows, commit_lag, connections)
-
-
-def _add_timings(
-    family: HistogramMetricFamily,
-    histograms: Mapping[str, t.HistogramSnapshot],
-    label_name: str,
-    shard: str | None,
-    bounds: tuple[float, ...],
-) -> None:
-    for label, histogram in sorted(histograms.items()):
-        labels = {label_name: label} if shard is None else {label_name: label, "shard": shard}
-        _add_histogram(family, labels, histogram, bounds)
-
-
-def _add_histogram(
-    family: Metric,
-    labels: dict[str, str],
-    histogram: t.HistogramSnapshot,
-    bounds: tuple[float, ...],
-) -> None:
-    """One histogram's samples (cumulative buckets, +Inf, count, sum) with ``labels``:
-    the family's label names may differ between its series (a gateway's and a shard's)."""
-    cumulative = histogram.cumulative
-    if len(cumulative) != len(bounds) + 1:
-        return  # another release's bounds: nothing rendered rather than wrong buckets
-    name = family.name
-    for bound, count in zip(bounds, cumulative, strict=False):
-        family.samples.append(Sample(f"{name}_bucket", {**labels, "le": str(bound)}, count))
-    family.samples.append(Sample(f"{name}_bucket", {**labels, "le": "+Inf"}, cumulative[-1]))
-    family.samples.append(Sample(f"{name}_count", labels, cumulative[-1]))
-    family.samples.append(Sample(f"{name}_sum", labels, histogram.sum))

@@ -24,6 +24,7 @@ from engine.shell.clock import SystemClock
 from persistence.deliveries import ClaimedDelivery, outbox_state, purge_delivered
 from persistence.rows import FlushRows
 from persistence.store import Codecs, FenceRejected, write_flush
+from persistence.timings import TimingsCollector
 from tests.persistence.helpers import Driver, create_slot, make_owner, request_id, slot_on
 
 EVERY_CHANNEL = {"default": frozenset({"websocket", "webhook", "email"})}
@@ -317,6 +318,8 @@ async def test_the_metrics_count_outcomes_and_lag_and_the_purge_keeps_what_is_no
     clock = Clock()
     registry = CollectorRegistry()
     metrics = NotifyMetrics(registry)
+    # Its statements' durations, rendered as slotengine notify renders them.
+    registry.register(TimingsCollector(metrics.timings))
     channels = {"webhook": Recording()}
     worker = DeliveryWorker(
         pool, channels, EVERY_CHANNEL, options=WorkerOptions(retry_seconds=()),
@@ -338,6 +341,13 @@ async def test_the_metrics_count_outcomes_and_lag_and_the_purge_keeps_what_is_no
     assert value("slotengine_deliveries_total", channel="webhook", outcome="dead") == 2
     assert value("slotengine_deliveries_total", channel="webhook", outcome="delivered") == 10
     assert value("slotengine_delivery_lag_seconds_count", channel="webhook") == 10
+    # One fan-out (taken, written), two claims and two records of their attempts.
+    statements = "database_query_duration_seconds_count"
+    assert value(statements, query_type="outbox_take") == 1
+    assert value(statements, query_type="delivery_insert") == 1
+    assert value(statements, query_type="delivery_claim") == 2
+    assert value(statements, query_type="delivery_record") == 2
+    assert value("database_query_duration_seconds_sum", query_type="delivery_claim") > 0
     async with pool.acquire() as connection:
         state = await outbox_state(connection, int(clock.now * 1000))
     metrics.observe_state(state, int(clock.now * 1000))
