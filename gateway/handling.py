@@ -47,12 +47,14 @@ from gateway.http import (
     KEYS_KEY,
     REQUEST_ID_KEY,
     ApiError,
+    database_timing,
     engine_unavailable,
     limit,
     refusal,
     validation_error,
 )
 from gateway.idempotency import Claim
+from persistence import timings as t
 from persistence.contacts import put_contact
 from persistence.sealing import KeyRing
 
@@ -250,16 +252,23 @@ class TokenEmails:
         if len(self._recorded) > self._remembered_max:
             self._recorded.popitem(last=False)
         task = asyncio.get_running_loop().create_task(
-            self._write(pool, ring, user_id, email, digest), name="record-token-email"
+            self._write(app, pool, ring, user_id, email, digest), name="record-token-email"
         )
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
 
     async def _write(
-        self, pool: asyncpg.Pool, ring: KeyRing, user_id: str, email: str, digest: bytes
+        self,
+        app: web.Application,
+        pool: asyncpg.Pool,
+        ring: KeyRing,
+        user_id: str,
+        email: str,
+        digest: bytes,
     ) -> None:
         try:
-            await put_contact(pool, ring, user_id, email, "token", int(time.time() * 1000))
+            with database_timing(app, t.DATABASE_CONTACT_WRITE):
+                await put_contact(pool, ring, user_id, email, "token", int(time.time() * 1000))
         except Exception as error:  # logged; the request never waits for it
             self._recorded.pop(digest, None)
             # The class only (a driver's message may quote the values it sent),

@@ -14,6 +14,7 @@ pyproject.toml holds it so). It never decides a booking rule and never calls
 the engine.
 """
 
+import contextlib
 import contextvars
 import ipaddress
 import logging
@@ -38,6 +39,7 @@ from gateway.auth.verify import Verifier
 from gateway.idempotency import KeyRegistry, KeyRegistryUnavailable
 from gateway.ratelimit import RateLimiter, RateLimiterUnavailable
 from persistence.sealing import KeyRing
+from persistence.timings import Timer, Timings
 
 if TYPE_CHECKING:
     from engine.shell.tracing import Tracing
@@ -82,6 +84,8 @@ ENTITIES_KEY: Final = web.AppKey("entities", dict[str, str])
 # The deployment's database (an asyncpg pool), for what the gateway keeps itself
 # rather than the shards: webhook endpoints, deliveries, contact details.
 DATABASE_KEY: Final = web.AppKey("database", asyncpg.Pool)
+# This process's Redis and database timings (/metrics), set with the metrics.
+TIMINGS_KEY: Final = web.AppKey("timings", Timings)
 # The data keys that seal contact details and webhook secrets at rest.
 DATA_KEYS_KEY: Final = web.AppKey("data_keys", KeyRing)
 # Whether a webhook endpoint may be a private, loopback or link-local address
@@ -556,3 +560,13 @@ def engine_unavailable(error: ShellError, command: p.AnyCommand | None = None) -
         {p.OUTCOME_DETAIL: p.OUTCOME_UNKNOWN} if unknown else None,
         retry_after_s=RETRY_AFTER_UNAVAILABLE_S,
     )
+
+
+def database_timing(app: web.Application, query_type: str) -> Timer | contextlib.nullcontext[None]:
+    """``with database_timing(app, QUERY_TYPE): ...``: the statement's duration in the
+    app's timings (``persistence/timings.py`` names the query types); nothing
+    without metrics."""
+    timings = app.get(TIMINGS_KEY)
+    if timings is None:
+        return contextlib.nullcontext()
+    return timings.database(query_type).time()

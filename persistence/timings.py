@@ -96,6 +96,16 @@ DATABASE_DELIVERY_RECORD: Final = "delivery_record"
 DATABASE_OUTBOX_STATE: Final = "outbox_state"
 # A gateway's /health (and its outbox, with DATABASE_OUTBOX_STATE).
 DATABASE_HEALTH_CHECK: Final = "health_check"
+# What a gateway keeps itself: contact details (read, written: by the API or from
+# a token's email claim, erased), webhook endpoints (read, written), their
+# deliveries (read, redelivered).
+DATABASE_CONTACT_READ: Final = "contact_read"
+DATABASE_CONTACT_WRITE: Final = "contact_write"
+DATABASE_CONTACT_ERASE: Final = "contact_erase"
+DATABASE_WEBHOOK_READ: Final = "webhook_read"
+DATABASE_WEBHOOK_WRITE: Final = "webhook_write"
+DATABASE_DELIVERY_READ: Final = "delivery_read"
+DATABASE_DELIVERY_REDELIVER: Final = "delivery_redeliver"
 DATABASE_DELIVERY_PURGE: Final = "delivery_purge"
 
 REDIS_FAMILY: Final = "redis_operation_duration_seconds"

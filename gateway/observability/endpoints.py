@@ -17,6 +17,7 @@ from gateway.http import (
     DATABASE_KEY,
     ENGINE_KEY,
     OBSERVER_KEY,
+    TIMINGS_KEY,
     TRANSPORT_KEY,
 )
 from gateway.observability.health import OBSERVABILITY_KEY, Observability, health_handler
@@ -78,6 +79,7 @@ def add_observability(
         registry_metrics, sampler, database_url=database_url, redis_url=redis_url
     )
     app[METRICS_KEY] = registry_metrics
+    app[TIMINGS_KEY] = registry_metrics.timings
     app[OBSERVABILITY_KEY] = observability
     app[OBSERVER_KEY] = metrics_observer(registry_metrics)
     app.router.add_get("/health", health_handler, allow_head=False)

@@ -19,9 +19,11 @@ from gateway.http import (
     ApiError,
     data_keys,
     database,
+    database_timing,
     json_response,
     principal,
 )
+from persistence import timings as t
 from persistence.contacts import Contact, delete_contact, get_contact, put_contact
 
 # What the database may raise when it is away; answered 503 (the class is
@@ -48,7 +50,8 @@ async def read_contact(request: web.Request) -> web.StreamResponse:
     who = principal(request)
     pool, ring = database(request), data_keys(request)
     try:
-        contact = await get_contact(pool, ring, who.subject)
+        with database_timing(request.app, t.DATABASE_CONTACT_READ):
+            contact = await get_contact(pool, ring, who.subject)
     except _UNAVAILABLE:
         raise _unavailable() from None
     if contact is None:
@@ -62,7 +65,8 @@ async def set_contact(request: web.Request) -> web.StreamResponse:
     pool, ring = database(request), data_keys(request)
     now_ms = int(time.time() * 1000)
     try:
-        await put_contact(pool, ring, who.subject, body.email, "api", now_ms)
+        with database_timing(request.app, t.DATABASE_CONTACT_WRITE):
+            await put_contact(pool, ring, who.subject, body.email, "api", now_ms)
     except _UNAVAILABLE:
         raise _unavailable() from None
     return json_response(s.ContactOut(email=body.email, source="api", updated_at=s.rfc3339(now_ms)))
@@ -72,7 +76,8 @@ async def erase_contact(request: web.Request) -> web.StreamResponse:
     who = principal(request)
     pool = database(request)
     try:
-        await delete_contact(pool, who.subject)
+        with database_timing(request.app, t.DATABASE_CONTACT_ERASE):
+            await delete_contact(pool, who.subject)
     except _UNAVAILABLE:
         raise _unavailable() from None
     return web.Response(status=204)

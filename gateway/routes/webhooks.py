@@ -31,10 +31,12 @@ from gateway.http import (
     ApiError,
     data_keys,
     database,
+    database_timing,
     json_response,
     principal,
     require_admin,
 )
+from persistence import timings as t
 from persistence import webhooks as stored
 
 _STATUSES: Final = get_args(s.DeliveryStatusName)
@@ -125,7 +127,7 @@ async def create_webhook(request: web.Request) -> web.StreamResponse:
     if problems:
         message = "; ".join(f"{field}: {text}" for field, text in problems.items())
         raise ApiError(422, "ValidationError", message, problems)
-    with _database_up():
+    with _database_up(), database_timing(request.app, t.DATABASE_WEBHOOK_WRITE):
         endpoint = await stored.create_endpoint(
             pool, ring, body.url, _events(body.events), secret, _now_ms()
         )
@@ -141,7 +143,7 @@ async def create_webhook(request: web.Request) -> web.StreamResponse:
 async def list_webhooks(request: web.Request) -> web.StreamResponse:
     require_admin(principal(request))
     pool = database(request)
-    with _database_up():
+    with _database_up(), database_timing(request.app, t.DATABASE_WEBHOOK_READ):
         endpoints = await stored.list_endpoints(pool)
     return json_response(
         s.WebhookEndpointPageOut(items=[_endpoint_out(e) for e in endpoints], next_cursor=None)
@@ -151,7 +153,7 @@ async def list_webhooks(request: web.Request) -> web.StreamResponse:
 async def delete_webhook(request: web.Request) -> web.StreamResponse:
     require_admin(principal(request))
     pool = database(request)
-    with _database_up():
+    with _database_up(), database_timing(request.app, t.DATABASE_WEBHOOK_WRITE):
         deleted = await stored.delete_endpoint(
             pool, _path_id(request, "endpoint_id", "webhook endpoint"), _now_ms()
         )
@@ -175,7 +177,7 @@ async def list_deliveries(request: web.Request) -> web.StreamResponse:
         raise ApiError(422, "ValidationError", message, problems)
     pool = database(request)
     endpoint_id = _path_id(request, "endpoint_id", "webhook endpoint")
-    with _database_up():
+    with _database_up(), database_timing(request.app, t.DATABASE_DELIVERY_READ):
         if not await stored.endpoint_exists(pool, endpoint_id):
             raise _not_found("webhook endpoint")
         items, next_cursor = await stored.list_deliveries(
@@ -193,7 +195,7 @@ async def list_deliveries(request: web.Request) -> web.StreamResponse:
 async def redeliver(request: web.Request) -> web.StreamResponse:
     require_admin(principal(request))
     pool = database(request)
-    with _database_up():
+    with _database_up(), database_timing(request.app, t.DATABASE_DELIVERY_REDELIVER):
         found = await stored.redeliver(
             pool, _path_id(request, "delivery_id", "delivery"), _now_ms()
         )

@@ -23,6 +23,7 @@ from gateway.ratelimit import RateLimits
 from gateway.server import build_app
 from persistence import timings as t
 from persistence.migrate import deployment_namespace
+from persistence.sealing import KeyRing, new_key
 from tests.conftest import REDIS_URL, forget_namespace
 from tests.gateway.conftest import SECRET, Token
 
@@ -59,7 +60,13 @@ async def served(database_url: str) -> AsyncIterator[Client]:
             "SLOTENGINE_NOTIFICATIONS": "false",
         }
     )
-    app = build_app(settings, AuthSettings(secret=SECRET), RateLimits(), engine_kind="inproc")
+    app = build_app(
+        settings,
+        AuthSettings(secret=SECRET),
+        RateLimits(),
+        engine_kind="inproc",
+        data_keys=KeyRing([new_key("k1")]),
+    )
     try:
         async with TestClient(TestServer(app)) as client:
             yield client
@@ -145,6 +152,14 @@ async def test_the_engines_redis_and_database_work_is_measured_per_shard(
     confirmed = await served.post(f"/api/bookings/{booking['id']}/confirm", headers=token("user-7"))
     assert confirmed.status == 200
     assert (await served.get("/health")).status == 200
+    # What the gateway keeps itself: a contact address, webhook endpoints.
+    me = token("user-0")
+    put = await served.put("/api/me/contact", json={"email": "ann@example.com"}, headers=me)
+    assert put.status == 200, await put.text()
+    assert (await served.get("/api/me/contact", headers=me)).status == 200
+    assert (await served.delete("/api/me/contact", headers=me)).status == 204
+    listed = await served.get("/api/admin/webhooks", headers=token("root", "admin"))
+    assert listed.status == 200, await listed.text()
 
     loop = asyncio.get_running_loop()
     deadline = loop.time() + WAIT_LIMIT_S
@@ -177,7 +192,14 @@ async def test_the_engines_redis_and_database_work_is_measured_per_shard(
             assert redis.get((operation, shard), 0) > 0, (operation, shard, redis)
 
     database = _counts(families["database_query_duration_seconds"], "query_type")
-    assert database.get(("health_check", None), 0) == 1
+    assert database.get((t.DATABASE_HEALTH_CHECK, None), 0) == 1
+    for query_type in (
+        t.DATABASE_CONTACT_READ,
+        t.DATABASE_CONTACT_WRITE,
+        t.DATABASE_CONTACT_ERASE,
+        t.DATABASE_WEBHOOK_READ,
+    ):
+        assert database.get((query_type, None), 0) >= 1, (query_type, database)
     for shard in map(str, range(SHARDS)):
         for query_type in (t.DATABASE_FENCE_READ, t.DATABASE_SHARD_LOAD, t.DATABASE_FLUSH):
             assert database.get((query_type, shard), 0) > 0, (query_type, shard, database)
