@@ -5,7 +5,7 @@ embedded one, dropped at the end unless ``--keep-database``) with
 ``--partitions`` partitions, starts ``--shards``'s first count of durable
 shards (``--engine inproc``: owners in this process; ``--engine ray``: shard
 actors on a local Ray of the run's own), and runs callers that reserve,
-confirm, cancel, join and leave queues with a client ledger (``bench.failover``).
+confirm, cancel, join and leave queues with a client ledger (``bench._ledger``).
 Before the first change of the shard count, holds of ``--hold-ms`` that
 nobody confirms and, behind each, a queue join whose offer nobody claims,
 are left to expire across the moves. Then the shard count goes through
@@ -37,15 +37,8 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
-from bench.failover import (
-    PAUSE_AFTER_503_S,
-    Expiring,
-    Ledger,
-    Load,
-    check_database,
-    check_expiries,
-    leave_to_expire,
-)
+from bench._ledger import PAUSE_AFTER_503_S, Ledger, Load, check_database
+from bench.failover import Expiring, check_expiries, leave_to_expire
 from engine.core import protocol as p
 from engine.shell.coalescer import EngineClient, RequestIds
 from engine.shell.errors import ShellError

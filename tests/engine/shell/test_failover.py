@@ -31,7 +31,7 @@ import asyncpg
 import pytest
 
 from bench._database import drop_database
-from bench.failover import Ledger, check_changes, check_database
+from bench._ledger import Ledger, check_changes, check_database
 from tests.conftest import DATABASE_URL, REDIS_URL, with_database
 from tests.support.integrity import assert_consistent
 

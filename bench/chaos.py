@@ -1,0 +1,467 @@
+"""Chaos soak: faults injected at random under load, the ledger and the database checked after each.
+
+It owns every service it breaks: a PostgreSQL of its own (``PrivatePostgres``,
+a fresh cluster on a free port), a Redis of its own (``PrivateRedis``, no
+persistence), and a local Ray of its own (``ray.init`` on a temporary
+directory; ``RAY_ADDRESS`` is ignored) on which ``--shards`` durable shard
+actors hold short Redis leases (``--lease-ms``) and write behind to that
+PostgreSQL. Callers reserve, confirm, cancel, join and leave queues through the
+engine's client, keeping a ledger of every change they were acknowledged (the
+failover scenario's); one prober per shard makes a change on a slot of its
+shard (a hold, then its cancellation) every ``PROBE_EVERY_S``.
+
+Each of ``--cycles`` cycles picks a fault at random (the order is fixed by
+``--seed``) among ``--faults``:
+
+- ``actor_kill``: SIGKILL of one shard actor's process (Ray restarts it);
+- ``owner_pause``: SIGSTOP of one shard actor's process for longer than its
+  lease (``--lease-ms`` plus ``--pause-extra-ms``), then SIGCONT: the owner,
+  paused past its lease, must find it lost and take the shard again with a
+  new fencing token before it writes;
+- ``postgres_restart``: an immediate stop of PostgreSQL (every process quits at
+  once, crash recovery at the next start) and a start on the same port;
+- ``redis_restart``: SIGKILL of Redis and a start on the same port, empty (no
+  lease, no token counter).
+
+After each fault it waits for the recovery (every shard makes a change again,
+one sent after the fault ended) and checks PostgreSQL: every acknowledged
+change there at its status or a later one (``lost_acks``), no slot over
+capacity, no user with two active bookings of a slot (``double_bookings``), and
+the reconciliation checks of ``persistence.checks``. It reports the cycles, per
+fault kind the recovery time (from the injection to the last shard's first
+change sent after the fault ended; ``p50``, ``max``), and the totals. The
+target: every recovery within ``TARGET_RECOVERY_S``, 0 lost acks, 0 violations.
+
+It must never touch a PostgreSQL, Redis or Ray it did not start, and it stops
+all of them, paused processes included, at its end (also on SIGTERM).
+"""
+
+import argparse
+import asyncio
+import contextlib
+import os
+import random
+import shutil
+import signal
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from engine.core import protocol as p
+
+FAULTS: Final = ("actor_kill", "owner_pause", "postgres_restart", "redis_restart")
+# The faults that strike one shard (drawn at random); the others strike them all.
+SHARD_FAULTS: Final = ("actor_kill", "owner_pause")
+PROBE_EVERY_S: Final = 0.05
+TARGET_RECOVERY_S: Final = 10.0
+RAY_NAMESPACE: Final = "slotengine-chaos"
+SHARDS_START_TIMEOUT_MS: Final = 180_000
+IDENTITY_TIMEOUT_MS: Final = 60_000
+DRAIN_TIMEOUT_S: Final = 60.0
+# The owners' lease timing, scaled from --lease-ms as the degradation tests set it.
+LEASE_MARGIN_SHARE: Final = 0.2
+LEASE_RENEW_SHARE: Final = 0.2
+REBUILD_RETRY_MS: Final = 200
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--cycles", type=int, default=200, help="faults injected (default 200)")
+    parser.add_argument("--seed", type=int, default=1, help="seed of the faults and callers")
+    parser.add_argument(
+        "--faults",
+        default=",".join(FAULTS),
+        help=f"the fault kinds drawn from, comma-separated (default {','.join(FAULTS)})",
+    )
+    parser.add_argument("--shards", type=int, default=2, help="shard actors (default 2)")
+    parser.add_argument("--concurrency", type=int, default=8, help="callers (default 8)")
+    parser.add_argument(
+        "--slots-per-shard", type=int, default=4, help="load slots on each shard (default 4)"
+    )
+    parser.add_argument("--capacity", type=int, default=2, help="load slots' capacity (default 2)")
+    parser.add_argument(
+        "--lease-ms", type=int, default=1_500, help="the owners' lease TTL (default 1500)"
+    )
+    parser.add_argument(
+        "--pause-extra-ms",
+        type=int,
+        default=1_000,
+        help="an owner_pause lasts the lease TTL plus this (default 1000)",
+    )
+    parser.add_argument(
+        "--steady-seconds",
+        type=float,
+        default=0.5,
+        help="load between a recovery and the next fault (default 0.5)",
+    )
+    parser.add_argument(
+        "--recovery-timeout-s",
+        type=float,
+        default=60.0,
+        help="a fault not recovered from within this counts as not recovered (default 60)",
+    )
+
+
+def fault_plan(seed: int, cycles: int, kinds: list[str]) -> list[str]:
+    """The faults of a run, in order: the same for the same seed. Every kind comes
+    once in each round of ``len(kinds)`` cycles, in an order drawn per round."""
+    rng = random.Random(seed)
+    plan: list[str] = []
+    while len(plan) < cycles:
+        round_ = list(kinds)
+        rng.shuffle(round_)
+        plan += round_
+    return plan[:cycles]
+
+
+def parse_faults(value: str) -> list[str]:
+    kinds = [kind.strip() for kind in value.split(",") if kind.strip()]
+    unknown = [kind for kind in kinds if kind not in FAULTS]
+    if not kinds or unknown:
+        raise SystemExit(f"--faults: one or more of {', '.join(FAULTS)}, not {value!r}")
+    return kinds
+
+
+# -- the probers: one change per shard, over and over -----------------------------
+
+
+@dataclass
+class Probes:
+    """When each shard last made a change: (sent, answered) of every probe hold acknowledged."""
+
+    served: dict[int, list[tuple[float, float]]] = field(default_factory=dict)
+
+    def first_after(self, shard: int, since: float) -> float | None:
+        """When the first change of ``shard`` sent at ``since`` or later was answered."""
+        for sent, answered in self.served.get(shard, []):
+            if sent >= since:
+                return answered
+        return None
+
+
+async def change_prober(load: Any, probes: Probes, shard: int, slot_id: str) -> None:
+    """A hold on ``slot_id`` by a new user each time, cancelled at once: a change of the
+    shard, acknowledged or not, as often as it answers."""
+    served = probes.served.setdefault(shard, [])
+    n = 0
+    while not load.stopping.is_set():
+        n += 1
+        user = f"probe-{shard}-{n}"
+        sent = time.monotonic()
+        held = await load.execute(
+            p.Reserve(request_id=load.ids.next(), slot_id=slot_id, user_id=user), slot_id
+        )
+        if isinstance(held, p.BookingResult) and held.status == 201:
+            served.append((sent, time.monotonic()))
+            await load.execute(
+                p.Cancel(request_id=load.ids.next(), booking_id=held.booking.id, user_id=user),
+                held.booking.id,
+            )
+        await asyncio.sleep(PROBE_EVERY_S)
+
+
+# -- the faults ----------------------------------------------------------------------
+
+
+@dataclass
+class Services:
+    """What the soak breaks: its PostgreSQL, its Redis, its shard actors."""
+
+    postgres: Any
+    redis: Any
+    transport: Any
+    lease_ms: int
+    pause_extra_ms: int
+    # Processes stopped and not yet continued: continued (or killed) at the end.
+    stopped: set[int] = field(default_factory=set)
+
+    async def actor_pid(self, shard: int) -> int:
+        identity = await self.transport.identity(shard, IDENTITY_TIMEOUT_MS)
+        return int(identity.pid)
+
+    async def actor_kill(self, shard: int) -> None:
+        os.kill(await self.actor_pid(shard), signal.SIGKILL)
+
+    async def owner_pause(self, shard: int) -> None:
+        pid = await self.actor_pid(shard)
+        os.kill(pid, signal.SIGSTOP)
+        self.stopped.add(pid)
+        try:
+            await asyncio.sleep((self.lease_ms + self.pause_extra_ms) / 1000)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+            self.stopped.discard(pid)
+
+    async def postgres_restart(self, shard: int) -> None:
+        await self.postgres.arestart("immediate")
+
+    async def redis_restart(self, shard: int) -> None:
+        await self.redis.arestart("kill")
+
+    def fault(self, kind: str) -> Callable[[int], Awaitable[None]]:
+        method: Callable[[int], Awaitable[None]] = getattr(self, kind)
+        return method
+
+    def release_stopped(self) -> None:
+        for pid in list(self.stopped):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+        self.stopped.clear()
+
+
+@dataclass
+class Cycle:
+    kind: str
+    shard: int | None
+    recovery_s: float | None
+    lost_acks: int
+    violations: int
+
+
+async def wait_recovered(
+    probes: Probes, shards: int, injected_at: float, ended_at: float, timeout_s: float
+) -> float | None:
+    """Seconds from the injection until every shard made a change sent after the fault
+    ended; None if one did not within ``timeout_s`` of its end."""
+    deadline = ended_at + timeout_s
+    while True:
+        answered = [probes.first_after(shard, ended_at) for shard in range(shards)]
+        if all(at is not None for at in answered):
+            return round(max(at for at in answered if at is not None) - injected_at, 3)
+        if time.monotonic() > deadline:
+            return None
+        await asyncio.sleep(PROBE_EVERY_S / 2)
+
+
+def summarise(cycles: list[Cycle], kinds: list[str]) -> dict[str, Any]:
+    """Per fault kind: how many, and the recovery's p50 and max (None: one not recovered)."""
+    by_kind: dict[str, Any] = {}
+    for kind in kinds:
+        times = [c.recovery_s for c in cycles if c.kind == kind]
+        measured = sorted(t for t in times if t is not None)
+        by_kind[kind] = {
+            "count": len(times),
+            "not_recovered": len(times) - len(measured),
+            "recovery_p50_s": round(statistics.median(measured), 3) if measured else None,
+            "recovery_max_s": measured[-1] if measured else None,
+        }
+    return by_kind
+
+
+def human_summary(result: dict[str, Any]) -> str:
+    lines = [
+        f"chaos: {result['cycles']} cycles (seed {result['seed']}), "
+        f"{result['acknowledged_changes']} acknowledged changes, "
+        f"{result['requests_503']} answers 503",
+        f"{'fault':<18}{'count':>6}{'p50 s':>9}{'max s':>9}{'not recovered':>15}",
+    ]
+    for kind, figures in result["faults"].items():
+        p50 = figures["recovery_p50_s"]
+        worst = figures["recovery_max_s"]
+        lines.append(
+            f"{kind:<18}{figures['count']:>6}{'-' if p50 is None else p50:>9}"
+            f"{'-' if worst is None else worst:>9}{figures['not_recovered']:>15}"
+        )
+    lines.append(
+        f"lost acks {result['lost_acks']}, slots over capacity {result['slots_over_capacity']},"
+        f" double bookings {result['double_bookings']}, violations {result['violations']}"
+        f" (reconciliation: {result['reconcile_findings'] or 'none'});"
+        f" every recovery within {TARGET_RECOVERY_S:g} s: {result['recoveries_within_target']}"
+    )
+    return "\n".join(lines)
+
+
+# -- the run -------------------------------------------------------------------------
+
+
+async def soak(args: argparse.Namespace, postgres: Any, redis: Any) -> dict[str, Any]:
+    """The load, the faults and the checks, on the PostgreSQL and Redis already started."""
+    import asyncpg
+
+    from bench._ledger import Ledger, Load, check_database, resource_on
+    from bench.ray import create_slot
+    from config.domains import load_policies
+    from config.settings import load_settings
+    from engine.shell.coalescer import EngineClient, RequestIds
+    from engine.shell.owner import StorageSettings
+    from engine.shell.ray_actor import RayShardTransport, kill_shard_actors
+    from persistence.migrate import migrate_url
+    from persistence.partitioning import establish_partitions
+
+    kinds = parse_faults(args.faults)
+    plan = fault_plan(args.seed, args.cycles, kinds)
+    database_url = postgres.url
+    await migrate_url(database_url)
+    connection = await asyncpg.connect(database_url)
+    try:
+        await establish_partitions(connection, partitions=args.shards, shard_count=args.shards)
+    finally:
+        await connection.close()
+    storage = StorageSettings(
+        database_url=database_url,
+        redis_url=redis.url,
+        namespace=RAY_NAMESPACE,
+        partitions=args.shards,
+        lease_ttl_ms=args.lease_ms,
+        lease_margin_ms=int(args.lease_ms * LEASE_MARGIN_SHARE),
+        lease_renew_every_ms=int(args.lease_ms * LEASE_RENEW_SHARE),
+        rebuild_retry_ms=REBUILD_RETRY_MS,
+    )
+    policies = dict(load_policies(load_settings({})))
+    transport = await RayShardTransport.connect(
+        shard_count=args.shards,
+        policies=policies,
+        name_prefix=RAY_NAMESPACE,
+        storage=storage,
+        timeout_ms=SHARDS_START_TIMEOUT_MS,
+    )
+    services = Services(postgres, redis, transport, args.lease_ms, args.pause_extra_ms)
+    try:
+        client = EngineClient(transport)
+        ledger = Ledger()
+        load = Load(client, ledger, args.shards)
+        probes = Probes()
+        setup = RequestIds()
+        load_slots: list[str] = []
+        probe_slots: list[str] = []
+        for shard in range(args.shards):
+            for _ in range(args.slots_per_shard):
+                resource = resource_on(shard, args.shards, "chaos-room")
+                load_slots.append(
+                    await create_slot(client, setup, resource, capacity=args.capacity)
+                )
+            resource = resource_on(shard, args.shards, "chaos-probe")
+            probe_slots.append(await create_slot(client, setup, resource, capacity=1_000))
+        rng = random.Random(args.seed)
+        tasks = [
+            asyncio.create_task(load.caller(f"user-{n}", load_slots, rng.random()))
+            for n in range(args.concurrency)
+        ]
+        tasks += [
+            asyncio.create_task(change_prober(load, probes, shard, probe_slots[shard]))
+            for shard in range(args.shards)
+        ]
+        cycles: list[Cycle] = []
+        first_loss: int | None = None
+        try:
+            for number, kind in enumerate(plan, start=1):
+                await asyncio.sleep(args.steady_seconds)
+                struck = rng.randrange(args.shards) if kind in SHARD_FAULTS else None
+                injected_at = time.monotonic()
+                await services.fault(kind)(struck or 0)
+                ended_at = time.monotonic()
+                recovery = await wait_recovered(
+                    probes, args.shards, injected_at, ended_at, args.recovery_timeout_s
+                )
+                checked = await check_database(database_url, ledger)
+                cycles.append(
+                    Cycle(kind, struck, recovery, checked["lost_acks"], checked["violations"])
+                )
+                if first_loss is None and (checked["lost_acks"] or checked["violations"]):
+                    first_loss = number
+                print(
+                    f"cycle {number}/{len(plan)} {kind}"
+                    f"{'' if struck is None else f' shard {struck}'}: recovered in "
+                    f"{'-' if recovery is None else f'{recovery:.3f}'} s, lost acks "
+                    f"{checked['lost_acks']}, violations {checked['violations']}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+        finally:
+            services.release_stopped()
+            load.stopping.set()
+            async with asyncio.timeout(DRAIN_TIMEOUT_S):
+                await asyncio.gather(*tasks, return_exceptions=True)
+            await client.wait_idle(DRAIN_TIMEOUT_S)
+        final = await check_database(database_url, ledger)
+    finally:
+        services.release_stopped()
+        with contextlib.suppress(Exception):
+            kill_shard_actors(shard_count=args.shards, name_prefix=RAY_NAMESPACE)
+
+    recoveries = [c.recovery_s for c in cycles]
+    result: dict[str, Any] = {
+        "scenario": "chaos",
+        "seed": args.seed,
+        "cycles": len(cycles),
+        "shards": args.shards,
+        "concurrency": args.concurrency,
+        "lease_ms": args.lease_ms,
+        "faults": summarise(cycles, kinds),
+        "recovery_max_s": max((t for t in recoveries if t is not None), default=None),
+        "not_recovered": sum(1 for t in recoveries if t is None),
+        "recoveries_within_target": all(
+            t is not None and t <= TARGET_RECOVERY_S for t in recoveries
+        ),
+        "requests_answered": ledger.answered,
+        "requests_503": ledger.unavailable,
+        "acknowledged_changes": final["acknowledged_changes"],
+        "acknowledged_bookings": final["acknowledged_bookings"],
+        "lost_acks": final["lost_acks"],
+        "lost_ack_examples": final["lost_ack_examples"],
+        "slots_over_capacity": final["slots_over_capacity"],
+        "double_bookings": final["users_with_two_active_bookings"],
+        "violations": final["violations"],
+        "reconcile_findings": final["reconcile_findings"],
+        # The worst any check after a cycle found, and the first cycle it was found in.
+        "lost_acks_max_after_a_cycle": max((c.lost_acks for c in cycles), default=0),
+        "violations_max_after_a_cycle": max((c.violations for c in cycles), default=0),
+        "first_cycle_with_a_finding": first_loss,
+        "plan": [c.kind if c.shard is None else f"{c.kind}:{c.shard}" for c in cycles],
+        "recovery_s": recoveries,
+    }
+    result["meets_target"] = (
+        result["recoveries_within_target"]
+        and result["lost_acks"] == 0
+        and result["violations"] == 0
+        and result["lost_acks_max_after_a_cycle"] == 0
+        and result["violations_max_after_a_cycle"] == 0
+    )
+    return result
+
+
+def _terminate(signal_number: int, frame: Any) -> None:
+    # A SIGTERM ends the run as Ctrl-C does: every service is stopped on the way out.
+    raise SystemExit(128 + signal_number)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    import ray
+
+    from engine.shell.ray_actor import default_ray_health_checks
+    from persistence.services import PrivatePostgres, PrivateRedis
+
+    signal.signal(signal.SIGTERM, _terminate)
+    parse_faults(args.faults)
+    postgres = PrivatePostgres(database="chaos")
+    redis = None
+    temp_dir = None
+    try:
+        redis = PrivateRedis()
+        # Short: Ray's Unix socket paths must fit in 107 bytes.
+        temp_dir = tempfile.mkdtemp(prefix="rc-", dir="/tmp")
+        postgres.start()
+        redis.start()
+        default_ray_health_checks()
+        ray.init(
+            address="local",
+            num_cpus=2,
+            include_dashboard=False,
+            _temp_dir=temp_dir,
+            namespace=RAY_NAMESPACE,
+            log_to_driver=False,
+        )
+        result = asyncio.run(soak(args, postgres, redis))
+        print(human_summary(result), flush=True)
+        return result
+    finally:
+        ray.shutdown()
+        if redis is not None:
+            redis.close()
+        postgres.close()
+        if temp_dir is not None:
+            shutil.rmtree(temp_dir, ignore_errors=True)

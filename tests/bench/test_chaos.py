@@ -1,0 +1,98 @@
+"""The chaos soak: a short run from the command line, and its pieces.
+
+The short run starts its own PostgreSQL, Redis and Ray, injects 20 faults of
+every kind under a small load and checks the database after each: it must end
+with no acknowledged change lost and no violation. Recovery times are reported,
+never asserted (the machine is shared). The run is a process group of its own,
+killed whatever happens, so that nothing it started outlives the test.
+"""
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Final
+
+import pytest
+
+from bench._ledger import Ledger, check_changes
+from bench.chaos import FAULTS, fault_plan, parse_faults
+
+ROOT: Final = Path(__file__).resolve().parents[2]
+CYCLES: Final = 20
+# Ray, PostgreSQL and Redis start, then 20 faults of a few seconds each at the most.
+SOAK_TIMEOUT_S: Final = 600
+STOP_WAIT_S: Final = 30
+
+
+def test_the_faults_follow_the_seed_and_every_kind_comes_in_each_round() -> None:
+    plan = fault_plan(7, 10, list(FAULTS))
+    assert plan == fault_plan(7, 10, list(FAULTS))
+    assert plan != fault_plan(8, 10, list(FAULTS))
+    assert sorted(plan[: len(FAULTS)]) == sorted(FAULTS)
+    assert sorted(plan[len(FAULTS) : 2 * len(FAULTS)]) == sorted(FAULTS)
+    assert fault_plan(1, 3, ["redis_restart"]) == ["redis_restart"] * 3
+    with pytest.raises(SystemExit, match="--faults"):
+        parse_faults("actor_kill,meteor")
+
+
+async def test_changes_acknowledged_while_the_check_runs_are_not_counted_lost(
+    database_url: str,
+) -> None:
+    ledger = Ledger()
+    ledger.changes["rq-never-written"] = "Reserve 201"
+    checking = asyncio.create_task(check_changes(database_url, ledger))
+    await asyncio.sleep(0)  # the check has begun: it waits for its connection
+    ledger.changes["rq-acknowledged-meanwhile"] = "Confirm 200"
+    assert await checking == ["rq-never-written"]
+
+
+def _stop(process: "subprocess.Popen[str]") -> None:
+    """SIGTERM (the soak stops what it started), then SIGKILL to its whole group."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(STOP_WAIT_S)
+        except subprocess.TimeoutExpired:
+            pass
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+
+def test_a_short_soak_loses_no_acknowledged_change_and_breaks_no_invariant() -> None:
+    command = [
+        sys.executable, "-m", "bench", "chaos", f"--cycles={CYCLES}", "--seed=3",
+        "--shards=2", "--concurrency=6", "--slots-per-shard=3", "--steady-seconds=0.3",
+    ]  # fmt: skip
+    # Its own Ray, whatever the environment names.
+    env = {name: value for name, value in os.environ.items() if name != "RAY_ADDRESS"}
+    process = subprocess.Popen(
+        command, cwd=ROOT, env=env, text=True, start_new_session=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        out, err = process.communicate(timeout=SOAK_TIMEOUT_S)
+    finally:
+        _stop(process)
+    assert process.returncode == 0, out[-2000:] + err[-3000:]
+    result: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
+    assert result["scenario"] == "chaos" and result["cycles"] == CYCLES
+    assert {kind: figures["count"] for kind, figures in result["faults"].items()} == {
+        kind: CYCLES // len(FAULTS) for kind in FAULTS
+    }
+    assert result["acknowledged_changes"] > 0 and result["acknowledged_bookings"] > 0
+    # After every fault, and at the end: nothing acknowledged lost, nothing broken.
+    assert result["lost_acks"] == 0, result["lost_ack_examples"]
+    assert result["lost_acks_max_after_a_cycle"] == 0
+    assert result["violations"] == 0 and result["violations_max_after_a_cycle"] == 0
+    assert result["slots_over_capacity"] == 0 and result["double_bookings"] == 0
+    assert result["reconcile_findings"] == {}
+    # Every fault recovered from (within the run's generous limit; timings are not asserted).
+    assert result["not_recovered"] == 0
+    assert result["machine"]["calibration_ms"] > 0
+    assert "lost acks 0" in out
