@@ -1,8 +1,10 @@
 """Chaos soak: faults injected at random under load, the ledger and the database checked after each.
 
 It owns every service it breaks: a PostgreSQL of its own (``PrivatePostgres``,
-a fresh cluster on a free port), a Redis of its own (``PrivateRedis``, no
-persistence), and a local Ray of its own (``ray.init`` on a temporary
+a fresh cluster on a free port), a Redis of its own (``--redis sentinel``, the
+default: a master, a replica and three sentinels, ``SentinelGroup``, reached
+through a ``redis+sentinel://`` URL; ``--redis single``: one ``PrivateRedis``;
+no persistence either way), and a local Ray of its own (``ray.init`` on a temporary
 directory; ``RAY_ADDRESS`` is ignored) on which ``--shards`` durable shard
 actors hold short Redis leases (``--lease-ms``) and write behind to that
 PostgreSQL. Callers reserve, confirm, cancel, join and leave queues through the
@@ -20,17 +22,24 @@ Each of ``--cycles`` cycles picks a fault at random (the order is fixed by
   new fencing token before it writes;
 - ``postgres_restart``: an immediate stop of PostgreSQL (every process quits at
   once, crash recovery at the next start) and a start on the same port;
-- ``redis_restart``: SIGKILL of Redis and a start on the same port, empty (no
-  lease, no token counter).
+- ``redis_restart``: SIGKILL of Redis (the master) and a start on the same port
+  at once, empty (no lease, no token counter; a replica resyncs from it);
+- ``redis_failover`` (``--redis sentinel`` only): SIGKILL of the master; the
+  sentinels promote the replica. Once recovered, the lost master starts again
+  as the new master's replica, so that the next failover has one.
 
-After each fault it waits for the recovery (every shard makes a change again,
-one sent after the fault ended) and checks PostgreSQL: every acknowledged
-change there at its status or a later one (``lost_acks``), no slot over
-capacity, no user with two active bookings of a slot (``double_bookings``), and
-the reconciliation checks of ``persistence.checks``. It reports the cycles, per
-fault kind the recovery time (from the injection to the last shard's first
-change sent after the fault ended; ``p50``, ``max``), and the totals. The
-target: every recovery within ``TARGET_RECOVERY_S``, 0 lost acks, 0 violations.
+A fault ends when what the soak does is done: at once for a kill, at the
+SIGCONT for a pause, once the server answers again for a restart, once a
+quorum of sentinels names the new master for a failover. After each fault it
+waits for the recovery (every shard makes a change again, one sent after the
+fault ended) and checks PostgreSQL: every acknowledged change there at its
+status or a later one (``lost_acks``), no slot over capacity, no user with two
+active bookings of a slot (``double_bookings``), and the reconciliation checks
+of ``persistence.checks``. It reports the cycles, per fault kind the recovery
+time (from the injection to the last shard's first change sent after the fault
+ended; ``p50``, ``max``) and the outage (the longest any shard went without an
+acknowledged change meanwhile), and the totals. The target: every recovery
+within ``TARGET_RECOVERY_S``, 0 lost acks, 0 violations.
 
 It must never touch a PostgreSQL, Redis or Ray it did not start, and it stops
 all of them, paused processes included, at its end (also on SIGTERM).
@@ -49,11 +58,21 @@ import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Final
 
 from engine.core import protocol as p
+from persistence.services.sentinel import SentinelGroup
 
-FAULTS: Final = ("actor_kill", "owner_pause", "postgres_restart", "redis_restart")
+FAULTS: Final = (
+    "actor_kill",
+    "owner_pause",
+    "postgres_restart",
+    "redis_restart",
+    "redis_failover",
+)
+# What a single Redis (--redis single) can do.
+SINGLE_REDIS_FAULTS: Final = tuple(kind for kind in FAULTS if kind != "redis_failover")
 # The faults that strike one shard (drawn at random); the others strike them all.
 SHARD_FAULTS: Final = ("actor_kill", "owner_pause")
 PROBE_EVERY_S: Final = 0.05
@@ -73,8 +92,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=1, help="seed of the faults and callers")
     parser.add_argument(
         "--faults",
-        default=",".join(FAULTS),
-        help=f"the fault kinds drawn from, comma-separated (default {','.join(FAULTS)})",
+        default=None,
+        help=f"the fault kinds drawn from, comma-separated (default {','.join(FAULTS)}; with"
+        " --redis single, all but redis_failover)",
+    )
+    parser.add_argument(
+        "--redis",
+        choices=("sentinel", "single"),
+        default="sentinel",
+        help="a master, a replica and three sentinels (default), or one Redis",
     )
     parser.add_argument("--shards", type=int, default=2, help="shard actors (default 2)")
     parser.add_argument("--concurrency", type=int, default=8, help="callers (default 8)")
@@ -117,11 +143,17 @@ def fault_plan(seed: int, cycles: int, kinds: list[str]) -> list[str]:
     return plan[:cycles]
 
 
-def parse_faults(value: str) -> list[str]:
+def parse_faults(value: str | None, redis: str = "sentinel") -> list[str]:
+    """The fault kinds of ``--faults`` (None: every kind the Redis setup allows)."""
+    allowed = FAULTS if redis == "sentinel" else SINGLE_REDIS_FAULTS
+    if value is None:
+        return list(allowed)
     kinds = [kind.strip() for kind in value.split(",") if kind.strip()]
-    unknown = [kind for kind in kinds if kind not in FAULTS]
+    unknown = [kind for kind in kinds if kind not in allowed]
     if not kinds or unknown:
-        raise SystemExit(f"--faults: one or more of {', '.join(FAULTS)}, not {value!r}")
+        raise SystemExit(
+            f"--faults: one or more of {', '.join(allowed)} (with --redis {redis}), not {value!r}"
+        )
     return kinds
 
 
@@ -133,6 +165,19 @@ class Probes:
     """When each shard last made a change: (sent, answered) of every probe hold acknowledged."""
 
     served: dict[int, list[tuple[float, float]]] = field(default_factory=dict)
+
+    def longest_gap(self, shard: int, start: float, end: float) -> float:
+        """The longest ``shard`` went without a change acknowledged between ``start`` and
+        ``end``: from the last answer before each gap (or ``start``) to the next one."""
+        answers = [answered for _, answered in self.served.get(shard, [])]
+        before = [at for at in answers if at < start]
+        previous = before[-1] if before else start
+        longest = 0.0
+        for at in answers:
+            if start <= at <= end:
+                longest = max(longest, at - previous)
+                previous = at
+        return round(longest, 3)
 
     def first_after(self, shard: int, since: float) -> float | None:
         """When the first change of ``shard`` sent at ``since`` or later was answered."""
@@ -200,7 +245,21 @@ class Services:
         await self.postgres.arestart("immediate")
 
     async def redis_restart(self, shard: int) -> None:
-        await self.redis.arestart("kill")
+        if isinstance(self.redis, SentinelGroup):
+            await asyncio.to_thread(self.redis.restart_master)
+        else:
+            await self.redis.arestart("kill")
+
+    async def redis_failover(self, shard: int) -> None:
+        """The master killed, and the sentinels' failover: ends once they name the replica."""
+        await asyncio.to_thread(self.redis.kill_master)
+        await self.redis.promoted()
+
+    async def heal(self, kind: str) -> None:
+        """After the recovery from ``kind``: what the next fault needs back (a failed-over
+        group's lost master, as the new master's replica)."""
+        if kind == "redis_failover":
+            await asyncio.to_thread(self.redis.rejoin)
 
     def fault(self, kind: str) -> Callable[[int], Awaitable[None]]:
         method: Callable[[int], Awaitable[None]] = getattr(self, kind)
@@ -218,6 +277,7 @@ class Cycle:
     kind: str
     shard: int | None
     recovery_s: float | None
+    outage_s: float | None
     lost_acks: int
     violations: int
 
@@ -243,11 +303,14 @@ def summarise(cycles: list[Cycle], kinds: list[str]) -> dict[str, Any]:
     for kind in kinds:
         times = [c.recovery_s for c in cycles if c.kind == kind]
         measured = sorted(t for t in times if t is not None)
+        outages = sorted(c.outage_s for c in cycles if c.kind == kind and c.outage_s is not None)
         by_kind[kind] = {
             "count": len(times),
             "not_recovered": len(times) - len(measured),
             "recovery_p50_s": round(statistics.median(measured), 3) if measured else None,
             "recovery_max_s": measured[-1] if measured else None,
+            "outage_p50_s": round(statistics.median(outages), 3) if outages else None,
+            "outage_max_s": outages[-1] if outages else None,
         }
     return by_kind
 
@@ -257,14 +320,18 @@ def human_summary(result: dict[str, Any]) -> str:
         f"chaos: {result['cycles']} cycles (seed {result['seed']}), "
         f"{result['acknowledged_changes']} acknowledged changes, "
         f"{result['requests_503']} answers 503",
-        f"{'fault':<18}{'count':>6}{'p50 s':>9}{'max s':>9}{'not recovered':>15}",
+        f"{'fault':<18}{'count':>6}{'recovery p50 s':>16}{'max s':>8}"
+        f"{'outage p50 s':>14}{'max s':>8}{'not recovered':>15}",
     ]
+
+    def shown(value: float | None) -> str:
+        return "-" if value is None else f"{value:.3f}"
+
     for kind, figures in result["faults"].items():
-        p50 = figures["recovery_p50_s"]
-        worst = figures["recovery_max_s"]
         lines.append(
-            f"{kind:<18}{figures['count']:>6}{'-' if p50 is None else p50:>9}"
-            f"{'-' if worst is None else worst:>9}{figures['not_recovered']:>15}"
+            f"{kind:<18}{figures['count']:>6}{shown(figures['recovery_p50_s']):>16}"
+            f"{shown(figures['recovery_max_s']):>8}{shown(figures['outage_p50_s']):>14}"
+            f"{shown(figures['outage_max_s']):>8}{figures['not_recovered']:>15}"
         )
     lines.append(
         f"lost acks {result['lost_acks']}, slots over capacity {result['slots_over_capacity']},"
@@ -292,7 +359,7 @@ async def soak(args: argparse.Namespace, postgres: Any, redis: Any) -> dict[str,
     from persistence.migrate import migrate_url
     from persistence.partitioning import establish_partitions
 
-    kinds = parse_faults(args.faults)
+    kinds = parse_faults(args.faults, args.redis)
     plan = fault_plan(args.seed, args.cycles, kinds)
     database_url = postgres.url
     await migrate_url(database_url)
@@ -357,16 +424,31 @@ async def soak(args: argparse.Namespace, postgres: Any, redis: Any) -> dict[str,
                 recovery = await wait_recovered(
                     probes, args.shards, injected_at, ended_at, args.recovery_timeout_s
                 )
+                outage = None
+                if recovery is not None:
+                    recovered_at = injected_at + recovery
+                    outage = max(
+                        probes.longest_gap(n, injected_at, recovered_at) for n in range(args.shards)
+                    )
                 checked = await check_database(database_url, ledger)
+                await services.heal(kind)
                 cycles.append(
-                    Cycle(kind, struck, recovery, checked["lost_acks"], checked["violations"])
+                    Cycle(
+                        kind,
+                        struck,
+                        recovery,
+                        outage,
+                        checked["lost_acks"],
+                        checked["violations"],
+                    )
                 )
                 if first_loss is None and (checked["lost_acks"] or checked["violations"]):
                     first_loss = number
                 print(
                     f"cycle {number}/{len(plan)} {kind}"
                     f"{'' if struck is None else f' shard {struck}'}: recovered in "
-                    f"{'-' if recovery is None else f'{recovery:.3f}'} s, lost acks "
+                    f"{'-' if recovery is None else f'{recovery:.3f}'} s (longest without a"
+                    f" change {'-' if outage is None else f'{outage:.3f}'} s), lost acks "
                     f"{checked['lost_acks']}, violations {checked['violations']}",
                     file=sys.stderr,
                     flush=True,
@@ -413,6 +495,7 @@ async def soak(args: argparse.Namespace, postgres: Any, redis: Any) -> dict[str,
         "first_cycle_with_a_finding": first_loss,
         "plan": [c.kind if c.shard is None else f"{c.kind}:{c.shard}" for c in cycles],
         "recovery_s": recoveries,
+        "outage_s": [c.outage_s for c in cycles],
     }
     result["meets_target"] = (
         result["recoveries_within_target"]
@@ -436,14 +519,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from persistence.services import PrivatePostgres, PrivateRedis
 
     signal.signal(signal.SIGTERM, _terminate)
-    parse_faults(args.faults)
+    parse_faults(args.faults, args.redis)
     postgres = PrivatePostgres(database="chaos")
-    redis = None
+    redis: PrivateRedis | SentinelGroup | None = None
     temp_dir = None
     try:
-        redis = PrivateRedis()
         # Short: Ray's Unix socket paths must fit in 107 bytes.
         temp_dir = tempfile.mkdtemp(prefix="rc-", dir="/tmp")
+        if args.redis == "sentinel":
+            redis = SentinelGroup(Path(temp_dir) / "redis")
+        else:
+            redis = PrivateRedis()
         postgres.start()
         redis.start()
         default_ray_health_checks()

@@ -18,7 +18,9 @@ directory without starting anything (``slotengine services status|stop``).
 
 The modules: ``postgres`` (the embedded PostgreSQL, ``PrivatePostgres``,
 creating a database), ``redis`` (the embedded Redis, ``PrivateRedis``),
-``process`` (pids, process groups, ports, the lock), ``__main__`` (the
+``sentinel`` (a master, a replica and three sentinels of the caller's own,
+``SentinelGroup``), ``process`` (pids, process groups, ports, the lock),
+``__main__`` (the
 commands CI runs). This package owns starting and stopping servers; it must
 never know the engine's schema or key names, and never touches a server it
 did not start or find through the server's own pid file.

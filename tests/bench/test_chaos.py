@@ -1,8 +1,9 @@
 """The chaos soak: a short run from the command line, and its pieces.
 
-The short run starts its own PostgreSQL, Redis and Ray, injects 20 faults of
-every kind under a small load and checks the database after each: it must end
-with no acknowledged change lost and no violation. Recovery times are reported,
+The short run starts its own PostgreSQL, Redis (a master, a replica and three
+sentinels) and Ray, injects 20 faults, four of each kind, under a small load
+and checks the database after each: it must end with no acknowledged change
+lost and no violation. Recovery times are reported,
 never asserted (the machine is shared). The run is a process group of its own,
 killed whatever happens, so that nothing it started outlives the test.
 """
@@ -40,6 +41,14 @@ def test_the_faults_follow_the_seed_and_every_kind_comes_in_each_round() -> None
         parse_faults("actor_kill,meteor")
 
 
+def test_a_single_redis_has_every_fault_but_a_failover() -> None:
+    assert parse_faults(None) == list(FAULTS)
+    assert parse_faults(None, "single") == [k for k in FAULTS if k != "redis_failover"]
+    assert parse_faults("redis_restart,actor_kill", "single") == ["redis_restart", "actor_kill"]
+    with pytest.raises(SystemExit, match="--redis single"):
+        parse_faults("redis_failover", "single")
+
+
 async def test_changes_acknowledged_while_the_check_runs_are_not_counted_lost(
     database_url: str,
 ) -> None:
@@ -55,10 +64,8 @@ def _stop(process: "subprocess.Popen[str]") -> None:
     """SIGTERM (the soak stops what it started), then SIGKILL to its whole group."""
     if process.poll() is None:
         process.send_signal(signal.SIGTERM)
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             process.wait(STOP_WAIT_S)
-        except subprocess.TimeoutExpired:
-            pass
     with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGKILL)
     process.wait()

@@ -1,9 +1,10 @@
 """Redis through Sentinel: the URL's form, and the engine across a failover.
 
 Each failover test runs a group of real servers of its own on free ports of
-127.0.0.1, in a temporary directory: a master, one replica and three
-sentinels (quorum 2, a master judged down after ``DOWN_AFTER_MS``). The
-master is killed with SIGKILL; the sentinels promote the replica. Then:
+127.0.0.1, in a temporary directory (``persistence.services.sentinel``): a
+master, one replica and three sentinels (quorum 2, a master judged down after
+a second). The master is killed with SIGKILL; the sentinels promote the
+replica. Then:
 
 - a client from ``config.redis_client`` carries on against the new master,
   with what was replicated before the failover;
@@ -21,9 +22,6 @@ generous limits; nothing asserts on durations.
 import asyncio
 import contextlib
 import secrets
-import signal
-import subprocess
-import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Final
@@ -49,8 +47,7 @@ from engine.shell.owner import OwnerState, StorageSettings
 from gateway.live.bus import EventBus
 from gateway.ratelimit import UNLIMITED, RateLimiter, RateLimiterUnavailable, RateLimits
 from gateway.server import gateway_redis
-from persistence.services.process import HOST, free_port
-from persistence.services.redis import find_redis_server
+from persistence.services.sentinel import SentinelGroup
 from tests.gateway.test_bus import Recorder
 from tests.persistence.helpers import policies
 from tests.persistence.test_degradation import (
@@ -62,14 +59,7 @@ from tests.persistence.test_degradation import (
     wait_for_progress,
 )
 
-SERVICE: Final = "slotengine-main"
-QUORUM: Final = 2
-# A master silent this long is down to a sentinel; a failover that stalls is
-# tried again after the timeout. Small, so that a failover takes seconds.
-DOWN_AFTER_MS: Final = 1_000
-FAILOVER_TIMEOUT_MS: Final = 5_000
 # Generous limits for conditions that take seconds on a quiet machine.
-START_WAIT_S: Final = 30.0
 FAILOVER_WAIT_S: Final = 60.0
 POLL_S: Final = 0.1
 # Each client call's own bound in the tests.
@@ -90,114 +80,6 @@ async def eventually(
                 await asyncio.sleep(POLL_S)
     except TimeoutError:
         pytest.fail(f"not within {timeout_s:g} s: {what}")
-
-
-class SentinelGroup:
-    """A master, a replica and three sentinels watching them, as child processes."""
-
-    def __init__(self, directory: Path) -> None:
-        directory.mkdir(parents=True)
-        self.directory = directory
-        self.executable = str(find_redis_server())
-        # Five different ports (the system may hand out a freed one again).
-        ports: list[int] = []
-        while len(ports) < 5:
-            port = free_port()
-            if port not in ports:
-                ports.append(port)
-        self.master_port, self.replica_port, *self.sentinel_ports = ports
-        self.processes: dict[int, subprocess.Popen[bytes]] = {}
-
-    @property
-    def url(self) -> str:
-        hosts = ",".join(f"{HOST}:{port}" for port in self.sentinel_ports)
-        return f"redis+sentinel://{hosts}/{SERVICE}"
-
-    def start(self) -> None:
-        self._server(self.master_port)
-        self._server(self.replica_port, "--replicaof", HOST, str(self.master_port))
-        # The sentinels find the replica in the master's INFO: start them once it is there.
-        self._until(self._replica_in_sync, "the replica is in sync with the master")
-        for port in self.sentinel_ports:
-            config = self.directory / f"sentinel-{port}.conf"
-            config.write_text(
-                f"port {port}\n"
-                f"bind {HOST}\n"
-                f"dir {self.directory}\n"
-                f"sentinel monitor {SERVICE} {HOST} {self.master_port} {QUORUM}\n"
-                f"sentinel down-after-milliseconds {SERVICE} {DOWN_AFTER_MS}\n"
-                f"sentinel failover-timeout {SERVICE} {FAILOVER_TIMEOUT_MS}\n"
-                f"sentinel parallel-syncs {SERVICE} 1\n"
-            )
-            self._spawn(port, [self.executable, str(config), "--sentinel"])
-        self._until(self._sentinels_ready, "every sentinel knows the replica and the others")
-
-    def _server(self, port: int, *arguments: str) -> None:
-        self._spawn(
-            port,
-            [
-                self.executable,
-                "--port", str(port), "--bind", HOST, "--dir", str(self.directory),
-                "--save", "", "--appendonly", "no", "--dbfilename", f"dump-{port}.rdb",
-                *arguments,
-            ],
-        )  # fmt: skip
-
-    def _spawn(self, port: int, command: list[str]) -> None:
-        log = (self.directory / f"{port}.log").open("wb")
-        with log:
-            self.processes[port] = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-
-    def _until(self, condition: Callable[[], bool], what: str) -> None:
-        deadline = START_WAIT_S / POLL_S
-        for _ in range(int(deadline)):
-            with contextlib.suppress(redis.exceptions.RedisError, OSError):
-                if condition():
-                    return
-            for port, process in self.processes.items():
-                if process.poll() is not None:
-                    raise RuntimeError(f"the server on port {port} exited: see {port}.log")
-            time.sleep(POLL_S)  # the start is synchronous: no event loop runs
-        raise RuntimeError(f"not within {START_WAIT_S:g} s: {what}")
-
-    def _replica_in_sync(self) -> bool:
-        with redis.Redis(host=HOST, port=self.replica_port, socket_timeout=1) as replica:
-            info = replica.info("replication")
-        return bool(info.get("master_link_status") == "up")
-
-    def _sentinels_ready(self) -> bool:
-        for port in self.sentinel_ports:
-            with redis.Redis(host=HOST, port=port, socket_timeout=1) as sentinel:
-                state = sentinel.sentinel_master(SERVICE)
-            if int(state["num-slaves"]) < 1 or int(state["num-other-sentinels"]) < 2:
-                return False
-        return True
-
-    def kill_master(self) -> None:
-        """SIGKILL the master: no goodbye to its clients, its replica or the sentinels."""
-        process = self.processes.pop(self.master_port)
-        process.send_signal(signal.SIGKILL)
-        process.wait()
-
-    async def promoted(self) -> None:
-        """Wait until a quorum of sentinels names the replica as the master."""
-
-        async def named() -> bool:
-            votes = 0
-            for port in self.sentinel_ports:
-                with redis.Redis(host=HOST, port=port, socket_timeout=1) as sentinel:
-                    address = sentinel.sentinel_get_master_addr_by_name(SERVICE)
-                votes += address is not None and int(address[1]) == self.replica_port
-            return votes >= QUORUM
-
-        await eventually(named, "the sentinels promote the replica")
-
-    def close(self) -> None:
-        for process in self.processes.values():
-            if process.poll() is None:
-                process.send_signal(signal.SIGKILL)
-            process.wait()
-        self.processes.clear()
 
 
 @pytest.fixture
