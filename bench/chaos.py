@@ -85,6 +85,10 @@ DRAIN_TIMEOUT_S: Final = 60.0
 LEASE_MARGIN_SHARE: Final = 0.2
 LEASE_RENEW_SHARE: Final = 0.2
 REBUILD_RETRY_MS: Final = 200
+# owner_pause: the changes the new owner makes while the old one is paused, and how
+# long its start and those changes may take.
+CONTENDER_CHANGES: Final = 3
+CONTENDER_TIMEOUT_S: Final = 60.0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -212,6 +216,69 @@ async def change_prober(load: Any, probes: Probes, shard: int, slot_id: str) -> 
 
 
 @dataclass
+class Contender:
+    """What a new owner needs to take a paused owner's shard over: the owners' storage
+    and domains, each shard's probe slot, and the ledger its answers go to."""
+
+    storage: Any
+    policies: dict[str, Any]
+    shard_count: int
+    probe_slots: list[str]
+    load: Any
+    # How many changes new owners were acknowledged, and how many takeovers failed.
+    acknowledged: int = 0
+    failed: int = 0
+
+    async def take_over(self, shard: int, changes: int = CONTENDER_CHANGES) -> None:
+        """A new owner of ``shard`` in this process: it takes the lapsed lease with a
+        newer fencing token, loads the shard, makes ``changes`` changes (holds on the
+        probe slot, each cancelled: in the ledger like every other answer) and closes,
+        handing the lease back."""
+        from engine.shell.clock import SystemClock
+        from engine.shell.owner import ShardOwner
+
+        codec = p.BatchCodec()
+        owner = ShardOwner(
+            shard_id=shard,
+            shard_count=self.shard_count,
+            policies=self.policies,
+            clock=SystemClock(),
+            storage=self.storage,
+        )
+
+        async def one(command: p.AnyCommand) -> p.AnyResult:
+            reply = await owner.execute_batch(codec.encode_batch([command]))
+            result = codec.decode_reply(reply)[0]
+            self.load.ledger.record(command, result)
+            return result
+
+        try:
+            async with asyncio.timeout(CONTENDER_TIMEOUT_S):
+                await owner.start()
+                slot_id = self.probe_slots[shard]
+                for n in range(changes):
+                    user = f"contender-{shard}-{self.load.ids.next()}-{n}"
+                    held = await one(
+                        p.Reserve(request_id=self.load.ids.next(), slot_id=slot_id, user_id=user)
+                    )
+                    if isinstance(held, p.BookingResult) and held.status == 201:
+                        self.acknowledged += 1
+                        await one(
+                            p.Cancel(
+                                request_id=self.load.ids.next(),
+                                booking_id=held.booking.id,
+                                user_id=user,
+                            )
+                        )
+        except (TimeoutError, OSError, RuntimeError) as error:
+            self.failed += 1
+            print(f"a new owner of shard {shard} did not serve: {error!r}", file=sys.stderr)
+        finally:
+            with contextlib.suppress(Exception):
+                await owner.close()
+
+
+@dataclass
 class Services:
     """What the soak breaks: its PostgreSQL, its Redis, its shard actors."""
 
@@ -220,6 +287,7 @@ class Services:
     transport: Any
     lease_ms: int
     pause_extra_ms: int
+    contender: Contender
     # Processes stopped and not yet continued: continued (or killed) at the end.
     stopped: set[int] = field(default_factory=set)
 
@@ -236,6 +304,9 @@ class Services:
         self.stopped.add(pid)
         try:
             await asyncio.sleep((self.lease_ms + self.pause_extra_ms) / 1000)
+            # Its lease lapsed: a new owner takes the shard, serves and hands it back
+            # before the paused one wakes, whose fencing token is then out of date.
+            await self.contender.take_over(shard)
         finally:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGCONT)
@@ -291,7 +362,7 @@ async def wait_recovered(
     while True:
         answered = [probes.first_after(shard, ended_at) for shard in range(shards)]
         if all(at is not None for at in answered):
-            return round(max(at for at in answered if at is not None) - injected_at, 3)
+            return max(at for at in answered if at is not None) - injected_at
         if time.monotonic() > deadline:
             return None
         await asyncio.sleep(PROBE_EVERY_S / 2)
@@ -355,7 +426,7 @@ async def soak(args: argparse.Namespace, postgres: Any, redis: Any) -> dict[str,
     from config.settings import load_settings
     from engine.shell.coalescer import EngineClient, RequestIds
     from engine.shell.owner import StorageSettings
-    from engine.shell.ray_actor import RayShardTransport, kill_shard_actors
+    from engine.shell.ray_actor import RayShardTransport
     from persistence.migrate import migrate_url
     from persistence.partitioning import establish_partitions
 
@@ -386,7 +457,7 @@ async def soak(args: argparse.Namespace, postgres: Any, redis: Any) -> dict[str,
         storage=storage,
         timeout_ms=SHARDS_START_TIMEOUT_MS,
     )
-    services = Services(postgres, redis, transport, args.lease_ms, args.pause_extra_ms)
+    stopped: set[int] = set()
     try:
         client = EngineClient(transport)
         ledger = Ledger()
@@ -403,6 +474,16 @@ async def soak(args: argparse.Namespace, postgres: Any, redis: Any) -> dict[str,
                 )
             resource = resource_on(shard, args.shards, "chaos-probe")
             probe_slots.append(await create_slot(client, setup, resource, capacity=1_000))
+        contender = Contender(storage, policies, args.shards, probe_slots, load)
+        services = Services(
+            postgres,
+            redis,
+            transport,
+            args.lease_ms,
+            args.pause_extra_ms,
+            contender,
+            stopped,
+        )
         rng = random.Random(args.seed)
         tasks = [
             asyncio.create_task(load.caller(f"user-{n}", load_slots, rng.random()))
@@ -426,10 +507,12 @@ async def soak(args: argparse.Namespace, postgres: Any, redis: Any) -> dict[str,
                 )
                 outage = None
                 if recovery is not None:
+                    # Up to the last shard's first change, that change included.
                     recovered_at = injected_at + recovery
                     outage = max(
                         probes.longest_gap(n, injected_at, recovered_at) for n in range(args.shards)
                     )
+                    recovery = round(recovery, 3)
                 checked = await check_database(database_url, ledger)
                 await services.heal(kind)
                 cycles.append(
@@ -461,9 +544,10 @@ async def soak(args: argparse.Namespace, postgres: Any, redis: Any) -> dict[str,
             await client.wait_idle(DRAIN_TIMEOUT_S)
         final = await check_database(database_url, ledger)
     finally:
-        services.release_stopped()
-        with contextlib.suppress(Exception):
-            kill_shard_actors(shard_count=args.shards, name_prefix=RAY_NAMESPACE)
+        # The actors themselves die with the run's Ray (``run``).
+        for pid in stopped:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
 
     recoveries = [c.recovery_s for c in cycles]
     result: dict[str, Any] = {
@@ -481,6 +565,10 @@ async def soak(args: argparse.Namespace, postgres: Any, redis: Any) -> dict[str,
         ),
         "requests_answered": ledger.answered,
         "requests_503": ledger.unavailable,
+        # owner_pause: changes new owners were acknowledged while the old one was
+        # paused, and takeovers that did not serve.
+        "new_owner_changes": contender.acknowledged,
+        "new_owner_failures": contender.failed,
         "acknowledged_changes": final["acknowledged_changes"],
         "acknowledged_bookings": final["acknowledged_bookings"],
         "lost_acks": final["lost_acks"],
@@ -508,8 +596,39 @@ async def soak(args: argparse.Namespace, postgres: Any, redis: Any) -> dict[str,
 
 
 def _terminate(signal_number: int, frame: Any) -> None:
-    # A SIGTERM ends the run as Ctrl-C does: every service is stopped on the way out.
+    # A SIGTERM ends the run as Ctrl-C does: every service is stopped on the way out
+    # (a second one must not cut that short).
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise SystemExit(128 + signal_number)
+
+
+def _raylet_pids() -> list[int]:
+    """The raylets of the local Ray this process started."""
+    import ray._private.worker
+
+    node = ray._private.worker._global_node
+    infos: list[Any] = [] if node is None else node.all_processes.get("raylet", [])
+    return [info.process.pid for info in infos]
+
+
+def kill_workers_of(raylets: list[int]) -> list[int]:
+    """SIGKILL every process a raylet of ``raylets`` started (its environment names
+    it: ``RAY_RAYLET_PID``), such as shard actors still running after their Ray
+    stopped; their pids."""
+    marks = {f"RAY_RAYLET_PID={pid}".encode() for pid in raylets}
+    killed = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            environment = set((entry / "environ").read_bytes().split(b"\0"))
+        except OSError:
+            continue
+        if marks & environment:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(entry.name), signal.SIGKILL)
+                killed.append(int(entry.name))
+    return killed
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -523,6 +642,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     postgres = PrivatePostgres(database="chaos")
     redis: PrivateRedis | SentinelGroup | None = None
     temp_dir = None
+    raylets: list[int] = []
     try:
         # Short: Ray's Unix socket paths must fit in 107 bytes.
         temp_dir = tempfile.mkdtemp(prefix="rc-", dir="/tmp")
@@ -541,11 +661,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             namespace=RAY_NAMESPACE,
             log_to_driver=False,
         )
+        raylets = _raylet_pids()
+        # Ray's own SIGTERM handler aborts the process, leaving the servers behind.
+        signal.signal(signal.SIGTERM, _terminate)
         result = asyncio.run(soak(args, postgres, redis))
         print(human_summary(result), flush=True)
         return result
     finally:
         ray.shutdown()
+        kill_workers_of(raylets)
         if redis is not None:
             redis.close()
         postgres.close()

@@ -21,7 +21,7 @@ from typing import Any, Final
 import pytest
 
 from bench._ledger import Ledger, check_changes
-from bench.chaos import FAULTS, fault_plan, parse_faults
+from bench.chaos import FAULTS, Probes, fault_plan, parse_faults
 
 ROOT: Final = Path(__file__).resolve().parents[2]
 CYCLES: Final = 20
@@ -47,6 +47,16 @@ def test_a_single_redis_has_every_fault_but_a_failover() -> None:
     assert parse_faults("redis_restart,actor_kill", "single") == ["redis_restart", "actor_kill"]
     with pytest.raises(SystemExit, match="--redis single"):
         parse_faults("redis_failover", "single")
+
+
+def test_the_outage_runs_from_the_last_change_before_the_fault_to_the_recovering_one() -> None:
+    # (sent, answered) of the changes a shard made: answered at 1.0 and 1.2 before the
+    # fault (at 1.5), nothing until 4.0, the change the recovery is measured to.
+    probes = Probes(served={0: [(0.9, 1.0), (1.1, 1.2), (3.9, 4.0), (4.0, 4.1)]})
+    assert probes.first_after(0, 1.5) == 4.0
+    assert probes.longest_gap(0, 1.5, 4.0) == 2.8
+    assert probes.longest_gap(0, 1.5, 3.99) == 0.0  # not recovered yet: no gap closed
+    assert probes.first_after(1, 0.0) is None
 
 
 async def test_changes_acknowledged_while_the_check_runs_are_not_counted_lost(
