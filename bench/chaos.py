@@ -17,9 +17,12 @@ Each of ``--cycles`` cycles picks a fault at random (the order is fixed by
 
 - ``actor_kill``: SIGKILL of one shard actor's process (Ray restarts it);
 - ``owner_pause``: SIGSTOP of one shard actor's process for longer than its
-  lease (``--lease-ms`` plus ``--pause-extra-ms``), then SIGCONT: the owner,
-  paused past its lease, must find it lost and take the shard again with a
-  new fencing token before it writes;
+  lease (``--lease-ms`` plus ``--pause-extra-ms``); meanwhile a new owner in
+  this process takes the shard over (the lapsed lease, a newer fencing token,
+  a reload), makes ``CONTENDER_CHANGES`` changes (in the ledger like every
+  other) and hands the lease back; then SIGCONT: the old owner, whose token is
+  out of date, must not write, and must take the shard again with a new token
+  before it serves;
 - ``postgres_restart``: an immediate stop of PostgreSQL (every process quits at
   once, crash recovery at the next start) and a start on the same port;
 - ``redis_restart``: SIGKILL of Redis (the master) and a start on the same port
