@@ -4,10 +4,12 @@ It owns every service it breaks: a PostgreSQL of its own (``PrivatePostgres``,
 a fresh cluster on a free port), a Redis of its own (``--redis sentinel``, the
 default: a master, a replica and three sentinels, ``SentinelGroup``, reached
 through a ``redis+sentinel://`` URL; ``--redis single``: one ``PrivateRedis``;
-no persistence either way), and a local Ray of its own (``ray.init`` on a temporary
-directory; ``RAY_ADDRESS`` is ignored) on which ``--shards`` durable shard
-actors hold short Redis leases (``--lease-ms``) and write behind to that
-PostgreSQL. Callers reserve, confirm, cancel, join and leave queues through the
+no persistence either way), and its own engine: a local Ray (``ray.init`` on a
+temporary directory; ``RAY_ADDRESS`` is ignored) on which ``--shards`` durable
+shard actors hold short Redis leases (``--lease-ms``) and write behind to that
+PostgreSQL, or with ``--engine process`` the shards in one engine process
+(``bench._engine_process``) reached over its Unix socket, with the same
+leases. Callers reserve, confirm, cancel, join and leave queues through the
 engine's client, keeping a ledger of every change they were acknowledged (the
 failover scenario's); one prober per shard makes a change on a slot of its
 shard (a hold, then its cancellation) every ``PROBE_EVERY_S``.
@@ -15,8 +17,13 @@ shard (a hold, then its cancellation) every ``PROBE_EVERY_S``.
 Each of ``--cycles`` cycles picks a fault at random (the order is fixed by
 ``--seed``) among ``--faults``:
 
-- ``actor_kill``: SIGKILL of one shard actor's process (Ray restarts it);
-- ``owner_pause``: SIGSTOP of one shard actor's process for longer than its
+- ``actor_kill`` (``--engine ray``): SIGKILL of one shard actor's process (Ray
+  restarts it);
+- ``engine_kill`` (``--engine process``): SIGKILL of the engine process that
+  serves every shard, and another started at once on its socket (as ``serve``
+  restarts it), whose shards wait for the dead one's leases to lapse;
+- ``owner_pause``: SIGSTOP of one shard actor's process (of the engine process,
+  with ``--engine process``) for longer than its
   lease (``--lease-ms`` plus ``--pause-extra-ms``); meanwhile a new owner in
   this process takes the shard over (the lapsed lease, a newer fencing token,
   a reload), makes ``CONTENDER_CHANGES`` changes (in the ledger like every
@@ -56,6 +63,7 @@ import random
 import shutil
 import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -68,14 +76,18 @@ from engine.core import protocol as p
 from persistence.services.sentinel import SentinelGroup
 
 FAULTS: Final = (
+    "engine_kill",
     "actor_kill",
     "owner_pause",
     "postgres_restart",
     "redis_restart",
     "redis_failover",
 )
-# What a single Redis (--redis single) can do.
-SINGLE_REDIS_FAULTS: Final = tuple(kind for kind in FAULTS if kind != "redis_failover")
+# What each engine can do: shard actors are Ray's, the engine process is --engine process's.
+ENGINE_FAULTS: Final = {
+    "ray": tuple(kind for kind in FAULTS if kind != "engine_kill"),
+    "process": tuple(kind for kind in FAULTS if kind != "actor_kill"),
+}
 # The faults that strike one shard (drawn at random); the others strike them all.
 SHARD_FAULTS: Final = ("actor_kill", "owner_pause")
 PROBE_EVERY_S: Final = 0.05
@@ -100,8 +112,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--faults",
         default=None,
-        help=f"the fault kinds drawn from, comma-separated (default {','.join(FAULTS)}; with"
-        " --redis single, all but redis_failover)",
+        help="the fault kinds drawn from, comma-separated (default: all the engine and the"
+        f" Redis allow: {','.join(ENGINE_FAULTS['ray'])} with --engine ray; engine_kill"
+        " instead of actor_kill with --engine process; no redis_failover with --redis single)",
+    )
+    parser.add_argument(
+        "--engine",
+        choices=("ray", "process"),
+        default="ray",
+        help="shard actors on a Ray of the run's own (default), or the shards in one engine"
+        " process of the run's own reached over its Unix socket, as serve --engine inproc"
+        " --workers N runs them",
     )
     parser.add_argument(
         "--redis",
@@ -150,18 +171,57 @@ def fault_plan(seed: int, cycles: int, kinds: list[str]) -> list[str]:
     return plan[:cycles]
 
 
-def parse_faults(value: str | None, redis: str = "sentinel") -> list[str]:
-    """The fault kinds of ``--faults`` (None: every kind the Redis setup allows)."""
-    allowed = FAULTS if redis == "sentinel" else SINGLE_REDIS_FAULTS
+def parse_faults(value: str | None, redis: str = "sentinel", engine: str = "ray") -> list[str]:
+    """The fault kinds of ``--faults`` (None: every kind the engine and Redis allow)."""
+    allowed = [
+        kind for kind in ENGINE_FAULTS[engine] if redis == "sentinel" or kind != "redis_failover"
+    ]
     if value is None:
-        return list(allowed)
+        return allowed
     kinds = [kind.strip() for kind in value.split(",") if kind.strip()]
     unknown = [kind for kind in kinds if kind not in allowed]
     if not kinds or unknown:
         raise SystemExit(
-            f"--faults: one or more of {', '.join(allowed)} (with --redis {redis}), not {value!r}"
+            f"--faults: one or more of {', '.join(allowed)} (with --engine {engine}"
+            f" --redis {redis}), not {value!r}"
         )
     return kinds
+
+
+class EngineProcess:
+    """The shards in a process of the run's own (``bench._engine_process``), served on
+    a Unix socket; killed as a fault and started again on the same socket."""
+
+    def __init__(self, directory: Path, shards: int, storage: Any) -> None:
+        import msgspec
+
+        self.path = str(directory / "engine.sock")
+        self.log_path = directory / "engine.log"
+        self.shards = shards
+        self.storage_json = msgspec.json.encode(storage).decode()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def start(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)  # a killed process leaves its socket file
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "bench._engine_process", self.path, str(self.shards),
+                 self.storage_json],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            )  # fmt: skip
+
+    def kill(self) -> None:
+        if self.process is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.process.pid, signal.SIGCONT)
+                self.process.kill()
+            self.process.wait()
 
 
 # -- the probers: one change per shard, over and over -----------------------------
@@ -172,6 +232,8 @@ class Probes:
     """When each shard last made a change: (sent, answered) of every probe hold acknowledged."""
 
     served: dict[int, list[tuple[float, float]]] = field(default_factory=dict)
+    # What a probe raised instead of an answer (anything but the 503s the ledger counts).
+    errors: list[str] = field(default_factory=list)
 
     def longest_gap(self, shard: int, start: float, end: float) -> float:
         """The longest ``shard`` went without a change acknowledged between ``start`` and
@@ -203,15 +265,19 @@ async def change_prober(load: Any, probes: Probes, shard: int, slot_id: str) -> 
         n += 1
         user = f"probe-{shard}-{n}"
         sent = time.monotonic()
-        held = await load.execute(
-            p.Reserve(request_id=load.ids.next(), slot_id=slot_id, user_id=user), slot_id
-        )
-        if isinstance(held, p.BookingResult) and held.status == 201:
-            served.append((sent, time.monotonic()))
-            await load.execute(
-                p.Cancel(request_id=load.ids.next(), booking_id=held.booking.id, user_id=user),
-                held.booking.id,
+        try:
+            held = await load.execute(
+                p.Reserve(request_id=load.ids.next(), slot_id=slot_id, user_id=user), slot_id
             )
+            if isinstance(held, p.BookingResult) and held.status == 201:
+                served.append((sent, time.monotonic()))
+                await load.execute(
+                    p.Cancel(request_id=load.ids.next(), booking_id=held.booking.id, user_id=user),
+                    held.booking.id,
+                )
+        except Exception as error:  # the prober must outlive anything a fault raises
+            probes.errors.append(f"shard {shard}: {error!r}")
+            print(f"prober of shard {shard}: {error!r}", file=sys.stderr, flush=True)
         await asyncio.sleep(PROBE_EVERY_S)
 
 
@@ -291,12 +357,23 @@ class Services:
     lease_ms: int
     pause_extra_ms: int
     contender: Contender
+    engine: EngineProcess | None
     # Processes stopped and not yet continued: continued (or killed) at the end.
     stopped: set[int] = field(default_factory=set)
 
     async def actor_pid(self, shard: int) -> int:
+        """The process serving ``shard``: its actor's, or the engine process."""
+        if self.engine is not None:
+            return self.engine.pid
         identity = await self.transport.identity(shard, IDENTITY_TIMEOUT_MS)
         return int(identity.pid)
+
+    async def engine_kill(self, shard: int) -> None:
+        """SIGKILL of the engine process; another starts at once (as ``serve`` restarts
+        it), whose shards wait for the dead one's leases to lapse."""
+        assert self.engine is not None
+        await asyncio.to_thread(self.engine.kill)
+        await asyncio.to_thread(self.engine.start)
 
     async def actor_kill(self, shard: int) -> None:
         os.kill(await self.actor_pid(shard), signal.SIGKILL)
@@ -428,12 +505,13 @@ async def soak(args: argparse.Namespace, postgres: Any, redis: Any) -> dict[str,
     from config.domains import load_policies
     from config.settings import load_settings
     from engine.shell.coalescer import EngineClient, RequestIds
+    from engine.shell.local_engine import LocalEngineTransport
     from engine.shell.owner import StorageSettings
     from engine.shell.ray_actor import RayShardTransport
     from persistence.migrate import migrate_url
     from persistence.partitioning import establish_partitions
 
-    kinds = parse_faults(args.faults, args.redis)
+    kinds = parse_faults(args.faults, args.redis, args.engine)
     plan = fault_plan(args.seed, args.cycles, kinds)
     database_url = postgres.url
     await migrate_url(database_url)
@@ -453,13 +531,20 @@ async def soak(args: argparse.Namespace, postgres: Any, redis: Any) -> dict[str,
         rebuild_retry_ms=REBUILD_RETRY_MS,
     )
     policies = dict(load_policies(load_settings({})))
-    transport = await RayShardTransport.connect(
-        shard_count=args.shards,
-        policies=policies,
-        name_prefix=RAY_NAMESPACE,
-        storage=storage,
-        timeout_ms=SHARDS_START_TIMEOUT_MS,
-    )
+    engine: EngineProcess | None = None
+    if args.engine == "process":
+        engine = EngineProcess(Path(args.temp_dir), args.shards, storage)
+        engine.start()
+        args.engine_process = engine
+        transport: Any = await LocalEngineTransport.connect(engine.path)
+    else:
+        transport = await RayShardTransport.connect(
+            shard_count=args.shards,
+            policies=policies,
+            name_prefix=RAY_NAMESPACE,
+            storage=storage,
+            timeout_ms=SHARDS_START_TIMEOUT_MS,
+        )
     stopped: set[int] = set()
     try:
         client = EngineClient(transport)
@@ -485,6 +570,7 @@ async def soak(args: argparse.Namespace, postgres: Any, redis: Any) -> dict[str,
             args.lease_ms,
             args.pause_extra_ms,
             contender,
+            engine,
             stopped,
         )
         rng = random.Random(args.seed)
@@ -557,6 +643,7 @@ async def soak(args: argparse.Namespace, postgres: Any, redis: Any) -> dict[str,
         "scenario": "chaos",
         "seed": args.seed,
         "cycles": len(cycles),
+        "engine": args.engine,
         "shards": args.shards,
         "concurrency": args.concurrency,
         "lease_ms": args.lease_ms,
@@ -568,6 +655,14 @@ async def soak(args: argparse.Namespace, postgres: Any, redis: Any) -> dict[str,
         ),
         "requests_answered": ledger.answered,
         "requests_503": ledger.unavailable,
+        # Callers and probes that ended with an error instead of an answer.
+        "callers_failed": [
+            repr(task.exception())
+            for task in tasks
+            if task.done() and not task.cancelled() and task.exception() is not None
+        ],
+        "probe_errors": len(probes.errors),
+        "probe_error_examples": probes.errors[:5],
         # owner_pause: changes new owners were acknowledged while the old one was
         # paused, and takeovers that did not serve.
         "new_owner_changes": contender.acknowledged,
@@ -641,7 +736,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from persistence.services import PrivatePostgres, PrivateRedis
 
     signal.signal(signal.SIGTERM, _terminate)
-    parse_faults(args.faults, args.redis)
+    parse_faults(args.faults, args.redis, args.engine)
+    args.engine_process = None
     postgres = PrivatePostgres(database="chaos")
     redis: PrivateRedis | SentinelGroup | None = None
     temp_dir = None
@@ -653,24 +749,28 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             redis = SentinelGroup(Path(temp_dir) / "redis")
         else:
             redis = PrivateRedis()
+        args.temp_dir = temp_dir
         postgres.start()
         redis.start()
-        default_ray_health_checks()
-        ray.init(
-            address="local",
-            num_cpus=2,
-            include_dashboard=False,
-            _temp_dir=temp_dir,
-            namespace=RAY_NAMESPACE,
-            log_to_driver=False,
-        )
-        raylets = _raylet_pids()
-        # Ray's own SIGTERM handler aborts the process, leaving the servers behind.
-        signal.signal(signal.SIGTERM, _terminate)
+        if args.engine == "ray":
+            default_ray_health_checks()
+            ray.init(
+                address="local",
+                num_cpus=2,
+                include_dashboard=False,
+                _temp_dir=temp_dir,
+                namespace=RAY_NAMESPACE,
+                log_to_driver=False,
+            )
+            raylets = _raylet_pids()
+            # Ray's own SIGTERM handler aborts the process, leaving the servers behind.
+            signal.signal(signal.SIGTERM, _terminate)
         result = asyncio.run(soak(args, postgres, redis))
         print(human_summary(result), flush=True)
         return result
     finally:
+        if args.engine_process is not None:
+            args.engine_process.kill()
         ray.shutdown()
         kill_workers_of(raylets)
         if redis is not None:

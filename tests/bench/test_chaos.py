@@ -1,9 +1,10 @@
 """The chaos soak: a short run from the command line, and its pieces.
 
-The short run starts its own PostgreSQL, Redis (a master, a replica and three
-sentinels) and Ray, injects 20 faults, four of each kind, under a small load
-and checks the database after each: it must end with no acknowledged change
-lost and no violation. Recovery times are reported,
+The short runs start their own PostgreSQL, Redis (a master, a replica and three
+sentinels) and engine (shard actors on a Ray of their own; an engine process of
+their own), inject 20 faults (10 with the engine process), as many of each
+kind, under a small load and check the database after each: they must end with
+no acknowledged change lost and no violation. Recovery times are reported,
 never asserted (the machine is shared). The run is a process group of its own,
 killed whatever happens, so that nothing it started outlives the test.
 """
@@ -21,7 +22,7 @@ from typing import Any, Final
 import pytest
 
 from bench._ledger import Ledger, check_changes
-from bench.chaos import FAULTS, Probes, fault_plan, parse_faults
+from bench.chaos import ENGINE_FAULTS, FAULTS, Probes, fault_plan, parse_faults
 
 ROOT: Final = Path(__file__).resolve().parents[2]
 CYCLES: Final = 20
@@ -31,9 +32,9 @@ STOP_WAIT_S: Final = 30
 
 
 def test_the_faults_follow_the_seed_and_every_kind_comes_in_each_round() -> None:
-    plan = fault_plan(7, 10, list(FAULTS))
-    assert plan == fault_plan(7, 10, list(FAULTS))
-    assert plan != fault_plan(8, 10, list(FAULTS))
+    plan = fault_plan(7, 2 * len(FAULTS), list(FAULTS))
+    assert plan == fault_plan(7, 2 * len(FAULTS), list(FAULTS))
+    assert plan != fault_plan(8, 2 * len(FAULTS), list(FAULTS))
     assert sorted(plan[: len(FAULTS)]) == sorted(FAULTS)
     assert sorted(plan[len(FAULTS) : 2 * len(FAULTS)]) == sorted(FAULTS)
     assert fault_plan(1, 3, ["redis_restart"]) == ["redis_restart"] * 3
@@ -41,12 +42,17 @@ def test_the_faults_follow_the_seed_and_every_kind_comes_in_each_round() -> None
         parse_faults("actor_kill,meteor")
 
 
-def test_a_single_redis_has_every_fault_but_a_failover() -> None:
-    assert parse_faults(None) == list(FAULTS)
-    assert parse_faults(None, "single") == [k for k in FAULTS if k != "redis_failover"]
+def test_each_engine_and_redis_has_the_faults_it_can_be_dealt() -> None:
+    assert parse_faults(None) == [k for k in FAULTS if k != "engine_kill"]
+    assert parse_faults(None, "sentinel", "process") == [k for k in FAULTS if k != "actor_kill"]
+    assert "redis_failover" not in parse_faults(None, "single")
     assert parse_faults("redis_restart,actor_kill", "single") == ["redis_restart", "actor_kill"]
     with pytest.raises(SystemExit, match="--redis single"):
         parse_faults("redis_failover", "single")
+    with pytest.raises(SystemExit, match="--engine ray"):
+        parse_faults("engine_kill")
+    with pytest.raises(SystemExit, match="--engine process"):
+        parse_faults("actor_kill", "sentinel", "process")
 
 
 def test_the_outage_runs_from_the_last_change_before_the_fault_to_the_recovering_one() -> None:
@@ -81,10 +87,12 @@ def _stop(process: "subprocess.Popen[str]") -> None:
     process.wait()
 
 
-def test_a_short_soak_loses_no_acknowledged_change_and_breaks_no_invariant() -> None:
+def _soak(cycles: int, *options: str) -> dict[str, Any]:
+    """Run the soak, check what every soak must end with, and return its result."""
     command = [
-        sys.executable, "-m", "bench", "chaos", f"--cycles={CYCLES}", "--seed=3",
+        sys.executable, "-m", "bench", "chaos", f"--cycles={cycles}", "--seed=3",
         "--shards=2", "--concurrency=6", "--slots-per-shard=3", "--steady-seconds=0.3",
+        *options,
     ]  # fmt: skip
     # Its own Ray, whatever the environment names.
     env = {name: value for name, value in os.environ.items() if name != "RAY_ADDRESS"}
@@ -99,20 +107,36 @@ def test_a_short_soak_loses_no_acknowledged_change_and_breaks_no_invariant() -> 
     assert process.returncode == 0, out[-2000:] + err[-3000:]
     result: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
     # What each cycle found, and any new owner that did not serve: shown on a failure.
-    cycles = "\n".join(line for line in err.splitlines() if line.startswith(("cycle", "a new")))
-    assert result["scenario"] == "chaos" and result["cycles"] == CYCLES
-    assert {kind: figures["count"] for kind, figures in result["faults"].items()} == {
-        kind: CYCLES // len(FAULTS) for kind in FAULTS
-    }
+    found = "\n".join(line for line in err.splitlines() if line.startswith(("cycle", "a new")))
+    assert result["scenario"] == "chaos" and result["cycles"] == cycles
     assert result["acknowledged_changes"] > 0 and result["acknowledged_bookings"] > 0
     # After every fault, and at the end: nothing acknowledged lost, nothing broken.
-    assert result["lost_acks"] == 0, (result["lost_ack_examples"], cycles)
-    assert result["lost_acks_max_after_a_cycle"] == 0, cycles
-    assert result["violations"] == 0 and result["violations_max_after_a_cycle"] == 0, cycles
+    assert result["lost_acks"] == 0, (result["lost_ack_examples"], found)
+    assert result["lost_acks_max_after_a_cycle"] == 0, found
+    assert result["violations"] == 0 and result["violations_max_after_a_cycle"] == 0, found
     assert result["slots_over_capacity"] == 0 and result["double_bookings"] == 0
     assert result["reconcile_findings"] == {}
     # Every fault recovered from (within the run's generous limit; timings are not asserted).
-    assert result["not_recovered"] == 0, cycles
-    assert result["new_owner_changes"] > 0 and result["new_owner_failures"] == 0, cycles
+    assert result["not_recovered"] == 0, found
+    assert result["new_owner_changes"] > 0 and result["new_owner_failures"] == 0, found
     assert result["machine"]["calibration_ms"] > 0
     assert "lost acks 0" in out
+    return result
+
+
+def test_a_short_soak_on_ray_loses_no_acknowledged_change_and_breaks_no_invariant() -> None:
+    result = _soak(CYCLES)
+    kinds = ENGINE_FAULTS["ray"]
+    assert result["engine"] == "ray"
+    assert {kind: figures["count"] for kind, figures in result["faults"].items()} == {
+        kind: CYCLES // len(kinds) for kind in kinds
+    }
+
+
+def test_a_short_soak_with_an_engine_process_killed_loses_nothing_either() -> None:
+    result = _soak(CYCLES // 2, "--engine=process")
+    kinds = ENGINE_FAULTS["process"]
+    assert result["engine"] == "process"
+    assert {kind: figures["count"] for kind, figures in result["faults"].items()} == {
+        kind: CYCLES // 2 // len(kinds) for kind in kinds
+    }
