@@ -12,7 +12,7 @@ PostgreSQL, or with ``--engine process`` the shards in one engine process
 leases. Callers reserve, confirm, cancel, join and leave queues through the
 engine's client, keeping a ledger of every change they were acknowledged (the
 failover scenario's); one prober per shard makes a change on a slot of its
-shard (a hold, then its cancellation) every ``PROBE_EVERY_S``.
+shard (a hold, then its release) every ``PROBE_EVERY_S``.
 
 Each of ``--cycles`` cycles picks a fault at random (the order is fixed by
 ``--seed``) among ``--faults``:
@@ -257,7 +257,7 @@ class Probes:
 
 
 async def change_prober(load: Any, probes: Probes, shard: int, slot_id: str) -> None:
-    """A hold on ``slot_id`` by a new user each time, cancelled at once: a change of the
+    """A hold on ``slot_id`` by a new user each time, released at once: a change of the
     shard, acknowledged or not, as often as it answers."""
     served = probes.served.setdefault(shard, [])
     n = 0
@@ -272,7 +272,9 @@ async def change_prober(load: Any, probes: Probes, shard: int, slot_id: str) -> 
             if isinstance(held, p.BookingResult) and held.status == 201:
                 served.append((sent, time.monotonic()))
                 await load.execute(
-                    p.Cancel(request_id=load.ids.next(), booking_id=held.booking.id, user_id=user),
+                    p.ReleaseHold(
+                        request_id=load.ids.next(), booking_id=held.booking.id, user_id=user
+                    ),
                     held.booking.id,
                 )
         except Exception as error:  # the prober must outlive anything a fault raises
@@ -301,7 +303,7 @@ class Contender:
     async def take_over(self, shard: int, changes: int = CONTENDER_CHANGES) -> None:
         """A new owner of ``shard`` in this process: it takes the lapsed lease with a
         newer fencing token, loads the shard, makes ``changes`` changes (holds on the
-        probe slot, each cancelled: in the ledger like every other answer) and closes,
+        probe slot, each released: in the ledger like every other answer) and closes,
         handing the lease back."""
         from engine.shell.clock import SystemClock
         from engine.shell.owner import ShardOwner
@@ -333,7 +335,7 @@ class Contender:
                     if isinstance(held, p.BookingResult) and held.status == 201:
                         self.acknowledged += 1
                         await one(
-                            p.Cancel(
+                            p.ReleaseHold(
                                 request_id=self.load.ids.next(),
                                 booking_id=held.booking.id,
                                 user_id=user,
