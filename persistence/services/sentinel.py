@@ -134,8 +134,19 @@ class SentinelGroup:
                 return False
         return True
 
+    def _follow_sentinels(self) -> None:
+        """Take the master from the sentinels (a quorum of them): they may have failed
+        over by themselves (a restarted master slow to answer)."""
+        servers = {self.master_port, self.replica_port}
+        for port in servers:
+            if self._votes_for(port) >= QUORUM:
+                self.master_port = port
+                (self.replica_port,) = servers - {port}
+                return
+
     def kill_master(self) -> None:
         """SIGKILL the master: no goodbye to its clients, its replica or the sentinels."""
+        self._follow_sentinels()
         process = self.processes.pop(self.master_port)
         process.send_signal(signal.SIGKILL)
         process.wait()
