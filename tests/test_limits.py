@@ -65,6 +65,8 @@ def test_each_limit_has_one_home() -> None:
         (shell_limits, "LEASE_DRIFT_MARGIN_MS", 7_000, "+ 2 * REDIS_CALL_TIMEOUT_MS <"),
         (shell_limits, "LEASE_TTL_MS", 4_000, "+ 2 * REDIS_CALL_TIMEOUT_MS <"),
         (shell_limits, "LEASE_ACQUIRE_TIMEOUT_MS", 5_000, "LEASE_ACQUIRE_TIMEOUT_MS >"),
+        (shell_limits, "REBUILD_RETRY_MS", 0, "0 < REBUILD_RETRY_MS <= REBUILD_RETRY_MAX_MS"),
+        (shell_limits, "REBUILD_RETRY_MAX_MS", 100, "0 < REBUILD_RETRY_MS <= REBUILD_RETRY_MAX"),
         (shell_limits, "SHARD_UNAVAILABLE_PATIENCE_MS", 30_000, "< ACTOR_CALL_TIMEOUT_MS"),
         (shell_limits, "BATCH_RETRY_BACKOFF_MS", 1_000, "is resent at least once"),
         (shell_limits, "BATCH_RETRIES_MAX", 0, "is resent at least once"),

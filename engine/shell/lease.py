@@ -171,15 +171,20 @@ class ShardLease:
         return self.token
 
     async def renew(self) -> Renewal:
-        sent_ms = _monotonic_ms()
+        """Extend the lease. Should it be taken anew (``acquire``) or forgotten while
+        the renewal runs, the answer changes nothing here: it was of the old lease."""
+        token, sent_ms = self.token, _monotonic_ms()
         with self._renew_timing.time():
             renewed = await _bounded(
                 self._renew(keys=[self._owner_key], args=[self.owner, self.ttl_ms])
             )
+        current = self.token == token
         if renewed:
-            self._valid_until_ms = sent_ms + self.ttl_ms - self.margin_ms
+            if current:
+                self._valid_until_ms = sent_ms + self.ttl_ms - self.margin_ms
             return Renewal.RENEWED
-        self._valid_until_ms = 0
+        if current:
+            self._valid_until_ms = 0
         holder = await self.holder()
         return Renewal.LAPSED if holder is None else Renewal.TAKEN
 

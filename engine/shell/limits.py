@@ -159,8 +159,11 @@ LEASE_RENEW_EVERY_MS: Final = 2_000
 LEASE_DRIFT_MARGIN_MS: Final = 2_000
 # How long a starting owner waits for a lease another owner still holds.
 LEASE_ACQUIRE_TIMEOUT_MS: Final = 60_000
-# Pause between attempts to rebuild a shard whose storage failed.
+# Pause after a failed attempt to reload a shard (its storage failed, its lease
+# was lost); it doubles with each attempt that fails again, up to the most. An
+# owner tries until it serves, stops or is closed.
 REBUILD_RETRY_MS: Final = 500
+REBUILD_RETRY_MAX_MS: Final = 2_000
 # After PostgreSQL was unreachable, the holds whose deadline fell after the
 # shard's last commit last at least this long after the recovery
 # (SLOTENGINE_OUTAGE_HOLD_GRACE_SECONDS, config/settings.py, sets it for a deployment).
@@ -200,6 +203,11 @@ def check(v: Mapping[str, Any]) -> None:
         " LEASE_DRIFT_MARGIN_MS: the next renewal (sent a period after the last one"
         " answered, each answer within the timeout) confirms the lease before the"
         " owner's write gate would shut",
+    )
+    require_relation(
+        0 < v["REBUILD_RETRY_MS"] <= v["REBUILD_RETRY_MAX_MS"],
+        "0 < REBUILD_RETRY_MS <= REBUILD_RETRY_MAX_MS: the pause between reloads grows"
+        " from the first to the most",
     )
     require_relation(
         v["LEASE_ACQUIRE_TIMEOUT_MS"] > v["LEASE_TTL_MS"],

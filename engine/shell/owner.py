@@ -31,7 +31,13 @@ and STOPPED for good; the table of allowed transitions is
 - The lease cannot be renewed (Redis down): changes are refused with 503
   before the lease could lapse; reads and timers go on. When Redis answers
   again, a still-held lease just continues; a lapsed one is taken again with a
-  new token and the shard is reloaded (another owner may have written).
+  new token and the shard is reloaded (another owner may have written). A
+  load never serves under a lease lost while it ran (Redis lost the key, in a
+  failover or a restart): it takes a new one first.
+- A reload is retried, the pause doubling from ``rebuild_retry_ms`` up to
+  ``rebuild_retry_max_ms``, whatever Redis, Sentinel or PostgreSQL raise, until
+  the owner serves, stops or is closed; the lease's upkeep starts another
+  should none be running while the owner needs one.
 - A flush refused by the fence, or the lease held by another owner: this
   owner stops at once (``on_stopped``) and answers nothing any more.
 
@@ -43,6 +49,7 @@ has moved past.
 import asyncio
 import contextlib
 import logging
+import random
 import secrets
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Final
@@ -135,6 +142,8 @@ class StorageSettings(msgspec.Struct, frozen=True, kw_only=True):
     lease_margin_ms: int = limits.LEASE_DRIFT_MARGIN_MS
     lease_acquire_timeout_ms: int = limits.LEASE_ACQUIRE_TIMEOUT_MS
     rebuild_retry_ms: int = limits.REBUILD_RETRY_MS
+    # The pause between reload attempts doubles from rebuild_retry_ms up to this.
+    rebuild_retry_max_ms: int = limits.REBUILD_RETRY_MAX_MS
     # Committed events go to Redis pub/sub for the gateways' live subscribers.
     publish_events: bool = True
     # Each flush appends its notifiable events to the transactional outbox
@@ -564,6 +573,12 @@ class ShardOwner:
                 await self._lease.release()
             self._lease.forget()
             raise _LeaseBusy from exc
+        if self._lease is None or self._lease.token != token:
+            # The lease was lost while the shard loaded (Redis lost the key in a
+            # failover or a restart, and the renewal found it gone): serving now would
+            # take no change ever again, nobody renewing a lease this owner forgot.
+            # The next attempt takes a new one, above the fence this load wrote.
+            raise _LeaseLost
         self._serve(snapshot, connection, storage_lost=storage_lost)
 
     async def _take_over(self, connection: asyncpg.Connection, token: int) -> ShardSnapshot:
@@ -742,7 +757,8 @@ class ShardOwner:
             return
         key = RedisKeys(self._storage.namespace).shard_storage_lost(self.shard_id)
         try:
-            await self._redis.set(key, self._clock.now_ms(), nx=True)
+            async with asyncio.timeout(limits.REDIS_CALL_TIMEOUT_MS / 1000):
+                await self._redis.set(key, self._clock.now_ms(), nx=True)
         except _REDIS_ERRORS as exc:
             logger.warning("shard %d: could not mark the storage outage: %r", self.shard_id, exc)
 
@@ -751,7 +767,8 @@ class ShardOwner:
             return False
         key = RedisKeys(self._storage.namespace).shard_storage_lost(self.shard_id)
         try:
-            return bool(await self._redis.exists(key))
+            async with asyncio.timeout(limits.REDIS_CALL_TIMEOUT_MS / 1000):
+                return bool(await self._redis.exists(key))
         except _REDIS_ERRORS:
             return False
 
@@ -760,9 +777,10 @@ class ShardOwner:
         try:
             await writer.wait_durable()
             assert self._redis is not None
-            await self._redis.delete(
-                RedisKeys(self._storage.namespace).shard_storage_lost(self.shard_id)
-            )
+            async with asyncio.timeout(limits.REDIS_CALL_TIMEOUT_MS / 1000):
+                await self._redis.delete(
+                    RedisKeys(self._storage.namespace).shard_storage_lost(self.shard_id)
+                )
         except (StorageUnavailable, *_REDIS_ERRORS) as exc:
             # A failed flush marks the outage again; a lost delete only means a
             # later load looks for holds to give grace once more.
@@ -787,8 +805,43 @@ class ShardOwner:
         self._rebuilder = asyncio.get_running_loop().create_task(
             self._rebuild(), name=f"rebuild-{self.shard_id}"
         )
+        self._rebuilder.add_done_callback(self._rebuild_ended)
+
+    def _rebuild_ended(self, task: "asyncio.Task[None]") -> None:
+        # The reload returns once the owner serves or stops; anything else that ended
+        # it is said here (the lease's upkeep starts another, see _keep_reloading).
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None:
+            logger.error("shard %d: the reload ended: %r", self.shard_id, exc)
+
+    def _keep_reloading(self) -> None:
+        """An owner that is not STOPPED gets its shard back, whatever ended a reload:
+        REBUILDING or DEGRADED, a reload runs; SERVING, it holds a lease."""
+        rebuilding = self._rebuilder is not None and not self._rebuilder.done()
+        if rebuilding or self.state is OwnerState.STOPPED:
+            return
+        lease = self._lease
+        if self.state is OwnerState.SERVING and lease is not None and lease.token is None:
+            self._begin_rebuild("the lease was lost")
+        elif self.state in (OwnerState.REBUILDING, OwnerState.DEGRADED):
+            logger.error("shard %d: no reload was running; starting one", self.shard_id)
+            self._start_rebuilder()
+
+    def _retry_after_s(self, attempt: int) -> float:
+        """The pause after the ``attempt``-th failed reload: doubling from
+        ``rebuild_retry_ms`` up to ``rebuild_retry_max_ms``, less up to a quarter
+        at random (owners of many shards do not retry in step)."""
+        first_ms = self._storage.rebuild_retry_ms
+        most_ms = max(first_ms, self._storage.rebuild_retry_max_ms)
+        pause_ms: int = min(most_ms, first_ms << min(attempt - 1, 30))
+        return pause_ms * random.uniform(0.75, 1.0) / 1000
 
     async def _rebuild(self) -> None:
+        """Reload the shard until it serves, the owner stops, or it is closed: any
+        error of Redis, Sentinel or PostgreSQL, or any other, is retried with backoff."""
+        attempt = 0
         while self.state in (OwnerState.REBUILDING, OwnerState.DEGRADED):
             try:
                 lease = self._lease
@@ -805,6 +858,11 @@ class ShardOwner:
                 else:
                     await self._load(token)
                 return
+            except _LeaseLost:
+                logger.warning(
+                    "shard %d: the lease was lost while the shard loaded; taking it again",
+                    self.shard_id,
+                )
             except _LeaseBusy:
                 if not await self._lease_free_or_mine():
                     self._stop("another owner holds the shard's lease")
@@ -817,10 +875,7 @@ class ShardOwner:
                     and not self._storage_lost
                 ):
                     await self._note_storage_lost()
-                if self._connection is not None:
-                    with contextlib.suppress(Exception):
-                        self._connection.terminate()
-                    self._connection = None
+                self._drop_connection()
             except (PartitioningError, NotPartitioned) as exc:
                 logger.warning("shard %d: reload failed: %s", self.shard_id, exc)
             except InvariantViolation as exc:
@@ -828,9 +883,16 @@ class ShardOwner:
                 self._stop(f"stored state breaks an invariant: {exc}")
                 return
             except OwnerTransitionRefused:
-                # The owner stopped while the reload ran: it never serves again.
-                return
-            await asyncio.sleep(self._storage.rebuild_retry_ms / 1000)
+                # The owner stopped while the reload ran: it never serves again (the
+                # loop's condition ends it).
+                pass
+            except Exception as exc:
+                # Whatever else a client raised: the owner keeps trying, it is never
+                # left without a reload.
+                logger.exception("shard %d: reload failed: %r", self.shard_id, exc)
+                self._drop_connection()
+            attempt += 1
+            await asyncio.sleep(self._retry_after_s(attempt))
 
     async def _lease_free_or_mine(self) -> bool:
         assert self._lease is not None
@@ -883,24 +945,39 @@ class ShardOwner:
         assert lease is not None
         while self.state is not OwnerState.STOPPED:
             await asyncio.sleep(self._storage.lease_renew_every_ms / 1000)
-            if lease.token is None:
-                continue  # a rebuild is taking a new lease
             try:
-                renewal = await lease.renew()
-            except _REDIS_ERRORS as exc:
-                logger.warning("shard %d: lease renewal failed: %r", self.shard_id, exc)
-                continue
-            if renewal is Renewal.TAKEN:
-                self._stop("another owner took the shard's lease")
-            elif renewal is Renewal.LAPSED:
-                # Nobody holds it, but someone may have held it meanwhile: reload
-                # (a rebuild in progress takes a new lease by itself).
-                lease.forget()
-                self._begin_rebuild("the lease lapsed")
+                await self._renew(lease)
+                self._keep_reloading()
+            except Exception as exc:
+                # The renewals go on whatever one of them raised.
+                logger.exception("shard %d: lease upkeep failed: %r", self.shard_id, exc)
+
+    async def _renew(self, lease: ShardLease) -> None:
+        token = lease.token
+        if token is None:
+            return  # a reload is taking a new lease (_keep_reloading makes sure)
+        try:
+            renewal = await lease.renew()
+        except _REDIS_ERRORS as exc:
+            logger.warning("shard %d: lease renewal failed: %r", self.shard_id, exc)
+            return
+        if lease.token != token:
+            return  # a reload took a new lease meanwhile: the answer was of the old one
+        if renewal is Renewal.TAKEN:
+            self._stop("another owner took the shard's lease")
+        elif renewal is Renewal.LAPSED:
+            # Nobody holds it, but someone may have held it meanwhile: reload (a
+            # reload in progress does not serve under the lease forgotten here).
+            lease.forget()
+            self._begin_rebuild("the lease lapsed")
 
 
 class _LeaseBusy(Exception):
     """Another owner holds the lease (or the token was stale): try again later."""
+
+
+class _LeaseLost(_LeaseBusy):
+    """The lease a load ran under was lost before it could serve: take a new one."""
 
 
 def _ranges(partitions: frozenset[int]) -> str:

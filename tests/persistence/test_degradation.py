@@ -465,6 +465,106 @@ async def test_redis_down_refuses_changes_serves_reads_and_recovers_by_itself(
         await owner.close()
 
 
+async def test_a_lease_lost_while_the_shard_reloads_is_taken_again_and_the_owner_serves(
+    private_redis: PrivateRedis, database_url: str, db: asyncpg.Connection
+) -> None:
+    """Redis loses the lease twice: first the owner's (it reloads), then, while that
+    reload waits for PostgreSQL, the new one it took (the master killed and back
+    without the key, as a failover to a replica that never got it). The renewal
+    finds it gone while the load runs; the load must not serve under it but take
+    the lease again, and the owner take changes once Redis answers. (The soak's
+    stall: such an owner served under a forgotten lease that nothing renewed and
+    nothing reloaded, refusing every change for good.) The load is held at the
+    takeover by a lock on the shard's fence row, released once the renewal has
+    forgotten the lease: the order is the one that stalled, every time."""
+    namespace = f"degradation-{secrets.token_hex(4)}"
+    storage = StorageSettings(
+        database_url=database_url, redis_url=private_redis.url, namespace=namespace, **LEASE
+    )
+    owner = make_owner(storage, policies())
+    probes = Driver(owner)
+    locker = await asyncpg.connect(database_url)
+    lock: Any = None
+    await owner.start()
+    try:
+        probe_slot = slot_on(0, 1)
+        created = await probes.one(create_slot(probe_slot, _now_ms(), capacity=1_000))
+        assert created.status == 201, created
+
+        async def reserve() -> p.AnyResult:
+            return await probes.one(
+                p.Reserve(
+                    request_id=request_id(),
+                    slot_id=probe_slot,
+                    user_id=f"probe-{secrets.token_hex(4)}",
+                )
+            )
+
+        assert (await reserve()).status == 201
+        first_token = owner.statistics().token
+        assert first_token is not None
+
+        # The takeover of the next load waits for this lock on the fence row.
+        lock = locker.transaction()
+        await lock.start()
+        await locker.execute("SELECT token FROM shard_fences WHERE shard = 0 FOR UPDATE")
+
+        # Redis loses the lease: the owner finds it lapsed, takes a new one and loads.
+        await private_redis.arestart("kill")
+
+        async def loading_under_a_new_lease() -> bool:
+            token = owner.statistics().token
+            waiting = await db.fetchval(
+                "SELECT count(*) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND wait_event_type = 'Lock'"
+            )
+            return (
+                owner.state is OwnerState.REBUILDING
+                and token is not None
+                and token != first_token
+                and waiting >= 1
+            )
+
+        await eventually(loading_under_a_new_lease, "the reload waits at the takeover")
+        assert is_unavailable(await reserve())
+
+        # Redis loses the new lease while the load waits: the renewal finds it gone.
+        await private_redis.arestart("kill")
+
+        async def forgotten() -> bool:
+            return owner.statistics().token is None
+
+        await eventually(forgotten, "the renewal finds the new lease gone")
+        assert owner.state is OwnerState.REBUILDING
+        await lock.commit()
+        lock = None
+
+        # The load completes; the owner takes the lease again and serves changes.
+        async def serves() -> bool:
+            return (await reserve()).status == 201
+
+        await eventually(serves, "reservations are taken again after Redis lost the lease")
+        statistics = owner.statistics()
+        assert statistics.state == OwnerState.SERVING.value and statistics.stop_reason is None
+        assert statistics.token is not None and statistics.token > first_token
+        assert await db.fetchval("SELECT token FROM shard_fences WHERE shard = 0") == (
+            statistics.token
+        )
+        client = aioredis.Redis.from_url(private_redis.url)
+        try:
+            holder = await client.get(RedisKeys(namespace).shard_owner(0))
+        finally:
+            await client.aclose()
+        assert holder == owner.owner.encode()
+        await assert_consistent(db)
+        owner.check_invariants()
+    finally:
+        if lock is not None:
+            await lock.rollback()
+        await locker.close()
+        await owner.close()
+
+
 # -- PostgreSQL -----------------------------------------------------------------------
 
 
